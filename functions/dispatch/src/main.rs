@@ -1,0 +1,16 @@
+//! The SQS consumer that submits queued jobs to RunPod, reporting partial batch failures.
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
+use gateway::wiring::{init_tracing, Wiring};
+use lambda_runtime::{service_fn, LambdaEvent};
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    init_tracing();
+    let wiring = Wiring::from_env().await?;
+    let dispatcher = wiring.dispatcher()?;
+    let dispatcher = &dispatcher;
+    lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
+        Ok::<SqsBatchResponse, lambda_runtime::Error>(dispatcher.handle_batch(event.payload).await)
+    }))
+    .await
+}

@@ -1,0 +1,19 @@
+//! The scheduled sweeper (EventBridge Scheduler, every minute): rescues jobs whose webhook never
+//! came, re-enqueues stuck ones, times out overdue ones.
+use gateway::wiring::{init_tracing, Wiring};
+use lambda_runtime::{service_fn, LambdaEvent};
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_runtime::Error> {
+    init_tracing();
+    let wiring = Wiring::from_env().await?;
+    let sweeper = wiring.sweeper()?;
+    let sweeper = &sweeper;
+    lambda_runtime::run(service_fn(
+        move |_event: LambdaEvent<serde_json::Value>| async move {
+            let report = sweeper.sweep().await?;
+            Ok::<_, lambda_runtime::Error>(report)
+        },
+    ))
+    .await
+}

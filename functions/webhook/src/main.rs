@@ -1,0 +1,14 @@
+//! RunPod's webhook receiver as a Lambda behind API Gateway (no authorizer: the per-job token in
+//! the URL is the authentication).
+use std::sync::Arc;
+
+use gateway::app::webhook::router;
+use gateway::wiring::{init_tracing, Wiring};
+
+#[tokio::main]
+async fn main() -> Result<(), lambda_http::Error> {
+    init_tracing();
+    let wiring = Wiring::from_env().await?;
+    let state = wiring.webhook()?;
+    lambda_http::run(router(Arc::new(state))).await
+}

@@ -1,0 +1,197 @@
+//! The local runner: the gateway's four functions in one process, against the local stack.
+//!
+//! - the public API and the webhook receiver on one listener (the same routers Lambda serves);
+//! - an SQS long-poller feeding batches to the dispatch handler, deleting what succeeded and
+//!   leaving failures to come back after the visibility timeout, as the Lambda event source does;
+//! - a sweeper tick standing in for the EventBridge schedule.
+pub mod resources;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use gateway::app::api::identity::IdentitySource;
+use gateway::app::dispatch::Dispatcher;
+use gateway::app::sweeper::Sweeper;
+use gateway::config::AwsResources;
+use gateway::wiring::{BootError, Wiring};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+#[derive(Clone, Debug)]
+pub struct RunnerOptions {
+    pub listen: SocketAddr,
+    pub sweep_every: Duration,
+    /// SQS visibility timeout for the local queue: how soon a failed dispatch comes back.
+    pub queue_visibility_secs: u32,
+    pub create_resources: bool,
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            sweep_every: Duration::from_secs(60),
+            queue_visibility_secs: 30,
+            create_resources: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("local resources: {0}")]
+    Setup(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub struct Runner {
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Runner {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+pub async fn start(wiring: Wiring, options: RunnerOptions) -> Result<Runner, RunnerError> {
+    let listener = tokio::net::TcpListener::bind(options.listen).await?;
+    start_on(listener, wiring, options).await
+}
+
+/// Like [`start`], on a listener bound beforehand: callers that must know the address first
+/// (to put it in `WEBHOOK_BASE_URL`) bind port 0 themselves.
+pub async fn start_on(
+    listener: tokio::net::TcpListener,
+    wiring: Wiring,
+    options: RunnerOptions,
+) -> Result<Runner, RunnerError> {
+    if options.create_resources {
+        resources::ensure(&wiring, options.queue_visibility_secs)
+            .await
+            .map_err(RunnerError::Setup)?;
+    }
+    let identity = IdentitySource::dev_tokens_from_env(&wiring.env).map_err(BootError::from)?;
+    let api = Arc::new(wiring.api(identity)?);
+    let webhook = Arc::new(wiring.webhook()?);
+    let dispatcher = Arc::new(wiring.dispatcher()?);
+    let sweeper = Arc::new(wiring.sweeper()?);
+    let sqs = aws_sdk_sqs::Client::new(&wiring.sdk);
+    let queue_url = AwsResources::queue_from_env(&wiring.env).map_err(BootError::from)?;
+
+    let app = gateway::app::api::router(api).merge(gateway::app::webhook::router(webhook));
+    let addr = listener.local_addr()?;
+    let (shutdown, watcher) = watch::channel(false);
+
+    let mut server_stop = watcher.clone();
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = server_stop.changed().await;
+        });
+        if let Err(err) = serve.await {
+            tracing::error!(error = %err, "local API server stopped");
+        }
+    });
+    let poller = tokio::spawn(poll_queue(sqs, queue_url, dispatcher, watcher.clone()));
+    let ticker = tokio::spawn(tick_sweeper(sweeper, options.sweep_every, watcher));
+    tracing::info!(%addr, "local gateway listening");
+    Ok(Runner {
+        addr,
+        shutdown,
+        tasks: vec![server, poller, ticker],
+    })
+}
+
+async fn poll_queue(
+    sqs: aws_sdk_sqs::Client,
+    queue_url: String,
+    dispatcher: Arc<Dispatcher>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let receive = sqs
+            .receive_message()
+            .queue_url(&queue_url)
+            .max_number_of_messages(10)
+            .wait_time_seconds(1)
+            .send();
+        let received = tokio::select! {
+            _ = stop.changed() => return,
+            received = receive => received,
+        };
+        let messages = match received {
+            Ok(out) => out.messages.unwrap_or_default(),
+            Err(err) => {
+                tracing::warn!(error = ?err, "SQS receive failed");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        if messages.is_empty() {
+            continue;
+        }
+        let mut event = SqsEvent::default();
+        let mut receipts = Vec::new();
+        for message in messages {
+            let mut record = SqsMessage::default();
+            record.message_id = message.message_id.clone();
+            record.receipt_handle = message.receipt_handle.clone();
+            record.body = message.body.clone();
+            receipts.push((
+                message.message_id.unwrap_or_default(),
+                message.receipt_handle,
+            ));
+            event.records.push(record);
+        }
+        let response = dispatcher.handle_batch(event).await;
+        for (message_id, receipt) in receipts {
+            let failed = response
+                .batch_item_failures
+                .iter()
+                .any(|f| f.item_identifier == message_id);
+            if failed {
+                continue;
+            }
+            if let Some(receipt) = receipt {
+                if let Err(err) = sqs
+                    .delete_message()
+                    .queue_url(&queue_url)
+                    .receipt_handle(receipt)
+                    .send()
+                    .await
+                {
+                    tracing::warn!(error = ?err, "SQS delete failed; the message will come back");
+                }
+            }
+        }
+    }
+}
+
+async fn tick_sweeper(sweeper: Arc<Sweeper>, every: Duration, mut stop: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(every);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = interval.tick() => {
+                if let Err(err) = sweeper.sweep().await {
+                    tracing::warn!(error = %err, "sweep failed");
+                }
+            }
+        }
+    }
+}

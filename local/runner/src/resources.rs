@@ -1,0 +1,69 @@
+//! Creates the AWS resources the SAM template would create, in the local stack (moto): the jobs
+//! table with its indexes, the dispatch queue with its dead-letter queue, the two buckets.
+//! Idempotent, so every start of the stack can call it.
+use aws_sdk_sqs::types::QueueAttributeName;
+use gateway::adapters::dynamodb::create_table;
+use gateway::config::AwsResources;
+use gateway::wiring::Wiring;
+
+/// Receives before a message goes to the dead-letter queue, as in the template.
+pub const MAX_RECEIVES: u32 = 5;
+
+pub async fn ensure(wiring: &Wiring, visibility_secs: u32) -> Result<(), String> {
+    let env = &wiring.env;
+    let table = AwsResources::table_from_env(env).map_err(|e| e.to_string())?;
+    create_table(&aws_sdk_dynamodb::Client::new(&wiring.sdk), &table).await?;
+
+    let sqs = aws_sdk_sqs::Client::new(&wiring.sdk);
+    let queue_url = AwsResources::queue_from_env(env).map_err(|e| e.to_string())?;
+    let name = queue_url.rsplit('/').next().unwrap_or("jobs").to_string();
+    let dlq = sqs
+        .create_queue()
+        .queue_name(format!("{name}-dlq"))
+        .send()
+        .await
+        .map_err(|e| format!("create DLQ: {e:?}"))?;
+    let dlq_arn = sqs
+        .get_queue_attributes()
+        .queue_url(dlq.queue_url().unwrap_or_default())
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .map_err(|e| format!("DLQ arn: {e:?}"))?
+        .attributes()
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .unwrap_or_default();
+    let redrive =
+        format!(r#"{{"deadLetterTargetArn":"{dlq_arn}","maxReceiveCount":"{MAX_RECEIVES}"}}"#);
+    sqs.create_queue()
+        .queue_name(&name)
+        .attributes(
+            QueueAttributeName::VisibilityTimeout,
+            visibility_secs.to_string(),
+        )
+        .attributes(QueueAttributeName::RedrivePolicy, redrive)
+        .send()
+        .await
+        .map_err(|e| format!("create queue: {e:?}"))?;
+
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&wiring.sdk)
+            .force_path_style(true)
+            .build(),
+    );
+    for bucket in [
+        AwsResources::uploads_bucket_from_env(env),
+        AwsResources::results_bucket_from_env(env),
+    ] {
+        let bucket = bucket.map_err(|e: gateway::config::ConfigError| e.to_string())?;
+        match s3.create_bucket().bucket(&bucket).send().await {
+            Ok(_) => {}
+            Err(e)
+                if e.as_service_error().is_some_and(|s| {
+                    s.is_bucket_already_owned_by_you() || s.is_bucket_already_exists()
+                }) => {}
+            Err(e) => return Err(format!("create bucket {bucket}: {e:?}")),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,75 @@
+//! `/_emulator/…`: the test controls of [`crate::Emulator`] over HTTP, for the local dev stack
+//! (a separate process) and curl. No auth: the emulator only ever listens on loopback in practice.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+
+use crate::api::error;
+use crate::config::Faults;
+use crate::App;
+
+pub(crate) fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/_emulator/faults", get(get_faults).put(put_faults))
+        .route("/_emulator/webhooks", get(webhooks))
+        .route("/_emulator/webhooks/{job_id}/redeliver", post(redeliver))
+        .route("/_emulator/jobs", get(jobs))
+        .route("/_emulator/jobs/{job_id}", get(job))
+        .with_state(app)
+}
+
+async fn get_faults(State(app): State<Arc<App>>) -> Response {
+    Json(app.faults.get()).into_response()
+}
+
+/// Replaces the whole fault set; fields left out take their defaults.
+async fn put_faults(State(app): State<Arc<App>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<Faults>(&body) {
+        Ok(faults) => {
+            tracing::info!(?faults, "faults set");
+            app.faults.set(faults.clone());
+            Json(faults).into_response()
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, format!("invalid faults JSON: {e}")),
+    }
+}
+
+/// All attempts, oldest first; `?job_id=` narrows to one job.
+async fn webhooks(
+    State(app): State<Arc<App>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let mut log = app.hooks.log();
+    if let Some(job_id) = query.get("job_id") {
+        log.retain(|attempt| &attempt.job_id == job_id);
+    }
+    Json(log).into_response()
+}
+
+async fn redeliver(State(app): State<Arc<App>>, Path(job_id): Path<String>) -> Response {
+    match app.hooks.redeliver(&job_id).await {
+        Some(attempt) => Json(attempt).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no webhook was ever sent for this job",
+        ),
+    }
+}
+
+async fn jobs(State(app): State<Arc<App>>) -> Response {
+    Json(app.store.all()).into_response()
+}
+
+async fn job(State(app): State<Arc<App>>, Path(job_id): Path<String>) -> Response {
+    match app.store.get(&job_id) {
+        Some(job) => Json(job).into_response(),
+        None => error(StatusCode::NOT_FOUND, "job not found"),
+    }
+}

@@ -1,0 +1,141 @@
+//! Emulator configuration and the runtime-switchable fault set.
+//!
+//! Values default to RunPod's documented behaviour (reference §1, §2). Items the reference marks
+//! UNCONFIRMED are switches in [`Faults`] so tests can exercise both answers.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Static configuration of one emulated serverless endpoint and its network volume.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    /// The `{endpoint_id}` in `/v2/{endpoint_id}/…`; any other id answers 404.
+    pub endpoint_id: String,
+    /// The API key clients must send as `Authorization: Bearer <key>` or as the raw key.
+    pub api_key: String,
+    /// Root of the network volume. The built-in worker reads and writes here, and the S3 API
+    /// serves this directory as bucket [`volume_id`](Self::volume_id), key = path relative to it.
+    ///
+    /// s3s-fs maps bucket `b` to the directory `<fs root>/b` and keeps its own bookkeeping
+    /// (`.bucket-*.metadata.json`, upload ids, temp files) directly in `<fs root>`. So that
+    /// none of that lands inside the volume, and so that any directory name works, the emulator
+    /// gives s3s-fs a private root next to the volume, `<parent>/.<dir name>.s3s/`, holding one
+    /// symlink `<volume_id> -> volume_dir`. The volume directory is created if missing; it must
+    /// be on the same filesystem as its parent (s3s-fs renames temp files into place).
+    pub volume_dir: PathBuf,
+    /// Bucket name of the volume on the S3 API (RunPod: the network volume id).
+    pub volume_id: String,
+    /// SigV4 access key id for the volume S3 API (RunPod: `user_…`).
+    pub volume_access_key: String,
+    /// SigV4 secret for the volume S3 API (RunPod: `rps_…`).
+    pub volume_secret_key: String,
+    /// Where the volume is mounted inside a serverless worker. The built-in worker reports
+    /// output files as absolute paths under it.
+    pub mount_prefix: String,
+    /// Initial fault set; change it at runtime with `Emulator::set_faults`.
+    pub faults: Faults,
+    /// Pause between webhook attempts (RunPod: 10 s).
+    pub webhook_retry_delay: Duration,
+    /// Webhook attempts in total, first one included (RunPod: 3).
+    pub webhook_attempts: u32,
+    /// Per-attempt timeout; a slower receiver counts as a failed attempt.
+    pub webhook_timeout: Duration,
+    /// How long a `/run` result stays readable after the job ends (RunPod: 30 min).
+    pub result_retention: Duration,
+    /// How long a `/runsync` result stays readable after the job ends (RunPod: 1 min).
+    pub runsync_result_retention: Duration,
+    /// Lowest `policy.executionTimeout` accepted (RunPod: 5 s). Lower it in tests.
+    pub min_execution_timeout: Duration,
+    /// Lowest `policy.ttl` accepted (RunPod: 10 s). Lower it in tests.
+    pub min_ttl: Duration,
+    /// UNCONFIRMED whether the TTL also cuts a finished job's result short. `false`: once a job
+    /// is terminal only the result retention applies. `true`: the result also disappears at
+    /// submission + ttl if that comes first.
+    pub ttl_covers_results: bool,
+    /// Built-in worker slots (jobs run at the same time).
+    pub worker_concurrency: usize,
+    /// Run the built-in ComfyUI-subset worker. Turn it off to leave jobs queued (or, later, to
+    /// let an external worker take them).
+    pub builtin_worker: bool,
+    /// RunPod does not support presigned URLs on the volume S3 API; reject them like it does.
+    pub s3_reject_presigned: bool,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        Self {
+            endpoint_id: "local-endpoint".to_owned(),
+            api_key: "test-runpod-key".to_owned(),
+            volume_dir: PathBuf::from(".local/volume"),
+            volume_id: "local-volume".to_owned(),
+            volume_access_key: "user_local".to_owned(),
+            volume_secret_key: "rps_local-secret".to_owned(),
+            mount_prefix: "/runpod-volume".to_owned(),
+            faults: Faults::default(),
+            webhook_retry_delay: Duration::from_secs(10),
+            webhook_attempts: 3,
+            webhook_timeout: Duration::from_secs(10),
+            result_retention: Duration::from_secs(30 * 60),
+            runsync_result_retention: Duration::from_secs(60),
+            min_execution_timeout: Duration::from_secs(5),
+            min_ttl: Duration::from_secs(10),
+            ttl_covers_results: false,
+            worker_concurrency: 2,
+            builtin_worker: true,
+            s3_reject_presigned: true,
+        }
+    }
+}
+
+/// Faults and UNCONFIRMED platform behaviours, switchable while the emulator runs.
+///
+/// Every field has a serde default, so `PUT /_emulator/faults` accepts a partial JSON object
+/// (missing fields take their defaults, not their previous values).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Faults {
+    /// `false`: never send webhooks (the gateway's sweeper must rescue the jobs).
+    pub webhooks_enabled: bool,
+    /// Send an empty body instead of the JSON payload (RunPod incident, runpod-python#381).
+    pub webhook_empty_body: bool,
+    /// `/run` and `/runsync` answer this HTTP status instead of accepting the job.
+    pub run_status: Option<u16>,
+    /// With `run_status`: only the next N submissions fail, then it is back to normal.
+    /// 0 means every submission fails. The count restarts whenever the faults are set.
+    pub run_fail_count: u32,
+    /// The built-in worker ends every job FAILED with this error string.
+    pub worker_fail_message: Option<String>,
+    /// Extra simulated GPU time per job, in ms.
+    pub worker_delay_ms: u64,
+    /// The built-in worker returns this output verbatim instead of running the workflow
+    /// (a hostile or buggy handler, e.g. paths outside `outputs/`).
+    pub worker_output_override: Option<serde_json::Value>,
+    /// UNCONFIRMED: RunPod sends a webhook when a job ends TIMED_OUT.
+    pub webhook_on_timed_out: bool,
+    /// UNCONFIRMED: RunPod sends a webhook when a job is CANCELLED.
+    pub webhook_on_cancelled: bool,
+    /// UNCONFIRMED: `true` = only exactly 200 counts as delivered; `false` = any 2xx.
+    pub webhook_success_only_200: bool,
+    /// UNCONFIRMED: `/runsync` honours the `webhook` field like `/run` does.
+    pub webhook_on_runsync: bool,
+}
+
+impl Default for Faults {
+    fn default() -> Self {
+        Self {
+            webhooks_enabled: true,
+            webhook_empty_body: false,
+            run_status: None,
+            run_fail_count: 0,
+            worker_fail_message: None,
+            worker_delay_ms: 0,
+            worker_output_override: None,
+            webhook_on_timed_out: true,
+            webhook_on_cancelled: false,
+            webhook_success_only_200: true,
+            webhook_on_runsync: true,
+        }
+    }
+}

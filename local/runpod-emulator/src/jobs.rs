@@ -1,0 +1,619 @@
+//! The endpoint's job table and queue.
+//!
+//! Workers never touch jobs directly: they take a [`Lease`] and hand back an [`Outcome`]. The
+//! lease carries the job's attempt number, so a result that arrives after the job was cancelled,
+//! timed out, expired or retried is recognised as stale and dropped. The built-in worker uses this
+//! today; an external worker (RunPod's `job-take`/`job-done`/`job-stop` protocol) can use the same
+//! three calls: [`Store::take`], [`Store::finish`] and [`Store::jobs_to_stop`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::EmulatorConfig;
+use crate::faults::FaultState;
+use crate::webhook::WebhookDispatcher;
+
+/// A job's state as `/status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobStatus {
+    InQueue,
+    InProgress,
+    Completed,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl JobStatus {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobStatus::InQueue | JobStatus::InProgress)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::InQueue => "IN_QUEUE",
+            JobStatus::InProgress => "IN_PROGRESS",
+            JobStatus::Completed => "COMPLETED",
+            JobStatus::Failed => "FAILED",
+            JobStatus::Cancelled => "CANCELLED",
+            JobStatus::TimedOut => "TIMED_OUT",
+        }
+    }
+}
+
+impl std::fmt::Display for JobStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A point-in-time copy of one job, for tests and `GET /_emulator/jobs/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct JobSnapshot {
+    pub id: String,
+    pub status: JobStatus,
+    pub input: Value,
+    pub webhook: Option<String>,
+    pub s3_config: Option<Value>,
+    pub execution_timeout_ms: u64,
+    pub ttl_ms: u64,
+    pub low_priority: bool,
+    /// Submitted through `/runsync` (shorter result retention, `sync-` id).
+    pub sync: bool,
+    pub output: Option<Value>,
+    pub error: Option<String>,
+    /// ms between (re)queueing and a worker taking the job (so far, while still queued).
+    pub delay_time_ms: u64,
+    /// ms the job has been running (so far, while still running).
+    pub execution_time_ms: u64,
+    /// 1 for the first run, +1 per `/retry`.
+    pub attempt: u32,
+    /// The worker holding or last holding the job.
+    pub worker_id: Option<String>,
+}
+
+impl JobSnapshot {
+    /// The `/status` body: `{"delayTime","executionTime","id","status","output"?,"error"?}`.
+    pub fn status_body(&self) -> Value {
+        let mut body = Map::new();
+        body.insert("delayTime".into(), json!(self.delay_time_ms));
+        body.insert("executionTime".into(), json!(self.execution_time_ms));
+        body.insert("id".into(), json!(self.id));
+        body.insert("status".into(), json!(self.status));
+        if let Some(output) = &self.output {
+            body.insert("output".into(), output.clone());
+        }
+        if let Some(error) = &self.error {
+            body.insert("error".into(), json!(error));
+        }
+        Value::Object(body)
+    }
+}
+
+/// What a submission asks for, already validated by the API layer.
+#[derive(Debug, Clone)]
+pub(crate) struct NewJob {
+    pub input: Value,
+    pub webhook: Option<String>,
+    pub s3_config: Option<Value>,
+    pub execution_timeout: Duration,
+    pub ttl: Duration,
+    pub low_priority: bool,
+    pub sync: bool,
+}
+
+/// A worker's claim on one attempt of a job.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub job_id: String,
+    pub attempt: u32,
+    pub input: Value,
+    // Part of the job dict RunPod's `job-take` hands an external worker; the built-in worker
+    // has no use for them.
+    #[allow(dead_code)]
+    pub webhook: Option<String>,
+    #[allow(dead_code)]
+    pub s3_config: Option<Value>,
+    /// Turns `true` when the worker must stop (cancel, executionTimeout, TTL); the channel closing
+    /// means the same.
+    pub stop: watch::Receiver<bool>,
+}
+
+/// How a worker ended a job.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    Completed(Option<Value>),
+    Failed {
+        error: String,
+        output: Option<Value>,
+    },
+}
+
+/// Why `/retry` was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RetryError {
+    NotFound,
+    NotRetryable(JobStatus),
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub(crate) struct Health {
+    pub completed: u64,
+    pub failed: u64,
+    pub in_progress: u64,
+    pub in_queue: u64,
+    pub retried: u64,
+    pub workers_idle: u64,
+    pub workers_running: u64,
+}
+
+#[derive(Debug)]
+struct Job {
+    id: String,
+    input: Value,
+    webhook: Option<String>,
+    s3_config: Option<Value>,
+    execution_timeout: Duration,
+    ttl: Duration,
+    low_priority: bool,
+    sync: bool,
+    submitted_at: Instant,
+    queued_at: Instant,
+    started_at: Option<Instant>,
+    finished_at: Option<Instant>,
+    status: JobStatus,
+    output: Option<Value>,
+    error: Option<String>,
+    attempt: u32,
+    worker_id: Option<String>,
+    stop_tx: Option<watch::Sender<bool>>,
+}
+
+impl Job {
+    fn snapshot(&self, now: Instant) -> JobSnapshot {
+        let end = self.finished_at.unwrap_or(now);
+        let delay_end = self.started_at.unwrap_or(end);
+        let execution = self.started_at.map_or(Duration::ZERO, |started| {
+            end.saturating_duration_since(started)
+        });
+        JobSnapshot {
+            id: self.id.clone(),
+            status: self.status,
+            input: self.input.clone(),
+            webhook: self.webhook.clone(),
+            s3_config: self.s3_config.clone(),
+            execution_timeout_ms: millis(self.execution_timeout),
+            ttl_ms: millis(self.ttl),
+            low_priority: self.low_priority,
+            sync: self.sync,
+            output: self.output.clone(),
+            error: self.error.clone(),
+            delay_time_ms: millis(delay_end.saturating_duration_since(self.queued_at)),
+            execution_time_ms: millis(execution),
+            attempt: self.attempt,
+            worker_id: self.worker_id.clone(),
+        }
+    }
+
+    fn signal_stop(&mut self) {
+        if let Some(tx) = self.stop_tx.take() {
+            tx.send_replace(true);
+        }
+    }
+
+    /// When the job stops existing for `/status`, given its current state.
+    fn removal_deadline(&self, config: &EmulatorConfig) -> Instant {
+        let ttl_end = self.submitted_at + self.ttl;
+        match self.finished_at {
+            None => ttl_end,
+            Some(finished) => {
+                let retention = if self.sync {
+                    config.runsync_result_retention
+                } else {
+                    config.result_retention
+                };
+                let result_end = finished + retention;
+                if config.ttl_covers_results {
+                    result_end.min(ttl_end)
+                } else {
+                    result_end
+                }
+            }
+        }
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    jobs: HashMap<String, Job>,
+    queue: VecDeque<String>,
+    completed: u64,
+    failed: u64,
+    retried: u64,
+}
+
+/// Busy/idle accounting for `/health`'s `workers` block.
+#[derive(Debug, Default)]
+pub(crate) struct WorkerStats {
+    pub total: AtomicUsize,
+    pub running: AtomicUsize,
+}
+
+#[derive(Debug)]
+pub(crate) struct Store {
+    inner: Mutex<Inner>,
+    /// Bumped on every state change; workers, `/runsync` waiters and the deadline task watch it.
+    changes: watch::Sender<u64>,
+    config: Arc<EmulatorConfig>,
+    faults: Arc<FaultState>,
+    hooks: Arc<WebhookDispatcher>,
+    pub(crate) workers: WorkerStats,
+}
+
+impl Store {
+    pub(crate) fn new(
+        config: Arc<EmulatorConfig>,
+        faults: Arc<FaultState>,
+        hooks: Arc<WebhookDispatcher>,
+    ) -> Self {
+        Self {
+            inner: Mutex::new(Inner::default()),
+            changes: watch::Sender::new(0),
+            config,
+            faults,
+            hooks,
+            workers: WorkerStats::default(),
+        }
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn bump(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Locks the table with every time-based transition that is due already applied, so reads
+    /// are exact even between two runs of the deadline task.
+    fn lock_current(&self) -> (MutexGuard<'_, Inner>, Instant) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if self.apply_deadlines(&mut inner, now) {
+            self.bump();
+        }
+        (inner, now)
+    }
+
+    pub(crate) fn submit(&self, new: NewJob) -> JobSnapshot {
+        let id = if new.sync {
+            format!("sync-{}-e1", uuid::Uuid::new_v4())
+        } else {
+            format!("{}-e1", uuid::Uuid::new_v4())
+        };
+        let (mut inner, now) = self.lock_current();
+        let job = Job {
+            id: id.clone(),
+            input: new.input,
+            webhook: new.webhook,
+            s3_config: new.s3_config,
+            execution_timeout: new.execution_timeout,
+            ttl: new.ttl,
+            low_priority: new.low_priority,
+            sync: new.sync,
+            submitted_at: now,
+            queued_at: now,
+            started_at: None,
+            finished_at: None,
+            status: JobStatus::InQueue,
+            output: None,
+            error: None,
+            attempt: 1,
+            worker_id: None,
+            stop_tx: None,
+        };
+        let snapshot = job.snapshot(now);
+        inner.jobs.insert(id.clone(), job);
+        inner.queue.push_back(id);
+        drop(inner);
+        self.bump();
+        snapshot
+    }
+
+    pub(crate) fn get(&self, id: &str) -> Option<JobSnapshot> {
+        let (inner, now) = self.lock_current();
+        inner.jobs.get(id).map(|job| job.snapshot(now))
+    }
+
+    pub(crate) fn all(&self) -> Vec<JobSnapshot> {
+        let (inner, now) = self.lock_current();
+        let mut jobs: Vec<_> = inner.jobs.values().map(|job| job.snapshot(now)).collect();
+        jobs.sort_by(|a, b| a.id.cmp(&b.id));
+        jobs
+    }
+
+    /// `/cancel`: queued jobs leave the queue, running ones are told to stop, terminal jobs stay
+    /// as they are. Returns the resulting status, or `None` for an unknown job.
+    pub(crate) fn cancel(&self, id: &str) -> Option<JobStatus> {
+        let (mut inner, now) = self.lock_current();
+        let inner = &mut *inner;
+        let job = inner.jobs.get_mut(id)?;
+        if job.status.is_terminal() {
+            return Some(job.status);
+        }
+        if job.status == JobStatus::InQueue {
+            inner.queue.retain(|queued| queued != id);
+        }
+        job.signal_stop();
+        job.status = JobStatus::Cancelled;
+        job.finished_at = Some(now);
+        self.send_webhook(job, now);
+        self.bump();
+        Some(JobStatus::Cancelled)
+    }
+
+    /// `/retry`: only FAILED or TIMED_OUT jobs whose result still exists go back to the queue,
+    /// same id and input, previous output and error dropped.
+    pub(crate) fn retry(&self, id: &str) -> Result<JobStatus, RetryError> {
+        let (mut inner, now) = self.lock_current();
+        let inner = &mut *inner;
+        let job = inner.jobs.get_mut(id).ok_or(RetryError::NotFound)?;
+        if !matches!(job.status, JobStatus::Failed | JobStatus::TimedOut) {
+            return Err(RetryError::NotRetryable(job.status));
+        }
+        job.status = JobStatus::InQueue;
+        job.queued_at = now;
+        job.started_at = None;
+        job.finished_at = None;
+        job.output = None;
+        job.error = None;
+        job.worker_id = None;
+        job.attempt += 1;
+        inner.queue.push_back(id.to_owned());
+        inner.retried += 1;
+        self.bump();
+        Ok(JobStatus::InQueue)
+    }
+
+    /// `/purge-queue`: drops every queued job. Whether RunPod keeps purged jobs around as
+    /// CANCELLED is not documented; here they are gone (404), like any removed job.
+    pub(crate) fn purge_queue(&self) -> usize {
+        let (mut inner, _) = self.lock_current();
+        let inner = &mut *inner;
+        let queued: Vec<String> = inner.queue.drain(..).collect();
+        let mut removed = 0;
+        for id in queued {
+            if inner
+                .jobs
+                .get(&id)
+                .is_some_and(|job| job.status == JobStatus::InQueue)
+                && inner.jobs.remove(&id).is_some()
+            {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            self.bump();
+        }
+        removed
+    }
+
+    pub(crate) fn health(&self) -> Health {
+        let (inner, _) = self.lock_current();
+        let mut health = Health {
+            completed: inner.completed,
+            failed: inner.failed,
+            retried: inner.retried,
+            ..Health::default()
+        };
+        for job in inner.jobs.values() {
+            match job.status {
+                JobStatus::InQueue => health.in_queue += 1,
+                JobStatus::InProgress => health.in_progress += 1,
+                _ => {}
+            }
+        }
+        let total = self.workers.total.load(Ordering::SeqCst) as u64;
+        let running = self.workers.running.load(Ordering::SeqCst) as u64;
+        health.workers_running = running;
+        health.workers_idle = total.saturating_sub(running);
+        health
+    }
+
+    /// Hands the oldest queued job to `worker_id`, if any.
+    pub fn take(&self, worker_id: &str) -> Option<Lease> {
+        let (mut inner, now) = self.lock_current();
+        let inner = &mut *inner;
+        while let Some(id) = inner.queue.pop_front() {
+            let Some(job) = inner.jobs.get_mut(&id) else {
+                continue;
+            };
+            if job.status != JobStatus::InQueue {
+                continue;
+            }
+            let (stop_tx, stop_rx) = watch::channel(false);
+            job.status = JobStatus::InProgress;
+            job.started_at = Some(now);
+            job.worker_id = Some(worker_id.to_owned());
+            job.stop_tx = Some(stop_tx);
+            let lease = Lease {
+                job_id: id,
+                attempt: job.attempt,
+                input: job.input.clone(),
+                webhook: job.webhook.clone(),
+                s3_config: job.s3_config.clone(),
+                stop: stop_rx,
+            };
+            self.bump();
+            return Some(lease);
+        }
+        None
+    }
+
+    /// Waits for a queued job; `None` once `shutdown` turns true.
+    pub(crate) async fn take_wait(
+        &self,
+        worker_id: &str,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Option<Lease> {
+        let mut changes = self.subscribe();
+        loop {
+            changes.borrow_and_update();
+            if *shutdown.borrow() {
+                return None;
+            }
+            if let Some(lease) = self.take(worker_id) {
+                return Some(lease);
+            }
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                }
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// Records a worker's result. Returns `false` (and changes nothing) when the lease is stale:
+    /// the job was cancelled, timed out, expired or retried since it was taken.
+    pub fn finish(&self, job_id: &str, attempt: u32, outcome: Outcome) -> bool {
+        let (mut inner, now) = self.lock_current();
+        let inner = &mut *inner;
+        let Some(job) = inner.jobs.get_mut(job_id) else {
+            return false;
+        };
+        if job.status != JobStatus::InProgress || job.attempt != attempt {
+            return false;
+        }
+        job.stop_tx = None;
+        job.finished_at = Some(now);
+        match outcome {
+            Outcome::Completed(output) => {
+                job.status = JobStatus::Completed;
+                job.output = output;
+                inner.completed += 1;
+            }
+            Outcome::Failed { error, output } => {
+                job.status = JobStatus::Failed;
+                job.output = output;
+                job.error = Some(error);
+                inner.failed += 1;
+            }
+        }
+        self.send_webhook(job, now);
+        self.bump();
+        true
+    }
+
+    /// Jobs held by `worker_id` that it must abandon (RunPod's `job-stop` answer). Cancelled,
+    /// timed-out and expired jobs all qualify; the built-in worker learns the same through
+    /// [`Lease::stop`] instead.
+    #[allow(dead_code)] // For the external-worker protocol, not wired to a route yet.
+    pub fn jobs_to_stop(&self, worker_id: &str, in_flight: &[String]) -> Vec<String> {
+        let (inner, _) = self.lock_current();
+        in_flight
+            .iter()
+            .filter(|id| match inner.jobs.get(id.as_str()) {
+                None => true,
+                Some(job) => {
+                    job.status != JobStatus::InProgress
+                        || job.worker_id.as_deref() != Some(worker_id)
+                }
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Applies due deadlines and returns when the next one falls, for the deadline task.
+    pub(crate) fn tick(&self) -> Option<Instant> {
+        let (inner, _) = self.lock_current();
+        let mut next: Option<Instant> = None;
+        for job in inner.jobs.values() {
+            let mut candidates = vec![job.removal_deadline(&self.config)];
+            if let (JobStatus::InProgress, Some(started)) = (job.status, job.started_at) {
+                candidates.push(started + job.execution_timeout);
+            }
+            for deadline in candidates {
+                next = Some(next.map_or(deadline, |n: Instant| n.min(deadline)));
+            }
+        }
+        next
+    }
+
+    /// TTL, executionTimeout and result retention. Returns whether anything changed.
+    fn apply_deadlines(&self, inner: &mut Inner, now: Instant) -> bool {
+        let mut changed = false;
+        let mut removed = Vec::new();
+        for job in inner.jobs.values_mut() {
+            if job.status == JobStatus::InProgress {
+                if let Some(started) = job.started_at {
+                    let deadline = started + job.execution_timeout;
+                    // TTL wins when both fall due: RunPod removes the job outright.
+                    if now >= deadline && now < job.submitted_at + job.ttl {
+                        job.signal_stop();
+                        job.status = JobStatus::TimedOut;
+                        job.finished_at = Some(deadline);
+                        inner.failed += 1;
+                        self.send_webhook(job, now);
+                        changed = true;
+                    }
+                }
+            }
+            if now >= job.removal_deadline(&self.config) {
+                job.signal_stop();
+                removed.push(job.id.clone());
+            }
+        }
+        if !removed.is_empty() {
+            for id in &removed {
+                inner.jobs.remove(id);
+            }
+            inner.queue.retain(|id| inner.jobs.contains_key(id));
+            changed = true;
+        }
+        changed
+    }
+
+    /// Fires the job's webhook if it has one and the (partly UNCONFIRMED) rules say this state
+    /// sends one. Delivery runs in the background.
+    fn send_webhook(&self, job: &Job, now: Instant) {
+        let Some(url) = job.webhook.as_deref() else {
+            return;
+        };
+        let faults = self.faults.get();
+        if job.sync && !faults.webhook_on_runsync {
+            return;
+        }
+        let fires = match job.status {
+            JobStatus::Completed | JobStatus::Failed => true,
+            JobStatus::TimedOut => faults.webhook_on_timed_out,
+            JobStatus::Cancelled => faults.webhook_on_cancelled,
+            JobStatus::InQueue | JobStatus::InProgress => false,
+        };
+        if fires {
+            let payload = crate::webhook::payload(&job.snapshot(now), url);
+            self.hooks.dispatch(&job.id, url, &payload, &faults);
+        }
+    }
+}

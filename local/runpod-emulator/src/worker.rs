@@ -1,0 +1,102 @@
+//! The built-in worker: a few slots that take jobs from the queue and run them through
+//! [`crate::comfy`], honouring the worker faults and the stop signal of each lease.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::faults::FaultState;
+use crate::jobs::{Lease, Outcome, Store};
+
+#[derive(Debug, Clone)]
+pub(crate) struct WorkerContext {
+    pub store: Arc<Store>,
+    pub faults: Arc<FaultState>,
+    pub volume_dir: PathBuf,
+    pub mount_prefix: String,
+}
+
+pub(crate) fn spawn(
+    ctx: WorkerContext,
+    slots: usize,
+    shutdown: watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    ctx.store.workers.total.fetch_add(slots, Ordering::SeqCst);
+    (0..slots)
+        .map(|slot| {
+            let ctx = ctx.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move { slot_loop(ctx, format!("builtin-{slot}"), shutdown).await })
+        })
+        .collect()
+}
+
+async fn slot_loop(ctx: WorkerContext, worker_id: String, mut shutdown: watch::Receiver<bool>) {
+    while let Some(lease) = ctx.store.take_wait(&worker_id, &mut shutdown).await {
+        ctx.store.workers.running.fetch_add(1, Ordering::SeqCst);
+        let job_id = lease.job_id.clone();
+        tracing::info!(job_id, worker_id, attempt = lease.attempt, "job started");
+        tokio::select! {
+            () = run(&ctx, lease) => {}
+            _ = shutdown.wait_for(|stop| *stop) => {}
+        }
+        ctx.store.workers.running.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn run(ctx: &WorkerContext, lease: Lease) {
+    let mut stop = lease.stop.clone();
+    let work = execute(ctx, &lease);
+    let outcome = tokio::select! {
+        outcome = work => outcome,
+        // A closed channel means the job is gone too (expired), so stop either way.
+        _ = stop.wait_for(|stop| *stop) => {
+            tracing::info!(job_id = lease.job_id, "job stopped by the platform; result dropped");
+            return;
+        }
+    };
+    let accepted = ctx.store.finish(&lease.job_id, lease.attempt, outcome);
+    if !accepted {
+        tracing::info!(job_id = lease.job_id, "late result ignored");
+    }
+}
+
+async fn execute(ctx: &WorkerContext, lease: &Lease) -> Outcome {
+    let faults = ctx.faults.get();
+    if faults.worker_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(faults.worker_delay_ms)).await;
+    }
+    if let Some(error) = faults.worker_fail_message {
+        return Outcome::Failed {
+            error,
+            output: None,
+        };
+    }
+    if let Some(output) = faults.worker_output_override {
+        return Outcome::Completed(Some(output));
+    }
+    let input = lease.input.clone();
+    let volume_dir = ctx.volume_dir.clone();
+    let mount_prefix = ctx.mount_prefix.clone();
+    // If the job is stopped meanwhile, the blocking task still finishes (like a GPU kernel
+    // would) but its result is discarded by the caller.
+    let result = tokio::task::spawn_blocking(move || {
+        crate::comfy::execute(&input, &volume_dir, &mount_prefix)
+    })
+    .await;
+    match result {
+        Ok(Ok(output)) => Outcome::Completed(Some(output)),
+        Ok(Err(error)) => Outcome::Failed {
+            error,
+            output: None,
+        },
+        Err(join_error) => Outcome::Failed {
+            error: format!("handler crashed: {join_error}"),
+            output: None,
+        },
+    }
+}

@@ -1,0 +1,420 @@
+//! The job store on DynamoDB.
+//!
+//! One table, partition key `pk`. A job item carries its whole record as JSON in `doc`, plus the
+//! attributes that keys, indexes, conditions and the console need as real attributes:
+//! - `owner` + `job_id`: the owner index (`owner-index`), newest first because job ids are
+//!   UUIDv7 and sort by time;
+//! - `sweep_shard` + `next_check_at`: the sparse sweeper index (`sweep-index`). Both are removed
+//!   when a job turns terminal, so the index holds only jobs in flight and a sweep reads only
+//!   what is due, however many finished jobs the table keeps;
+//! - `version`: the optimistic-concurrency condition on every write;
+//! - `expires_at`: DynamoDB TTL (epoch seconds).
+//!
+//! Idempotency keys are separate items (`pk = idem#<owner>#<key>`) written in the same
+//! transaction as the job, so two requests with one key can never both create a job.
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
+use aws_sdk_dynamodb::Client;
+use base64::Engine as _;
+
+use crate::domain::job::{Job, Millis};
+use crate::ports::{CreateOutcome, DueJobs, JobPage, JobStore, StoreError};
+
+pub const OWNER_INDEX: &str = "owner-index";
+pub const SWEEP_INDEX: &str = "sweep-index";
+/// The sweeper index is spread over a few partition values so that no single hot key takes all
+/// writes of jobs in flight; a sweep queries each shard.
+pub const SWEEP_SHARDS: u32 = 4;
+
+#[derive(Clone)]
+pub struct DynamoJobStore {
+    client: Client,
+    table: String,
+}
+
+impl DynamoJobStore {
+    pub fn new(client: Client, table: impl Into<String>) -> Self {
+        Self {
+            client,
+            table: table.into(),
+        }
+    }
+
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+}
+
+fn sweep_shard(job_id: &str) -> String {
+    let shard = job_id
+        .bytes()
+        .fold(0u32, |acc, b| acc.wrapping_mul(31).wrapping_add(b as u32))
+        % SWEEP_SHARDS;
+    format!("s{shard}")
+}
+
+fn s(value: impl Into<String>) -> AttributeValue {
+    AttributeValue::S(value.into())
+}
+
+fn n(value: impl ToString) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+fn to_item(job: &Job) -> Result<HashMap<String, AttributeValue>, StoreError> {
+    let doc = serde_json::to_string(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let mut item = HashMap::from([
+        ("pk".to_string(), s(&job.id)),
+        ("job_id".to_string(), s(&job.id)),
+        ("owner".to_string(), s(&job.owner)),
+        ("state".to_string(), s(job.state.as_str())),
+        ("workflow".to_string(), s(&job.workflow)),
+        ("created_at".to_string(), n(job.timestamps.created_at)),
+        ("version".to_string(), n(job.version)),
+        ("expires_at".to_string(), n(job.expires_at)),
+        ("doc".to_string(), s(doc)),
+    ]);
+    if let Some(id) = &job.runpod_job_id {
+        item.insert("runpod_job_id".into(), s(id));
+    }
+    if let Some(next) = job.next_check_at {
+        item.insert("sweep_shard".into(), s(sweep_shard(&job.id)));
+        item.insert("next_check_at".into(), n(next));
+    }
+    Ok(item)
+}
+
+fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Job, StoreError> {
+    let doc = item
+        .get("doc")
+        .and_then(|v| v.as_s().ok())
+        .ok_or_else(|| StoreError::Corrupt("item has no doc".into()))?;
+    serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn unavailable<E: ProvideErrorMetadata + std::fmt::Debug>(err: SdkError<E>) -> StoreError {
+    let detail = match err.as_service_error() {
+        Some(service) => format!(
+            "{}: {}",
+            service.code().unwrap_or("unknown"),
+            service.message().unwrap_or_default()
+        ),
+        None => format!("{err:?}"),
+    };
+    StoreError::Unavailable(detail)
+}
+
+fn encode_cursor(key: &HashMap<String, AttributeValue>) -> Option<String> {
+    let pk = key.get("pk")?.as_s().ok()?;
+    let owner = key.get("owner")?.as_s().ok()?;
+    let raw = serde_json::json!({ "pk": pk, "owner": owner });
+    Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.to_string()))
+}
+
+fn decode_cursor(cursor: &str, owner: &str) -> Result<HashMap<String, AttributeValue>, StoreError> {
+    let invalid = || StoreError::Corrupt("invalid cursor".into());
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| invalid())?;
+    let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| invalid())?;
+    let pk = value["pk"].as_str().ok_or_else(invalid)?;
+    // A cursor names a position in one owner's list; it must not open another's.
+    if value["owner"].as_str() != Some(owner) {
+        return Err(invalid());
+    }
+    Ok(HashMap::from([
+        ("pk".to_string(), s(pk)),
+        ("job_id".to_string(), s(pk)),
+        ("owner".to_string(), s(owner)),
+    ]))
+}
+
+#[async_trait]
+impl JobStore for DynamoJobStore {
+    async fn create(&self, job: &Job) -> Result<CreateOutcome, StoreError> {
+        let item = to_item(job)?;
+        let Some(key) = &job.idempotency_key else {
+            return self
+                .client
+                .put_item()
+                .table_name(&self.table)
+                .set_item(Some(item))
+                .condition_expression("attribute_not_exists(pk)")
+                .send()
+                .await
+                .map(|_| CreateOutcome::Created)
+                .map_err(unavailable);
+        };
+        let job_put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(item))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let idem_pk = format!("idem#{}#{}", job.owner, key);
+        let idem_put = Put::builder()
+            .table_name(&self.table)
+            .item("pk", s(&idem_pk))
+            .item("target_job_id", s(&job.id))
+            .item("expires_at", n(job.expires_at))
+            .condition_expression("attribute_not_exists(pk)")
+            .build()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let result = self
+            .client
+            .transact_write_items()
+            .transact_items(TransactWriteItem::builder().put(job_put).build())
+            .transact_items(TransactWriteItem::builder().put(idem_put).build())
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(CreateOutcome::Created),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .map(|e| e.is_transaction_canceled_exception())
+                    .unwrap_or(false) =>
+            {
+                let existing = self
+                    .client
+                    .get_item()
+                    .table_name(&self.table)
+                    .key("pk", s(&idem_pk))
+                    .consistent_read(true)
+                    .send()
+                    .await
+                    .map_err(unavailable)?;
+                let target = existing
+                    .item()
+                    .and_then(|item| item.get("target_job_id"))
+                    .and_then(|v| v.as_s().ok())
+                    .ok_or(StoreError::Conflict)?;
+                match self.get(target).await? {
+                    Some(job) => Ok(CreateOutcome::Existing(Box::new(job))),
+                    None => Err(StoreError::Conflict),
+                }
+            }
+            Err(err) => Err(unavailable(err)),
+        }
+    }
+
+    async fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(job_id))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        match out.item() {
+            // Idempotency items share the table; they are not jobs.
+            Some(item) if item.contains_key("doc") => from_item(item).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    async fn save(&self, job: &Job, expected_version: u64) -> Result<(), StoreError> {
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(to_item(job)?))
+            .condition_expression("version = :expected")
+            .expression_attribute_values(":expected", n(expected_version))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .map(|e| e.is_conditional_check_failed_exception())
+                    .unwrap_or(false) =>
+            {
+                Err(StoreError::Conflict)
+            }
+            Err(err) => Err(unavailable(err)),
+        }
+    }
+
+    async fn list_by_owner(
+        &self,
+        owner: &str,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<JobPage, StoreError> {
+        let start = cursor.map(|c| decode_cursor(c, owner)).transpose()?;
+        let out = self
+            .client
+            .query()
+            .table_name(&self.table)
+            .index_name(OWNER_INDEX)
+            .key_condition_expression("#owner = :owner")
+            .expression_attribute_names("#owner", "owner")
+            .expression_attribute_values(":owner", s(owner))
+            .scan_index_forward(false)
+            .limit(limit.clamp(1, 100) as i32)
+            .set_exclusive_start_key(start)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let jobs = out
+            .items()
+            .iter()
+            .map(from_item)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(JobPage {
+            jobs,
+            cursor: out.last_evaluated_key().and_then(encode_cursor),
+        })
+    }
+
+    async fn due_for_check(&self, now: Millis, limit: u32) -> Result<DueJobs, StoreError> {
+        let mut jobs = Vec::new();
+        let mut items_read = 0u64;
+        let per_shard = limit.div_ceil(SWEEP_SHARDS).max(1);
+        for shard in 0..SWEEP_SHARDS {
+            let mut start = None;
+            let mut taken = 0u32;
+            loop {
+                let out = self
+                    .client
+                    .query()
+                    .table_name(&self.table)
+                    .index_name(SWEEP_INDEX)
+                    .key_condition_expression("sweep_shard = :shard AND next_check_at <= :now")
+                    .expression_attribute_values(":shard", s(format!("s{shard}")))
+                    .expression_attribute_values(":now", n(now))
+                    .limit((per_shard - taken) as i32)
+                    .set_exclusive_start_key(start)
+                    .send()
+                    .await
+                    .map_err(unavailable)?;
+                items_read += out.scanned_count().max(0) as u64;
+                for item in out.items() {
+                    jobs.push(from_item(item)?);
+                    taken += 1;
+                }
+                start = out.last_evaluated_key().cloned();
+                if start.is_none() || taken >= per_shard {
+                    break;
+                }
+            }
+        }
+        Ok(DueJobs { jobs, items_read })
+    }
+}
+
+/// Creates the table with its indexes and TTL; used by the local stack and tests. In AWS the
+/// SAM template creates the same table.
+pub async fn create_table(client: &Client, table: &str) -> Result<(), String> {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
+        Projection, ProjectionType, ScalarAttributeType, TimeToLiveSpecification,
+    };
+    let attr = |name: &str, kind: ScalarAttributeType| {
+        AttributeDefinition::builder()
+            .attribute_name(name)
+            .attribute_type(kind)
+            .build()
+            .map_err(|e| e.to_string())
+    };
+    let key = |name: &str, kind: KeyType| {
+        KeySchemaElement::builder()
+            .attribute_name(name)
+            .key_type(kind)
+            .build()
+            .map_err(|e| e.to_string())
+    };
+    let all = Projection::builder()
+        .projection_type(ProjectionType::All)
+        .build();
+    let result = client
+        .create_table()
+        .table_name(table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(attr("pk", ScalarAttributeType::S)?)
+        .attribute_definitions(attr("owner", ScalarAttributeType::S)?)
+        .attribute_definitions(attr("job_id", ScalarAttributeType::S)?)
+        .attribute_definitions(attr("sweep_shard", ScalarAttributeType::S)?)
+        .attribute_definitions(attr("next_check_at", ScalarAttributeType::N)?)
+        .key_schema(key("pk", KeyType::Hash)?)
+        .global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name(OWNER_INDEX)
+                .key_schema(key("owner", KeyType::Hash)?)
+                .key_schema(key("job_id", KeyType::Range)?)
+                .projection(all.clone())
+                .build()
+                .map_err(|e| e.to_string())?,
+        )
+        .global_secondary_indexes(
+            GlobalSecondaryIndex::builder()
+                .index_name(SWEEP_INDEX)
+                .key_schema(key("sweep_shard", KeyType::Hash)?)
+                .key_schema(key("next_check_at", KeyType::Range)?)
+                .projection(all)
+                .build()
+                .map_err(|e| e.to_string())?,
+        )
+        .send()
+        .await;
+    match result {
+        Ok(_) => {}
+        Err(err)
+            if err
+                .as_service_error()
+                .map(|e| e.is_resource_in_use_exception())
+                .unwrap_or(false) =>
+        {
+            return Ok(())
+        }
+        Err(err) => return Err(format!("{err:?}")),
+    }
+    client
+        .update_time_to_live()
+        .table_name(table)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder()
+                .attribute_name("expires_at")
+                .enabled(true)
+                .build()
+                .map_err(|e| e.to_string())?,
+        )
+        .send()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_shards_spread_and_stay_stable() {
+        let a = sweep_shard("0190a3b4-0000-7000-8000-000000000001");
+        assert_eq!(a, sweep_shard("0190a3b4-0000-7000-8000-000000000001"));
+        let shards: std::collections::HashSet<_> = (0..64)
+            .map(|i| sweep_shard(&format!("0190a3b4-0000-7000-8000-{i:012}")))
+            .collect();
+        assert_eq!(shards.len(), SWEEP_SHARDS as usize);
+    }
+
+    #[test]
+    fn a_cursor_cannot_be_replayed_by_another_owner() {
+        let key = HashMap::from([
+            ("pk".to_string(), s("job-1")),
+            ("owner".to_string(), s("alice")),
+        ]);
+        let cursor = encode_cursor(&key).unwrap();
+        assert!(decode_cursor(&cursor, "alice").is_ok());
+        assert!(decode_cursor(&cursor, "mallory").is_err());
+        assert!(decode_cursor("not-base64!", "alice").is_err());
+    }
+}

@@ -1,0 +1,262 @@
+//! Dispatch: takes a queued job off SQS, puts its input on the RunPod volume, renders the
+//! workflow and submits it to RunPod. A message names only a job id; the job record decides
+//! what (if anything) to do, so redelivered and duplicated messages are harmless.
+use std::sync::Arc;
+
+use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
+use futures::StreamExt;
+
+use crate::adapters::sqs::DispatchMessage;
+use crate::app::{commit, transfer, Committed};
+use crate::config::Settings;
+use crate::domain::job::{ErrorCode, Job, JobError, JobState, LeaseKind};
+use crate::domain::paths::VolumeLayout;
+use crate::domain::token::WebhookSigner;
+use crate::domain::workflow::WorkflowCatalog;
+use crate::ports::{
+    Clock, JobStore, ObjectError, ObjectStore, RunPod, RunPodError, RunPolicy, RunRequest,
+    StoreError,
+};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DispatchOutcome {
+    Submitted(String),
+    /// The message needs no work: the job is gone, already past queued, or cancelled.
+    Skipped(&'static str),
+    /// The job failed permanently at dispatch.
+    Failed(ErrorCode),
+}
+
+/// The message should come back later (SQS redelivers it after its visibility timeout).
+#[derive(Debug, thiserror::Error)]
+#[error("dispatch will be retried: {0}")]
+pub struct RetryLater(pub String);
+
+impl From<StoreError> for RetryLater {
+    fn from(err: StoreError) -> Self {
+        Self(err.to_string())
+    }
+}
+
+pub struct Dispatcher {
+    pub store: Arc<dyn JobStore>,
+    pub uploads: Arc<dyn ObjectStore>,
+    pub volume: Arc<dyn ObjectStore>,
+    pub runpod: Arc<dyn RunPod>,
+    pub catalog: Arc<WorkflowCatalog>,
+    pub signer: WebhookSigner,
+    /// Public base URL the webhook route is reached at.
+    pub webhook_base: String,
+    pub settings: Settings,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Dispatcher {
+    /// The webhook URL RunPod will call for this job: per-job HMAC token in the query.
+    pub fn webhook_url(&self, job_id: &str) -> String {
+        format!(
+            "{}/webhooks/runpod/{}?token={}",
+            self.webhook_base,
+            job_id,
+            self.signer.token(job_id)
+        )
+    }
+
+    /// Handles an SQS batch, reporting failed messages individually so that one slow job does
+    /// not send its neighbours round again (`ReportBatchItemFailures`).
+    pub async fn handle_batch(&self, event: SqsEvent) -> SqsBatchResponse {
+        let failures = futures::stream::iter(event.records)
+            .map(|record| async move {
+                let message_id = record.message_id.clone().unwrap_or_default();
+                let parsed = record
+                    .body
+                    .as_deref()
+                    .and_then(|b| serde_json::from_str::<DispatchMessage>(b).ok());
+                let Some(message) = parsed else {
+                    // Retrying a message we cannot read would only fill the DLQ later; drop it now.
+                    tracing::error!(message_id, "unreadable dispatch message dropped");
+                    return None;
+                };
+                match self.dispatch(&message.job_id).await {
+                    Ok(outcome) => {
+                        tracing::info!(job_id = %message.job_id, ?outcome, "dispatched");
+                        None
+                    }
+                    Err(err) => {
+                        tracing::warn!(job_id = %message.job_id, error = %err, "dispatch deferred");
+                        let mut failure = BatchItemFailure::default();
+                        failure.item_identifier = message_id;
+                        Some(failure)
+                    }
+                }
+            })
+            .buffer_unordered(4)
+            .filter_map(|failure| async move { failure })
+            .collect::<Vec<_>>()
+            .await;
+        let mut response = SqsBatchResponse::default();
+        response.batch_item_failures = failures;
+        response
+    }
+
+    pub async fn dispatch(&self, job_id: &str) -> Result<DispatchOutcome, RetryLater> {
+        let Some(job) = self.store.get(job_id).await? else {
+            return Ok(DispatchOutcome::Skipped("no such job"));
+        };
+        if job.state != JobState::Queued {
+            return Ok(DispatchOutcome::Skipped("already dispatched or finished"));
+        }
+        let now = self.clock.now_ms();
+        if job.attempts >= self.settings.max_dispatch_attempts {
+            let error = JobError::new(
+                ErrorCode::DispatchAttemptsExhausted,
+                format!("gave up after {} dispatch attempts", job.attempts),
+            );
+            commit(self.store.as_ref(), job, |job| job.fail(error.clone(), now)).await?;
+            return Ok(DispatchOutcome::Failed(
+                ErrorCode::DispatchAttemptsExhausted,
+            ));
+        }
+        let lease_ms = self.settings.dispatch_lease.as_millis() as i64;
+        let leased = match commit(self.store.as_ref(), job, |job| {
+            if job.state != JobState::Queued {
+                return Err(crate::domain::job::TransitionError::Backwards {
+                    from: job.state,
+                    to: JobState::Queued,
+                });
+            }
+            job.acquire_lease(LeaseKind::Dispatch, now, lease_ms)
+        })
+        .await?
+        {
+            Committed::Written(job) => job,
+            Committed::Refused(_, crate::domain::job::TransitionError::Leased(..)) => {
+                // Another delivery of this message is mid-dispatch: come back after it.
+                return Err(RetryLater("another dispatch holds the job".into()));
+            }
+            Committed::Refused(..) | Committed::Missing => {
+                return Ok(DispatchOutcome::Skipped("no longer queued"))
+            }
+        };
+
+        match self.submit(&leased).await {
+            Ok(runpod_id) => self.record_submission(leased, runpod_id).await,
+            Err(Step::Permanent(error)) => {
+                let code = error.code;
+                let now = self.clock.now_ms();
+                commit(self.store.as_ref(), leased, |job| {
+                    job.fail(error.clone(), now)
+                })
+                .await?;
+                Ok(DispatchOutcome::Failed(code))
+            }
+            Err(Step::Transient(reason)) => {
+                let now = self.clock.now_ms();
+                let mut released = leased.clone();
+                released.release_lease(now, now + self.settings.requeue_after.as_millis() as i64);
+                let _ = self.store.save(&released, leased.version).await;
+                Err(RetryLater(reason))
+            }
+        }
+    }
+
+    async fn submit(&self, job: &Job) -> Result<String, Step> {
+        let workflow = self.catalog.get(&job.workflow).ok_or_else(|| {
+            Step::Permanent(JobError::new(
+                ErrorCode::RunpodRejected,
+                format!("workflow {} is no longer available", job.workflow),
+            ))
+        })?;
+        let input_key = VolumeLayout::input_key(&job.id, &format!("input.{}", job.input.extension));
+        transfer::copy(
+            self.uploads.as_ref(),
+            &job.input.key,
+            self.volume.as_ref(),
+            &input_key,
+            Some(&job.input.content_type),
+        )
+        .await
+        .map_err(|err| match err {
+            ObjectError::NotFound(_) => Step::Permanent(JobError::new(
+                ErrorCode::InputMissing,
+                "the input image is no longer in the uploads bucket",
+            )),
+            ObjectError::Transient(reason) => Step::Transient(reason),
+            ObjectError::Permanent(reason) => Step::Transient(format!("volume refused: {reason}")),
+        })?;
+        let output_prefix = format!(
+            "{}{}",
+            VolumeLayout::output_prefix(&job.id),
+            workflow.name()
+        );
+        let graph = workflow.render(&job.params, &input_key, &output_prefix);
+        let request = RunRequest {
+            input: serde_json::json!({ "workflow_api": graph }),
+            webhook: Some(self.webhook_url(&job.id)),
+            policy: RunPolicy {
+                execution_timeout: self.settings.execution_timeout.as_millis() as u64,
+                ttl: self.settings.runpod_ttl.as_millis() as u64,
+            },
+        };
+        self.runpod.run(&request).await.map_err(|err| match err {
+            RunPodError::Transient(reason) => Step::Transient(reason),
+            RunPodError::NotFound => Step::Permanent(JobError::new(
+                ErrorCode::RunpodRejected,
+                "RunPod does not know the configured endpoint",
+            )),
+            RunPodError::Permanent { status, message } => Step::Permanent(JobError::new(
+                ErrorCode::RunpodRejected,
+                format!("RunPod refused the job ({status}): {message}"),
+            )),
+        })
+    }
+
+    async fn record_submission(
+        &self,
+        leased: Job,
+        runpod_id: String,
+    ) -> Result<DispatchOutcome, RetryLater> {
+        let now = self.clock.now_ms();
+        let next_check = now + self.settings.status_poll_after.as_millis() as i64;
+        let mut submitted = leased.clone();
+        if submitted
+            .mark_submitted(runpod_id.clone(), now, next_check)
+            .is_ok()
+        {
+            match self.store.save(&submitted, leased.version).await {
+                Ok(()) => return Ok(DispatchOutcome::Submitted(runpod_id)),
+                Err(StoreError::Conflict) => {}
+                Err(err) => {
+                    // The job is at RunPod but we could not say so; keep the id on the record
+                    // when the store is back. Until then the sweeper finds the job via its lease.
+                    tracing::error!(job_id = %leased.id, runpod_id, error = %err, "could not record the submission");
+                    return Err(err.into());
+                }
+            }
+        }
+        // Someone changed the job while we submitted: the client cancelled it, or RunPod's
+        // first report beat us. Re-apply the submission to what is stored now.
+        let Some(current) = self.store.get(&leased.id).await? else {
+            return Ok(DispatchOutcome::Skipped("job vanished while dispatching"));
+        };
+        if current.state == JobState::Cancelled {
+            if let Err(err) = self.runpod.cancel(&runpod_id).await {
+                tracing::warn!(job_id = %current.id, runpod_id, error = %err, "cancel after a raced dispatch failed");
+            }
+            return Ok(DispatchOutcome::Skipped("cancelled while dispatching"));
+        }
+        match commit(self.store.as_ref(), current, |job| {
+            job.mark_submitted(runpod_id.clone(), now, next_check)
+        })
+        .await?
+        {
+            Committed::Written(_) => Ok(DispatchOutcome::Submitted(runpod_id)),
+            _ => Ok(DispatchOutcome::Skipped("job changed while dispatching")),
+        }
+    }
+}
+
+enum Step {
+    Transient(String),
+    Permanent(JobError),
+}

@@ -1,0 +1,188 @@
+//! The sweeper: every minute, one Query on the sparse index for jobs in flight whose next check
+//! is due, then for each: re-enqueue a job stuck in the queue, ask RunPod about a submitted one
+//! whose webhook never came (and finalize it as the webhook would), or give up on a job past its
+//! deadline. It never scans: its cost follows the jobs due, not the jobs ever run.
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde::Serialize;
+
+use crate::app::finalize::{Finalizer, Outcome};
+use crate::app::{commit, Committed};
+use crate::config::Settings;
+use crate::domain::job::{ErrorCode, Job, JobError, JobState, Millis};
+use crate::ports::{Clock, JobQueue, JobStore, RunPod, RunPodError, StoreError};
+
+#[derive(Debug, Default, Clone, Serialize, PartialEq)]
+pub struct SweepReport {
+    /// DynamoDB items read to find the due jobs (the sweep's cost).
+    pub items_read: u64,
+    pub due: usize,
+    pub requeued: usize,
+    pub polled: usize,
+    pub finished: usize,
+    pub timed_out: usize,
+    pub skipped: usize,
+    pub errors: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Action {
+    Requeued,
+    Polled { finished: bool },
+    TimedOut,
+    Skipped,
+    Error,
+}
+
+pub struct Sweeper {
+    pub store: Arc<dyn JobStore>,
+    pub queue: Arc<dyn JobQueue>,
+    pub runpod: Arc<dyn RunPod>,
+    pub finalizer: Arc<Finalizer>,
+    pub settings: Settings,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Sweeper {
+    pub async fn sweep(&self) -> Result<SweepReport, StoreError> {
+        let now = self.clock.now_ms();
+        let due = self
+            .store
+            .due_for_check(now, self.settings.sweep_batch)
+            .await?;
+        let mut report = SweepReport {
+            items_read: due.items_read,
+            due: due.jobs.len(),
+            ..SweepReport::default()
+        };
+        let actions: Vec<Action> = futures::stream::iter(due.jobs)
+            .map(|job| self.check(job, now))
+            .buffer_unordered(self.settings.sweep_concurrency.max(1))
+            .collect()
+            .await;
+        for action in actions {
+            match action {
+                Action::Requeued => report.requeued += 1,
+                Action::Polled { finished } => {
+                    report.polled += 1;
+                    report.finished += finished as usize;
+                }
+                Action::TimedOut => report.timed_out += 1,
+                Action::Skipped => report.skipped += 1,
+                Action::Error => report.errors += 1,
+            }
+        }
+        tracing::info!(?report, "sweep done");
+        Ok(report)
+    }
+
+    async fn check(&self, job: Job, now: Millis) -> Action {
+        let job_id = job.id.clone();
+        match self.check_inner(job, now).await {
+            Ok(action) => action,
+            Err(err) => {
+                tracing::warn!(job_id, error = %err, "sweeper could not check the job");
+                Action::Error
+            }
+        }
+    }
+
+    async fn check_inner(&self, job: Job, now: Millis) -> Result<Action, StoreError> {
+        // The index is eventually consistent: it may still list a job that just finished.
+        if job.is_terminal() || job.active_lease(now).is_some() {
+            return Ok(Action::Skipped);
+        }
+        if job.past_deadline(now) {
+            return self.expire(job, now).await;
+        }
+        match (job.state, job.runpod_job_id.clone()) {
+            (_, Some(runpod_id)) => self.poll(job, &runpod_id, now).await,
+            (JobState::Queued, None) => self.requeue(job, now).await,
+            // Submitted without a RunPod id cannot happen; look again later rather than guess.
+            (_, None) => self.reschedule(job, now).await.map(|_| Action::Skipped),
+        }
+    }
+
+    async fn requeue(&self, job: Job, now: Millis) -> Result<Action, StoreError> {
+        if let Err(err) = self.queue.enqueue(&job.id).await {
+            tracing::warn!(job_id = %job.id, error = %err, "re-enqueue failed");
+            return Ok(Action::Error);
+        }
+        let next = now + self.settings.requeue_after.as_millis() as i64;
+        commit(self.store.as_ref(), job, |job| job.reschedule(now, next)).await?;
+        Ok(Action::Requeued)
+    }
+
+    async fn poll(&self, job: Job, runpod_id: &str, now: Millis) -> Result<Action, StoreError> {
+        let status = match self.runpod.status(runpod_id).await {
+            Ok(status) => status,
+            Err(RunPodError::NotFound) => {
+                let error = JobError::new(
+                    ErrorCode::RunpodJobExpired,
+                    "RunPod no longer knows the job: its result expired or its TTL passed",
+                );
+                let done =
+                    commit(self.store.as_ref(), job, |job| job.fail(error.clone(), now)).await?;
+                return Ok(Action::Polled {
+                    finished: matches!(done, Committed::Written(_)),
+                });
+            }
+            Err(err) => {
+                tracing::warn!(job_id = %job.id, error = %err, "status poll failed");
+                self.reschedule(job, now).await?;
+                return Ok(Action::Error);
+            }
+        };
+        let job_id = job.id.clone();
+        match self.finalizer.observe(job, &status).await {
+            Ok(Outcome::Finished(_)) => Ok(Action::Polled { finished: true }),
+            Ok(_) => {
+                // Still in flight (or busy elsewhere): look again after the poll interval.
+                if let Some(fresh) = self.store.get(&job_id).await? {
+                    self.reschedule(fresh, now).await?;
+                }
+                Ok(Action::Polled { finished: false })
+            }
+            Err(err) => {
+                tracing::warn!(job_id, error = %err, "finalize from the sweeper failed");
+                Ok(Action::Error)
+            }
+        }
+    }
+
+    async fn expire(&self, job: Job, now: Millis) -> Result<Action, StoreError> {
+        if let Some(runpod_id) = &job.runpod_job_id {
+            match self.runpod.cancel(runpod_id).await {
+                Ok(()) | Err(RunPodError::NotFound) => {}
+                Err(err) => {
+                    // Do not record a timeout while the GPU may still be running it.
+                    tracing::warn!(job_id = %job.id, error = %err, "cancel at deadline failed");
+                    self.reschedule(job, now).await?;
+                    return Ok(Action::Error);
+                }
+            }
+        }
+        let error = JobError::new(
+            ErrorCode::DeadlineExceeded,
+            "the job did not finish before its deadline",
+        );
+        let done = commit(self.store.as_ref(), job, |job| {
+            job.time_out(error.clone(), now)
+        })
+        .await?;
+        Ok(match done {
+            Committed::Written(_) => Action::TimedOut,
+            _ => Action::Skipped,
+        })
+    }
+
+    async fn reschedule(&self, job: Job, now: Millis) -> Result<(), StoreError> {
+        if job.is_terminal() {
+            return Ok(());
+        }
+        let next = (now + self.settings.poll_interval.as_millis() as i64).min(job.deadline_at);
+        commit(self.store.as_ref(), job, |job| job.reschedule(now, next)).await?;
+        Ok(())
+    }
+}

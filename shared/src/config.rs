@@ -1,0 +1,314 @@
+//! Configuration from the environment, read once at start-up. Each function reads only the
+//! groups it needs, so a missing variable names itself at cold start rather than mid-request.
+use std::collections::HashMap;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("environment variable {0} is required")]
+    Missing(&'static str),
+    #[error("environment variable {name} is invalid: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+/// Where configuration comes from: the process environment in Lambda and the local runner, or an
+/// explicit map in tests (several gateways in one test process must not share globals).
+#[derive(Clone, Debug, Default)]
+pub struct Env {
+    vars: Option<HashMap<String, String>>,
+}
+
+impl Env {
+    pub fn process() -> Self {
+        Self { vars: None }
+    }
+
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(
+        pairs: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        Self {
+            vars: Some(
+                pairs
+                    .into_iter()
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect(),
+            ),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<String> {
+        let value = match &self.vars {
+            None => std::env::var(name).ok(),
+            Some(map) => map.get(name).cloned(),
+        };
+        value.filter(|v| !v.trim().is_empty())
+    }
+
+    pub fn required(&self, name: &'static str) -> Result<String, ConfigError> {
+        self.get(name).ok_or(ConfigError::Missing(name))
+    }
+}
+
+fn parsed<T: std::str::FromStr>(env: &Env, name: &'static str, default: T) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match env.get(name) {
+        None => Ok(default),
+        Some(raw) => raw
+            .trim()
+            .parse()
+            .map_err(|e: T::Err| ConfigError::Invalid {
+                name,
+                reason: e.to_string(),
+            }),
+    }
+}
+
+fn seconds(env: &Env, name: &'static str, default: u64) -> Result<Duration, ConfigError> {
+    parsed(env, name, default).map(Duration::from_secs)
+}
+
+fn flag(env: &Env, name: &'static str, default: bool) -> Result<bool, ConfigError> {
+    match env
+        .get(name)
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None => Ok(default),
+        Some("1" | "true" | "yes") => Ok(true),
+        Some("0" | "false" | "no") => Ok(false),
+        Some(other) => Err(ConfigError::Invalid {
+            name,
+            reason: format!("expected true or false, got {other:?}"),
+        }),
+    }
+}
+
+/// Timing and size policy shared by every function.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// RunPod `policy.executionTimeout`: the longest a worker may run the job.
+    pub execution_timeout: Duration,
+    /// RunPod `policy.ttl`: the job's whole life at RunPod, queue included.
+    pub runpod_ttl: Duration,
+    /// From acceptance to a terminal state; past it the sweeper cancels the job as `timed_out`.
+    pub job_deadline: Duration,
+    /// A job still queued this long after acceptance (or its last re-enqueue) is re-enqueued.
+    pub requeue_after: Duration,
+    /// First `/status` poll after submission when no webhook came; then every `poll_interval`.
+    /// Both must stay well inside RunPod's 30-minute result retention.
+    pub status_poll_after: Duration,
+    pub poll_interval: Duration,
+    pub dispatch_lease: Duration,
+    pub finalize_lease: Duration,
+    pub max_dispatch_attempts: u32,
+    /// How long presigned result and upload URLs stay valid.
+    pub presign_ttl: Duration,
+    /// How long job records are kept (DynamoDB TTL).
+    pub record_retention: Duration,
+    pub sweep_batch: u32,
+    pub sweep_concurrency: usize,
+    pub max_inline_bytes: usize,
+    pub max_upload_bytes: u64,
+}
+
+impl Settings {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let settings = Self {
+            execution_timeout: seconds(env, "JOB_EXECUTION_TIMEOUT_SECS", 600)?,
+            runpod_ttl: seconds(env, "RUNPOD_JOB_TTL_SECS", 86_400)?,
+            job_deadline: seconds(env, "JOB_DEADLINE_SECS", 3_600)?,
+            requeue_after: seconds(env, "JOB_REQUEUE_AFTER_SECS", 120)?,
+            status_poll_after: seconds(env, "STATUS_POLL_AFTER_SECS", 60)?,
+            poll_interval: seconds(env, "STATUS_POLL_INTERVAL_SECS", 60)?,
+            dispatch_lease: seconds(env, "DISPATCH_LEASE_SECS", 60)?,
+            finalize_lease: seconds(env, "FINALIZE_LEASE_SECS", 120)?,
+            max_dispatch_attempts: parsed(env, "MAX_DISPATCH_ATTEMPTS", 5)?,
+            presign_ttl: seconds(env, "PRESIGN_TTL_SECS", 3_600)?,
+            record_retention: seconds(env, "JOB_RETENTION_DAYS", 30).map(|d| d * 86_400)?,
+            sweep_batch: parsed(env, "SWEEP_BATCH", 200)?,
+            sweep_concurrency: parsed(env, "SWEEP_CONCURRENCY", 8)?,
+            max_inline_bytes: 4 * 1024 * 1024,
+            max_upload_bytes: 50 * 1024 * 1024,
+        };
+        if settings.status_poll_after >= Duration::from_secs(25 * 60)
+            || settings.poll_interval >= Duration::from_secs(25 * 60)
+        {
+            return Err(ConfigError::Invalid {
+                name: "STATUS_POLL_INTERVAL_SECS",
+                reason: "must stay well under RunPod's 30-minute result retention".into(),
+            });
+        }
+        Ok(settings)
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            execution_timeout: Duration::from_secs(600),
+            runpod_ttl: Duration::from_secs(86_400),
+            job_deadline: Duration::from_secs(3_600),
+            requeue_after: Duration::from_secs(120),
+            status_poll_after: Duration::from_secs(60),
+            poll_interval: Duration::from_secs(60),
+            dispatch_lease: Duration::from_secs(60),
+            finalize_lease: Duration::from_secs(120),
+            max_dispatch_attempts: 5,
+            presign_ttl: Duration::from_secs(3_600),
+            record_retention: Duration::from_secs(30 * 86_400),
+            sweep_batch: 200,
+            sweep_concurrency: 8,
+            max_inline_bytes: 4 * 1024 * 1024,
+            max_upload_bytes: 50 * 1024 * 1024,
+        }
+    }
+}
+
+/// Names of the AWS resources; endpoints and credentials come from the SDK's own environment
+/// (`AWS_REGION`, `AWS_ENDPOINT_URL`, …).
+#[derive(Clone, Debug)]
+pub struct AwsResources {
+    pub table: String,
+    pub queue_url: String,
+    pub uploads_bucket: String,
+    pub results_bucket: String,
+    /// Path-style S3 addressing, needed for local S3 servers such as moto.
+    pub s3_force_path_style: bool,
+}
+
+impl AwsResources {
+    pub fn table_from_env(env: &Env) -> Result<String, ConfigError> {
+        env.required("JOBS_TABLE")
+    }
+    pub fn queue_from_env(env: &Env) -> Result<String, ConfigError> {
+        env.required("JOBS_QUEUE_URL")
+    }
+    pub fn uploads_bucket_from_env(env: &Env) -> Result<String, ConfigError> {
+        env.required("UPLOADS_BUCKET")
+    }
+    pub fn results_bucket_from_env(env: &Env) -> Result<String, ConfigError> {
+        env.required("RESULTS_BUCKET")
+    }
+    pub fn s3_force_path_style_from_env(env: &Env) -> Result<bool, ConfigError> {
+        flag(env, "S3_FORCE_PATH_STYLE", false)
+    }
+}
+
+/// The RunPod serverless endpoint.
+#[derive(Clone)]
+pub struct RunPodConfig {
+    pub api_base: String,
+    pub endpoint_id: String,
+    pub api_key: String,
+    pub request_timeout: Duration,
+}
+
+impl std::fmt::Debug for RunPodConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunPodConfig")
+            .field("api_base", &self.api_base)
+            .field("endpoint_id", &self.endpoint_id)
+            .field("api_key", &"<redacted>")
+            .finish()
+    }
+}
+
+impl RunPodConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            api_base: env
+                .get("RUNPOD_API_BASE")
+                .unwrap_or_else(|| "https://api.runpod.ai".into())
+                .trim_end_matches('/')
+                .to_string(),
+            endpoint_id: env.required("RUNPOD_ENDPOINT_ID")?,
+            api_key: env.required("RUNPOD_API_KEY")?,
+            request_timeout: seconds(env, "RUNPOD_REQUEST_TIMEOUT_SECS", 10)?,
+        })
+    }
+}
+
+/// The RunPod network volume's S3-compatible API.
+#[derive(Clone)]
+pub struct VolumeConfig {
+    pub volume_id: String,
+    pub region: String,
+    pub endpoint: String,
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    pub mount_prefixes: Vec<String>,
+}
+
+impl std::fmt::Debug for VolumeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolumeConfig")
+            .field("volume_id", &self.volume_id)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field("access_key_id", &"<redacted>")
+            .finish()
+    }
+}
+
+impl VolumeConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        // RunPod names datacenters in upper case; the S3 host and signing region want lower.
+        let region = env.required("VOLUME_DATACENTER")?.to_ascii_lowercase();
+        Ok(Self {
+            volume_id: env.required("VOLUME_ID")?,
+            endpoint: env
+                .get("VOLUME_S3_ENDPOINT")
+                .unwrap_or_else(|| format!("https://s3api-{region}.runpod.io")),
+            region,
+            access_key_id: env.required("VOLUME_ACCESS_KEY_ID")?,
+            secret_access_key: env.required("VOLUME_SECRET_ACCESS_KEY")?,
+            mount_prefixes: env
+                .get("VOLUME_MOUNT_PREFIXES")
+                .unwrap_or_else(|| "/runpod-volume,/workspace".into())
+                .split(',')
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect(),
+        })
+    }
+}
+
+/// Where RunPod should send webhooks and how their tokens are signed.
+#[derive(Clone)]
+pub struct WebhookConfig {
+    /// Public base URL of the gateway, e.g. `https://abc.execute-api.eu-west-1.amazonaws.com`.
+    pub base_url: String,
+    pub secret: String,
+    /// The secret before the last rotation, still accepted for jobs in flight.
+    pub previous_secret: Option<String>,
+}
+
+impl WebhookConfig {
+    pub fn base_url_from_env(env: &Env) -> Result<String, ConfigError> {
+        Ok(env
+            .required("WEBHOOK_BASE_URL")?
+            .trim_end_matches('/')
+            .to_string())
+    }
+
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let secret = env.required("WEBHOOK_SECRET")?;
+        if secret.len() < 16 {
+            return Err(ConfigError::Invalid {
+                name: "WEBHOOK_SECRET",
+                reason: "must be at least 16 characters".into(),
+            });
+        }
+        Ok(Self {
+            base_url: env
+                .get("WEBHOOK_BASE_URL")
+                .map(|u| u.trim_end_matches('/').to_string())
+                .unwrap_or_default(),
+            secret,
+            previous_secret: env.get("WEBHOOK_SECRET_PREVIOUS"),
+        })
+    }
+}

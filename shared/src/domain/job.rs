@@ -1,0 +1,609 @@
+//! The job: its record, its states and the only ways a state may change.
+//!
+//! States move forward only and a terminal state is final. The store makes every write
+//! conditional on the version that was read, so the methods here bump `version` and the caller
+//! saves with the previous one as the condition: two writers racing on the same version cannot
+//! both win.
+use serde::{Deserialize, Serialize};
+
+use super::workflow::ValidatedParams;
+
+/// Epoch milliseconds. The domain never reads a clock; callers pass `now`.
+pub type Millis = i64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Accepted and on the queue; RunPod does not have it yet.
+    Queued,
+    /// RunPod accepted it (IN_QUEUE on their side).
+    Submitted,
+    /// A worker is running it (IN_PROGRESS).
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::Cancelled | Self::TimedOut
+        )
+    }
+
+    /// Position in the forward-only order; all terminal states share the last rank.
+    fn rank(self) -> u8 {
+        match self {
+            Self::Queued => 0,
+            Self::Submitted => 1,
+            Self::Running => 2,
+            _ => 3,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Submitted => "submitted",
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::TimedOut => "timed_out",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Queued,
+            Self::Submitted,
+            Self::Running,
+            Self::Succeeded,
+            Self::Failed,
+            Self::Cancelled,
+            Self::TimedOut,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for JobState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Machine-readable causes of failure. Clients branch on these, so they are part of the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The input file was gone when the job was dispatched.
+    InputMissing,
+    /// RunPod refused the job permanently (4xx on /run).
+    RunpodRejected,
+    /// Dispatch kept hitting transient errors until the job's attempt budget ran out.
+    DispatchAttemptsExhausted,
+    /// The worker reported FAILED.
+    WorkerFailed,
+    /// RunPod no longer knows the job (result expired or TTL passed).
+    RunpodJobExpired,
+    /// The worker named an output outside the job's output prefix.
+    InvalidOutputPath,
+    /// The worker's output was not in a shape the workflow's contract allows.
+    InvalidOutput,
+    /// The worker completed with no output at all.
+    EmptyOutput,
+    /// A file the worker named is not on the volume.
+    OutputMissing,
+    /// RunPod or the gateway gave up on the job's deadline.
+    DeadlineExceeded,
+    /// RunPod reported TIMED_OUT.
+    ExecutionTimedOut,
+    /// The client cancelled it.
+    CancelledByClient,
+    /// RunPod reported the job cancelled without the client asking.
+    CancelledByRunpod,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InputMissing => "input_missing",
+            Self::RunpodRejected => "runpod_rejected",
+            Self::DispatchAttemptsExhausted => "dispatch_attempts_exhausted",
+            Self::WorkerFailed => "worker_failed",
+            Self::RunpodJobExpired => "runpod_job_expired",
+            Self::InvalidOutputPath => "invalid_output_path",
+            Self::InvalidOutput => "invalid_output",
+            Self::EmptyOutput => "empty_output",
+            Self::OutputMissing => "output_missing",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::ExecutionTimedOut => "execution_timed_out",
+            Self::CancelledByClient => "cancelled_by_client",
+            Self::CancelledByRunpod => "cancelled_by_runpod",
+        }
+    }
+
+    /// Whether submitting the same job again could succeed.
+    pub fn retryable(self) -> bool {
+        matches!(
+            self,
+            Self::DispatchAttemptsExhausted
+                | Self::RunpodJobExpired
+                | Self::DeadlineExceeded
+                | Self::ExecutionTimedOut
+                | Self::WorkerFailed
+        )
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl JobError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            retryable: code.retryable(),
+        }
+    }
+}
+
+/// Where the job's input image sits in the uploads bucket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct InputRef {
+    pub key: String,
+    pub content_type: String,
+    pub size: u64,
+    /// Extension used for the copy on the volume (`jpg`, `png`, `webp`).
+    pub extension: String,
+}
+
+/// One output copied into the results bucket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OutputFile {
+    pub key: String,
+    pub file_name: String,
+    pub size: u64,
+    pub content_type: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Timestamps {
+    pub created_at: Millis,
+    pub submitted_at: Option<Millis>,
+    pub running_at: Option<Millis>,
+    pub finished_at: Option<Millis>,
+    pub updated_at: Millis,
+}
+
+/// What a lease is held for. A lease marks an internal step in progress (a dispatch calling
+/// RunPod, a finalize copying outputs) so that a concurrent duplicate backs off instead of doing
+/// the work twice; it expires so a crashed holder never blocks the job for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseKind {
+    Dispatch,
+    Finalize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub kind: LeaseKind,
+    pub until: Millis,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    pub owner: String,
+    pub workflow: String,
+    pub workflow_version: String,
+    pub params: ValidatedParams,
+    pub input: InputRef,
+    pub state: JobState,
+    /// Dispatch attempts started (each one may call RunPod /run).
+    pub attempts: u32,
+    pub runpod_job_id: Option<String>,
+    pub timestamps: Timestamps,
+    pub outputs: Vec<OutputFile>,
+    pub error: Option<JobError>,
+    /// RunPod's `delayTime` (ms in RunPod's queue) and `executionTime` (ms on a worker).
+    pub delay_time_ms: Option<u64>,
+    pub execution_time_ms: Option<u64>,
+    pub idempotency_key: Option<String>,
+    pub callback_url: Option<String>,
+    /// Bumped by every change; the store writes only if the stored version is the one read.
+    pub version: u64,
+    /// When the job must be terminal; past it the sweeper cancels it as `timed_out`.
+    pub deadline_at: Millis,
+    /// When the sweeper should next look at the job. `None` exactly when the job is terminal,
+    /// which keeps it out of the sparse sweeper index.
+    pub next_check_at: Option<Millis>,
+    pub lease: Option<Lease>,
+    /// Epoch seconds after which DynamoDB may delete the record (TTL).
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TransitionError {
+    #[error("job is already {0}")]
+    AlreadyTerminal(JobState),
+    #[error("job cannot go back from {from} to {to}")]
+    Backwards { from: JobState, to: JobState },
+    #[error("a {0:?} lease is held until {1}")]
+    Leased(LeaseKind, Millis),
+}
+
+/// Everything a new job needs; the rest starts empty.
+pub struct NewJob {
+    pub id: String,
+    pub owner: String,
+    pub workflow: String,
+    pub workflow_version: String,
+    pub params: ValidatedParams,
+    pub input: InputRef,
+    pub idempotency_key: Option<String>,
+    pub callback_url: Option<String>,
+}
+
+/// The timing policy a job is created with.
+#[derive(Clone, Copy, Debug)]
+pub struct JobTiming {
+    /// How long a job may take from acceptance to a terminal state.
+    pub deadline_ms: Millis,
+    /// First sweeper look after acceptance: a job still queued then is re-enqueued.
+    pub first_check_ms: Millis,
+    /// How long the record stays after creation (DynamoDB TTL).
+    pub retention_secs: i64,
+}
+
+impl Job {
+    pub fn new(new: NewJob, timing: JobTiming, now: Millis) -> Self {
+        Self {
+            id: new.id,
+            owner: new.owner,
+            workflow: new.workflow,
+            workflow_version: new.workflow_version,
+            params: new.params,
+            input: new.input,
+            state: JobState::Queued,
+            attempts: 0,
+            runpod_job_id: None,
+            timestamps: Timestamps {
+                created_at: now,
+                updated_at: now,
+                ..Timestamps::default()
+            },
+            outputs: Vec::new(),
+            error: None,
+            delay_time_ms: None,
+            execution_time_ms: None,
+            idempotency_key: new.idempotency_key,
+            callback_url: new.callback_url,
+            version: 1,
+            deadline_at: now + timing.deadline_ms,
+            next_check_at: Some(now + timing.first_check_ms),
+            lease: None,
+            expires_at: now / 1000 + timing.retention_secs,
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        self.state.is_terminal()
+    }
+
+    pub fn past_deadline(&self, now: Millis) -> bool {
+        now >= self.deadline_at
+    }
+
+    /// The lease still in force at `now`, if any.
+    pub fn active_lease(&self, now: Millis) -> Option<&Lease> {
+        self.lease.as_ref().filter(|lease| lease.until > now)
+    }
+
+    fn touch(&mut self, now: Millis) {
+        self.version += 1;
+        self.timestamps.updated_at = now;
+    }
+
+    fn ensure_open(&self) -> Result<(), TransitionError> {
+        if self.is_terminal() {
+            return Err(TransitionError::AlreadyTerminal(self.state));
+        }
+        Ok(())
+    }
+
+    /// Takes a lease for an internal step; refused while another lease is in force.
+    pub fn acquire_lease(
+        &mut self,
+        kind: LeaseKind,
+        now: Millis,
+        duration_ms: Millis,
+    ) -> Result<(), TransitionError> {
+        self.ensure_open()?;
+        if let Some(lease) = self.active_lease(now) {
+            return Err(TransitionError::Leased(lease.kind, lease.until));
+        }
+        let until = now + duration_ms;
+        self.lease = Some(Lease { kind, until });
+        // If the holder dies, the sweeper picks the job up right after the lease runs out.
+        self.next_check_at = Some(until);
+        if kind == LeaseKind::Dispatch {
+            self.attempts += 1;
+        }
+        self.touch(now);
+        Ok(())
+    }
+
+    /// Gives a lease back after a step failed transiently, so a retry need not wait it out.
+    pub fn release_lease(&mut self, now: Millis, next_check_at: Millis) {
+        self.lease = None;
+        if !self.is_terminal() {
+            self.next_check_at = Some(next_check_at);
+        }
+        self.touch(now);
+    }
+
+    /// RunPod accepted the job. A report from RunPod may have moved the job on before dispatch
+    /// could record the submission; then only RunPod's id is added, the state stays.
+    pub fn mark_submitted(
+        &mut self,
+        runpod_job_id: String,
+        now: Millis,
+        next_check_at: Millis,
+    ) -> Result<(), TransitionError> {
+        if self.state == JobState::Queued {
+            self.advance(JobState::Submitted, now)?;
+        } else {
+            self.ensure_open()?;
+            self.touch(now);
+        }
+        self.runpod_job_id = Some(runpod_job_id);
+        if matches!(
+            self.lease,
+            Some(Lease {
+                kind: LeaseKind::Dispatch,
+                ..
+            })
+        ) {
+            self.lease = None;
+        }
+        self.next_check_at = Some(next_check_at);
+        Ok(())
+    }
+
+    /// A worker took the job.
+    pub fn mark_running(&mut self, now: Millis) -> Result<(), TransitionError> {
+        self.advance(JobState::Running, now)
+    }
+
+    /// Schedules the next sweeper look without changing the state.
+    pub fn reschedule(
+        &mut self,
+        now: Millis,
+        next_check_at: Millis,
+    ) -> Result<(), TransitionError> {
+        self.ensure_open()?;
+        self.next_check_at = Some(next_check_at);
+        self.touch(now);
+        Ok(())
+    }
+
+    pub fn succeed(
+        &mut self,
+        outputs: Vec<OutputFile>,
+        now: Millis,
+    ) -> Result<(), TransitionError> {
+        self.finish(JobState::Succeeded, None, now)?;
+        self.outputs = outputs;
+        Ok(())
+    }
+
+    pub fn fail(&mut self, error: JobError, now: Millis) -> Result<(), TransitionError> {
+        self.finish(JobState::Failed, Some(error), now)
+    }
+
+    pub fn cancel(&mut self, error: JobError, now: Millis) -> Result<(), TransitionError> {
+        self.finish(JobState::Cancelled, Some(error), now)
+    }
+
+    pub fn time_out(&mut self, error: JobError, now: Millis) -> Result<(), TransitionError> {
+        self.finish(JobState::TimedOut, Some(error), now)
+    }
+
+    /// Records RunPod's timings when it reports them.
+    pub fn record_runpod_times(&mut self, delay_ms: Option<u64>, execution_ms: Option<u64>) {
+        self.delay_time_ms = delay_ms.or(self.delay_time_ms);
+        self.execution_time_ms = execution_ms.or(self.execution_time_ms);
+    }
+
+    fn finish(
+        &mut self,
+        state: JobState,
+        error: Option<JobError>,
+        now: Millis,
+    ) -> Result<(), TransitionError> {
+        self.advance(state, now)?;
+        self.error = error;
+        self.lease = None;
+        self.next_check_at = None;
+        self.timestamps.finished_at = Some(now);
+        Ok(())
+    }
+
+    fn advance(&mut self, to: JobState, now: Millis) -> Result<(), TransitionError> {
+        self.ensure_open()?;
+        if to.rank() <= self.state.rank() {
+            return Err(TransitionError::Backwards {
+                from: self.state,
+                to,
+            });
+        }
+        // A job can be seen running only after RunPod has it; jumping over states (a webhook
+        // that arrives before the IN_PROGRESS poll) still stamps the skipped ones once.
+        if to.rank() >= JobState::Submitted.rank() && self.timestamps.submitted_at.is_none() {
+            self.timestamps.submitted_at = Some(now);
+        }
+        if to == JobState::Running {
+            self.timestamps.running_at = Some(now);
+        }
+        self.state = to;
+        self.touch(now);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    const TIMING: JobTiming = JobTiming {
+        deadline_ms: 3_600_000,
+        first_check_ms: 120_000,
+        retention_secs: 86_400,
+    };
+
+    fn job() -> Job {
+        Job::new(
+            NewJob {
+                id: "01900000-0000-7000-8000-000000000001".into(),
+                owner: "alice".into(),
+                workflow: "restore".into(),
+                workflow_version: "1".into(),
+                params: ValidatedParams(BTreeMap::new()),
+                input: InputRef {
+                    key: "uploads/alice/x/input.jpg".into(),
+                    content_type: "image/jpeg".into(),
+                    size: 10,
+                    extension: "jpg".into(),
+                },
+                idempotency_key: None,
+                callback_url: None,
+            },
+            TIMING,
+            1_000,
+        )
+    }
+
+    #[test]
+    fn a_new_job_is_queued_and_due_for_a_first_check() {
+        let job = job();
+        assert_eq!(job.state, JobState::Queued);
+        assert_eq!(job.next_check_at, Some(121_000));
+        assert_eq!(job.deadline_at, 3_601_000);
+        assert_eq!(job.version, 1);
+    }
+
+    #[test]
+    fn every_change_bumps_the_version() {
+        let mut job = job();
+        job.mark_submitted("rp-1".into(), 2_000, 62_000).unwrap();
+        assert_eq!(job.version, 2);
+        job.mark_running(3_000).unwrap();
+        assert_eq!(job.version, 3);
+    }
+
+    #[test]
+    fn states_never_move_backwards() {
+        let mut job = job();
+        job.mark_running(2_000).unwrap();
+        let err = job.mark_running(3_000).unwrap_err();
+        assert!(matches!(err, TransitionError::Backwards { .. }));
+        assert_eq!(job.state, JobState::Running);
+    }
+
+    #[test]
+    fn a_late_submission_record_adds_the_runpod_id_without_going_back() {
+        let mut job = job();
+        job.mark_running(2_000).unwrap();
+        job.mark_submitted("rp-1".into(), 3_000, 9_000).unwrap();
+        assert_eq!(job.state, JobState::Running);
+        assert_eq!(job.runpod_job_id.as_deref(), Some("rp-1"));
+    }
+
+    #[test]
+    fn a_terminal_state_is_final() {
+        let mut job = job();
+        job.succeed(vec![], 2_000).unwrap();
+        let before = job.clone();
+        assert_eq!(
+            job.fail(JobError::new(ErrorCode::WorkerFailed, "x"), 3_000),
+            Err(TransitionError::AlreadyTerminal(JobState::Succeeded))
+        );
+        assert!(job.reschedule(3_000, 4_000).is_err());
+        assert_eq!(job, before);
+    }
+
+    #[test]
+    fn a_terminal_job_leaves_the_sweeper_index() {
+        let mut job = job();
+        job.mark_submitted("rp".into(), 2_000, 5_000).unwrap();
+        job.time_out(JobError::new(ErrorCode::DeadlineExceeded, "late"), 9_000)
+            .unwrap();
+        assert_eq!(job.next_check_at, None);
+        assert_eq!(job.timestamps.finished_at, Some(9_000));
+    }
+
+    #[test]
+    fn a_second_lease_is_refused_while_the_first_is_in_force() {
+        let mut job = job();
+        job.acquire_lease(LeaseKind::Dispatch, 2_000, 30_000)
+            .unwrap();
+        assert!(matches!(
+            job.acquire_lease(LeaseKind::Dispatch, 3_000, 30_000),
+            Err(TransitionError::Leased(LeaseKind::Dispatch, 32_000))
+        ));
+    }
+
+    #[test]
+    fn an_expired_lease_can_be_taken_over() {
+        let mut job = job();
+        job.acquire_lease(LeaseKind::Dispatch, 2_000, 30_000)
+            .unwrap();
+        job.acquire_lease(LeaseKind::Dispatch, 40_000, 30_000)
+            .unwrap();
+        assert_eq!(job.attempts, 2);
+    }
+
+    #[test]
+    fn a_lease_makes_the_job_due_when_it_runs_out() {
+        let mut job = job();
+        job.acquire_lease(LeaseKind::Finalize, 2_000, 30_000)
+            .unwrap();
+        assert_eq!(job.next_check_at, Some(32_000));
+    }
+
+    #[test]
+    fn skipping_to_a_terminal_state_stamps_submission_once() {
+        let mut job = job();
+        job.mark_submitted("rp".into(), 2_000, 5_000).unwrap();
+        job.succeed(vec![], 9_000).unwrap();
+        assert_eq!(job.timestamps.submitted_at, Some(2_000));
+        assert_eq!(job.timestamps.finished_at, Some(9_000));
+    }
+
+    #[test]
+    fn error_codes_say_whether_a_retry_can_help() {
+        assert!(!JobError::new(ErrorCode::InvalidOutputPath, "x").retryable);
+        assert!(JobError::new(ErrorCode::RunpodJobExpired, "x").retryable);
+    }
+
+    #[test]
+    fn state_names_round_trip() {
+        for state in [JobState::Queued, JobState::TimedOut, JobState::Succeeded] {
+            assert_eq!(JobState::parse(state.as_str()), Some(state));
+        }
+        assert_eq!(JobState::parse("finalizing"), None);
+    }
+}

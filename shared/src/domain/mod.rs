@@ -1,0 +1,6 @@
+//! Pure domain code: no I/O, no clocks read directly, unit-tested.
+pub mod job;
+pub mod paths;
+pub mod report;
+pub mod token;
+pub mod workflow;

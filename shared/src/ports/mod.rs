@@ -1,0 +1,224 @@
+//! What the application needs from the outside world, as narrow traits. Adapters implement them
+//! against DynamoDB, SQS, S3 and RunPod; tests of the domain may use in-memory versions.
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::job::{Job, Millis};
+
+// ---------------------------------------------------------------------------------------------
+// Job store
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The stored version is not the one the write was based on: somebody else changed the job.
+    #[error("the job changed since it was read")]
+    Conflict,
+    #[error("job store unavailable: {0}")]
+    Unavailable(String),
+    #[error("corrupt job record: {0}")]
+    Corrupt(String),
+}
+
+pub enum CreateOutcome {
+    Created,
+    /// The owner already used this idempotency key; here is that job instead.
+    Existing(Box<Job>),
+}
+
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Opaque; hand back to get the next page.
+    pub cursor: Option<String>,
+}
+
+/// Jobs due for a sweeper look, and what finding them cost.
+pub struct DueJobs {
+    pub jobs: Vec<Job>,
+    /// Items DynamoDB read to answer (its `ScannedCount`): the sweeper's cost figure.
+    pub items_read: u64,
+}
+
+#[async_trait]
+pub trait JobStore: Send + Sync {
+    /// Stores a new job, or returns the owner's existing job for the same idempotency key.
+    async fn create(&self, job: &Job) -> Result<CreateOutcome, StoreError>;
+    async fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError>;
+    /// Writes `job` only if the stored version is still `expected_version`.
+    async fn save(&self, job: &Job, expected_version: u64) -> Result<(), StoreError>;
+    /// The owner's jobs, newest first.
+    async fn list_by_owner(
+        &self,
+        owner: &str,
+        limit: u32,
+        cursor: Option<&str>,
+    ) -> Result<JobPage, StoreError>;
+    /// Non-terminal jobs whose next check is due at `now`, read from the sparse index only.
+    async fn due_for_check(&self, now: Millis, limit: u32) -> Result<DueJobs, StoreError>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Queue between submit and dispatch
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+#[error("queue unavailable: {0}")]
+pub struct QueueError(pub String);
+
+#[async_trait]
+pub trait JobQueue: Send + Sync {
+    async fn enqueue(&self, job_id: &str) -> Result<(), QueueError>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Object stores: the uploads and results buckets, and the RunPod volume
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObjectError {
+    #[error("no such object: {0}")]
+    NotFound(String),
+    /// Worth retrying: throttling, 5xx, timeouts, broken connections.
+    #[error("object store unavailable: {0}")]
+    Transient(String),
+    #[error("object store refused: {0}")]
+    Permanent(String),
+}
+
+impl ObjectError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Transient(_))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectMeta {
+    pub size: u64,
+    pub content_type: Option<String>,
+}
+
+pub type ByteChunks = BoxStream<'static, Result<Bytes, ObjectError>>;
+
+/// A presigned request a client can make without our credentials.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PresignedRequest {
+    pub method: String,
+    pub url: String,
+    pub headers: Vec<(String, String)>,
+}
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync {
+    async fn put_bytes(
+        &self,
+        key: &str,
+        body: Bytes,
+        content_type: &str,
+    ) -> Result<(), ObjectError>;
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, ObjectError>;
+    /// The first `len` bytes (or fewer, for a shorter object).
+    async fn read_prefix(&self, key: &str, len: u64) -> Result<Bytes, ObjectError>;
+    /// Opens the object as a stream of chunks, so nobody has to hold it whole.
+    async fn open(&self, key: &str) -> Result<(ObjectMeta, ByteChunks), ObjectError>;
+    /// Writes a stream of known total size; implementations keep at most one part in memory.
+    async fn put_stream(
+        &self,
+        key: &str,
+        meta: &ObjectMeta,
+        body: ByteChunks,
+    ) -> Result<(), ObjectError>;
+    async fn presign_get(
+        &self,
+        key: &str,
+        expires_in: Duration,
+        download_name: Option<&str>,
+    ) -> Result<PresignedRequest, ObjectError>;
+    async fn presign_put(
+        &self,
+        key: &str,
+        content_type: &str,
+        expires_in: Duration,
+    ) -> Result<PresignedRequest, ObjectError>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// RunPod serverless endpoint
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunPodError {
+    /// 429, 5xx, timeouts, connection errors: try again later.
+    #[error("RunPod unavailable: {0}")]
+    Transient(String),
+    /// RunPod does not know the job (expired result, TTL passed, wrong id).
+    #[error("RunPod job not found")]
+    NotFound,
+    /// Any other refusal; retrying the same request will not help.
+    #[error("RunPod refused ({status}): {message}")]
+    Permanent { status: u16, message: String },
+}
+
+/// The body of `/run`, as RunPod documents it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunRequest {
+    pub input: serde_json::Value,
+    pub webhook: Option<String>,
+    pub policy: RunPolicy,
+}
+
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunPolicy {
+    pub execution_timeout: u64,
+    pub ttl: u64,
+}
+
+/// RunPod's job status, as `/status` returns it and as the webhook echoes it. Every field is
+/// optional because the webhook has been seen empty or odd; callers decide what is usable.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunPodStatus {
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub status: Option<String>,
+    #[serde(default)]
+    pub output: Option<serde_json::Value>,
+    #[serde(default)]
+    pub error: Option<serde_json::Value>,
+    #[serde(default)]
+    pub delay_time: Option<u64>,
+    #[serde(default)]
+    pub execution_time: Option<u64>,
+}
+
+#[async_trait]
+pub trait RunPod: Send + Sync {
+    /// Submits a job; returns RunPod's job id.
+    async fn run(&self, request: &RunRequest) -> Result<String, RunPodError>;
+    async fn status(&self, runpod_job_id: &str) -> Result<RunPodStatus, RunPodError>;
+    async fn cancel(&self, runpod_job_id: &str) -> Result<(), RunPodError>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Time
+// ---------------------------------------------------------------------------------------------
+
+pub trait Clock: Send + Sync {
+    fn now_ms(&self) -> Millis;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> Millis {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as Millis)
+            .unwrap_or_default()
+    }
+}

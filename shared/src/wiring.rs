@@ -1,0 +1,196 @@
+//! Start-up wiring: builds the adapters and use cases from the environment, once per process.
+//! Each function asks only for what it uses, so it reads only the variables it needs and fails
+//! at cold start, not mid-request, when one is missing.
+use std::sync::Arc;
+
+use aws_config::{BehaviorVersion, SdkConfig};
+
+use crate::adapters::dynamodb::DynamoJobStore;
+use crate::adapters::runpod::{http_client, HttpRunPod};
+use crate::adapters::s3::{aws_client, volume_client, S3ObjectStore};
+use crate::adapters::sqs::SqsJobQueue;
+use crate::app::api::identity::IdentitySource;
+use crate::app::api::ApiState;
+use crate::app::dispatch::Dispatcher;
+use crate::app::finalize::Finalizer;
+use crate::app::sweeper::Sweeper;
+use crate::app::webhook::WebhookState;
+use crate::config::{
+    AwsResources, ConfigError, Env, RunPodConfig, Settings, VolumeConfig, WebhookConfig,
+};
+use crate::domain::paths::VolumeLayout;
+use crate::domain::token::WebhookSigner;
+use crate::domain::workflow::WorkflowCatalog;
+use crate::ports::{Clock, SystemClock};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BootError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("workflow catalog: {0}")]
+    Catalog(String),
+    #[error("HTTP client: {0}")]
+    Http(String),
+}
+
+/// What every function shares: the SDK config (loaded once), settings, clock and catalog.
+#[derive(Clone)]
+pub struct Wiring {
+    pub env: Env,
+    pub sdk: SdkConfig,
+    pub settings: Settings,
+    pub clock: Arc<dyn Clock>,
+    pub catalog: Arc<WorkflowCatalog>,
+}
+
+impl Wiring {
+    /// From the process environment, with the SDK's own configuration chain.
+    pub async fn from_env() -> Result<Self, BootError> {
+        let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
+        Self::new(Env::process(), sdk)
+    }
+
+    pub fn new(env: Env, sdk: SdkConfig) -> Result<Self, BootError> {
+        let catalog = WorkflowCatalog::builtin().map_err(|e| BootError::Catalog(e.to_string()))?;
+        Ok(Self {
+            sdk,
+            settings: Settings::from_env(&env)?,
+            env,
+            clock: Arc::new(SystemClock),
+            catalog: Arc::new(catalog),
+        })
+    }
+
+    pub fn job_store(&self) -> Result<Arc<DynamoJobStore>, BootError> {
+        Ok(Arc::new(DynamoJobStore::new(
+            aws_sdk_dynamodb::Client::new(&self.sdk),
+            AwsResources::table_from_env(&self.env)?,
+        )))
+    }
+
+    pub fn queue(&self) -> Result<Arc<SqsJobQueue>, BootError> {
+        Ok(Arc::new(SqsJobQueue::new(
+            aws_sdk_sqs::Client::new(&self.sdk),
+            AwsResources::queue_from_env(&self.env)?,
+        )))
+    }
+
+    fn s3(&self) -> Result<aws_sdk_s3::Client, BootError> {
+        Ok(aws_client(
+            &self.sdk,
+            AwsResources::s3_force_path_style_from_env(&self.env)?,
+        ))
+    }
+
+    pub fn uploads(&self) -> Result<Arc<S3ObjectStore>, BootError> {
+        Ok(Arc::new(S3ObjectStore::new(
+            self.s3()?,
+            AwsResources::uploads_bucket_from_env(&self.env)?,
+        )))
+    }
+
+    pub fn results(&self) -> Result<Arc<S3ObjectStore>, BootError> {
+        Ok(Arc::new(S3ObjectStore::new(
+            self.s3()?,
+            AwsResources::results_bucket_from_env(&self.env)?,
+        )))
+    }
+
+    pub fn volume(&self) -> Result<(Arc<S3ObjectStore>, VolumeLayout), BootError> {
+        let config = VolumeConfig::from_env(&self.env)?;
+        let store = S3ObjectStore::new(volume_client(&config), config.volume_id.clone());
+        Ok((Arc::new(store), VolumeLayout::new(config.mount_prefixes)))
+    }
+
+    pub fn runpod(&self) -> Result<Arc<HttpRunPod>, BootError> {
+        let config = RunPodConfig::from_env(&self.env)?;
+        let http = http_client(&config).map_err(|e| BootError::Http(e.to_string()))?;
+        Ok(Arc::new(HttpRunPod::new(http, &config)))
+    }
+
+    pub fn signer(&self) -> Result<WebhookSigner, BootError> {
+        let config = WebhookConfig::from_env(&self.env)?;
+        Ok(WebhookSigner::new(
+            config.secret.as_bytes(),
+            config.previous_secret.map(String::into_bytes),
+        ))
+    }
+
+    pub fn api(&self, identity: IdentitySource) -> Result<ApiState, BootError> {
+        Ok(ApiState {
+            store: self.job_store()?,
+            queue: self.queue()?,
+            uploads: self.uploads()?,
+            results: self.results()?,
+            runpod: self.runpod()?,
+            catalog: self.catalog.clone(),
+            identity,
+            settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        })
+    }
+
+    pub fn dispatcher(&self) -> Result<Dispatcher, BootError> {
+        let (volume, _) = self.volume()?;
+        Ok(Dispatcher {
+            store: self.job_store()?,
+            uploads: self.uploads()?,
+            volume,
+            runpod: self.runpod()?,
+            catalog: self.catalog.clone(),
+            signer: self.signer()?,
+            webhook_base: WebhookConfig::base_url_from_env(&self.env)?,
+            settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        })
+    }
+
+    pub fn finalizer(&self) -> Result<Finalizer, BootError> {
+        let (volume, layout) = self.volume()?;
+        Ok(Finalizer {
+            store: self.job_store()?,
+            volume,
+            results: self.results()?,
+            layout,
+            settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        })
+    }
+
+    pub fn webhook(&self) -> Result<WebhookState, BootError> {
+        Ok(WebhookState {
+            store: self.job_store()?,
+            runpod: self.runpod()?,
+            finalizer: Arc::new(self.finalizer()?),
+            signer: self.signer()?,
+        })
+    }
+
+    pub fn sweeper(&self) -> Result<Sweeper, BootError> {
+        Ok(Sweeper {
+            store: self.job_store()?,
+            queue: self.queue()?,
+            runpod: self.runpod()?,
+            finalizer: Arc::new(self.finalizer()?),
+            settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        })
+    }
+}
+
+/// Structured logs: JSON lines (what CloudWatch and Lambda's JSON log format expect) unless
+/// `GATEWAY_LOG_FORMAT=text`. Level from `RUST_LOG`, default `info`.
+pub fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    let result = if std::env::var("GATEWAY_LOG_FORMAT").as_deref() == Ok("text") {
+        builder.try_init()
+    } else {
+        builder.json().flatten_event(true).try_init()
+    };
+    // A second init (tests, the runner embedding functions) keeps the first subscriber.
+    let _ = result;
+}

@@ -1,0 +1,421 @@
+//! The test harness: a whole local stack per test, on loopback.
+//!
+//! - **moto** (DynamoDB, SQS, S3): one `moto_server` per test process, from `MOTO_ENDPOINT` when
+//!   the test script started one, otherwise started here from the repo's `.venv`. Each test
+//!   gets its own table, queue and buckets, so tests never see each other's data.
+//! - **the RunPod emulator**: in-process, its volume in a fresh temporary directory.
+//! - **the gateway**: the local runner in-process, with the same code the Lambda functions run.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_s3::config::Credentials;
+use gateway::config::Env;
+use gateway::wiring::Wiring;
+use local_runner::{Runner, RunnerOptions};
+use runpod_emulator::{Emulator, EmulatorConfig, Faults};
+use serde_json::Value;
+
+pub use reqwest::StatusCode;
+
+pub const ALICE: &str = "alice-token";
+pub const BOB: &str = "bob-token";
+pub const WEBHOOK_SECRET: &str = "test-webhook-secret-not-real-0001";
+
+static MOTO: OnceLock<String> = OnceLock::new();
+
+struct MotoProcess(Child);
+
+impl Drop for MotoProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+    }
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on loopback")
+}
+
+fn wait_for_port(addr: &str, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// The moto endpoint for this test process.
+pub fn moto_endpoint() -> String {
+    MOTO.get_or_init(|| {
+        if let Ok(endpoint) = std::env::var("MOTO_ENDPOINT") {
+            return endpoint;
+        }
+        let bin = repo_root().join(".venv/bin/moto_server");
+        assert!(
+            bin.exists(),
+            "{} is missing: run scripts/bootstrap (scripts/test does it for you)",
+            bin.display()
+        );
+        let port = free_port();
+        let mut command = Command::new(bin);
+        command
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // The server must not outlive the test process, even when a test panics or is killed.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("start moto_server");
+        // Held for the life of the process; killed with it.
+        Box::leak(Box::new(MotoProcess(child)));
+        let addr = format!("127.0.0.1:{port}");
+        assert!(
+            wait_for_port(&addr, Duration::from_secs(30)),
+            "moto_server did not start"
+        );
+        format!("http://{addr}")
+    })
+    .clone()
+}
+
+pub async fn sdk_config(endpoint: &str) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
+        .load()
+        .await
+}
+
+pub struct StackOptions {
+    pub faults: Faults,
+    /// How often the runner sweeps; long by default so tests see webhooks do the work.
+    pub sweep_every: Duration,
+    pub extra_env: Vec<(&'static str, String)>,
+}
+
+impl Default for StackOptions {
+    fn default() -> Self {
+        Self {
+            faults: Faults::default(),
+            sweep_every: Duration::from_secs(3600),
+            extra_env: Vec::new(),
+        }
+    }
+}
+
+pub struct Stack {
+    pub emulator: Emulator,
+    pub runner: Runner,
+    pub sdk: SdkConfig,
+    pub table: String,
+    pub queue_url: String,
+    pub uploads_bucket: String,
+    pub results_bucket: String,
+    pub http: reqwest::Client,
+    volume_tmp: PathBuf,
+}
+
+impl Stack {
+    pub async fn start() -> Self {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    pub async fn start_with(options: StackOptions) -> Self {
+        let moto = moto_endpoint();
+        let sdk = sdk_config(&moto).await;
+        let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
+        let volume_tmp = std::env::temp_dir().join(format!("gateway-test-volume-{id}"));
+        let emulator = runpod_emulator::spawn(
+            EmulatorConfig {
+                volume_dir: volume_tmp.clone(),
+                faults: options.faults,
+                webhook_retry_delay: Duration::from_millis(200),
+                ..EmulatorConfig::default()
+            },
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+        )
+        .await
+        .expect("start the RunPod emulator");
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gateway_url = format!("http://{}", listener.local_addr().unwrap());
+        let table = format!("jobs-{id}");
+        let queue_url = format!("{moto}/123456789012/jobs-{id}");
+        let uploads_bucket = format!("uploads-{id}");
+        let results_bucket = format!("results-{id}");
+        let mut vars: Vec<(&'static str, String)> = vec![
+            ("JOBS_TABLE", table.clone()),
+            ("JOBS_QUEUE_URL", queue_url.clone()),
+            ("UPLOADS_BUCKET", uploads_bucket.clone()),
+            ("RESULTS_BUCKET", results_bucket.clone()),
+            ("S3_FORCE_PATH_STYLE", "true".into()),
+            ("RUNPOD_API_BASE", emulator.api_url.clone()),
+            ("RUNPOD_ENDPOINT_ID", emulator.endpoint_id.clone()),
+            ("RUNPOD_API_KEY", emulator.api_key.clone()),
+            ("VOLUME_ID", emulator.volume_id.clone()),
+            ("VOLUME_DATACENTER", "EU-RO-1".into()),
+            ("VOLUME_S3_ENDPOINT", emulator.s3_url.clone()),
+            ("VOLUME_ACCESS_KEY_ID", emulator.volume_access_key.clone()),
+            (
+                "VOLUME_SECRET_ACCESS_KEY",
+                emulator.volume_secret_key.clone(),
+            ),
+            ("WEBHOOK_BASE_URL", gateway_url.clone()),
+            ("WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
+            ("GATEWAY_DEV_TOKENS", format!("{ALICE}=alice,{BOB}=bob")),
+            ("STATUS_POLL_AFTER_SECS", "1".into()),
+            ("STATUS_POLL_INTERVAL_SECS", "1".into()),
+            ("JOB_REQUEUE_AFTER_SECS", "5".into()),
+        ];
+        vars.extend(options.extra_env);
+        let wiring = Wiring::new(Env::from_pairs(vars), sdk.clone()).expect("wire the gateway");
+        let runner = local_runner::start_on(
+            listener,
+            wiring,
+            RunnerOptions {
+                sweep_every: options.sweep_every,
+                queue_visibility_secs: 2,
+                ..RunnerOptions::default()
+            },
+        )
+        .await
+        .expect("start the local runner");
+        Self {
+            emulator,
+            runner,
+            sdk,
+            table,
+            queue_url,
+            uploads_bucket,
+            results_bucket,
+            http: reqwest::Client::new(),
+            volume_tmp,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.runner.url(), path)
+    }
+
+    pub async fn post_json(&self, token: &str, path: &str, body: &Value) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        read(response).await
+    }
+
+    pub async fn post_raw(&self, token: &str, path: &str, body: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        read(response).await
+    }
+
+    pub async fn get(&self, token: &str, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        read(response).await
+    }
+
+    /// Submits a restore job with an inline image; returns the job id.
+    pub async fn submit_restore(&self, token: &str, image: &[u8], params: Value) -> String {
+        let (status, body) = self
+            .post_json(token, "/jobs", &restore_request(image, params))
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "submit failed: {body}");
+        body["job_id"].as_str().unwrap().to_string()
+    }
+
+    /// Polls `GET /jobs/{id}` until the job is terminal.
+    pub async fn wait_terminal(&self, token: &str, job_id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (status, body) = self.get(token, &format!("/jobs/{job_id}")).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            if matches!(
+                body["status"].as_str(),
+                Some("succeeded" | "failed" | "cancelled" | "timed_out")
+            ) {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job_id} not terminal in time: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Polls until the job reaches `state` (public name).
+    pub async fn wait_status(
+        &self,
+        token: &str,
+        job_id: &str,
+        state: &str,
+        timeout: Duration,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, body) = self.get(token, &format!("/jobs/{job_id}")).await;
+            if body["status"] == state {
+                return body;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job_id} never reached {state}: {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn dynamodb(&self) -> aws_sdk_dynamodb::Client {
+        aws_sdk_dynamodb::Client::new(&self.sdk)
+    }
+
+    pub fn sqs(&self) -> aws_sdk_sqs::Client {
+        aws_sdk_sqs::Client::new(&self.sdk)
+    }
+
+    pub fn s3(&self) -> aws_sdk_s3::Client {
+        aws_sdk_s3::Client::from_conf(
+            aws_sdk_s3::config::Builder::from(&self.sdk)
+                .force_path_style(true)
+                .build(),
+        )
+    }
+
+    /// Every item in the jobs table. Tests may scan; the gateway never does.
+    pub async fn table_items(&self) -> usize {
+        self.dynamodb()
+            .scan()
+            .table_name(&self.table)
+            .send()
+            .await
+            .unwrap()
+            .count() as usize
+    }
+
+    /// Messages waiting or in flight on the dispatch queue.
+    pub async fn queue_depth(&self) -> usize {
+        use aws_sdk_sqs::types::QueueAttributeName as A;
+        let out = self
+            .sqs()
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(A::ApproximateNumberOfMessages)
+            .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .unwrap();
+        let attrs = out.attributes().cloned().unwrap_or_default();
+        [
+            A::ApproximateNumberOfMessages,
+            A::ApproximateNumberOfMessagesNotVisible,
+        ]
+        .iter()
+        .map(|a| {
+            attrs
+                .get(a)
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+    }
+
+    /// Object keys in a bucket under a prefix.
+    pub async fn keys(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        self.s3()
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .unwrap()
+            .contents()
+            .iter()
+            .filter_map(|o| o.key().map(str::to_string))
+            .collect()
+    }
+
+    /// The emulator's webhook URL for a job, exactly as the gateway gave it to RunPod.
+    pub fn runpod_job(&self, runpod_id: &str) -> Option<runpod_emulator::JobSnapshot> {
+        self.emulator.job(runpod_id)
+    }
+
+    pub async fn stop(self) {
+        self.runner.stop().await;
+        self.emulator.shutdown().await;
+        let _ = std::fs::remove_dir_all(&self.volume_tmp);
+    }
+}
+
+async fn read(response: reqwest::Response) -> (StatusCode, Value) {
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    (status, body)
+}
+
+pub fn restore_request(image: &[u8], params: Value) -> Value {
+    use base64::Engine as _;
+    serde_json::json!({
+        "workflow": "restore",
+        "params": params,
+        "input": { "image_base64": base64::engine::general_purpose::STANDARD.encode(image) },
+    })
+}
+
+/// A real JPEG photo-like image (a gradient with some structure), `width`×`height`.
+pub fn jpeg(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([
+            (x * 255 / width.max(1)) as u8,
+            (y * 255 / height.max(1)) as u8,
+            ((x ^ y) & 0xff) as u8,
+        ])
+    });
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(
+            &mut std::io::Cursor::new(&mut out),
+            image::ImageFormat::Jpeg,
+        )
+        .unwrap();
+    out
+}
