@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_s3::config::Credentials;
 use gateway::config::Env;
+pub use gateway::domain::job::Job;
 use gateway::wiring::Wiring;
 use local_runner::{Runner, RunnerOptions};
 use runpod_emulator::{Emulator, EmulatorConfig, Faults};
@@ -83,9 +84,25 @@ pub fn moto_endpoint() -> String {
                 Ok(())
             });
         }
-        let child = command.spawn().expect("start moto_server");
-        // Held for the life of the process; killed with it.
-        Box::leak(Box::new(MotoProcess(child)));
+        // PR_SET_PDEATHSIG fires when the *thread* that forked exits, and each test runs on
+        // its own thread: fork from a thread that lives as long as the process.
+        let (sender, receiver) = std::sync::mpsc::channel();
+        std::thread::spawn(move || match command.spawn() {
+            Ok(child) => {
+                let _alive = MotoProcess(child);
+                let _ = sender.send(Ok(()));
+                loop {
+                    std::thread::park();
+                }
+            }
+            Err(err) => {
+                let _ = sender.send(Err(err));
+            }
+        });
+        receiver
+            .recv()
+            .expect("moto launcher thread")
+            .expect("start moto_server");
         let addr = format!("127.0.0.1:{port}");
         assert!(
             wait_for_port(&addr, Duration::from_secs(30)),
@@ -373,9 +390,36 @@ impl Stack {
             .collect()
     }
 
-    /// The emulator's webhook URL for a job, exactly as the gateway gave it to RunPod.
-    pub fn runpod_job(&self, runpod_id: &str) -> Option<runpod_emulator::JobSnapshot> {
-        self.emulator.job(runpod_id)
+    /// The job record as stored (versions, leases and all), read through the gateway's adapter.
+    pub async fn stored_job(&self, job_id: &str) -> gateway::domain::job::Job {
+        use gateway::ports::JobStore;
+        gateway::adapters::dynamodb::DynamoJobStore::new(self.dynamodb(), &self.table)
+            .get(job_id)
+            .await
+            .unwrap()
+            .expect("job stored")
+    }
+
+    /// The RunPod job the gateway submitted for `job_id`, as the emulator holds it.
+    pub async fn runpod_job(&self, job_id: &str) -> runpod_emulator::JobSnapshot {
+        let runpod_id = self
+            .stored_job(job_id)
+            .await
+            .runpod_job_id
+            .expect("job submitted to RunPod");
+        self.emulator.job(&runpod_id).expect("RunPod knows the job")
+    }
+
+    /// POSTs a body to a webhook URL as RunPod would (no bearer token).
+    pub async fn post_webhook(&self, url: &str, body: &str) -> StatusCode {
+        self.http
+            .post(url)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap()
+            .status()
     }
 
     pub async fn stop(self) {

@@ -2,7 +2,7 @@
 //! emulator (built-in worker on real images) → webhook or sweeper → results bucket → client.
 use std::time::Duration;
 
-use gateway_tests::{jpeg, Stack, StackOptions, StatusCode, ALICE, BOB};
+use gateway_tests::{jpeg, Stack, StackOptions, StatusCode, ALICE};
 use runpod_emulator::Faults;
 use serde_json::json;
 
@@ -59,5 +59,140 @@ async fn with_webhooks_lost_the_sweeper_brings_the_job_home() {
         "no webhook was sent"
     );
     assert_eq!(job["outputs"].as_array().unwrap().len(), 1);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_failing_worker_ends_the_job_failed_with_its_message() {
+    let stack = Stack::start_with(StackOptions {
+        faults: Faults {
+            worker_fail_message: Some("CUDA out of memory".into()),
+            ..Faults::default()
+        },
+        ..StackOptions::default()
+    })
+    .await;
+    let job_id = stack
+        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
+        .await;
+    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["error"]["code"], "worker_failed");
+    assert!(job["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("CUDA out of memory"));
+    assert_eq!(job["outputs"], json!([]));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn an_output_path_outside_the_jobs_prefix_fails_and_copies_nothing() {
+    let stack = Stack::start_with(StackOptions {
+        faults: Faults {
+            worker_output_override: Some(json!({
+                "prompt_id": "p",
+                "files": ["/runpod-volume/outputs/../inputs/secret.png"],
+                "file_count": 1
+            })),
+            ..Faults::default()
+        },
+        ..StackOptions::default()
+    })
+    .await;
+    let job_id = stack
+        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
+        .await;
+    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    assert_eq!(job["status"], "failed");
+    assert_eq!(job["error"]["code"], "invalid_output_path");
+    assert!(stack.keys(&stack.results_bucket, "").await.is_empty());
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn cancelling_a_running_job_stops_it_at_runpod() {
+    let stack = Stack::start_with(StackOptions {
+        faults: Faults {
+            worker_delay_ms: 5_000,
+            ..Faults::default()
+        },
+        ..StackOptions::default()
+    })
+    .await;
+    let job_id = stack
+        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
+        .await;
+    stack
+        .wait_status(ALICE, &job_id, "submitted", TIMEOUT)
+        .await;
+    let (status, body) = stack
+        .post_json(ALICE, &format!("/jobs/{job_id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "cancelled");
+    let runpod = stack.runpod_job(&job_id).await;
+    assert_eq!(runpod.status, runpod_emulator::JobStatus::Cancelled);
+    let (status, body) = stack
+        .post_json(ALICE, &format!("/jobs/{job_id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    let (_, job) = stack.get(ALICE, &format!("/jobs/{job_id}")).await;
+    assert_eq!(job["error"]["code"], "cancelled_by_client");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_redelivered_dispatch_message_does_not_submit_twice() {
+    let stack = Stack::start().await;
+    let job_id = stack
+        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
+        .await;
+    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    assert_eq!(job["status"], "succeeded");
+    let submitted = stack.emulator.jobs().len();
+    for _ in 0..2 {
+        stack
+            .sqs()
+            .send_message()
+            .queue_url(&stack.queue_url)
+            .message_body(json!({"job_id": job_id}).to_string())
+            .send()
+            .await
+            .unwrap();
+    }
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while stack.queue_depth().await > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "messages never consumed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        stack.emulator.jobs().len(),
+        submitted,
+        "RunPod got the job twice"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn runpod_refusing_for_a_while_only_delays_the_job() {
+    let stack = Stack::start_with(StackOptions {
+        faults: Faults {
+            run_status: Some(429),
+            run_fail_count: 2,
+            ..Faults::default()
+        },
+        ..StackOptions::default()
+    })
+    .await;
+    let job_id = stack
+        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
+        .await;
+    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(stack.stored_job(&job_id).await.attempts, 3);
     stack.stop().await;
 }

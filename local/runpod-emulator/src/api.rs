@@ -27,6 +27,27 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response 
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
+/// A refused request, kept small so `Result`s carrying it stay cheap.
+struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error(self.status, self.message)
+    }
+}
+
 fn job_not_found() -> Response {
     error(StatusCode::NOT_FOUND, "job not found")
 }
@@ -43,6 +64,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/v2/{endpoint_id}/retry/{job_id}", post(retry))
         .route("/v2/{endpoint_id}/purge-queue", post(purge_queue))
         .route("/v2/{endpoint_id}/health", get(health))
+        .merge(crate::worker_api::routes())
         .route_layer(middleware::from_fn_with_state(app.clone(), authorize))
         .with_state(app)
 }
@@ -75,7 +97,7 @@ async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
 async fn run(State(app): State<Arc<App>>, body: Body) -> Response {
     match submit(&app, body, false).await {
         Ok(job) => Json(json!({ "id": job.id, "status": job.status })).into_response(),
-        Err(response) => response,
+        Err(refused) => refused.into_response(),
     }
 }
 
@@ -98,7 +120,7 @@ async fn runsync(
     };
     let job = match submit(&app, body, true).await {
         Ok(job) => job,
-        Err(response) => return response,
+        Err(refused) => return refused.into_response(),
     };
     let mut changes = app.store.subscribe();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
@@ -122,10 +144,10 @@ async fn runsync(
 }
 
 /// Validates and enqueues a `/run` or `/runsync` body.
-async fn submit(app: &App, body: Body, sync: bool) -> Result<crate::JobSnapshot, Response> {
+async fn submit(app: &App, body: Body, sync: bool) -> Result<crate::JobSnapshot, ApiError> {
     if let Some(status) = app.faults.take_run_failure() {
         let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        return Err(error(code, format!("injected fault: {status}")));
+        return Err(ApiError::new(code, format!("injected fault: {status}")));
     }
     let limit = if sync {
         RUNSYNC_BODY_LIMIT
@@ -133,17 +155,17 @@ async fn submit(app: &App, body: Body, sync: bool) -> Result<crate::JobSnapshot,
         RUN_BODY_LIMIT
     };
     let bytes = to_bytes(body, limit).await.map_err(|_| {
-        error(
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("request body exceeds {} MB", limit / (1024 * 1024)),
         )
     })?;
     let request: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?;
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))?;
     let request = request
         .as_object()
-        .ok_or_else(|| error(StatusCode::BAD_REQUEST, "body must be a JSON object"))?;
-    let bad = |message: &str| error(StatusCode::BAD_REQUEST, message);
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "body must be a JSON object"))?;
+    let bad = |message: &str| ApiError::new(StatusCode::BAD_REQUEST, message);
 
     let input = match request.get("input") {
         Some(input @ Value::Object(_)) => input.clone(),
@@ -193,11 +215,11 @@ fn policy_ms(
     name: &str,
     default_ms: u64,
     min: Duration,
-) -> Result<Duration, Response> {
+) -> Result<Duration, ApiError> {
     let ms = match policy.get(name) {
         None | Some(Value::Null) => default_ms,
         Some(value) => value.as_u64().ok_or_else(|| {
-            error(
+            ApiError::new(
                 StatusCode::BAD_REQUEST,
                 format!("'policy.{name}' must be an integer number of ms"),
             )
@@ -205,7 +227,7 @@ fn policy_ms(
     };
     let min_ms = u64::try_from(min.as_millis()).unwrap_or(u64::MAX);
     if ms < min_ms || ms > MAX_POLICY_MS {
-        return Err(error(
+        return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             format!("'policy.{name}' must be between {min_ms} and {MAX_POLICY_MS} ms"),
         ));

@@ -19,11 +19,12 @@ pub struct EmulatorConfig {
     /// serves this directory as bucket [`volume_id`](Self::volume_id), key = path relative to it.
     ///
     /// s3s-fs maps bucket `b` to the directory `<fs root>/b` and keeps its own bookkeeping
-    /// (`.bucket-*.metadata.json`, upload ids, temp files) directly in `<fs root>`. So that
-    /// none of that lands inside the volume, and so that any directory name works, the emulator
-    /// gives s3s-fs a private root next to the volume, `<parent>/.<dir name>.s3s/`, holding one
-    /// symlink `<volume_id> -> volume_dir`. The volume directory is created if missing; it must
-    /// be on the same filesystem as its parent (s3s-fs renames temp files into place).
+    /// (`.bucket-*.metadata.json`, upload ids, multipart parts, temp files) directly in
+    /// `<fs root>`. So that none of that lands inside the volume, and so that any directory name
+    /// works, each emulator instance gives s3s-fs a private root next to the volume,
+    /// `<parent>/.<dir name>.s3s-<random>/`, holding one symlink `<volume_id> -> volume_dir`;
+    /// it is removed when the emulator stops. The volume directory is created if missing and
+    /// must be on the same filesystem as its parent (s3s-fs renames temp files into place).
     pub volume_dir: PathBuf,
     /// Bucket name of the volume on the S3 API (RunPod: the network volume id).
     pub volume_id: String,
@@ -61,6 +62,9 @@ pub struct EmulatorConfig {
     pub builtin_worker: bool,
     /// RunPod does not support presigned URLs on the volume S3 API; reject them like it does.
     pub s3_reject_presigned: bool,
+    /// How long `job-take` and `job-stop` hold an external worker's long-poll before answering
+    /// 204 (reference §4.3: about 60 s, under the SDK's 90 s client timeout).
+    pub worker_poll_hold: Duration,
 }
 
 impl Default for EmulatorConfig {
@@ -85,6 +89,7 @@ impl Default for EmulatorConfig {
             worker_concurrency: 2,
             builtin_worker: true,
             s3_reject_presigned: true,
+            worker_poll_hold: Duration::from_secs(55),
         }
     }
 }

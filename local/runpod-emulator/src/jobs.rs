@@ -2,9 +2,10 @@
 //!
 //! Workers never touch jobs directly: they take a [`Lease`] and hand back an [`Outcome`]. The
 //! lease carries the job's attempt number, so a result that arrives after the job was cancelled,
-//! timed out, expired or retried is recognised as stale and dropped. The built-in worker uses this
-//! today; an external worker (RunPod's `job-take`/`job-done`/`job-stop` protocol) can use the same
-//! three calls: [`Store::take`], [`Store::finish`] and [`Store::jobs_to_stop`].
+//! timed out, expired or retried is recognised as stale and dropped. The built-in worker uses
+//! [`Store::take`]/[`Store::finish`] and watches [`Lease::stop`]; external workers (RunPod's
+//! `job-take`/`job-done`/`job-stop` protocol, see `worker_api`) use the `*_external` variants and
+//! learn about stops from [`Store::take_stops`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -117,11 +118,7 @@ pub struct Lease {
     pub job_id: String,
     pub attempt: u32,
     pub input: Value,
-    // Part of the job dict RunPod's `job-take` hands an external worker; the built-in worker
-    // has no use for them.
-    #[allow(dead_code)]
     pub webhook: Option<String>,
-    #[allow(dead_code)]
     pub s3_config: Option<Value>,
     /// Turns `true` when the worker must stop (cancel, executionTimeout, TTL); the channel closing
     /// means the same.
@@ -136,6 +133,16 @@ pub enum Outcome {
         error: String,
         output: Option<Value>,
     },
+}
+
+/// What became of a worker's report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Accepted,
+    /// The job exists but is no longer this worker's to finish (cancelled, timed out, retried).
+    Stale,
+    /// Unknown or expired job.
+    NotFound,
 }
 
 /// Why `/retry` was refused.
@@ -175,6 +182,9 @@ struct Job {
     error: Option<String>,
     attempt: u32,
     worker_id: Option<String>,
+    /// Held by an external worker, which learns about stops by polling `job-stop`.
+    external: bool,
+    /// Present exactly while the job is IN_PROGRESS.
     stop_tx: Option<watch::Sender<bool>>,
 }
 
@@ -204,9 +214,17 @@ impl Job {
         }
     }
 
-    fn signal_stop(&mut self) {
+    /// Tells the holding worker to abandon the job: the built-in one through the lease, an
+    /// external one through its next `job-stop` answer.
+    fn signal_stop(&mut self, stops: &mut HashMap<String, Vec<String>>) {
         if let Some(tx) = self.stop_tx.take() {
             tx.send_replace(true);
+            if let (true, Some(worker)) = (self.external, &self.worker_id) {
+                stops
+                    .entry(worker.clone())
+                    .or_default()
+                    .push(self.id.clone());
+            }
         }
     }
 
@@ -232,6 +250,10 @@ impl Job {
     }
 }
 
+/// An external worker that has not called in for this long no longer counts in `/health`
+/// (the SDK long-polls `job-take` about once a minute at most).
+const EXTERNAL_WORKER_LIVENESS: Duration = Duration::from_secs(120);
+
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
@@ -240,6 +262,10 @@ fn millis(d: Duration) -> u64 {
 struct Inner {
     jobs: HashMap<String, Job>,
     queue: VecDeque<String>,
+    /// External worker id → jobs it must stop, drained by `job-stop`.
+    stops: HashMap<String, Vec<String>>,
+    /// External worker id → last time it called in (job-take, job-done, ping…).
+    pods: HashMap<String, Instant>,
     completed: u64,
     failed: u64,
     retried: u64,
@@ -329,6 +355,7 @@ impl Store {
             error: None,
             attempt: 1,
             worker_id: None,
+            external: false,
             stop_tx: None,
         };
         let snapshot = job.snapshot(now);
@@ -363,7 +390,7 @@ impl Store {
         if job.status == JobStatus::InQueue {
             inner.queue.retain(|queued| queued != id);
         }
-        job.signal_stop();
+        job.signal_stop(&mut inner.stops);
         job.status = JobStatus::Cancelled;
         job.finished_at = Some(now);
         self.send_webhook(job, now);
@@ -436,11 +463,39 @@ impl Store {
         let running = self.workers.running.load(Ordering::SeqCst) as u64;
         health.workers_running = running;
         health.workers_idle = total.saturating_sub(running);
+        let now = Instant::now();
+        for (pod, seen) in &inner.pods {
+            if now.saturating_duration_since(*seen) > EXTERNAL_WORKER_LIVENESS {
+                continue;
+            }
+            let busy = inner.jobs.values().any(|job| {
+                job.external
+                    && job.status == JobStatus::InProgress
+                    && job.worker_id.as_deref() == Some(pod.as_str())
+            });
+            if busy {
+                health.workers_running += 1;
+            } else {
+                health.workers_idle += 1;
+            }
+        }
         health
     }
 
-    /// Hands the oldest queued job to `worker_id`, if any.
+    /// Hands the oldest queued job to the built-in worker `worker_id`, if any.
     pub fn take(&self, worker_id: &str) -> Option<Lease> {
+        self.take_as(worker_id, false)
+    }
+
+    /// Hands up to `max` queued jobs to the external worker `pod`.
+    pub fn take_external(&self, pod: &str, max: usize) -> Vec<Lease> {
+        self.touch(pod);
+        std::iter::from_fn(|| self.take_as(pod, true))
+            .take(max)
+            .collect()
+    }
+
+    fn take_as(&self, worker_id: &str, external: bool) -> Option<Lease> {
         let (mut inner, now) = self.lock_current();
         let inner = &mut *inner;
         while let Some(id) = inner.queue.pop_front() {
@@ -454,6 +509,7 @@ impl Store {
             job.status = JobStatus::InProgress;
             job.started_at = Some(now);
             job.worker_id = Some(worker_id.to_owned());
+            job.external = external;
             job.stop_tx = Some(stop_tx);
             let lease = Lease {
                 job_id: id,
@@ -498,13 +554,26 @@ impl Store {
     /// Records a worker's result. Returns `false` (and changes nothing) when the lease is stale:
     /// the job was cancelled, timed out, expired or retried since it was taken.
     pub fn finish(&self, job_id: &str, attempt: u32, outcome: Outcome) -> bool {
+        self.finish_if(job_id, outcome, |job| job.attempt == attempt) == Finish::Accepted
+    }
+
+    /// `job-done` from an external worker. The SDK does not echo an attempt number, so the
+    /// holder's id decides whether the result is current.
+    pub fn finish_external(&self, pod: &str, job_id: &str, outcome: Outcome) -> Finish {
+        self.touch(pod);
+        self.finish_if(job_id, outcome, |job| {
+            job.external && job.worker_id.as_deref() == Some(pod)
+        })
+    }
+
+    fn finish_if(&self, job_id: &str, outcome: Outcome, current: impl Fn(&Job) -> bool) -> Finish {
         let (mut inner, now) = self.lock_current();
         let inner = &mut *inner;
         let Some(job) = inner.jobs.get_mut(job_id) else {
-            return false;
+            return Finish::NotFound;
         };
-        if job.status != JobStatus::InProgress || job.attempt != attempt {
-            return false;
+        if job.status != JobStatus::InProgress || !current(job) {
+            return Finish::Stale;
         }
         job.stop_tx = None;
         job.finished_at = Some(now);
@@ -523,26 +592,37 @@ impl Store {
         }
         self.send_webhook(job, now);
         self.bump();
-        true
+        Finish::Accepted
     }
 
-    /// Jobs held by `worker_id` that it must abandon (RunPod's `job-stop` answer). Cancelled,
-    /// timed-out and expired jobs all qualify; the built-in worker learns the same through
-    /// [`Lease::stop`] instead.
-    #[allow(dead_code)] // For the external-worker protocol, not wired to a route yet.
-    pub fn jobs_to_stop(&self, worker_id: &str, in_flight: &[String]) -> Vec<String> {
-        let (inner, _) = self.lock_current();
-        in_flight
-            .iter()
-            .filter(|id| match inner.jobs.get(id.as_str()) {
-                None => true,
-                Some(job) => {
-                    job.status != JobStatus::InProgress
-                        || job.worker_id.as_deref() != Some(worker_id)
-                }
-            })
-            .cloned()
-            .collect()
+    /// A `progress_update`: `/status` shows IN_PROGRESS with this value as `output`.
+    pub fn progress_external(&self, pod: &str, job_id: &str, output: Option<Value>) -> Finish {
+        self.touch(pod);
+        let (mut inner, _) = self.lock_current();
+        let Some(job) = inner.jobs.get_mut(job_id) else {
+            return Finish::NotFound;
+        };
+        if job.status != JobStatus::InProgress || job.worker_id.as_deref() != Some(pod) {
+            return Finish::Stale;
+        }
+        job.output = output;
+        drop(inner);
+        self.bump();
+        Finish::Accepted
+    }
+
+    /// Records that an external worker called in (for `/health`'s worker counts).
+    pub fn touch(&self, pod: &str) {
+        let now = Instant::now();
+        self.lock().pods.insert(pod.to_owned(), now);
+    }
+
+    /// Drains the jobs the external worker `pod` must abandon (RunPod's `job-stop` answer):
+    /// cancelled, timed out or expired while it held them.
+    pub fn take_stops(&self, pod: &str) -> Vec<String> {
+        self.touch(pod);
+        let (mut inner, _) = self.lock_current();
+        inner.stops.remove(pod).unwrap_or_default()
     }
 
     /// Applies due deadlines and returns when the next one falls, for the deadline task.
@@ -565,23 +645,29 @@ impl Store {
     fn apply_deadlines(&self, inner: &mut Inner, now: Instant) -> bool {
         let mut changed = false;
         let mut removed = Vec::new();
-        for job in inner.jobs.values_mut() {
+        let Inner {
+            jobs,
+            stops,
+            failed,
+            ..
+        } = inner;
+        for job in jobs.values_mut() {
             if job.status == JobStatus::InProgress {
                 if let Some(started) = job.started_at {
                     let deadline = started + job.execution_timeout;
                     // TTL wins when both fall due: RunPod removes the job outright.
                     if now >= deadline && now < job.submitted_at + job.ttl {
-                        job.signal_stop();
+                        job.signal_stop(stops);
                         job.status = JobStatus::TimedOut;
                         job.finished_at = Some(deadline);
-                        inner.failed += 1;
+                        *failed += 1;
                         self.send_webhook(job, now);
                         changed = true;
                     }
                 }
             }
             if now >= job.removal_deadline(&self.config) {
-                job.signal_stop();
+                job.signal_stop(stops);
                 removed.push(job.id.clone());
             }
         }

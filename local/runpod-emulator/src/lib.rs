@@ -5,7 +5,8 @@
 //!   `purge-queue`, `health`) with RunPod's auth, policy limits, result retention and TTL;
 //! - webhooks in RunPod's shape with its retry policy;
 //! - the volume's S3-compatible API over a local directory (s3s + s3s-fs, SigV4);
-//! - a built-in worker that runs the restore workflow's image nodes on real files;
+//! - a built-in worker that runs the restore workflow's image nodes on real files, and the
+//!   worker protocol (`job-take`, `job-done`, `job-stop`, `ping`) for a real `runpod` SDK worker;
 //! - test controls: [`Emulator`] methods, mirrored under `/_emulator/…` on the API port.
 //!
 //! Facts and their sources: `reference/runpod-platform.md`. Behaviour the reference marks
@@ -20,6 +21,7 @@ mod jobs;
 mod volume;
 mod webhook;
 mod worker;
+mod worker_api;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -59,6 +61,8 @@ pub(crate) struct App {
     store: Arc<Store>,
     faults: Arc<FaultState>,
     hooks: Arc<WebhookDispatcher>,
+    /// Ends long-polls when the emulator stops.
+    shutdown: watch::Receiver<bool>,
 }
 
 /// A running emulator. Dropping it stops the servers and workers (without waiting);
@@ -246,6 +250,7 @@ async fn start(
         store: store.clone(),
         faults: faults.clone(),
         hooks,
+        shutdown: shutdown_rx.clone(),
     });
 
     let mut tasks = Vec::new();

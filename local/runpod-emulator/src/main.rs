@@ -60,6 +60,10 @@ const SETTINGS: &[(&str, &str)] = &[
         "refuse presigned S3 URLs like RunPod: true|false [true]",
     ),
     (
+        "worker-poll-hold-ms",
+        "job-take/job-stop long-poll hold for external workers [55000]",
+    ),
+    (
         "faults",
         "initial faults as JSON, e.g. '{\"webhooks_enabled\":false}'",
     ),
@@ -170,6 +174,7 @@ fn build(settings: &Settings) -> Result<(EmulatorConfig, SocketAddr, SocketAddr)
         ),
         ("min-execution-timeout-ms", &mut c.min_execution_timeout),
         ("min-ttl-ms", &mut c.min_ttl),
+        ("worker-poll-hold-ms", &mut c.worker_poll_hold),
     ] {
         if let Some(v) = settings.millis(name)? {
             *field = v;
@@ -216,6 +221,8 @@ async fn main() -> ExitCode {
         .unwrap_or_else(|| "info".to_owned());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
     let (config, api_addr, s3_addr) = match build(&settings) {

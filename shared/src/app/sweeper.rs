@@ -73,7 +73,11 @@ impl Sweeper {
                 Action::Error => report.errors += 1,
             }
         }
-        tracing::info!(?report, "sweep done");
+        if report.due > 0 {
+            tracing::info!(?report, "sweep done");
+        } else {
+            tracing::debug!(?report, "sweep found nothing due");
+        }
         Ok(report)
     }
 

@@ -149,18 +149,6 @@ impl Harness {
         .await
         .1
     }
-
-    pub async fn wait_terminal(&self, id: &str) -> Value {
-        self.wait_for(id, Duration::from_secs(10), |code, body| {
-            code == StatusCode::OK
-                && matches!(
-                    body["status"].as_str(),
-                    Some("COMPLETED" | "FAILED" | "CANCELLED" | "TIMED_OUT")
-                )
-        })
-        .await
-        .1
-    }
 }
 
 pub async fn decode(response: reqwest::Response) -> (StatusCode, Value) {

@@ -6,6 +6,7 @@ mod common;
 mod api;
 mod controls;
 mod jobs;
+mod sdk_worker;
 mod volume;
 mod webhooks;
 mod worker;

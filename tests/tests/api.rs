@@ -1,0 +1,255 @@
+//! The public API's contract: identity, ownership, validation (a bad job leaves no trace),
+//! listing, idempotency and uploads.
+use std::time::Duration;
+
+use gateway_tests::{jpeg, restore_request, Stack, StatusCode, ALICE, BOB};
+use serde_json::{json, Value};
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+async fn assert_rejected_without_trace(
+    stack: &Stack,
+    status: StatusCode,
+    body: &Value,
+    code: &str,
+) {
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"]["code"], code, "{body}");
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+    assert_eq!(
+        stack.table_items().await,
+        0,
+        "a rejected job wrote to the table"
+    );
+    assert_eq!(
+        stack.queue_depth().await,
+        0,
+        "a rejected job reached the queue"
+    );
+}
+
+#[tokio::test]
+async fn out_of_range_params_are_refused_and_nothing_is_written() {
+    let stack = Stack::start().await;
+    let (status, body) = stack
+        .post_json(
+            ALICE,
+            "/jobs",
+            &restore_request(&jpeg(64, 48), json!({"denoise": 1.5})),
+        )
+        .await;
+    assert_rejected_without_trace(&stack, status, &body, "invalid_params").await;
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("denoise"));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_workflow_is_refused_and_nothing_is_written() {
+    let stack = Stack::start().await;
+    let mut request = restore_request(&jpeg(64, 48), json!({}));
+    request["workflow"] = json!("colorize-everything");
+    let (status, body) = stack.post_json(ALICE, "/jobs", &request).await;
+    assert_rejected_without_trace(&stack, status, &body, "unknown_workflow").await;
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_non_image_input_is_refused_and_nothing_is_written() {
+    let stack = Stack::start().await;
+    let (status, body) = stack
+        .post_json(
+            ALICE,
+            "/jobs",
+            &restore_request(b"%PDF-1.4 definitely not a photo", json!({})),
+        )
+        .await;
+    assert_rejected_without_trace(&stack, status, &body, "invalid_input_image").await;
+    assert!(
+        stack.keys(&stack.uploads_bucket, "").await.is_empty(),
+        "input stored"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn malformed_json_is_refused_and_nothing_is_written() {
+    let stack = Stack::start().await;
+    let (status, body) = stack
+        .post_raw(ALICE, "/jobs", "{\"workflow\": \"restore\", \"params\": {")
+        .await;
+    assert_rejected_without_trace(&stack, status, &body, "invalid_json").await;
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn bad_base64_and_both_inputs_are_refused() {
+    let stack = Stack::start().await;
+    let (status, body) = stack
+        .post_json(
+            ALICE,
+            "/jobs",
+            &json!({"workflow": "restore", "input": {"image_base64": "***"}}),
+        )
+        .await;
+    assert_rejected_without_trace(&stack, status, &body, "invalid_input_image").await;
+    let (status, body) = stack
+        .post_json(
+            ALICE,
+            "/jobs",
+            &json!({"workflow": "restore", "input": {"image_base64": "aGk=", "upload_id": "x"}}),
+        )
+        .await;
+    assert_rejected_without_trace(&stack, status, &body, "invalid_input").await;
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn requests_without_a_valid_token_get_401() {
+    let stack = Stack::start().await;
+    let (status, body) = stack.get("not-a-token", "/jobs").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"]["code"], "unauthorized");
+    let response = stack.http.get(stack.url("/jobs")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn another_owners_job_is_not_found_for_reading_or_cancelling() {
+    let stack = Stack::start().await;
+    let job_id = stack
+        .submit_restore(ALICE, &jpeg(200, 150), json!({"megapixels": 0.02}))
+        .await;
+    let (status, body) = stack.get(BOB, &format!("/jobs/{job_id}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "not_found");
+    let (status, _) = stack
+        .post_json(BOB, &format!("/jobs/{job_id}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    assert_eq!(
+        job["status"], "succeeded",
+        "bob's cancel must not touch alice's job"
+    );
+    let (_, list) = stack.get(BOB, "/jobs").await;
+    assert_eq!(list["jobs"], json!([]));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn listing_is_newest_first_and_paginated() {
+    let stack = Stack::start().await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(
+            stack
+                .submit_restore(ALICE, &jpeg(64, 48), json!({"megapixels": 0.01}))
+                .await,
+        );
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/jobs?limit=2&cursor={c}"),
+            None => "/jobs?limit=2".to_string(),
+        };
+        let (status, page) = stack.get(ALICE, &path).await;
+        assert_eq!(status, StatusCode::OK, "{page}");
+        let jobs = page["jobs"].as_array().unwrap();
+        assert!(jobs.len() <= 2);
+        seen.extend(
+            jobs.iter()
+                .map(|j| j["job_id"].as_str().unwrap().to_string()),
+        );
+        match page["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(seen, ids);
+    let (status, body) = stack
+        .get(BOB, &format!("/jobs?cursor={}", cursor.unwrap_or_default()))
+        .await;
+    assert!(
+        status == StatusCode::OK || status == StatusCode::BAD_REQUEST,
+        "{body}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn an_idempotency_key_returns_the_first_job_instead_of_a_second() {
+    let stack = Stack::start().await;
+    let request = restore_request(&jpeg(64, 48), json!({"megapixels": 0.01}));
+    let send = || {
+        stack
+            .http
+            .post(stack.url("/jobs"))
+            .bearer_auth(ALICE)
+            .header("idempotency-key", "order-42")
+            .json(&request)
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let first: Value = first.json().await.unwrap();
+    let second = send().await.unwrap();
+    assert_eq!(second.status(), StatusCode::OK);
+    let second: Value = second.json().await.unwrap();
+    assert_eq!(first["job_id"], second["job_id"]);
+    let (_, list) = stack.get(ALICE, "/jobs").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_large_photo_goes_through_a_presigned_upload() {
+    let stack = Stack::start().await;
+    let (status, upload) = stack
+        .post_json(ALICE, "/uploads", &json!({"content_type": "image/jpeg"}))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{upload}");
+    let photo = jpeg(800, 600);
+    let put = stack
+        .http
+        .put(upload["url"].as_str().unwrap())
+        .header("content-type", "image/jpeg")
+        .body(photo)
+        .send()
+        .await
+        .unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+
+    let (status, body) = stack
+        .post_json(
+            ALICE,
+            "/jobs",
+            &json!({"workflow": "restore", "params": {"megapixels": 0.1}, "input": {"upload_id": upload["upload_id"]}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job = stack
+        .wait_terminal(ALICE, body["job_id"].as_str().unwrap(), TIMEOUT)
+        .await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    // Bob cannot use Alice's upload.
+    let (status, body) = stack
+        .post_json(
+            BOB,
+            "/jobs",
+            &json!({"workflow": "restore", "input": {"upload_id": upload["upload_id"]}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"]["code"], "unknown_upload");
+    stack.stop().await;
+}
