@@ -127,6 +127,8 @@ pub struct StackOptions {
     /// How often the runner sweeps; long by default so tests see webhooks do the work.
     pub sweep_every: Duration,
     pub extra_env: Vec<(&'static str, String)>,
+    /// Adjusts the emulator's configuration (retention, retry delays, …) before it starts.
+    pub configure_emulator: fn(&mut EmulatorConfig),
 }
 
 impl Default for StackOptions {
@@ -135,6 +137,7 @@ impl Default for StackOptions {
             faults: Faults::default(),
             sweep_every: Duration::from_secs(3600),
             extra_env: Vec::new(),
+            configure_emulator: |_| {},
         }
     }
 }
@@ -161,13 +164,15 @@ impl Stack {
         let sdk = sdk_config(&moto).await;
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let volume_tmp = std::env::temp_dir().join(format!("gateway-test-volume-{id}"));
+        let mut emulator_config = EmulatorConfig {
+            volume_dir: volume_tmp.clone(),
+            faults: options.faults,
+            webhook_retry_delay: Duration::from_millis(200),
+            ..EmulatorConfig::default()
+        };
+        (options.configure_emulator)(&mut emulator_config);
         let emulator = runpod_emulator::spawn(
-            EmulatorConfig {
-                volume_dir: volume_tmp.clone(),
-                faults: options.faults,
-                webhook_retry_delay: Duration::from_millis(200),
-                ..EmulatorConfig::default()
-            },
+            emulator_config,
             SocketAddr::from(([127, 0, 0, 1], 0)),
             SocketAddr::from(([127, 0, 0, 1], 0)),
         )

@@ -1,0 +1,193 @@
+//! The adapters against real protocol servers (moto): what the use cases rely on them for.
+use std::collections::BTreeMap;
+
+use gateway::adapters::dynamodb::{create_table, DynamoJobStore};
+use gateway::adapters::s3::S3ObjectStore;
+use gateway::app::transfer;
+use gateway::domain::job::{ErrorCode, InputRef, Job, JobError, JobTiming, NewJob};
+use gateway::domain::workflow::ValidatedParams;
+use gateway::ports::{JobStore, ObjectStore, StoreError};
+use gateway_tests::{moto_endpoint, sdk_config};
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+async fn store() -> DynamoJobStore {
+    let sdk = sdk_config(&moto_endpoint()).await;
+    let client = aws_sdk_dynamodb::Client::new(&sdk);
+    let table = unique("jobs");
+    create_table(&client, &table).await.unwrap();
+    DynamoJobStore::new(client, table)
+}
+
+fn job(owner: &str, now: i64, first_check_ms: i64) -> Job {
+    Job::new(
+        NewJob {
+            id: uuid::Uuid::now_v7().to_string(),
+            owner: owner.into(),
+            workflow: "restore".into(),
+            workflow_version: "1".into(),
+            params: ValidatedParams(BTreeMap::new()),
+            input: InputRef {
+                key: "inputs/x/input.jpg".into(),
+                content_type: "image/jpeg".into(),
+                size: 1,
+                extension: "jpg".into(),
+            },
+            idempotency_key: None,
+            callback_url: None,
+        },
+        JobTiming {
+            deadline_ms: 3_600_000,
+            first_check_ms,
+            retention_secs: 3_600,
+        },
+        now,
+    )
+}
+
+#[tokio::test]
+async fn a_write_based_on_a_stale_version_is_refused() {
+    let store = store().await;
+    let original = job("alice", 1_000, 60_000);
+    store.create(&original).await.unwrap();
+
+    let mut first = original.clone();
+    first.mark_running(2_000).unwrap();
+    store.save(&first, original.version).await.unwrap();
+
+    let mut second = original.clone();
+    second
+        .fail(JobError::new(ErrorCode::WorkerFailed, "late"), 3_000)
+        .unwrap();
+    assert!(matches!(
+        store.save(&second, original.version).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(store.get(&original.id).await.unwrap().unwrap(), first);
+}
+
+#[tokio::test]
+async fn creating_the_same_job_twice_is_refused() {
+    let store = store().await;
+    let job = job("alice", 1_000, 60_000);
+    store.create(&job).await.unwrap();
+    assert!(store.create(&job).await.is_err());
+}
+
+#[tokio::test]
+async fn the_sweeper_query_reads_only_jobs_that_are_due() {
+    let store = store().await;
+    let now = 10_000_000;
+    for _ in 0..30 {
+        let mut finished = job("alice", now - 50_000, 1_000);
+        finished.succeed(vec![], now - 40_000).unwrap();
+        store.create(&finished).await.unwrap();
+    }
+    let mut due = Vec::new();
+    for _ in 0..5 {
+        let j = job("alice", now - 50_000, 1_000);
+        store.create(&j).await.unwrap();
+        due.push(j.id);
+    }
+    for _ in 0..5 {
+        store.create(&job("alice", now, 60_000)).await.unwrap();
+    }
+
+    let found = store.due_for_check(now, 100).await.unwrap();
+    let mut ids: Vec<_> = found.jobs.iter().map(|j| j.id.clone()).collect();
+    ids.sort();
+    due.sort();
+    assert_eq!(ids, due);
+    assert_eq!(
+        found.items_read, 5,
+        "the sweep read items that were not due"
+    );
+}
+
+#[tokio::test]
+async fn listing_pages_stay_within_one_owner() {
+    let store = store().await;
+    for owner in ["alice", "bob", "alice", "alice"] {
+        store.create(&job(owner, 1_000, 60_000)).await.unwrap();
+    }
+    let page = store.list_by_owner("alice", 2, None).await.unwrap();
+    assert_eq!(page.jobs.len(), 2);
+    let rest = store
+        .list_by_owner("alice", 2, page.cursor.as_deref())
+        .await
+        .unwrap();
+    assert_eq!(rest.jobs.len(), 1);
+    assert!(rest
+        .jobs
+        .iter()
+        .chain(&page.jobs)
+        .all(|j| j.owner == "alice"));
+    assert!(matches!(
+        store.list_by_owner("bob", 2, page.cursor.as_deref()).await,
+        Err(StoreError::Corrupt(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_large_object_is_copied_in_parts_and_arrives_intact() {
+    let sdk = sdk_config(&moto_endpoint()).await;
+    let client = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .build(),
+    );
+    let (from_bucket, to_bucket) = (unique("from"), unique("to"));
+    for bucket in [&from_bucket, &to_bucket] {
+        client.create_bucket().bucket(bucket).send().await.unwrap();
+    }
+    let part = 5 * 1024 * 1024;
+    let from = S3ObjectStore::new(client.clone(), &from_bucket);
+    let to = S3ObjectStore::new(client.clone(), &to_bucket).with_part_size(part);
+    let data: Vec<u8> = (0..(12 * 1024 * 1024 + 123))
+        .map(|i: u32| (i * 31 % 251) as u8)
+        .collect();
+    from.put_bytes("big.bin", data.clone().into(), "application/octet-stream")
+        .await
+        .unwrap();
+
+    let meta = transfer::copy(&from, "big.bin", &to, "copied.bin", Some("image/png"))
+        .await
+        .unwrap();
+    assert_eq!(meta.size, data.len() as u64);
+
+    let out = client
+        .get_object()
+        .bucket(&to_bucket)
+        .key("copied.bin")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.content_type(), Some("image/png"));
+    let etag = out.e_tag().unwrap_or_default().to_string();
+    assert!(etag.contains("-3"), "expected a 3-part upload, etag {etag}");
+    let copied = out.body.collect().await.unwrap().into_bytes();
+    assert!(copied == data, "copied bytes differ");
+}
+
+#[tokio::test]
+async fn a_missing_object_is_reported_as_not_found() {
+    let sdk = sdk_config(&moto_endpoint()).await;
+    let client = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .build(),
+    );
+    let bucket = unique("b");
+    client.create_bucket().bucket(&bucket).send().await.unwrap();
+    let store = S3ObjectStore::new(client, &bucket);
+    assert!(store.head("nope").await.unwrap().is_none());
+    assert!(matches!(
+        store.open("nope").await.map(|_| ()),
+        Err(gateway::ports::ObjectError::NotFound(_))
+    ));
+}
