@@ -276,24 +276,23 @@ impl VolumeConfig {
     }
 }
 
-/// Where RunPod should send webhooks and how their tokens are signed.
+/// Where RunPod should send webhooks: the gateway's public base URL (dispatch only).
+pub fn webhook_base_url_from_env(env: &Env) -> Result<String, ConfigError> {
+    Ok(env
+        .required("WEBHOOK_BASE_URL")?
+        .trim_end_matches('/')
+        .to_string())
+}
+
+/// The keys of per-job webhook tokens.
 #[derive(Clone)]
-pub struct WebhookConfig {
-    /// Public base URL of the gateway, e.g. `https://abc.execute-api.eu-west-1.amazonaws.com`.
-    pub base_url: String,
+pub struct WebhookSecrets {
     pub secret: String,
     /// The secret before the last rotation, still accepted for jobs in flight.
     pub previous_secret: Option<String>,
 }
 
-impl WebhookConfig {
-    pub fn base_url_from_env(env: &Env) -> Result<String, ConfigError> {
-        Ok(env
-            .required("WEBHOOK_BASE_URL")?
-            .trim_end_matches('/')
-            .to_string())
-    }
-
+impl WebhookSecrets {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
         let secret = env.required("WEBHOOK_SECRET")?;
         if secret.len() < 16 {
@@ -303,10 +302,6 @@ impl WebhookConfig {
             });
         }
         Ok(Self {
-            base_url: env
-                .get("WEBHOOK_BASE_URL")
-                .map(|u| u.trim_end_matches('/').to_string())
-                .unwrap_or_default(),
             secret,
             previous_secret: env.get("WEBHOOK_SECRET_PREVIOUS"),
         })

@@ -16,7 +16,8 @@ use crate::app::finalize::Finalizer;
 use crate::app::sweeper::Sweeper;
 use crate::app::webhook::WebhookState;
 use crate::config::{
-    AwsResources, ConfigError, Env, RunPodConfig, Settings, VolumeConfig, WebhookConfig,
+    webhook_base_url_from_env, AwsResources, ConfigError, Env, RunPodConfig, Settings,
+    VolumeConfig, WebhookSecrets,
 };
 use crate::domain::paths::VolumeLayout;
 use crate::domain::token::WebhookSigner;
@@ -109,7 +110,7 @@ impl Wiring {
     }
 
     pub fn signer(&self) -> Result<WebhookSigner, BootError> {
-        let config = WebhookConfig::from_env(&self.env)?;
+        let config = WebhookSecrets::from_env(&self.env)?;
         Ok(WebhookSigner::new(
             config.secret.as_bytes(),
             config.previous_secret.map(String::into_bytes),
@@ -139,7 +140,7 @@ impl Wiring {
             runpod: self.runpod()?,
             catalog: self.catalog.clone(),
             signer: self.signer()?,
-            webhook_base: WebhookConfig::base_url_from_env(&self.env)?,
+            webhook_base: webhook_base_url_from_env(&self.env)?,
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         })
