@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use crate::domain::report::UrlAllowList;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("environment variable {0} is required")]
@@ -13,14 +15,32 @@ pub enum ConfigError {
 
 /// Where configuration comes from: the process environment in Lambda and the local runner, or an
 /// explicit map in tests (several gateways in one test process must not share globals).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Env {
     vars: Option<HashMap<String, String>>,
+    /// Values that win over `vars`: the secrets fetched from Secrets Manager at start-up.
+    secrets: HashMap<String, String>,
+}
+
+impl std::fmt::Debug for Env {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Names only: values include secrets.
+        f.debug_struct("Env")
+            .field("process", &self.vars.is_none())
+            .field("secrets", &self.secrets.keys().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Env {
     pub fn process() -> Self {
-        Self { vars: None }
+        Self::default()
+    }
+
+    /// This environment with secret values laid over it.
+    pub fn with_secrets(mut self, secrets: HashMap<String, String>) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     pub fn from_pairs<K: Into<String>, V: Into<String>>(
@@ -33,10 +53,14 @@ impl Env {
                     .map(|(k, v)| (k.into(), v.into()))
                     .collect(),
             ),
+            secrets: HashMap::new(),
         }
     }
 
     pub fn get(&self, name: &str) -> Option<String> {
+        if let Some(secret) = self.secrets.get(name) {
+            return Some(secret.clone()).filter(|v| !v.trim().is_empty());
+        }
         let value = match &self.vars {
             None => std::env::var(name).ok(),
             Some(map) => map.get(name).cloned(),
@@ -112,6 +136,12 @@ pub struct Settings {
     pub sweep_concurrency: usize,
     pub max_inline_bytes: usize,
     pub max_upload_bytes: u64,
+    /// Hosts a worker's `s3_url` images (worker-comfyui contract) may be fetched from
+    /// (`OUTPUT_URL_ALLOWED_HOSTS`, comma-separated; see [`UrlAllowList`]). Empty: none.
+    pub output_url_allowed_hosts: UrlAllowList,
+    /// Largest output image the gateway stores from a worker-comfyui output, decoded or
+    /// downloaded (`OUTPUT_MAX_IMAGE_BYTES`).
+    pub max_output_image_bytes: u64,
 }
 
 impl Settings {
@@ -132,6 +162,14 @@ impl Settings {
             sweep_concurrency: parsed(env, "SWEEP_CONCURRENCY", 8)?,
             max_inline_bytes: 4 * 1024 * 1024,
             max_upload_bytes: 50 * 1024 * 1024,
+            output_url_allowed_hosts: UrlAllowList::parse(
+                &env.get("OUTPUT_URL_ALLOWED_HOSTS").unwrap_or_default(),
+            )
+            .map_err(|reason| ConfigError::Invalid {
+                name: "OUTPUT_URL_ALLOWED_HOSTS",
+                reason,
+            })?,
+            max_output_image_bytes: parsed(env, "OUTPUT_MAX_IMAGE_BYTES", 50 * 1024 * 1024)?,
         };
         if settings.status_poll_after >= Duration::from_secs(25 * 60)
             || settings.poll_interval >= Duration::from_secs(25 * 60)
@@ -163,6 +201,8 @@ impl Default for Settings {
             sweep_concurrency: 8,
             max_inline_bytes: 4 * 1024 * 1024,
             max_upload_bytes: 50 * 1024 * 1024,
+            output_url_allowed_hosts: UrlAllowList::default(),
+            max_output_image_bytes: 50 * 1024 * 1024,
         }
     }
 }

@@ -1,13 +1,15 @@
 //! Start-up wiring: builds the adapters and use cases from the environment, once per process.
 //! Each function asks only for what it uses, so it reads only the variables it needs and fails
 //! at cold start, not mid-request, when one is missing.
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use aws_config::{BehaviorVersion, SdkConfig};
 
 use crate::adapters::dynamodb::DynamoJobStore;
+use crate::adapters::http_fetch::HttpFetcher;
 use crate::adapters::runpod::{http_client, HttpRunPod};
 use crate::adapters::s3::{aws_client, volume_client, S3ObjectStore};
+use crate::adapters::secrets;
 use crate::adapters::sqs::SqsJobQueue;
 use crate::app::api::identity::IdentitySource;
 use crate::app::api::ApiState;
@@ -32,6 +34,8 @@ pub enum BootError {
     Catalog(String),
     #[error("HTTP client: {0}")]
     Http(String),
+    #[error(transparent)]
+    Secret(#[from] secrets::SecretError),
 }
 
 /// What every function shares: the SDK config (loaded once), settings, clock and catalog.
@@ -42,13 +46,48 @@ pub struct Wiring {
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
     pub catalog: Arc<WorkflowCatalog>,
+    clients: Clients,
+}
+
+/// One client per service per process: each owns a connection pool, and a second one would
+/// mean a second TLS handshake on a cold start.
+#[derive(Clone, Default)]
+struct Clients {
+    dynamodb: Arc<OnceLock<aws_sdk_dynamodb::Client>>,
+    sqs: Arc<OnceLock<aws_sdk_sqs::Client>>,
+    s3: Arc<OnceLock<aws_sdk_s3::Client>>,
+    volume: Arc<OnceLock<aws_sdk_s3::Client>>,
+    http: Arc<OnceLock<reqwest::Client>>,
+}
+
+fn once<T: Clone, E>(cell: &OnceLock<T>, build: impl FnOnce() -> Result<T, E>) -> Result<T, E> {
+    if let Some(value) = cell.get() {
+        return Ok(value.clone());
+    }
+    let value = build()?;
+    Ok(cell.get_or_init(|| value).clone())
 }
 
 impl Wiring {
-    /// From the process environment, with the SDK's own configuration chain.
+    /// From the process environment, with the SDK's own configuration chain, and the secrets
+    /// named by `GATEWAY_SECRET_ARN` when it is set.
     pub async fn from_env() -> Result<Self, BootError> {
         let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
-        Self::new(Env::process(), sdk)
+        Self::with_secrets(Env::process(), sdk).await
+    }
+
+    /// Like [`Wiring::new`], after laying the Secrets Manager secret named by
+    /// `GATEWAY_SECRET_ARN` (if any) over `env`.
+    pub async fn with_secrets(env: Env, sdk: SdkConfig) -> Result<Self, BootError> {
+        let env = match env.get("GATEWAY_SECRET_ARN") {
+            Some(arn) => {
+                let client = aws_sdk_secretsmanager::Client::new(&sdk);
+                let values = secrets::fetch(&client, &arn).await?;
+                env.with_secrets(values)
+            }
+            None => env,
+        };
+        Self::new(env, sdk)
     }
 
     pub fn new(env: Env, sdk: SdkConfig) -> Result<Self, BootError> {
@@ -59,28 +98,37 @@ impl Wiring {
             env,
             clock: Arc::new(SystemClock),
             catalog: Arc::new(catalog),
+            clients: Clients::default(),
         })
     }
 
     pub fn job_store(&self) -> Result<Arc<DynamoJobStore>, BootError> {
+        let client = once(&self.clients.dynamodb, || {
+            Ok::<_, BootError>(aws_sdk_dynamodb::Client::new(&self.sdk))
+        })?;
         Ok(Arc::new(DynamoJobStore::new(
-            aws_sdk_dynamodb::Client::new(&self.sdk),
+            client,
             AwsResources::table_from_env(&self.env)?,
         )))
     }
 
     pub fn queue(&self) -> Result<Arc<SqsJobQueue>, BootError> {
+        let client = once(&self.clients.sqs, || {
+            Ok::<_, BootError>(aws_sdk_sqs::Client::new(&self.sdk))
+        })?;
         Ok(Arc::new(SqsJobQueue::new(
-            aws_sdk_sqs::Client::new(&self.sdk),
+            client,
             AwsResources::queue_from_env(&self.env)?,
         )))
     }
 
     fn s3(&self) -> Result<aws_sdk_s3::Client, BootError> {
-        Ok(aws_client(
-            &self.sdk,
-            AwsResources::s3_force_path_style_from_env(&self.env)?,
-        ))
+        once(&self.clients.s3, || {
+            Ok(aws_client(
+                &self.sdk,
+                AwsResources::s3_force_path_style_from_env(&self.env)?,
+            ))
+        })
     }
 
     pub fn uploads(&self) -> Result<Arc<S3ObjectStore>, BootError> {
@@ -99,13 +147,18 @@ impl Wiring {
 
     pub fn volume(&self) -> Result<(Arc<S3ObjectStore>, VolumeLayout), BootError> {
         let config = VolumeConfig::from_env(&self.env)?;
-        let store = S3ObjectStore::new(volume_client(&config), config.volume_id.clone());
+        let client = once(&self.clients.volume, || {
+            Ok::<_, BootError>(volume_client(&config))
+        })?;
+        let store = S3ObjectStore::new(client, config.volume_id.clone());
         Ok((Arc::new(store), VolumeLayout::new(config.mount_prefixes)))
     }
 
     pub fn runpod(&self) -> Result<Arc<HttpRunPod>, BootError> {
         let config = RunPodConfig::from_env(&self.env)?;
-        let http = http_client(&config).map_err(|e| BootError::Http(e.to_string()))?;
+        let http = once(&self.clients.http, || {
+            http_client(&config).map_err(|e| BootError::Http(e.to_string()))
+        })?;
         Ok(Arc::new(HttpRunPod::new(http, &config)))
     }
 
@@ -148,11 +201,14 @@ impl Wiring {
 
     pub fn finalizer(&self) -> Result<Finalizer, BootError> {
         let (volume, layout) = self.volume()?;
+        let http = HttpFetcher::client().map_err(|e| BootError::Http(e.to_string()))?;
         Ok(Finalizer {
             store: self.job_store()?,
             volume,
             results: self.results()?,
             layout,
+            catalog: self.catalog.clone(),
+            fetcher: Arc::new(HttpFetcher::new(http)),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         })

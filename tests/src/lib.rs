@@ -143,6 +143,8 @@ impl Default for StackOptions {
 }
 
 pub struct Stack {
+    /// The gateway's configuration, as the runner got it.
+    pub env: Env,
     pub emulator: Emulator,
     pub runner: Runner,
     pub sdk: SdkConfig,
@@ -210,7 +212,8 @@ impl Stack {
             ("JOB_REQUEUE_AFTER_SECS", "5".into()),
         ];
         vars.extend(options.extra_env);
-        let wiring = Wiring::new(Env::from_pairs(vars), sdk.clone()).expect("wire the gateway");
+        let env = Env::from_pairs(vars);
+        let wiring = Wiring::new(env.clone(), sdk.clone()).expect("wire the gateway");
         let runner = local_runner::start_on(
             listener,
             wiring,
@@ -223,6 +226,7 @@ impl Stack {
         .await
         .expect("start the local runner");
         Self {
+            env,
             emulator,
             runner,
             sdk,
@@ -233,6 +237,11 @@ impl Stack {
             http: reqwest::Client::new(),
             volume_tmp,
         }
+    }
+
+    /// The same wiring the runner uses, to call a function's handler directly.
+    pub fn wiring(&self) -> Wiring {
+        Wiring::new(self.env.clone(), self.sdk.clone()).expect("wire the gateway")
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -467,4 +476,233 @@ pub fn jpeg(width: u32, height: u32) -> Vec<u8> {
         )
         .unwrap();
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// The real `runpod` Python SDK, from the repo's .venv
+// ---------------------------------------------------------------------------------------------
+
+/// The repo's virtualenv Python (scripts/bootstrap installs `runpod` and Pillow into it).
+pub fn venv_python() -> PathBuf {
+    let python = repo_root().join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: run scripts/bootstrap (scripts/test does it for you)",
+        python.display()
+    );
+    python
+}
+
+/// `tests/python/`: the handlers and helper scripts the SDK tests run.
+pub fn python_dir() -> PathBuf {
+    repo_root().join("tests/python")
+}
+
+/// A stock `runpod` SDK worker (`runpod.serverless.start`) in a child process, serving one of
+/// the handlers in `tests/python/` against the emulator's worker protocol (job-take, job-done,
+/// progress, job-stop, ping), as a worker on RunPod would.
+///
+/// The process dies with the test: it is killed (its whole process group, heartbeat process
+/// included) on drop, and `PR_SET_PDEATHSIG` kills it if the test process dies first. The
+/// handlers arm the same signal in every process they fork.
+pub struct SdkWorker {
+    /// The worker id (`RUNPOD_POD_ID`) it uses in the protocol's URLs.
+    pub pod_id: String,
+    pid: i32,
+    dir: PathBuf,
+    waiter: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SdkWorker {
+    /// Starts `tests/python/<handler>` as an SDK worker of `emulator`. `env` adds or overrides
+    /// variables (e.g. `HANDLER_DELAY_SECS`). Run the emulator with `builtin_worker = false` so
+    /// this worker gets the jobs.
+    pub fn start(emulator: &Emulator, handler: &str, env: &[(&str, String)]) -> Self {
+        let python = venv_python();
+        let script = python_dir().join(handler);
+        assert!(script.exists(), "{} is missing", script.display());
+        let pod_id = format!("sdk-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+        // HOME without .runpod/config.toml (its api_key would override ours), and the cwd for
+        // anything the SDK writes locally.
+        let dir = std::env::temp_dir().join(format!("gateway-test-{pod_id}"));
+        std::fs::create_dir_all(&dir).expect("worker dir");
+        let log = std::fs::File::create(dir.join("worker.log")).expect("worker log");
+        let base = emulator.endpoint_url();
+        // The SDK appends `&job_in_progress=…`, `&isStream=…`: the templates carry a `?` already.
+        let mut vars: Vec<(&str, String)> = vec![
+            ("PATH", std::env::var("PATH").unwrap_or_default()),
+            ("LANG", "C.UTF-8".into()),
+            ("HOME", dir.display().to_string()),
+            ("PYTHONUNBUFFERED", "1".into()),
+            ("PYTHONDONTWRITEBYTECODE", "1".into()),
+            (
+                "RUNPOD_WEBHOOK_GET_JOB",
+                format!("{base}/job-take/$ID?gpu=SIM"),
+            ),
+            (
+                "RUNPOD_WEBHOOK_POST_OUTPUT",
+                format!("{base}/job-done/$RUNPOD_POD_ID/$ID?gpu=SIM"),
+            ),
+            (
+                "RUNPOD_WEBHOOK_POST_STREAM",
+                format!("{base}/job-stream/$RUNPOD_POD_ID/$ID?gpu=SIM"),
+            ),
+            (
+                "RUNPOD_WEBHOOK_PING",
+                format!("{base}/ping/$RUNPOD_POD_ID?gpu=SIM"),
+            ),
+            ("RUNPOD_PING_INTERVAL", "2000".into()),
+            ("RUNPOD_POD_ID", pod_id.clone()),
+            ("RUNPOD_AI_API_KEY", emulator.api_key.clone()),
+            // Offline: the fitness checks' 8.8.8.8 probe would os._exit(1) the worker.
+            ("RUNPOD_SKIP_AUTO_SYSTEM_CHECKS", "true".into()),
+            ("RUNPOD_SKIP_GPU_CHECK", "true".into()),
+            ("RUNPOD_LOG_LEVEL", "INFO".into()),
+            (
+                "RUNPOD_VOLUME_DIR",
+                emulator.volume_dir.display().to_string(),
+            ),
+            ("RUNPOD_VOLUME_MOUNT", emulator.mount_prefix.clone()),
+        ];
+        for (name, value) in env {
+            vars.retain(|(existing, _)| existing != name);
+            vars.push((name, value.clone()));
+        }
+        let mut command = Command::new(python);
+        command
+            .arg(&script)
+            .current_dir(&dir)
+            .env_clear()
+            .envs(vars)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log);
+        {
+            use std::os::unix::process::CommandExt;
+            // Its own process group, so drop can kill the heartbeat process too.
+            command.process_group(0);
+            unsafe {
+                command.pre_exec(|| {
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    Ok(())
+                });
+            }
+        }
+        // PR_SET_PDEATHSIG fires when the thread that forked exits: fork from a thread that
+        // lives exactly as long as the child (it waits for it).
+        let (sender, receiver) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || match command.spawn() {
+            Ok(mut child) => {
+                let _ = sender.send(Ok(child.id()));
+                let _ = child.wait();
+            }
+            Err(err) => {
+                let _ = sender.send(Err(err));
+            }
+        });
+        let pid = receiver
+            .recv_timeout(Duration::from_secs(10))
+            .expect("worker launcher thread")
+            .expect("start the SDK worker");
+        Self {
+            pod_id,
+            pid: pid as i32,
+            dir,
+            waiter: Some(waiter),
+        }
+    }
+
+    /// Everything the worker printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("worker.log")).unwrap_or_default()
+    }
+
+    /// Waits until the worker is polling the emulator (its heartbeat arrived), or panics.
+    pub async fn wait_ready(&self, emulator: &Emulator, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !emulator
+            .worker_calls()
+            .iter()
+            .any(|call| call.pod == self.pod_id)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the SDK worker never called the emulator; its log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for SdkWorker {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(-self.pid, libc::SIGKILL);
+            libc::kill(self.pid, libc::SIGKILL);
+        }
+        if let Some(waiter) = self.waiter.take() {
+            let _ = waiter.join();
+        }
+        if std::thread::panicking() {
+            eprintln!("---- SDK worker {} log ----\n{}", self.pod_id, self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `tests/python/<script>` with the venv's Python and `env`, killing it after `timeout`.
+/// Returns (exit success, stdout, stderr).
+pub async fn run_python(
+    script: &str,
+    env: &[(&str, String)],
+    timeout: Duration,
+) -> (bool, String, String) {
+    let mut command = tokio::process::Command::new(venv_python());
+    command
+        .arg(python_dir().join(script))
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        // Everything it calls is on loopback; an ambient proxy must not capture it.
+        .env("NO_PROXY", "*")
+        .env("no_proxy", "*")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = command.spawn().expect("start python");
+    match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(output) => {
+            let output = output.expect("python output");
+            (
+                output.status.success(),
+                String::from_utf8_lossy(&output.stdout).into_owned(),
+                String::from_utf8_lossy(&output.stderr).into_owned(),
+            )
+        }
+        Err(_) => panic!("{script} did not finish within {timeout:?}"),
+    }
+}
+
+impl Stack {
+    /// A real SDK worker serving this stack's emulator (start the stack with the built-in
+    /// worker off: `configure_emulator: |c| c.builtin_worker = false`).
+    pub fn sdk_worker(&self, handler: &str, env: &[(&str, String)]) -> SdkWorker {
+        SdkWorker::start(&self.emulator, handler, env)
+    }
+
+    /// Submits a job of any workflow with an inline image; returns the job id.
+    pub async fn submit_workflow(
+        &self,
+        token: &str,
+        workflow: &str,
+        image: &[u8],
+        params: Value,
+    ) -> String {
+        let mut request = restore_request(image, params);
+        request["workflow"] = Value::String(workflow.to_string());
+        let (status, body) = self.post_json(token, "/jobs", &request).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "submit failed: {body}");
+        body["job_id"].as_str().unwrap().to_string()
+    }
 }

@@ -22,7 +22,20 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/_emulator/webhooks/{job_id}/redeliver", post(redeliver))
         .route("/_emulator/jobs", get(jobs))
         .route("/_emulator/jobs/{job_id}", get(job))
+        .route("/_emulator/worker-calls", get(worker_calls))
         .with_state(app)
+}
+
+/// Every answered call of an external worker, oldest first; `?pod=` narrows to one worker.
+async fn worker_calls(
+    State(app): State<Arc<App>>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let mut calls = app.worker_log.calls();
+    if let Some(pod) = query.get("pod") {
+        calls.retain(|call| &call.pod == pod);
+    }
+    Json(calls).into_response()
 }
 
 async fn get_faults(State(app): State<Arc<App>>) -> Response {

@@ -48,8 +48,14 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn job_not_found() -> Response {
-    error(StatusCode::NOT_FOUND, "job not found")
+/// The 404 for an unknown, expired or purged job; its body is UNCONFIRMED
+/// (`EmulatorConfig::job_not_found_body`).
+fn job_not_found(app: &App) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        Json(app.config.job_not_found_body.clone()),
+    )
+        .into_response()
 }
 
 pub(crate) fn router(app: Arc<App>) -> Router {
@@ -127,7 +133,7 @@ async fn runsync(
     loop {
         changes.borrow_and_update();
         let Some(current) = app.store.get(&job.id) else {
-            return job_not_found();
+            return job_not_found(&app);
         };
         if current.status.is_terminal() {
             return Json(current.status_body()).into_response();
@@ -137,7 +143,7 @@ async fn runsync(
             // Out of time (or shutting down): the non-final status, as RunPod does.
             return match app.store.get(&job.id) {
                 Some(current) => Json(current.status_body()).into_response(),
-                None => job_not_found(),
+                None => job_not_found(&app),
             };
         }
     }
@@ -148,6 +154,14 @@ async fn submit(app: &App, body: Body, sync: bool) -> Result<crate::JobSnapshot,
     if let Some(status) = app.faults.take_run_failure() {
         let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         return Err(ApiError::new(code, format!("injected fault: {status}")));
+    }
+    if let Some(limit) = app.faults.get().run_queue_limit {
+        if app.store.queued() as u64 > limit {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!("more than {limit} jobs in the queue"),
+            ));
+        }
     }
     let limit = if sync {
         RUNSYNC_BODY_LIMIT
@@ -241,7 +255,7 @@ async fn status(
 ) -> Response {
     match app.store.get(&job_id) {
         Some(job) => Json(job.status_body()).into_response(),
-        None => job_not_found(),
+        None => job_not_found(&app),
     }
 }
 
@@ -251,14 +265,14 @@ async fn cancel(
 ) -> Response {
     match app.store.cancel(&job_id) {
         Some(status) => Json(json!({ "id": job_id, "status": status })).into_response(),
-        None => job_not_found(),
+        None => job_not_found(&app),
     }
 }
 
 async fn retry(State(app): State<Arc<App>>, Path((_, job_id)): Path<(String, String)>) -> Response {
     match app.store.retry(&job_id) {
         Ok(status) => Json(json!({ "id": job_id, "status": status })).into_response(),
-        Err(RetryError::NotFound) => job_not_found(),
+        Err(RetryError::NotFound) => job_not_found(&app),
         Err(RetryError::NotRetryable(status)) => error(
             StatusCode::BAD_REQUEST,
             format!(

@@ -37,20 +37,29 @@ fn class_type(node: &Value) -> &str {
     node.get("class_type").and_then(Value::as_str).unwrap_or("")
 }
 
-/// Runs the workflow in `input.workflow_api` and returns the seed handler's output contract:
-/// `{"prompt_id", "files": [absolute paths under mount_prefix], "file_count"}`.
+/// Runs the workflow of a job and answers in the output contract of the worker image its input
+/// is written for, as two different worker images on RunPod would:
+///
+/// - `{"workflow_api": …}` (the seed's handler): outputs are written on the volume and reported as
+///   `{"prompt_id", "files": [absolute paths under mount_prefix], "file_count"}`;
+/// - `{"workflow": …}` (runpod-workers/worker-comfyui): outputs stay off the volume (in ComfyUI's
+///   own output folder) and come back inline as
+///   `{"images": [{"filename", "type": "base64", "data"}]}`.
+///
+/// Either way the LoadImage input is read from the volume.
 pub(crate) fn execute(
     input: &Value,
     volume_dir: &Path,
     mount_prefix: &str,
 ) -> Result<Value, String> {
-    let workflow = input
-        .get("workflow_api")
-        .or_else(|| input.get("workflow"))
-        .ok_or("Missing 'workflow_api' parameter")?;
+    let (workflow, inline) = match (input.get("workflow_api"), input.get("workflow")) {
+        (Some(workflow), _) => (workflow, false),
+        (None, Some(workflow)) => (workflow, true),
+        (None, None) => return Err("Missing 'workflow_api' parameter".to_owned()),
+    };
     let nodes = workflow
         .as_object()
-        .ok_or("'workflow_api' must be an object of nodes in ComfyUI API format")?;
+        .ok_or("the workflow must be an object of nodes in ComfyUI API format")?;
     for (id, node) in nodes {
         if node.get("class_type").and_then(Value::as_str).is_none() {
             return Err(format!("node {id}: missing 'class_type'"));
@@ -76,10 +85,25 @@ pub(crate) fn execute(
         mount_prefix: mount_prefix.trim_end_matches('/'),
         images: HashMap::new(),
         files: Vec::new(),
+        inline: inline.then(Vec::new),
     };
     for id in &order {
         let image = run.node(nodes, id)?;
         run.images.insert(id.clone(), image);
+    }
+    if let Some(saved) = run.inline {
+        use base64::Engine as _;
+        let images: Vec<Value> = saved
+            .into_iter()
+            .map(|(filename, png)| {
+                json!({
+                    "filename": filename,
+                    "type": "base64",
+                    "data": base64::engine::general_purpose::STANDARD.encode(png),
+                })
+            })
+            .collect();
+        return Ok(json!({ "images": images }));
     }
     let files = run.files;
     Ok(json!({
@@ -151,6 +175,8 @@ struct Run<'a> {
     mount_prefix: &'a str,
     images: HashMap<String, Option<Rc<DynamicImage>>>,
     files: Vec<String>,
+    /// worker-comfyui mode: saved images as (file name, PNG bytes), kept off the volume.
+    inline: Option<Vec<(String, Vec<u8>)>>,
 }
 
 impl Run<'_> {
@@ -246,9 +272,18 @@ impl Run<'_> {
 
     /// ComfyUI's SaveImage naming: `<prefix>_<counter:05>_.png`, the counter one above the
     /// highest already present for that prefix.
-    fn save(&self, image: &DynamicImage, prefix: &str) -> Result<String, String> {
+    fn save(&mut self, image: &DynamicImage, prefix: &str) -> Result<String, String> {
         let mut parts = relative_parts(prefix)?;
         let base = parts.pop().ok_or("empty filename_prefix")?;
+        if let Some(saved) = self.inline.as_mut() {
+            let file_name = format!("{base}_{:05}_.png", saved.len() + 1);
+            let mut png = std::io::Cursor::new(Vec::new());
+            DynamicImage::ImageRgb8(image.to_rgb8())
+                .write_to(&mut png, ImageFormat::Png)
+                .map_err(|e| format!("cannot encode {file_name}: {e}"))?;
+            saved.push((file_name.clone(), png.into_inner()));
+            return Ok(file_name);
+        }
         let mut dir = self.volume_dir.to_path_buf();
         dir.extend(&parts);
         std::fs::create_dir_all(&dir)

@@ -65,6 +65,20 @@ pub struct EmulatorConfig {
     /// How long `job-take` and `job-stop` hold an external worker's long-poll before answering
     /// 204 (reference §4.3: about 60 s, under the SDK's 90 s client timeout).
     pub worker_poll_hold: Duration,
+    /// UNCONFIRMED (reference §1.6, §8): the server-side limit on a `job-done` body. Above it
+    /// the POST gets 400 and the job ends COMPLETED without output, the symptom users report
+    /// (runpod-python#309). Default 20 MB, the documented `/runsync` payload limit.
+    pub job_done_max_bytes: usize,
+    /// UNCONFIRMED (reference §1.3, §8): how a `/run` body's `s3Config` reaches the worker.
+    /// `Some(key)`: as `job[key]` in the job-take answer (default `"s3Config"`, the likely
+    /// name); `None`: not at all.
+    pub s3_config_job_key: Option<String>,
+    /// UNCONFIRMED (reference §1.9, §8): the suffix of job ids (`-e1`, `-u1`, …); ids are opaque
+    /// to clients either way. `/runsync` ids also get the documented `sync-` prefix.
+    pub job_id_suffix: String,
+    /// UNCONFIRMED (reference §1.5, §8): the body of a 404 for an unknown, expired or purged
+    /// job (sent as JSON).
+    pub job_not_found_body: serde_json::Value,
 }
 
 impl Default for EmulatorConfig {
@@ -90,6 +104,10 @@ impl Default for EmulatorConfig {
             builtin_worker: true,
             s3_reject_presigned: true,
             worker_poll_hold: Duration::from_secs(55),
+            job_done_max_bytes: 20 * 1024 * 1024,
+            s3_config_job_key: Some("s3Config".to_owned()),
+            job_id_suffix: "-e1".to_owned(),
+            job_not_found_body: serde_json::json!({ "error": "job not found" }),
         }
     }
 }
@@ -125,6 +143,13 @@ pub struct Faults {
     pub webhook_success_only_200: bool,
     /// UNCONFIRMED: `/runsync` honours the `webhook` field like `/run` does.
     pub webhook_on_runsync: bool,
+    /// UNCONFIRMED: the webhook's `Content-Type` header; empty sends none.
+    pub webhook_content_type: String,
+    /// UNCONFIRMED: the webhook payload carries `workerId` (the worker that ran the job).
+    pub webhook_worker_id: bool,
+    /// UNCONFIRMED (historical docs, reference §1.7): `/run` and `/runsync` answer 429 while
+    /// more than this many jobs are queued. `None`: no queue-size limit.
+    pub run_queue_limit: Option<u64>,
 }
 
 impl Default for Faults {
@@ -141,6 +166,9 @@ impl Default for Faults {
             webhook_on_cancelled: false,
             webhook_success_only_200: true,
             webhook_on_runsync: true,
+            webhook_content_type: "application/json".to_owned(),
+            webhook_worker_id: false,
+            run_queue_limit: None,
         }
     }
 }

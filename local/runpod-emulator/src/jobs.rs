@@ -331,10 +331,11 @@ impl Store {
     }
 
     pub(crate) fn submit(&self, new: NewJob) -> JobSnapshot {
+        let suffix = &self.config.job_id_suffix;
         let id = if new.sync {
-            format!("sync-{}-e1", uuid::Uuid::new_v4())
+            format!("sync-{}{suffix}", uuid::Uuid::new_v4())
         } else {
-            format!("{}-e1", uuid::Uuid::new_v4())
+            format!("{}{suffix}", uuid::Uuid::new_v4())
         };
         let (mut inner, now) = self.lock_current();
         let job = Job {
@@ -364,6 +365,16 @@ impl Store {
         drop(inner);
         self.bump();
         snapshot
+    }
+
+    /// Jobs waiting for a worker.
+    pub(crate) fn queued(&self) -> usize {
+        let (inner, _) = self.lock_current();
+        inner
+            .jobs
+            .values()
+            .filter(|job| job.status == JobStatus::InQueue)
+            .count()
     }
 
     pub(crate) fn get(&self, id: &str) -> Option<JobSnapshot> {
@@ -698,7 +709,7 @@ impl Store {
             JobStatus::InQueue | JobStatus::InProgress => false,
         };
         if fires {
-            let payload = crate::webhook::payload(&job.snapshot(now), url);
+            let payload = crate::webhook::payload(&job.snapshot(now), url, &faults);
             self.hooks.dispatch(&job.id, url, &payload, &faults);
         }
     }

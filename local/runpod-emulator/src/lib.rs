@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 pub use config::{EmulatorConfig, Faults};
 pub use jobs::{JobSnapshot, JobStatus};
 pub use webhook::WebhookAttempt;
+pub use worker_api::WorkerCall;
 
 use faults::FaultState;
 use jobs::Store;
@@ -61,6 +62,8 @@ pub(crate) struct App {
     store: Arc<Store>,
     faults: Arc<FaultState>,
     hooks: Arc<WebhookDispatcher>,
+    /// What external workers asked and were told.
+    worker_log: worker_api::WorkerLog,
     /// Ends long-polls when the emulator stops.
     shutdown: watch::Receiver<bool>,
 }
@@ -114,6 +117,12 @@ impl Emulator {
     /// off, so a test can make a suppressed webhook arrive late.
     pub async fn redeliver_webhook(&self, job_id: &str) -> Option<WebhookAttempt> {
         self.app.hooks.redeliver(job_id).await
+    }
+
+    /// Every answered call of an external (SDK) worker so far, oldest first: job-take,
+    /// job-done, progress, job-stop, ping.
+    pub fn worker_calls(&self) -> Vec<WorkerCall> {
+        self.app.worker_log.calls()
     }
 
     /// The job as the platform sees it now; `None` once it is unknown, expired or purged.
@@ -250,6 +259,7 @@ async fn start(
         store: store.clone(),
         faults: faults.clone(),
         hooks,
+        worker_log: worker_api::WorkerLog::default(),
         shutdown: shutdown_rx.clone(),
     });
 

@@ -64,6 +64,15 @@ const SETTINGS: &[(&str, &str)] = &[
         "job-take/job-stop long-poll hold for external workers [55000]",
     ),
     (
+        "job-done-max-bytes",
+        "UNCONFIRMED: largest job-done body; above it 400 + COMPLETED without output [20971520]",
+    ),
+    (
+        "s3-config-job-key",
+        "UNCONFIRMED: job key carrying s3Config to workers; 'none' drops it [s3Config]",
+    ),
+    ("job-id-suffix", "UNCONFIRMED: suffix of job ids [-e1]"),
+    (
         "faults",
         "initial faults as JSON, e.g. '{\"webhooks_enabled\":false}'",
     ),
@@ -194,6 +203,15 @@ fn build(settings: &Settings) -> Result<(EmulatorConfig, SocketAddr, SocketAddr)
     }
     if let Some(v) = settings.get("worker-concurrency")? {
         c.worker_concurrency = v;
+    }
+    if let Some(v) = settings.get("job-done-max-bytes")? {
+        c.job_done_max_bytes = v;
+    }
+    if let Some(v) = settings.raw("s3-config-job-key") {
+        c.s3_config_job_key = (!v.eq_ignore_ascii_case("none")).then_some(v);
+    }
+    if let Some(v) = settings.raw("job-id-suffix") {
+        c.job_id_suffix = v;
     }
     if let Some(json) = settings.raw("faults") {
         c.faults = serde_json::from_str::<Faults>(&json).map_err(|e| format!("--faults: {e}"))?;

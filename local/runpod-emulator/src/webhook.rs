@@ -36,7 +36,7 @@ pub struct WebhookAttempt {
 /// RunPod's webhook body as captured in runpod-python#409: the `/status` fields plus the full
 /// original `input` and the `webhook` URL. serde_json's default map keeps keys sorted, which is
 /// also the order RunPod sends.
-pub(crate) fn payload(job: &JobSnapshot, url: &str) -> Value {
+pub(crate) fn payload(job: &JobSnapshot, url: &str, faults: &Faults) -> Value {
     let mut body = Map::new();
     body.insert("delayTime".into(), json!(job.delay_time_ms));
     body.insert("executionTime".into(), json!(job.execution_time_ms));
@@ -49,6 +49,9 @@ pub(crate) fn payload(job: &JobSnapshot, url: &str) -> Value {
     body.insert("webhook".into(), json!(url));
     if let Some(error) = &job.error {
         body.insert("error".into(), json!(error));
+    }
+    if let (true, Some(worker)) = (faults.webhook_worker_id, &job.worker_id) {
+        body.insert("workerId".into(), json!(worker));
     }
     Value::Object(body)
 }
@@ -192,17 +195,16 @@ impl WebhookDispatcher {
         sent: &Sent,
         redelivery: bool,
     ) -> WebhookAttempt {
-        let only_200 = self.faults.get().webhook_success_only_200;
+        let faults = self.faults.get();
+        let only_200 = faults.webhook_success_only_200;
         let sent_at_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-        let result = self
-            .client
-            .post(&sent.url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(sent.body.clone())
-            .send()
-            .await;
+        let mut request = self.client.post(&sent.url).body(sent.body.clone());
+        if !faults.webhook_content_type.is_empty() {
+            request = request.header(reqwest::header::CONTENT_TYPE, &faults.webhook_content_type);
+        }
+        let result = request.send().await;
         let (status, error) = match result {
             Ok(response) => {
                 let status = response.status().as_u16();

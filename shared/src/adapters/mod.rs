@@ -1,5 +1,7 @@
 //! Implementations of the ports against real services.
 pub mod dynamodb;
+pub mod http_fetch;
 pub mod runpod;
 pub mod s3;
+pub mod secrets;
 pub mod sqs;

@@ -342,6 +342,21 @@ impl ObjectStore for S3ObjectStore {
             .map_err(|e| classify(key, e))
     }
 
+    async fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        match self
+            .client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify(key, e))
+        {
+            Ok(_) | Err(ObjectError::NotFound(_)) => Ok(()),
+            Err(err) => Err(err),
+        }
+    }
+
     async fn presign_put(
         &self,
         key: &str,

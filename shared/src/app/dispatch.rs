@@ -190,8 +190,12 @@ impl Dispatcher {
             workflow.name()
         );
         let graph = workflow.render(&job.params, &input_key, &output_prefix);
+        // The graph under the key the workflow's worker reads; the input image stays on the
+        // volume (LoadImage names its key), so RunPod's echoed input stays small.
+        let mut input = serde_json::Map::new();
+        input.insert(workflow.output_contract().input_key().to_string(), graph);
         let request = RunRequest {
-            input: serde_json::json!({ "workflow_api": graph }),
+            input: serde_json::Value::Object(input),
             webhook: Some(self.webhook_url(&job.id)),
             policy: RunPolicy {
                 execution_timeout: self.settings.execution_timeout.as_millis() as u64,

@@ -73,11 +73,19 @@ impl Sweeper {
                 Action::Error => report.errors += 1,
             }
         }
-        if report.due > 0 {
-            tracing::info!(?report, "sweep done");
-        } else {
-            tracing::debug!(?report, "sweep found nothing due");
-        }
+        // One line per sweep with every count as its own JSON field: the template's metric
+        // filters read `timed_out` and `errors` from it (`{ $.errors > 0 }`).
+        tracing::info!(
+            items_read = report.items_read,
+            due = report.due,
+            requeued = report.requeued,
+            polled = report.polled,
+            finished = report.finished,
+            timed_out = report.timed_out,
+            skipped = report.skipped,
+            errors = report.errors,
+            "sweep done"
+        );
         Ok(report)
     }
 

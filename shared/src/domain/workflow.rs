@@ -13,11 +13,18 @@ use serde_json::{Map, Number, Value};
 
 /// The workflows shipped in `workflows/`: (label, manifest, workflow). Adding one is a data change
 /// plus a line here; `every_manifest_in_the_folder_is_builtin` fails until the line is added.
-const BUILTIN: &[(&str, &str, &str)] = &[(
-    "workflows/restore.manifest.json",
-    include_str!("../../../workflows/restore.manifest.json"),
-    include_str!("../../../workflows/restore.json"),
-)];
+const BUILTIN: &[(&str, &str, &str)] = &[
+    (
+        "workflows/restore.manifest.json",
+        include_str!("../../../workflows/restore.manifest.json"),
+        include_str!("../../../workflows/restore.json"),
+    ),
+    (
+        "workflows/restore-comfyui.manifest.json",
+        include_str!("../../../workflows/restore-comfyui.manifest.json"),
+        include_str!("../../../workflows/restore-comfyui.json"),
+    ),
+];
 
 /// The keyword a manifest uses for "pick a value per job"; only integer parameters accept it.
 const RANDOM: &str = "random";
@@ -26,9 +33,24 @@ const RANDOM: &str = "random";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OutputContract {
-    /// The handler writes files on the network volume and returns their absolute paths
-    /// (`{"prompt_id", "files", "file_count"}`).
+    /// The seed's handler: input `{"workflow_api": graph}`; it writes files on the network
+    /// volume and returns their absolute paths (`{"prompt_id", "files", "file_count"}`).
     VolumeFiles,
+    /// The stock runpod-workers/worker-comfyui image: input `{"workflow": graph}`; it returns
+    /// the images in the job output, `{"images": [{"filename", "type": "base64" | "s3_url",
+    /// "data"}]}` (base64 bytes, or a URL to fetch).
+    WorkerComfyui,
+}
+
+impl OutputContract {
+    /// The key of the job input that carries the rendered graph, as the worker expects it.
+    /// Nothing else goes into the input: images travel through the volume, never as base64.
+    pub fn input_key(self) -> &'static str {
+        match self {
+            Self::VolumeFiles => "workflow_api",
+            Self::WorkerComfyui => "workflow",
+        }
+    }
 }
 
 /// Where a value goes in the graph: `graph[node].inputs[input]`.
@@ -681,12 +703,30 @@ mod tests {
     #[test]
     fn builtin_has_restore_with_its_contract() {
         let catalog = WorkflowCatalog::builtin().unwrap();
-        assert_eq!(catalog.names(), vec!["restore"]);
+        assert_eq!(catalog.names(), vec!["restore", "restore-comfyui"]);
         let wf = catalog.get("restore").unwrap();
         assert_eq!(wf.name(), "restore");
         assert_eq!(wf.version(), "1");
         assert_eq!(wf.output_contract(), OutputContract::VolumeFiles);
+        assert_eq!(wf.output_contract().input_key(), "workflow_api");
         assert!(catalog.get("nope").is_none());
+    }
+
+    #[test]
+    fn builtin_restore_comfyui_is_the_same_graph_under_the_worker_comfyui_contract() {
+        let catalog = WorkflowCatalog::builtin().unwrap();
+        let comfy = catalog.get("restore-comfyui").unwrap();
+        assert_eq!(comfy.output_contract(), OutputContract::WorkerComfyui);
+        assert_eq!(comfy.output_contract().input_key(), "workflow");
+        let restore = catalog.get("restore").unwrap();
+        assert_eq!(comfy.params(), restore.params());
+        let p = restore.validate(&Map::new(), &mut rng()).unwrap();
+        assert_eq!(
+            comfy.render(&p, "inputs/j/input.jpg", "outputs/j/x"),
+            restore.render(&p, "inputs/j/input.jpg", "outputs/j/x")
+        );
+        let contract: OutputContract = serde_json::from_value(json!("worker_comfyui")).unwrap();
+        assert_eq!(contract, OutputContract::WorkerComfyui);
     }
 
     #[test]

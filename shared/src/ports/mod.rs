@@ -143,6 +143,35 @@ pub trait ObjectStore: Send + Sync {
         content_type: &str,
         expires_in: Duration,
     ) -> Result<PresignedRequest, ObjectError>;
+    /// Removes one object; removing an absent one is not an error.
+    async fn delete(&self, key: &str) -> Result<(), ObjectError>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fetching a worker's output from a URL (worker-comfyui `s3_url` images)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Timeouts, connection errors, 429 and 5xx: worth trying again later.
+    #[error("download failed, may pass: {0}")]
+    Transient(String),
+    /// Any other non-2xx answer, redirects included (they are not followed).
+    #[error("the server answered {0}")]
+    Status(u16),
+}
+
+/// A downloaded body as it arrives.
+pub struct Fetched {
+    /// The declared `Content-Length`, if the server sent one.
+    pub size: Option<u64>,
+    pub body: ByteChunks,
+}
+
+#[async_trait]
+pub trait UrlFetcher: Send + Sync {
+    /// GETs `url` without following redirects; the body is not read yet.
+    async fn open(&self, url: &url::Url) -> Result<Fetched, FetchError>;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ mod api;
 mod controls;
 mod jobs;
 mod sdk_worker;
+mod unconfirmed;
 mod volume;
 mod webhooks;
 mod worker;

@@ -153,3 +153,24 @@ async fn worker_output_override_is_returned_verbatim() {
     let body = h.wait_status(&id, "COMPLETED").await;
     assert_eq!(body["output"], hostile);
 }
+
+#[tokio::test]
+async fn a_worker_comfyui_input_gets_inline_base64_images_and_leaves_the_volume_alone() {
+    use base64::Engine as _;
+    let h = start().await;
+    write_jpeg(&h.emu.volume_dir, "inputs/job-c/input.jpg", 320, 240);
+    let workflow = restore_workflow("inputs/job-c/input.jpg", 0.05, "outputs/job-c/restored");
+    let id = h.run(json!({"input": {"workflow": workflow}})).await;
+    let body = h.wait_status(&id, "COMPLETED").await;
+    let images = body["output"]["images"].as_array().expect("images");
+    assert_eq!(images.len(), 1);
+    assert_eq!(images[0]["filename"], "restored_00001_.png");
+    assert_eq!(images[0]["type"], "base64");
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(images[0]["data"].as_str().unwrap())
+        .unwrap();
+    let image = image::load_from_memory(&png).expect("a PNG");
+    let pixels = f64::from(image.width() * image.height());
+    assert!((pixels / (0.05 * 1024.0 * 1024.0) - 1.0).abs() < 0.02);
+    assert!(!h.emu.volume_dir.join("outputs").exists());
+}

@@ -1,0 +1,63 @@
+//! Secrets come from Secrets Manager (moto here) at start-up, never from plain variables.
+use gateway::config::Env;
+use gateway::wiring::{BootError, Wiring};
+use gateway_tests::{moto_endpoint, sdk_config};
+
+async fn secret(sdk: &aws_config::SdkConfig, value: &str) -> String {
+    let client = aws_sdk_secretsmanager::Client::new(sdk);
+    let name = format!("gateway-{}", uuid::Uuid::new_v4().simple());
+    client
+        .create_secret()
+        .name(&name)
+        .secret_string(value)
+        .send()
+        .await
+        .unwrap()
+        .arn()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn secret_values_take_the_place_of_environment_variables() {
+    let sdk = sdk_config(&moto_endpoint()).await;
+    let arn = secret(
+        &sdk,
+        r#"{"WEBHOOK_SECRET": "from-secrets-manager-0123", "RUNPOD_API_KEY": "fake-key"}"#,
+    )
+    .await;
+    let env = Env::from_pairs([
+        ("GATEWAY_SECRET_ARN", arn.as_str()),
+        ("WEBHOOK_SECRET", "plain-variable-should-lose"),
+    ]);
+    let wiring = Wiring::with_secrets(env, sdk).await.unwrap();
+    assert_eq!(
+        wiring.env.get("WEBHOOK_SECRET").as_deref(),
+        Some("from-secrets-manager-0123")
+    );
+    assert_eq!(
+        wiring.env.get("RUNPOD_API_KEY").as_deref(),
+        Some("fake-key")
+    );
+}
+
+#[tokio::test]
+async fn a_missing_secret_stops_the_function_at_start_up() {
+    let sdk = sdk_config(&moto_endpoint()).await;
+    let env = Env::from_pairs([(
+        "GATEWAY_SECRET_ARN",
+        "arn:aws:secretsmanager:us-east-1:123456789012:secret:nope",
+    )]);
+    let result = Wiring::with_secrets(env, sdk).await;
+    assert!(matches!(result, Err(BootError::Secret(_))));
+}
+
+#[tokio::test]
+async fn a_secret_with_an_unknown_key_is_refused() {
+    let sdk = sdk_config(&moto_endpoint()).await;
+    let arn = secret(&sdk, r#"{"WEBHOOK_SECERT": "typo"}"#).await;
+    let env = Env::from_pairs([("GATEWAY_SECRET_ARN", arn.as_str())]);
+    let err = Wiring::with_secrets(env, sdk).await.err().expect("refused");
+    assert!(err.to_string().contains("WEBHOOK_SECERT"), "{err}");
+    assert!(!err.to_string().contains("typo"), "the value leaked: {err}");
+}
