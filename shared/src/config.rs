@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::domain::report::UrlAllowList;
+use crate::domain::retry::{Backoff, RetryPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -244,7 +245,15 @@ pub struct RunPodConfig {
     pub endpoint_id: String,
     pub api_key: String,
     pub request_timeout: Duration,
+    /// How one RunPod call is retried within an invocation (README, "Retries and error codes").
+    pub retry: RetryPolicy,
 }
+
+/// First and longest wait between two attempts of one RunPod call.
+pub const RUNPOD_RETRY_BACKOFF: Backoff = Backoff {
+    base: Duration::from_millis(250),
+    cap: Duration::from_secs(2),
+};
 
 impl std::fmt::Debug for RunPodConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -267,6 +276,12 @@ impl RunPodConfig {
             endpoint_id: env.required("RUNPOD_ENDPOINT_ID")?,
             api_key: env.required("RUNPOD_API_KEY")?,
             request_timeout: seconds(env, "RUNPOD_REQUEST_TIMEOUT_SECS", 10)?,
+            retry: RetryPolicy {
+                max_attempts: parsed(env, "RUNPOD_RETRY_ATTEMPTS", 3u32)?.max(1),
+                backoff: RUNPOD_RETRY_BACKOFF,
+                // Under the shortest function timeout that calls RunPod (submit, 20 s).
+                budget: seconds(env, "RUNPOD_RETRY_BUDGET_SECS", 15)?,
+            },
         })
     }
 }

@@ -129,6 +129,8 @@ pub struct StackOptions {
     pub extra_env: Vec<(&'static str, String)>,
     /// Adjusts the emulator's configuration (retention, retry delays, …) before it starts.
     pub configure_emulator: fn(&mut EmulatorConfig),
+    /// Visibility timeout of the dispatch queue: how soon a failed dispatch comes back.
+    pub queue_visibility_secs: u32,
 }
 
 impl Default for StackOptions {
@@ -138,6 +140,7 @@ impl Default for StackOptions {
             sweep_every: Duration::from_secs(3600),
             extra_env: Vec::new(),
             configure_emulator: |_| {},
+            queue_visibility_secs: 2,
         }
     }
 }
@@ -219,7 +222,7 @@ impl Stack {
             wiring,
             RunnerOptions {
                 sweep_every: options.sweep_every,
-                queue_visibility_secs: 2,
+                queue_visibility_secs: options.queue_visibility_secs,
                 ..RunnerOptions::default()
             },
         )
@@ -362,13 +365,23 @@ impl Stack {
             .count() as usize
     }
 
+    /// The dispatch queue's dead-letter queue (created by the local runner).
+    pub fn dlq_url(&self) -> String {
+        format!("{}-dlq", self.queue_url)
+    }
+
     /// Messages waiting or in flight on the dispatch queue.
     pub async fn queue_depth(&self) -> usize {
+        self.depth_of(&self.queue_url).await
+    }
+
+    /// Messages waiting or in flight on a queue.
+    pub async fn depth_of(&self, queue_url: &str) -> usize {
         use aws_sdk_sqs::types::QueueAttributeName as A;
         let out = self
             .sqs()
             .get_queue_attributes()
-            .queue_url(&self.queue_url)
+            .queue_url(queue_url)
             .attribute_names(A::ApproximateNumberOfMessages)
             .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
             .send()

@@ -1178,6 +1178,12 @@ fn timeouts_leases_and_the_queue_fit_together() {
             runpod < submit.min(webhook),
             "{f}: RunPod timeout {runpod} s"
         );
+        // A RunPod call with its retries ends within the budget: under the functions' timeouts.
+        let budget = settings(f, "RUNPOD_RETRY_BUDGET_SECS", 15);
+        assert!(
+            budget >= runpod && budget < submit.min(webhook),
+            "{f}: RunPod retry budget {budget} s"
+        );
     }
     // The sweeper finishes before the next tick.
     let events = &resource("SweeperFunction")["Properties"]["Events"];

@@ -179,6 +179,31 @@ async fn a_redelivered_dispatch_message_does_not_submit_twice() {
 
 #[tokio::test]
 async fn runpod_refusing_for_a_while_only_delays_the_job() {
+    // A 500 on /run may mean RunPod took the job, so it is not repeated within the call: each
+    // refusal costs a dispatch attempt and the message comes back through SQS.
+    let stack = Stack::start_with(StackOptions {
+        faults: Faults {
+            run_status: Some(500),
+            run_fail_count: 2,
+            ..Faults::default()
+        },
+        ..StackOptions::default()
+    })
+    .await;
+    let job_id = stack
+        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
+        .await;
+    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(stack.stored_job(&job_id).await.attempts, 3);
+    assert_eq!(stack.emulator.jobs().len(), 1, "submitted once");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn runpod_throttling_is_retried_within_the_dispatch() {
+    // A 429 means RunPod did not take the job: the dispatch backs off and asks again in the
+    // same invocation, without spending the job's attempt budget.
     let stack = Stack::start_with(StackOptions {
         faults: Faults {
             run_status: Some(429),
@@ -193,6 +218,103 @@ async fn runpod_refusing_for_a_while_only_delays_the_job() {
         .await;
     let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
     assert_eq!(job["status"], "succeeded", "{job}");
-    assert_eq!(stack.stored_job(&job_id).await.attempts, 3);
+    assert_eq!(stack.stored_job(&job_id).await.attempts, 1);
+    assert_eq!(stack.emulator.jobs().len(), 1, "submitted once");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_that_runpod_keeps_refusing_fails_once_its_attempts_are_spent() {
+    let stack = Stack::start_with(StackOptions {
+        faults: Faults {
+            run_status: Some(500),
+            ..Faults::default()
+        },
+        extra_env: vec![("MAX_DISPATCH_ATTEMPTS", "2".into())],
+        ..StackOptions::default()
+    })
+    .await;
+    let job_id = stack
+        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
+        .await;
+    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "dispatch_attempts_exhausted");
+    assert_eq!(job["error"]["retryable"], true);
+    assert_eq!(stack.stored_job(&job_id).await.attempts, 2);
+    // Failed on its last attempt, not by a further delivery: nothing is left on the queue.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while stack.queue_depth().await > 0 {
+        assert!(std::time::Instant::now() < deadline, "message left over");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_job_shows_each_state_change_once_as_events() {
+    let stack = Stack::start().await;
+    let job_id = stack
+        .submit_restore(ALICE, &jpeg(200, 150), json!({"megapixels": 0.05}))
+        .await;
+    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let events = job["events"].as_array().unwrap();
+    assert_eq!(
+        events[0],
+        json!({"at": job["created_at"], "from": null, "to": "queued", "by": "client"})
+    );
+    assert_eq!(events[1]["from"], "queued");
+    assert_eq!(events[1]["to"], "submitted");
+    assert_eq!(events[1]["by"], "dispatch");
+    let last = events.last().unwrap();
+    assert_eq!(last["to"], "succeeded");
+    assert_eq!(last["at"], job["finished_at"]);
+    assert!(matches!(last["by"].as_str(), Some("webhook" | "sweeper")));
+    // Strictly forward, each one taking up where the last left off, in time order.
+    for pair in events.windows(2) {
+        assert_eq!(pair[1]["from"], pair[0]["to"], "{events:?}");
+        assert!(pair[1]["at"].as_str() >= pair[0]["at"].as_str());
+    }
+    let public = ["queued", "submitted", "running", "succeeded"];
+    assert!(events
+        .iter()
+        .all(|e| public.contains(&e["to"].as_str().unwrap())));
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_poison_message_is_left_for_the_dlq_and_a_stale_one_is_consumed() {
+    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+    let stack = Stack::start().await;
+    let mut event = SqsEvent::default();
+    for (id, body) in [
+        ("poison-1", "not json"),
+        ("poison-2", r#"{"job_id": 42}"#),
+        (
+            "unknown-job",
+            r#"{"job_id": "01900000-0000-7000-8000-00000000dead"}"#,
+        ),
+    ] {
+        let mut message = SqsMessage::default();
+        message.message_id = Some(id.into());
+        message.body = Some(body.into());
+        event.records.push(message);
+    }
+    let response = stack
+        .wiring()
+        .dispatcher()
+        .unwrap()
+        .handle_batch(event)
+        .await;
+    let mut failed: Vec<_> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    failed.sort_unstable();
+    // Reported failed, so SQS moves them to the DLQ after maxReceiveCount receives (and the DLQ
+    // alarm shows them); a readable message for a job that does not exist is simply consumed.
+    assert_eq!(failed, ["poison-1", "poison-2"]);
     stack.stop().await;
 }

@@ -18,6 +18,7 @@ use crate::App;
 pub(crate) fn router(app: Arc<App>) -> Router {
     Router::new()
         .route("/_emulator/faults", get(get_faults).put(put_faults))
+        .route("/_emulator/chaos", get(chaos))
         .route("/_emulator/webhooks", get(webhooks))
         .route("/_emulator/webhooks/{job_id}/redeliver", post(redeliver))
         .route("/_emulator/jobs", get(jobs))
@@ -36,6 +37,22 @@ async fn worker_calls(
         calls.retain(|call| &call.pod == pod);
     }
     Json(calls).into_response()
+}
+
+/// Faults injected by the chaos configuration: counts by kind, and every one, oldest first.
+async fn chaos(State(app): State<Arc<App>>) -> Response {
+    let counts: serde_json::Map<String, serde_json::Value> = app
+        .faults
+        .chaos
+        .counts()
+        .into_iter()
+        .map(|(kind, n)| (kind.as_str().to_owned(), n.into()))
+        .collect();
+    Json(serde_json::json!({
+        "counts": counts,
+        "injected": app.faults.chaos.log(),
+    }))
+    .into_response()
 }
 
 async fn get_faults(State(app): State<Arc<App>>) -> Response {

@@ -213,6 +213,18 @@ async fn submit(app: &App, body: Body, sync: bool) -> Result<crate::JobSnapshot,
     };
     let s3_config = request.get("s3Config").filter(|v| !v.is_null()).cloned();
 
+    let chaos_key = match app.faults.chaos_config() {
+        Some(chaos) => {
+            let key = crate::chaos::input_key(&chaos, &input);
+            if let Some(status) = app.faults.chaos.run_refusal(&chaos, key.as_deref()) {
+                let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+                return Err(ApiError::new(code, format!("injected fault: {status}")));
+            }
+            key
+        }
+        None => None,
+    };
+
     Ok(app.store.submit(NewJob {
         input,
         webhook,
@@ -221,6 +233,7 @@ async fn submit(app: &App, body: Body, sync: bool) -> Result<crate::JobSnapshot,
         ttl,
         low_priority,
         sync,
+        chaos_key,
     }))
 }
 
@@ -249,10 +262,25 @@ fn policy_ms(
     Ok(Duration::from_millis(ms))
 }
 
+/// The chaos faults drawn for a `/status` or `/cancel` call: a delay (served here) and a 5xx.
+async fn injected_api_failure(app: &App, what: String) -> Option<Response> {
+    let chaos = app.faults.chaos_config()?;
+    let (slow, status) = app.faults.chaos.api_fault(&chaos, &what);
+    if let Some(slow) = slow {
+        tokio::time::sleep(slow).await;
+    }
+    let status = status?;
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    Some(error(code, format!("injected fault: {status}")))
+}
+
 async fn status(
     State(app): State<Arc<App>>,
     Path((_, job_id)): Path<(String, String)>,
 ) -> Response {
+    if let Some(refused) = injected_api_failure(&app, format!("GET /status/{job_id}")).await {
+        return refused;
+    }
     match app.store.get(&job_id) {
         Some(job) => Json(job.status_body()).into_response(),
         None => job_not_found(&app),
@@ -263,6 +291,9 @@ async fn cancel(
     State(app): State<Arc<App>>,
     Path((_, job_id)): Path<(String, String)>,
 ) -> Response {
+    if let Some(refused) = injected_api_failure(&app, format!("POST /cancel/{job_id}")).await {
+        return refused;
+    }
     match app.store.cancel(&job_id) {
         Some(status) => Json(json!({ "id": job_id, "status": status })).into_response(),
         None => job_not_found(&app),

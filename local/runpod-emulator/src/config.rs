@@ -150,6 +150,9 @@ pub struct Faults {
     /// UNCONFIRMED (historical docs, reference §1.7): `/run` and `/runsync` answer 429 while
     /// more than this many jobs are queued. `None`: no queue-size limit.
     pub run_queue_limit: Option<u64>,
+    /// Probabilistic faults under a seed, on top of the switches above (`None`: none). Every
+    /// fault injected is recorded (`Emulator::injected_faults`, `GET /_emulator/chaos`).
+    pub chaos: Option<ChaosConfig>,
 }
 
 impl Default for Faults {
@@ -169,6 +172,97 @@ impl Default for Faults {
             webhook_content_type: "application/json".to_owned(),
             webhook_worker_id: false,
             run_queue_limit: None,
+            chaos: None,
+        }
+    }
+}
+
+/// Faults drawn at random, deterministically under `seed` (see `chaos.rs` for what a replay
+/// reproduces). Probabilities are per job (worker, TTL, result, webhook faults) or per request
+/// (`/run`, `/status`/`/cancel`, volume S3); 0 turns a fault off. Partial JSON is accepted.
+/// The built-in worker honours the worker faults; an external (SDK) worker is not affected.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ChaosConfig {
+    pub seed: u64,
+    /// JSON pointer into a job's `input` whose value keys the job's draws (e.g.
+    /// `/workflow_api/3/inputs/seed`), so a replay hits the same jobs however requests
+    /// interleave. Unset, or absent from an input: jobs are keyed by order of arrival.
+    pub job_key_pointer: Option<String>,
+    /// `/run` and `/runsync` answer 429 (per call).
+    pub p_run_429: f64,
+    /// `/run` and `/runsync` answer 500, 502 or 503 before accepting anything (per call).
+    pub p_run_5xx: f64,
+    /// `/status` and `/cancel` answer 500, 502 or 503 (per call).
+    pub p_api_5xx: f64,
+    /// `/status` and `/cancel` are held `api_slow_ms` before they answer (per call).
+    pub p_api_slow: f64,
+    pub api_slow_ms: u64,
+    /// The built-in worker ends the job FAILED.
+    pub p_worker_failed: f64,
+    /// The built-in worker hangs until the job's executionTimeout ends it TIMED_OUT.
+    pub p_worker_timed_out: f64,
+    /// Simulated GPU time per job, drawn uniformly from this range (ms).
+    pub worker_delay_min_ms: u64,
+    pub worker_delay_max_ms: u64,
+    /// The job's TTL is cut to a value drawn from `ttl_delete_min_ms..=ttl_delete_max_ms`
+    /// after submission: it is removed then (404 on `/status`, no webhook), whatever its state.
+    pub p_ttl_delete: f64,
+    pub ttl_delete_min_ms: u64,
+    pub ttl_delete_max_ms: u64,
+    /// The job's result is removed `result_expiry_ms` after it finishes instead of after the
+    /// configured retention (30 min on RunPod).
+    pub p_result_expiry: f64,
+    pub result_expiry_ms: u64,
+    /// The job's webhook is never sent (all attempts lost).
+    pub p_webhook_lost: f64,
+    /// The webhook is delivered twice at once (two parallel deliveries, each with retries).
+    pub p_webhook_duplicate: f64,
+    /// The webhook's first attempt waits `webhook_delay_ms` (e.g. past the gateway's sweeper).
+    pub p_webhook_delayed: f64,
+    pub webhook_delay_ms: u64,
+    /// The webhook is sent with an empty body.
+    pub p_webhook_empty: f64,
+    /// After the final webhook, a stale IN_PROGRESS report for the job arrives.
+    pub p_webhook_out_of_order: f64,
+    /// A volume S3 request answers 502 Bad Gateway (per request).
+    pub p_s3_502: f64,
+    /// A volume S3 request is held `s3_slow_ms` before it is served (per request).
+    pub p_s3_slow: f64,
+    pub s3_slow_ms: u64,
+    /// A volume S3 GET sends half its body, then drops the connection (per request).
+    pub p_s3_truncated: f64,
+}
+
+impl Default for ChaosConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            job_key_pointer: None,
+            p_run_429: 0.0,
+            p_run_5xx: 0.0,
+            p_api_5xx: 0.0,
+            p_api_slow: 0.0,
+            api_slow_ms: 0,
+            p_worker_failed: 0.0,
+            p_worker_timed_out: 0.0,
+            worker_delay_min_ms: 0,
+            worker_delay_max_ms: 0,
+            p_ttl_delete: 0.0,
+            ttl_delete_min_ms: 0,
+            ttl_delete_max_ms: 0,
+            p_result_expiry: 0.0,
+            result_expiry_ms: 0,
+            p_webhook_lost: 0.0,
+            p_webhook_duplicate: 0.0,
+            p_webhook_delayed: 0.0,
+            webhook_delay_ms: 0,
+            p_webhook_empty: 0.0,
+            p_webhook_out_of_order: 0.0,
+            p_s3_502: 0.0,
+            p_s3_slow: 0.0,
+            s3_slow_ms: 0,
+            p_s3_truncated: 0.0,
         }
     }
 }

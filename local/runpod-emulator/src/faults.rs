@@ -3,7 +3,8 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::RwLock;
 
-use crate::config::Faults;
+use crate::chaos::ChaosState;
+use crate::config::{ChaosConfig, Faults};
 
 #[derive(Debug)]
 pub(crate) struct FaultState {
@@ -11,6 +12,8 @@ pub(crate) struct FaultState {
     /// Submissions already refused under the current `run_status` fault; reset on every set so
     /// "fail the next N" means the next N after the switch.
     run_failures: AtomicU32,
+    /// Counters and the record of probabilistic faults (`Faults::chaos`).
+    pub(crate) chaos: ChaosState,
 }
 
 impl FaultState {
@@ -18,6 +21,7 @@ impl FaultState {
         Self {
             faults: RwLock::new(faults),
             run_failures: AtomicU32::new(0),
+            chaos: ChaosState::default(),
         }
     }
 
@@ -35,6 +39,16 @@ impl FaultState {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         *guard = faults;
         self.run_failures.store(0, Ordering::SeqCst);
+        self.chaos.restart();
+    }
+
+    /// The chaos configuration in force, if any.
+    pub(crate) fn chaos_config(&self) -> Option<ChaosConfig> {
+        self.faults
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .chaos
+            .clone()
     }
 
     /// The status a submission must be refused with, if the `run_status` fault applies to it.

@@ -17,6 +17,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use crate::chaos::{FaultKind, JobPlan, Removal, WorkerPlan};
 use crate::config::EmulatorConfig;
 use crate::faults::FaultState;
 use crate::webhook::WebhookDispatcher;
@@ -110,6 +111,8 @@ pub(crate) struct NewJob {
     pub ttl: Duration,
     pub low_priority: bool,
     pub sync: bool,
+    /// Keys the job's chaos draws (see `chaos.rs`); `None`: order of arrival.
+    pub chaos_key: Option<String>,
 }
 
 /// A worker's claim on one attempt of a job.
@@ -123,6 +126,8 @@ pub struct Lease {
     /// Turns `true` when the worker must stop (cancel, executionTimeout, TTL); the channel closing
     /// means the same.
     pub stop: watch::Receiver<bool>,
+    /// What chaos decided for the job (the built-in worker honours it).
+    pub(crate) plan: JobPlan,
 }
 
 /// How a worker ended a job.
@@ -186,6 +191,8 @@ struct Job {
     external: bool,
     /// Present exactly while the job is IN_PROGRESS.
     stop_tx: Option<watch::Sender<bool>>,
+    /// Chaos decisions for this job (all normal without a chaos configuration).
+    plan: JobPlan,
 }
 
 impl Job {
@@ -234,13 +241,16 @@ impl Job {
         match self.finished_at {
             None => ttl_end,
             Some(finished) => {
-                let retention = if self.sync {
+                let retention = if let Some(early) = self.plan.retention {
+                    early
+                } else if self.sync {
                     config.runsync_result_retention
                 } else {
                     config.result_retention
                 };
                 let result_end = finished + retention;
-                if config.ttl_covers_results {
+                // A chaos TTL deletion removes the job at its TTL, finished or not.
+                if config.ttl_covers_results || self.plan.ttl.is_some() {
                     result_end.min(ttl_end)
                 } else {
                     result_end
@@ -337,6 +347,13 @@ impl Store {
         } else {
             format!("{}{suffix}", uuid::Uuid::new_v4())
         };
+        let plan = match self.faults.chaos_config() {
+            Some(chaos) => {
+                self.faults.chaos.accepted(&id, new.webhook.as_deref());
+                self.faults.chaos.plan(&chaos, new.chaos_key.as_deref())
+            }
+            None => JobPlan::default(),
+        };
         let (mut inner, now) = self.lock_current();
         let job = Job {
             id: id.clone(),
@@ -344,7 +361,7 @@ impl Store {
             webhook: new.webhook,
             s3_config: new.s3_config,
             execution_timeout: new.execution_timeout,
-            ttl: new.ttl,
+            ttl: plan.ttl.map_or(new.ttl, |cut| cut.min(new.ttl)),
             low_priority: new.low_priority,
             sync: new.sync,
             submitted_at: now,
@@ -358,6 +375,7 @@ impl Store {
             worker_id: None,
             external: false,
             stop_tx: None,
+            plan,
         };
         let snapshot = job.snapshot(now);
         inner.jobs.insert(id.clone(), job);
@@ -404,6 +422,7 @@ impl Store {
         job.signal_stop(&mut inner.stops);
         job.status = JobStatus::Cancelled;
         job.finished_at = Some(now);
+        self.record_end(job, now);
         self.send_webhook(job, now);
         self.bump();
         Some(JobStatus::Cancelled)
@@ -446,6 +465,7 @@ impl Store {
                 .is_some_and(|job| job.status == JobStatus::InQueue)
                 && inner.jobs.remove(&id).is_some()
             {
+                self.record_removal(&id, Removal::Purged);
                 removed += 1;
             }
         }
@@ -529,6 +549,7 @@ impl Store {
                 webhook: job.webhook.clone(),
                 s3_config: job.s3_config.clone(),
                 stop: stop_rx,
+                plan: job.plan.clone(),
             };
             self.bump();
             return Some(lease);
@@ -601,6 +622,7 @@ impl Store {
                 inner.failed += 1;
             }
         }
+        self.record_end(job, now);
         self.send_webhook(job, now);
         self.bump();
         Finish::Accepted
@@ -672,6 +694,10 @@ impl Store {
                         job.status = JobStatus::TimedOut;
                         job.finished_at = Some(deadline);
                         *failed += 1;
+                        if job.plan.worker == WorkerPlan::Hang {
+                            self.faults.chaos.record(FaultKind::WorkerTimedOut, &job.id);
+                        }
+                        self.record_end(job, now);
                         self.send_webhook(job, now);
                         changed = true;
                     }
@@ -679,6 +705,7 @@ impl Store {
             }
             if now >= job.removal_deadline(&self.config) {
                 job.signal_stop(stops);
+                self.note_removal(job);
                 removed.push(job.id.clone());
             }
         }
@@ -690,6 +717,45 @@ impl Store {
             changed = true;
         }
         changed
+    }
+
+    /// Keeps the terminal snapshot for tests while a chaos configuration is set.
+    fn record_end(&self, job: &Job, now: Instant) {
+        if self.faults.chaos_config().is_some() {
+            self.faults.chaos.ended(job.snapshot(now));
+        }
+    }
+
+    fn record_removal(&self, id: &str, why: Removal) {
+        if self.faults.chaos_config().is_some() {
+            self.faults.chaos.removed(id, why);
+        }
+    }
+
+    /// Records why a job is being removed, and the chaos fault behind it if there is one.
+    fn note_removal(&self, job: &Job) {
+        let why = if job.finished_at.is_none() {
+            Removal::Ttl
+        } else {
+            let ttl_end = job.submitted_at + job.ttl;
+            let by_ttl = (self.config.ttl_covers_results || job.plan.ttl.is_some())
+                && job.removal_deadline(&self.config) >= ttl_end;
+            if by_ttl {
+                Removal::Ttl
+            } else {
+                Removal::Retention
+            }
+        };
+        match why {
+            Removal::Ttl if job.plan.ttl.is_some() => {
+                self.faults.chaos.record(FaultKind::TtlDelete, &job.id);
+            }
+            Removal::Retention if job.plan.retention.is_some() => {
+                self.faults.chaos.record(FaultKind::ResultExpiry, &job.id);
+            }
+            _ => {}
+        }
+        self.record_removal(&job.id, why);
     }
 
     /// Fires the job's webhook if it has one and the (partly UNCONFIRMED) rules say this state
@@ -710,7 +776,8 @@ impl Store {
         };
         if fires {
             let payload = crate::webhook::payload(&job.snapshot(now), url, &faults);
-            self.hooks.dispatch(&job.id, url, &payload, &faults);
+            self.hooks
+                .dispatch(&job.id, url, &payload, &faults, job.plan.webhook);
         }
     }
 }

@@ -14,6 +14,7 @@
 
 mod admin;
 mod api;
+mod chaos;
 mod comfy;
 mod config;
 mod faults;
@@ -32,7 +33,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-pub use config::{EmulatorConfig, Faults};
+pub use chaos::{FaultKind, InjectedFault, Removal};
+pub use config::{ChaosConfig, EmulatorConfig, Faults};
 pub use jobs::{JobSnapshot, JobStatus};
 pub use webhook::WebhookAttempt;
 pub use worker_api::WorkerCall;
@@ -117,6 +119,33 @@ impl Emulator {
     /// off, so a test can make a suppressed webhook arrive late.
     pub async fn redeliver_webhook(&self, job_id: &str) -> Option<WebhookAttempt> {
         self.app.hooks.redeliver(job_id).await
+    }
+
+    /// Every fault the chaos configuration injected so far, oldest first.
+    pub fn injected_faults(&self) -> Vec<InjectedFault> {
+        self.app.faults.chaos.log()
+    }
+
+    /// How many faults of each kind the chaos configuration injected so far.
+    pub fn fault_counts(&self) -> std::collections::BTreeMap<FaultKind, u64> {
+        self.app.faults.chaos.counts()
+    }
+
+    /// The job as it ended (COMPLETED, FAILED, TIMED_OUT, CANCELLED), kept after RunPod removed
+    /// it. Recorded while a chaos configuration is set.
+    pub fn ended_job(&self, id: &str) -> Option<JobSnapshot> {
+        self.app.faults.chaos.ended_job(id)
+    }
+
+    /// Every job `/run` accepted (id, webhook URL), oldest first. Recorded while a chaos
+    /// configuration is set.
+    pub fn accepted_jobs(&self) -> Vec<(String, Option<String>)> {
+        self.app.faults.chaos.accepted_jobs()
+    }
+
+    /// Why a job stopped existing, if it did. Recorded while a chaos configuration is set.
+    pub fn removal(&self, id: &str) -> Option<Removal> {
+        self.app.faults.chaos.removal(id)
     }
 
     /// Every answered call of an external (SDK) worker so far, oldest first: job-take,
@@ -270,7 +299,7 @@ async fn start(
     tasks.push(serve(api_listener, api_router, shutdown_rx.clone()));
     tasks.push(serve(
         s3_listener,
-        volume::router(s3_service, config.s3_reject_presigned),
+        volume::router(s3_service, config.s3_reject_presigned, faults.clone()),
         shutdown_rx.clone(),
     ));
     tasks.push(tokio::spawn(deadlines(store.clone(), shutdown_rx.clone())));

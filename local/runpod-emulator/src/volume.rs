@@ -16,8 +16,9 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use s3s::auth::SimpleAuth;
 use s3s::config::{S3Config, StaticConfigProvider};
 use s3s::dto::*;
@@ -25,7 +26,9 @@ use s3s::service::{S3Service, S3ServiceBuilder};
 use s3s::{s3_error, S3Request, S3Response, S3Result, S3};
 use s3s_fs::FileSystem;
 
+use crate::chaos::{FaultKind, S3Fault};
 use crate::config::EmulatorConfig;
+use crate::faults::FaultState;
 use crate::EmulatorError;
 
 /// The s3s-fs root prepared for one emulator instance.
@@ -118,12 +121,18 @@ pub(crate) fn service(
 struct HttpState {
     service: S3Service,
     reject_presigned: bool,
+    faults: Arc<FaultState>,
 }
 
-pub(crate) fn router(service: S3Service, reject_presigned: bool) -> axum::Router {
+pub(crate) fn router(
+    service: S3Service,
+    reject_presigned: bool,
+    faults: Arc<FaultState>,
+) -> axum::Router {
     axum::Router::new().fallback(handle).with_state(HttpState {
         service,
         reject_presigned,
+        faults,
     })
 }
 
@@ -135,8 +144,34 @@ async fn handle(State(state): State<HttpState>, req: Request) -> Response {
             "Pre-signed URLs are not supported by the network volume S3 API",
         );
     }
+    let mut fault = S3Fault::default();
+    let what = format!("{} {}", req.method(), req.uri().path());
+    if let Some(chaos) = state.faults.chaos_config() {
+        fault = state
+            .faults
+            .chaos
+            .s3_fault(&chaos, req.method() == Method::GET);
+        if let Some(slow) = fault.slow {
+            state.faults.chaos.record(FaultKind::S3Slow, &what);
+            tokio::time::sleep(slow).await;
+        }
+        if fault.error_502 {
+            state.faults.chaos.record(FaultKind::S3Error502, &what);
+            // What a proxy in front of the S3 API answers: HTML, not an S3 XML error.
+            return (
+                StatusCode::BAD_GATEWAY,
+                [(header::CONTENT_TYPE, "text/html")],
+                "<html><body><h1>502 Bad Gateway</h1></body></html>",
+            )
+                .into_response();
+        }
+    }
     let req = req.map(s3s::Body::http_body_unsync);
     match state.service.call(req).await {
+        Ok(response) if fault.truncate && response.status().is_success() => {
+            state.faults.chaos.record(FaultKind::S3Truncated, &what);
+            truncated(response.map(Body::new))
+        }
         Ok(response) => response.map(Body::new),
         Err(err) => {
             tracing::error!(?err, "s3 request failed");
@@ -147,6 +182,38 @@ async fn handle(State(state): State<HttpState>, req: Request) -> Response {
             )
         }
     }
+}
+
+/// Sends the first half of the body (the headers still announce all of it), then fails the
+/// stream, which drops the connection mid-body: the client sees a short read.
+fn truncated(response: Response) -> Response {
+    let (parts, body) = response.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    let mut budget = declared / 2;
+    let stream = body.into_data_stream().map(move |chunk| match chunk {
+        Ok(bytes) if budget == 0 => {
+            let _ = bytes;
+            Err(std::io::Error::other("connection dropped (injected)"))
+        }
+        Ok(mut bytes) => {
+            if bytes.len() > budget {
+                bytes.truncate(budget);
+            }
+            budget -= bytes.len();
+            Ok(bytes)
+        }
+        Err(err) => Err(std::io::Error::other(err)),
+    });
+    // End with an error even when the half fits in the first chunk.
+    let stream = stream.chain(futures::stream::once(async {
+        Err(std::io::Error::other("connection dropped (injected)"))
+    }));
+    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 fn is_presigned(query: &str) -> bool {

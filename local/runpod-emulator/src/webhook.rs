@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::sync::watch;
 
+use crate::chaos::{FaultKind, WebhookPlan};
 use crate::config::Faults;
 use crate::jobs::JobSnapshot;
 
@@ -128,15 +129,21 @@ impl WebhookDispatcher {
             + 1
     }
 
-    /// Starts background delivery of `payload` to `url`, never blocking the caller.
+    /// Starts background delivery of `payload` to `url`, never blocking the caller. `plan`
+    /// carries the chaos faults drawn for the job (all off without chaos).
     pub(crate) fn dispatch(
         self: &Arc<Self>,
         job_id: &str,
         url: &str,
         payload: &Value,
         faults: &Faults,
+        plan: WebhookPlan,
     ) {
+        let chaos = &self.faults.chaos;
         let body = if faults.webhook_empty_body {
+            String::new()
+        } else if plan.empty {
+            chaos.record(FaultKind::WebhookEmpty, job_id);
             String::new()
         } else {
             payload.to_string()
@@ -153,13 +160,57 @@ impl WebhookDispatcher {
             tracing::info!(job_id, "webhook suppressed (webhooks_enabled = false)");
             return;
         }
-        let this = Arc::clone(self);
-        let job_id = job_id.to_owned();
-        tokio::spawn(async move { this.deliver(job_id, sent).await });
+        if plan.lost {
+            chaos.record(FaultKind::WebhookLost, job_id);
+            return;
+        }
+        if plan.delay.is_some() {
+            chaos.record(FaultKind::WebhookDelayed, job_id);
+        }
+        // An older report of the job, as a reordering network would deliver it after the final
+        // one: the same body claiming the job is still running.
+        let stale = plan.out_of_order.then(|| {
+            chaos.record(FaultKind::WebhookOutOfOrder, job_id);
+            let mut stale = payload.clone();
+            if let Some(body) = stale.as_object_mut() {
+                body.remove("output");
+                body.remove("error");
+                body.insert("status".into(), Value::from("IN_PROGRESS"));
+            }
+            Sent {
+                url: url.to_owned(),
+                body: stale.to_string(),
+            }
+        });
+        let copies = if plan.duplicate {
+            chaos.record(FaultKind::WebhookDuplicate, job_id);
+            2
+        } else {
+            1
+        };
+        for copy in 0..copies {
+            let this = Arc::clone(self);
+            let job_id = job_id.to_owned();
+            let sent = sent.clone();
+            let stale = if copy == 0 { stale.clone() } else { None };
+            tokio::spawn(async move {
+                this.deliver(job_id.clone(), sent, plan.delay).await;
+                if let Some(stale) = stale {
+                    let number = this.next_attempt_number(&job_id);
+                    this.send_once(&job_id, number, &stale, false).await;
+                }
+            });
+        }
     }
 
-    async fn deliver(&self, job_id: String, sent: Sent) {
+    async fn deliver(&self, job_id: String, sent: Sent, delay: Option<Duration>) {
         let mut shutdown = self.shutdown.clone();
+        if let Some(delay) = delay {
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
+        }
         let first = self.next_attempt_number(&job_id);
         for n in 0..self.attempts {
             if n > 0 {

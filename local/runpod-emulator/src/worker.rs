@@ -9,6 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::chaos::{FaultKind, WorkerPlan};
 use crate::faults::FaultState;
 use crate::jobs::{Lease, Outcome, Store};
 
@@ -69,6 +70,24 @@ async fn execute(ctx: &WorkerContext, lease: &Lease) -> Outcome {
     let faults = ctx.faults.get();
     if faults.worker_delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.worker_delay_ms)).await;
+    }
+    if !lease.plan.worker_delay.is_zero() {
+        tokio::time::sleep(lease.plan.worker_delay).await;
+    }
+    match lease.plan.worker {
+        WorkerPlan::Normal => {}
+        WorkerPlan::Fail => {
+            ctx.faults
+                .chaos
+                .record(FaultKind::WorkerFailed, &lease.job_id);
+            return Outcome::Failed {
+                error: "CUDA error: an illegal memory access was encountered (injected)".into(),
+                output: None,
+            };
+        }
+        // Never answers: the platform's executionTimeout ends the job TIMED_OUT (and `run`
+        // stops waiting on the lease's stop signal).
+        WorkerPlan::Hang => std::future::pending::<()>().await,
     }
     if let Some(error) = faults.worker_fail_message {
         return Outcome::Failed {

@@ -275,38 +275,59 @@ impl JobStore for DynamoJobStore {
     }
 
     async fn due_for_check(&self, now: Millis, limit: u32) -> Result<DueJobs, StoreError> {
-        let mut jobs = Vec::new();
-        let mut items_read = 0u64;
         let per_shard = limit.div_ceil(SWEEP_SHARDS).max(1);
-        for shard in 0..SWEEP_SHARDS {
-            let mut start = None;
-            let mut taken = 0u32;
-            loop {
-                let out = self
-                    .client
-                    .query()
-                    .table_name(&self.table)
-                    .index_name(SWEEP_INDEX)
-                    .key_condition_expression("sweep_shard = :shard AND next_check_at <= :now")
-                    .expression_attribute_values(":shard", s(format!("s{shard}")))
-                    .expression_attribute_values(":now", n(now))
-                    .limit((per_shard - taken) as i32)
-                    .set_exclusive_start_key(start)
-                    .send()
-                    .await
-                    .map_err(unavailable)?;
-                items_read += out.scanned_count().max(0) as u64;
-                for item in out.items() {
-                    jobs.push(from_item(item)?);
-                    taken += 1;
-                }
-                start = out.last_evaluated_key().cloned();
-                if start.is_none() || taken >= per_shard {
-                    break;
-                }
+        // The shards are independent partitions: ask them all at once.
+        let shards = futures::future::try_join_all(
+            (0..SWEEP_SHARDS).map(|shard| self.due_in_shard(shard, now, per_shard)),
+        )
+        .await?;
+        let mut due = DueJobs {
+            jobs: Vec::new(),
+            items_read: 0,
+        };
+        for shard in shards {
+            due.items_read += shard.items_read;
+            due.jobs.extend(shard.jobs);
+        }
+        Ok(due)
+    }
+}
+
+impl DynamoJobStore {
+    async fn due_in_shard(
+        &self,
+        shard: u32,
+        now: Millis,
+        limit: u32,
+    ) -> Result<DueJobs, StoreError> {
+        let mut due = DueJobs {
+            jobs: Vec::new(),
+            items_read: 0,
+        };
+        let mut start = None;
+        loop {
+            let out = self
+                .client
+                .query()
+                .table_name(&self.table)
+                .index_name(SWEEP_INDEX)
+                .key_condition_expression("sweep_shard = :shard AND next_check_at <= :now")
+                .expression_attribute_values(":shard", s(format!("s{shard}")))
+                .expression_attribute_values(":now", n(now))
+                .limit((limit - due.jobs.len() as u32) as i32)
+                .set_exclusive_start_key(start)
+                .send()
+                .await
+                .map_err(unavailable)?;
+            due.items_read += out.scanned_count().max(0) as u64;
+            for item in out.items() {
+                due.jobs.push(from_item(item)?);
+            }
+            start = out.last_evaluated_key().cloned();
+            if start.is_none() || due.jobs.len() as u32 >= limit {
+                return Ok(due);
             }
         }
-        Ok(DueJobs { jobs, items_read })
     }
 }
 

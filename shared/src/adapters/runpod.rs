@@ -1,8 +1,18 @@
 //! The RunPod serverless endpoint API over HTTPS (`/v2/{endpoint}/run`, `/status`, `/cancel`).
+//!
+//! Each call is retried within the invocation under the configured [`RetryPolicy`]
+//! (exponential backoff, full jitter, a time budget). `/status` and `/cancel` are idempotent and
+//! retried on every transient failure; `/run` is not, so it is retried only when RunPod cannot
+//! have accepted the job (429, 503, 408, no connection). A timeout or another 5xx on `/run`
+//! is handed back as transient and the dispatch is retried later through SQS, under the job's
+//! attempt budget.
+use std::time::{Duration, Instant};
+
 use async_trait::async_trait;
 use reqwest::StatusCode;
 
 use crate::config::RunPodConfig;
+use crate::domain::retry::RetryPolicy;
 use crate::ports::{RunPod, RunPodError, RunPodStatus, RunRequest};
 
 #[derive(Clone)]
@@ -10,6 +20,27 @@ pub struct HttpRunPod {
     http: reqwest::Client,
     base: String,
     api_key: String,
+    retry: RetryPolicy,
+    request_timeout: Duration,
+}
+
+/// Whether repeating a request could do the work twice.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// Reads and cancels: safe to repeat on any transient failure.
+    Idempotent,
+    /// `/run`: repeat only when RunPod certainly did not take the request.
+    Submit,
+}
+
+/// One failed attempt.
+struct Failure {
+    error: RunPodError,
+    /// The request certainly did not reach RunPod's handling (refused, throttled, no connection).
+    not_processed: bool,
+    /// A transient failure an idempotent call may repeat.
+    transient: bool,
+    retry_after: Option<Duration>,
 }
 
 impl HttpRunPod {
@@ -20,34 +51,105 @@ impl HttpRunPod {
             http,
             base: format!("{}/v2/{}", config.api_base, config.endpoint_id),
             api_key: config.api_key.clone(),
+            retry: config.retry,
+            request_timeout: config.request_timeout,
         }
     }
 
-    async fn send(
+    /// Sends the request built by `request` under the retry policy; returns the body of the
+    /// first successful answer.
+    async fn call(
         &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<reqwest::Response, RunPodError> {
-        let response = request
-            .bearer_auth(&self.api_key)
-            .send()
-            .await
-            .map_err(|e| RunPodError::Transient(without_url(e)))?;
+        kind: Call,
+        what: &str,
+        request: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<bytes::Bytes, RunPodError> {
+        let started = Instant::now();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let failure = match self.attempt(request()).await {
+                Ok(body) => return Ok(body),
+                Err(failure) => failure,
+            };
+            let may_repeat = match kind {
+                Call::Idempotent => failure.transient,
+                Call::Submit => failure.not_processed,
+            };
+            let delay = may_repeat
+                .then(|| {
+                    self.retry.next_delay(
+                        attempts,
+                        started.elapsed(),
+                        self.request_timeout,
+                        failure.retry_after,
+                        rand::random::<f64>(),
+                    )
+                })
+                .flatten();
+            let Some(delay) = delay else {
+                return Err(failure.error);
+            };
+            tracing::warn!(
+                call = what,
+                attempt = attempts,
+                error = %failure.error,
+                retry_in_ms = delay.as_millis() as u64,
+                "RunPod call failed; retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn attempt(&self, request: reqwest::RequestBuilder) -> Result<bytes::Bytes, Failure> {
+        let response = match request.bearer_auth(&self.api_key).send().await {
+            Ok(response) => response,
+            Err(err) => {
+                return Err(Failure {
+                    not_processed: err.is_connect(),
+                    transient: true,
+                    retry_after: None,
+                    error: RunPodError::Transient(without_url(err)),
+                })
+            }
+        };
         let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
         if status.is_success() {
-            return Ok(response);
+            return response.bytes().await.map_err(|err| Failure {
+                not_processed: false,
+                transient: true,
+                retry_after: None,
+                error: RunPodError::Transient(without_url(err)),
+            });
         }
         let body = response.text().await.unwrap_or_default();
         let message: String = body.chars().take(300).collect();
-        Err(match status {
+        let not_processed = matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS
+                | StatusCode::SERVICE_UNAVAILABLE
+                | StatusCode::REQUEST_TIMEOUT
+        );
+        let transient = not_processed || status.is_server_error();
+        let error = match status {
             StatusCode::NOT_FOUND => RunPodError::NotFound,
-            StatusCode::TOO_MANY_REQUESTS | StatusCode::REQUEST_TIMEOUT => {
-                RunPodError::Transient(format!("{status}: {message}"))
-            }
-            s if s.is_server_error() => RunPodError::Transient(format!("{status}: {message}")),
+            _ if transient => RunPodError::Transient(format!("{status}: {message}")),
             s => RunPodError::Permanent {
                 status: s.as_u16(),
                 message,
             },
+        };
+        Err(Failure {
+            error,
+            not_processed,
+            transient,
+            retry_after,
         })
     }
 }
@@ -66,16 +168,19 @@ pub fn http_client(config: &RunPodConfig) -> Result<reqwest::Client, reqwest::Er
         .build()
 }
 
+fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, RunPodError> {
+    serde_json::from_slice(body)
+        .map_err(|e| RunPodError::Transient(format!("unreadable answer from RunPod: {e}")))
+}
+
 #[async_trait]
 impl RunPod for HttpRunPod {
     async fn run(&self, request: &RunRequest) -> Result<String, RunPodError> {
-        let response = self
-            .send(self.http.post(format!("{}/run", self.base)).json(request))
+        let url = format!("{}/run", self.base);
+        let body = self
+            .call(Call::Submit, "run", || self.http.post(&url).json(request))
             .await?;
-        let status: RunPodStatus = response
-            .json()
-            .await
-            .map_err(|e| RunPodError::Transient(without_url(e)))?;
+        let status: RunPodStatus = decode(&body)?;
         status
             .id
             .filter(|id| !id.is_empty())
@@ -86,28 +191,146 @@ impl RunPod for HttpRunPod {
     }
 
     async fn status(&self, runpod_job_id: &str) -> Result<RunPodStatus, RunPodError> {
-        let response = self
-            .send(
-                self.http
-                    .get(format!("{}/status/{}", self.base, urlencode(runpod_job_id))),
-            )
+        let url = format!("{}/status/{}", self.base, urlencode(runpod_job_id));
+        let body = self
+            .call(Call::Idempotent, "status", || self.http.get(&url))
             .await?;
-        response
-            .json()
-            .await
-            .map_err(|e| RunPodError::Transient(without_url(e)))
+        decode(&body)
     }
 
     async fn cancel(&self, runpod_job_id: &str) -> Result<(), RunPodError> {
-        self.send(
-            self.http
-                .post(format!("{}/cancel/{}", self.base, urlencode(runpod_job_id))),
-        )
-        .await
-        .map(|_| ())
+        let url = format!("{}/cancel/{}", self.base, urlencode(runpod_job_id));
+        self.call(Call::Idempotent, "cancel", || self.http.post(&url))
+            .await
+            .map(|_| ())
     }
 }
 
 fn urlencode(segment: &str) -> String {
     url::form_urlencoded::byte_serialize(segment.as_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::extract::State;
+    use axum::http::StatusCode as Code;
+    use axum::routing::{get, post};
+
+    use super::*;
+    use crate::domain::retry::Backoff;
+
+    type Statuses = Arc<Mutex<Vec<u16>>>;
+
+    /// A RunPod stand-in answering each request with the next status of `script` (then 200),
+    /// counting requests.
+    async fn scripted(script: Vec<u16>) -> (HttpRunPod, Statuses) {
+        let remaining = Arc::new(Mutex::new(script));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let state = (remaining, seen.clone());
+        async fn answer(State((remaining, seen)): State<(Statuses, Statuses)>) -> (Code, String) {
+            let next = {
+                let mut remaining = remaining.lock().unwrap();
+                if remaining.is_empty() {
+                    200
+                } else {
+                    remaining.remove(0)
+                }
+            };
+            seen.lock().unwrap().push(next);
+            let body = if next == 200 {
+                r#"{"id":"rp-1","status":"IN_QUEUE"}"#.to_string()
+            } else {
+                "nope".to_string()
+            };
+            (Code::from_u16(next).unwrap(), body)
+        }
+        let app = axum::Router::new()
+            .route("/v2/ep/run", post(answer))
+            .route("/v2/ep/status/{id}", get(answer))
+            .route("/v2/ep/cancel/{id}", post(answer))
+            .with_state(state);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let config = RunPodConfig {
+            api_base: base,
+            endpoint_id: "ep".into(),
+            api_key: "k".into(),
+            request_timeout: Duration::from_secs(2),
+            retry: RetryPolicy {
+                max_attempts: 3,
+                backoff: Backoff {
+                    base: Duration::from_millis(5),
+                    cap: Duration::from_millis(20),
+                },
+                budget: Duration::from_secs(10),
+            },
+        };
+        let runpod = HttpRunPod::new(http_client(&config).unwrap(), &config);
+        (runpod, seen)
+    }
+
+    fn run_request() -> RunRequest {
+        RunRequest {
+            input: serde_json::json!({}),
+            webhook: None,
+            policy: crate::ports::RunPolicy {
+                execution_timeout: 1,
+                ttl: 1,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn status_is_retried_through_server_errors() {
+        let (runpod, seen) = scripted(vec![500, 502]).await;
+        assert_eq!(
+            runpod.status("x").await.unwrap().id.as_deref(),
+            Some("rp-1")
+        );
+        assert_eq!(*seen.lock().unwrap(), [500, 502, 200]);
+    }
+
+    #[tokio::test]
+    async fn retries_stop_at_the_attempt_limit() {
+        let (runpod, seen) = scripted(vec![503, 503, 503, 503]).await;
+        assert!(matches!(
+            runpod.cancel("x").await,
+            Err(RunPodError::Transient(_))
+        ));
+        assert_eq!(seen.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn run_is_retried_only_when_runpod_cannot_have_taken_it() {
+        let (runpod, seen) = scripted(vec![429, 503]).await;
+        assert_eq!(runpod.run(&run_request()).await.unwrap(), "rp-1");
+        assert_eq!(*seen.lock().unwrap(), [429, 503, 200]);
+
+        // A 500 may have created the job: handed back at once, dispatch retries later.
+        let (runpod, seen) = scripted(vec![500]).await;
+        assert!(matches!(
+            runpod.run(&run_request()).await,
+            Err(RunPodError::Transient(_))
+        ));
+        assert_eq!(*seen.lock().unwrap(), [500]);
+    }
+
+    #[tokio::test]
+    async fn final_answers_are_not_retried() {
+        let (runpod, seen) = scripted(vec![404]).await;
+        assert!(matches!(
+            runpod.status("x").await,
+            Err(RunPodError::NotFound)
+        ));
+        let (runpod2, seen2) = scripted(vec![400]).await;
+        assert!(matches!(
+            runpod2.run(&run_request()).await,
+            Err(RunPodError::Permanent { status: 400, .. })
+        ));
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        assert_eq!(seen2.lock().unwrap().len(), 1);
+    }
 }

@@ -7,9 +7,9 @@ use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent
 use futures::StreamExt;
 
 use crate::adapters::sqs::DispatchMessage;
-use crate::app::{commit, transfer, Committed};
+use crate::app::{commit_as, transfer, Committed};
 use crate::config::Settings;
-use crate::domain::job::{ErrorCode, Job, JobError, JobState, LeaseKind};
+use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, LeaseKind};
 use crate::domain::paths::VolumeLayout;
 use crate::domain::token::WebhookSigner;
 use crate::domain::workflow::WorkflowCatalog;
@@ -73,9 +73,15 @@ impl Dispatcher {
                     .as_deref()
                     .and_then(|b| serde_json::from_str::<DispatchMessage>(b).ok());
                 let Some(message) = parsed else {
-                    // Retrying a message we cannot read would only fill the DLQ later; drop it now.
-                    tracing::error!(message_id, "unreadable dispatch message dropped");
-                    return None;
+                    // A poison message: no job can be read from it, and no retry will change
+                    // that. Report it failed so that SQS moves it to the dead-letter queue after
+                    // maxReceiveCount receives, where the DLQ alarm shows it and it can be
+                    // inspected (a producer bug, a message format change). Dropping it would hide
+                    // the problem behind a log line.
+                    tracing::error!(message_id, "unreadable dispatch message; left for the DLQ");
+                    let mut failure = BatchItemFailure::default();
+                    failure.item_identifier = message_id;
+                    return Some(failure);
                 };
                 match self.dispatch(&message.job_id).await {
                     Ok(outcome) => {
@@ -112,13 +118,16 @@ impl Dispatcher {
                 ErrorCode::DispatchAttemptsExhausted,
                 format!("gave up after {} dispatch attempts", job.attempts),
             );
-            commit(self.store.as_ref(), job, |job| job.fail(error.clone(), now)).await?;
+            commit_as(self.store.as_ref(), job, Actor::Dispatch, |job| {
+                job.fail(error.clone(), now)
+            })
+            .await?;
             return Ok(DispatchOutcome::Failed(
                 ErrorCode::DispatchAttemptsExhausted,
             ));
         }
         let lease_ms = self.settings.dispatch_lease.as_millis() as i64;
-        let leased = match commit(self.store.as_ref(), job, |job| {
+        let leased = match commit_as(self.store.as_ref(), job, Actor::Dispatch, |job| {
             if job.state != JobState::Queued {
                 return Err(crate::domain::job::TransitionError::Backwards {
                     from: job.state,
@@ -144,11 +153,32 @@ impl Dispatcher {
             Err(Step::Permanent(error)) => {
                 let code = error.code;
                 let now = self.clock.now_ms();
-                commit(self.store.as_ref(), leased, |job| {
+                commit_as(self.store.as_ref(), leased, Actor::Dispatch, |job| {
                     job.fail(error.clone(), now)
                 })
                 .await?;
                 Ok(DispatchOutcome::Failed(code))
+            }
+            // The job's last attempt: fail it now rather than send the message round again
+            // (which would only come back to say the budget is spent, or reach the DLQ).
+            Err(Step::Transient(reason))
+                if leased.attempts >= self.settings.max_dispatch_attempts =>
+            {
+                let now = self.clock.now_ms();
+                let error = JobError::new(
+                    ErrorCode::DispatchAttemptsExhausted,
+                    format!(
+                        "gave up after {} dispatch attempts; the last one: {reason}",
+                        leased.attempts
+                    ),
+                );
+                commit_as(self.store.as_ref(), leased, Actor::Dispatch, |job| {
+                    job.fail(error.clone(), now)
+                })
+                .await?;
+                Ok(DispatchOutcome::Failed(
+                    ErrorCode::DispatchAttemptsExhausted,
+                ))
             }
             Err(Step::Transient(reason)) => {
                 let now = self.clock.now_ms();
@@ -224,6 +254,7 @@ impl Dispatcher {
         let next_check = now + self.settings.status_poll_after.as_millis() as i64;
         let mut submitted = leased.clone();
         if submitted
+            .acting_as(Actor::Dispatch)
             .mark_submitted(runpod_id.clone(), now, next_check)
             .is_ok()
         {
@@ -243,13 +274,15 @@ impl Dispatcher {
         let Some(current) = self.store.get(&leased.id).await? else {
             return Ok(DispatchOutcome::Skipped("job vanished while dispatching"));
         };
-        if current.state == JobState::Cancelled {
+        if current.is_terminal() {
+            // Cancelled by the client, or timed out by the sweeper, while RunPod was taking the
+            // job: nobody will ever read its result, so stop the GPU.
             if let Err(err) = self.runpod.cancel(&runpod_id).await {
                 tracing::warn!(job_id = %current.id, runpod_id, error = %err, "cancel after a raced dispatch failed");
             }
-            return Ok(DispatchOutcome::Skipped("cancelled while dispatching"));
+            return Ok(DispatchOutcome::Skipped("finished while dispatching"));
         }
-        match commit(self.store.as_ref(), current, |job| {
+        match commit_as(self.store.as_ref(), current, Actor::Dispatch, |job| {
             job.mark_submitted(runpod_id.clone(), now, next_check)
         })
         .await?

@@ -8,13 +8,15 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::app::{commit, transfer, Committed};
+use crate::app::{commit_as, next_check_after_failure, transfer, Committed};
 use crate::config::Settings;
-use crate::domain::job::{ErrorCode, Job, JobError, JobState, LeaseKind, OutputFile};
+use crate::domain::job::{
+    Actor, ErrorCode, Job, JobError, JobState, LeaseKind, OutputFile, TransitionError,
+};
 use crate::domain::paths::{file_name, results_key, VolumeLayout};
 use crate::domain::report::{
-    volume_output_keys, worker_comfyui_images, ImageSource, InlineImagePolicy, Reported,
-    MAX_OUTPUT_FILES,
+    unique_name, volume_output_keys, worker_comfyui_images, ImageSource, InlineImagePolicy,
+    Reported, MAX_OUTPUT_FILES,
 };
 use crate::domain::workflow::{OutputContract, WorkflowCatalog};
 use crate::ports::{
@@ -22,8 +24,11 @@ use crate::ports::{
     RunPodStatus, StoreError, UrlFetcher,
 };
 
-/// After a transient copy failure, look again this soon.
+/// After a transient copy failure, look again this soon (or after the poll interval, if
+/// shorter); it doubles with each failure in a row.
 const RETRY_SOON: Duration = Duration::from_secs(15);
+/// How many times the terminal write is re-applied after benign writes slipped in.
+const FINISH_RETRIES: usize = 3;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -70,7 +75,19 @@ enum Collect {
 }
 
 impl Finalizer {
+    /// [`Finalizer::observe_as`] for a caller that does not say who it is.
     pub async fn observe(&self, job: Job, status: &RunPodStatus) -> Result<Outcome, FinalizeError> {
+        self.observe_as(job, status, Actor::Gateway).await
+    }
+
+    /// Acts on what RunPod reports about `job`; the changes are recorded as made `by` (the
+    /// webhook or the sweeper).
+    pub async fn observe_as(
+        &self,
+        job: Job,
+        status: &RunPodStatus,
+        by: Actor,
+    ) -> Result<Outcome, FinalizeError> {
         if job.is_terminal() {
             return Ok(Outcome::Unchanged);
         }
@@ -81,8 +98,18 @@ impl Finalizer {
         );
         let (delay, execution) = (status.delay_time, status.execution_time);
         let now = self.clock.now_ms();
+        // The report is about one RunPod run; if the job (as stored when a change is applied)
+        // tracks another, the report is not about it any more.
+        let run = status.id.clone();
+        let same_run = move |job: &Job| match (&run, &job.runpod_job_id) {
+            (Some(reported), Some(tracked)) if reported != tracked => Err(TransitionError::Stale),
+            _ => Ok(()),
+        };
         let terminal = |state: JobState, error: JobError| {
+            let same_run = same_run.clone();
             move |job: &mut Job| {
+                same_run(job)?;
+                job.ensure_unleased(now)?;
                 job.record_runpod_times(delay, execution);
                 match state {
                     JobState::Failed => job.fail(error.clone(), now),
@@ -99,7 +126,11 @@ impl Finalizer {
                     return Ok(Outcome::Unchanged);
                 }
                 let next_check = now + self.settings.poll_interval.as_millis() as i64;
-                commit(self.store.as_ref(), job, |job| {
+                commit_as(self.store.as_ref(), job, by, |job| {
+                    // A finalize in progress means RunPod already reported the end: this report
+                    // is stale, and writing it would only get in the finalizer's way.
+                    same_run(job)?;
+                    job.ensure_unleased(now)?;
                     job.mark_running(now)?;
                     job.next_check_at = Some(next_check);
                     Ok(())
@@ -107,12 +138,15 @@ impl Finalizer {
                 .await?
             }
             Reported::Completed(output) => {
-                return self.complete(job, output, delay, execution).await
+                return self
+                    .complete(job, output, delay, execution, by, &same_run)
+                    .await
             }
             Reported::Failed(message) => {
-                commit(
+                commit_as(
                     self.store.as_ref(),
                     job,
+                    by,
                     terminal(
                         JobState::Failed,
                         JobError::new(ErrorCode::WorkerFailed, message),
@@ -121,9 +155,10 @@ impl Finalizer {
                 .await?
             }
             Reported::TimedOut => {
-                commit(
+                commit_as(
                     self.store.as_ref(),
                     job,
+                    by,
                     terminal(
                         JobState::TimedOut,
                         JobError::new(
@@ -135,9 +170,10 @@ impl Finalizer {
                 .await?
             }
             Reported::Cancelled => {
-                commit(
+                commit_as(
                     self.store.as_ref(),
                     job,
+                    by,
                     terminal(
                         JobState::Cancelled,
                         JobError::new(ErrorCode::CancelledByRunpod, "RunPod cancelled the job"),
@@ -160,58 +196,138 @@ impl Finalizer {
         output: Option<serde_json::Value>,
         delay: Option<u64>,
         execution: Option<u64>,
+        by: Actor,
+        same_run: &(dyn Fn(&Job) -> Result<(), TransitionError> + Sync),
     ) -> Result<Outcome, FinalizeError> {
         let now = self.clock.now_ms();
         let lease_ms = self.settings.finalize_lease.as_millis() as i64;
         // Only the holder of the finalize lease copies outputs; everyone else backs off.
-        let leased = match commit(self.store.as_ref(), job, |job| {
+        let leased = match commit_as(self.store.as_ref(), job, by, |job| {
+            same_run(job)?;
             job.acquire_lease(LeaseKind::Finalize, now, lease_ms)
         })
         .await?
         {
             Committed::Written(job) => job,
             Committed::Refused(job, _) if job.is_terminal() => return Ok(Outcome::Unchanged),
+            Committed::Refused(_, TransitionError::Stale) => return Ok(Outcome::Unchanged),
             Committed::Refused(..) => return Ok(Outcome::Busy),
             Committed::Missing => return Ok(Outcome::Unchanged),
         };
 
-        let collected = match self.contract_of(&leased, output.as_ref()) {
-            OutputContract::VolumeFiles => self.copy_volume_files(&leased, output.as_ref()).await,
-            OutputContract::WorkerComfyui => {
-                self.store_inline_images(&leased, output.as_ref()).await
+        // `partial`: what a volume copy had written before it stopped. It is removed only once
+        // a write guarded by our lease went through: if the lease ran out meanwhile, another
+        // caller may be writing the same keys.
+        let (collected, partial) = match self.contract_of(&leased, output.as_ref()) {
+            OutputContract::VolumeFiles => {
+                match self.copy_volume_files(&leased, output.as_ref()).await {
+                    Ok(outputs) => (Ok(outputs), Vec::new()),
+                    Err((stop, partial)) => (Err(stop), partial),
+                }
             }
+            OutputContract::WorkerComfyui => (
+                self.store_inline_images(&leased, output.as_ref()).await,
+                Vec::new(),
+            ),
         };
         let outputs = match collected {
             Ok(outputs) => outputs,
             Err(Collect::Fail(error)) => {
-                return self.finish_failed(leased, error, delay, execution).await
+                let outcome = self
+                    .finish_failed(&leased, error, delay, execution, by)
+                    .await?;
+                if outcome == Outcome::Finished(JobState::Failed) {
+                    self.remove_outputs(&leased, &partial).await;
+                }
+                return Ok(outcome);
             }
             Err(Collect::Retry(reason)) => {
                 tracing::warn!(job_id = %leased.id, error = %reason, "output copy failed; releasing the lease");
-                let retry_at = self.clock.now_ms() + RETRY_SOON.as_millis() as i64;
-                let mut released = leased.clone();
-                released.release_lease(self.clock.now_ms(), retry_at);
-                // If this write loses a race the lease simply runs out; nothing is lost.
-                let _ = self.store.save(&released, leased.version).await;
+                let now = self.clock.now_ms();
+                let base = RETRY_SOON.min(self.settings.poll_interval);
+                // If this write fails the lease simply runs out; nothing is lost.
+                let released = self
+                    .write_leased(&leased, by, |job| {
+                        job.note_check_failure();
+                        let retry_at = next_check_after_failure(base, job, now);
+                        job.release_lease(now, retry_at);
+                        Ok(())
+                    })
+                    .await;
+                if matches!(released, Ok(Some(_))) {
+                    self.remove_outputs(&leased, &partial).await;
+                }
                 return Err(FinalizeError::RetryLater(reason));
             }
         };
 
         let finished_at = self.clock.now_ms();
-        let mut done = leased.clone();
-        done.record_runpod_times(delay, execution);
-        if done.succeed(outputs, finished_at).is_err() {
-            return Ok(Outcome::Unchanged);
-        }
-        match self.store.save(&done, leased.version).await {
-            Ok(()) => {
+        let written = self
+            .write_leased(&leased, by, |job| {
+                job.record_runpod_times(delay, execution);
+                job.succeed(outputs.clone(), finished_at)
+            })
+            .await?;
+        match written {
+            Some(done) => {
                 tracing::info!(job_id = %done.id, outputs = done.outputs.len(), "job succeeded");
                 Ok(Outcome::Finished(JobState::Succeeded))
             }
-            // Our lease ran out and someone else took over: their outcome stands.
-            Err(StoreError::Conflict) => Ok(Outcome::Unchanged),
-            Err(err) => Err(err.into()),
+            // Our lease ran out and someone else took over, or the client cancelled meanwhile:
+            // their outcome stands.
+            None => {
+                self.drop_orphaned_outputs(&leased, &outputs).await;
+                Ok(Outcome::Unchanged)
+            }
         }
+    }
+
+    /// Writes a change decided while holding the finalize lease taken in `leased`. Writes that
+    /// slipped in meanwhile without taking the job from us (a reschedule, a progress report)
+    /// do not cost the result: while the stored job still carries our lease, the change is
+    /// re-applied to it. `None` when the job is no longer ours (terminal, or our lease ran out
+    /// and another caller took it) or refuses the change.
+    async fn write_leased<F>(
+        &self,
+        leased: &Job,
+        by: Actor,
+        change: F,
+    ) -> Result<Option<Job>, StoreError>
+    where
+        F: Fn(&mut Job) -> Result<(), TransitionError>,
+    {
+        let mut current = leased.clone();
+        for _ in 0..FINISH_RETRIES {
+            let mut next = current.clone();
+            next.acting_as(by);
+            if change(&mut next).is_err() {
+                return Ok(None);
+            }
+            match self.store.save(&next, current.version).await {
+                Ok(()) => return Ok(Some(next)),
+                Err(StoreError::Conflict) => match self.store.get(&current.id).await? {
+                    Some(fresh) if !fresh.is_terminal() && fresh.lease == leased.lease => {
+                        current = fresh;
+                    }
+                    _ => return Ok(None),
+                },
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Outputs copied for a job that then ended otherwise (cancelled by its client while we
+    /// copied) would never be shown to anyone: remove them. If another finalizer made the job
+    /// succeed, the same keys are its outputs and stay.
+    async fn drop_orphaned_outputs(&self, leased: &Job, outputs: &[OutputFile]) {
+        let Ok(Some(fresh)) = self.store.get(&leased.id).await else {
+            return;
+        };
+        if !fresh.is_terminal() || fresh.state == JobState::Succeeded {
+            return;
+        }
+        self.remove_outputs(leased, outputs).await;
     }
 
     /// The contract of the job's workflow. A workflow no longer in the catalog (a job from
@@ -226,16 +342,21 @@ impl Finalizer {
         }
     }
 
-    /// `volume_files`: copies the files the worker named, volume → results bucket.
+    /// `volume_files`: copies the files the worker named, volume → results bucket. When it
+    /// stops short, it also hands back what it had copied.
     async fn copy_volume_files(
         &self,
         job: &Job,
         output: Option<&serde_json::Value>,
-    ) -> Result<Vec<OutputFile>, Collect> {
-        let keys = volume_output_keys(output, &self.layout, &job.id).map_err(Collect::Fail)?;
-        let mut outputs = Vec::with_capacity(keys.len());
+    ) -> Result<Vec<OutputFile>, (Collect, Vec<OutputFile>)> {
+        let keys = volume_output_keys(output, &self.layout, &job.id)
+            .map_err(|error| (Collect::Fail(error), Vec::new()))?;
+        let mut outputs: Vec<OutputFile> = Vec::with_capacity(keys.len());
         for key in &keys {
-            let name = file_name(key).to_string();
+            // Two outputs may share a name in different folders (two SaveImage nodes with
+            // prefixes "a/img" and "b/img"): each gets its own name, hence its own result key.
+            let taken: Vec<&str> = outputs.iter().map(|o| o.file_name.as_str()).collect();
+            let name = unique_name(file_name(key), &taken);
             let destination = results_key(&job.owner, &job.id, &name);
             let content_type = transfer::content_type_for(&name);
             match transfer::copy(
@@ -253,16 +374,30 @@ impl Finalizer {
                     size: meta.size,
                     content_type: content_type.to_string(),
                 }),
-                Err(ObjectError::NotFound(_)) => {
-                    return Err(Collect::Fail(JobError::new(
-                        ErrorCode::OutputMissing,
-                        format!("the worker reported {name} but it is not on the volume"),
-                    )));
+                // What was copied so far belongs to no result: the job fails, or the next
+                // attempt copies everything again.
+                Err(err) => {
+                    let stop = match err {
+                        ObjectError::NotFound(_) => Collect::Fail(JobError::new(
+                            ErrorCode::OutputMissing,
+                            format!("the worker reported {name} but it is not on the volume"),
+                        )),
+                        err => Collect::Retry(err.to_string()),
+                    };
+                    return Err((stop, outputs));
                 }
-                Err(err) => return Err(Collect::Retry(err.to_string())),
             }
         }
         Ok(outputs)
+    }
+
+    /// Best effort: a leftover costs storage but is never shown to anyone.
+    async fn remove_outputs(&self, job: &Job, outputs: &[OutputFile]) {
+        for output in outputs {
+            if let Err(err) = self.results.delete(&output.key).await {
+                tracing::warn!(job_id = %job.id, key = %output.key, error = %err, "could not remove a partial output");
+            }
+        }
     }
 
     /// `worker_comfyui`: stores the images of the job output (base64 decoded, URLs downloaded
@@ -396,22 +531,24 @@ impl Finalizer {
 
     async fn finish_failed(
         &self,
-        leased: Job,
+        leased: &Job,
         error: JobError,
         delay: Option<u64>,
         execution: Option<u64>,
+        by: Actor,
     ) -> Result<Outcome, FinalizeError> {
         tracing::warn!(job_id = %leased.id, code = error.code.as_str(), message = %error.message, "job failed while finalizing");
-        let mut failed = leased.clone();
-        failed.record_runpod_times(delay, execution);
-        if failed.fail(error, self.clock.now_ms()).is_err() {
-            return Ok(Outcome::Unchanged);
-        }
-        match self.store.save(&failed, leased.version).await {
-            Ok(()) => Ok(Outcome::Finished(JobState::Failed)),
-            Err(StoreError::Conflict) => Ok(Outcome::Unchanged),
-            Err(err) => Err(err.into()),
-        }
+        let now = self.clock.now_ms();
+        let written = self
+            .write_leased(leased, by, |job| {
+                job.record_runpod_times(delay, execution);
+                job.fail(error.clone(), now)
+            })
+            .await?;
+        Ok(match written {
+            Some(_) => Outcome::Finished(JobState::Failed),
+            None => Outcome::Unchanged,
+        })
     }
 }
 

@@ -7,11 +7,31 @@ pub mod sweeper;
 pub mod transfer;
 pub mod webhook;
 
-use crate::domain::job::{Job, TransitionError};
+use std::time::Duration;
+
+use crate::domain::job::{Actor, Job, Millis, TransitionError};
+use crate::domain::retry::check_backoff;
 use crate::ports::{JobStore, StoreError};
 
 /// How many times a change is re-applied to a freshly read job after losing a version race.
 const CONFLICT_RETRIES: usize = 3;
+
+/// The longest the sweeper waits between two checks of a job whose checks keep failing; well
+/// under RunPod's 30-minute result retention, so a result is still there when RunPod is back.
+pub const MAX_CHECK_BACKOFF: Duration = Duration::from_secs(10 * 60);
+
+/// When to look at `job` again after a check that failed transiently (its
+/// `check_failures` already counted): `base` doubled per failure in a row, with jitter, at
+/// most [`MAX_CHECK_BACKOFF`], and never after the job's deadline.
+pub fn next_check_after_failure(base: Duration, job: &Job, now: Millis) -> Millis {
+    let wait = check_backoff(
+        base,
+        job.check_failures,
+        MAX_CHECK_BACKOFF,
+        rand::random::<f64>(),
+    );
+    (now + wait.as_millis() as Millis).min(job.deadline_at.max(now))
+}
 
 /// The result of [`commit`].
 pub enum Committed {
@@ -23,12 +43,22 @@ pub enum Committed {
     Missing,
 }
 
+/// [`commit_as`] for a caller that does not say who it is (history entries say `gateway`).
+pub async fn commit<F>(store: &dyn JobStore, job: Job, change: F) -> Result<Committed, StoreError>
+where
+    F: Fn(&mut Job) -> Result<(), TransitionError>,
+{
+    commit_as(store, job, Actor::Gateway, change).await
+}
+
 /// Applies `change` to `job` and writes it conditionally on the version read. When another writer
 /// got there first, reads the job again and re-applies the change to what is stored now, so a
-/// change is decided on the latest state and never overwrites someone else's.
-pub async fn commit<F>(
+/// change is decided on the latest state and never overwrites someone else's. State changes are
+/// recorded in the job's history as made `by`.
+pub async fn commit_as<F>(
     store: &dyn JobStore,
     mut job: Job,
+    by: Actor,
     change: F,
 ) -> Result<Committed, StoreError>
 where
@@ -37,6 +67,7 @@ where
     for _ in 0..CONFLICT_RETRIES {
         let read_version = job.version;
         let mut next = job.clone();
+        next.acting_as(by);
         if let Err(refusal) = change(&mut next) {
             return Ok(Committed::Refused(job, refusal));
         }

@@ -8,9 +8,9 @@ use futures::StreamExt;
 use serde::Serialize;
 
 use crate::app::finalize::{Finalizer, Outcome};
-use crate::app::{commit, Committed};
+use crate::app::{commit_as, next_check_after_failure, Committed};
 use crate::config::Settings;
-use crate::domain::job::{ErrorCode, Job, JobError, JobState, Millis};
+use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, Millis, TransitionError};
 use crate::ports::{Clock, JobQueue, JobStore, RunPod, RunPodError, StoreError};
 
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
@@ -57,7 +57,7 @@ impl Sweeper {
             ..SweepReport::default()
         };
         let actions: Vec<Action> = futures::stream::iter(due.jobs)
-            .map(|job| self.check(job, now))
+            .map(|job| self.check(job))
             .buffer_unordered(self.settings.sweep_concurrency.max(1))
             .collect()
             .await;
@@ -89,8 +89,10 @@ impl Sweeper {
         Ok(report)
     }
 
-    async fn check(&self, job: Job, now: Millis) -> Action {
+    async fn check(&self, job: Job) -> Action {
         let job_id = job.id.clone();
+        // Not the sweep's start: that may be a while ago by the time this job's turn comes.
+        let now = self.clock.now_ms();
         match self.check_inner(job, now).await {
             Ok(action) => action,
             Err(err) => {
@@ -122,7 +124,10 @@ impl Sweeper {
             return Ok(Action::Error);
         }
         let next = now + self.settings.requeue_after.as_millis() as i64;
-        commit(self.store.as_ref(), job, |job| job.reschedule(now, next)).await?;
+        commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+            job.reschedule(now, next)
+        })
+        .await?;
         Ok(Action::Requeued)
     }
 
@@ -134,25 +139,44 @@ impl Sweeper {
                     ErrorCode::RunpodJobExpired,
                     "RunPod no longer knows the job: its result expired or its TTL passed",
                 );
-                let done =
-                    commit(self.store.as_ref(), job, |job| job.fail(error.clone(), now)).await?;
+                // Unless a webhook took the job meanwhile: it holds a report from before the
+                // result went away, and finishes the job from it.
+                let now = self.clock.now_ms();
+                let done = commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+                    // Only the run we asked about is gone; the job may track another by now.
+                    if job.runpod_job_id.as_deref() != Some(runpod_id) {
+                        return Err(TransitionError::Stale);
+                    }
+                    job.ensure_unleased(now)?;
+                    job.fail(error.clone(), now)
+                })
+                .await?;
                 return Ok(Action::Polled {
                     finished: matches!(done, Committed::Written(_)),
                 });
             }
             Err(err) => {
                 tracing::warn!(job_id = %job.id, error = %err, "status poll failed");
-                self.reschedule(job, now).await?;
+                self.reschedule_after_failure(job, now).await?;
                 return Ok(Action::Error);
             }
         };
         let job_id = job.id.clone();
-        match self.finalizer.observe(job, &status).await {
+        match self
+            .finalizer
+            .observe_as(job, &status, Actor::Sweeper)
+            .await
+        {
             Ok(Outcome::Finished(_)) => Ok(Action::Polled { finished: true }),
+            // Someone else holds the job (a webhook finalizing it): its lease already made the
+            // job due when it runs out, and any write here would only get in its way.
+            Ok(Outcome::Busy) => Ok(Action::Skipped),
             Ok(_) => {
-                // Still in flight (or busy elsewhere): look again after the poll interval.
+                // Still in flight: look again after the poll interval.
                 if let Some(fresh) = self.store.get(&job_id).await? {
-                    self.reschedule(fresh, now).await?;
+                    if fresh.active_lease(now).is_none() {
+                        self.reschedule(fresh, now).await?;
+                    }
                 }
                 Ok(Action::Polled { finished: false })
             }
@@ -164,13 +188,15 @@ impl Sweeper {
     }
 
     async fn expire(&self, job: Job, now: Millis) -> Result<Action, StoreError> {
+        // What RunPod has, as far as this (possibly stale) copy of the job knows.
+        let cancelled = job.runpod_job_id.clone();
         if let Some(runpod_id) = &job.runpod_job_id {
             match self.runpod.cancel(runpod_id).await {
                 Ok(()) | Err(RunPodError::NotFound) => {}
                 Err(err) => {
                     // Do not record a timeout while the GPU may still be running it.
                     tracing::warn!(job_id = %job.id, error = %err, "cancel at deadline failed");
-                    self.reschedule(job, now).await?;
+                    self.reschedule_after_failure(job, now).await?;
                     return Ok(Action::Error);
                 }
             }
@@ -179,7 +205,15 @@ impl Sweeper {
             ErrorCode::DeadlineExceeded,
             "the job did not finish before its deadline",
         );
-        let done = commit(self.store.as_ref(), job, |job| {
+        let now = self.clock.now_ms();
+        let done = commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+            // The copy came from the index, which lags: if RunPod got the job since (or got
+            // another run of it), what was cancelled is not what runs. Leave the job due; the
+            // next sweep cancels what runs and times the job out.
+            if job.runpod_job_id != cancelled {
+                return Err(TransitionError::Stale);
+            }
+            job.ensure_unleased(now)?;
             job.time_out(error.clone(), now)
         })
         .await?;
@@ -194,7 +228,27 @@ impl Sweeper {
             return Ok(());
         }
         let next = (now + self.settings.poll_interval.as_millis() as i64).min(job.deadline_at);
-        commit(self.store.as_ref(), job, |job| job.reschedule(now, next)).await?;
+        commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+            job.reschedule(now, next)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// After a check failed transiently (RunPod unreachable): count the failure and look again
+    /// later the more failures came in a row (`next_check_after_failure`), so an outage is
+    /// not met with a poll of every job in flight every minute.
+    async fn reschedule_after_failure(&self, job: Job, now: Millis) -> Result<(), StoreError> {
+        if job.is_terminal() {
+            return Ok(());
+        }
+        let base = self.settings.poll_interval;
+        commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+            job.note_check_failure();
+            let next = next_check_after_failure(base, job, now);
+            job.reschedule(now, next)
+        })
+        .await?;
         Ok(())
     }
 }

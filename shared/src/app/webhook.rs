@@ -16,6 +16,7 @@ use serde_json::json;
 
 use crate::app::api::error::ApiError;
 use crate::app::finalize::{FinalizeError, Finalizer, Outcome};
+use crate::domain::job::Actor;
 use crate::domain::token::WebhookSigner;
 use crate::ports::{JobStore, RunPod, RunPodError, RunPodStatus};
 
@@ -74,7 +75,12 @@ async fn handle(state: &WebhookState, job_id: &str, body: &[u8]) -> Result<Outco
             && status.id == job.runpod_job_id
     });
     let outcome = match from_body {
-        Some(status) => state.finalizer.observe(job.clone(), &status).await,
+        Some(status) => {
+            state
+                .finalizer
+                .observe_as(job.clone(), &status, Actor::Webhook)
+                .await
+        }
         None => Ok(Outcome::NeedsStatus),
     };
     let outcome = match outcome {
@@ -84,7 +90,12 @@ async fn handle(state: &WebhookState, job_id: &str, body: &[u8]) -> Result<Outco
                 return Err(unavailable("job not yet recorded as submitted"));
             };
             match state.runpod.status(&runpod_id).await {
-                Ok(status) => state.finalizer.observe(job, &status).await,
+                Ok(status) => {
+                    state
+                        .finalizer
+                        .observe_as(job, &status, Actor::Webhook)
+                        .await
+                }
                 // Gone at RunPod: leave it to the sweeper, which records the expiry.
                 Err(RunPodError::NotFound) => Ok(Outcome::Unchanged),
                 Err(err) => return Err(unavailable(&err.to_string())),

@@ -4,6 +4,10 @@
 //! conditional on the version that was read, so the methods here bump `version` and the caller
 //! saves with the previous one as the condition: two writers racing on the same version cannot
 //! both win.
+//!
+//! Every state change also appends a [`JobEvent`] to the job's `history`, in the same record and
+//! so in the same conditional write: a writer that loses the race leaves no event behind, and
+//! the history is exactly the sequence of changes that were stored.
 use serde::{Deserialize, Serialize};
 
 use super::workflow::ValidatedParams;
@@ -158,6 +162,47 @@ impl JobError {
     }
 }
 
+/// Who made a change: the API on a client's request, or one of the functions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Actor {
+    /// The public API, on the client's request (submission, cancel).
+    Client,
+    Dispatch,
+    Webhook,
+    Sweeper,
+    /// A caller that did not say (tools, tests).
+    #[default]
+    Gateway,
+}
+
+impl Actor {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Client => "client",
+            Self::Dispatch => "dispatch",
+            Self::Webhook => "webhook",
+            Self::Sweeper => "sweeper",
+            Self::Gateway => "gateway",
+        }
+    }
+}
+
+/// One state change, as stored: append-only, at most one per state (states only move forward),
+/// so a history has at most [`MAX_HISTORY`] entries and exactly one terminal entry once the job
+/// is terminal.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobEvent {
+    pub at: Millis,
+    /// `None` for the job's creation.
+    pub from: Option<JobState>,
+    pub to: JobState,
+    pub by: Actor,
+}
+
+/// Creation plus one entry per later state: queued → submitted → running → terminal.
+pub const MAX_HISTORY: usize = 4;
+
 /// Where the job's input image sits in the uploads bucket.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct InputRef {
@@ -232,6 +277,27 @@ pub struct Job {
     pub lease: Option<Lease>,
     /// Epoch seconds after which DynamoDB may delete the record (TTL).
     pub expires_at: i64,
+    /// Every state change, oldest first (records from before the history existed have none).
+    #[serde(default)]
+    pub history: Vec<JobEvent>,
+    /// Checks of this job that failed transiently in a row (RunPod or the volume unreachable);
+    /// the sweeper waits longer after each. Reset when the job moves on.
+    #[serde(default)]
+    pub check_failures: u32,
+    /// Who is changing the job in this process; recorded in the history, never stored.
+    #[serde(skip)]
+    acting: Acting,
+}
+
+/// The transient [`Actor`] of a job in memory. It is not part of the record, so it never makes
+/// two jobs unequal.
+#[derive(Clone, Copy, Debug, Default)]
+struct Acting(Actor);
+
+impl PartialEq for Acting {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -242,6 +308,10 @@ pub enum TransitionError {
     Backwards { from: JobState, to: JobState },
     #[error("a {0:?} lease is held until {1}")]
     Leased(LeaseKind, Millis),
+    /// The job changed since the caller decided on it in a way that voids the decision (e.g.
+    /// RunPod got the job after the sweeper decided what to cancel).
+    #[error("the job changed since the decision was made")]
+    Stale,
 }
 
 /// Everything a new job needs; the rest starts empty.
@@ -295,7 +365,38 @@ impl Job {
             next_check_at: Some(now + timing.first_check_ms),
             lease: None,
             expires_at: now / 1000 + timing.retention_secs,
+            history: vec![JobEvent {
+                at: now,
+                from: None,
+                to: JobState::Queued,
+                by: Actor::Client,
+            }],
+            check_failures: 0,
+            acting: Acting::default(),
         }
+    }
+
+    /// Names who makes the changes that follow (recorded in their history entries). The app
+    /// layer sets it before each change it applies; a job read from the store starts as
+    /// [`Actor::Gateway`].
+    pub fn acting_as(&mut self, by: Actor) -> &mut Self {
+        self.acting = Acting(by);
+        self
+    }
+
+    /// Refuses while another caller holds a lease on the job: a caller that did not take the
+    /// lease must not decide the job's end under the holder's feet (the holder is finishing it,
+    /// and when it is gone its lease runs out).
+    pub fn ensure_unleased(&self, now: Millis) -> Result<(), TransitionError> {
+        match self.active_lease(now) {
+            Some(lease) => Err(TransitionError::Leased(lease.kind, lease.until)),
+            None => Ok(()),
+        }
+    }
+
+    /// Counts one more transient failure to check the job; see [`Job::check_failures`].
+    pub fn note_check_failure(&mut self) {
+        self.check_failures = self.check_failures.saturating_add(1);
     }
 
     pub fn is_terminal(&self) -> bool {
@@ -457,7 +558,19 @@ impl Job {
         if to == JobState::Running {
             self.timestamps.running_at = Some(now);
         }
+        if self.history.len() < MAX_HISTORY {
+            // Writers run on different machines with their own clocks (and may have read the
+            // time a little before writing): the history stays in order whatever they say.
+            let after = self.history.last().map_or(now, |last| last.at);
+            self.history.push(JobEvent {
+                at: now.max(after),
+                from: Some(self.state),
+                to,
+                by: self.acting.0,
+            });
+        }
         self.state = to;
+        self.check_failures = 0;
         self.touch(now);
         Ok(())
     }
@@ -597,6 +710,94 @@ mod tests {
     fn error_codes_say_whether_a_retry_can_help() {
         assert!(!JobError::new(ErrorCode::InvalidOutputPath, "x").retryable);
         assert!(JobError::new(ErrorCode::RunpodJobExpired, "x").retryable);
+    }
+
+    #[test]
+    fn every_state_change_is_in_the_history_once() {
+        let mut job = job();
+        job.acting_as(Actor::Dispatch)
+            .mark_submitted("rp".into(), 2_000, 5_000)
+            .unwrap();
+        // A second submission record (a late dispatch) changes no state: no event.
+        job.mark_submitted("rp".into(), 2_500, 5_000).unwrap();
+        job.acting_as(Actor::Webhook).mark_running(3_000).unwrap();
+        job.acting_as(Actor::Sweeper)
+            .succeed(vec![], 4_000)
+            .unwrap();
+        assert!(job
+            .acting_as(Actor::Client)
+            .cancel(JobError::new(ErrorCode::CancelledByClient, "x"), 5_000)
+            .is_err());
+        let steps: Vec<_> = job
+            .history
+            .iter()
+            .map(|e| (e.from, e.to, e.by, e.at))
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                (None, JobState::Queued, Actor::Client, 1_000),
+                (
+                    Some(JobState::Queued),
+                    JobState::Submitted,
+                    Actor::Dispatch,
+                    2_000
+                ),
+                (
+                    Some(JobState::Submitted),
+                    JobState::Running,
+                    Actor::Webhook,
+                    3_000
+                ),
+                (
+                    Some(JobState::Running),
+                    JobState::Succeeded,
+                    Actor::Sweeper,
+                    4_000
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_history_stays_in_time_order_when_a_writers_clock_lags() {
+        let mut job = job();
+        job.mark_submitted("rp".into(), 5_000, 9_000).unwrap();
+        job.time_out(JobError::new(ErrorCode::DeadlineExceeded, "late"), 4_000)
+            .unwrap();
+        let times: Vec<_> = job.history.iter().map(|e| e.at).collect();
+        assert_eq!(times, [1_000, 5_000, 5_000]);
+    }
+
+    #[test]
+    fn leases_and_reschedules_are_not_state_changes() {
+        let mut job = job();
+        job.acquire_lease(LeaseKind::Dispatch, 2_000, 1_000)
+            .unwrap();
+        job.release_lease(2_500, 9_000);
+        job.reschedule(3_000, 9_000).unwrap();
+        assert_eq!(job.history.len(), 1);
+    }
+
+    #[test]
+    fn moving_on_clears_the_check_failures() {
+        let mut job = job();
+        job.note_check_failure();
+        job.note_check_failure();
+        assert_eq!(job.check_failures, 2);
+        job.mark_running(2_000).unwrap();
+        assert_eq!(job.check_failures, 0);
+    }
+
+    #[test]
+    fn a_record_without_history_still_reads() {
+        let mut value = serde_json::to_value(job()).unwrap();
+        let object = value.as_object_mut().unwrap();
+        object.remove("history");
+        object.remove("check_failures");
+        let old: Job = serde_json::from_value(value).unwrap();
+        assert!(old.history.is_empty());
+        assert_eq!(old.check_failures, 0);
     }
 
     #[test]

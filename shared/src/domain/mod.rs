@@ -2,5 +2,6 @@
 pub mod job;
 pub mod paths;
 pub mod report;
+pub mod retry;
 pub mod token;
 pub mod workflow;

@@ -426,8 +426,8 @@ pub fn safe_file_name(raw: &str, n: usize) -> String {
     }
 }
 
-/// `name`, or `stem-2.ext`, `stem-3.ext`… if an earlier image already took it.
-fn unique_name(name: &str, taken: &[&str]) -> String {
+/// `name`, or `stem-2.ext`, `stem-3.ext`… if an earlier output already took it.
+pub fn unique_name(name: &str, taken: &[&str]) -> String {
     if !taken.contains(&name) {
         return name.to_owned();
     }

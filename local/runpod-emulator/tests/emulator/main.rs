@@ -4,6 +4,7 @@
 mod common;
 
 mod api;
+mod chaos;
 mod controls;
 mod jobs;
 mod sdk_worker;

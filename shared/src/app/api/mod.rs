@@ -24,9 +24,9 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::app::{commit, Committed};
+use crate::app::{commit_as, Committed};
 use crate::config::Settings;
-use crate::domain::job::{ErrorCode, InputRef, Job, JobError, JobState, JobTiming, NewJob};
+use crate::domain::job::{Actor, ErrorCode, InputRef, Job, JobError, JobState, JobTiming, NewJob};
 use crate::domain::workflow::WorkflowCatalog;
 use crate::ports::{Clock, CreateOutcome, JobQueue, JobStore, ObjectStore, RunPod, RunPodError};
 
@@ -417,7 +417,7 @@ async fn cancel_job(
     }
     let now = state.clock.now_ms();
     let error = JobError::new(ErrorCode::CancelledByClient, "cancelled by the client");
-    match commit(state.store.as_ref(), job, |job| {
+    match commit_as(state.store.as_ref(), job, Actor::Client, |job| {
         job.cancel(error.clone(), now)
     })
     .await?

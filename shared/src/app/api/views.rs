@@ -2,7 +2,7 @@
 //! never appear; times are RFC 3339.
 use serde_json::{json, Value};
 
-use crate::domain::job::{Job, Millis, OutputFile};
+use crate::domain::job::{Job, JobEvent, JobState, Millis, OutputFile};
 
 fn time(ms: Millis) -> Value {
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
@@ -52,5 +52,16 @@ pub fn job_detail(job: &Job, outputs: Vec<Value>) -> Value {
         "delay_time_ms": job.delay_time_ms,
         "execution_time_ms": job.execution_time_ms,
         "outputs": outputs,
+        "events": job.history.iter().map(event).collect::<Vec<_>>(),
+    })
+}
+
+/// One state change of the job: `from` is null for its creation; states are the public ones.
+pub fn event(event: &JobEvent) -> Value {
+    json!({
+        "at": time(event.at),
+        "from": event.from.map(JobState::as_str),
+        "to": event.to.as_str(),
+        "by": event.by.as_str(),
     })
 }

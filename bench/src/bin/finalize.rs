@@ -1,0 +1,51 @@
+//! Child process of the peak-memory figure. Wires the finalizer the way the webhook function
+//! does (same environment variables), finalizes one job from the RunPod report given as its
+//! second argument, and prints one JSON line with its resident set before and its peak
+//! (`VmHWM`) after. Run by `gateway-bench`; not useful alone.
+use std::time::Instant;
+
+use gateway::ports::RunPodStatus;
+use gateway::wiring::Wiring;
+
+fn status_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+            rest.trim().trim_end_matches("kB").trim().parse().ok()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let job_id = args
+        .next()
+        .ok_or("usage: bench-finalize JOB_ID STATUS_JSON")?;
+    let status: RunPodStatus = serde_json::from_str(&args.next().ok_or("missing STATUS_JSON")?)?;
+    let wiring = Wiring::from_env().await?;
+    let finalizer = wiring.finalizer()?;
+    let job = finalizer
+        .store
+        .get(&job_id)
+        .await?
+        .ok_or("no such job in the table")?;
+    let rss_before_kb = status_kb("VmRSS");
+    let hwm_before_kb = status_kb("VmHWM");
+    let started = Instant::now();
+    let outcome = finalizer.observe(job, &status).await?;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    println!(
+        "{}",
+        serde_json::json!({
+            "outcome": format!("{outcome:?}"),
+            "rss_before_kb": rss_before_kb,
+            "hwm_before_kb": hwm_before_kb,
+            "hwm_after_kb": status_kb("VmHWM"),
+            "elapsed_ms": elapsed_ms,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,402 @@
+//! What every figure needs: a moto server of the benchmark's own, the RunPod emulator, the
+//! gateway's configuration pointed at both, job records, images, and statistics.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_s3::config::Credentials;
+use gateway::config::Env;
+use gateway::domain::job::{InputRef, Job, JobTiming, Millis, NewJob};
+use gateway::domain::workflow::ValidatedParams;
+use gateway::wiring::Wiring;
+use runpod_emulator::{Emulator, EmulatorConfig, Faults};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub const REGION: &str = "us-east-1";
+pub const WEBHOOK_SECRET: &str = "bench-webhook-secret-not-real-0001";
+pub const DEV_TOKEN: &str = "bench-token";
+pub const OWNER: &str = "bench-owner";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The folder of this executable: the release bins of the workspace sit beside it.
+pub fn bin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| repo_root().join("target/release"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port on loopback")
+}
+
+/// Ends a child process when this process dies, even on a panic or a kill (Linux).
+pub fn die_with_parent(command: &mut Command) {
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+/// A `moto_server` of the benchmark's own, from the repo's `.venv`; stopped on drop.
+pub struct Moto {
+    pub endpoint: String,
+    child: Child,
+}
+
+impl Moto {
+    /// Must be called from the main thread: the server dies with the thread that forked it.
+    pub fn start() -> Result<Self, BoxError> {
+        let bin = repo_root().join(".venv/bin/moto_server");
+        if !bin.exists() {
+            return Err(format!("{} is missing: run scripts/bootstrap", bin.display()).into());
+        }
+        let port = free_port();
+        let mut command = Command::new(bin);
+        command
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            // The throughput figure empties its queues between rounds, more often than AWS's
+            // one purge a minute that moto enforces by default.
+            .env("MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR", "false")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        die_with_parent(&mut command);
+        let child = command.spawn()?;
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            if Instant::now() > deadline {
+                return Err("moto_server did not start within 30 s".into());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(Self {
+            endpoint: format!("http://{addr}"),
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn sdk_config(endpoint: &str) -> SdkConfig {
+    aws_config::defaults(BehaviorVersion::latest())
+        .region(Region::new(REGION))
+        .endpoint_url(endpoint)
+        .credentials_provider(Credentials::new("bench", "bench", None, None, "bench"))
+        .load()
+        .await
+}
+
+/// The emulator with its volume in a fresh temporary folder. `builtin_worker` off leaves jobs
+/// queued at "RunPod" so the benchmark decides what they report.
+pub async fn emulator(builtin_worker: bool) -> Result<Emulator, BoxError> {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let config = EmulatorConfig {
+        volume_dir: std::env::temp_dir().join(format!("gateway-bench-volume-{}", &id[..12])),
+        builtin_worker,
+        faults: Faults::default(),
+        webhook_retry_delay: Duration::from_secs(1),
+        ..EmulatorConfig::default()
+    };
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    Ok(runpod_emulator::spawn(config, any, any).await?)
+}
+
+/// Names of one set of AWS resources (table, queue, buckets), unique per call.
+#[derive(Clone, Debug)]
+pub struct Names {
+    pub table: String,
+    pub queue_url: String,
+    pub uploads: String,
+    pub results: String,
+}
+
+impl Names {
+    pub fn fresh(moto: &str, label: &str) -> Self {
+        let id = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        Self {
+            table: format!("bench-{label}-{id}"),
+            queue_url: format!("{moto}/123456789012/bench-{label}-{id}"),
+            uploads: format!("bench-{label}-uploads-{id}"),
+            results: format!("bench-{label}-results-{id}"),
+        }
+    }
+}
+
+/// The environment the Lambda functions read (README, Configuration), pointed at the local
+/// stack. Every credential is a local fake.
+pub fn gateway_env(
+    moto: &str,
+    emulator: &Emulator,
+    names: &Names,
+    webhook_base: &str,
+) -> Vec<(String, String)> {
+    [
+        ("AWS_REGION", REGION.to_string()),
+        ("AWS_DEFAULT_REGION", REGION.to_string()),
+        ("AWS_ACCESS_KEY_ID", "bench-fake".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "bench-fake".to_string()),
+        ("AWS_ENDPOINT_URL", moto.to_string()),
+        ("JOBS_TABLE", names.table.clone()),
+        ("JOBS_QUEUE_URL", names.queue_url.clone()),
+        ("UPLOADS_BUCKET", names.uploads.clone()),
+        ("RESULTS_BUCKET", names.results.clone()),
+        ("S3_FORCE_PATH_STYLE", "true".to_string()),
+        ("RUNPOD_API_BASE", emulator.api_url.clone()),
+        ("RUNPOD_ENDPOINT_ID", emulator.endpoint_id.clone()),
+        ("RUNPOD_API_KEY", emulator.api_key.clone()),
+        ("VOLUME_ID", emulator.volume_id.clone()),
+        ("VOLUME_DATACENTER", "EU-RO-1".to_string()),
+        ("VOLUME_S3_ENDPOINT", emulator.s3_url.clone()),
+        ("VOLUME_ACCESS_KEY_ID", emulator.volume_access_key.clone()),
+        (
+            "VOLUME_SECRET_ACCESS_KEY",
+            emulator.volume_secret_key.clone(),
+        ),
+        ("WEBHOOK_BASE_URL", webhook_base.to_string()),
+        ("WEBHOOK_SECRET", WEBHOOK_SECRET.to_string()),
+        ("GATEWAY_DEV_TOKENS", format!("{DEV_TOKEN}={OWNER}")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// Creates a Secrets Manager secret in moto (the JSON protocol, unsigned: moto routes on the
+/// credential scope) and returns its ARN. Used to give the functions `GATEWAY_SECRET_ARN` as the
+/// template does, so that a build which reads it pays its GetSecretValue at init.
+pub async fn create_secret(
+    moto: &str,
+    name: &str,
+    value: &serde_json::Value,
+) -> Result<String, BoxError> {
+    let response = reqwest::Client::new()
+        .post(format!("{moto}/"))
+        .header("content-type", "application/x-amz-json-1.1")
+        .header("x-amz-target", "secretsmanager.CreateSecret")
+        .header(
+            "authorization",
+            format!("AWS4-HMAC-SHA256 Credential=bench/20261127/{REGION}/secretsmanager/aws4_request, SignedHeaders=host, Signature=0"),
+        )
+        .body(serde_json::json!({ "Name": name, "SecretString": value.to_string() }).to_string())
+        .send()
+        .await?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await.unwrap_or_default();
+    body["ARN"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| format!("CreateSecret answered {status}: {body}").into())
+}
+
+/// Whether a binary reads `GATEWAY_SECRET_ARN` (the variable's name is in its data).
+pub fn reads_secret_arn(binary: &Path) -> bool {
+    let needle = b"GATEWAY_SECRET_ARN";
+    std::fs::read(binary)
+        .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+        .unwrap_or(false)
+}
+
+/// An in-process wiring over `vars`, with its table, queue and buckets created in moto.
+pub async fn wiring(sdk: &SdkConfig, vars: &[(String, String)]) -> Result<Wiring, BoxError> {
+    let wiring = Wiring::new(Env::from_pairs(vars.iter().cloned()), sdk.clone())?;
+    local_runner::resources::ensure(&wiring, 30).await?;
+    Ok(wiring)
+}
+
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or_default()
+}
+
+/// A restore job as `POST /jobs` would create it (queued, default parameters).
+pub fn new_job(owner: &str, now: Millis) -> Job {
+    let id = uuid::Uuid::now_v7().to_string();
+    let params = ValidatedParams(
+        [
+            ("megapixels", serde_json::json!(1.0)),
+            ("denoise", serde_json::json!(0.7)),
+            ("seed", serde_json::json!(123_456_789u64)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+    );
+    Job::new(
+        NewJob {
+            input: InputRef {
+                key: format!("inputs/{owner}/{id}/input.jpg"),
+                content_type: "image/jpeg".into(),
+                size: 48_213,
+                extension: "jpg".into(),
+            },
+            id,
+            owner: owner.to_string(),
+            workflow: "restore".into(),
+            workflow_version: "1".into(),
+            params,
+            idempotency_key: None,
+            callback_url: None,
+        },
+        JobTiming {
+            deadline_ms: 3_600_000,
+            first_check_ms: 120_000,
+            retention_secs: 30 * 86_400,
+        },
+        now,
+    )
+}
+
+/// A job RunPod has (`submitted`), next checked at `next_check`.
+pub fn submitted_job(owner: &str, runpod_id: &str, now: Millis, next_check: Millis) -> Job {
+    let mut job = new_job(owner, now);
+    job.mark_submitted(runpod_id.to_string(), now, next_check)
+        .expect("a queued job can be submitted");
+    job
+}
+
+/// A photo-like JPEG (gradient with structure), `width`×`height`.
+pub fn jpeg(width: u32, height: u32) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(width, height, |x, y| {
+        image::Rgb([
+            (x * 255 / width.max(1)) as u8,
+            (y * 255 / height.max(1)) as u8,
+            ((x ^ y) & 0xff) as u8,
+        ])
+    });
+    let mut out = Vec::new();
+    image::DynamicImage::ImageRgb8(img)
+        .write_to(
+            &mut std::io::Cursor::new(&mut out),
+            image::ImageFormat::Jpeg,
+        )
+        .expect("encode a JPEG");
+    out
+}
+
+pub fn restore_request(image: &[u8]) -> serde_json::Value {
+    use base64::Engine as _;
+    serde_json::json!({
+        "workflow": "restore",
+        "params": { "megapixels": 0.25 },
+        "input": { "image_base64": base64::engine::general_purpose::STANDARD.encode(image) },
+    })
+}
+
+/// Writes `bytes` bytes of incompressible data to `path` without holding them in memory.
+pub fn write_file(path: &Path, bytes: u64) -> std::io::Result<()> {
+    use rand::RngCore;
+    use std::io::Write;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut block = vec![0u8; 1 << 20];
+    rand::rng().fill_bytes(&mut block);
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(block.len() as u64) as usize;
+        file.write_all(&block[..n])?;
+        // Vary each block a little so no two are the same.
+        block[0] = block[0].wrapping_add(1);
+        left -= n as u64;
+    }
+    file.flush()
+}
+
+/// `field` (e.g. `VmHWM`) of `/proc/<pid>/status`, in kB.
+pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
+    proc_status_kb_file(&format!("/proc/{pid}/status"), field)
+}
+
+/// `field` of a `/proc` file of `Name:   value kB` lines, in kB.
+pub fn proc_status_kb_file(path: &str, field: &str) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix(field)?.strip_prefix(':')?;
+            rest.trim().trim_end_matches("kB").trim().parse().ok()
+        })
+}
+
+/// Median, min and max of repeated measurements.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Summary {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Summary {
+    pub fn of(values: &[f64]) -> Self {
+        if values.is_empty() {
+            return Self::default();
+        }
+        let mut sorted = values.to_vec();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let n = sorted.len();
+        let median = if n % 2 == 1 {
+            sorted[n / 2]
+        } else {
+            (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+        };
+        Self {
+            median,
+            min: sorted[0],
+            max: sorted[n - 1],
+            n,
+        }
+    }
+
+    /// `12.3 (11.9–13.0)` with `decimals` places.
+    pub fn show(&self, decimals: usize) -> String {
+        if self.n == 0 {
+            return "n/a".into();
+        }
+        format!(
+            "{:.d$} ({:.d$}–{:.d$})",
+            self.median,
+            self.min,
+            self.max,
+            d = decimals
+        )
+    }
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Progress on stderr, so stdout holds only the table.
+#[macro_export]
+macro_rules! progress {
+    ($($arg:tt)*) => {{
+        eprintln!("[bench] {}", format!($($arg)*));
+    }};
+}

@@ -1,0 +1,451 @@
+//! `gateway-bench`: the gateway's performance figures, printed as a Markdown table.
+//!
+//! 1. cold start of each function (init, first and second event) against a Lambda Runtime API
+//!    stub, beside a hello-world `lambda_runtime` binary and a Python submit under awslambdaric;
+//! 2. peak RSS while finalizing 1, 10, 100 and 200 MB outputs;
+//! 3. DynamoDB items one sweep reads with 100 due jobs among 100,000 finished ones;
+//! 4. handler time per job, the Lambda GB-seconds it implies, and the Celery worker-seconds;
+//! 5. webhook arrival to downloadable result for a 10 MB output;
+//! 6. submit throughput through the local runner against raw DynamoDB + SQS calls.
+//!
+//! Run it through `scripts/bench` (release build, Python tools); `--quick` for small N,
+//! `--only 1,3` for some figures. Progress goes to stderr, the table to stdout.
+mod coldstart;
+mod common;
+mod compute;
+mod memory;
+mod sweeper;
+mod template;
+mod throughput;
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+
+use common::{BoxError, Moto, Names};
+
+struct Options {
+    quick: bool,
+    only: BTreeSet<u8>,
+}
+
+impl Options {
+    fn parse() -> Result<Self, BoxError> {
+        let mut options = Self {
+            quick: false,
+            only: (1..=6).collect(),
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            match arg.as_str() {
+                "--quick" => options.quick = true,
+                "--only" => {
+                    let list = args.next().ok_or("--only needs a list, e.g. 1,3")?;
+                    options.only = list
+                        .split(',')
+                        .map(|n| n.trim().parse::<u8>())
+                        .collect::<Result<_, _>>()?;
+                }
+                "-h" | "--help" => {
+                    println!("usage: gateway-bench [--quick] [--only 1,2,3,4,5,6]");
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unknown argument {other}").into()),
+            }
+        }
+        Ok(options)
+    }
+
+    fn runs(&self, full: usize, quick: usize) -> usize {
+        if self.quick {
+            quick
+        } else {
+            full
+        }
+    }
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let memory_gib = common::proc_status_kb_file("/proc/meminfo", "MemTotal")
+        .map(|kb| kb as f64 / 1_048_576.0)
+        .unwrap_or(0.0);
+    format!(
+        "{cpu}, {cores} cores, {memory_gib:.0} GiB, {}",
+        std::env::consts::ARCH
+    )
+}
+
+fn ratio(ours: f64, base: f64) -> String {
+    if base > 0.0 && ours > 0.0 {
+        format!("{:.2}×", ours / base)
+    } else {
+        "n/a".into()
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    let options = Options::parse()?;
+    let started = std::time::Instant::now();
+    let load_start = load_average();
+    let memory = template::MemorySizes::load();
+    // moto must be forked from the main thread (it dies with the thread that started it).
+    let moto = Moto::start()?;
+    progress!("moto on {} (pid {})", moto.endpoint, moto.pid());
+    let sdk = common::sdk_config(&moto.endpoint).await;
+    let mut out = String::new();
+    let mut summary = String::new();
+    let mut details = String::new();
+    let mut notes: Vec<String> = Vec::new();
+    let mut loads = vec![format!("start {load_start}")];
+    let runs = options.runs(10, 3);
+
+    // 1. Cold start.
+    if options.only.contains(&1) {
+        progress!("figure 1: cold start ({runs} runs per binary)");
+        let emulator = common::emulator(false).await?;
+        let names = Names::fresh(&moto.endpoint, "cold");
+        let env = coldstart::env(&moto.endpoint, &emulator, &names).await?;
+        common::wiring(&sdk, &env).await?;
+        let figures = coldstart::measure(&coldstart::subjects(&memory), &env, runs).await?;
+        emulator.shutdown().await;
+        let find = |name: &str| {
+            figures
+                .iter()
+                .find(|f| f.name == name)
+                .cloned()
+                .unwrap_or_default()
+        };
+        let hello = find("hello-world");
+        let python = find("python-submit");
+        for name in ["submit", "dispatch", "webhook", "sweeper"] {
+            let f = find(name);
+            let _ = writeln!(
+                summary,
+                "| 1 | Init: {name} (ms, exec → first `/next`) | {} | {} hello-world · {} Python |",
+                f.init.show(1),
+                ratio(f.init.median, hello.init.median),
+                ratio(f.init.median, python.init.median),
+            );
+        }
+        let _ = writeln!(
+            summary,
+            "| 1 | Init baselines: hello-world `lambda_runtime` · Python submit (awslambdaric + boto3) (ms) | {} · {} | |",
+            hello.init.show(1),
+            python.init.show(1)
+        );
+        let submit = find("submit");
+        let warmed = find("submit-warmed");
+        let _ = writeln!(
+            summary,
+            "| 1 | First event, submit `POST /jobs` (ms, cold connections) → second event (warm) | {} → {} | Python: {} → {} |",
+            submit.first.show(1),
+            submit.second.show(1),
+            python.first.show(1),
+            python.second.show(1),
+        );
+        let _ = writeln!(
+            summary,
+            "| 1 | Startup warming (submit + DescribeTable/GetQueueAttributes/HeadBucket in init): init · first event (ms) | {} · {} | init {}, first event {} of unwarmed |",
+            warmed.init.show(1),
+            warmed.first.show(1),
+            ratio(warmed.init.median, submit.init.median),
+            ratio(warmed.first.median, submit.first.median),
+        );
+        let _ = writeln!(
+            details,
+            "\n**1. Cold start** ({runs} starts each after one untimed start; Runtime API stub on loopback; moto over plain HTTP, so no TLS handshake is in these numbers)\n\n\
+             | Binary | Init (ms) | First event (ms) | Second event (ms) | Peak RSS (MB) | Binary (MB) | Memory size (MB) |\n|---|---|---|---|---|---|---|"
+        );
+        for f in &figures {
+            let _ = writeln!(
+                details,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                f.name,
+                f.init.show(1),
+                f.first.show(1),
+                f.second.show(1),
+                f.max_rss_mb.show(1),
+                f.binary_mb
+                    .map(|m| format!("{m:.1}"))
+                    .unwrap_or_else(|| "—".into()),
+                memory.of(match f.name.as_str() {
+                    "submit-warmed" | "python-submit" => "submit",
+                    other => other,
+                }),
+            );
+            for err in f.errors.iter().take(3) {
+                notes.push(format!("cold start {}: {err}", f.name));
+            }
+        }
+        let secret_reading: Vec<&str> = ["submit", "dispatch", "webhook", "sweeper"]
+            .into_iter()
+            .filter(|name| common::reads_secret_arn(&common::bin_dir().join(name)))
+            .collect();
+        let _ = writeln!(
+            details,
+            "\nThe functions get `GATEWAY_SECRET_ARN` as in `template.yaml` (a secret in moto); {}.",
+            if secret_reading.is_empty() {
+                "this build does not read it, so init has no GetSecretValue".to_string()
+            } else {
+                format!("{} read it, so their init includes one GetSecretValue", secret_reading.join(", "))
+            }
+        );
+        let _ = writeln!(
+            details,
+            "\nEvents: submit `POST /jobs` with a 96×72 JPEG inline (S3 PutObject, DynamoDB PutItem, SQS SendMessage; Python does the same three calls with boto3, without image validation); dispatch an SQS batch naming an unknown job (one GetItem); webhook a valid token for an unknown job (one GetItem); sweeper a schedule event over an empty index (4 Queries); hello-world echoes."
+        );
+        loads.push(format!("after 1: {}", load_average()));
+    }
+
+    // 4. Compute per job, 5. webhook to result.
+    if options.only.contains(&4) {
+        let n = options.runs(5, 2);
+        progress!("figure 4: compute per job ({n} jobs)");
+        let f = compute::measure_compute(&sdk, &moto.endpoint, &memory, n).await?;
+        let typical_gpu_s = 20.0;
+        let _ = writeln!(
+            summary,
+            "| 4 | Compute per job: handler time summed (ms) → Lambda GB-s | {} → {} GB-s | Celery: {:.3} worker-s (emulator GPU run) · {typical_gpu_s:.0} worker-s (typical restore) |",
+            f.total_ms.show(1),
+            f.gb_seconds.show(4),
+            f.gpu_ms.median / 1000.0,
+        );
+        let _ = writeln!(
+            details,
+            "\n**4. Compute per job** ({n} restore jobs at 0.25 MP, one at a time, after one untimed job; handler time inside each function; memory sizes from {})\n\n\
+             | Handler | Function (MB) | Time (ms) |\n|---|---|---|\n\
+             | `POST /jobs` (validate, decode image, S3 put, DynamoDB put, SQS send) | submit ({}) | {} |\n\
+             | SQS batch of one (get, lease, copy input to volume, RunPod `/run`, save) | dispatch ({}) | {} |\n\
+             | RunPod webhook (verify, lease, copy output volume → results, save) | webhook ({}) | {} |\n\
+             | … of which the output copy alone (volume GetObject → results PutObject, measured separately) | | {} |\n\
+             | `GET /jobs/{{id}}` once succeeded (get, presign) | submit ({}) | {} |\n\
+             | **Sum** | | **{}** |\n\
+             | Lambda GB-seconds for the sum (each call rounded up to 1 ms) | | {} |\n\
+             | Sweeper, one sweep with nothing due (per minute, not per job) | sweeper ({}) | {} |\n\
+             | RunPod `executionTime` of the job (emulator worker: the Celery design blocks a worker this long) | | {} |\n\
+             | Output size (bytes) | | {} |",
+            memory.source,
+            memory.of("submit"),
+            f.submit_ms.show(1),
+            memory.of("dispatch"),
+            f.dispatch_ms.show(1),
+            memory.of("webhook"),
+            f.webhook_ms.show(1),
+            f.copy_ms.show(1),
+            memory.of("submit"),
+            f.get_ms.show(1),
+            f.total_ms.show(1),
+            f.gb_seconds.show(5),
+            memory.of("sweeper"),
+            f.sweep_idle_ms.show(1),
+            f.gpu_ms.show(0),
+            f.output_bytes.show(0),
+        );
+        let gbs = f.gb_seconds.median;
+        if gbs > 0.0 {
+            let _ = writeln!(
+                details,
+                "\nPer job the Lambda side bills {gbs:.4} GB-s; a blocking Celery worker spends {:.3} s of worker time with the emulator's run and {typical_gpu_s:.0} s with a typical 20 s restoration run, i.e. {:.0}× the Lambda compute time (wall-clock seconds vs summed handler seconds).",
+                f.gpu_ms.median / 1000.0,
+                typical_gpu_s * 1000.0 / f.total_ms.median.max(1e-9),
+            );
+        }
+        for err in f.errors.iter().take(3) {
+            notes.push(format!("compute per job: {err}"));
+        }
+        loads.push(format!("after 4: {}", load_average()));
+    }
+    if options.only.contains(&5) {
+        let n = options.runs(5, 2);
+        progress!("figure 5: webhook to result, 10 MB ({n} runs)");
+        let f = compute::measure_webhook(&sdk, &moto.endpoint, 10, n).await?;
+        let _ = writeln!(
+            summary,
+            "| 5 | Webhook arrival → result downloadable, 10 MB output (ms) | {} | webhook handled (200) after {}; fully downloaded after {} |",
+            f.downloadable_ms.show(0),
+            f.handled_ms.show(0),
+            f.downloaded_ms.show(0),
+        );
+        for err in f.errors.iter().take(3) {
+            notes.push(format!("webhook to result: {err}"));
+        }
+        loads.push(format!("after 5: {}", load_average()));
+    }
+
+    // 2. Peak memory while finalizing.
+    if options.only.contains(&2) {
+        let n = options.runs(3, 1);
+        let sizes = [1u64, 10, 100, 200];
+        progress!("figure 2: peak RSS while finalizing {sizes:?} MB ({n} runs each)");
+        let emulator = common::emulator(false).await?;
+        let names = Names::fresh(&moto.endpoint, "memory");
+        let env = common::gateway_env(&moto.endpoint, &emulator, &names, "http://127.0.0.1:9");
+        let wiring = common::wiring(&sdk, &env).await?;
+        let figures = memory::measure(&sdk, &emulator, &env, &wiring, &sizes, n).await?;
+        emulator.shutdown().await;
+        let peak_of = |size: u64| {
+            figures
+                .iter()
+                .find(|f| f.size_mb == size)
+                .map(|f| f.peak_rss_mb.median)
+                .unwrap_or(0.0)
+        };
+        let mut row = Vec::new();
+        for f in &figures {
+            row.push(format!("{} MB: {}", f.size_mb, f.peak_rss_mb.show(1)));
+        }
+        let last = figures.last().cloned().unwrap_or_default();
+        let _ = writeln!(
+            summary,
+            "| 2 | Peak RSS finalizing an output of 1 · 10 · 100 · 200 MB (MB) | {} | 200 MB ÷ 100 MB: {}; 200 MB − 1 MB: {:+.1} MB for 199 MB more output |",
+            row.join(" · "),
+            ratio(last.peak_rss_mb.median, peak_of(100)),
+            last.peak_rss_mb.median - peak_of(1),
+        );
+        let _ = writeln!(
+            details,
+            "\n**2. Peak memory while finalizing** (child process wired like the webhook function; {n} runs per size; copy volume S3 API → results bucket in 8 MiB parts)\n\n\
+             | Output | Peak RSS (MB) | RSS before the copy (MB) | Finalize time (ms) |\n|---|---|---|---|"
+        );
+        for f in &figures {
+            let _ = writeln!(
+                details,
+                "| {} MB | {} | {} | {} |",
+                f.size_mb,
+                f.peak_rss_mb.show(1),
+                f.rss_before_mb.show(1),
+                f.copy_ms.show(0)
+            );
+            for err in f.errors.iter().take(3) {
+                notes.push(format!("peak RSS: {err}"));
+            }
+        }
+        loads.push(format!("after 2: {}", load_average()));
+    }
+
+    // 6. Submit throughput.
+    if options.only.contains(&6) {
+        let n = options.runs(3, 1);
+        let (requests, concurrency) = if options.quick { (100, 8) } else { (300, 8) };
+        progress!(
+            "figure 6: submit throughput ({n} rounds of {requests} at concurrency {concurrency})"
+        );
+        let f = throughput::measure(&sdk, &moto.endpoint, requests, concurrency, n).await?;
+        let _ = writeln!(
+            summary,
+            "| 6 | Submit throughput through the local runner (jobs/s, concurrency {}) | {} | {} of raw PutItem + SendMessage ({}/s) |",
+            f.concurrency,
+            f.runner.show(0),
+            f.ratio.show(2),
+            f.raw.show(0),
+        );
+        let _ = writeln!(
+            details,
+            "\n**6. Submit throughput** ({n} rounds of {} requests at concurrency {}, interleaved; inline JPEG of {} bytes; one moto process serves everything)\n\n\
+             | Path | Per second |\n|---|---|\n\
+             | `POST /jobs` through the local runner (its SQS poller dispatching meanwhile) | {} |\n\
+             | `POST /jobs` through the API router alone (no dispatch load) | {} |\n\
+             | Raw: DynamoDB PutItem + SQS SendMessage (the gateway's adapters, no HTTP) | {} |\n\
+             | Raw + S3 PutObject of the image (the three calls `POST /jobs` makes) | {} |\n\
+             | Runner ÷ raw (per round) | {} |",
+            f.requests,
+            f.concurrency,
+            f.image_bytes,
+            f.runner.show(0),
+            f.api_only.show(0),
+            f.raw.show(0),
+            f.raw_with_s3.show(0),
+            f.ratio.show(2),
+        );
+        for err in f.errors.iter().take(3) {
+            notes.push(format!("throughput: {err}"));
+        }
+        loads.push(format!("after 6: {}", load_average()));
+    }
+
+    // 3. Sweeper cost, on a moto of its own (the 100,000 items stay out of the other figures).
+    if options.only.contains(&3) {
+        drop(moto);
+        let finished = if options.quick { 10_000 } else { 100_000 };
+        let n = options.runs(3, 2);
+        progress!("figure 3: sweeper cost ({finished} finished jobs, 100 due, {n} sweeps)");
+        let moto = Moto::start()?;
+        let sdk = common::sdk_config(&moto.endpoint).await;
+        let emulator = common::emulator(false).await?;
+        let names = Names::fresh(&moto.endpoint, "sweep");
+        let env = common::gateway_env(&moto.endpoint, &emulator, &names, "http://127.0.0.1:9");
+        let wiring = common::wiring(&sdk, &env).await?;
+        let f = sweeper::measure(&wiring, finished, 100, n).await?;
+        emulator.shutdown().await;
+        let _ = writeln!(
+            summary,
+            "| 3 | Sweeper: DynamoDB items read by one sweep's index Query, {} finished + {} due jobs | {} | {} items per due job |",
+            f.finished,
+            f.due,
+            f.index_items.show(0),
+            f.per_due.show(2),
+        );
+        let _ = writeln!(
+            details,
+            "\n**3. Sweeper cost** ({n} sweeps; {} finished jobs loaded with BatchWriteItem in {:.0} s; the due jobs are real RunPod jobs still queued at the emulator)\n\n\
+             | What one sweep did | Count |\n|---|---|\n\
+             | Jobs found due | {} |\n\
+             | Items read by the sweep-index Query (`ScannedCount`) | {} |\n\
+             | … per due job | {} |\n\
+             | Items read in all (index + the GetItem each polled job is re-read with) | {} |\n\
+             | Conditional writes (reschedules) | {} |\n\
+             | Sweep time on moto (ms; moto walks every item for a GSI query, DynamoDB does not) | {} |\n\
+             | A Scan would read | {} |",
+            f.finished,
+            f.load_secs,
+            f.due_found.show(0),
+            f.index_items.show(0),
+            f.per_due.show(2),
+            f.all_reads.show(0),
+            f.writes.show(0),
+            f.sweep_ms.show(0),
+            f.finished + f.due + 1,
+        );
+        for err in f.errors.iter().take(3) {
+            notes.push(format!("sweeper: {err}"));
+        }
+        loads.push(format!("after 3: {}", load_average()));
+    }
+
+    let _ = writeln!(
+        out,
+        "## Gateway benchmark{}\n\n\
+         Machine: {}. Load average (1, 5, 15 min): {}. Release build. Total time {:.0} s.\n\n\
+         | # | Figure | Median (min–max) | Ratio / baseline |\n|---|---|---|---|\n{summary}{details}",
+        if options.quick { " (--quick)" } else { "" },
+        machine(),
+        loads.join("; "),
+        started.elapsed().as_secs_f64(),
+    );
+    if !notes.is_empty() {
+        let _ = writeln!(out, "\nProblems during the run:\n");
+        for note in &notes {
+            let _ = writeln!(out, "- {note}");
+        }
+    }
+    print!("{out}");
+    Ok(())
+}

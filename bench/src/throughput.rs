@@ -1,0 +1,243 @@
+//! Figure 6: submit throughput. `POST /jobs` (inline image) at a fixed concurrency through the
+//! local runner, against the same moto and the same concurrency as the raw baseline: the
+//! PutItem and SendMessage the submit path makes, straight through the SDK. Also the API router
+//! alone (the runner's HTTP part without its SQS poller dispatching the jobs meanwhile), which
+//! separates our submit code from the dispatch load the runner adds to moto. Queues nobody
+//! consumes are purged before each measurement: moto's SendMessage slows down as a queue grows.
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use aws_config::SdkConfig;
+use futures::StreamExt;
+use gateway::app::api::identity::IdentitySource;
+use gateway::ports::{JobQueue, JobStore};
+
+use crate::common::{
+    gateway_env, jpeg, new_job, now_ms, restore_request, BoxError, Names, Summary, DEV_TOKEN, OWNER,
+};
+
+#[derive(Clone, Debug, Default)]
+pub struct Figure {
+    pub concurrency: usize,
+    pub requests: usize,
+    pub image_bytes: usize,
+    pub runner: Summary,
+    pub api_only: Summary,
+    pub raw: Summary,
+    pub raw_with_s3: Summary,
+    pub ratio: Summary,
+    pub errors: Vec<String>,
+}
+
+/// Runs `count` operations, `concurrency` at a time; returns successes per second.
+async fn rate<F, Fut>(count: usize, concurrency: usize, op: F) -> (f64, usize)
+where
+    F: Fn(usize) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    let ok = futures::stream::iter(0..count)
+        .map(op)
+        .buffer_unordered(concurrency)
+        .filter(|ok| futures::future::ready(*ok))
+        .count()
+        .await;
+    (ok as f64 / started.elapsed().as_secs_f64(), ok)
+}
+
+async fn queue_drained(sqs: &aws_sdk_sqs::Client, queue_url: &str, limit: Duration) {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let depth: usize = sqs
+            .get_queue_attributes()
+            .queue_url(queue_url)
+            .attribute_names(A::ApproximateNumberOfMessages)
+            .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await
+            .ok()
+            .and_then(|out| out.attributes)
+            .map(|attrs| attrs.values().filter_map(|v| v.parse::<usize>().ok()).sum())
+            .unwrap_or(0);
+        if depth == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Empties a queue nobody consumes. moto's SendMessage walks the whole queue (its attributes
+/// count the visible messages), so a growing queue would slow the later rounds down.
+async fn purge(sqs: &aws_sdk_sqs::Client, queue_url: &str) {
+    let _ = sqs.purge_queue().queue_url(queue_url).send().await;
+}
+
+pub async fn measure(
+    sdk: &SdkConfig,
+    moto: &str,
+    requests: usize,
+    concurrency: usize,
+    runs: usize,
+) -> Result<Figure, BoxError> {
+    // The worker is off: dispatch still copies each input to the volume and calls /run, but no
+    // image work competes for the CPU.
+    let emulator = crate::common::emulator(false).await?;
+
+    // The local runner, whole.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let runner_url = format!("http://{}", listener.local_addr()?);
+    let runner_names = Names::fresh(moto, "tput-runner");
+    let runner_wiring = crate::common::wiring(
+        sdk,
+        &gateway_env(moto, &emulator, &runner_names, &runner_url),
+    )
+    .await?;
+    let runner = local_runner::start_on(
+        listener,
+        runner_wiring,
+        local_runner::RunnerOptions {
+            sweep_every: Duration::from_secs(3600),
+            create_resources: false,
+            ..local_runner::RunnerOptions::default()
+        },
+    )
+    .await?;
+
+    // The API router alone, on resources of its own (nobody consumes its queue).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let api_url = format!("http://{}", listener.local_addr()?);
+    let api_names = Names::fresh(moto, "tput-api");
+    let api_wiring =
+        crate::common::wiring(sdk, &gateway_env(moto, &emulator, &api_names, &api_url)).await?;
+    let identity = IdentitySource::dev_tokens_from_env(&api_wiring.env)?;
+    let app = gateway::app::api::router(Arc::new(api_wiring.api(identity)?));
+    let api_server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    // The raw baseline: the same PutItem (conditional, same item) and SendMessage, no HTTP.
+    let raw_names = Names::fresh(moto, "tput-raw");
+    let raw_wiring =
+        crate::common::wiring(sdk, &gateway_env(moto, &emulator, &raw_names, &api_url)).await?;
+    let store = raw_wiring.job_store()?;
+    let queue = raw_wiring.queue()?;
+    let uploads = raw_wiring.uploads()?;
+
+    let image = jpeg(320, 240);
+    let body = bytes::Bytes::from(restore_request(&image).to_string());
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .build()?;
+    let sqs = aws_sdk_sqs::Client::new(sdk);
+    let post = |url: String| {
+        let http = http.clone();
+        let body = body.clone();
+        async move {
+            match http
+                .post(url)
+                .bearer_auth(DEV_TOKEN)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+            {
+                Ok(response) => response.status() == 202,
+                Err(_) => false,
+            }
+        }
+    };
+    let raw_op = |with_s3: bool| {
+        let store = store.clone();
+        let queue = queue.clone();
+        let uploads = uploads.clone();
+        let image = bytes::Bytes::from(image.clone());
+        move |_| {
+            let store = store.clone();
+            let queue = queue.clone();
+            let uploads = uploads.clone();
+            let image = image.clone();
+            async move {
+                let job = new_job(OWNER, now_ms());
+                if with_s3 {
+                    use gateway::ports::ObjectStore;
+                    if uploads
+                        .put_bytes(&job.input.key, image, "image/jpeg")
+                        .await
+                        .is_err()
+                    {
+                        return false;
+                    }
+                }
+                store.create(&job).await.is_ok() && queue.enqueue(&job.id).await.is_ok()
+            }
+        }
+    };
+
+    // Warm every path's connections first.
+    let _ = rate(concurrency, concurrency, |_| {
+        post(format!("{runner_url}/jobs"))
+    })
+    .await;
+    let _ = rate(concurrency, concurrency, |_| {
+        post(format!("{api_url}/jobs"))
+    })
+    .await;
+    let _ = rate(concurrency, concurrency, raw_op(true)).await;
+    queue_drained(&sqs, &runner_names.queue_url, Duration::from_secs(60)).await;
+
+    let mut figure = Figure {
+        concurrency,
+        requests,
+        image_bytes: image.len(),
+        ..Figure::default()
+    };
+    let (mut runner_rates, mut api_rates, mut raw_rates, mut raw_s3_rates, mut ratios) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    // Interleaved, so that drift on the machine touches every variant alike.
+    for round in 0..runs {
+        purge(&sqs, &raw_names.queue_url).await;
+        let (raw, raw_ok) = rate(requests, concurrency, raw_op(false)).await;
+        purge(&sqs, &raw_names.queue_url).await;
+        let (raw_s3, raw_s3_ok) = rate(requests, concurrency, raw_op(true)).await;
+        purge(&sqs, &api_names.queue_url).await;
+        let (api, api_ok) = rate(requests, concurrency, |_| post(format!("{api_url}/jobs"))).await;
+        let (run, run_ok) = rate(requests, concurrency, |_| {
+            post(format!("{runner_url}/jobs"))
+        })
+        .await;
+        for (name, ok) in [
+            ("raw", raw_ok),
+            ("raw+S3", raw_s3_ok),
+            ("API", api_ok),
+            ("runner", run_ok),
+        ] {
+            if ok != requests {
+                figure
+                    .errors
+                    .push(format!("round {round}: {name} {ok}/{requests} succeeded"));
+            }
+        }
+        crate::progress!(
+            "submit throughput {}/{runs}: runner {run:.0}/s, API alone {api:.0}/s, raw {raw:.0}/s, raw+S3 {raw_s3:.0}/s",
+            round + 1
+        );
+        runner_rates.push(run);
+        api_rates.push(api);
+        raw_rates.push(raw);
+        raw_s3_rates.push(raw_s3);
+        ratios.push(run / raw);
+        // Let the runner's dispatcher finish this round's jobs before the next round starts.
+        queue_drained(&sqs, &runner_names.queue_url, Duration::from_secs(120)).await;
+    }
+    runner.stop().await;
+    api_server.abort();
+    emulator.shutdown().await;
+    figure.runner = Summary::of(&runner_rates);
+    figure.api_only = Summary::of(&api_rates);
+    figure.raw = Summary::of(&raw_rates);
+    figure.raw_with_s3 = Summary::of(&raw_s3_rates);
+    figure.ratio = Summary::of(&ratios);
+    Ok(figure)
+}
