@@ -158,34 +158,46 @@ impl S3ObjectStore {
             .to_string();
         let result = async {
             let mut parts = Vec::new();
+            // Exactly one part is filled at a time: a chunk that would overflow it is split and
+            // its rest starts the next part, so memory stays at one part whatever the file size.
             let mut buffer = BytesMut::with_capacity(self.part_size);
-            let mut finished = false;
-            while !finished {
-                match body.next().await {
-                    Some(chunk) => buffer.extend_from_slice(&chunk?),
-                    None => finished = true,
-                }
-                while buffer.len() >= self.part_size || (finished && !buffer.is_empty()) {
-                    let take = buffer.len().min(self.part_size);
-                    let part = buffer.split_to(take).freeze();
-                    let number = parts.len() as i32 + 1;
-                    let out = self
-                        .client
-                        .upload_part()
-                        .bucket(&self.bucket)
-                        .key(key)
-                        .upload_id(&upload_id)
-                        .part_number(number)
-                        .body(ByteStream::from(part))
-                        .send()
-                        .await
-                        .map_err(|e| classify(key, e))?;
-                    parts.push(
-                        CompletedPart::builder()
+            loop {
+                let next = body.next().await.transpose()?;
+                let finished = next.is_none();
+                let mut chunk = next.unwrap_or_default();
+                loop {
+                    let take = (self.part_size - buffer.len()).min(chunk.len());
+                    buffer.extend_from_slice(&chunk.split_to(take));
+                    let last = finished && chunk.is_empty() && !buffer.is_empty();
+                    if buffer.len() == self.part_size || last {
+                        let part =
+                            std::mem::replace(&mut buffer, BytesMut::with_capacity(self.part_size))
+                                .freeze();
+                        let number = parts.len() as i32 + 1;
+                        let out = self
+                            .client
+                            .upload_part()
+                            .bucket(&self.bucket)
+                            .key(key)
+                            .upload_id(&upload_id)
                             .part_number(number)
-                            .set_e_tag(out.e_tag().map(str::to_string))
-                            .build(),
-                    );
+                            .body(ByteStream::from(part))
+                            .send()
+                            .await
+                            .map_err(|e| classify(key, e))?;
+                        parts.push(
+                            CompletedPart::builder()
+                                .part_number(number)
+                                .set_e_tag(out.e_tag().map(str::to_string))
+                                .build(),
+                        );
+                    }
+                    if chunk.is_empty() {
+                        break;
+                    }
+                }
+                if finished {
+                    break;
                 }
             }
             self.client

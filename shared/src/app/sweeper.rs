@@ -162,6 +162,8 @@ impl Sweeper {
             }
         };
         let job_id = job.id.clone();
+        // Kept to reschedule without a second read when the report changed nothing.
+        let read = job.clone();
         match self
             .finalizer
             .observe_as(job, &status, Actor::Sweeper)
@@ -171,11 +173,17 @@ impl Sweeper {
             // Someone else holds the job (a webhook finalizing it): its lease already made the
             // job due when it runs out, and any write here would only get in its way.
             Ok(Outcome::Busy) => Ok(Action::Skipped),
-            Ok(_) => {
-                // Still in flight: look again after the poll interval.
-                if let Some(fresh) = self.store.get(&job_id).await? {
-                    if fresh.active_lease(now).is_none() {
-                        self.reschedule(fresh, now).await?;
+            Ok(outcome) => {
+                // Still in flight: look again after the poll interval. Only a report that
+                // changed the job needs it read again; otherwise the copy in hand is current
+                // (and if it is not, `commit` re-reads on the version conflict).
+                let current = match outcome {
+                    Outcome::Progressed(_) => self.store.get(&job_id).await?,
+                    _ => Some(read),
+                };
+                if let Some(current) = current {
+                    if current.active_lease(now).is_none() {
+                        self.reschedule(current, now).await?;
                     }
                 }
                 Ok(Action::Polled { finished: false })
