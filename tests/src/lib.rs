@@ -417,6 +417,64 @@ impl Stack {
             .collect()
     }
 
+    /// A queued `restore` job stored as the API stores it (its input in the uploads bucket) but
+    /// with no queue message, so only what the test does next moves it. The sweeper first looks
+    /// at it `first_check_ms` after now; its deadline is ten minutes away.
+    pub async fn store_queued_job(&self, owner: &str, id: &str, first_check_ms: i64) -> Job {
+        use gateway::domain::job::{InputRef, JobTiming, NewJob};
+        use gateway::ports::JobStore;
+        use rand::SeedableRng;
+        let key = format!("inputs/{owner}/{id}/input.jpg");
+        self.s3()
+            .put_object()
+            .bucket(&self.uploads_bucket)
+            .key(&key)
+            .body(jpeg(120, 90).into())
+            .send()
+            .await
+            .unwrap();
+        let catalog = gateway::domain::workflow::WorkflowCatalog::builtin().unwrap();
+        let restore = catalog.get("restore").unwrap();
+        let params = restore
+            .validate(
+                serde_json::json!({"megapixels": 0.02}).as_object().unwrap(),
+                &mut rand::rngs::StdRng::seed_from_u64(1),
+            )
+            .unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let job = Job::new(
+            NewJob {
+                id: id.into(),
+                owner: owner.into(),
+                workflow: "restore".into(),
+                workflow_version: restore.version().into(),
+                params,
+                input: InputRef {
+                    key,
+                    content_type: "image/jpeg".into(),
+                    size: 1,
+                    extension: "jpg".into(),
+                },
+                idempotency_key: None,
+                callback_url: None,
+            },
+            JobTiming {
+                deadline_ms: 600_000,
+                first_check_ms,
+                retention_secs: 3_600,
+            },
+            now,
+        );
+        gateway::adapters::dynamodb::DynamoJobStore::new(self.dynamodb(), &self.table)
+            .create(&job)
+            .await
+            .unwrap();
+        job
+    }
+
     /// The job record as stored (versions, leases and all), read through the gateway's adapter.
     pub async fn stored_job(&self, job_id: &str) -> gateway::domain::job::Job {
         use gateway::ports::JobStore;

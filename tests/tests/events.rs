@@ -5,10 +5,9 @@
 use std::path::PathBuf;
 
 use gateway::app::api::identity::IdentitySource;
-use gateway::domain::job::{InputRef, Job, JobTiming, NewJob};
-use gateway::domain::workflow::{ValidatedParams, WorkflowCatalog};
+use gateway::domain::job::Job;
 use gateway::ports::JobStore;
-use gateway_tests::{jpeg, Stack, StackOptions};
+use gateway_tests::{Stack, StackOptions};
 use http_body_util::BodyExt;
 use serde_json::Value;
 use tower::ServiceExt;
@@ -41,56 +40,7 @@ async fn stack() -> Stack {
 
 /// Stores a job as the API would have, with its input in the uploads bucket.
 async fn seed_job(stack: &Stack, id: &str) -> Job {
-    let key = format!("inputs/{SUB}/{id}/input.jpg");
-    stack
-        .s3()
-        .put_object()
-        .bucket(&stack.uploads_bucket)
-        .key(&key)
-        .body(jpeg(120, 90).into())
-        .send()
-        .await
-        .unwrap();
-    let catalog = WorkflowCatalog::builtin().unwrap();
-    let restore = catalog.get("restore").unwrap();
-    let params = restore
-        .validate(&serde_json::Map::new(), &mut rand::rng())
-        .unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
-    let job = Job::new(
-        NewJob {
-            id: id.into(),
-            owner: SUB.into(),
-            workflow: "restore".into(),
-            workflow_version: restore.version().into(),
-            params: ValidatedParams(params.0),
-            input: InputRef {
-                key,
-                content_type: "image/jpeg".into(),
-                size: 1,
-                extension: "jpg".into(),
-            },
-            idempotency_key: None,
-            callback_url: None,
-        },
-        JobTiming {
-            deadline_ms: 3_600_000,
-            first_check_ms: 3_600_000,
-            retention_secs: 3_600,
-        },
-        now,
-    );
-    stack
-        .wiring()
-        .job_store()
-        .unwrap()
-        .create(&job)
-        .await
-        .unwrap();
-    job
+    stack.store_queued_job(SUB, id, 3_600_000).await
 }
 
 async fn call(router: axum::Router, event: &str) -> (u16, Value) {

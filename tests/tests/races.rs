@@ -7,11 +7,9 @@ use std::time::Duration;
 
 use gateway::adapters::dynamodb::DynamoJobStore;
 use gateway::app::dispatch::{DispatchOutcome, RetryLater};
-use gateway::domain::job::{Actor, InputRef, Job, JobState, JobTiming, NewJob};
-use gateway::domain::workflow::WorkflowCatalog;
+use gateway::domain::job::{Actor, Job, JobState};
 use gateway::ports::JobStore;
 use gateway_tests::{jpeg, Stack, StackOptions, StatusCode, ALICE};
-use rand::SeedableRng;
 use runpod_emulator::{ChaosConfig, Faults, JobSnapshot, JobStatus};
 use serde_json::json;
 
@@ -198,56 +196,11 @@ async fn two_webhook_deliveries_in_parallel_finish_the_job_once() {
     stack.stop().await;
 }
 
-/// A queued job stored as the API stores it, with no queue message (so only this test
-/// dispatches it) and no sweeper look for ten minutes.
+/// A queued job with no queue message (so only this test dispatches it) and no sweeper look
+/// for ten minutes.
 async fn unqueued_job(stack: &Stack) -> Job {
     let id = uuid::Uuid::now_v7().to_string();
-    let key = format!("inputs/alice/{id}/input.jpg");
-    stack
-        .s3()
-        .put_object()
-        .bucket(&stack.uploads_bucket)
-        .key(&key)
-        .body(jpeg(120, 90).into())
-        .send()
-        .await
-        .unwrap();
-    let restore = WorkflowCatalog::builtin().unwrap();
-    let restore = restore.get("restore").unwrap();
-    let params = restore
-        .validate(
-            json!({"megapixels": 0.02}).as_object().unwrap(),
-            &mut rand::rngs::StdRng::seed_from_u64(1),
-        )
-        .unwrap();
-    let job = Job::new(
-        NewJob {
-            id,
-            owner: "alice".into(),
-            workflow: "restore".into(),
-            workflow_version: restore.version().into(),
-            params,
-            input: InputRef {
-                key,
-                content_type: "image/jpeg".into(),
-                size: 1,
-                extension: "jpg".into(),
-            },
-            idempotency_key: None,
-            callback_url: None,
-        },
-        JobTiming {
-            deadline_ms: 600_000,
-            first_check_ms: 600_000,
-            retention_secs: 3_600,
-        },
-        chrono_now(),
-    );
-    DynamoJobStore::new(stack.dynamodb(), &stack.table)
-        .create(&job)
-        .await
-        .unwrap();
-    job
+    stack.store_queued_job("alice", &id, 600_000).await
 }
 
 /// RunPod jobs submitted for the gateway's job `job_id`.
