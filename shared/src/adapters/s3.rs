@@ -158,8 +158,9 @@ impl S3ObjectStore {
             .to_string();
         let result = async {
             let mut parts = Vec::new();
-            // Exactly one part is filled at a time: a chunk that would overflow it is split and
-            // its rest starts the next part, so memory stays at one part whatever the file size.
+            // Exactly one part is filled at a time, in one reused allocation: a chunk that would
+            // overflow it is split and its rest starts the next part, so memory stays at one
+            // part whatever the file size.
             let mut buffer = BytesMut::with_capacity(self.part_size);
             loop {
                 let next = body.next().await.transpose()?;
@@ -170,9 +171,7 @@ impl S3ObjectStore {
                     buffer.extend_from_slice(&chunk.split_to(take));
                     let last = finished && chunk.is_empty() && !buffer.is_empty();
                     if buffer.len() == self.part_size || last {
-                        let part =
-                            std::mem::replace(&mut buffer, BytesMut::with_capacity(self.part_size))
-                                .freeze();
+                        let part = buffer.split().freeze();
                         let number = parts.len() as i32 + 1;
                         let out = self
                             .client
@@ -191,6 +190,9 @@ impl S3ObjectStore {
                                 .set_e_tag(out.e_tag().map(str::to_string))
                                 .build(),
                         );
+                        // The part is gone with its request: take its allocation back rather
+                        // than allocating anew, which the allocator may not return to the OS.
+                        buffer.reserve(self.part_size);
                     }
                     if chunk.is_empty() {
                         break;
