@@ -296,6 +296,16 @@ impl Stack {
         body["job_id"].as_str().unwrap().to_string()
     }
 
+    /// Submits a small photo with the workflow's defaults and waits until the job is terminal:
+    /// the first step of most fault tests. Returns the job id and its final `GET /jobs/{id}`.
+    pub async fn restore_until_terminal(&self, token: &str, timeout: Duration) -> (String, Value) {
+        let job_id = self
+            .submit_restore(token, &jpeg(200, 150), serde_json::json!({}))
+            .await;
+        let job = self.wait_terminal(token, &job_id, timeout).await;
+        (job_id, job)
+    }
+
     /// Polls `GET /jobs/{id}` until the job is terminal.
     pub async fn wait_terminal(&self, token: &str, job_id: &str, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;

@@ -72,10 +72,7 @@ async fn a_failing_worker_ends_the_job_failed_with_its_message() {
         ..StackOptions::default()
     })
     .await;
-    let job_id = stack
-        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
-        .await;
-    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    let (_, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
     assert_eq!(job["status"], "failed");
     assert_eq!(job["error"]["code"], "worker_failed");
     assert!(job["error"]["message"]
@@ -100,10 +97,7 @@ async fn an_output_path_outside_the_jobs_prefix_fails_and_copies_nothing() {
         ..StackOptions::default()
     })
     .await;
-    let job_id = stack
-        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
-        .await;
-    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    let (_, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
     assert_eq!(job["status"], "failed");
     assert_eq!(job["error"]["code"], "invalid_output_path");
     assert!(stack.keys(&stack.results_bucket, "").await.is_empty());
@@ -145,10 +139,7 @@ async fn cancelling_a_running_job_stops_it_at_runpod() {
 #[tokio::test]
 async fn a_redelivered_dispatch_message_does_not_submit_twice() {
     let stack = Stack::start().await;
-    let job_id = stack
-        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
-        .await;
-    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    let (job_id, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
     assert_eq!(job["status"], "succeeded");
     let submitted = stack.emulator.jobs().len();
     for _ in 0..2 {
@@ -190,10 +181,7 @@ async fn runpod_refusing_for_a_while_only_delays_the_job() {
         ..StackOptions::default()
     })
     .await;
-    let job_id = stack
-        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
-        .await;
-    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    let (job_id, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(stack.stored_job(&job_id).await.attempts, 3);
     assert_eq!(stack.emulator.jobs().len(), 1, "submitted once");
@@ -213,10 +201,7 @@ async fn runpod_throttling_is_retried_within_the_dispatch() {
         ..StackOptions::default()
     })
     .await;
-    let job_id = stack
-        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
-        .await;
-    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    let (job_id, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(stack.stored_job(&job_id).await.attempts, 1);
     assert_eq!(stack.emulator.jobs().len(), 1, "submitted once");
@@ -234,10 +219,7 @@ async fn a_job_that_runpod_keeps_refusing_fails_once_its_attempts_are_spent() {
         ..StackOptions::default()
     })
     .await;
-    let job_id = stack
-        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
-        .await;
-    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    let (job_id, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "dispatch_attempts_exhausted");
     assert_eq!(job["error"]["retryable"], true);

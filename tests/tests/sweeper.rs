@@ -2,9 +2,8 @@
 //! their deadline, jobs whose RunPod result expired before anyone asked.
 use std::time::Duration;
 
-use gateway_tests::{jpeg, Stack, StackOptions, ALICE};
+use gateway_tests::{Stack, StackOptions, ALICE};
 use runpod_emulator::Faults;
-use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -36,10 +35,7 @@ async fn a_job_past_its_deadline_is_cancelled_at_runpod_and_timed_out() {
         ..StackOptions::default()
     })
     .await;
-    let job_id = stack
-        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
-        .await;
-    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    let (job_id, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
     assert_eq!(job["status"], "timed_out", "{job}");
     assert_eq!(job["error"]["code"], "deadline_exceeded");
     let runpod = stack.runpod_job(&job_id).await;
@@ -59,10 +55,7 @@ async fn a_result_that_expired_at_runpod_fails_the_job_as_expired() {
         ..StackOptions::default()
     })
     .await;
-    let job_id = stack
-        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
-        .await;
-    let job = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    let (_, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "runpod_job_expired");
     assert_eq!(job["error"]["retryable"], true);
