@@ -1,18 +1,18 @@
 //! The test harness: a whole local stack per test, on loopback.
 //!
-//! - **moto** (DynamoDB, SQS, S3): one `moto_server` per test process, from `MOTO_ENDPOINT` when
-//!   the test script started one, otherwise started here from the repo's `.venv`. Each test
-//!   gets its own table, queue and buckets, so tests never see each other's data.
+//! - **moto** (DynamoDB, SQS, S3): one `moto_server` per service per test process ([`aws`]),
+//!   started from the repo's `.venv` on first use. Each test gets its own table, queue and
+//!   buckets, so tests never see each other's data.
 //! - **the RunPod emulator**: in-process, its volume in a fresh temporary directory.
 //! - **the gateway**: the local runner in-process, with the same code the Lambda functions run.
+pub mod aws;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_sdk_s3::config::Credentials;
+use aws_config::SdkConfig;
 use gateway::config::Env;
 pub use gateway::domain::job::Job;
 use gateway::wiring::Wiring;
@@ -20,107 +20,13 @@ use local_runner::{Runner, RunnerOptions};
 use runpod_emulator::{Emulator, EmulatorConfig, Faults};
 use serde_json::Value;
 
+pub use aws::{aws_sdk_config, local_aws, LocalAws};
+use aws::{repo_root, TiedChild};
 pub use reqwest::StatusCode;
 
 pub const ALICE: &str = "alice-token";
 pub const BOB: &str = "bob-token";
 pub const WEBHOOK_SECRET: &str = "test-webhook-secret-not-real-0001";
-
-static MOTO: OnceLock<String> = OnceLock::new();
-
-struct MotoProcess(Child);
-
-impl Drop for MotoProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-    }
-}
-
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on loopback")
-}
-
-fn wait_for_port(addr: &str, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    false
-}
-
-/// The moto endpoint for this test process.
-pub fn moto_endpoint() -> String {
-    MOTO.get_or_init(|| {
-        if let Ok(endpoint) = std::env::var("MOTO_ENDPOINT") {
-            return endpoint;
-        }
-        let bin = repo_root().join(".venv/bin/moto_server");
-        assert!(
-            bin.exists(),
-            "{} is missing: run scripts/bootstrap (scripts/test does it for you)",
-            bin.display()
-        );
-        let port = free_port();
-        let mut command = Command::new(bin);
-        command
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // The server must not outlive the test process, even when a test panics or is killed.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
-                Ok(())
-            });
-        }
-        // PR_SET_PDEATHSIG fires when the *thread* that forked exits, and each test runs on
-        // its own thread: fork from a thread that lives as long as the process.
-        let (sender, receiver) = std::sync::mpsc::channel();
-        std::thread::spawn(move || match command.spawn() {
-            Ok(child) => {
-                let _alive = MotoProcess(child);
-                let _ = sender.send(Ok(()));
-                loop {
-                    std::thread::park();
-                }
-            }
-            Err(err) => {
-                let _ = sender.send(Err(err));
-            }
-        });
-        receiver
-            .recv()
-            .expect("moto launcher thread")
-            .expect("start moto_server");
-        let addr = format!("127.0.0.1:{port}");
-        assert!(
-            wait_for_port(&addr, Duration::from_secs(30)),
-            "moto_server did not start"
-        );
-        format!("http://{addr}")
-    })
-    .clone()
-}
-
-pub async fn sdk_config(endpoint: &str) -> SdkConfig {
-    aws_config::defaults(BehaviorVersion::latest())
-        .region(Region::new("us-east-1"))
-        .endpoint_url(endpoint)
-        .credentials_provider(Credentials::new("testing", "testing", None, None, "tests"))
-        .load()
-        .await
-}
 
 pub struct StackOptions {
     pub faults: Faults,
@@ -131,6 +37,10 @@ pub struct StackOptions {
     pub configure_emulator: fn(&mut EmulatorConfig),
     /// Visibility timeout of the dispatch queue: how soon a failed dispatch comes back.
     pub queue_visibility_secs: u32,
+    /// The local AWS to use; the test process's shared one when `None`.
+    pub aws: Option<std::sync::Arc<LocalAws>>,
+    /// Dispatch batches the runner keeps in flight (the event source's MaximumConcurrency).
+    pub dispatch_concurrency: Option<usize>,
 }
 
 impl Default for StackOptions {
@@ -141,6 +51,8 @@ impl Default for StackOptions {
             extra_env: Vec::new(),
             configure_emulator: |_| {},
             queue_visibility_secs: 2,
+            aws: None,
+            dispatch_concurrency: None,
         }
     }
 }
@@ -165,8 +77,11 @@ impl Stack {
     }
 
     pub async fn start_with(options: StackOptions) -> Self {
-        let moto = moto_endpoint();
-        let sdk = sdk_config(&moto).await;
+        let aws: &LocalAws = match &options.aws {
+            Some(aws) => aws,
+            None => local_aws(),
+        };
+        let sdk = aws.sdk_config().await;
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let volume_tmp = std::env::temp_dir().join(format!("gateway-test-volume-{id}"));
         let mut emulator_config = EmulatorConfig {
@@ -187,7 +102,7 @@ impl Stack {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gateway_url = format!("http://{}", listener.local_addr().unwrap());
         let table = format!("jobs-{id}");
-        let queue_url = format!("{moto}/123456789012/jobs-{id}");
+        let queue_url = format!("{}/123456789012/jobs-{id}", aws.sqs());
         let uploads_bucket = format!("uploads-{id}");
         let results_bucket = format!("results-{id}");
         let mut vars: Vec<(&'static str, String)> = vec![
@@ -223,6 +138,9 @@ impl Stack {
             RunnerOptions {
                 sweep_every: options.sweep_every,
                 queue_visibility_secs: options.queue_visibility_secs,
+                dispatch_concurrency: options
+                    .dispatch_concurrency
+                    .unwrap_or(RunnerOptions::default().dispatch_concurrency),
                 ..RunnerOptions::default()
             },
         )
@@ -589,9 +507,8 @@ pub fn python_dir() -> PathBuf {
 pub struct SdkWorker {
     /// The worker id (`RUNPOD_POD_ID`) it uses in the protocol's URLs.
     pub pod_id: String,
-    pid: i32,
     dir: PathBuf,
-    waiter: Option<std::thread::JoinHandle<()>>,
+    process: Option<TiedChild>,
 }
 
 impl SdkWorker {
@@ -658,38 +575,12 @@ impl SdkWorker {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log handle"))
             .stderr(log);
-        {
-            use std::os::unix::process::CommandExt;
-            // Its own process group, so drop can kill the heartbeat process too.
-            command.process_group(0);
-            unsafe {
-                command.pre_exec(|| {
-                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    Ok(())
-                });
-            }
-        }
-        // PR_SET_PDEATHSIG fires when the thread that forked exits: fork from a thread that
-        // lives exactly as long as the child (it waits for it).
-        let (sender, receiver) = std::sync::mpsc::channel();
-        let waiter = std::thread::spawn(move || match command.spawn() {
-            Ok(mut child) => {
-                let _ = sender.send(Ok(child.id()));
-                let _ = child.wait();
-            }
-            Err(err) => {
-                let _ = sender.send(Err(err));
-            }
-        });
-        let pid = receiver
-            .recv_timeout(Duration::from_secs(10))
-            .expect("worker launcher thread")
-            .expect("start the SDK worker");
+        // Killed with its process group (the heartbeat process too) on drop.
+        let process = TiedChild::spawn(command, libc::SIGKILL).expect("start the SDK worker");
         Self {
             pod_id,
-            pid: pid as i32,
             dir,
-            waiter: Some(waiter),
+            process: Some(process),
         }
     }
 
@@ -718,13 +609,7 @@ impl SdkWorker {
 
 impl Drop for SdkWorker {
     fn drop(&mut self) {
-        unsafe {
-            libc::kill(-self.pid, libc::SIGKILL);
-            libc::kill(self.pid, libc::SIGKILL);
-        }
-        if let Some(waiter) = self.waiter.take() {
-            let _ = waiter.join();
-        }
+        drop(self.process.take());
         if std::thread::panicking() {
             eprintln!("---- SDK worker {} log ----\n{}", self.pod_id, self.log());
         }

@@ -7,7 +7,7 @@ use gateway::app::transfer;
 use gateway::domain::job::{ErrorCode, InputRef, Job, JobError, JobTiming, NewJob};
 use gateway::domain::workflow::ValidatedParams;
 use gateway::ports::{JobStore, ObjectStore, StoreError};
-use gateway_tests::{moto_endpoint, sdk_config};
+use gateway_tests::aws_sdk_config;
 
 fn unique(prefix: &str) -> String {
     format!(
@@ -17,7 +17,7 @@ fn unique(prefix: &str) -> String {
 }
 
 async fn store() -> DynamoJobStore {
-    let sdk = sdk_config(&moto_endpoint()).await;
+    let sdk = aws_sdk_config().await;
     let client = aws_sdk_dynamodb::Client::new(&sdk);
     let table = unique("jobs");
     create_table(&client, &table).await.unwrap();
@@ -135,7 +135,7 @@ async fn listing_pages_stay_within_one_owner() {
 
 #[tokio::test]
 async fn a_large_object_is_copied_in_parts_and_arrives_intact() {
-    let sdk = sdk_config(&moto_endpoint()).await;
+    let sdk = aws_sdk_config().await;
     let client = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(true)
@@ -176,7 +176,7 @@ async fn a_large_object_is_copied_in_parts_and_arrives_intact() {
 
 #[tokio::test]
 async fn a_missing_object_is_reported_as_not_found() {
-    let sdk = sdk_config(&moto_endpoint()).await;
+    let sdk = aws_sdk_config().await;
     let client = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&sdk)
             .force_path_style(true)

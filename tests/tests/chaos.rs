@@ -10,11 +10,25 @@
 //!   unparseable (poison) messages, and dispatch and finalize invocations killed midway, as a
 //!   Lambda timing out mid-copy would be (its work stops at an await; its lease stays).
 //!
-//! Then every job is checked: terminal within its deadline; in the state RunPod's own record of
-//! it calls for; history strictly forward with exactly one terminal entry; failures coded;
-//! outputs all in the results bucket, byte-identical to the files the worker wrote, and nothing
-//! else there; nothing in flight anywhere; nothing changed after the end; the DLQ holding
-//! exactly the poison messages. A table of the run is printed; any violation fails the test.
+//! Then every job is checked: terminal, and never kept past its deadline; in the state RunPod's
+//! own record of it calls for; history strictly forward with exactly one terminal entry;
+//! failures coded; outputs all in the results bucket, byte-identical to the files the worker
+//! wrote, and nothing else there; nothing in flight anywhere; nothing changed after the end;
+//! the DLQ holding exactly the poison messages. A table of the run is printed; any violation
+//! fails the test.
+//!
+//! **Independent of the machine's speed.** Before the run, a fault-free stack is measured
+//! ([`Pace`]): how long one job takes end to end, and how many jobs a second it finishes when
+//! loaded. Jobs are then submitted at a fixed share of that capacity (`CHAOS_LOAD`, 0.5), and
+//! the deadlines, leases and timeouts are sized from the measured latency ([`Timings`]), so a
+//! machine several times slower runs the same jobs more slowly, not into their deadlines.
+//! What proves correctness is kept apart from what measures speed:
+//! - a job the gateway timed out at its deadline is a correct outcome when the deadline had
+//!   really passed and RunPod had not finished it early enough for the gateway to notice; it is
+//!   a violation when RunPod had, or when the gateway kept any job past its deadline;
+//! - a bug that stalls jobs still fails the run: at least a floor of the jobs must succeed,
+//!   80 % of the share the fault rates leave (a stalled job times out instead);
+//! - time to terminal is printed, never judged.
 //!
 //! CI runs 300 jobs. A longer run, or a replay of a failure (the seed is printed):
 //!
@@ -24,7 +38,8 @@
 //!
 //! Jobs go through in waves of `CHAOS_WAVE` (300), each on a fresh stack: moto answers index
 //! queries by scanning the whole table, so a single table of thousands of jobs would make moto,
-//! not the gateway, the bottleneck (and time jobs out). `CHAOS_CONCURRENCY` (12) clients submit.
+//! not the gateway, the bottleneck. The run has moto processes of its own (one per service), and
+//! prints the CPU each used: the cost of each service to the local stack.
 //!
 //! Replays: the emulator keys each job's faults by its index (put in the job's `seed`
 //! parameter), and this test draws its own actions per index, so the same seed hits the same
@@ -38,7 +53,7 @@ use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
 use gateway::domain::job::{Actor, ErrorCode, Job, JobState};
 use gateway::ports::RunPodStatus;
-use gateway_tests::{jpeg, restore_request, Stack, StackOptions, StatusCode, ALICE};
+use gateway_tests::{jpeg, restore_request, LocalAws, Stack, StackOptions, StatusCode, ALICE};
 use rand::{Rng, SeedableRng};
 use runpod_emulator::{ChaosConfig, EmulatorConfig, Faults, JobStatus};
 use serde_json::json;
@@ -49,7 +64,15 @@ const POISON: [&str; 3] = [
     r#"{"job_id": 42}"#,
     r#"{"jobId": "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b"}"#,
 ];
-const DEADLINE_SECS: u64 = 60;
+/// The share of the measured capacity the run submits at.
+const LOAD: f64 = 0.5;
+/// The share of the fault rates' expected successes that must succeed (the stall floor).
+const FLOOR_SHARE: f64 = 0.8;
+/// Jobs run one after another to measure the latency, and at once to measure the capacity.
+const CALIBRATION_SERIAL: usize = 4;
+const CALIBRATION_BURST: usize = 30;
+/// Receives before a message goes to the DLQ (the runner's queue, like the template's).
+const MAX_RECEIVES: u64 = local_runner::resources::MAX_RECEIVES as u64;
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -97,6 +120,196 @@ fn emulator_config(config: &mut EmulatorConfig) {
     config.webhook_timeout = Duration::from_secs(5);
 }
 
+/// What a fault-free stack on this machine was measured to do, just before the run.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    /// One job alone, submit to terminal: the slowest of a few.
+    latency: Duration,
+    /// Jobs finished per second with many in flight at once.
+    capacity: f64,
+    /// Between two submissions of the run: `1 / (LOAD × capacity)`.
+    interval: Duration,
+}
+
+/// Deadlines, leases and timeouts for the run, sized from the measured latency: each is the
+/// gateway's usual setting for a fast machine, or a multiple of the latency where that is
+/// longer, so nothing expires only because every step of this machine is slow.
+#[derive(Debug, Clone)]
+struct Timings {
+    deadline: Duration,
+    /// How long the gateway may take to notice what it could not have known sooner: a finalize
+    /// lease left by a killed invocation, a poll's retry budget, the poll interval, two sweeps.
+    slack: Duration,
+    execution_timeout: Duration,
+    requeue_after: Duration,
+    dispatch_lease: Duration,
+    finalize_lease: Duration,
+    request_timeout: Duration,
+    retry_budget: Duration,
+    queue_visibility: Duration,
+    sweep_every: Duration,
+    poll_interval: Duration,
+}
+
+impl Timings {
+    fn from_pace(pace: &Pace) -> Self {
+        let unit = pace.latency;
+        // Whole seconds: that is what the gateway's variables take.
+        let at_least = |secs: u64, units: u32| {
+            Duration::from_secs(secs.max((unit * units).as_secs_f64().ceil() as u64))
+        };
+        let sweep_every = Duration::from_millis(300);
+        let poll_interval = Duration::from_secs(1);
+        let mut timings = Self {
+            deadline: Duration::ZERO,
+            slack: Duration::ZERO,
+            execution_timeout: at_least(2, 2),
+            requeue_after: at_least(10, 10),
+            dispatch_lease: at_least(6, 6),
+            finalize_lease: at_least(4, 4),
+            request_timeout: at_least(2, 2),
+            retry_budget: at_least(5, 5),
+            queue_visibility: at_least(3, 3),
+            sweep_every,
+            poll_interval,
+        };
+        let webhook_delay = Duration::from_millis(chaos_config(0).webhook_delay_ms);
+        timings.slack = timings.finalize_lease
+            + timings.retry_budget
+            + poll_interval
+            + sweep_every * 2
+            + unit * 4;
+        // The longest path a job may rightly take: stuck behind a killed dispatch's lease until
+        // the sweeper re-enqueues it, /run retried to its budget, the worker's whole execution
+        // timeout, a delayed webhook, a killed finalize's lease, one more poll. Twice that, and
+        // ten jobs' worth of this machine's latency besides.
+        let longest = timings.requeue_after
+            + timings.dispatch_lease
+            + timings.retry_budget
+            + timings.execution_timeout
+            + webhook_delay
+            + timings.finalize_lease
+            + poll_interval
+            + sweep_every * 2;
+        timings.deadline =
+            Duration::from_secs((longest * 2 + unit * 10).as_secs_f64().ceil() as u64);
+        timings
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        let secs = |d: Duration| d.as_secs().to_string();
+        vec![
+            ("JOB_DEADLINE_SECS", secs(self.deadline)),
+            ("JOB_EXECUTION_TIMEOUT_SECS", secs(self.execution_timeout)),
+            ("JOB_REQUEUE_AFTER_SECS", secs(self.requeue_after)),
+            ("DISPATCH_LEASE_SECS", secs(self.dispatch_lease)),
+            ("FINALIZE_LEASE_SECS", secs(self.finalize_lease)),
+            ("RUNPOD_REQUEST_TIMEOUT_SECS", secs(self.request_timeout)),
+            ("RUNPOD_RETRY_BUDGET_SECS", secs(self.retry_budget)),
+            ("STATUS_POLL_INTERVAL_SECS", secs(self.poll_interval)),
+        ]
+    }
+
+    fn stack_options(&self, faults: Faults, aws: &Arc<LocalAws>) -> StackOptions {
+        StackOptions {
+            faults,
+            sweep_every: self.sweep_every,
+            configure_emulator: emulator_config,
+            queue_visibility_secs: self.queue_visibility.as_secs() as u32,
+            extra_env: self.env(),
+            aws: Some(aws.clone()),
+            ..StackOptions::default()
+        }
+    }
+}
+
+/// The share of jobs the fault rates let succeed: neither failed nor timed out by the worker,
+/// deleted by their TTL, nor cancelled by the client.
+fn expected_success_share() -> f64 {
+    let chaos = chaos_config(0);
+    let cancel = plan_probabilities().cancel;
+    (1.0 - chaos.p_worker_failed)
+        * (1.0 - chaos.p_worker_timed_out)
+        * (1.0 - chaos.p_ttl_delete)
+        * (1.0 - cancel)
+}
+
+/// Measures a fault-free stack with the run's own settings: a few jobs one after another for
+/// the latency, then a burst for the capacity. Times come from the jobs' own records.
+async fn measure_pace(aws: &Arc<LocalAws>) -> Pace {
+    // The settings the run would use on a fast machine; the latency decides the rest.
+    let nominal = Timings::from_pace(&Pace {
+        latency: Duration::ZERO,
+        capacity: 1.0,
+        interval: Duration::ZERO,
+    });
+    let stack = Stack::start_with(nominal.stack_options(Faults::default(), aws)).await;
+    let image = jpeg(64, 48);
+    let took = |job: &Job| {
+        Duration::from_millis(
+            (job.timestamps.finished_at.unwrap_or(i64::MAX) - job.timestamps.created_at).max(0)
+                as u64,
+        )
+    };
+    let mut latency = Duration::ZERO;
+    // The first job pays for connections and first-time work; it is not measured.
+    for i in 0..=CALIBRATION_SERIAL {
+        let id = stack
+            .submit_restore(
+                ALICE,
+                &image,
+                json!({"megapixels": 0.01, "seed": 1_000_000 + i}),
+            )
+            .await;
+        stack.wait_terminal(ALICE, &id, nominal.deadline).await;
+        if i > 0 {
+            latency = latency.max(took(&stack.stored_job(&id).await));
+        }
+    }
+    let started = now_ms();
+    let ids: Vec<String> = futures::future::join_all((0..CALIBRATION_BURST).map(|i| {
+        let stack = &stack;
+        let image = &image;
+        async move {
+            stack
+                .submit_restore(
+                    ALICE,
+                    image,
+                    json!({"megapixels": 0.01, "seed": 2_000_000 + i}),
+                )
+                .await
+        }
+    }))
+    .await;
+    let mut last = started;
+    for id in &ids {
+        stack.wait_terminal(ALICE, id, nominal.deadline).await;
+        let job = stack.stored_job(id).await;
+        assert_eq!(
+            job.state,
+            JobState::Succeeded,
+            "calibration job {id} failed: {job:?}"
+        );
+        last = last.max(job.timestamps.finished_at.unwrap_or(last));
+    }
+    stack.stop().await;
+    let burst = Duration::from_millis((last - started).max(1) as u64);
+    let capacity = CALIBRATION_BURST as f64 / burst.as_secs_f64();
+    let load: f64 = env_or("CHAOS_LOAD", LOAD);
+    Pace {
+        latency,
+        capacity,
+        interval: Duration::from_secs_f64(1.0 / (load * capacity)),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 /// What the client side does to one job, drawn from the seed and the job's index.
 #[derive(Debug, Default, Clone)]
 struct Plan {
@@ -104,6 +317,23 @@ struct Plan {
     duplicate_after: Option<Duration>,
     kill_dispatch_after: Option<Duration>,
     kill_finalize_after: Option<Duration>,
+}
+
+/// How often the client side does each thing to a job.
+struct PlanProbabilities {
+    cancel: f64,
+    duplicate: f64,
+    kill_dispatch: f64,
+    kill_finalize: f64,
+}
+
+fn plan_probabilities() -> PlanProbabilities {
+    PlanProbabilities {
+        cancel: 0.08,
+        duplicate: 0.10,
+        kill_dispatch: 0.03,
+        kill_finalize: 0.03,
+    }
 }
 
 fn plan(seed: u64, index: usize) -> Plan {
@@ -115,11 +345,12 @@ fn plan(seed: u64, index: usize) -> Plan {
         let after = Duration::from_millis(rng.random_range(min_ms..=max_ms));
         hit.then_some(after)
     };
+    let p = plan_probabilities();
     Plan {
-        cancel_after: maybe(0.08, 0, 3_000),
-        duplicate_after: maybe(0.10, 0, 2_000),
-        kill_dispatch_after: maybe(0.03, 2, 120),
-        kill_finalize_after: maybe(0.03, 1, 40),
+        cancel_after: maybe(p.cancel, 0, 3_000),
+        duplicate_after: maybe(p.duplicate, 0, 2_000),
+        kill_dispatch_after: maybe(p.kill_dispatch, 2, 120),
+        kill_finalize_after: maybe(p.kill_finalize, 1, 40),
     }
 }
 
@@ -144,6 +375,7 @@ struct World {
     stack: Stack,
     dispatcher: Dispatcher,
     finalizer: Finalizer,
+    timings: Timings,
 }
 
 /// Submits job `index` and does to it what its plan says.
@@ -168,7 +400,7 @@ async fn drive(world: Arc<World>, index: usize, image: Arc<Vec<u8>>, plan: Plan)
     };
     let kill_finalize = async {
         let after = plan.kill_finalize_after?;
-        let (job, status) = wait_runpod_completed(stack, &id).await?;
+        let (job, status) = wait_runpod_completed(stack, &id, world.timings.deadline).await?;
         let cut = tokio::time::timeout(
             after,
             world.finalizer.observe_as(job, &status, Actor::Webhook),
@@ -219,8 +451,12 @@ async fn drive(world: Arc<World>, index: usize, image: Arc<Vec<u8>>, plan: Plan)
 
 /// The job and RunPod's COMPLETED report, once RunPod has completed it and the gateway has not
 /// finished it yet; `None` if that moment never comes.
-async fn wait_runpod_completed(stack: &Stack, id: &str) -> Option<(Job, RunPodStatus)> {
-    let deadline = Instant::now() + Duration::from_secs(20);
+async fn wait_runpod_completed(
+    stack: &Stack,
+    id: &str,
+    limit: Duration,
+) -> Option<(Job, RunPodStatus)> {
+    let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         let job = stack.stored_job(id).await;
         if job.is_terminal() {
@@ -356,19 +592,22 @@ fn check_job(
     job: &Job,
     driven: &Driven,
     results: &HashMap<String, Vec<u8>>,
+    slack: Duration,
     violations: &mut Vec<String>,
 ) {
+    let slack_ms = slack.as_millis() as i64;
     let id = &job.id;
     let mut violation = |message: String| violations.push(format!("job {id}: {message}"));
     if !job.is_terminal() {
         violation(format!("not terminal: {}", job.state));
         return;
     }
-    // Within its deadline: the sweeper enforces it within a tick.
+    // Never kept past its deadline: the sweeper enforces it within a sweep, or once a lease
+    // left by a killed invocation runs out.
     let finished = job.timestamps.finished_at.unwrap_or(i64::MAX);
-    if finished > job.deadline_at + 2_000 {
+    if finished > job.deadline_at + slack_ms {
         violation(format!(
-            "finished {} ms past its deadline",
+            "kept {} ms past its deadline (allowed: {slack_ms} ms)",
             finished - job.deadline_at
         ));
     }
@@ -406,6 +645,7 @@ fn check_job(
     let runpod = job.runpod_job_id.as_deref();
     let ended = runpod.and_then(|rp| stack.emulator.ended_job(rp));
     let removed = runpod.and_then(|rp| stack.emulator.removal(rp));
+    let ended_at = runpod.and_then(|rp| stack.emulator.ended_at_ms(rp));
     match (driven.cancel, job.state, code) {
         (Some(Cancel::Accepted), JobState::Cancelled, Some(ErrorCode::CancelledByClient)) => {}
         (Some(Cancel::Accepted), state, _) => violation(format!(
@@ -424,8 +664,25 @@ fn check_job(
                 violation("failed as expired, but RunPod still has the job".into());
             }
         }
+        // A correct outcome when the deadline really passed, unless RunPod had finished the
+        // job early enough that the gateway should have noticed (a stuck job).
         (_, JobState::TimedOut, Some(ErrorCode::DeadlineExceeded)) => {
-            violation("timed out by the gateway's deadline: the job was stuck".into())
+            if finished < job.deadline_at {
+                violation(format!(
+                    "timed out {} ms before its deadline",
+                    job.deadline_at - finished
+                ));
+            }
+            let runpod_end = ended.as_ref().map(|e| e.status);
+            if let (Some(status), Some(at)) = (runpod_end, ended_at) {
+                let early = job.deadline_at - at as i64;
+                if status != JobStatus::Cancelled && early > slack_ms {
+                    violation(format!(
+                        "timed out at its deadline, but RunPod had ended it {status} {early} ms \
+                         before (more than the {slack_ms} ms the gateway may need to notice)"
+                    ));
+                }
+            }
         }
         (_, state, code) => match ended.as_ref().and_then(|e| expected_from_runpod(e.status)) {
             Some((JobState::Succeeded, _)) if state == JobState::Succeeded => {}
@@ -512,6 +769,9 @@ struct Tally {
     finished_by: BTreeMap<&'static str, usize>,
     run_twice: usize,
     times: Vec<i64>,
+    moto_cpu: BTreeMap<&'static str, Duration>,
+    moto_wall: Duration,
+    floor: usize,
     violations: Vec<String>,
 }
 
@@ -520,18 +780,64 @@ async fn chaos_every_job_ends_once_in_the_right_state_with_its_outputs_intact() 
     let jobs: usize = env_or("CHAOS_JOBS", 300);
     // A fixed default keeps CI reproducible; set CHAOS_SEED to explore other fault sequences.
     let seed: u64 = env_or("CHAOS_SEED", 7);
-    let submitters: usize = env_or("CHAOS_CONCURRENCY", 12);
     // moto answers index queries by scanning the table, so one table per few hundred jobs keeps
     // the local stack (not the gateway) from becoming the bottleneck of long runs.
     let wave_size: usize = env_or("CHAOS_WAVE", 300).max(1);
     println!("chaos: seed {seed}, {jobs} jobs (replay: CHAOS_SEED={seed} CHAOS_JOBS={jobs})");
+    let aws = Arc::new(LocalAws::launch());
     let started = Instant::now();
+    let pace = measure_pace(&aws).await;
+    let timings = Timings::from_pace(&pace);
+    println!(
+        "  measured without faults: one job {} ms end to end, {:.1} jobs/s with {} in flight \
+         ({:.1} s); submitting one job every {} ms",
+        pace.latency.as_millis(),
+        pace.capacity,
+        CALIBRATION_BURST,
+        started.elapsed().as_secs_f64(),
+        pace.interval.as_millis()
+    );
+    println!(
+        "  sized from it: deadline {} s, slack {} ms, leases dispatch {} s / finalize {} s, \
+         RunPod request timeout {} s, retry budget {} s, execution timeout {} s",
+        timings.deadline.as_secs(),
+        timings.slack.as_millis(),
+        timings.dispatch_lease.as_secs(),
+        timings.finalize_lease.as_secs(),
+        timings.request_timeout.as_secs(),
+        timings.retry_budget.as_secs(),
+        timings.execution_timeout.as_secs()
+    );
+    let cpu_before = aws.cpu_times();
+    let run_started = Instant::now();
     let mut tally = Tally::default();
     let mut first = 0;
     while first < jobs {
         let count = wave_size.min(jobs - first);
-        wave(seed, first, count, submitters, &mut tally).await;
+        wave(seed, first, count, &pace, &timings, &aws, &mut tally).await;
         first += count;
+    }
+    let run_time = run_started.elapsed();
+    tally.moto_cpu = aws
+        .cpu_times()
+        .into_iter()
+        .map(|(service, cpu)| (service, cpu.saturating_sub(cpu_before[service])))
+        .collect();
+    tally.moto_wall = run_time;
+
+    // The stall floor: a gateway that stalls jobs times them out instead of finishing them.
+    let succeeded = tally.outcomes.get("succeeded").copied().unwrap_or(0);
+    let floor = (FLOOR_SHARE * expected_success_share() * tally.jobs as f64).floor() as usize;
+    tally.floor = floor;
+    if succeeded < floor {
+        tally.violations.push(format!(
+            "only {succeeded} of {} jobs succeeded, below the floor of {floor} ({:.0} % of the \
+             {:.1} % the fault rates leave, at {:.0} % of the measured capacity): jobs stall",
+            tally.jobs,
+            FLOOR_SHARE * 100.0,
+            expected_success_share() * 100.0,
+            env_or("CHAOS_LOAD", LOAD) * 100.0
+        ));
     }
     print_table(seed, started.elapsed(), &mut tally);
     assert!(
@@ -542,31 +848,29 @@ async fn chaos_every_job_ends_once_in_the_right_state_with_its_outputs_intact() 
 }
 
 /// Jobs `first..first + count` through a fresh stack, every check, counted into `tally`.
-async fn wave(seed: u64, first: usize, count: usize, submitters: usize, tally: &mut Tally) {
+async fn wave(
+    seed: u64,
+    first: usize,
+    count: usize,
+    pace: &Pace,
+    timings: &Timings,
+    aws: &Arc<LocalAws>,
+    tally: &mut Tally,
+) {
     let wave_started = Instant::now();
-    let stack = Stack::start_with(StackOptions {
-        faults: Faults {
+    let stack = Stack::start_with(timings.stack_options(
+        Faults {
             chaos: Some(chaos_config(seed)),
             ..Faults::default()
         },
-        sweep_every: Duration::from_millis(300),
-        configure_emulator: emulator_config,
-        queue_visibility_secs: 3,
-        extra_env: vec![
-            ("JOB_DEADLINE_SECS", DEADLINE_SECS.to_string()),
-            ("JOB_EXECUTION_TIMEOUT_SECS", "2".into()),
-            ("JOB_REQUEUE_AFTER_SECS", "10".into()),
-            ("DISPATCH_LEASE_SECS", "6".into()),
-            ("FINALIZE_LEASE_SECS", "4".into()),
-            ("RUNPOD_REQUEST_TIMEOUT_SECS", "2".into()),
-            ("RUNPOD_RETRY_BUDGET_SECS", "5".into()),
-        ],
-    })
+        aws,
+    ))
     .await;
     let world = Arc::new(World {
         dispatcher: stack.wiring().dispatcher().unwrap(),
         finalizer: stack.wiring().finalizer().unwrap(),
         stack,
+        timings: timings.clone(),
     });
     let stack = &world.stack;
     let violations = &mut tally.violations;
@@ -591,20 +895,19 @@ async fn wave(seed: u64, first: usize, count: usize, submitters: usize, tally: &
         .await
         .unwrap();
 
-    // Submit and drive every job, `submitters` at a time.
+    // Submit and drive every job, one every `pace.interval`: a steady share of what this
+    // machine's stack was measured to carry, whatever its speed.
     let image = Arc::new(jpeg(64, 48));
-    let semaphore = Arc::new(tokio::sync::Semaphore::new(submitters));
     let mut tasks = Vec::with_capacity(count);
-    for index in first..first + count {
-        let permit = semaphore.clone().acquire_owned().await.unwrap();
+    let pacing = tokio::time::Instant::now();
+    for (n, index) in (first..first + count).enumerate() {
+        tokio::time::sleep_until(pacing + pace.interval * n as u32).await;
         let world = world.clone();
         let image = image.clone();
         let plan = plan(seed, index);
-        tasks.push(tokio::spawn(async move {
-            let _permit = permit;
-            drive(world, index, image, plan).await
-        }));
+        tasks.push(tokio::spawn(drive(world, index, image, plan)));
     }
+    let last_submitted = Instant::now();
     let mut driven = Vec::with_capacity(count);
     for task in tasks {
         driven.push(task.await.unwrap());
@@ -620,7 +923,7 @@ async fn wave(seed: u64, first: usize, count: usize, submitters: usize, tally: &
     );
 
     // Every job must end; the deadline bounds how long that may take.
-    let wait_until = Instant::now() + Duration::from_secs(DEADLINE_SECS + 30);
+    let wait_until = last_submitted + timings.deadline + timings.slack * 2;
     loop {
         let open = open_jobs(stack, &id_set).await;
         if open == 0 {
@@ -637,8 +940,13 @@ async fn wave(seed: u64, first: usize, count: usize, submitters: usize, tally: &
 
     // Let late webhooks, duplicate messages and poison receives play out, then look again:
     // nothing may have changed after the end.
-    let settle_until = Instant::now() + Duration::from_secs(40);
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // A poison message is dead-lettered after its last receive's visibility timeout.
+    let settle_until =
+        Instant::now() + timings.queue_visibility * (MAX_RECEIVES as u32 + 2) + timings.slack;
+    tokio::time::sleep(
+        Duration::from_millis(chaos_config(0).webhook_delay_ms) + timings.sweep_every * 4,
+    )
+    .await;
     while (stack.queue_depth().await > 0 || stack.depth_of(&stack.dlq_url()).await < POISON.len())
         && Instant::now() < settle_until
     {
@@ -706,7 +1014,14 @@ async fn wave(seed: u64, first: usize, count: usize, submitters: usize, tally: &
         .filter_map(|d| d.id.as_deref().map(|id| (id, d)))
         .collect();
     for id in &ids {
-        check_job(stack, &after[id], by_id[id.as_str()], &results, violations);
+        check_job(
+            stack,
+            &after[id],
+            by_id[id.as_str()],
+            &results,
+            timings.slack,
+            violations,
+        );
     }
 
     // Nothing in flight: not at RunPod, not in the sweep index, not on the queue.
@@ -864,9 +1179,25 @@ fn print_table(seed: u64, elapsed: Duration, tally: &mut Tally) {
         "  jobs run twice at RunPod             {} (a dispatch killed between /run and its record)",
         tally.run_twice
     ));
+    let succeeded = tally.outcomes.get("succeeded").copied().unwrap_or(0);
+    line(format!(
+        "  succeeded                            {succeeded} (floor {}: jobs that stall fail the run)",
+        tally.floor
+    ));
+    line(format!(
+        "local AWS (one moto process each): CPU seconds over {:.1} s of run",
+        tally.moto_wall.as_secs_f64()
+    ));
+    for (service, cpu) in &tally.moto_cpu {
+        line(format!(
+            "  {service:<12}{:>8.1} s  ({:.0} % of one core)",
+            cpu.as_secs_f64(),
+            100.0 * cpu.as_secs_f64() / tally.moto_wall.as_secs_f64().max(0.001)
+        ));
+    }
     tally.times.sort_unstable();
     line(format!(
-        "time to terminal: p50 {} ms, p99 {} ms, max {} ms",
+        "time to terminal (measured, not judged): p50 {} ms, p99 {} ms, max {} ms",
         percentile(&tally.times, 0.50),
         percentile(&tally.times, 0.99),
         tally.times.last().copied().unwrap_or(0)

@@ -279,7 +279,7 @@ async fn worker_comfyui_base64_images_from_the_real_sdk_end_to_end() {
 
 #[tokio::test]
 async fn worker_comfyui_s3_urls_from_the_real_sdk_are_fetched_from_an_allowed_host() {
-    let moto = gateway_tests::moto_endpoint();
+    let moto = gateway_tests::local_aws().s3().to_string();
     let stack = Stack::start_with(StackOptions {
         configure_emulator: |c| c.builtin_worker = false,
         extra_env: vec![("OUTPUT_URL_ALLOWED_HOSTS", moto.clone())],

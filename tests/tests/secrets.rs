@@ -1,7 +1,7 @@
 //! Secrets come from Secrets Manager (moto here) at start-up, never from plain variables.
 use gateway::config::Env;
 use gateway::wiring::{BootError, Wiring};
-use gateway_tests::{moto_endpoint, sdk_config};
+use gateway_tests::aws_sdk_config;
 
 async fn secret(sdk: &aws_config::SdkConfig, value: &str) -> String {
     let client = aws_sdk_secretsmanager::Client::new(sdk);
@@ -20,7 +20,7 @@ async fn secret(sdk: &aws_config::SdkConfig, value: &str) -> String {
 
 #[tokio::test]
 async fn secret_values_take_the_place_of_environment_variables() {
-    let sdk = sdk_config(&moto_endpoint()).await;
+    let sdk = aws_sdk_config().await;
     let arn = secret(
         &sdk,
         r#"{"WEBHOOK_SECRET": "from-secrets-manager-0123", "RUNPOD_API_KEY": "fake-key"}"#,
@@ -43,7 +43,7 @@ async fn secret_values_take_the_place_of_environment_variables() {
 
 #[tokio::test]
 async fn a_missing_secret_stops_the_function_at_start_up() {
-    let sdk = sdk_config(&moto_endpoint()).await;
+    let sdk = aws_sdk_config().await;
     let env = Env::from_pairs([(
         "GATEWAY_SECRET_ARN",
         "arn:aws:secretsmanager:us-east-1:123456789012:secret:nope",
@@ -54,7 +54,7 @@ async fn a_missing_secret_stops_the_function_at_start_up() {
 
 #[tokio::test]
 async fn a_secret_with_an_unknown_key_is_refused() {
-    let sdk = sdk_config(&moto_endpoint()).await;
+    let sdk = aws_sdk_config().await;
     let arn = secret(&sdk, r#"{"WEBHOOK_SECERT": "typo"}"#).await;
     let env = Env::from_pairs([("GATEWAY_SECRET_ARN", arn.as_str())]);
     let err = Wiring::with_secrets(env, sdk).await.err().expect("refused");

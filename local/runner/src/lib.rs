@@ -1,8 +1,9 @@
 //! The local runner: the gateway's four functions in one process, against the local stack.
 //!
 //! - the public API and the webhook receiver on one listener (the same routers Lambda serves);
-//! - an SQS long-poller feeding batches to the dispatch handler, deleting what succeeded and
-//!   leaving failures to come back after the visibility timeout, as the Lambda event source does;
+//! - SQS long-pollers feeding batches to the dispatch handler, several batches in flight at once
+//!   (the event source's `MaximumConcurrency`), deleting what succeeded and leaving failures to
+//!   come back after the visibility timeout, as the Lambda event source does;
 //! - a sweeper tick standing in for the EventBridge schedule.
 pub mod resources;
 
@@ -26,7 +27,17 @@ pub struct RunnerOptions {
     /// SQS visibility timeout for the local queue: how soon a failed dispatch comes back.
     pub queue_visibility_secs: u32,
     pub create_resources: bool,
+    /// Dispatch batches in flight at once, like the event source mapping's
+    /// `ScalingConfig.MaximumConcurrency` (the template's `DispatchMaxConcurrency`).
+    pub dispatch_concurrency: usize,
+    /// Messages per dispatch batch (the template's `DispatchBatchSize`; SQS allows 1 to 10).
+    pub dispatch_batch_size: u8,
 }
+
+/// The template's defaults for the dispatch event source (`DispatchMaxConcurrency`,
+/// `DispatchBatchSize`); the deployment contract test holds them equal.
+pub const TEMPLATE_DISPATCH_CONCURRENCY: usize = 5;
+pub const TEMPLATE_DISPATCH_BATCH_SIZE: u8 = 5;
 
 impl Default for RunnerOptions {
     fn default() -> Self {
@@ -35,6 +46,8 @@ impl Default for RunnerOptions {
             sweep_every: Duration::from_secs(60),
             queue_visibility_secs: 30,
             create_resources: true,
+            dispatch_concurrency: TEMPLATE_DISPATCH_CONCURRENCY,
+            dispatch_batch_size: TEMPLATE_DISPATCH_BATCH_SIZE,
         }
     }
 }
@@ -106,27 +119,53 @@ pub async fn start_on(
             tracing::error!(error = %err, "local API server stopped");
         }
     });
-    let poller = tokio::spawn(poll_queue(sqs, queue_url, dispatcher, watcher.clone()));
-    let ticker = tokio::spawn(tick_sweeper(sweeper, options.sweep_every, watcher));
+    let mut tasks = vec![server];
+    let batch_size = options.dispatch_batch_size.clamp(1, 10);
+    for _ in 0..options.dispatch_concurrency.max(1) {
+        tasks.push(tokio::spawn(poll_queue(
+            Poller {
+                sqs: sqs.clone(),
+                queue_url: queue_url.clone(),
+                dispatcher: dispatcher.clone(),
+                batch_size,
+            },
+            watcher.clone(),
+        )));
+    }
+    tasks.push(tokio::spawn(tick_sweeper(
+        sweeper,
+        options.sweep_every,
+        watcher,
+    )));
     tracing::info!(%addr, "local gateway listening");
     Ok(Runner {
         addr,
         shutdown,
-        tasks: vec![server, poller, ticker],
+        tasks,
     })
 }
 
-async fn poll_queue(
+struct Poller {
     sqs: aws_sdk_sqs::Client,
     queue_url: String,
     dispatcher: Arc<Dispatcher>,
-    mut stop: watch::Receiver<bool>,
-) {
+    batch_size: u8,
+}
+
+/// One of the event source's pollers: receive a batch, hand it to dispatch, delete what it
+/// did not report as failed; the next batch only after this one is done.
+async fn poll_queue(poller: Poller, mut stop: watch::Receiver<bool>) {
+    let Poller {
+        sqs,
+        queue_url,
+        dispatcher,
+        batch_size,
+    } = poller;
     loop {
         let receive = sqs
             .receive_message()
             .queue_url(&queue_url)
-            .max_number_of_messages(10)
+            .max_number_of_messages(i32::from(batch_size))
             .wait_time_seconds(1)
             .send();
         let received = tokio::select! {

@@ -28,6 +28,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             .transpose()?
             .unwrap_or(defaults.queue_visibility_secs),
         create_resources: env.get("LOCAL_CREATE_RESOURCES").as_deref() != Some("false"),
+        dispatch_concurrency: env
+            .get("LOCAL_DISPATCH_CONCURRENCY")
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(defaults.dispatch_concurrency),
+        dispatch_batch_size: env
+            .get("LOCAL_DISPATCH_BATCH_SIZE")
+            .map(|s| s.parse())
+            .transpose()?
+            .unwrap_or(defaults.dispatch_batch_size),
     };
     let wiring = Wiring::from_env().await?;
     let runner = start(wiring, options).await?;

@@ -203,6 +203,8 @@ pub(crate) struct ChaosState {
     /// Terminal snapshots, kept after the job is removed, so a test can compare what the worker
     /// produced with what the gateway made of it.
     ended: Mutex<HashMap<String, JobSnapshot>>,
+    /// When each job ended (Unix ms), for a test judging whether the gateway noticed in time.
+    ended_at: Mutex<HashMap<String, u64>>,
     removed: Mutex<HashMap<String, Removal>>,
     /// Every job `/run` accepted: its id and webhook URL.
     accepted: Mutex<Vec<(String, Option<String>)>>,
@@ -246,7 +248,14 @@ impl ChaosState {
     }
 
     pub(crate) fn ended(&self, snapshot: JobSnapshot) {
+        lock(&self.ended_at)
+            .entry(snapshot.id.clone())
+            .or_insert_with(now_ms);
         lock(&self.ended).insert(snapshot.id.clone(), snapshot);
+    }
+
+    pub(crate) fn ended_at(&self, id: &str) -> Option<u64> {
+        lock(&self.ended_at).get(id).copied()
     }
 
     pub(crate) fn ended_job(&self, id: &str) -> Option<JobSnapshot> {

@@ -137,6 +137,11 @@ impl Emulator {
         self.app.faults.chaos.ended_job(id)
     }
 
+    /// When the job first reached a terminal status (Unix ms), recorded like [`Self::ended_job`].
+    pub fn ended_at_ms(&self, id: &str) -> Option<u64> {
+        self.app.faults.chaos.ended_at(id)
+    }
+
     /// Every job `/run` accepted (id, webhook URL), oldest first. Recorded while a chaos
     /// configuration is set.
     pub fn accepted_jobs(&self) -> Vec<(String, Option<String>)> {

@@ -1,0 +1,260 @@
+//! A small HTTP proxy for the local stack's AWS stand-ins (moto): every request is forwarded to
+//! one upstream unchanged (method, path, query, headers including `Host`, body), and its answer
+//! is held back before it goes out, as a slower machine or a slower network would.
+//!
+//! Two ways to slow an answer:
+//! - [`Delay::Fixed`]: a constant added to every answer, as a farther network would;
+//! - [`Delay::Slowdown`]: the upstream's own time to answer, stretched by a factor, so a
+//!   factor of 3 makes every answer take three times as long as moto took on this machine,
+//!   whatever this machine's speed. A long poll (SQS `ReceiveMessage`) mostly waits rather
+//!   than works, and a slower machine would not wait longer: it is held back by the stretch of
+//!   an average answer instead of its own.
+//!
+//! `Host` is passed through because moto writes it into what it answers (SQS queue URLs), and
+//! SigV4 signs it: clients keep talking to the proxy and never learn the upstream's address.
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use http::{HeaderMap, HeaderName, StatusCode};
+
+/// How much longer than the upstream's own answer an answer takes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Delay {
+    None,
+    Fixed(Duration),
+    /// The upstream's time to answer, times this factor (≥ 1).
+    Slowdown(f64),
+}
+
+impl Delay {
+    /// The extra wait after the upstream answered in `took`.
+    pub fn extra(&self, took: Duration) -> Duration {
+        match *self {
+            Delay::None => Duration::ZERO,
+            Delay::Fixed(extra) => extra,
+            Delay::Slowdown(factor) => took.mul_f64((factor - 1.0).max(0.0)),
+        }
+    }
+
+    /// Parses `3x` (a slowdown factor) or `40ms` / `40` (a fixed delay in milliseconds).
+    pub fn parse(text: &str) -> Result<Self, ProxyError> {
+        let text = text.trim();
+        let bad = || ProxyError::BadDelay(text.to_string());
+        if let Some(factor) = text.strip_suffix('x') {
+            let factor: f64 = factor.trim().parse().map_err(|_| bad())?;
+            if !(1.0..=100.0).contains(&factor) {
+                return Err(bad());
+            }
+            return Ok(if factor == 1.0 {
+                Delay::None
+            } else {
+                Delay::Slowdown(factor)
+            });
+        }
+        let ms: u64 = text
+            .strip_suffix("ms")
+            .unwrap_or(text)
+            .trim()
+            .parse()
+            .map_err(|_| bad())?;
+        Ok(if ms == 0 {
+            Delay::None
+        } else {
+            Delay::Fixed(Duration::from_millis(ms))
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("delay {0:?}: expected a factor such as 3x (1 to 100) or milliseconds such as 40ms")]
+    BadDelay(String),
+    #[error("HTTP client: {0}")]
+    Client(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// What the proxy has done so far.
+#[derive(Debug, Default)]
+pub struct Stats {
+    requests: AtomicU64,
+    upstream_micros: AtomicU64,
+    added_micros: AtomicU64,
+    /// Requests that did not long-poll, and their upstream time: the average answer.
+    worked: AtomicU64,
+    worked_micros: AtomicU64,
+}
+
+impl Stats {
+    /// The upstream's average time to answer a request that did not long-poll.
+    pub fn average_answer(&self) -> Duration {
+        let n = self.worked.load(Ordering::Relaxed).max(1);
+        Duration::from_micros(self.worked_micros.load(Ordering::Relaxed) / n)
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+    /// Time the upstream took to answer, summed over all requests.
+    pub fn upstream_time(&self) -> Duration {
+        Duration::from_micros(self.upstream_micros.load(Ordering::Relaxed))
+    }
+    /// Time the proxy added, summed over all requests.
+    pub fn added_time(&self) -> Duration {
+        Duration::from_micros(self.added_micros.load(Ordering::Relaxed))
+    }
+}
+
+struct Shared {
+    upstream: String,
+    delay: Delay,
+    client: reqwest::Client,
+    stats: Arc<Stats>,
+}
+
+/// A running proxy; it stops when its task does (with the runtime it was spawned on).
+pub struct Proxy {
+    pub addr: SocketAddr,
+    pub stats: Arc<Stats>,
+}
+
+impl Proxy {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// Starts a proxy on `listener` forwarding to `upstream` (`http://host:port`), on the current
+/// tokio runtime.
+pub async fn spawn(
+    listener: tokio::net::TcpListener,
+    upstream: &str,
+    delay: Delay,
+) -> Result<Proxy, ProxyError> {
+    let client = reqwest::Client::builder()
+        // The answer goes back exactly as the upstream gave it; the caller follows redirects.
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .build()
+        .map_err(|e| ProxyError::Client(e.to_string()))?;
+    let stats = Arc::new(Stats::default());
+    let shared = Arc::new(Shared {
+        upstream: upstream.trim_end_matches('/').to_string(),
+        delay,
+        client,
+        stats: stats.clone(),
+    });
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new().fallback(forward).with_state(shared);
+    tokio::spawn(async move {
+        if let Err(err) = axum::serve(listener, app).await {
+            tracing::error!(error = %err, "aws-proxy stopped");
+        }
+    });
+    Ok(Proxy { addr, stats })
+}
+
+/// Headers that belong to one hop, not to the request or answer (RFC 9110 section 7.6.1).
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+    )
+}
+
+/// An SQS `ReceiveMessage`, in the JSON protocol (the `X-Amz-Target` header) or the query
+/// protocol (`Action=ReceiveMessage`): a call that may wait for messages before it answers.
+fn long_poll(headers: &HeaderMap, body: &[u8]) -> bool {
+    let target = headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    target.ends_with(".ReceiveMessage")
+        || body
+            .windows(b"Action=ReceiveMessage".len())
+            .any(|w| w == b"Action=ReceiveMessage")
+}
+
+fn end_to_end(headers: &HeaderMap) -> HeaderMap {
+    headers
+        .iter()
+        .filter(|(name, _)| !hop_by_hop(name))
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+    let started = Instant::now();
+    let (parts, body) = request.into_parts();
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let url = format!("{}{}", shared.upstream, path);
+    let mut waits = false;
+    let answer = async {
+        let body = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .map_err(|e| e.to_string())?;
+        waits = long_poll(&parts.headers, &body);
+        let upstream = shared
+            .client
+            .request(parts.method.clone(), &url)
+            .headers(end_to_end(&parts.headers))
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = upstream.status();
+        let headers = end_to_end(upstream.headers());
+        let bytes = upstream.bytes().await.map_err(|e| e.to_string())?;
+        Ok::<_, String>((status, headers, bytes))
+    }
+    .await;
+    let took = started.elapsed();
+    let stats = &shared.stats;
+    let extra = if waits {
+        shared.delay.extra(stats.average_answer())
+    } else {
+        stats.worked.fetch_add(1, Ordering::Relaxed);
+        stats
+            .worked_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        shared.delay.extra(took)
+    };
+    tokio::time::sleep(extra).await;
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    stats
+        .upstream_micros
+        .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    stats
+        .added_micros
+        .fetch_add(extra.as_micros() as u64, Ordering::Relaxed);
+    match answer {
+        Ok((status, headers, bytes)) => {
+            let mut response = Response::new(Body::from(bytes));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            response
+        }
+        Err(err) => {
+            tracing::warn!(%url, error = %err, "upstream unreachable");
+            let mut response = Response::new(Body::from(format!("aws-proxy: upstream: {err}")));
+            *response.status_mut() = StatusCode::BAD_GATEWAY;
+            response
+        }
+    }
+}
