@@ -7,8 +7,10 @@
 //!   sent empty, or followed by a stale out-of-order report; the volume's S3 API answers 502,
 //!   is slow, or cuts reads short;
 //! - the client and AWS (this test): cancels at random moments, duplicate SQS messages,
-//!   unparseable (poison) messages, and dispatch and finalize invocations killed midway, as a
-//!   Lambda timing out mid-copy would be (its work stops at an await; its lease stays).
+//!   unparseable (poison) messages, dispatch and finalize invocations killed midway, as a
+//!   Lambda timing out mid-copy would be (its work stops at an await; its lease stays), and
+//!   a webhook's finalize, the sweeper's finalize and a sweep started at the same moment once
+//!   RunPod completes a job (the race a fast machine otherwise rarely lines up).
 //!
 //! Then every job is checked: terminal, and never kept past its deadline; in the state RunPod's
 //! own record of it calls for; history strictly forward with exactly one terminal entry;
@@ -51,6 +53,7 @@ use std::time::{Duration, Instant};
 
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
+use gateway::app::sweeper::Sweeper;
 use gateway::domain::job::{Actor, ErrorCode, Job, JobState};
 use gateway::ports::RunPodStatus;
 use gateway_tests::{jpeg, restore_request, LocalAws, Stack, StackOptions, StatusCode, ALICE};
@@ -317,6 +320,9 @@ struct Plan {
     duplicate_after: Option<Duration>,
     kill_dispatch_after: Option<Duration>,
     kill_finalize_after: Option<Duration>,
+    /// Once RunPod completes the job: a webhook's finalize, the sweeper's finalize and a sweep,
+    /// all at once and from the same copy of the job; `Some(true)`: and a client's cancel.
+    race_finalizers: Option<bool>,
 }
 
 /// How often the client side does each thing to a job.
@@ -325,6 +331,7 @@ struct PlanProbabilities {
     duplicate: f64,
     kill_dispatch: f64,
     kill_finalize: f64,
+    race_finalizers: f64,
 }
 
 fn plan_probabilities() -> PlanProbabilities {
@@ -333,6 +340,7 @@ fn plan_probabilities() -> PlanProbabilities {
         duplicate: 0.10,
         kill_dispatch: 0.03,
         kill_finalize: 0.03,
+        race_finalizers: 0.10,
     }
 }
 
@@ -351,6 +359,7 @@ fn plan(seed: u64, index: usize) -> Plan {
         duplicate_after: maybe(p.duplicate, 0, 2_000),
         kill_dispatch_after: maybe(p.kill_dispatch, 2, 120),
         kill_finalize_after: maybe(p.kill_finalize, 1, 40),
+        race_finalizers: maybe(p.race_finalizers, 0, 1).map(|d| d.as_millis() == 1),
     }
 }
 
@@ -369,12 +378,14 @@ struct Driven {
     duplicates: u32,
     killed_dispatch: bool,
     killed_finalize: bool,
+    raced_finalizers: bool,
 }
 
 struct World {
     stack: Stack,
     dispatcher: Dispatcher,
     finalizer: Finalizer,
+    sweeper: Sweeper,
     timings: Timings,
 }
 
@@ -408,6 +419,30 @@ async fn drive(world: Arc<World>, index: usize, image: Arc<Vec<u8>>, plan: Plan)
         .await;
         Some(cut.is_err())
     };
+    let race_finalizers = async {
+        let with_cancel = plan.race_finalizers?;
+        let (job, status) = wait_runpod_completed(stack, &id, world.timings.deadline).await?;
+        let cancel = async {
+            if !with_cancel {
+                return None;
+            }
+            let path = format!("/jobs/{id}/cancel");
+            Some(match stack.post_json(ALICE, &path, &json!({})).await.0 {
+                StatusCode::OK => Cancel::Accepted,
+                StatusCode::CONFLICT => Cancel::AlreadyFinished,
+                _ => Cancel::Unavailable,
+            })
+        };
+        let (_, _, _, cancelled) = tokio::join!(
+            world
+                .finalizer
+                .observe_as(job.clone(), &status, Actor::Webhook),
+            world.finalizer.observe_as(job, &status, Actor::Sweeper),
+            world.sweeper.sweep(),
+            cancel,
+        );
+        Some(cancelled)
+    };
     let cancel = async {
         let after = plan.cancel_after?;
         tokio::time::sleep(after).await;
@@ -440,11 +475,23 @@ async fn drive(world: Arc<World>, index: usize, image: Arc<Vec<u8>>, plan: Plan)
             .ok()
             .map(|_| 1)
     };
-    let (killed_dispatch, killed_finalize, cancel, duplicates) =
-        tokio::join!(kill_dispatch, kill_finalize, cancel, duplicate);
+    let (killed_dispatch, killed_finalize, raced, cancel, duplicates) = tokio::join!(
+        kill_dispatch,
+        kill_finalize,
+        race_finalizers,
+        cancel,
+        duplicate
+    );
     driven.killed_dispatch = killed_dispatch == Some(true);
     driven.killed_finalize = killed_finalize == Some(true);
-    driven.cancel = cancel;
+    driven.raced_finalizers = raced.is_some();
+    // Both cancels are the client's: the one the gateway accepted decides the expected end.
+    let raced_cancel = raced.flatten();
+    driven.cancel = match (cancel, raced_cancel) {
+        (Some(Cancel::Accepted), _) | (_, Some(Cancel::Accepted)) => Some(Cancel::Accepted),
+        (Some(c), _) | (None, Some(c)) => Some(c),
+        (None, None) => None,
+    };
     driven.duplicates = duplicates.unwrap_or(0);
     driven
 }
@@ -761,6 +808,7 @@ struct Tally {
     poison: usize,
     killed_dispatches: usize,
     killed_finalizes: usize,
+    raced_finalizers: usize,
     outcomes: BTreeMap<String, usize>,
     extra_attempts: u32,
     retried_jobs: usize,
@@ -869,6 +917,7 @@ async fn wave(
     let world = Arc::new(World {
         dispatcher: stack.wiring().dispatcher().unwrap(),
         finalizer: stack.wiring().finalizer().unwrap(),
+        sweeper: stack.wiring().sweeper().unwrap(),
         stack,
         timings: timings.clone(),
     });
@@ -1075,6 +1124,7 @@ async fn wave(
     tally.poison += POISON.len();
     tally.killed_dispatches += counting(&|d| d.killed_dispatch);
     tally.killed_finalizes += counting(&|d| d.killed_finalize);
+    tally.raced_finalizers += counting(&|d| d.raced_finalizers);
     for job in after.values() {
         let key = match &job.error {
             Some(error) => format!("{} ({})", job.state, error.code.as_str()),
@@ -1148,6 +1198,10 @@ fn print_table(seed: u64, elapsed: Duration, tally: &mut Tally) {
     line(format!(
         "  {:<24}{:>7}",
         "finalize_killed", tally.killed_finalizes
+    ));
+    line(format!(
+        "  {:<24}{:>7}",
+        "finalizers_raced", tally.raced_finalizers
     ));
     line("outcomes:".into());
     for (outcome, n) in &tally.outcomes {
