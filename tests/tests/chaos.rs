@@ -230,11 +230,13 @@ impl Timings {
 /// deleted by their TTL, nor cancelled by the client.
 fn expected_success_share() -> f64 {
     let chaos = chaos_config(0);
-    let cancel = plan_probabilities().cancel;
+    let plan = plan_probabilities();
+    // Half the raced finalizes come with a cancel.
     (1.0 - chaos.p_worker_failed)
         * (1.0 - chaos.p_worker_timed_out)
         * (1.0 - chaos.p_ttl_delete)
-        * (1.0 - cancel)
+        * (1.0 - plan.cancel)
+        * (1.0 - plan.race_finalizers / 2.0)
 }
 
 /// Measures a fault-free stack with the run's own settings: a few jobs one after another for

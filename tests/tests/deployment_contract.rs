@@ -1282,3 +1282,27 @@ fn the_code_scanners_see_calls_however_they_are_wrapped() {
         ]
     );
 }
+
+#[test]
+fn the_local_runner_consumes_the_queue_as_the_templates_event_source_does() {
+    let sqs = resource("DispatchFunction")["Properties"]["Events"]
+        .as_object()
+        .unwrap()
+        .values()
+        .find(|e| e["Type"] == "SQS")
+        .expect("an SQS event")["Properties"]
+        .clone();
+    // `number` reads a parameter reference as the parameter's default.
+    let default_of = number;
+    let runner = local_runner::RunnerOptions::default();
+    assert_eq!(
+        default_of(&sqs["ScalingConfig"]["MaximumConcurrency"]),
+        runner.dispatch_concurrency as u64,
+        "batches in flight: the template's MaximumConcurrency default vs the local runner's"
+    );
+    assert_eq!(
+        default_of(&sqs["BatchSize"]),
+        u64::from(runner.dispatch_batch_size),
+        "messages per batch: the template's BatchSize default vs the local runner's"
+    );
+}

@@ -258,3 +258,56 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_factor_or_milliseconds_parse_into_a_delay() {
+        assert_eq!(Delay::parse("3x").unwrap(), Delay::Slowdown(3.0));
+        assert_eq!(Delay::parse(" 2.5x ").unwrap(), Delay::Slowdown(2.5));
+        assert_eq!(Delay::parse("1x").unwrap(), Delay::None);
+        assert_eq!(
+            Delay::parse("40ms").unwrap(),
+            Delay::Fixed(Duration::from_millis(40))
+        );
+        assert_eq!(
+            Delay::parse("40").unwrap(),
+            Delay::Fixed(Duration::from_millis(40))
+        );
+        assert_eq!(Delay::parse("0").unwrap(), Delay::None);
+    }
+
+    #[test]
+    fn nonsense_and_speedups_are_refused() {
+        for text in ["", "fast", "0.5x", "-3x", "101x", "x", "-40ms", "3xx"] {
+            assert!(Delay::parse(text).is_err(), "{text:?} parsed");
+        }
+    }
+
+    #[test]
+    fn a_slowdown_adds_its_factor_less_one_times_the_upstreams_time() {
+        let took = Duration::from_millis(10);
+        assert_eq!(Delay::Slowdown(3.0).extra(took), Duration::from_millis(20));
+        assert_eq!(
+            Delay::Fixed(Duration::from_millis(7)).extra(took),
+            Duration::from_millis(7)
+        );
+        assert_eq!(Delay::None.extra(took), Duration::ZERO);
+    }
+
+    #[test]
+    fn only_sqs_receives_count_as_long_polls() {
+        let mut headers = HeaderMap::new();
+        assert!(!long_poll(&headers, b"{}"));
+        assert!(long_poll(
+            &headers,
+            b"Action=ReceiveMessage&WaitTimeSeconds=20"
+        ));
+        headers.insert("x-amz-target", "AmazonSQS.ReceiveMessage".parse().unwrap());
+        assert!(long_poll(&headers, b"{}"));
+        headers.insert("x-amz-target", "AmazonSQS.SendMessage".parse().unwrap());
+        assert!(!long_poll(&headers, b"{}"));
+    }
+}
