@@ -9,7 +9,7 @@
 //!   worker protocol (`job-take`, `job-done`, `job-stop`, `ping`) for a real `runpod` SDK worker;
 //! - test controls: [`Emulator`] methods, mirrored under `/_emulator/…` on the API port.
 //!
-//! Facts and their sources: `reference/runpod-platform.md`. Behaviour the reference marks
+//! Facts and their sources: `docs/runpod-platform.md`. Behaviour the reference marks
 //! UNCONFIRMED is switchable through [`Faults`] or [`EmulatorConfig`].
 
 mod admin;
