@@ -33,7 +33,7 @@ pub fn next_check_after_failure(base: Duration, job: &Job, now: Millis) -> Milli
     (now + wait.as_millis() as Millis).min(job.deadline_at.max(now))
 }
 
-/// The result of [`commit`].
+/// The result of [`commit_as`].
 pub enum Committed {
     /// The change was written; here is the job as stored.
     Written(Job),
@@ -41,14 +41,6 @@ pub enum Committed {
     Refused(Job, TransitionError),
     /// The job is gone.
     Missing,
-}
-
-/// [`commit_as`] for a caller that does not say who it is (history entries say `gateway`).
-pub async fn commit<F>(store: &dyn JobStore, job: Job, change: F) -> Result<Committed, StoreError>
-where
-    F: Fn(&mut Job) -> Result<(), TransitionError>,
-{
-    commit_as(store, job, Actor::Gateway, change).await
 }
 
 /// Applies `change` to `job` and writes it conditionally on the version read. When another writer

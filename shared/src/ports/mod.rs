@@ -89,12 +89,6 @@ pub enum ObjectError {
     Permanent(String),
 }
 
-impl ObjectError {
-    pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Transient(_))
-    }
-}
-
 #[derive(Clone, Debug, PartialEq)]
 pub struct ObjectMeta {
     pub size: u64,
