@@ -10,7 +10,7 @@ use aws_sdk_s3::config::Credentials;
 use gateway::config::Env;
 use gateway::domain::job::{InputRef, Job, JobTiming, Millis, NewJob};
 use gateway::domain::workflow::ValidatedParams;
-use gateway::wiring::Wiring;
+use gateway_aws::wiring::Wiring;
 use runpod_emulator::{Emulator, EmulatorConfig, Faults};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

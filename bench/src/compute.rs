@@ -16,9 +16,9 @@ use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use gateway::app::api::identity::IdentitySource;
 use gateway::domain::token::WebhookSigner;
 use gateway::ports::JobStore;
+use gateway_http::api::identity::IdentitySource;
 use serde_json::{json, Value};
 
 use crate::common::{
@@ -83,13 +83,13 @@ pub async fn measure_compute(
     let vars = gateway_env(moto, &emulator, &names, &base);
     let wiring = crate::common::wiring(sdk, &vars).await?;
     let identity = IdentitySource::dev_tokens_from_env(&wiring.env)?;
-    let api = Arc::new(wiring.api(identity)?);
+    let api = Arc::new(gateway_http::api::ApiState::new(wiring.api()?, identity));
     let webhook = Arc::new(wiring.webhook()?);
     let dispatcher = wiring.dispatcher()?;
     let sweeper = wiring.sweeper()?;
     let timings: Timings = Arc::default();
-    let app = gateway::app::api::router(api)
-        .merge(gateway::app::webhook::router(webhook))
+    let app = gateway_http::api::router(api)
+        .merge(gateway_http::webhook::router(webhook))
         .layer(axum::middleware::from_fn_with_state(
             timings.clone(),
             time_handler,
@@ -154,7 +154,7 @@ pub async fn measure_compute(
             record.body = message.body.clone();
             event.records.push(record);
             let started = Instant::now();
-            let response = dispatcher.handle_batch(event).await;
+            let response = gateway_aws::adapters::sqs::handle_batch(&dispatcher, event).await;
             let t_dispatch = started.elapsed();
             if !response.batch_item_failures.is_empty() {
                 return Err("dispatch reported a failure".into());

@@ -26,13 +26,13 @@ pub async fn measure(
     sdk: &SdkConfig,
     emulator: &runpod_emulator::Emulator,
     env: &[(String, String)],
-    wiring: &gateway::wiring::Wiring,
+    wiring: &gateway_aws::wiring::Wiring,
     sizes_mb: &[u64],
     runs: usize,
 ) -> Result<Vec<Figure>, BoxError> {
     let store = wiring.job_store()?;
     let results_bucket = gateway::config::AwsResources::results_bucket_from_env(&wiring.env)?;
-    let s3 = gateway::adapters::s3::aws_client(sdk, true);
+    let s3 = gateway_aws::adapters::s3::aws_client(sdk, true);
     let mut figures = Vec::new();
     for &size_mb in sizes_mb {
         let mut peak = Vec::new();

@@ -16,7 +16,7 @@ use gateway::domain::job::{Job, JobState, Millis, OutputFile};
 use gateway::ports::{
     Clock, CreateOutcome, DueJobs, JobPage, JobStore, RunPod, RunPolicy, RunRequest, StoreError,
 };
-use gateway::wiring::Wiring;
+use gateway_aws::wiring::Wiring;
 
 use crate::common::{ms, new_job, now_ms, submitted_job, BoxError, Summary, OWNER};
 

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
 use futures::StreamExt;
-use gateway::app::api::identity::IdentitySource;
 use gateway::ports::{JobQueue, JobStore};
+use gateway_http::api::identity::IdentitySource;
 
 use crate::common::{
     gateway_env, jpeg, new_job, now_ms, restore_request, BoxError, Names, Summary, DEV_TOKEN, OWNER,
@@ -112,7 +112,10 @@ pub async fn measure(
     let api_wiring =
         crate::common::wiring(sdk, &gateway_env(moto, &emulator, &api_names, &api_url)).await?;
     let identity = IdentitySource::dev_tokens_from_env(&api_wiring.env)?;
-    let app = gateway::app::api::router(Arc::new(api_wiring.api(identity)?));
+    let app = gateway_http::api::router(Arc::new(gateway_http::api::ApiState::new(
+        api_wiring.api()?,
+        identity,
+    )));
     let api_server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });

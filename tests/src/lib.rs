@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use aws_config::SdkConfig;
 use gateway::config::Env;
 pub use gateway::domain::job::Job;
-use gateway::wiring::Wiring;
+use gateway_aws::wiring::Wiring;
 use local_runner::{Runner, RunnerOptions};
 use runpod_emulator::{Emulator, EmulatorConfig, Faults};
 use serde_json::Value;
@@ -396,7 +396,7 @@ impl Stack {
             },
             now,
         );
-        gateway::adapters::dynamodb::DynamoJobStore::new(self.dynamodb(), &self.table)
+        gateway_aws::adapters::dynamodb::DynamoJobStore::new(self.dynamodb(), &self.table)
             .create(&job)
             .await
             .unwrap();
@@ -406,7 +406,7 @@ impl Stack {
     /// The job record as stored (versions, leases and all), read through the gateway's adapter.
     pub async fn stored_job(&self, job_id: &str) -> gateway::domain::job::Job {
         use gateway::ports::JobStore;
-        gateway::adapters::dynamodb::DynamoJobStore::new(self.dynamodb(), &self.table)
+        gateway_aws::adapters::dynamodb::DynamoJobStore::new(self.dynamodb(), &self.table)
             .get(job_id)
             .await
             .unwrap()

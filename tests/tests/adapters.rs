@@ -1,12 +1,12 @@
 //! The adapters against real protocol servers (moto): what the use cases rely on them for.
 use std::collections::BTreeMap;
 
-use gateway::adapters::dynamodb::{create_table, DynamoJobStore};
-use gateway::adapters::s3::S3ObjectStore;
 use gateway::app::transfer;
 use gateway::domain::job::{ErrorCode, InputRef, Job, JobError, JobTiming, NewJob};
 use gateway::domain::workflow::ValidatedParams;
 use gateway::ports::{JobStore, ObjectStore, StoreError};
+use gateway_aws::adapters::dynamodb::{create_table, DynamoJobStore};
+use gateway_aws::adapters::s3::S3ObjectStore;
 use gateway_tests::aws_sdk_config;
 
 fn unique(prefix: &str) -> String {

@@ -1,7 +1,7 @@
 //! The deployment contract: `template.yaml` against `deploy/contract.json` against the code.
 //!
 //! `deploy/contract.json` lists, per Lambda function, the environment variables it reads (by the
-//! groups of `shared/src/config.rs` that its `Wiring` constructor uses) and the AWS calls it makes
+//! groups of `shared/core/src/config.rs` that its `Wiring` constructor uses) and the AWS calls it makes
 //! on which resource. These tests hold three things together:
 //!
 //! - the template sets every variable a function needs and none it does not read, and grants each
@@ -20,9 +20,10 @@ use std::sync::OnceLock;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_s3::config::Credentials;
-use gateway::app::api::identity::IdentitySource;
 use gateway::config::{ConfigError, Env};
-use gateway::wiring::{BootError, Wiring};
+use gateway_aws::wiring::{BootError, Wiring};
+use gateway_http::api::identity::IdentitySource;
+use gateway_http::api::ApiState;
 use serde_json::Value;
 
 // ------------------------------------------------------------------ loading
@@ -420,7 +421,7 @@ fn env_names_in(source: &str) -> BTreeSet<String> {
 
 fn env_names_in_code() -> BTreeSet<String> {
     let mut files = Vec::new();
-    for dir in ["shared/src", "functions", "local/runner/src"] {
+    for dir in ["shared", "functions", "local/runner/src"] {
         rust_sources(&repo_root().join(dir), &mut files);
     }
     files
@@ -510,7 +511,10 @@ async fn offline_sdk_config() -> SdkConfig {
 fn boot(function: &str, vars: &BTreeMap<String, String>, sdk: &SdkConfig) -> Result<(), BootError> {
     let wiring = Wiring::new(Env::from_pairs(vars.clone()), sdk.clone())?;
     match function {
-        "submit" => wiring.api(IdentitySource::JwtClaims).map(|_| ()),
+        "submit" => wiring
+            .api()
+            .map(|api| ApiState::new(api, IdentitySource::JwtClaims))
+            .map(|_| ()),
         "dispatch" => wiring.dispatcher().map(|_| ()),
         "webhook" => wiring.webhook().map(|_| ()),
         "sweeper" => wiring.sweeper().map(|_| ()),
@@ -892,7 +896,7 @@ fn the_contract_authorises_every_aws_call_in_the_adapters() {
         .flat_map(|f| f.calls.iter().map(|(a, _)| a.clone()).collect::<Vec<_>>())
         .collect();
     let mut files = Vec::new();
-    rust_sources(&repo_root().join("shared/src/adapters"), &mut files);
+    rust_sources(&repo_root().join("shared/aws/src/adapters"), &mut files);
     let mut problems = Vec::new();
     for file in files {
         let service = file.file_stem().unwrap().to_str().unwrap().to_string();
@@ -1000,10 +1004,10 @@ fn the_api_routes_are_the_routers_routes_and_only_the_public_ones_skip_the_jwt()
 
 #[test]
 fn the_table_has_the_keys_and_indexes_the_store_uses() {
-    use gateway::adapters::dynamodb::{OWNER_INDEX, SWEEP_INDEX};
+    use gateway_aws::adapters::dynamodb::{OWNER_INDEX, SWEEP_INDEX};
 
     // The local equivalent, `create_table` in the DynamoDB adapter, is the reference.
-    let source = read("shared/src/adapters/dynamodb.rs");
+    let source = read("shared/aws/src/adapters/dynamodb.rs");
     let body = &source[source
         .find("pub async fn create_table")
         .expect("create_table")..];

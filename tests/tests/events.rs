@@ -4,9 +4,9 @@
 //! into the sweeper.
 use std::path::PathBuf;
 
-use gateway::app::api::identity::IdentitySource;
 use gateway::domain::job::Job;
 use gateway::ports::JobStore;
+use gateway_http::api::identity::IdentitySource;
 use gateway_tests::{Stack, StackOptions};
 use http_body_util::BodyExt;
 use serde_json::Value;
@@ -55,8 +55,9 @@ async fn call(router: axum::Router, event: &str) -> (u16, Value) {
 }
 
 fn submit_router(stack: &Stack) -> axum::Router {
-    let state = stack.wiring().api(IdentitySource::JwtClaims).unwrap();
-    gateway::app::api::router(std::sync::Arc::new(state))
+    let state =
+        gateway_http::api::ApiState::new(stack.wiring().api().unwrap(), IdentitySource::JwtClaims);
+    gateway_http::api::router(std::sync::Arc::new(state))
 }
 
 #[tokio::test]
@@ -120,7 +121,7 @@ async fn the_webhook_event_finalizes_its_job() {
     image::RgbImage::new(8, 6).save(&output).unwrap();
 
     let state = stack.wiring().webhook().unwrap();
-    let router = gateway::app::webhook::router(std::sync::Arc::new(state));
+    let router = gateway_http::webhook::router(std::sync::Arc::new(state));
     let (status, body) = call(router, &event("webhook-completed.json")).await;
     assert_eq!(status, 200, "{body}");
 
@@ -142,7 +143,8 @@ async fn the_sqs_event_dispatches_both_jobs() {
     seed_job(&stack, SECOND_JOB).await;
     let sqs: aws_lambda_events::event::sqs::SqsEvent =
         serde_json::from_str(&event("dispatch-sqs.json")).unwrap();
-    let response = stack.wiring().dispatcher().unwrap().handle_batch(sqs).await;
+    let dispatcher = stack.wiring().dispatcher().unwrap();
+    let response = gateway_aws::adapters::sqs::handle_batch(&dispatcher, sqs).await;
     assert!(response.batch_item_failures.is_empty());
     let store = stack.wiring().job_store().unwrap();
     for id in [JOB, SECOND_JOB] {

@@ -283,12 +283,8 @@ async fn a_poison_message_is_left_for_the_dlq_and_a_stale_one_is_consumed() {
         message.body = Some(body.into());
         event.records.push(message);
     }
-    let response = stack
-        .wiring()
-        .dispatcher()
-        .unwrap()
-        .handle_batch(event)
-        .await;
+    let dispatcher = stack.wiring().dispatcher().unwrap();
+    let response = gateway_aws::adapters::sqs::handle_batch(&dispatcher, event).await;
     let mut failed: Vec<_> = response
         .batch_item_failures
         .iter()

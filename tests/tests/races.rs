@@ -5,10 +5,10 @@
 //! (`RACE_ROUNDS`, default 6), so both orders and the overlaps between them come up.
 use std::time::{Duration, Instant};
 
-use gateway::adapters::dynamodb::DynamoJobStore;
 use gateway::app::dispatch::{DispatchOutcome, RetryLater};
 use gateway::domain::job::{Actor, Job, JobState};
 use gateway::ports::JobStore;
+use gateway_aws::adapters::dynamodb::DynamoJobStore;
 use gateway_tests::{jpeg, Stack, StackOptions, StatusCode, ALICE};
 use runpod_emulator::{ChaosConfig, Faults, JobSnapshot, JobStatus};
 use serde_json::json;

@@ -1,6 +1,6 @@
 //! Secrets come from Secrets Manager (moto here) at start-up, never from plain variables.
 use gateway::config::Env;
-use gateway::wiring::{BootError, Wiring};
+use gateway_aws::wiring::{BootError, Wiring};
 use gateway_tests::aws_sdk_config;
 
 async fn secret(sdk: &aws_config::SdkConfig, value: &str) -> String {

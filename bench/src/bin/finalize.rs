@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use gateway::ports::RunPodStatus;
-use gateway::wiring::Wiring;
+use gateway_aws::wiring::Wiring;
 
 fn status_kb(field: &str) -> u64 {
     std::fs::read_to_string("/proc/self/status")

@@ -4,12 +4,12 @@
 //! beside the real `submit` to show what warming moves from the first request into init.
 use std::sync::Arc;
 
-use gateway::adapters::dynamodb::DynamoJobStore;
-use gateway::adapters::s3::{aws_client, S3ObjectStore};
-use gateway::adapters::sqs::SqsJobQueue;
-use gateway::app::api::{identity::IdentitySource, router, ApiState};
 use gateway::config::AwsResources;
-use gateway::wiring::{init_tracing, Wiring};
+use gateway_aws::adapters::dynamodb::DynamoJobStore;
+use gateway_aws::adapters::s3::{aws_client, S3ObjectStore};
+use gateway_aws::adapters::sqs::SqsJobQueue;
+use gateway_aws::wiring::{init_tracing, Wiring};
+use gateway_http::api::{identity::IdentitySource, router, ApiState};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {

@@ -1,6 +1,7 @@
 //! The SQS consumer that submits queued jobs to RunPod, reporting partial batch failures.
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
-use gateway::wiring::{init_tracing, Wiring};
+use gateway_aws::adapters::sqs::handle_batch;
+use gateway_aws::wiring::{init_tracing, Wiring};
 use lambda_runtime::{service_fn, LambdaEvent};
 
 #[tokio::main]
@@ -10,7 +11,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let dispatcher = wiring.dispatcher()?;
     let dispatcher = &dispatcher;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        Ok::<SqsBatchResponse, lambda_runtime::Error>(dispatcher.handle_batch(event.payload).await)
+        Ok::<SqsBatchResponse, lambda_runtime::Error>(handle_batch(dispatcher, event.payload).await)
     }))
     .await
 }

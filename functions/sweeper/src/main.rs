@@ -1,6 +1,6 @@
 //! The scheduled sweeper (EventBridge Scheduler, every minute): rescues jobs whose webhook never
 //! came, re-enqueues stuck ones, times out overdue ones.
-use gateway::wiring::{init_tracing, Wiring};
+use gateway_aws::wiring::{init_tracing, Wiring};
 use lambda_runtime::{service_fn, LambdaEvent};
 
 #[tokio::main]

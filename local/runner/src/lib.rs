@@ -12,11 +12,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-use gateway::app::api::identity::IdentitySource;
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::sweeper::Sweeper;
 use gateway::config::AwsResources;
-use gateway::wiring::{BootError, Wiring};
+use gateway_aws::adapters::sqs::handle_batch;
+use gateway_aws::wiring::{BootError, Wiring};
+use gateway_http::api::identity::IdentitySource;
+use gateway_http::api::ApiState;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -99,14 +101,14 @@ pub async fn start_on(
             .map_err(RunnerError::Setup)?;
     }
     let identity = IdentitySource::dev_tokens_from_env(&wiring.env).map_err(BootError::from)?;
-    let api = Arc::new(wiring.api(identity)?);
+    let api = Arc::new(ApiState::new(wiring.api()?, identity));
     let webhook = Arc::new(wiring.webhook()?);
     let dispatcher = Arc::new(wiring.dispatcher()?);
     let sweeper = Arc::new(wiring.sweeper()?);
     let sqs = aws_sdk_sqs::Client::new(&wiring.sdk);
     let queue_url = AwsResources::queue_from_env(&wiring.env).map_err(BootError::from)?;
 
-    let app = gateway::app::api::router(api).merge(gateway::app::webhook::router(webhook));
+    let app = gateway_http::api::router(api).merge(gateway_http::webhook::router(webhook));
     let addr = listener.local_addr()?;
     let (shutdown, watcher) = watch::channel(false);
 
@@ -196,7 +198,7 @@ async fn poll_queue(poller: Poller, mut stop: watch::Receiver<bool>) {
             ));
             event.records.push(record);
         }
-        let response = dispatcher.handle_batch(event).await;
+        let response = handle_batch(&dispatcher, event).await;
         for (message_id, receipt) in receipts {
             let failed = response
                 .batch_item_failures

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use gateway::config::Env;
-use gateway::wiring::{init_tracing, Wiring};
+use gateway_aws::wiring::{init_tracing, Wiring};
 use local_runner::{start, RunnerOptions};
 
 #[tokio::main]

@@ -2,9 +2,9 @@
 //! table with its indexes, the dispatch queue with its dead-letter queue, the two buckets.
 //! Idempotent, so every start of the stack can call it.
 use aws_sdk_sqs::types::QueueAttributeName;
-use gateway::adapters::dynamodb::create_table;
 use gateway::config::AwsResources;
-use gateway::wiring::Wiring;
+use gateway_aws::adapters::dynamodb::create_table;
+use gateway_aws::wiring::Wiring;
 
 /// Receives before a message goes to the dead-letter queue, as in the template.
 pub const MAX_RECEIVES: u32 = 5;

@@ -8,10 +8,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use gateway::app::api::identity::IdentitySource;
-use gateway::app::api::ApiState;
 use gateway::app::finalize::Finalizer;
-use gateway::app::webhook::WebhookState;
+use gateway::app::webhook::WebhookHandler;
 use gateway::config::Settings;
 use gateway::domain::job::{Job, Millis};
 use gateway::domain::paths::VolumeLayout;
@@ -22,6 +20,8 @@ use gateway::ports::{
     ObjectError, ObjectMeta, ObjectStore, PresignedRequest, QueueError, RunPod, RunPodError,
     RunPodStatus, RunRequest, StoreError, UrlFetcher,
 };
+use gateway_http::api::identity::IdentitySource;
+use gateway_http::api::ApiState;
 
 pub const SECRET: &str = "hostile-tests-secret-0123456789";
 pub const TOKEN: &str = "alice-token";
@@ -303,7 +303,7 @@ impl World {
     }
 
     pub fn api(&self) -> axum::Router {
-        gateway::app::api::router(Arc::new(ApiState {
+        gateway_http::api::router(Arc::new(ApiState {
             store: self.store.clone(),
             queue: self.queue.clone(),
             uploads: self.uploads.clone(),
@@ -327,7 +327,7 @@ impl World {
             settings: Settings::default(),
             clock: Arc::new(FixedClock),
         };
-        gateway::app::webhook::router(Arc::new(WebhookState {
+        gateway_http::webhook::router(Arc::new(WebhookHandler {
             store: self.store.clone(),
             runpod: self.runpod.clone(),
             finalizer: Arc::new(finalizer),

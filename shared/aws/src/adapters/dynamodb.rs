@@ -20,8 +20,8 @@ use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
 use aws_sdk_dynamodb::Client;
 use base64::Engine as _;
 
-use crate::domain::job::{Job, Millis};
-use crate::ports::{CreateOutcome, DueJobs, JobPage, JobStore, StoreError};
+use gateway::domain::job::{Job, Millis};
+use gateway::ports::{CreateOutcome, DueJobs, JobPage, JobStore, StoreError};
 
 pub const OWNER_INDEX: &str = "owner-index";
 pub const SWEEP_INDEX: &str = "sweep-index";

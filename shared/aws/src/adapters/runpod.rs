@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use reqwest::StatusCode;
 
-use crate::config::RunPodConfig;
-use crate::domain::retry::RetryPolicy;
-use crate::ports::{RunPod, RunPodError, RunPodStatus, RunRequest};
+use gateway::config::RunPodConfig;
+use gateway::domain::retry::RetryPolicy;
+use gateway::ports::{RunPod, RunPodError, RunPodStatus, RunRequest};
 
 #[derive(Clone)]
 pub struct HttpRunPod {
@@ -219,7 +219,7 @@ mod tests {
     use axum::routing::{get, post};
 
     use super::*;
-    use crate::domain::retry::Backoff;
+    use gateway::domain::retry::Backoff;
 
     type Statuses = Arc<Mutex<Vec<u16>>>;
 
@@ -276,7 +276,7 @@ mod tests {
         RunRequest {
             input: serde_json::json!({}),
             webhook: None,
-            policy: crate::ports::RunPolicy {
+            policy: gateway::ports::RunPolicy {
                 execution_timeout: 1,
                 ttl: 1,
             },

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use axum::http::request::Parts;
 use lambda_http::request::RequestContext;
 
-use crate::config::{ConfigError, Env};
+use gateway::config::{ConfigError, Env};
 
 #[derive(Clone, Debug)]
 pub enum IdentitySource {

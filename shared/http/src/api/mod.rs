@@ -24,11 +24,14 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use crate::app::{commit_as, Committed};
-use crate::config::Settings;
-use crate::domain::job::{Actor, ErrorCode, InputRef, Job, JobError, JobState, JobTiming, NewJob};
-use crate::domain::workflow::WorkflowCatalog;
-use crate::ports::{Clock, CreateOutcome, JobQueue, JobStore, ObjectStore, RunPod, RunPodError};
+use gateway::app::api::Api;
+use gateway::app::{commit_as, Committed};
+use gateway::config::Settings;
+use gateway::domain::job::{
+    Actor, ErrorCode, InputRef, Job, JobError, JobState, JobTiming, NewJob,
+};
+use gateway::domain::workflow::WorkflowCatalog;
+use gateway::ports::{Clock, CreateOutcome, JobQueue, JobStore, ObjectStore, RunPod, RunPodError};
 
 use error::ApiError;
 use identity::IdentitySource;
@@ -47,6 +50,33 @@ pub struct ApiState {
     pub identity: IdentitySource,
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
+}
+
+impl ApiState {
+    /// The use case's dependencies, and who may call: the API's state.
+    pub fn new(api: Api, identity: IdentitySource) -> Self {
+        let Api {
+            store,
+            queue,
+            uploads,
+            results,
+            runpod,
+            catalog,
+            settings,
+            clock,
+        } = api;
+        Self {
+            store,
+            queue,
+            uploads,
+            results,
+            runpod,
+            catalog,
+            identity,
+            settings,
+            clock,
+        }
+    }
 }
 
 pub fn router(state: Arc<ApiState>) -> Router {
@@ -381,7 +411,7 @@ async fn list_jobs(
         .list_by_owner(&owner, limit, query.cursor.as_deref())
         .await
         .map_err(|err| match err {
-            crate::ports::StoreError::Corrupt(_) => {
+            gateway::ports::StoreError::Corrupt(_) => {
                 ApiError::bad_request("invalid_cursor", "the cursor is not valid")
             }
             other => other.into(),

@@ -11,20 +11,19 @@ use crate::adapters::runpod::{http_client, HttpRunPod};
 use crate::adapters::s3::{aws_client, volume_client, S3ObjectStore};
 use crate::adapters::secrets;
 use crate::adapters::sqs::SqsJobQueue;
-use crate::app::api::identity::IdentitySource;
-use crate::app::api::ApiState;
-use crate::app::dispatch::Dispatcher;
-use crate::app::finalize::Finalizer;
-use crate::app::sweeper::Sweeper;
-use crate::app::webhook::WebhookState;
-use crate::config::{
+use gateway::app::api::Api;
+use gateway::app::dispatch::Dispatcher;
+use gateway::app::finalize::Finalizer;
+use gateway::app::sweeper::Sweeper;
+use gateway::app::webhook::WebhookHandler;
+use gateway::config::{
     webhook_base_url_from_env, AwsResources, ConfigError, Env, RunPodConfig, Settings,
     VolumeConfig, WebhookSecrets,
 };
-use crate::domain::paths::VolumeLayout;
-use crate::domain::token::WebhookSigner;
-use crate::domain::workflow::WorkflowCatalog;
-use crate::ports::{Clock, SystemClock};
+use gateway::domain::paths::VolumeLayout;
+use gateway::domain::token::WebhookSigner;
+use gateway::domain::workflow::WorkflowCatalog;
+use gateway::ports::{Clock, SystemClock};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
@@ -170,15 +169,14 @@ impl Wiring {
         ))
     }
 
-    pub fn api(&self, identity: IdentitySource) -> Result<ApiState, BootError> {
-        Ok(ApiState {
+    pub fn api(&self) -> Result<Api, BootError> {
+        Ok(Api {
             store: self.job_store()?,
             queue: self.queue()?,
             uploads: self.uploads()?,
             results: self.results()?,
             runpod: self.runpod()?,
             catalog: self.catalog.clone(),
-            identity,
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         })
@@ -214,8 +212,8 @@ impl Wiring {
         })
     }
 
-    pub fn webhook(&self) -> Result<WebhookState, BootError> {
-        Ok(WebhookState {
+    pub fn webhook(&self) -> Result<WebhookHandler, BootError> {
+        Ok(WebhookHandler {
             store: self.job_store()?,
             runpod: self.runpod()?,
             finalizer: Arc::new(self.finalizer()?),

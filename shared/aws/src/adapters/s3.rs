@@ -14,8 +14,8 @@ use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
-use crate::config::VolumeConfig;
-use crate::ports::{ByteChunks, ObjectError, ObjectMeta, ObjectStore, PresignedRequest};
+use gateway::config::VolumeConfig;
+use gateway::ports::{ByteChunks, ObjectError, ObjectMeta, ObjectStore, PresignedRequest};
 
 /// Objects up to this size go up in one PutObject; larger ones as multipart uploads of parts
 /// this size. It bounds the memory a copy holds, whatever the file's size.

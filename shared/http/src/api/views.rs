@@ -2,7 +2,7 @@
 //! never appear; times are RFC 3339.
 use serde_json::{json, Value};
 
-use crate::domain::job::{Job, JobEvent, JobState, Millis, OutputFile};
+use gateway::domain::job::{Job, JobEvent, JobState, Millis, OutputFile};
 
 fn time(ms: Millis) -> Value {
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);

@@ -45,15 +45,15 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<crate::ports::StoreError> for ApiError {
-    fn from(err: crate::ports::StoreError) -> Self {
+impl From<gateway::ports::StoreError> for ApiError {
+    fn from(err: gateway::ports::StoreError) -> Self {
         tracing::error!(error = %err, "job store error");
         Self::unavailable("the job store is unavailable; try again")
     }
 }
 
-impl From<crate::ports::ObjectError> for ApiError {
-    fn from(err: crate::ports::ObjectError) -> Self {
+impl From<gateway::ports::ObjectError> for ApiError {
+    fn from(err: gateway::ports::ObjectError) -> Self {
         tracing::error!(error = %err, "object store error");
         Self::unavailable("storage is unavailable; try again")
     }

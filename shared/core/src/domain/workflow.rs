@@ -16,13 +16,13 @@ use serde_json::{Map, Number, Value};
 const BUILTIN: &[(&str, &str, &str)] = &[
     (
         "workflows/restore.manifest.json",
-        include_str!("../../../workflows/restore.manifest.json"),
-        include_str!("../../../workflows/restore.json"),
+        include_str!("../../../../workflows/restore.manifest.json"),
+        include_str!("../../../../workflows/restore.json"),
     ),
     (
         "workflows/restore-comfyui.manifest.json",
-        include_str!("../../../workflows/restore-comfyui.manifest.json"),
-        include_str!("../../../workflows/restore-comfyui.json"),
+        include_str!("../../../../workflows/restore-comfyui.manifest.json"),
+        include_str!("../../../../workflows/restore-comfyui.json"),
     ),
 ];
 
@@ -673,8 +673,8 @@ mod tests {
     use rand::SeedableRng;
     use serde_json::json;
 
-    const GRAPH: &str = include_str!("../../../workflows/restore.json");
-    const MANIFEST: &str = include_str!("../../../workflows/restore.manifest.json");
+    const GRAPH: &str = include_str!("../../../../workflows/restore.json");
+    const MANIFEST: &str = include_str!("../../../../workflows/restore.manifest.json");
 
     fn rng() -> StdRng {
         StdRng::seed_from_u64(7)
@@ -754,7 +754,7 @@ mod tests {
 
     #[test]
     fn every_manifest_in_the_folder_is_builtin() {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../workflows");
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../workflows");
         let catalog = WorkflowCatalog::builtin().unwrap();
         let mut seen = 0;
         for entry in std::fs::read_dir(&dir).unwrap() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 
-use crate::ports::{FetchError, Fetched, ObjectError, UrlFetcher};
+use gateway::ports::{FetchError, Fetched, ObjectError, UrlFetcher};
 
 #[derive(Clone)]
 pub struct HttpFetcher {

@@ -3,10 +3,6 @@
 //! what (if anything) to do, so redelivered and duplicated messages are harmless.
 use std::sync::Arc;
 
-use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
-use futures::StreamExt;
-
-use crate::adapters::sqs::DispatchMessage;
 use crate::app::{commit_as, transfer, Committed};
 use crate::config::Settings;
 use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, LeaseKind};
@@ -60,49 +56,6 @@ impl Dispatcher {
             job_id,
             self.signer.token(job_id)
         )
-    }
-
-    /// Handles an SQS batch, reporting failed messages individually so that one slow job does
-    /// not send its neighbours round again (`ReportBatchItemFailures`).
-    pub async fn handle_batch(&self, event: SqsEvent) -> SqsBatchResponse {
-        let failures = futures::stream::iter(event.records)
-            .map(|record| async move {
-                let message_id = record.message_id.clone().unwrap_or_default();
-                let parsed = record
-                    .body
-                    .as_deref()
-                    .and_then(|b| serde_json::from_str::<DispatchMessage>(b).ok());
-                let Some(message) = parsed else {
-                    // A poison message: no job can be read from it, and no retry will change
-                    // that. Report it failed so that SQS moves it to the dead-letter queue after
-                    // maxReceiveCount receives, where the DLQ alarm shows it and it can be
-                    // inspected (a producer bug, a message format change). Dropping it would hide
-                    // the problem behind a log line.
-                    tracing::error!(message_id, "unreadable dispatch message; left for the DLQ");
-                    let mut failure = BatchItemFailure::default();
-                    failure.item_identifier = message_id;
-                    return Some(failure);
-                };
-                match self.dispatch(&message.job_id).await {
-                    Ok(outcome) => {
-                        tracing::info!(job_id = %message.job_id, ?outcome, "dispatched");
-                        None
-                    }
-                    Err(err) => {
-                        tracing::warn!(job_id = %message.job_id, error = %err, "dispatch deferred");
-                        let mut failure = BatchItemFailure::default();
-                        failure.item_identifier = message_id;
-                        Some(failure)
-                    }
-                }
-            })
-            .buffer_unordered(4)
-            .filter_map(|failure| async move { failure })
-            .collect::<Vec<_>>()
-            .await;
-        let mut response = SqsBatchResponse::default();
-        response.batch_item_failures = failures;
-        response
     }
 
     pub async fn dispatch(&self, job_id: &str) -> Result<DispatchOutcome, RetryLater> {
