@@ -1310,3 +1310,70 @@ fn the_local_runner_consumes_the_queue_as_the_templates_event_source_does() {
         "messages per batch: the template's BatchSize default vs the local runner's"
     );
 }
+
+/// The crates a package links (normal dependencies, every depth), by `cargo tree`.
+fn linked_crates(package: &str) -> BTreeSet<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = std::process::Command::new(cargo)
+        .current_dir(repo_root())
+        .args([
+            "tree",
+            "--locked",
+            "--offline",
+            "-e",
+            "normal",
+            "--prefix",
+            "none",
+        ])
+        .args(["-p", package])
+        .output()
+        .expect("run cargo tree");
+    assert!(
+        out.status.success(),
+        "cargo tree -p {package}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_core_links_no_aws_lambda_or_http_crate() {
+    let linked = linked_crates("gateway-core");
+    let forbidden: Vec<&String> = linked
+        .iter()
+        .filter(|c| {
+            c.starts_with("aws-")
+                || c.starts_with("lambda_")
+                || ["aws_lambda_events", "axum", "reqwest", "hyper", "tokio"].contains(&c.as_str())
+        })
+        .collect();
+    assert!(forbidden.is_empty(), "gateway-core links {forbidden:?}");
+}
+
+#[test]
+fn each_function_links_only_the_clients_and_frameworks_it_uses() {
+    // What each function does not use, and must therefore not link.
+    let not_used: [(&str, &[&str]); 4] = [
+        ("submit", &[]),
+        ("webhook", &["aws-sdk-sqs", "image", "humantime"]),
+        ("dispatch", &["aws-sdk-sqs", "axum", "lambda_http", "image"]),
+        (
+            "sweeper",
+            &["aws_lambda_events", "axum", "lambda_http", "image"],
+        ),
+    ];
+    let mut wrong = Vec::new();
+    for (function, unused) in not_used {
+        let linked = linked_crates(function);
+        for name in unused {
+            if linked.contains(*name) {
+                wrong.push(format!("{function} links {name}, which it does not use"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+}

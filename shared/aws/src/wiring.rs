@@ -10,11 +10,10 @@ use crate::adapters::http_fetch::HttpFetcher;
 use crate::adapters::runpod::{http_client, HttpRunPod};
 use crate::adapters::s3::{aws_client, volume_client, S3ObjectStore};
 use crate::adapters::secrets;
+#[cfg(feature = "sqs")]
 use crate::adapters::sqs::SqsJobQueue;
-use gateway::app::api::Api;
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
-use gateway::app::sweeper::Sweeper;
 use gateway::app::webhook::WebhookHandler;
 use gateway::config::{
     webhook_base_url_from_env, AwsResources, ConfigError, Env, RunPodConfig, Settings,
@@ -53,6 +52,7 @@ pub struct Wiring {
 #[derive(Clone, Default)]
 struct Clients {
     dynamodb: Arc<OnceLock<aws_sdk_dynamodb::Client>>,
+    #[cfg(feature = "sqs")]
     sqs: Arc<OnceLock<aws_sdk_sqs::Client>>,
     s3: Arc<OnceLock<aws_sdk_s3::Client>>,
     volume: Arc<OnceLock<aws_sdk_s3::Client>>,
@@ -111,6 +111,7 @@ impl Wiring {
         )))
     }
 
+    #[cfg(feature = "sqs")]
     pub fn queue(&self) -> Result<Arc<SqsJobQueue>, BootError> {
         let client = once(&self.clients.sqs, || {
             Ok::<_, BootError>(aws_sdk_sqs::Client::new(&self.sdk))
@@ -169,8 +170,9 @@ impl Wiring {
         ))
     }
 
-    pub fn api(&self) -> Result<Api, BootError> {
-        Ok(Api {
+    #[cfg(feature = "sqs")]
+    pub fn api(&self) -> Result<gateway::app::api::Api, BootError> {
+        Ok(gateway::app::api::Api {
             store: self.job_store()?,
             queue: self.queue()?,
             uploads: self.uploads()?,
@@ -221,8 +223,9 @@ impl Wiring {
         })
     }
 
-    pub fn sweeper(&self) -> Result<Sweeper, BootError> {
-        Ok(Sweeper {
+    #[cfg(feature = "sqs")]
+    pub fn sweeper(&self) -> Result<gateway::app::sweeper::Sweeper, BootError> {
+        Ok(gateway::app::sweeper::Sweeper {
             store: self.job_store()?,
             queue: self.queue()?,
             runpod: self.runpod()?,

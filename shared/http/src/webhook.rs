@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use gateway::app::webhook::{WebhookHandler, WebhookOutcome, MAX_WEBHOOK_BYTES};
 use serde_json::json;
 
-use crate::api::error::ApiError;
+use crate::error::ApiError;
 
 pub fn router(handler: Arc<WebhookHandler>) -> Router {
     Router::new()

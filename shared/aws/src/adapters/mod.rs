@@ -4,4 +4,5 @@ pub mod http_fetch;
 pub mod runpod;
 pub mod s3;
 pub mod secrets;
+#[cfg(any(feature = "sqs", feature = "sqs-events"))]
 pub mod sqs;

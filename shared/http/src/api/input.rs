@@ -4,7 +4,7 @@ use std::io::Cursor;
 
 use image::{ImageFormat, ImageReader};
 
-use super::error::ApiError;
+use crate::error::ApiError;
 
 /// Larger pictures are not photos to restore; they would only exhaust a worker.
 pub const MAX_PIXELS: u64 = 100_000_000;

@@ -6,7 +6,6 @@
 //! - `GET /jobs/{id}`: state, timestamps, error and, once succeeded, presigned output URLs.
 //! - `GET /jobs`: the caller's jobs, newest first, with an opaque cursor.
 //! - `POST /jobs/{id}/cancel`: cancel at any non-terminal stage.
-pub mod error;
 pub mod identity;
 pub mod input;
 pub mod views;
@@ -33,7 +32,7 @@ use gateway::domain::job::{
 use gateway::domain::workflow::WorkflowCatalog;
 use gateway::ports::{Clock, CreateOutcome, JobQueue, JobStore, ObjectStore, RunPod, RunPodError};
 
-use error::ApiError;
+use crate::error::ApiError;
 use identity::IdentitySource;
 
 /// Room for a 4 MB image in base64 plus the JSON around it; API Gateway caps Lambda at 6 MB.
