@@ -12,6 +12,7 @@ use gateway::domain::job::{InputRef, Job, JobTiming, Millis, NewJob};
 use gateway::domain::workflow::ValidatedParams;
 use gateway_aws::wiring::Wiring;
 use runpod_emulator::{Emulator, EmulatorConfig, Faults};
+pub use testkit::images::jpeg;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -277,25 +278,6 @@ pub fn submitted_job(owner: &str, runpod_id: &str, now: Millis, next_check: Mill
     job.mark_submitted(runpod_id.to_string(), now, next_check)
         .expect("a queued job can be submitted");
     job
-}
-
-/// A photo-like JPEG (gradient with structure), `width`×`height`.
-pub fn jpeg(width: u32, height: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(width, height, |x, y| {
-        image::Rgb([
-            (x * 255 / width.max(1)) as u8,
-            (y * 255 / height.max(1)) as u8,
-            ((x ^ y) & 0xff) as u8,
-        ])
-    });
-    let mut out = Vec::new();
-    image::DynamicImage::ImageRgb8(img)
-        .write_to(
-            &mut std::io::Cursor::new(&mut out),
-            image::ImageFormat::Jpeg,
-        )
-        .expect("encode a JPEG");
-    out
 }
 
 pub fn restore_request(image: &[u8]) -> serde_json::Value {

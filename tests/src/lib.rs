@@ -23,6 +23,8 @@ use serde_json::Value;
 pub use aws::{aws_sdk_config, local_aws, LocalAws};
 use aws::{repo_root, TiedChild};
 pub use reqwest::StatusCode;
+/// A real JPEG photo-like image (a gradient with some structure), `width`×`height`.
+pub use testkit::images::jpeg;
 
 pub const ALICE: &str = "alice-token";
 pub const BOB: &str = "bob-token";
@@ -456,25 +458,6 @@ pub fn restore_request(image: &[u8], params: Value) -> Value {
         "params": params,
         "input": { "image_base64": base64::engine::general_purpose::STANDARD.encode(image) },
     })
-}
-
-/// A real JPEG photo-like image (a gradient with some structure), `width`×`height`.
-pub fn jpeg(width: u32, height: u32) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(width, height, |x, y| {
-        image::Rgb([
-            (x * 255 / width.max(1)) as u8,
-            (y * 255 / height.max(1)) as u8,
-            ((x ^ y) & 0xff) as u8,
-        ])
-    });
-    let mut out = Vec::new();
-    image::DynamicImage::ImageRgb8(img)
-        .write_to(
-            &mut std::io::Cursor::new(&mut out),
-            image::ImageFormat::Jpeg,
-        )
-        .unwrap();
-    out
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -256,12 +256,7 @@ fn webhook_world(status: &str) -> World {
             ..RunPodStatus::default()
         },
     );
-    world
-        .store
-        .jobs
-        .lock()
-        .unwrap()
-        .insert(JOB.into(), submitted_job());
+    world.store.put(submitted_job());
     world
 }
 
@@ -274,7 +269,7 @@ fn webhook_request(world: &World, token: Option<&str>, body: Vec<u8>) -> Request
 }
 
 fn stored(world: &World) -> Job {
-    world.store.jobs.lock().unwrap()[JOB].clone()
+    world.store.job(JOB).unwrap()
 }
 
 /// Whether a body is a report the receiver may act on without asking RunPod.
@@ -359,7 +354,7 @@ proptest! {
         let (status, _) = runtime().block_on(call(world.webhook(), webhook_request(&world, Some(&token), body)));
         prop_assert_eq!(status, StatusCode::UNAUTHORIZED);
         prop_assert_eq!(stored(&world), before);
-        prop_assert!(world.runpod.calls.lock().unwrap().is_empty());
+        prop_assert!(world.runpod.calls().is_empty());
         prop_assert!(world.volume.touched().is_empty());
     }
 
@@ -670,9 +665,9 @@ fn submit_request(body: Vec<u8>, idempotency_key: Option<&[u8]>) -> Option<Reque
 
 /// Nothing was written anywhere, and nothing outside the caller's own keys was looked at.
 fn assert_untouched(world: &World) -> Result<(), TestCaseError> {
-    prop_assert_eq!(*world.store.writes.lock().unwrap(), 0);
-    prop_assert!(world.store.jobs.lock().unwrap().is_empty());
-    prop_assert!(world.queue.sent.lock().unwrap().is_empty());
+    prop_assert_eq!(world.store.writes(), 0);
+    prop_assert!(world.store.jobs().is_empty());
+    prop_assert!(world.queue.sent().is_empty());
     prop_assert_eq!(world.uploads.keys().len(), 2, "{:?}", world.uploads.keys());
     Ok(())
 }
@@ -720,9 +715,9 @@ proptest! {
         let response: Value = serde_json::from_slice(&response).unwrap_or_default();
         if valid {
             prop_assert_eq!(status, StatusCode::ACCEPTED, "{}: {}", request, response);
-            let jobs = world.store.jobs.lock().unwrap();
+            let jobs = world.store.jobs();
             prop_assert_eq!(jobs.len(), 1);
-            let job = jobs.values().next().unwrap();
+            let job = &jobs[0];
             prop_assert_eq!(&job.owner, "alice");
             prop_assert_eq!(job.state, JobState::Queued);
             prop_assert_eq!(job.callback_url.clone(), None);
@@ -731,7 +726,7 @@ proptest! {
             prop_assert!((0.0..=1.0).contains(&p["denoise"].as_f64().unwrap()));
             prop_assert!((0..=4_294_967_295u64).contains(&p["seed"].as_u64().unwrap()));
             prop_assert!(job.input.key.starts_with("inputs/alice/") || job.input.key.starts_with("uploads/alice/"));
-            prop_assert_eq!(world.queue.sent.lock().unwrap().clone(), vec![job.id.clone()]);
+            prop_assert_eq!(world.queue.sent(), vec![job.id.clone()]);
         } else {
             prop_assert!(status.is_client_error(), "{status} for {request}: {response}");
             prop_assert!(response["error"]["code"].is_string(), "{response}");
@@ -741,7 +736,7 @@ proptest! {
         for key in world.uploads.touched() {
             prop_assert!(key.starts_with("uploads/alice/") || key.starts_with("inputs/alice/"), "touched {key}");
         }
-        prop_assert!(world.runpod.calls.lock().unwrap().is_empty());
+        prop_assert!(world.runpod.calls().is_empty());
     }
 }
 

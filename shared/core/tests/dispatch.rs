@@ -1,0 +1,167 @@
+//! Dispatch: a queued job's input goes onto the RunPod volume and the job to RunPod, once.
+use gateway::app::dispatch::{DispatchOutcome, RetryLater};
+use gateway::domain::job::{Actor, ErrorCode, JobState, LeaseKind};
+use gateway::domain::paths::VolumeLayout;
+use gateway::ports::{JobStore, ObjectStore};
+use testkit::fakes::{Answer, BrokenKey};
+use testkit::Kit;
+
+#[tokio::test]
+async fn a_queued_job_is_copied_to_the_volume_and_submitted_with_its_signed_webhook() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+
+    let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+    assert_eq!(outcome, DispatchOutcome::Submitted("rp-1".into()));
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Submitted);
+    assert_eq!(stored.runpod_job_id.as_deref(), Some("rp-1"));
+    assert_eq!(stored.attempts, 1);
+    assert!(stored.lease.is_none(), "the dispatch lease is released");
+    let input = VolumeLayout::input_key(&job.id, "input.jpg");
+    assert_eq!(kit.volume.get(&input), kit.uploads.get(&job.input.key));
+    let accepted = kit.runpod.accepted();
+    assert_eq!(accepted.len(), 1);
+    let webhook = accepted[0].webhook.clone().unwrap();
+    let token = webhook.split("token=").nth(1).unwrap();
+    assert!(webhook.contains(&format!("/webhooks/runpod/{}?", job.id)));
+    assert!(kit.signer.verify(&job.id, token));
+    assert_eq!(stored.history.last().unwrap().by, Actor::Dispatch);
+}
+
+#[tokio::test]
+async fn runpod_unavailable_asks_for_the_message_again_and_the_retry_submits() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.runpod.answer_runs(&[Answer::Transient]);
+
+    let first = kit.dispatcher().dispatch(&job.id).await;
+
+    assert!(matches!(first, Err(RetryLater(_))), "{first:?}");
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Queued);
+    assert!(stored.lease.is_none(), "released for the redelivery");
+    let second = kit.dispatcher().dispatch(&job.id).await.unwrap();
+    assert_eq!(second, DispatchOutcome::Submitted("rp-1".into()));
+    assert_eq!(kit.stored(&job.id).attempts, 2);
+}
+
+#[tokio::test]
+async fn a_permanent_refusal_fails_the_job_with_a_code_and_no_retry() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.runpod.answer_runs(&[Answer::Permanent(400)]);
+
+    let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+    assert_eq!(outcome, DispatchOutcome::Failed(ErrorCode::RunpodRejected));
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Failed);
+    assert_eq!(stored.error.unwrap().code, ErrorCode::RunpodRejected);
+    assert!(stored.next_check_at.is_none(), "out of the sweeper's index");
+}
+
+#[tokio::test]
+async fn a_missing_input_fails_the_job_without_calling_runpod() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.uploads.delete(&job.input.key).await.unwrap();
+
+    let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+    assert_eq!(outcome, DispatchOutcome::Failed(ErrorCode::InputMissing));
+    assert_eq!(kit.stored(&job.id).state, JobState::Failed);
+    assert!(kit.runpod.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_refused_copy_is_retried_rather_than_failing_the_job() {
+    // The volume's S3 API has answered 403 for a moment (docs/runpod-platform.md §3); a
+    // refusal is retried, and the attempt budget ends it if it persists.
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.uploads.break_key(&job.input.key, BrokenKey::Permanent);
+
+    let outcome = kit.dispatcher().dispatch(&job.id).await;
+
+    assert!(matches!(outcome, Err(RetryLater(_))), "{outcome:?}");
+    assert_eq!(kit.stored(&job.id).state, JobState::Queued);
+}
+
+#[tokio::test]
+async fn a_volume_outage_asks_for_the_message_again() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.volume.break_key(
+        &VolumeLayout::input_key(&job.id, "input.jpg"),
+        BrokenKey::Transient,
+    );
+
+    let outcome = kit.dispatcher().dispatch(&job.id).await;
+
+    assert!(matches!(outcome, Err(RetryLater(_))), "{outcome:?}");
+    assert_eq!(kit.stored(&job.id).state, JobState::Queued);
+    assert!(kit.runpod.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_duplicate_message_for_a_submitted_job_changes_nothing() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    let writes = kit.store.writes();
+
+    let again = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+    assert_eq!(
+        again,
+        DispatchOutcome::Skipped("already dispatched or finished")
+    );
+    assert_eq!(kit.store.writes(), writes);
+    assert_eq!(kit.runpod.accepted().len(), 1);
+}
+
+#[tokio::test]
+async fn a_redelivery_while_another_dispatch_holds_the_job_backs_off_without_a_write() {
+    let kit = Kit::new();
+    let mut job = kit.queued_job("alice");
+    // Another dispatch took the job a moment ago and is still copying its input.
+    let read = job.version;
+    job.acquire_lease(LeaseKind::Dispatch, kit.now(), 60_000)
+        .unwrap();
+    job.version += 1;
+    kit.store.save(&job, read).await.unwrap();
+    let writes = kit.store.writes();
+
+    let outcome = kit.dispatcher().dispatch(&job.id).await;
+
+    assert!(matches!(outcome, Err(RetryLater(_))), "{outcome:?}");
+    assert_eq!(kit.store.writes(), writes);
+    assert!(kit.runpod.calls().is_empty(), "RunPod is never asked twice");
+}
+
+#[tokio::test]
+async fn a_job_out_of_attempts_fails_as_exhausted() {
+    let kit = Kit::new().with_settings(|s| s.max_dispatch_attempts = 2);
+    let job = kit.queued_job("alice");
+    kit.runpod
+        .answer_runs(&[Answer::Transient, Answer::Transient]);
+    assert!(kit.dispatcher().dispatch(&job.id).await.is_err());
+
+    // The last allowed attempt fails too: the job ends rather than waiting for another.
+    let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+    assert_eq!(
+        outcome,
+        DispatchOutcome::Failed(ErrorCode::DispatchAttemptsExhausted)
+    );
+    assert_eq!(kit.stored(&job.id).state, JobState::Failed);
+}
+
+#[tokio::test]
+async fn a_message_for_a_job_that_does_not_exist_is_consumed() {
+    let kit = Kit::new();
+    let outcome = kit.dispatcher().dispatch("no-such-job").await.unwrap();
+    assert_eq!(outcome, DispatchOutcome::Skipped("no such job"));
+}

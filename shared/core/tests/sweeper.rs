@@ -1,0 +1,197 @@
+//! The sweeper: what no event brought home, it does: re-enqueue, poll, expire, time out.
+use std::time::Duration;
+
+use gateway::app::finalize::Outcome;
+use gateway::app::webhook::WebhookOutcome;
+use gateway::domain::job::{Actor, ErrorCode, JobState};
+use gateway::ports::RunPodStatus;
+use testkit::fakes::Answer;
+use testkit::Kit;
+
+#[tokio::test]
+async fn a_job_still_queued_after_the_requeue_delay_is_enqueued_again() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.clock.advance(kit.settings.requeue_after);
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!(report.requeued, 1);
+    assert_eq!(kit.queue.sent(), vec![job.id.clone()]);
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Queued);
+    assert!(
+        stored.next_check_at.unwrap() > kit.now(),
+        "looked at again later"
+    );
+}
+
+#[tokio::test]
+async fn nothing_is_due_before_its_time() {
+    let kit = Kit::new();
+    kit.queued_job("alice");
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!((report.due, report.items_read), (0, 0));
+    assert!(kit.queue.sent().is_empty());
+}
+
+#[tokio::test]
+async fn a_job_whose_webhook_never_came_is_finished_from_runpods_status() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.completed_run("rp-1", &[format!("outputs/{}/restore_00001_.png", job.id)]);
+    kit.clock.advance(kit.settings.status_poll_after);
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!((report.polled, report.finished), (1, 1));
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Succeeded);
+    assert_eq!(stored.history.last().unwrap().by, Actor::Sweeper);
+    assert_eq!(kit.results.keys().len(), 1);
+}
+
+#[tokio::test]
+async fn a_job_still_running_is_polled_again_after_the_interval() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.runpod.set_status(
+        "rp-1",
+        RunPodStatus {
+            id: Some("rp-1".into()),
+            status: Some("IN_PROGRESS".into()),
+            ..RunPodStatus::default()
+        },
+    );
+    kit.clock.advance(kit.settings.status_poll_after);
+
+    kit.sweeper().sweep().await.unwrap();
+
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Running);
+    let interval = kit.settings.poll_interval.as_millis() as i64;
+    assert_eq!(stored.next_check_at, Some(kit.now() + interval));
+}
+
+#[tokio::test]
+async fn a_job_runpod_no_longer_knows_fails_as_expired() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.clock.advance(kit.settings.status_poll_after);
+
+    kit.sweeper().sweep().await.unwrap();
+
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Failed);
+    assert_eq!(stored.error.unwrap().code, ErrorCode::RunpodJobExpired);
+}
+
+#[tokio::test]
+async fn runpod_unavailable_leaves_the_job_for_a_later_sweep() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.runpod.fail_status("rp-1", Answer::Transient);
+    kit.clock.advance(kit.settings.status_poll_after);
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!(report.errors, 1);
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Submitted);
+    assert_eq!(stored.check_failures, 1);
+    assert!(stored.next_check_at.unwrap() > kit.now());
+}
+
+#[tokio::test]
+async fn a_job_past_its_deadline_is_cancelled_at_runpod_and_timed_out() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.runpod.set_status(
+        "rp-1",
+        RunPodStatus {
+            id: Some("rp-1".into()),
+            status: Some("IN_PROGRESS".into()),
+            ..RunPodStatus::default()
+        },
+    );
+    kit.clock
+        .advance(kit.settings.job_deadline + Duration::from_secs(1));
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!(report.timed_out, 1);
+    assert!(kit.runpod.calls().contains(&"cancel rp-1".to_string()));
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::TimedOut);
+    assert_eq!(stored.error.unwrap().code, ErrorCode::DeadlineExceeded);
+}
+
+#[tokio::test]
+async fn a_job_held_by_a_finalize_is_left_alone() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    let mut held = kit.stored(&job.id);
+    let read = held.version;
+    held.acquire_lease(
+        gateway::domain::job::LeaseKind::Finalize,
+        kit.now(),
+        kit.settings.finalize_lease.as_millis() as i64,
+    )
+    .unwrap();
+    held.version += 1;
+    gateway::ports::JobStore::save(kit.store.as_ref(), &held, read)
+        .await
+        .unwrap();
+    // Due by its next check while the lease is in force: the lease holder decides.
+    kit.clock.advance(
+        kit.settings
+            .status_poll_after
+            .min(kit.settings.finalize_lease / 2),
+    );
+    let writes = kit.store.writes();
+
+    kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!(kit.store.writes(), writes, "the sweeper wrote nothing");
+    assert!(!kit.runpod.calls().iter().any(|c| c.starts_with("cancel")));
+}
+
+#[tokio::test]
+async fn the_webhook_and_the_sweeper_at_once_finish_the_job_once() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    let status = kit.completed_run("rp-1", &[format!("outputs/{}/restore_00001_.png", job.id)]);
+    kit.clock.advance(kit.settings.status_poll_after);
+    let body = serde_json::to_string(&status).unwrap();
+    let token = kit.signer.token(&job.id);
+    let (webhook, sweeper) = (kit.webhook(), kit.sweeper());
+
+    let (delivered, swept) = tokio::join!(
+        webhook.receive(&job.id, &token, body.as_bytes()),
+        sweeper.sweep()
+    );
+
+    let by_webhook = delivered
+        == WebhookOutcome::Handled(Outcome::Finished(gateway::domain::job::JobState::Succeeded));
+    let by_sweeper = swept.unwrap().finished == 1;
+    assert!(
+        by_webhook ^ by_sweeper,
+        "exactly one finished it: {delivered:?}"
+    );
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Succeeded);
+    assert_eq!(
+        stored.history.iter().filter(|e| e.to.is_terminal()).count(),
+        1
+    );
+    assert_eq!(kit.results.keys().len(), 1, "one copy of the output");
+}

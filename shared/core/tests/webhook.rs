@@ -1,0 +1,181 @@
+//! The webhook: RunPod's report, proven ours by the per-job token, finishes the job once.
+use gateway::app::finalize::Outcome;
+use gateway::app::webhook::WebhookOutcome;
+use gateway::domain::job::{Actor, ErrorCode, Job, JobState};
+use testkit::Kit;
+
+/// A job dispatched to RunPod (`rp-1`) whose worker has finished, and RunPod's report of it.
+async fn completed(kit: &Kit) -> (Job, String) {
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    let status = kit.completed_run("rp-1", &[format!("outputs/{}/restore_00001_.png", job.id)]);
+    (kit.stored(&job.id), serde_json::to_string(&status).unwrap())
+}
+
+fn token(kit: &Kit, job: &Job) -> String {
+    kit.signer.token(&job.id)
+}
+
+#[tokio::test]
+async fn a_completed_report_stores_the_outputs_and_finishes_the_job() {
+    let kit = Kit::new();
+    let (job, body) = completed(&kit).await;
+
+    let outcome = kit
+        .webhook()
+        .receive(&job.id, &token(&kit, &job), body.as_bytes())
+        .await;
+
+    assert_eq!(
+        outcome,
+        WebhookOutcome::Handled(Outcome::Finished(JobState::Succeeded))
+    );
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Succeeded);
+    assert_eq!(stored.outputs.len(), 1);
+    let copied = kit.results.get(&stored.outputs[0].key).unwrap();
+    let written = kit
+        .volume
+        .get(&format!("outputs/{}/restore_00001_.png", job.id))
+        .unwrap();
+    assert_eq!(copied, written);
+    assert_eq!(stored.history.last().unwrap().by, Actor::Webhook);
+    assert!(stored.lease.is_none() && stored.next_check_at.is_none());
+}
+
+#[tokio::test]
+async fn a_wrong_or_missing_token_is_refused_and_nothing_is_read() {
+    let kit = Kit::new();
+    let (job, body) = completed(&kit).await;
+    let other = kit.queued_job("bob");
+    let calls = kit.runpod.calls().len();
+
+    for bad in ["", "nonsense", &token(&kit, &other)] {
+        let outcome = kit.webhook().receive(&job.id, bad, body.as_bytes()).await;
+        assert_eq!(outcome, WebhookOutcome::Unauthorized, "token {bad:?}");
+    }
+    assert_eq!(kit.stored(&job.id).state, JobState::Submitted);
+    assert_eq!(kit.runpod.calls().len(), calls);
+    assert!(kit.results.keys().is_empty());
+}
+
+#[tokio::test]
+async fn the_same_report_delivered_twice_finishes_the_job_once() {
+    let kit = Kit::new();
+    let (job, body) = completed(&kit).await;
+    let webhook = kit.webhook();
+    webhook
+        .receive(&job.id, &token(&kit, &job), body.as_bytes())
+        .await;
+    let writes = kit.store.writes();
+
+    let again = webhook
+        .receive(&job.id, &token(&kit, &job), body.as_bytes())
+        .await;
+
+    assert_eq!(again, WebhookOutcome::Handled(Outcome::Unchanged));
+    assert_eq!(kit.store.writes(), writes, "no second write");
+    let stored = kit.stored(&job.id);
+    let ends = stored.history.iter().filter(|e| e.to.is_terminal()).count();
+    assert_eq!(ends, 1);
+}
+
+#[tokio::test]
+async fn concurrent_deliveries_finish_the_job_once() {
+    let kit = Kit::new();
+    let (job, body) = completed(&kit).await;
+    let (a, b) = (kit.webhook(), kit.webhook());
+    let token = token(&kit, &job);
+
+    let (first, second) = tokio::join!(
+        a.receive(&job.id, &token, body.as_bytes()),
+        b.receive(&job.id, &token, body.as_bytes())
+    );
+
+    let finished = [&first, &second]
+        .iter()
+        .filter(|o| ***o == WebhookOutcome::Handled(Outcome::Finished(JobState::Succeeded)))
+        .count();
+    assert_eq!(finished, 1, "{first:?} / {second:?}");
+    let stored = kit.stored(&job.id);
+    assert_eq!(
+        stored.history.iter().filter(|e| e.to.is_terminal()).count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_empty_body_is_a_hint_to_ask_runpod() {
+    let kit = Kit::new();
+    let (job, _) = completed(&kit).await;
+
+    let outcome = kit
+        .webhook()
+        .receive(&job.id, &token(&kit, &job), b"")
+        .await;
+
+    assert_eq!(
+        outcome,
+        WebhookOutcome::Handled(Outcome::Finished(JobState::Succeeded))
+    );
+    assert!(kit.runpod.calls().contains(&"status rp-1".to_string()));
+}
+
+#[tokio::test]
+async fn a_report_about_another_run_is_not_believed() {
+    let kit = Kit::new();
+    let (job, _) = completed(&kit).await;
+    // A well-formed report, for a run this job is not tracking: RunPod is asked instead, and
+    // RunPod's own word (rp-1 completed) decides.
+    let forged = serde_json::json!({"id": "rp-999", "status": "FAILED", "error": "boom"});
+
+    let outcome = kit
+        .webhook()
+        .receive(&job.id, &token(&kit, &job), forged.to_string().as_bytes())
+        .await;
+
+    assert_eq!(
+        outcome,
+        WebhookOutcome::Handled(Outcome::Finished(JobState::Succeeded))
+    );
+}
+
+#[tokio::test]
+async fn a_failed_report_fails_the_job_with_the_workers_message() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    let body = serde_json::json!({"id": "rp-1", "status": "FAILED", "error": "CUDA out of memory"});
+
+    kit.webhook()
+        .receive(&job.id, &token(&kit, &job), body.to_string().as_bytes())
+        .await;
+
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Failed);
+    let error = stored.error.unwrap();
+    assert_eq!(error.code, ErrorCode::WorkerFailed);
+    assert!(
+        error.message.contains("CUDA out of memory"),
+        "{}",
+        error.message
+    );
+}
+
+#[tokio::test]
+async fn a_store_outage_defers_the_call_for_runpods_retry() {
+    let kit = Kit::new();
+    let (job, body) = completed(&kit).await;
+    kit.store.fail_next(1);
+
+    let outcome = kit
+        .webhook()
+        .receive(&job.id, &token(&kit, &job), body.as_bytes())
+        .await;
+
+    assert!(
+        matches!(outcome, WebhookOutcome::Deferred(_)),
+        "{outcome:?}"
+    );
+    assert_eq!(kit.stored(&job.id).state, JobState::Submitted);
+}

@@ -1,0 +1,426 @@
+//! In-memory fakes of every port.
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use gateway::domain::job::{Job, Millis};
+use gateway::ports::{
+    ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, JobPage, JobQueue, JobStore,
+    ObjectError, ObjectMeta, ObjectStore, PresignedRequest, QueueError, RunPod, RunPodError,
+    RunPodStatus, RunRequest, StoreError, UrlFetcher,
+};
+
+/// Gives way once to whatever else runs on the task: the fakes answer at once, and without
+/// this, two use cases joined in one test would run one after the other instead of
+/// interleaving at every call, as they do against a real store.
+pub async fn yield_once() {
+    struct YieldOnce(bool);
+    impl std::future::Future for YieldOnce {
+        type Output = ();
+        fn poll(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<()> {
+            if self.0 {
+                return std::task::Poll::Ready(());
+            }
+            self.0 = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    }
+    YieldOnce(false).await
+}
+
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The job store: every write conditional on the version read, as DynamoDB's is; idempotency
+/// keys per owner; the due jobs are those with a next check at or before now (the sparse index).
+#[derive(Default)]
+pub struct MemStore {
+    jobs: Mutex<HashMap<String, Job>>,
+    idempotency: Mutex<HashMap<String, String>>,
+    writes: AtomicU64,
+    /// Answer the next this many calls with `Unavailable`.
+    outage: AtomicU64,
+}
+
+impl MemStore {
+    pub fn job(&self, id: &str) -> Option<Job> {
+        lock(&self.jobs).get(id).cloned()
+    }
+    pub fn jobs(&self) -> Vec<Job> {
+        lock(&self.jobs).values().cloned().collect()
+    }
+    /// Successful creates and saves so far.
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+    /// Stores `job` as is, outside the use cases (a test's setup).
+    pub fn put(&self, job: Job) {
+        lock(&self.jobs).insert(job.id.clone(), job);
+    }
+    /// The next `calls` calls fail with `Unavailable`, as a throttled table would.
+    pub fn fail_next(&self, calls: u64) {
+        self.outage.store(calls, Ordering::SeqCst);
+    }
+    fn available(&self) -> Result<(), StoreError> {
+        let left = self.outage.load(Ordering::SeqCst);
+        if left > 0 {
+            self.outage.store(left - 1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("throttled (test)".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl JobStore for MemStore {
+    async fn create(&self, job: &Job) -> Result<CreateOutcome, StoreError> {
+        yield_once().await;
+        self.available()?;
+        if let Some(key) = &job.idempotency_key {
+            let idem = format!("{}#{key}", job.owner);
+            let existing = lock(&self.idempotency).get(&idem).cloned();
+            if let Some(existing) = existing {
+                let job = lock(&self.jobs)[&existing].clone();
+                return Ok(CreateOutcome::Existing(Box::new(job)));
+            }
+            lock(&self.idempotency).insert(idem, job.id.clone());
+        }
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        lock(&self.jobs).insert(job.id.clone(), job.clone());
+        Ok(CreateOutcome::Created)
+    }
+
+    async fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError> {
+        yield_once().await;
+        self.available()?;
+        Ok(self.job(job_id))
+    }
+
+    async fn save(&self, job: &Job, expected_version: u64) -> Result<(), StoreError> {
+        yield_once().await;
+        self.available()?;
+        let mut jobs = lock(&self.jobs);
+        match jobs.get(&job.id) {
+            Some(stored) if stored.version == expected_version => {
+                jobs.insert(job.id.clone(), job.clone());
+                self.writes.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            }
+            _ => Err(StoreError::Conflict),
+        }
+    }
+
+    async fn list_by_owner(
+        &self,
+        owner: &str,
+        limit: u32,
+        _cursor: Option<&str>,
+    ) -> Result<JobPage, StoreError> {
+        self.available()?;
+        let mut jobs: Vec<Job> = lock(&self.jobs)
+            .values()
+            .filter(|j| j.owner == owner)
+            .cloned()
+            .collect();
+        // Newest first, as the owner index (ids are UUIDv7) returns them.
+        jobs.sort_by(|a, b| b.id.cmp(&a.id));
+        jobs.truncate(limit as usize);
+        Ok(JobPage { jobs, cursor: None })
+    }
+
+    async fn due_for_check(&self, now: Millis, limit: u32) -> Result<DueJobs, StoreError> {
+        self.available()?;
+        let mut jobs: Vec<Job> = lock(&self.jobs)
+            .values()
+            .filter(|j| j.next_check_at.is_some_and(|at| at <= now))
+            .cloned()
+            .collect();
+        jobs.sort_by_key(|j| j.next_check_at);
+        jobs.truncate(limit as usize);
+        Ok(DueJobs {
+            items_read: jobs.len() as u64,
+            jobs,
+        })
+    }
+}
+
+/// An object store (a bucket, or the RunPod volume): objects by key, and every key touched.
+#[derive(Default)]
+pub struct MemObjects {
+    objects: Mutex<BTreeMap<String, Bytes>>,
+    touched: Mutex<Vec<String>>,
+    /// Keys whose reads and writes fail, and how.
+    broken: Mutex<HashMap<String, BrokenKey>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum BrokenKey {
+    /// Unavailable: a 5xx or timeout, worth retrying.
+    Transient,
+    /// Refused for good.
+    Permanent,
+}
+
+impl MemObjects {
+    pub fn with(objects: &[(&str, &[u8])]) -> Self {
+        let store = Self::default();
+        for (key, body) in objects {
+            store.insert(key, body);
+        }
+        store
+    }
+    pub fn insert(&self, key: &str, body: &[u8]) {
+        lock(&self.objects).insert(key.to_string(), Bytes::copy_from_slice(body));
+    }
+    pub fn keys(&self) -> Vec<String> {
+        lock(&self.objects).keys().cloned().collect()
+    }
+    pub fn touched(&self) -> Vec<String> {
+        lock(&self.touched).clone()
+    }
+    pub fn get(&self, key: &str) -> Option<Bytes> {
+        lock(&self.objects).get(key).cloned()
+    }
+    /// Every read or write of `key` fails from now on.
+    pub fn break_key(&self, key: &str, how: BrokenKey) {
+        lock(&self.broken).insert(key.to_string(), how);
+    }
+    fn touch(&self, key: &str) -> Result<(), ObjectError> {
+        lock(&self.touched).push(key.to_string());
+        match lock(&self.broken).get(key) {
+            Some(BrokenKey::Transient) => Err(ObjectError::Transient(format!("{key}: 503 (test)"))),
+            Some(BrokenKey::Permanent) => Err(ObjectError::Permanent(format!("{key}: 403 (test)"))),
+            None => Ok(()),
+        }
+    }
+    async fn read(&self, key: &str) -> Result<Bytes, ObjectError> {
+        yield_once().await;
+        self.touch(key)?;
+        self.get(key)
+            .ok_or_else(|| ObjectError::NotFound(key.to_string()))
+    }
+}
+
+#[async_trait]
+impl ObjectStore for MemObjects {
+    async fn put_bytes(&self, key: &str, body: Bytes, _: &str) -> Result<(), ObjectError> {
+        self.touch(key)?;
+        lock(&self.objects).insert(key.to_string(), body);
+        Ok(())
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>, ObjectError> {
+        self.touch(key)?;
+        Ok(self.get(key).map(|b| ObjectMeta {
+            size: b.len() as u64,
+            content_type: None,
+        }))
+    }
+
+    async fn read_prefix(&self, key: &str, len: u64) -> Result<Bytes, ObjectError> {
+        let body = self.read(key).await?;
+        Ok(body.slice(..(len as usize).min(body.len())))
+    }
+
+    async fn open(&self, key: &str) -> Result<(ObjectMeta, ByteChunks), ObjectError> {
+        let body = self.read(key).await?;
+        let meta = ObjectMeta {
+            size: body.len() as u64,
+            content_type: None,
+        };
+        Ok((meta, futures::stream::iter([Ok(body)]).boxed()))
+    }
+
+    async fn put_stream(
+        &self,
+        key: &str,
+        _meta: &ObjectMeta,
+        mut body: ByteChunks,
+    ) -> Result<(), ObjectError> {
+        yield_once().await;
+        self.touch(key)?;
+        let mut all = Vec::new();
+        while let Some(chunk) = body.next().await {
+            all.extend_from_slice(&chunk?);
+        }
+        lock(&self.objects).insert(key.to_string(), all.into());
+        Ok(())
+    }
+
+    async fn presign_get(
+        &self,
+        key: &str,
+        _: Duration,
+        _: Option<&str>,
+    ) -> Result<PresignedRequest, ObjectError> {
+        Ok(PresignedRequest {
+            method: "GET".into(),
+            url: format!("https://objects.test/{key}"),
+            headers: vec![],
+        })
+    }
+
+    async fn presign_put(
+        &self,
+        key: &str,
+        _: &str,
+        _: Duration,
+    ) -> Result<PresignedRequest, ObjectError> {
+        Ok(PresignedRequest {
+            method: "PUT".into(),
+            url: format!("https://objects.test/{key}"),
+            headers: vec![],
+        })
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), ObjectError> {
+        self.touch(key)?;
+        lock(&self.objects).remove(key);
+        Ok(())
+    }
+}
+
+/// The dispatch queue: every job id sent, in order.
+#[derive(Default)]
+pub struct MemQueue {
+    sent: Mutex<Vec<String>>,
+}
+
+impl MemQueue {
+    pub fn sent(&self) -> Vec<String> {
+        lock(&self.sent).clone()
+    }
+}
+
+#[async_trait]
+impl JobQueue for MemQueue {
+    async fn enqueue(&self, job_id: &str) -> Result<(), QueueError> {
+        lock(&self.sent).push(job_id.to_string());
+        Ok(())
+    }
+}
+
+/// What a scripted RunPod answers.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    Ok,
+    Transient,
+    NotFound,
+    Permanent(u16),
+}
+
+impl Answer {
+    fn error(&self) -> Option<RunPodError> {
+        match self {
+            Answer::Ok => None,
+            Answer::Transient => Some(RunPodError::Transient("503 (test)".into())),
+            Answer::NotFound => Some(RunPodError::NotFound),
+            Answer::Permanent(status) => Some(RunPodError::Permanent {
+                status: *status,
+                message: "refused (test)".into(),
+            }),
+        }
+    }
+}
+
+/// RunPod's endpoint API, scripted: `/run` accepts (ids `rp-1`, `rp-2`, …) unless told to
+/// answer otherwise; `/status` answers what was set for the id (404 if nothing was); `/cancel`
+/// succeeds. Every call is recorded.
+#[derive(Default)]
+pub struct ScriptedRunPod {
+    run_answers: Mutex<VecDeque<Answer>>,
+    statuses: Mutex<HashMap<String, Result<RunPodStatus, Answer>>>,
+    runs: Mutex<Vec<RunRequest>>,
+    calls: Mutex<Vec<String>>,
+    next_id: AtomicU64,
+}
+
+impl ScriptedRunPod {
+    /// The next `/run` calls answer these, in order; then `/run` accepts again.
+    pub fn answer_runs(&self, answers: &[Answer]) {
+        lock(&self.run_answers).extend(answers.iter().cloned());
+    }
+    /// `/status/{id}` answers `status` from now on.
+    pub fn set_status(&self, id: &str, status: RunPodStatus) {
+        lock(&self.statuses).insert(id.to_string(), Ok(status));
+    }
+    /// `/status/{id}` fails from now on.
+    pub fn fail_status(&self, id: &str, answer: Answer) {
+        lock(&self.statuses).insert(id.to_string(), Err(answer));
+    }
+    /// The jobs `/run` accepted, in order.
+    pub fn accepted(&self) -> Vec<RunRequest> {
+        lock(&self.runs).clone()
+    }
+    /// Every call: `run`, `status {id}`, `cancel {id}`.
+    pub fn calls(&self) -> Vec<String> {
+        lock(&self.calls).clone()
+    }
+}
+
+#[async_trait]
+impl RunPod for ScriptedRunPod {
+    async fn run(&self, request: &RunRequest) -> Result<String, RunPodError> {
+        lock(&self.calls).push("run".into());
+        let answer = lock(&self.run_answers).pop_front().unwrap_or(Answer::Ok);
+        if let Some(error) = answer.error() {
+            return Err(error);
+        }
+        lock(&self.runs).push(request.clone());
+        Ok(format!(
+            "rp-{}",
+            self.next_id.fetch_add(1, Ordering::SeqCst) + 1
+        ))
+    }
+
+    async fn status(&self, id: &str) -> Result<RunPodStatus, RunPodError> {
+        lock(&self.calls).push(format!("status {id}"));
+        match lock(&self.statuses).get(id) {
+            Some(Ok(status)) => Ok(status.clone()),
+            Some(Err(answer)) => Err(answer.error().unwrap_or(RunPodError::NotFound)),
+            None => Err(RunPodError::NotFound),
+        }
+    }
+
+    async fn cancel(&self, id: &str) -> Result<(), RunPodError> {
+        lock(&self.calls).push(format!("cancel {id}"));
+        Ok(())
+    }
+}
+
+/// A downloader for worker-comfyui's `s3_url` images that every server refuses.
+pub struct NoDownloads;
+
+#[async_trait]
+impl UrlFetcher for NoDownloads {
+    async fn open(&self, _: &url::Url) -> Result<Fetched, FetchError> {
+        Err(FetchError::Status(403))
+    }
+}
+
+/// A clock that moves only when told.
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn at(now: Millis) -> Self {
+        Self(AtomicI64::new(now))
+    }
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> Millis {
+        self.0.load(Ordering::SeqCst)
+    }
+}

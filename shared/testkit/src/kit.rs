@@ -1,0 +1,209 @@
+//! A world of fakes, and the use cases built over it as the wiring builds them over AWS.
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use gateway::app::api::Api;
+use gateway::app::dispatch::Dispatcher;
+use gateway::app::finalize::Finalizer;
+use gateway::app::sweeper::Sweeper;
+use gateway::app::webhook::WebhookHandler;
+use gateway::config::Settings;
+use gateway::domain::job::{InputRef, Job, JobTiming, Millis, NewJob};
+use gateway::domain::paths::VolumeLayout;
+use gateway::domain::token::WebhookSigner;
+use gateway::domain::workflow::WorkflowCatalog;
+use gateway::ports::RunPodStatus;
+use rand::SeedableRng;
+
+use crate::fakes::{ManualClock, MemObjects, MemQueue, MemStore, NoDownloads, ScriptedRunPod};
+use crate::images::jpeg;
+
+/// The webhook secret of every kit (a test value, never a real one).
+pub const SECRET: &str = "testkit-webhook-secret-0123456789";
+/// Where the kit's clock starts: 2027-01-15, a fixed moment so tests read the same every run.
+pub const START: Millis = 1_800_000_000_000;
+
+/// Every port in memory, shared by the use cases it builds: what one use case writes, the next
+/// one reads, as in AWS.
+pub struct Kit {
+    pub store: Arc<MemStore>,
+    pub queue: Arc<MemQueue>,
+    pub uploads: Arc<MemObjects>,
+    pub results: Arc<MemObjects>,
+    pub volume: Arc<MemObjects>,
+    pub runpod: Arc<ScriptedRunPod>,
+    pub clock: Arc<ManualClock>,
+    pub catalog: Arc<WorkflowCatalog>,
+    pub signer: WebhookSigner,
+    pub settings: Settings,
+    next_job: AtomicU64,
+}
+
+impl Default for Kit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Kit {
+    pub fn new() -> Self {
+        Self {
+            store: Arc::default(),
+            queue: Arc::default(),
+            uploads: Arc::default(),
+            results: Arc::default(),
+            volume: Arc::default(),
+            runpod: Arc::default(),
+            clock: Arc::new(ManualClock::at(START)),
+            catalog: Arc::new(WorkflowCatalog::builtin().expect("the built-in workflows")),
+            signer: WebhookSigner::new(SECRET.as_bytes(), None),
+            settings: Settings::default(),
+            next_job: AtomicU64::new(0),
+        }
+    }
+
+    pub fn with_settings(mut self, change: impl FnOnce(&mut Settings)) -> Self {
+        change(&mut self.settings);
+        self
+    }
+
+    pub fn now(&self) -> Millis {
+        use gateway::ports::Clock;
+        self.clock.now_ms()
+    }
+
+    pub fn api(&self) -> Api {
+        Api {
+            store: self.store.clone(),
+            queue: self.queue.clone(),
+            uploads: self.uploads.clone(),
+            results: self.results.clone(),
+            runpod: self.runpod.clone(),
+            catalog: self.catalog.clone(),
+            settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
+    pub fn dispatcher(&self) -> Dispatcher {
+        Dispatcher {
+            store: self.store.clone(),
+            uploads: self.uploads.clone(),
+            volume: self.volume.clone(),
+            runpod: self.runpod.clone(),
+            catalog: self.catalog.clone(),
+            signer: self.signer.clone(),
+            webhook_base: "https://gateway.test".into(),
+            settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
+    pub fn finalizer(&self) -> Finalizer {
+        Finalizer {
+            store: self.store.clone(),
+            volume: self.volume.clone(),
+            results: self.results.clone(),
+            layout: VolumeLayout::new(vec!["/runpod-volume".into(), "/workspace".into()]),
+            catalog: self.catalog.clone(),
+            fetcher: Arc::new(NoDownloads),
+            settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
+    pub fn sweeper(&self) -> Sweeper {
+        Sweeper {
+            store: self.store.clone(),
+            queue: self.queue.clone(),
+            runpod: self.runpod.clone(),
+            finalizer: Arc::new(self.finalizer()),
+            settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
+    pub fn webhook(&self) -> WebhookHandler {
+        WebhookHandler {
+            store: self.store.clone(),
+            runpod: self.runpod.clone(),
+            finalizer: Arc::new(self.finalizer()),
+            signer: self.signer.clone(),
+        }
+    }
+
+    /// A `restore` job as the API stores it: its input photo in the uploads bucket, the job
+    /// `queued`, first due for the sweeper after `requeue_after`.
+    pub fn queued_job(&self, owner: &str) -> Job {
+        let n = self.next_job.fetch_add(1, Ordering::SeqCst) + 1;
+        let id = format!("0190a1b2-0000-7000-8000-{n:012x}");
+        let key = format!("inputs/{owner}/{id}/input.jpg");
+        let photo = jpeg(120, 90);
+        self.uploads.insert(&key, &photo);
+        let restore = self.catalog.get("restore").expect("the restore workflow");
+        let params = restore
+            .validate(
+                serde_json::json!({"megapixels": 0.02})
+                    .as_object()
+                    .expect("an object"),
+                &mut rand::rngs::StdRng::seed_from_u64(n),
+            )
+            .expect("valid parameters");
+        let job = Job::new(
+            NewJob {
+                id,
+                owner: owner.into(),
+                workflow: "restore".into(),
+                workflow_version: restore.version().into(),
+                params,
+                input: InputRef {
+                    key,
+                    content_type: "image/jpeg".into(),
+                    size: photo.len() as u64,
+                    extension: "jpg".into(),
+                },
+                idempotency_key: None,
+                callback_url: None,
+            },
+            JobTiming {
+                deadline_ms: self.settings.job_deadline.as_millis() as Millis,
+                first_check_ms: self.settings.requeue_after.as_millis() as Millis,
+                retention_secs: self.settings.record_retention.as_secs() as i64,
+            },
+            self.now(),
+        );
+        self.store.put(job.clone());
+        job
+    }
+
+    /// The job as stored now.
+    pub fn stored(&self, id: &str) -> Job {
+        self.store.job(id).expect("the job is stored")
+    }
+
+    /// RunPod's report of a completed run whose worker wrote `files` (volume keys such as
+    /// `outputs/<job>/restored_00001_.png`), after putting a PNG at each on the volume.
+    pub fn completed_run(&self, runpod_id: &str, files: &[String]) -> RunPodStatus {
+        for key in files {
+            self.volume.insert(key, &crate::images::png(32, 24));
+        }
+        let paths: Vec<String> = files
+            .iter()
+            .map(|k| format!("/runpod-volume/{k}"))
+            .collect();
+        let status = RunPodStatus {
+            id: Some(runpod_id.into()),
+            status: Some("COMPLETED".into()),
+            output: Some(serde_json::json!({
+                "prompt_id": "p-1",
+                "files": paths,
+                "file_count": files.len(),
+            })),
+            error: None,
+            delay_time: Some(10),
+            execution_time: Some(1_000),
+        };
+        self.runpod.set_status(runpod_id, status.clone());
+        status
+    }
+}
