@@ -351,9 +351,8 @@ impl Stack {
     /// with no queue message, so only what the test does next moves it. The sweeper first looks
     /// at it `first_check_ms` after now; its deadline is ten minutes away.
     pub async fn store_queued_job(&self, owner: &str, id: &str, first_check_ms: i64) -> Job {
-        use gateway::domain::job::{InputRef, JobTiming, NewJob};
+        use gateway::domain::job::JobTiming;
         use gateway::ports::JobStore;
-        use rand::SeedableRng;
         let key = format!("inputs/{owner}/{id}/input.jpg");
         self.s3()
             .put_object()
@@ -364,40 +363,16 @@ impl Stack {
             .await
             .unwrap();
         let catalog = gateway::domain::workflow::WorkflowCatalog::builtin().unwrap();
-        let restore = catalog.get("restore").unwrap();
-        let params = restore
-            .validate(
-                serde_json::json!({"megapixels": 0.02}).as_object().unwrap(),
-                &mut rand::rngs::StdRng::seed_from_u64(1),
-            )
-            .unwrap();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_millis() as i64;
-        let job = Job::new(
-            NewJob {
-                id: id.into(),
-                owner: owner.into(),
-                workflow: "restore".into(),
-                workflow_version: restore.version().into(),
-                params,
-                input: InputRef {
-                    key,
-                    content_type: "image/jpeg".into(),
-                    size: 1,
-                    extension: "jpg".into(),
-                },
-                idempotency_key: None,
-                callback_url: None,
-            },
-            JobTiming {
-                deadline_ms: 600_000,
-                first_check_ms,
-                retention_secs: 3_600,
-            },
-            now,
-        );
+        let timing = JobTiming {
+            deadline_ms: 600_000,
+            first_check_ms,
+            retention_secs: 3_600,
+        };
+        let job = testkit::jobs::restore_job(&catalog, id, owner, &key, 1, timing, now);
         gateway_aws::adapters::dynamodb::DynamoJobStore::new(self.dynamodb(), &self.table)
             .create(&job)
             .await

@@ -8,15 +8,15 @@ use gateway::app::finalize::Finalizer;
 use gateway::app::sweeper::Sweeper;
 use gateway::app::webhook::WebhookHandler;
 use gateway::config::Settings;
-use gateway::domain::job::{InputRef, Job, JobTiming, Millis, NewJob};
+use gateway::domain::job::{Job, JobTiming, Millis};
 use gateway::domain::paths::VolumeLayout;
 use gateway::domain::token::WebhookSigner;
 use gateway::domain::workflow::WorkflowCatalog;
 use gateway::ports::RunPodStatus;
-use rand::SeedableRng;
 
 use crate::fakes::{ManualClock, MemObjects, MemQueue, MemStore, NoDownloads, ScriptedRunPod};
 use crate::images::jpeg;
+use crate::jobs::restore_job;
 
 /// The webhook secret of every kit (a test value, never a real one).
 pub const SECRET: &str = "testkit-webhook-secret-0123456789";
@@ -140,31 +140,12 @@ impl Kit {
         let key = format!("inputs/{owner}/{id}/input.jpg");
         let photo = jpeg(120, 90);
         self.uploads.insert(&key, &photo);
-        let restore = self.catalog.get("restore").expect("the restore workflow");
-        let params = restore
-            .validate(
-                serde_json::json!({"megapixels": 0.02})
-                    .as_object()
-                    .expect("an object"),
-                &mut rand::rngs::StdRng::seed_from_u64(n),
-            )
-            .expect("valid parameters");
-        let job = Job::new(
-            NewJob {
-                id,
-                owner: owner.into(),
-                workflow: "restore".into(),
-                workflow_version: restore.version().into(),
-                params,
-                input: InputRef {
-                    key,
-                    content_type: "image/jpeg".into(),
-                    size: photo.len() as u64,
-                    extension: "jpg".into(),
-                },
-                idempotency_key: None,
-                callback_url: None,
-            },
+        let job = restore_job(
+            &self.catalog,
+            &id,
+            owner,
+            &key,
+            photo.len() as u64,
             JobTiming {
                 deadline_ms: self.settings.job_deadline.as_millis() as Millis,
                 first_check_ms: self.settings.requeue_after.as_millis() as Millis,

@@ -9,6 +9,7 @@
 //! when told.
 pub mod fakes;
 pub mod images;
+pub mod jobs;
 mod kit;
 
 pub use kit::{Kit, SECRET, START};

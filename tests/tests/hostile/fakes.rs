@@ -4,26 +4,24 @@
 use std::sync::Arc;
 
 use gateway::domain::job::Millis;
-use gateway::domain::token::WebhookSigner;
 use gateway::ports::RunPodStatus;
 use gateway_http::api::identity::IdentitySource;
 use gateway_http::api::ApiState;
-pub use testkit::fakes::{MemObjects, MemQueue, MemStore, ScriptedRunPod};
+pub use testkit::fakes::MemObjects;
 use testkit::Kit;
 
 pub const TOKEN: &str = "alice-token";
 pub const NOW: Millis = testkit::START;
 
-/// Everything the API and webhook routers need, in memory.
-pub struct World {
-    pub store: Arc<MemStore>,
-    pub queue: Arc<MemQueue>,
-    pub uploads: Arc<MemObjects>,
-    pub results: Arc<MemObjects>,
-    pub volume: Arc<MemObjects>,
-    pub runpod: Arc<ScriptedRunPod>,
-    pub signer: WebhookSigner,
-    kit: Kit,
+/// Everything the API and webhook routers need, in memory: the kit's ports (`world.store`,
+/// `world.volume`, …) behind the two routers.
+pub struct World(Kit);
+
+impl std::ops::Deref for World {
+    type Target = Kit;
+    fn deref(&self) -> &Kit {
+        &self.0
+    }
 }
 
 impl World {
@@ -36,24 +34,15 @@ impl World {
         if let Some(id) = runpod_status.id.clone() {
             kit.runpod.set_status(&id, runpod_status);
         }
-        Self {
-            store: kit.store.clone(),
-            queue: kit.queue.clone(),
-            uploads: kit.uploads.clone(),
-            results: kit.results.clone(),
-            volume: kit.volume.clone(),
-            runpod: kit.runpod.clone(),
-            signer: kit.signer.clone(),
-            kit,
-        }
+        Self(kit)
     }
 
     pub fn api(&self) -> axum::Router {
         let identity = IdentitySource::parse_dev_tokens(&format!("{TOKEN}=alice")).unwrap();
-        gateway_http::api::router(Arc::new(ApiState::new(self.kit.api(), identity)))
+        gateway_http::api::router(Arc::new(ApiState::new(self.0.api(), identity)))
     }
 
     pub fn webhook(&self) -> axum::Router {
-        gateway_http::webhook::router(Arc::new(self.kit.webhook()))
+        gateway_http::webhook::router(Arc::new(self.0.webhook()))
     }
 }
