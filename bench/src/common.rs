@@ -2,8 +2,8 @@
 //! gateway's configuration pointed at both, job records, images, and statistics.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_sdk_s3::config::Credentials;
@@ -13,6 +13,8 @@ use gateway::domain::workflow::ValidatedParams;
 use gateway_aws::wiring::Wiring;
 use runpod_emulator::{Emulator, EmulatorConfig, Faults};
 pub use testkit::images::jpeg;
+pub use testkit::local_aws::repo_root;
+use testkit::local_aws::{spawn_moto, TiedChild};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -21,23 +23,12 @@ pub const WEBHOOK_SECRET: &str = "bench-webhook-secret-not-real-0001";
 pub const DEV_TOKEN: &str = "bench-token";
 pub const OWNER: &str = "bench-owner";
 
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 /// The folder of this executable: the release bins of the workspace sit beside it.
 pub fn bin_dir() -> PathBuf {
     std::env::current_exe()
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| repo_root().join("target/release"))
-}
-
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on loopback")
 }
 
 /// Ends a child process when this process dies, even on a panic or a kill (Linux).
@@ -51,53 +42,24 @@ pub fn die_with_parent(command: &mut Command) {
     }
 }
 
-/// A `moto_server` of the benchmark's own, from the repo's `.venv`; stopped on drop.
+/// A `moto_server` of the benchmark's own (one process for every service, as the baselines
+/// were measured); stopped on drop.
 pub struct Moto {
     pub endpoint: String,
-    child: Child,
+    process: TiedChild,
 }
 
 impl Moto {
-    /// Must be called from the main thread: the server dies with the thread that forked it.
     pub fn start() -> Result<Self, BoxError> {
-        let bin = repo_root().join(".venv/bin/moto_server");
-        if !bin.exists() {
-            return Err(format!("{} is missing: run scripts/bootstrap", bin.display()).into());
-        }
-        let port = free_port();
-        let mut command = Command::new(bin);
-        command
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            // The throughput figure empties its queues between rounds, more often than AWS's
-            // one purge a minute that moto enforces by default.
-            .env("MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR", "false")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        die_with_parent(&mut command);
-        let child = command.spawn()?;
-        let addr = format!("127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            if Instant::now() > deadline {
-                return Err("moto_server did not start within 30 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Ok(Self {
-            endpoint: format!("http://{addr}"),
-            child,
-        })
+        // The throughput figure empties its queues between rounds, more often than AWS's one
+        // purge a minute that moto enforces by default.
+        let (process, endpoint) =
+            spawn_moto(&[("MOTO_SQS_ENFORCE_STRICT_QUEUE_PURGE_BEHAVIOUR", "false")])?;
+        Ok(Self { endpoint, process })
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.pid
     }
 }
 

@@ -5,7 +5,6 @@
 //!   buckets, so tests never see each other's data.
 //! - **the RunPod emulator**: in-process, its volume in a fresh temporary directory.
 //! - **the gateway**: the local runner in-process, with the same code the Lambda functions run.
-pub mod aws;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,11 +19,11 @@ use local_runner::{Runner, RunnerOptions};
 use runpod_emulator::{Emulator, EmulatorConfig, Faults};
 use serde_json::Value;
 
-pub use aws::{aws_sdk_config, local_aws, LocalAws};
-use aws::{repo_root, TiedChild};
 pub use reqwest::StatusCode;
 /// A real JPEG photo-like image (a gradient with some structure), `width`×`height`.
 pub use testkit::images::jpeg;
+pub use testkit::local_aws::{aws_sdk_config, local_aws, LocalAws};
+use testkit::local_aws::{repo_root, TiedChild};
 
 pub const ALICE: &str = "alice-token";
 pub const BOB: &str = "bob-token";

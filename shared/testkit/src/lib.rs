@@ -11,5 +11,7 @@ pub mod fakes;
 pub mod images;
 pub mod jobs;
 mod kit;
+#[cfg(feature = "local-aws")]
+pub mod local_aws;
 
 pub use kit::{Kit, SECRET, START};

@@ -1,4 +1,4 @@
-//! The local stand-ins for AWS: one `moto_server` process per service (DynamoDB, SQS, S3), each
+//! The local stand-ins for AWS (feature `local-aws`): one `moto_server` process per service (DynamoDB, SQS, S3), each
 //! optionally behind an [`aws_proxy`] that slows its answers down.
 //!
 //! moto is single-threaded Python: one process serving all three services is the local stack's
@@ -25,8 +25,9 @@ pub const DELAY_VAR: &str = "LOCAL_AWS_DELAY";
 /// The services that get a moto process each, by the SDK's service id.
 pub const SERVICES: [&str; 3] = ["DynamoDB", "SQS", "S3"];
 
-pub(crate) fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+/// The repository's root (this crate is `shared/testkit`).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 pub fn free_port() -> u16 {
@@ -113,6 +114,34 @@ fn cpu_time_of(pid: u32) -> Option<Duration> {
     let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
     Some(Duration::from_millis(ticks * 1000 / per_second))
+}
+
+/// Starts one `moto_server` from the repo's `.venv` on a free loopback port, with `env` added,
+/// and waits until it listens. It dies with its [`TiedChild`].
+pub fn spawn_moto(env: &[(&str, &str)]) -> std::io::Result<(TiedChild, String)> {
+    let bin = repo_root().join(".venv/bin/moto_server");
+    if !bin.exists() {
+        return Err(std::io::Error::other(format!(
+            "{} is missing: run scripts/bootstrap (scripts/test does it for you)",
+            bin.display()
+        )));
+    }
+    let port = free_port();
+    let mut command = Command::new(&bin);
+    command
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let process = TiedChild::spawn(command, libc::SIGTERM)?;
+    let addr = format!("127.0.0.1:{port}");
+    if !wait_for_port(&addr, Duration::from_secs(60)) {
+        return Err(std::io::Error::other(
+            "moto_server did not start within 60 s",
+        ));
+    }
+    Ok((process, format!("http://{addr}")))
 }
 
 /// One moto process and, when the run is slowed down, the proxy in front of it.
