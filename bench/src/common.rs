@@ -15,6 +15,7 @@ use runpod_emulator::{Emulator, EmulatorConfig, Faults};
 pub use testkit::images::jpeg;
 pub use testkit::local_aws::repo_root;
 use testkit::local_aws::{spawn_moto, TiedChild};
+use testkit::stack_env::{self, Resources};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -116,35 +117,30 @@ pub fn gateway_env(
     names: &Names,
     webhook_base: &str,
 ) -> Vec<(String, String)> {
-    [
+    let aws = [
         ("AWS_REGION", REGION.to_string()),
         ("AWS_DEFAULT_REGION", REGION.to_string()),
         ("AWS_ACCESS_KEY_ID", "bench-fake".to_string()),
         ("AWS_SECRET_ACCESS_KEY", "bench-fake".to_string()),
         ("AWS_ENDPOINT_URL", moto.to_string()),
-        ("JOBS_TABLE", names.table.clone()),
-        ("JOBS_QUEUE_URL", names.queue_url.clone()),
-        ("UPLOADS_BUCKET", names.uploads.clone()),
-        ("RESULTS_BUCKET", names.results.clone()),
-        ("S3_FORCE_PATH_STYLE", "true".to_string()),
-        ("RUNPOD_API_BASE", emulator.api_url.clone()),
-        ("RUNPOD_ENDPOINT_ID", emulator.endpoint_id.clone()),
-        ("RUNPOD_API_KEY", emulator.api_key.clone()),
-        ("VOLUME_ID", emulator.volume_id.clone()),
-        ("VOLUME_DATACENTER", "EU-RO-1".to_string()),
-        ("VOLUME_S3_ENDPOINT", emulator.s3_url.clone()),
-        ("VOLUME_ACCESS_KEY_ID", emulator.volume_access_key.clone()),
-        (
-            "VOLUME_SECRET_ACCESS_KEY",
-            emulator.volume_secret_key.clone(),
-        ),
-        ("WEBHOOK_BASE_URL", webhook_base.to_string()),
-        ("WEBHOOK_SECRET", WEBHOOK_SECRET.to_string()),
-        ("GATEWAY_DEV_TOKENS", format!("{DEV_TOKEN}={OWNER}")),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect()
+    ];
+    let resources = Resources {
+        table: names.table.clone(),
+        queue_url: names.queue_url.clone(),
+        uploads: names.uploads.clone(),
+        results: names.results.clone(),
+    };
+    let gateway = stack_env::gateway_env(
+        &resources,
+        emulator,
+        webhook_base,
+        WEBHOOK_SECRET,
+        &format!("{DEV_TOKEN}={OWNER}"),
+    );
+    aws.into_iter()
+        .chain(gateway)
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
 }
 
 /// Creates a Secrets Manager secret in moto (the JSON protocol, unsigned: moto routes on the

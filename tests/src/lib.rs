@@ -24,6 +24,7 @@ pub use reqwest::StatusCode;
 pub use testkit::images::jpeg;
 pub use testkit::local_aws::{aws_sdk_config, local_aws, LocalAws};
 use testkit::local_aws::{repo_root, TiedChild};
+use testkit::stack_env::{gateway_env, Resources};
 
 pub const ALICE: &str = "alice-token";
 pub const BOB: &str = "bob-token";
@@ -106,30 +107,24 @@ impl Stack {
         let queue_url = format!("{}/123456789012/jobs-{id}", aws.sqs());
         let uploads_bucket = format!("uploads-{id}");
         let results_bucket = format!("results-{id}");
-        let mut vars: Vec<(&'static str, String)> = vec![
-            ("JOBS_TABLE", table.clone()),
-            ("JOBS_QUEUE_URL", queue_url.clone()),
-            ("UPLOADS_BUCKET", uploads_bucket.clone()),
-            ("RESULTS_BUCKET", results_bucket.clone()),
-            ("S3_FORCE_PATH_STYLE", "true".into()),
-            ("RUNPOD_API_BASE", emulator.api_url.clone()),
-            ("RUNPOD_ENDPOINT_ID", emulator.endpoint_id.clone()),
-            ("RUNPOD_API_KEY", emulator.api_key.clone()),
-            ("VOLUME_ID", emulator.volume_id.clone()),
-            ("VOLUME_DATACENTER", "EU-RO-1".into()),
-            ("VOLUME_S3_ENDPOINT", emulator.s3_url.clone()),
-            ("VOLUME_ACCESS_KEY_ID", emulator.volume_access_key.clone()),
-            (
-                "VOLUME_SECRET_ACCESS_KEY",
-                emulator.volume_secret_key.clone(),
-            ),
-            ("WEBHOOK_BASE_URL", gateway_url.clone()),
-            ("WEBHOOK_SECRET", WEBHOOK_SECRET.into()),
-            ("GATEWAY_DEV_TOKENS", format!("{ALICE}=alice,{BOB}=bob")),
+        let resources = Resources {
+            table: table.clone(),
+            queue_url: queue_url.clone(),
+            uploads: uploads_bucket.clone(),
+            results: results_bucket.clone(),
+        };
+        let mut vars = gateway_env(
+            &resources,
+            &emulator,
+            &gateway_url,
+            WEBHOOK_SECRET,
+            &format!("{ALICE}=alice,{BOB}=bob"),
+        );
+        vars.extend([
             ("STATUS_POLL_AFTER_SECS", "1".into()),
             ("STATUS_POLL_INTERVAL_SECS", "1".into()),
             ("JOB_REQUEUE_AFTER_SECS", "5".into()),
-        ];
+        ]);
         vars.extend(options.extra_env);
         let env = Env::from_pairs(vars);
         let wiring = Wiring::new(env.clone(), sdk.clone()).expect("wire the gateway");

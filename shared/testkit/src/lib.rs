@@ -13,5 +13,7 @@ pub mod jobs;
 mod kit;
 #[cfg(feature = "local-aws")]
 pub mod local_aws;
+#[cfg(feature = "local-aws")]
+pub mod stack_env;
 
 pub use kit::{Kit, SECRET, START};
