@@ -47,19 +47,10 @@ where
 }
 
 async fn queue_drained(sqs: &aws_sdk_sqs::Client, queue_url: &str, limit: Duration) {
-    use aws_sdk_sqs::types::QueueAttributeName as A;
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
-        let depth: usize = sqs
-            .get_queue_attributes()
-            .queue_url(queue_url)
-            .attribute_names(A::ApproximateNumberOfMessages)
-            .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
-            .send()
+        let depth = testkit::local_aws::queue_depth(sqs, queue_url)
             .await
-            .ok()
-            .and_then(|out| out.attributes)
-            .map(|attrs| attrs.values().filter_map(|v| v.parse::<usize>().ok()).sum())
             .unwrap_or(0);
         if depth == 0 {
             return;

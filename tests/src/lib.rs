@@ -301,29 +301,9 @@ impl Stack {
 
     /// Messages waiting or in flight on a queue.
     pub async fn depth_of(&self, queue_url: &str) -> usize {
-        use aws_sdk_sqs::types::QueueAttributeName as A;
-        let out = self
-            .sqs()
-            .get_queue_attributes()
-            .queue_url(queue_url)
-            .attribute_names(A::ApproximateNumberOfMessages)
-            .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
-            .send()
+        testkit::local_aws::queue_depth(&self.sqs(), queue_url)
             .await
-            .unwrap();
-        let attrs = out.attributes().cloned().unwrap_or_default();
-        [
-            A::ApproximateNumberOfMessages,
-            A::ApproximateNumberOfMessagesNotVisible,
-        ]
-        .iter()
-        .map(|a| {
-            attrs
-                .get(a)
-                .and_then(|v| v.parse::<usize>().ok())
-                .unwrap_or(0)
-        })
-        .sum()
+            .expect("SQS answers")
     }
 
     /// Object keys in a bucket under a prefix.

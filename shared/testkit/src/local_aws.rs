@@ -390,3 +390,26 @@ fn start_proxies(
         },
     )
 }
+
+/// Messages waiting or in flight on an SQS queue; `None` when SQS does not answer.
+pub async fn queue_depth(sqs: &aws_sdk_sqs::Client, queue_url: &str) -> Option<usize> {
+    use aws_sdk_sqs::types::QueueAttributeName as A;
+    let out = sqs
+        .get_queue_attributes()
+        .queue_url(queue_url)
+        .attribute_names(A::ApproximateNumberOfMessages)
+        .attribute_names(A::ApproximateNumberOfMessagesNotVisible)
+        .send()
+        .await
+        .ok()?;
+    let attrs = out.attributes()?;
+    Some(
+        [
+            A::ApproximateNumberOfMessages,
+            A::ApproximateNumberOfMessagesNotVisible,
+        ]
+        .iter()
+        .filter_map(|a| attrs.get(a).and_then(|v| v.parse::<usize>().ok()))
+        .sum(),
+    )
+}
