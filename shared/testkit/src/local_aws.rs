@@ -116,9 +116,9 @@ fn cpu_time_of(pid: u32) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 1000 / per_second))
 }
 
-/// Starts one `moto_server` from the repo's `.venv` on a free loopback port, with `env` added,
-/// and waits until it listens. It dies with its [`TiedChild`].
-pub fn spawn_moto(env: &[(&str, &str)]) -> std::io::Result<(TiedChild, String)> {
+/// Starts one `moto_server` from the repo's `.venv` on a free loopback port, with `env` added;
+/// it dies with its [`TiedChild`]. Returns before it listens (see [`wait_for_moto`]).
+fn start_moto(env: &[(&str, &str)]) -> std::io::Result<(TiedChild, u16)> {
     let bin = repo_root().join(".venv/bin/moto_server");
     if !bin.exists() {
         return Err(std::io::Error::other(format!(
@@ -134,14 +134,24 @@ pub fn spawn_moto(env: &[(&str, &str)]) -> std::io::Result<(TiedChild, String)> 
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let process = TiedChild::spawn(command, libc::SIGTERM)?;
+    Ok((TiedChild::spawn(command, libc::SIGTERM)?, port))
+}
+
+/// Waits until the moto server on `port` listens; its endpoint.
+fn wait_for_moto(port: u16) -> std::io::Result<String> {
     let addr = format!("127.0.0.1:{port}");
     if !wait_for_port(&addr, Duration::from_secs(60)) {
-        return Err(std::io::Error::other(
-            "moto_server did not start within 60 s",
-        ));
+        return Err(std::io::Error::other(format!(
+            "moto_server on {addr} did not start within 60 s"
+        )));
     }
-    Ok((process, format!("http://{addr}")))
+    Ok(format!("http://{addr}"))
+}
+
+/// One `moto_server`, started and listening, with `env` added.
+pub fn spawn_moto(env: &[(&str, &str)]) -> std::io::Result<(TiedChild, String)> {
+    let (process, port) = start_moto(env)?;
+    Ok((process, wait_for_moto(port)?))
 }
 
 /// One moto process and, when the run is slowed down, the proxy in front of it.
@@ -211,34 +221,19 @@ impl LocalAws {
     }
 
     pub fn launch_with(delay: Delay) -> Self {
-        let bin = repo_root().join(".venv/bin/moto_server");
-        assert!(
-            bin.exists(),
-            "{} is missing: run scripts/bootstrap (scripts/test does it for you)",
-            bin.display()
-        );
-        let mut started = Vec::new();
-        for service in SERVICES {
-            let port = free_port();
-            let mut command = Command::new(&bin);
-            command
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            let process = TiedChild::spawn(command, libc::SIGTERM).expect("start moto_server");
-            started.push((service, port, process));
-        }
         // Started together, waited for together: each takes about a second to import moto.
-        for (service, port, _) in &started {
-            assert!(
-                wait_for_port(&format!("127.0.0.1:{port}"), Duration::from_secs(60)),
-                "moto_server for {service} did not start"
-            );
-        }
+        let started: Vec<(&'static str, TiedChild, u16)> = SERVICES
+            .into_iter()
+            .map(|service| {
+                let (process, port) = start_moto(&[]).expect("start moto_server");
+                (service, process, port)
+            })
+            .collect();
         let upstreams: Vec<String> = started
             .iter()
-            .map(|(_, port, _)| format!("http://127.0.0.1:{port}"))
+            .map(|(service, _, port)| {
+                wait_for_moto(*port).unwrap_or_else(|e| panic!("{service}: {e}"))
+            })
             .collect();
         let (endpoints, stats, runtime) = if delay == Delay::None {
             (upstreams, vec![None; SERVICES.len()], None)
@@ -255,7 +250,7 @@ impl LocalAws {
             .zip(endpoints)
             .zip(stats)
             .map(
-                |(((service, _, process), endpoint), proxy_stats)| MotoServer {
+                |(((service, process, _), endpoint), proxy_stats)| MotoServer {
                     service,
                     endpoint,
                     process,
