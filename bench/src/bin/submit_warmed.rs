@@ -4,6 +4,7 @@
 //! beside the real `submit` to show what warming moves from the first request into init.
 use std::sync::Arc;
 
+use gateway::app::api::Api;
 use gateway::config::AwsResources;
 use gateway_aws::adapters::dynamodb::DynamoJobStore;
 use gateway_aws::adapters::s3::{aws_client, S3ObjectStore};
@@ -33,7 +34,7 @@ async fn main() -> Result<(), lambda_http::Error> {
         s3.head_bucket().bucket(&uploads_bucket).send(),
     );
 
-    let state = ApiState {
+    let api = Api {
         store: Arc::new(DynamoJobStore::new(dynamodb, table)),
         queue: Arc::new(SqsJobQueue::new(sqs, queue_url)),
         uploads: Arc::new(S3ObjectStore::new(s3.clone(), uploads_bucket)),
@@ -43,9 +44,9 @@ async fn main() -> Result<(), lambda_http::Error> {
         )),
         runpod: wiring.runpod()?,
         catalog: wiring.catalog.clone(),
-        identity: IdentitySource::JwtClaims,
         settings: wiring.settings.clone(),
         clock: wiring.clock.clone(),
     };
+    let state = ApiState::new(api, IdentitySource::JwtClaims);
     lambda_http::run(router(Arc::new(state))).await
 }

@@ -4,7 +4,6 @@ use std::time::Duration;
 use gateway::app::finalize::Outcome;
 use gateway::app::webhook::WebhookOutcome;
 use gateway::domain::job::{Actor, ErrorCode, JobState};
-use gateway::ports::RunPodStatus;
 use testkit::fakes::Answer;
 use testkit::Kit;
 
@@ -59,14 +58,7 @@ async fn a_job_still_running_is_polled_again_after_the_interval() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
-    kit.runpod.set_status(
-        "rp-1",
-        RunPodStatus {
-            id: Some("rp-1".into()),
-            status: Some("IN_PROGRESS".into()),
-            ..RunPodStatus::default()
-        },
-    );
+    kit.running_run("rp-1");
     kit.clock.advance(kit.settings.status_poll_after);
 
     kit.sweeper().sweep().await.unwrap();
@@ -113,14 +105,7 @@ async fn a_job_past_its_deadline_is_cancelled_at_runpod_and_timed_out() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
-    kit.runpod.set_status(
-        "rp-1",
-        RunPodStatus {
-            id: Some("rp-1".into()),
-            status: Some("IN_PROGRESS".into()),
-            ..RunPodStatus::default()
-        },
-    );
+    kit.running_run("rp-1");
     kit.clock
         .advance(kit.settings.job_deadline + Duration::from_secs(1));
 

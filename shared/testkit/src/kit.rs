@@ -162,6 +162,18 @@ impl Kit {
         self.store.job(id).expect("the job is stored")
     }
 
+    /// RunPod reports `runpod_id` running from now on.
+    pub fn running_run(&self, runpod_id: &str) {
+        self.runpod.set_status(
+            runpod_id,
+            RunPodStatus {
+                id: Some(runpod_id.into()),
+                status: Some("IN_PROGRESS".into()),
+                ..RunPodStatus::default()
+            },
+        );
+    }
+
     /// RunPod's report of a completed run whose worker wrote `files` (volume keys such as
     /// `outputs/<job>/restored_00001_.png`), after putting a PNG at each on the volume.
     pub fn completed_run(&self, runpod_id: &str, files: &[String]) -> RunPodStatus {

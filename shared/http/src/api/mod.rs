@@ -29,8 +29,7 @@ use gateway::config::Settings;
 use gateway::domain::job::{
     Actor, ErrorCode, InputRef, Job, JobError, JobState, JobTiming, NewJob,
 };
-use gateway::domain::workflow::WorkflowCatalog;
-use gateway::ports::{Clock, CreateOutcome, JobQueue, JobStore, ObjectStore, RunPod, RunPodError};
+use gateway::ports::{CreateOutcome, RunPodError};
 
 use crate::error::ApiError;
 use identity::IdentitySource;
@@ -39,42 +38,23 @@ use identity::IdentitySource;
 pub const MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
 const MAX_IDEMPOTENCY_KEY: usize = 128;
 
+/// The API use case's ports and who may call: the router's state. Reads as the `Api` it holds
+/// (`state.store`, `state.settings`, …).
 pub struct ApiState {
-    pub store: Arc<dyn JobStore>,
-    pub queue: Arc<dyn JobQueue>,
-    pub uploads: Arc<dyn ObjectStore>,
-    pub results: Arc<dyn ObjectStore>,
-    pub runpod: Arc<dyn RunPod>,
-    pub catalog: Arc<WorkflowCatalog>,
+    pub api: Api,
     pub identity: IdentitySource,
-    pub settings: Settings,
-    pub clock: Arc<dyn Clock>,
+}
+
+impl std::ops::Deref for ApiState {
+    type Target = Api;
+    fn deref(&self) -> &Api {
+        &self.api
+    }
 }
 
 impl ApiState {
-    /// The use case's dependencies, and who may call: the API's state.
     pub fn new(api: Api, identity: IdentitySource) -> Self {
-        let Api {
-            store,
-            queue,
-            uploads,
-            results,
-            runpod,
-            catalog,
-            settings,
-            clock,
-        } = api;
-        Self {
-            store,
-            queue,
-            uploads,
-            results,
-            runpod,
-            catalog,
-            identity,
-            settings,
-            clock,
-        }
+        Self { api, identity }
     }
 }
 
