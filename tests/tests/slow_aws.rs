@@ -16,6 +16,16 @@ fn unique(prefix: &str) -> String {
     )
 }
 
+async fn new_queue(sqs: &aws_sdk_sqs::Client) -> String {
+    sqs.create_queue()
+        .queue_name(unique("slow"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap()
+}
+
 #[tokio::test]
 async fn through_the_slowing_proxy_every_service_answers_as_moto_does() {
     let aws = LocalAws::launch_with(Delay::Slowdown(3.0));
@@ -67,14 +77,7 @@ async fn through_the_slowing_proxy_every_service_answers_as_moto_does() {
     // SQS: the queue URL names the proxy (moto writes the Host it was sent), and a message
     // goes through it and back.
     let sqs = aws_sdk_sqs::Client::new(&sdk);
-    let queue_url = sqs
-        .create_queue()
-        .queue_name(unique("slow"))
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
+    let queue_url = new_queue(&sqs).await;
     assert!(
         queue_url.starts_with(aws.sqs()),
         "{queue_url} does not go through {}",
@@ -152,11 +155,7 @@ async fn a_threefold_slowdown_holds_each_answer_back_twice_as_long_as_moto_took(
     let aws = LocalAws::launch_with(Delay::Slowdown(3.0));
     let sqs = aws_sdk_sqs::Client::new(&aws.sdk_config().await);
     for _ in 0..5 {
-        sqs.create_queue()
-            .queue_name(unique("slow"))
-            .send()
-            .await
-            .unwrap();
+        new_queue(&sqs).await;
     }
     // Counted by the proxy, not timed by the test: true on any machine.
     let (requests, upstream, added) = aws.proxy_stats()["SQS"];
@@ -173,14 +172,7 @@ async fn a_threefold_slowdown_holds_each_answer_back_twice_as_long_as_moto_took(
 async fn a_long_poll_is_held_back_by_an_average_answer_not_by_its_wait() {
     let aws = LocalAws::launch_with(Delay::Slowdown(3.0));
     let sqs = aws_sdk_sqs::Client::new(&aws.sdk_config().await);
-    let queue_url = sqs
-        .create_queue()
-        .queue_name(unique("slow"))
-        .send()
-        .await
-        .unwrap()
-        .queue_url
-        .unwrap();
+    let queue_url = new_queue(&sqs).await;
     // Until now every call worked (no long poll): their average is the answer's measure.
     let (requests_before, upstream_before, added_before) = aws.proxy_stats()["SQS"];
     let average = upstream_before / requests_before as u32;
