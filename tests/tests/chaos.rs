@@ -323,7 +323,8 @@ struct Plan {
     kill_dispatch_after: Option<Duration>,
     kill_finalize_after: Option<Duration>,
     /// Once RunPod completes the job: a webhook's finalize, the sweeper's finalize and a sweep,
-    /// all at once and from the same copy of the job; `Some(true)`: and a client's cancel.
+    /// all at once and from the same copy of the job; `Some(true)`: a client's cancel lands
+    /// after that copy was read and before they start.
     race_finalizers: Option<bool>,
 }
 
@@ -424,24 +425,26 @@ async fn drive(world: Arc<World>, index: usize, image: Arc<Vec<u8>>, plan: Plan)
     let race_finalizers = async {
         let with_cancel = plan.race_finalizers?;
         let (job, status) = wait_runpod_completed(stack, &id, world.timings.deadline).await?;
-        let cancel = async {
-            if !with_cancel {
-                return None;
-            }
+        // With a cancel, it lands between the finalizers' read of the job and their first
+        // write: they act on a stale copy, which every write must notice. (Started together,
+        // the in-process finalizers nearly always wrote before the HTTP cancel arrived.)
+        let cancelled = if with_cancel {
             let path = format!("/jobs/{id}/cancel");
             Some(match stack.post_json(ALICE, &path, &json!({})).await.0 {
                 StatusCode::OK => Cancel::Accepted,
                 StatusCode::CONFLICT => Cancel::AlreadyFinished,
                 _ => Cancel::Unavailable,
             })
+        } else {
+            None
         };
-        let (_, _, _, cancelled) = tokio::join!(
+        // Their outcomes are judged by the job's end, like every other action's.
+        let _ = tokio::join!(
             world
                 .finalizer
                 .observe_as(job.clone(), &status, Actor::Webhook),
             world.finalizer.observe_as(job, &status, Actor::Sweeper),
             world.sweeper.sweep(),
-            cancel,
         );
         Some(cancelled)
     };
