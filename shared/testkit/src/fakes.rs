@@ -49,7 +49,12 @@ pub struct MemStore {
     writes: AtomicU64,
     /// Answer the next this many calls with `Unavailable`.
     outage: AtomicU64,
+    /// Runs before each save until it returns true: another writer's change landing just
+    /// before a use case's write.
+    before_save: Mutex<Option<SaveHook>>,
 }
+
+type SaveHook = Box<dyn FnMut(&MemStore, &Job) -> bool + Send>;
 
 impl MemStore {
     pub fn job(&self, id: &str) -> Option<Job> {
@@ -65,6 +70,10 @@ impl MemStore {
     /// Stores `job` as is, outside the use cases (a test's setup).
     pub fn put(&self, job: Job) {
         lock(&self.jobs).insert(job.id.clone(), job);
+    }
+    /// Runs `hook` before every save, with the job about to be written, until it returns true.
+    pub fn before_save(&self, hook: impl FnMut(&MemStore, &Job) -> bool + Send + 'static) {
+        *lock(&self.before_save) = Some(Box::new(hook));
     }
     /// The next `calls` calls fail with `Unavailable`, as a throttled table would.
     pub fn fail_next(&self, calls: u64) {
@@ -108,6 +117,12 @@ impl JobStore for MemStore {
     async fn save(&self, job: &Job, expected_version: u64) -> Result<(), StoreError> {
         yield_once().await;
         self.available()?;
+        let hook = lock(&self.before_save).take();
+        if let Some(mut hook) = hook {
+            if !hook(self, job) {
+                lock(&self.before_save).get_or_insert(hook);
+            }
+        }
         let mut jobs = lock(&self.jobs);
         match jobs.get(&job.id) {
             Some(stored) if stored.version == expected_version => {

@@ -1,0 +1,226 @@
+//! Finalize: what a RunPod report means for the job, and collecting its outputs exactly once.
+use gateway::app::finalize::{FinalizeError, Outcome};
+use gateway::domain::job::{Actor, ErrorCode, Job, JobError, JobState, LeaseKind};
+use gateway::ports::{JobStore, RunPodStatus};
+use testkit::fakes::BrokenKey;
+use testkit::Kit;
+
+/// A job dispatched to RunPod as `rp-1`.
+async fn submitted(kit: &Kit) -> Job {
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.stored(&job.id)
+}
+
+fn report(status: &str, output: Option<serde_json::Value>) -> RunPodStatus {
+    RunPodStatus {
+        id: Some("rp-1".into()),
+        status: Some(status.into()),
+        output,
+        ..RunPodStatus::default()
+    }
+}
+
+fn output_key(job: &Job, name: &str) -> String {
+    format!("outputs/{}/{name}", job.id)
+}
+
+#[tokio::test]
+async fn each_terminal_report_ends_the_job_with_its_code() {
+    let cases = [
+        ("FAILED", JobState::Failed, ErrorCode::WorkerFailed),
+        (
+            "TIMED_OUT",
+            JobState::TimedOut,
+            ErrorCode::ExecutionTimedOut,
+        ),
+        (
+            "CANCELLED",
+            JobState::Cancelled,
+            ErrorCode::CancelledByRunpod,
+        ),
+    ];
+    for (status, state, code) in cases {
+        let kit = Kit::new();
+        let job = submitted(&kit).await;
+
+        let outcome = kit
+            .finalizer()
+            .observe_as(job.clone(), &report(status, None), Actor::Webhook)
+            .await
+            .unwrap();
+
+        assert_eq!(outcome, Outcome::Finished(state), "{status}");
+        let stored = kit.stored(&job.id);
+        assert_eq!(stored.error.unwrap().code, code, "{status}");
+        assert!(kit.results.keys().is_empty(), "{status}: nothing stored");
+    }
+}
+
+#[tokio::test]
+async fn a_running_report_moves_the_job_on_and_schedules_the_next_look() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+
+    let outcome = kit
+        .finalizer()
+        .observe_as(job.clone(), &report("IN_PROGRESS", None), Actor::Sweeper)
+        .await
+        .unwrap();
+
+    assert_eq!(outcome, Outcome::Progressed(JobState::Running));
+    assert_eq!(kit.stored(&job.id).state, JobState::Running);
+}
+
+#[tokio::test]
+async fn a_report_without_a_status_asks_runpod() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let empty = RunPodStatus::default();
+
+    let outcome = kit
+        .finalizer()
+        .observe_as(job.clone(), &empty, Actor::Webhook)
+        .await
+        .unwrap();
+
+    assert_eq!(outcome, Outcome::NeedsStatus);
+    assert_eq!(kit.stored(&job.id).version, job.version, "nothing written");
+}
+
+#[tokio::test]
+async fn outputs_outside_the_jobs_folder_fail_the_job_and_nothing_is_copied() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    kit.volume.insert("outputs/someone-else/x.png", b"not ours");
+    let output = serde_json::json!({"files": ["/runpod-volume/outputs/someone-else/x.png"]});
+
+    let outcome = kit
+        .finalizer()
+        .observe_as(
+            job.clone(),
+            &report("COMPLETED", Some(output)),
+            Actor::Webhook,
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(outcome, Outcome::Finished(JobState::Failed));
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.error.unwrap().code, ErrorCode::InvalidOutputPath);
+    assert!(kit.results.keys().is_empty());
+    assert!(!kit
+        .volume
+        .touched()
+        .iter()
+        .any(|k| k.contains("someone-else")));
+}
+
+#[tokio::test]
+async fn a_named_output_missing_from_the_volume_fails_the_job_and_keeps_no_partial_copy() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let present = output_key(&job, "restore_00001_.png");
+    kit.volume.insert(&present, b"first");
+    let output = serde_json::json!({"files": [
+        format!("/runpod-volume/{present}"),
+        format!("/runpod-volume/{}", output_key(&job, "restore_00002_.png")),
+    ]});
+
+    let outcome = kit
+        .finalizer()
+        .observe_as(
+            job.clone(),
+            &report("COMPLETED", Some(output)),
+            Actor::Webhook,
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(outcome, Outcome::Finished(JobState::Failed));
+    assert_eq!(
+        kit.stored(&job.id).error.unwrap().code,
+        ErrorCode::OutputMissing
+    );
+    assert!(kit.results.keys().is_empty(), "the first copy was removed");
+}
+
+#[tokio::test]
+async fn a_volume_outage_releases_the_lease_for_a_later_try() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let key = output_key(&job, "restore_00001_.png");
+    let status = kit.completed_run("rp-1", std::slice::from_ref(&key));
+    kit.volume.break_key(&key, BrokenKey::Transient);
+
+    let outcome = kit
+        .finalizer()
+        .observe_as(job.clone(), &status, Actor::Webhook)
+        .await;
+
+    assert!(
+        matches!(outcome, Err(FinalizeError::RetryLater(_))),
+        "{outcome:?}"
+    );
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Submitted);
+    assert!(stored.lease.is_none(), "released");
+    assert_eq!(stored.check_failures, 1);
+    assert!(kit.results.keys().is_empty());
+}
+
+#[tokio::test]
+async fn a_job_another_finalize_holds_is_busy_and_untouched() {
+    let kit = Kit::new();
+    let mut job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+    let read = job.version;
+    job.acquire_lease(LeaseKind::Finalize, kit.now(), 60_000)
+        .unwrap();
+    job.version += 1;
+    kit.store.save(&job, read).await.unwrap();
+    let writes = kit.store.writes();
+
+    let outcome = kit
+        .finalizer()
+        .observe_as(job.clone(), &status, Actor::Sweeper)
+        .await
+        .unwrap();
+
+    assert_eq!(outcome, Outcome::Busy);
+    assert_eq!(kit.store.writes(), writes);
+    assert!(kit.results.keys().is_empty(), "no second copy");
+}
+
+#[tokio::test]
+async fn outputs_copied_for_a_job_cancelled_meanwhile_are_removed() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+    // The client's cancel lands after the finalize copied the output, just before it records
+    // the success.
+    let now = kit.now();
+    kit.store.before_save(move |store, about_to_write| {
+        if about_to_write.state != JobState::Succeeded {
+            return false;
+        }
+        let mut cancelled = store.job(&about_to_write.id).unwrap();
+        cancelled
+            .cancel(
+                JobError::new(ErrorCode::CancelledByClient, "cancelled"),
+                now,
+            )
+            .unwrap();
+        store.put(cancelled);
+        true
+    });
+
+    let outcome = kit
+        .finalizer()
+        .observe_as(job.clone(), &status, Actor::Webhook)
+        .await;
+
+    assert_eq!(outcome.unwrap(), Outcome::Unchanged);
+    assert_eq!(kit.stored(&job.id).state, JobState::Cancelled);
+    assert!(kit.results.keys().is_empty(), "no orphaned copy is left");
+}
