@@ -185,26 +185,11 @@ impl Settings {
 }
 
 impl Default for Settings {
+    /// The settings of an environment that sets none of the variables: each default is
+    /// written once, in [`Settings::from_env`].
     fn default() -> Self {
-        Self {
-            execution_timeout: Duration::from_secs(600),
-            runpod_ttl: Duration::from_secs(86_400),
-            job_deadline: Duration::from_secs(3_600),
-            requeue_after: Duration::from_secs(120),
-            status_poll_after: Duration::from_secs(60),
-            poll_interval: Duration::from_secs(60),
-            dispatch_lease: Duration::from_secs(60),
-            finalize_lease: Duration::from_secs(120),
-            max_dispatch_attempts: 5,
-            presign_ttl: Duration::from_secs(3_600),
-            record_retention: Duration::from_secs(30 * 86_400),
-            sweep_batch: 200,
-            sweep_concurrency: 8,
-            max_inline_bytes: 4 * 1024 * 1024,
-            max_upload_bytes: 50 * 1024 * 1024,
-            output_url_allowed_hosts: UrlAllowList::default(),
-            max_output_image_bytes: 50 * 1024 * 1024,
-        }
+        Self::from_env(&Env::from_pairs(std::iter::empty::<(String, String)>()))
+            .expect("the defaults are valid")
     }
 }
 
@@ -360,5 +345,19 @@ impl WebhookSecrets {
             secret,
             previous_secret: env.get("WEBHOOK_SECRET_PREVIOUS"),
         })
+    }
+}
+
+#[cfg(test)]
+mod default_tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_those_of_an_empty_environment() {
+        let settings = Settings::default();
+        assert_eq!(settings.execution_timeout, Duration::from_secs(600));
+        assert_eq!(settings.finalize_lease, Duration::from_secs(120));
+        assert_eq!(settings.record_retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(settings.max_output_image_bytes, 50 * 1024 * 1024);
     }
 }
