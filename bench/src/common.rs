@@ -186,10 +186,7 @@ pub async fn wiring(sdk: &SdkConfig, vars: &[(String, String)]) -> Result<Wiring
 }
 
 pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as Millis)
-        .unwrap_or_default()
+    gateway::ports::Clock::now_ms(&gateway::ports::SystemClock)
 }
 
 /// A restore job as `POST /jobs` would create it (queued, default parameters).

@@ -337,10 +337,7 @@ impl Stack {
             .await
             .unwrap();
         let catalog = gateway::domain::workflow::WorkflowCatalog::builtin().unwrap();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64;
+        let now = gateway::ports::Clock::now_ms(&gateway::ports::SystemClock);
         let timing = JobTiming {
             deadline_ms: 600_000,
             first_check_ms,

@@ -60,6 +60,7 @@ use gateway_tests::{jpeg, restore_request, LocalAws, Stack, StackOptions, Status
 use rand::{Rng, SeedableRng};
 use runpod_emulator::{ChaosConfig, EmulatorConfig, Faults, JobStatus};
 use serde_json::json;
+use testkit::local_aws::read_object;
 
 /// Unparseable dispatch messages: each must end in the DLQ, and nothing else may.
 const POISON: [&str; 3] = [
@@ -309,10 +310,7 @@ async fn measure_pace(aws: &Arc<LocalAws>) -> Pace {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    gateway::ports::Clock::now_ms(&gateway::ports::SystemClock)
 }
 
 /// What the client side does to one job, drawn from the seed and the job's index.
@@ -1021,20 +1019,7 @@ async fn wave(
     let mut results = HashMap::new();
     for chunk in result_keys.chunks(16) {
         let fetched = futures::future::join_all(chunk.iter().map(|key| async move {
-            let body = stack
-                .s3()
-                .get_object()
-                .bucket(&stack.results_bucket)
-                .key(key)
-                .send()
-                .await
-                .unwrap()
-                .body
-                .collect()
-                .await
-                .unwrap()
-                .into_bytes()
-                .to_vec();
+            let body = read_object(&stack.s3(), &stack.results_bucket, key).await;
             (key.clone(), body)
         }))
         .await;

@@ -150,10 +150,7 @@ async fn the_webhook_and_the_sweeper_finalizing_at_once_finish_the_job_once() {
 }
 
 fn chrono_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    gateway::ports::Clock::now_ms(&gateway::ports::SystemClock)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,6 +8,7 @@ use aws_sdk_dynamodb::types::{
     ScalarAttributeType,
 };
 use gateway_tests::LocalAws;
+use testkit::local_aws::read_object;
 
 fn unique(prefix: &str) -> String {
     format!(
@@ -123,19 +124,7 @@ async fn through_the_slowing_proxy_every_service_answers_as_moto_does() {
         .await
         .unwrap();
     assert_eq!(head.content_length(), Some(body.len() as i64));
-    let got = s3
-        .get_object()
-        .bucket(&bucket)
-        .key("k")
-        .send()
-        .await
-        .unwrap()
-        .body
-        .collect()
-        .await
-        .unwrap()
-        .into_bytes();
-    assert_eq!(got.as_ref(), body.as_slice());
+    assert_eq!(read_object(&s3, &bucket, "k").await, body);
     let presigned = s3
         .get_object()
         .bucket(&bucket)

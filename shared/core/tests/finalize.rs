@@ -21,6 +21,16 @@ fn report(status: &str, output: Option<serde_json::Value>) -> RunPodStatus {
     }
 }
 
+/// The finalize's answer to `status` for `job`, as `by` would get it.
+async fn finalize(
+    kit: &Kit,
+    job: &Job,
+    status: &RunPodStatus,
+    by: Actor,
+) -> Result<Outcome, FinalizeError> {
+    kit.finalizer().observe_as(job.clone(), status, by).await
+}
+
 fn output_key(job: &Job, name: &str) -> String {
     format!("outputs/{}/{name}", job.id)
 }
@@ -44,9 +54,7 @@ async fn each_terminal_report_ends_the_job_with_its_code() {
         let kit = Kit::new();
         let job = submitted(&kit).await;
 
-        let outcome = kit
-            .finalizer()
-            .observe_as(job.clone(), &report(status, None), Actor::Webhook)
+        let outcome = finalize(&kit, &job, &report(status, None), Actor::Webhook)
             .await
             .unwrap();
 
@@ -62,9 +70,7 @@ async fn a_running_report_moves_the_job_on_and_schedules_the_next_look() {
     let kit = Kit::new();
     let job = submitted(&kit).await;
 
-    let outcome = kit
-        .finalizer()
-        .observe_as(job.clone(), &report("IN_PROGRESS", None), Actor::Sweeper)
+    let outcome = finalize(&kit, &job, &report("IN_PROGRESS", None), Actor::Sweeper)
         .await
         .unwrap();
 
@@ -78,11 +84,7 @@ async fn a_report_without_a_status_asks_runpod() {
     let job = submitted(&kit).await;
     let empty = RunPodStatus::default();
 
-    let outcome = kit
-        .finalizer()
-        .observe_as(job.clone(), &empty, Actor::Webhook)
-        .await
-        .unwrap();
+    let outcome = finalize(&kit, &job, &empty, Actor::Webhook).await.unwrap();
 
     assert_eq!(outcome, Outcome::NeedsStatus);
     assert_eq!(kit.stored(&job.id).version, job.version, "nothing written");
@@ -95,15 +97,14 @@ async fn outputs_outside_the_jobs_folder_fail_the_job_and_nothing_is_copied() {
     kit.volume.insert("outputs/someone-else/x.png", b"not ours");
     let output = serde_json::json!({"files": ["/runpod-volume/outputs/someone-else/x.png"]});
 
-    let outcome = kit
-        .finalizer()
-        .observe_as(
-            job.clone(),
-            &report("COMPLETED", Some(output)),
-            Actor::Webhook,
-        )
-        .await
-        .unwrap();
+    let outcome = finalize(
+        &kit,
+        &job,
+        &report("COMPLETED", Some(output)),
+        Actor::Webhook,
+    )
+    .await
+    .unwrap();
 
     assert_eq!(outcome, Outcome::Finished(JobState::Failed));
     let stored = kit.stored(&job.id);
@@ -127,15 +128,14 @@ async fn a_named_output_missing_from_the_volume_fails_the_job_and_keeps_no_parti
         format!("/runpod-volume/{}", output_key(&job, "restore_00002_.png")),
     ]});
 
-    let outcome = kit
-        .finalizer()
-        .observe_as(
-            job.clone(),
-            &report("COMPLETED", Some(output)),
-            Actor::Webhook,
-        )
-        .await
-        .unwrap();
+    let outcome = finalize(
+        &kit,
+        &job,
+        &report("COMPLETED", Some(output)),
+        Actor::Webhook,
+    )
+    .await
+    .unwrap();
 
     assert_eq!(outcome, Outcome::Finished(JobState::Failed));
     assert_eq!(
@@ -153,10 +153,7 @@ async fn a_volume_outage_releases_the_lease_for_a_later_try() {
     let status = kit.completed_run("rp-1", std::slice::from_ref(&key));
     kit.volume.break_key(&key, BrokenKey::Transient);
 
-    let outcome = kit
-        .finalizer()
-        .observe_as(job.clone(), &status, Actor::Webhook)
-        .await;
+    let outcome = finalize(&kit, &job, &status, Actor::Webhook).await;
 
     assert!(
         matches!(outcome, Err(FinalizeError::RetryLater(_))),
@@ -181,11 +178,7 @@ async fn a_job_another_finalize_holds_is_busy_and_untouched() {
     kit.store.save(&job, read).await.unwrap();
     let writes = kit.store.writes();
 
-    let outcome = kit
-        .finalizer()
-        .observe_as(job.clone(), &status, Actor::Sweeper)
-        .await
-        .unwrap();
+    let outcome = finalize(&kit, &job, &status, Actor::Sweeper).await.unwrap();
 
     assert_eq!(outcome, Outcome::Busy);
     assert_eq!(kit.store.writes(), writes);
@@ -215,10 +208,7 @@ async fn outputs_copied_for_a_job_cancelled_meanwhile_are_removed() {
         true
     });
 
-    let outcome = kit
-        .finalizer()
-        .observe_as(job.clone(), &status, Actor::Webhook)
-        .await;
+    let outcome = finalize(&kit, &job, &status, Actor::Webhook).await;
 
     assert_eq!(outcome.unwrap(), Outcome::Unchanged);
     assert_eq!(kit.stored(&job.id).state, JobState::Cancelled);

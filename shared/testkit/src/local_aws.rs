@@ -408,3 +408,19 @@ pub async fn queue_depth(sqs: &aws_sdk_sqs::Client, queue_url: &str) -> Option<u
         .sum(),
     )
 }
+
+/// The whole body of an S3 object; panics if it cannot be read (a test's own check).
+pub async fn read_object(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Vec<u8> {
+    s3.get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("get {bucket}/{key}: {e:?}"))
+        .body
+        .collect()
+        .await
+        .unwrap_or_else(|e| panic!("read {bucket}/{key}: {e:?}"))
+        .into_bytes()
+        .to_vec()
+}
