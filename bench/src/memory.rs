@@ -98,7 +98,7 @@ pub async fn measure(
             let _ = s3
                 .delete_object()
                 .bucket(&results_bucket)
-                .key(gateway::domain::paths::results_key(
+                .key(gateway::domain::keys::result(
                     OWNER,
                     &job.id,
                     "restore_00001_.png",

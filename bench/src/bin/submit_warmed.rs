@@ -43,6 +43,7 @@ async fn main() -> Result<(), lambda_http::Error> {
             AwsResources::results_bucket_from_env(env)?,
         )),
         runpod: wiring.runpod()?,
+        images: Arc::new(gateway_aws::adapters::images::ImageHeaders),
         catalog: wiring.catalog.clone(),
         settings: wiring.settings.clone(),
         clock: wiring.clock.clone(),

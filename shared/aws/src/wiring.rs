@@ -170,7 +170,7 @@ impl Wiring {
         ))
     }
 
-    #[cfg(feature = "sqs")]
+    #[cfg(feature = "api")]
     pub fn api(&self) -> Result<gateway::app::api::Api, BootError> {
         Ok(gateway::app::api::Api {
             store: self.job_store()?,
@@ -178,6 +178,7 @@ impl Wiring {
             uploads: self.uploads()?,
             results: self.results()?,
             runpod: self.runpod()?,
+            images: Arc::new(crate::adapters::images::ImageHeaders),
             catalog: self.catalog.clone(),
             settings: self.settings.clone(),
             clock: self.clock.clone(),

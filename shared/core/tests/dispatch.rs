@@ -1,7 +1,6 @@
 //! Dispatch: a queued job's input goes onto the RunPod volume and the job to RunPod, once.
 use gateway::app::dispatch::{DispatchOutcome, RetryLater};
 use gateway::domain::job::{Actor, ErrorCode, JobState, LeaseKind};
-use gateway::domain::paths::VolumeLayout;
 use gateway::ports::{JobStore, ObjectStore};
 use testkit::fakes::{Answer, BrokenKey};
 use testkit::Kit;
@@ -19,7 +18,7 @@ async fn a_queued_job_is_copied_to_the_volume_and_submitted_with_its_signed_webh
     assert_eq!(stored.runpod_job_id.as_deref(), Some("rp-1"));
     assert_eq!(stored.attempts, 1);
     assert!(stored.lease.is_none(), "the dispatch lease is released");
-    let input = VolumeLayout::input_key(&job.id, "input.jpg");
+    let input = gateway::domain::keys::volume_input(&job.id, "input.jpg");
     assert_eq!(kit.volume.get(&input), kit.uploads.get(&job.input.key));
     let accepted = kit.runpod.accepted();
     assert_eq!(accepted.len(), 1);
@@ -94,7 +93,7 @@ async fn a_volume_outage_asks_for_the_message_again() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.volume.break_key(
-        &VolumeLayout::input_key(&job.id, "input.jpg"),
+        &gateway::domain::keys::volume_input(&job.id, "input.jpg"),
         BrokenKey::Transient,
     );
 

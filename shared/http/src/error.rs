@@ -2,13 +2,26 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
+use serde::Serialize;
+
+use gateway::app::api::Refusal;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
 }
 
 impl ApiError {
@@ -27,34 +40,29 @@ impl ApiError {
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
     }
-
-    /// Also what another owner's job looks like: its existence is not revealed.
-    pub fn not_found() -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", "no such job")
-    }
-
-    pub fn unavailable(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
-    }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code,
+                message: &self.message,
+            },
+        };
         (self.status, Json(body)).into_response()
     }
 }
 
-impl From<gateway::ports::StoreError> for ApiError {
-    fn from(err: gateway::ports::StoreError) -> Self {
-        tracing::error!(error = %err, "job store error");
-        Self::unavailable("the job store is unavailable; try again")
-    }
-}
-
-impl From<gateway::ports::ObjectError> for ApiError {
-    fn from(err: gateway::ports::ObjectError) -> Self {
-        tracing::error!(error = %err, "object store error");
-        Self::unavailable("storage is unavailable; try again")
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let status = match &refusal {
+            Refusal::Invalid { .. } => StatusCode::BAD_REQUEST,
+            Refusal::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::NotFound => StatusCode::NOT_FOUND,
+            Refusal::Conflict { .. } => StatusCode::CONFLICT,
+            Refusal::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Self::new(status, refusal.code(), refusal.message())
     }
 }

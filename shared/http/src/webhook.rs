@@ -9,9 +9,15 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
 use gateway::app::webhook::{WebhookHandler, WebhookOutcome, MAX_WEBHOOK_BYTES};
-use serde_json::json;
+use serde::Serialize;
 
 use crate::error::ApiError;
+
+/// What RunPod gets back once the report is handled.
+#[derive(Serialize)]
+struct Received {
+    received: bool,
+}
 
 pub fn router(handler: Arc<WebhookHandler>) -> Router {
     Router::new()
@@ -32,7 +38,7 @@ async fn receive(
             ApiError::unauthorized("invalid webhook token").into_response()
         }
         WebhookOutcome::Handled(_) => {
-            (StatusCode::OK, Json(json!({ "received": true }))).into_response()
+            (StatusCode::OK, Json(Received { received: true })).into_response()
         }
         // 503 makes RunPod retry; meanwhile the sweeper settles the job anyway.
         WebhookOutcome::Deferred(_) => ApiError::new(

@@ -9,9 +9,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use gateway::domain::job::{Job, Millis};
 use gateway::ports::{
-    ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, JobPage, JobQueue, JobStore,
-    ObjectError, ObjectMeta, ObjectStore, PresignedRequest, QueueError, RunPod, RunPodError,
-    RunPodStatus, RunRequest, StoreError, UrlFetcher,
+    ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, ImageKind, ImageProbe, JobPage,
+    JobQueue, JobStore, ObjectError, ObjectMeta, ObjectStore, PresignedRequest, QueueError, RunPod,
+    RunPodError, RunPodStatus, RunRequest, StoreError, UrlFetcher, JPEG, PNG, WEBP,
 };
 
 /// Gives way once to whatever else runs on the task: the fakes answer at once, and without
@@ -138,18 +138,34 @@ impl JobStore for MemStore {
         &self,
         owner: &str,
         limit: u32,
-        _cursor: Option<&str>,
+        cursor: Option<&str>,
     ) -> Result<JobPage, StoreError> {
         self.available()?;
+        // Like the DynamoDB store's, a cursor is bound to its owner: `{owner}/{last job id}`.
+        let after = match cursor {
+            None => None,
+            Some(cursor) => Some(
+                cursor
+                    .strip_prefix(owner)
+                    .and_then(|rest| rest.strip_prefix('/'))
+                    .ok_or_else(|| StoreError::Corrupt("not this owner's cursor".into()))?
+                    .to_string(),
+            ),
+        };
         let mut jobs: Vec<Job> = lock(&self.jobs)
             .values()
             .filter(|j| j.owner == owner)
+            .filter(|j| after.as_ref().is_none_or(|last| j.id < *last))
             .cloned()
             .collect();
         // Newest first, as the owner index (ids are UUIDv7) returns them.
         jobs.sort_by(|a, b| b.id.cmp(&a.id));
+        let more = jobs.len() > limit as usize;
         jobs.truncate(limit as usize);
-        Ok(JobPage { jobs, cursor: None })
+        let cursor = more
+            .then(|| jobs.last().map(|last| format!("{owner}/{}", last.id)))
+            .flatten();
+        Ok(JobPage { jobs, cursor })
     }
 
     async fn due_for_check(&self, now: Millis, limit: u32) -> Result<DueJobs, StoreError> {
@@ -308,17 +324,28 @@ impl ObjectStore for MemObjects {
 #[derive(Default)]
 pub struct MemQueue {
     sent: Mutex<Vec<String>>,
+    /// Refuse the next this many sends.
+    outage: AtomicU64,
 }
 
 impl MemQueue {
     pub fn sent(&self) -> Vec<String> {
         lock(&self.sent).clone()
     }
+    /// The next `sends` enqueues fail.
+    pub fn fail_next(&self, sends: u64) {
+        self.outage.store(sends, Ordering::SeqCst);
+    }
 }
 
 #[async_trait]
 impl JobQueue for MemQueue {
     async fn enqueue(&self, job_id: &str) -> Result<(), QueueError> {
+        let left = self.outage.load(Ordering::SeqCst);
+        if left > 0 {
+            self.outage.store(left - 1, Ordering::SeqCst);
+            return Err(QueueError("throttled (test)".into()));
+        }
         lock(&self.sent).push(job_id.to_string());
         Ok(())
     }
@@ -349,12 +376,13 @@ impl Answer {
 
 /// RunPod's endpoint API, scripted: `/run` accepts (ids `rp-1`, `rp-2`, …) unless told to
 /// answer otherwise; `/status` answers what was set for the id (404 if nothing was); `/cancel`
-/// succeeds. Every call is recorded.
+/// succeeds unless told otherwise. Every call is recorded.
 #[derive(Default)]
 pub struct ScriptedRunPod {
     run_answers: Mutex<VecDeque<Answer>>,
     statuses: Mutex<HashMap<String, Result<RunPodStatus, Answer>>>,
     runs: Mutex<Vec<RunRequest>>,
+    cancel_answer: Mutex<Option<Answer>>,
     calls: Mutex<Vec<String>>,
     next_id: AtomicU64,
 }
@@ -371,6 +399,10 @@ impl ScriptedRunPod {
     /// `/status/{id}` fails from now on.
     pub fn fail_status(&self, id: &str, answer: Answer) {
         lock(&self.statuses).insert(id.to_string(), Err(answer));
+    }
+    /// `/cancel` answers `answer` from now on.
+    pub fn answer_cancels(&self, answer: Answer) {
+        *lock(&self.cancel_answer) = Some(answer);
     }
     /// The jobs `/run` accepted, in order.
     pub fn accepted(&self) -> Vec<RunRequest> {
@@ -408,7 +440,10 @@ impl RunPod for ScriptedRunPod {
 
     async fn cancel(&self, id: &str) -> Result<(), RunPodError> {
         lock(&self.calls).push(format!("cancel {id}"));
-        Ok(())
+        match lock(&self.cancel_answer).as_ref().and_then(Answer::error) {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 }
 
@@ -419,6 +454,42 @@ pub struct NoDownloads;
 impl UrlFetcher for NoDownloads {
     async fn open(&self, _: &url::Url) -> Result<Fetched, FetchError> {
         Err(FetchError::Status(403))
+    }
+}
+
+/// Input images recognised by their magic bytes alone; every image has the size last set
+/// (640x480 unless told otherwise), whatever its bytes say.
+pub struct MagicBytes {
+    size: Mutex<(u32, u32)>,
+}
+
+impl Default for MagicBytes {
+    fn default() -> Self {
+        Self {
+            size: Mutex::new((640, 480)),
+        }
+    }
+}
+
+impl MagicBytes {
+    pub fn set_size(&self, width: u32, height: u32) {
+        *lock(&self.size) = (width, height);
+    }
+}
+
+impl ImageProbe for MagicBytes {
+    fn sniff(&self, prefix: &[u8]) -> Option<ImageKind> {
+        match prefix {
+            [0xFF, 0xD8, 0xFF, ..] => Some(JPEG),
+            [0x89, b'P', b'N', b'G', ..] => Some(PNG),
+            [b'R', b'I', b'F', b'F', _, _, _, _, b'W', b'E', b'B', b'P', ..] => Some(WEBP),
+            _ => None,
+        }
+    }
+
+    fn dimensions(&self, bytes: &[u8]) -> Option<(ImageKind, u32, u32)> {
+        let (width, height) = *lock(&self.size);
+        self.sniff(bytes).map(|kind| (kind, width, height))
     }
 }
 

@@ -14,7 +14,9 @@ use gateway::domain::token::WebhookSigner;
 use gateway::domain::workflow::WorkflowCatalog;
 use gateway::ports::RunPodStatus;
 
-use crate::fakes::{ManualClock, MemObjects, MemQueue, MemStore, NoDownloads, ScriptedRunPod};
+use crate::fakes::{
+    MagicBytes, ManualClock, MemObjects, MemQueue, MemStore, NoDownloads, ScriptedRunPod,
+};
 use crate::images::jpeg;
 use crate::jobs::restore_job;
 
@@ -32,6 +34,7 @@ pub struct Kit {
     pub results: Arc<MemObjects>,
     pub volume: Arc<MemObjects>,
     pub runpod: Arc<ScriptedRunPod>,
+    pub images: Arc<MagicBytes>,
     pub clock: Arc<ManualClock>,
     pub catalog: Arc<WorkflowCatalog>,
     pub signer: WebhookSigner,
@@ -54,6 +57,7 @@ impl Kit {
             results: Arc::default(),
             volume: Arc::default(),
             runpod: Arc::default(),
+            images: Arc::default(),
             clock: Arc::new(ManualClock::at(START)),
             catalog: Arc::new(WorkflowCatalog::builtin().expect("the built-in workflows")),
             signer: WebhookSigner::new(SECRET.as_bytes(), None),
@@ -79,6 +83,7 @@ impl Kit {
             uploads: self.uploads.clone(),
             results: self.results.clone(),
             runpod: self.runpod.clone(),
+            images: self.images.clone(),
             catalog: self.catalog.clone(),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
@@ -137,7 +142,7 @@ impl Kit {
     pub fn queued_job(&self, owner: &str) -> Job {
         let n = self.next_job.fetch_add(1, Ordering::SeqCst) + 1;
         let id = format!("0190a1b2-0000-7000-8000-{n:012x}");
-        let key = format!("inputs/{owner}/{id}/input.jpg");
+        let key = gateway::domain::keys::inline_input(owner, &id, "jpg");
         let photo = jpeg(120, 90);
         self.uploads.insert(&key, &photo);
         let job = restore_job(

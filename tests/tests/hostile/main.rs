@@ -139,7 +139,7 @@ fn worker_path() -> impl Strategy<Value = String> {
 proptest! {
     #[test]
     fn an_accepted_path_lies_inside_the_jobs_output_folder(path in worker_path()) {
-        let allowed = VolumeLayout::output_prefix(JOB);
+        let allowed = gateway::domain::keys::volume_outputs(JOB);
         if let Ok(key) = layout().output_key(&path, &allowed) {
             prop_assert!(key.starts_with(&allowed), "{key}");
             prop_assert!(key.len() > allowed.len());
@@ -169,7 +169,7 @@ proptest! {
         let at = at.min(segments.len());
         segments.insert(at, hostile.to_string());
         let path = format!("/runpod-volume/{}", segments.join("/"));
-        prop_assert!(layout().output_key(&path, &VolumeLayout::output_prefix(JOB)).is_err(), "{path:?}");
+        prop_assert!(layout().output_key(&path, &gateway::domain::keys::volume_outputs(JOB)).is_err(), "{path:?}");
     }
 
     #[test]
@@ -184,7 +184,7 @@ proptest! {
             _ => json!({"files": files, "extra": {"files": ["/runpod-volume/secret.txt"]}}),
         };
         if let Ok(keys) = volume_output_keys(Some(&output), &layout(), JOB) {
-            let allowed = VolumeLayout::output_prefix(JOB);
+            let allowed = gateway::domain::keys::volume_outputs(JOB);
             prop_assert!(!keys.is_empty());
             prop_assert!(keys.iter().all(|k| k.starts_with(&allowed)), "{keys:?}");
         }
@@ -377,7 +377,7 @@ proptest! {
             webhook_request(&world, None, body.to_string().into_bytes()),
         ));
         prop_assert_eq!(status, StatusCode::OK);
-        let allowed = VolumeLayout::output_prefix(JOB);
+        let allowed = gateway::domain::keys::volume_outputs(JOB);
         // Nothing outside the job's output folder was even opened.
         for key in world.volume.touched() {
             prop_assert!(key.starts_with(&allowed), "opened {key}");

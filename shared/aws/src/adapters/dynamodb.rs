@@ -10,7 +10,8 @@
 //! - `version`: the optimistic-concurrency condition on every write;
 //! - `expires_at`: DynamoDB TTL (epoch seconds).
 //!
-//! Idempotency keys are separate items (`pk = idem#<owner>#<key>`) written in the same
+//! Idempotency keys are separate items (`pk = idem#<owner>#<key>`; every key format is in
+//! `gateway::domain::keys`) written in the same
 //! transaction as the job, so two requests with one key can never both create a job.
 use std::collections::HashMap;
 
@@ -21,13 +22,11 @@ use aws_sdk_dynamodb::Client;
 use base64::Engine as _;
 
 use gateway::domain::job::{Job, Millis};
+use gateway::domain::keys::{self, SWEEP_SHARDS};
 use gateway::ports::{CreateOutcome, DueJobs, JobPage, JobStore, StoreError};
 
 pub const OWNER_INDEX: &str = "owner-index";
 pub const SWEEP_INDEX: &str = "sweep-index";
-/// The sweeper index is spread over a few partition values so that no single hot key takes all
-/// writes of jobs in flight; a sweep queries each shard.
-pub const SWEEP_SHARDS: u32 = 4;
 
 #[derive(Clone)]
 pub struct DynamoJobStore {
@@ -48,14 +47,6 @@ impl DynamoJobStore {
     }
 }
 
-fn sweep_shard(job_id: &str) -> String {
-    let shard = job_id
-        .bytes()
-        .fold(0u32, |acc, b| acc.wrapping_mul(31).wrapping_add(b as u32))
-        % SWEEP_SHARDS;
-    format!("s{shard}")
-}
-
 fn s(value: impl Into<String>) -> AttributeValue {
     AttributeValue::S(value.into())
 }
@@ -67,7 +58,7 @@ fn n(value: impl ToString) -> AttributeValue {
 fn to_item(job: &Job) -> Result<HashMap<String, AttributeValue>, StoreError> {
     let doc = serde_json::to_string(job).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     let mut item = HashMap::from([
-        ("pk".to_string(), s(&job.id)),
+        ("pk".to_string(), s(keys::job_item(&job.id))),
         ("job_id".to_string(), s(&job.id)),
         ("owner".to_string(), s(&job.owner)),
         ("state".to_string(), s(job.state.as_str())),
@@ -81,7 +72,7 @@ fn to_item(job: &Job) -> Result<HashMap<String, AttributeValue>, StoreError> {
         item.insert("runpod_job_id".into(), s(id));
     }
     if let Some(next) = job.next_check_at {
-        item.insert("sweep_shard".into(), s(sweep_shard(&job.id)));
+        item.insert("sweep_shard".into(), s(keys::sweep_shard_of(&job.id)));
         item.insert("next_check_at".into(), n(next));
     }
     Ok(item)
@@ -154,7 +145,7 @@ impl JobStore for DynamoJobStore {
             .condition_expression("attribute_not_exists(pk)")
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let idem_pk = format!("idem#{}#{}", job.owner, key);
+        let idem_pk = keys::idempotency_item(&job.owner, key);
         let idem_put = Put::builder()
             .table_name(&self.table)
             .item("pk", s(&idem_pk))
@@ -206,7 +197,7 @@ impl JobStore for DynamoJobStore {
             .client
             .get_item()
             .table_name(&self.table)
-            .key("pk", s(job_id))
+            .key("pk", s(keys::job_item(job_id)))
             .consistent_read(true)
             .send()
             .await
@@ -312,7 +303,7 @@ impl DynamoJobStore {
                 .table_name(&self.table)
                 .index_name(SWEEP_INDEX)
                 .key_condition_expression("sweep_shard = :shard AND next_check_at <= :now")
-                .expression_attribute_values(":shard", s(format!("s{shard}")))
+                .expression_attribute_values(":shard", s(keys::sweep_shard(shard)))
                 .expression_attribute_values(":now", n(now))
                 .limit((limit - due.jobs.len() as u32) as i32)
                 .set_exclusive_start_key(start)
@@ -416,16 +407,6 @@ pub async fn create_table(client: &Client, table: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sweep_shards_spread_and_stay_stable() {
-        let a = sweep_shard("0190a3b4-0000-7000-8000-000000000001");
-        assert_eq!(a, sweep_shard("0190a3b4-0000-7000-8000-000000000001"));
-        let shards: std::collections::HashSet<_> = (0..64)
-            .map(|i| sweep_shard(&format!("0190a3b4-0000-7000-8000-{i:012}")))
-            .collect();
-        assert_eq!(shards.len(), SWEEP_SHARDS as usize);
-    }
 
     #[test]
     fn a_cursor_cannot_be_replayed_by_another_owner() {

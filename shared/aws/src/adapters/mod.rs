@@ -1,6 +1,8 @@
 //! Implementations of the ports against real services.
 pub mod dynamodb;
 pub mod http_fetch;
+#[cfg(feature = "api")]
+pub mod images;
 pub mod runpod;
 pub mod s3;
 pub mod secrets;

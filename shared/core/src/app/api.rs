@@ -1,10 +1,35 @@
-//! The public API's use case: what submitting, reading, listing and cancelling jobs need. The
-//! routes, identity and response shapes are the HTTP crate's (`gateway_http::api`).
+//! The public API's use case: submitting, reading, listing and cancelling jobs, and handing out
+//! upload URLs. Every check is made here, before anything is written, so a refused request
+//! leaves no trace. The routes, identity and JSON shapes are the HTTP crate's
+//! (`gateway_http::api`); it maps each [`Refusal`] to a status.
 use std::sync::Arc;
+use std::time::Duration;
 
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+use crate::app::{commit_as, Committed};
 use crate::config::Settings;
+use crate::domain::job::{
+    Actor, ErrorCode, InputRef, Job, JobError, JobTiming, NewJob, OutputFile,
+};
+use crate::domain::keys;
 use crate::domain::workflow::WorkflowCatalog;
-use crate::ports::{Clock, JobQueue, JobStore, ObjectStore, RunPod};
+use crate::ports::{
+    Clock, CreateOutcome, ImageKind, ImageProbe, JobPage, JobQueue, JobStore, ObjectError,
+    ObjectStore, PresignedRequest, RunPod, RunPodError, StoreError, JPEG, PNG, WEBP,
+};
+
+/// Longest `Idempotency-Key` accepted; it becomes part of a DynamoDB key.
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
+/// Larger pictures are not photos to restore; they would only exhaust a worker.
+pub const MAX_PIXELS: u64 = 100_000_000;
+/// What `GET /jobs` returns when the client names no limit, and the most it may name.
+pub const DEFAULT_PAGE: u32 = 20;
+pub const MAX_PAGE: u32 = 100;
+/// The formats a client may upload or send inline.
+pub const INPUT_KINDS: [ImageKind; 3] = [JPEG, PNG, WEBP];
 
 pub struct Api {
     pub store: Arc<dyn JobStore>,
@@ -12,7 +37,432 @@ pub struct Api {
     pub uploads: Arc<dyn ObjectStore>,
     pub results: Arc<dyn ObjectStore>,
     pub runpod: Arc<dyn RunPod>,
+    pub images: Arc<dyn ImageProbe>,
     pub catalog: Arc<WorkflowCatalog>,
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
+}
+
+/// Why a request was not carried out. `code` is the machine-readable reason clients see.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Refusal {
+    /// The request is malformed or names something that does not exist.
+    Invalid { code: &'static str, message: String },
+    /// The input is over a size limit.
+    TooLarge { message: String },
+    /// No such job for this caller: another owner's job looks the same as a missing one.
+    NotFound,
+    /// The job's state does not allow the request.
+    Conflict { code: &'static str, message: String },
+    /// A store or RunPod could not be reached; the same request may succeed later.
+    Unavailable { message: String },
+}
+
+impl Refusal {
+    fn invalid(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Invalid {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn conflict(code: &'static str, message: impl Into<String>) -> Self {
+        Self::Conflict {
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Invalid { code, .. } | Self::Conflict { code, .. } => code,
+            Self::TooLarge { .. } => "input_too_large",
+            Self::NotFound => "not_found",
+            Self::Unavailable { .. } => "unavailable",
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            Self::Invalid { message, .. }
+            | Self::Conflict { message, .. }
+            | Self::TooLarge { message }
+            | Self::Unavailable { message } => message,
+            Self::NotFound => "no such job",
+        }
+    }
+}
+
+impl From<StoreError> for Refusal {
+    fn from(err: StoreError) -> Self {
+        tracing::error!(error = %err, "job store error");
+        Self::Unavailable {
+            message: "the job store is unavailable; try again".into(),
+        }
+    }
+}
+
+impl From<ObjectError> for Refusal {
+    fn from(err: ObjectError) -> Self {
+        tracing::error!(error = %err, "object store error");
+        Self::Unavailable {
+            message: "storage is unavailable; try again".into(),
+        }
+    }
+}
+
+/// The body of `POST /jobs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    pub workflow: String,
+    #[serde(default)]
+    pub params: Option<Map<String, Value>>,
+    pub input: JobInput,
+}
+
+/// Exactly one of the two.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobInput {
+    pub image_base64: Option<String>,
+    pub upload_id: Option<String>,
+}
+
+#[derive(Debug)]
+pub enum Submitted {
+    /// A new job, stored and queued.
+    Accepted(Job),
+    /// The owner already submitted with this idempotency key: that job, untouched.
+    Existing(Job),
+}
+
+/// Where and how a client uploads an input too large to send inline.
+#[derive(Debug)]
+pub struct UploadTicket {
+    pub upload_id: String,
+    pub request: PresignedRequest,
+    pub max_bytes: u64,
+    pub expires_in: Duration,
+}
+
+/// A job as its owner may see it, with a download URL per output once it succeeded.
+#[derive(Debug)]
+pub struct JobDetail {
+    pub job: Job,
+    pub outputs: Vec<(OutputFile, String)>,
+}
+
+impl Api {
+    /// Validates `request`, stores its input, creates the job and queues it. `idempotency_key`
+    /// is the raw header value, if the client sent one.
+    pub async fn submit(
+        &self,
+        owner: &str,
+        request: JobRequest,
+        idempotency_key: Option<&[u8]>,
+    ) -> Result<Submitted, Refusal> {
+        let idempotency_key = idempotency_key.map(parse_idempotency_key).transpose()?;
+        // Everything is validated before anything is written: a bad job leaves no trace.
+        let workflow = self.catalog.get(&request.workflow).ok_or_else(|| {
+            Refusal::invalid(
+                "unknown_workflow",
+                format!(
+                    "unknown workflow {:?}; available: {}",
+                    request.workflow,
+                    self.catalog.names().join(", ")
+                ),
+            )
+        })?;
+        let params = workflow
+            .validate(&request.params.unwrap_or_default(), &mut rand::rng())
+            .map_err(|e| Refusal::invalid("invalid_params", e.to_string()))?;
+
+        let job_id = uuid::Uuid::now_v7().to_string();
+        let input = match (request.input.image_base64, request.input.upload_id) {
+            (Some(encoded), None) => self.store_inline_image(owner, &job_id, &encoded).await?,
+            (None, Some(upload_id)) => self.uploaded_image(owner, &upload_id).await?,
+            _ => {
+                return Err(Refusal::invalid(
+                    "invalid_input",
+                    "input needs exactly one of image_base64 or upload_id",
+                ))
+            }
+        };
+
+        let job = Job::new(
+            NewJob {
+                id: job_id,
+                owner: owner.to_string(),
+                workflow: workflow.name().to_string(),
+                workflow_version: workflow.version().to_string(),
+                params,
+                input,
+                idempotency_key,
+                callback_url: None,
+            },
+            timing(&self.settings),
+            self.clock.now_ms(),
+        );
+        if let CreateOutcome::Existing(existing) = self.store.create(&job).await? {
+            return Ok(Submitted::Existing(*existing));
+        }
+        // If this send fails the job is still safe: the sweeper re-enqueues queued jobs.
+        if let Err(err) = self.queue.enqueue(&job.id).await {
+            tracing::warn!(job_id = %job.id, error = %err, "enqueue failed; the sweeper will retry");
+        }
+        tracing::info!(job_id = %job.id, owner = %job.owner, workflow = %job.workflow, "job accepted");
+        Ok(Submitted::Accepted(job))
+    }
+
+    async fn store_inline_image(
+        &self,
+        owner: &str,
+        job_id: &str,
+        encoded: &str,
+    ) -> Result<InputRef, Refusal> {
+        let limit = self.settings.max_inline_bytes;
+        let too_large = || Refusal::TooLarge {
+            message: format!(
+                "inline images are limited to {limit} bytes; use POST /uploads for larger ones"
+            ),
+        };
+        // Reject on the encoded length before spending memory on decoding.
+        let encoded = encoded.trim();
+        let encoded = encoded
+            .split_once(";base64,")
+            .map(|(_, data)| data)
+            .unwrap_or(encoded);
+        if encoded.len() > limit.div_ceil(3) * 4 + 4 {
+            return Err(too_large());
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|_| {
+                Refusal::invalid("invalid_input_image", "image_base64 is not valid base64")
+            })?;
+        if bytes.len() > limit {
+            return Err(too_large());
+        }
+        let kind = self.check_image(&bytes)?;
+        let key = keys::inline_input(owner, job_id, kind.extension);
+        let size = bytes.len() as u64;
+        self.uploads
+            .put_bytes(&key, bytes.into(), kind.content_type)
+            .await?;
+        Ok(input_ref(key, kind, size))
+    }
+
+    /// The format, and that the header decodes to sane dimensions (inline images are held whole).
+    fn check_image(&self, bytes: &[u8]) -> Result<ImageKind, Refusal> {
+        let (kind, width, height) = self
+            .images
+            .dimensions(bytes)
+            .filter(|(kind, width, height)| INPUT_KINDS.contains(kind) && *width > 0 && *height > 0)
+            .ok_or_else(not_an_image)?;
+        if u64::from(width) * u64::from(height) > MAX_PIXELS {
+            return Err(Refusal::invalid(
+                "input_too_large",
+                format!("the image is {width}x{height}; at most {MAX_PIXELS} pixels are accepted"),
+            ));
+        }
+        Ok(kind)
+    }
+
+    async fn uploaded_image(&self, owner: &str, upload_id: &str) -> Result<InputRef, Refusal> {
+        let unknown = || Refusal::invalid("unknown_upload", "no completed upload with that id");
+        // Upload ids are ours (UUIDs); anything else cannot name an upload and must not reach a key.
+        let upload_id = uuid::Uuid::parse_str(upload_id)
+            .map_err(|_| unknown())?
+            .to_string();
+        let key = keys::upload(owner, &upload_id);
+        let meta = self.uploads.head(&key).await?.ok_or_else(unknown)?;
+        let limit = self.settings.max_upload_bytes;
+        if meta.size > limit {
+            return Err(Refusal::TooLarge {
+                message: format!("uploads are limited to {limit} bytes"),
+            });
+        }
+        let prefix = self.uploads.read_prefix(&key, 64).await?;
+        let kind = self
+            .images
+            .sniff(&prefix)
+            .filter(|kind| INPUT_KINDS.contains(kind))
+            .ok_or_else(not_an_image)?;
+        Ok(input_ref(key, kind, meta.size))
+    }
+
+    /// A presigned PUT for an input too large for a request body; JPEG unless the client names
+    /// another accepted type.
+    pub async fn create_upload(
+        &self,
+        owner: &str,
+        content_type: Option<&str>,
+    ) -> Result<UploadTicket, Refusal> {
+        let content_type = content_type.unwrap_or(JPEG.content_type);
+        if !INPUT_KINDS.iter().any(|k| k.content_type == content_type) {
+            return Err(Refusal::invalid(
+                "unsupported_content_type",
+                "content_type must be image/jpeg, image/png or image/webp",
+            ));
+        }
+        let upload_id = uuid::Uuid::now_v7().to_string();
+        let request = self
+            .uploads
+            .presign_put(
+                &keys::upload(owner, &upload_id),
+                content_type,
+                self.settings.presign_ttl,
+            )
+            .await?;
+        Ok(UploadTicket {
+            upload_id,
+            request,
+            max_bytes: self.settings.max_upload_bytes,
+            expires_in: self.settings.presign_ttl,
+        })
+    }
+
+    /// The owner's job, with download URLs for its outputs once it succeeded.
+    pub async fn job(&self, owner: &str, id: &str) -> Result<JobDetail, Refusal> {
+        let job = self.owned_job(owner, id).await?;
+        let mut outputs = Vec::new();
+        if job.state == crate::domain::job::JobState::Succeeded {
+            for output in &job.outputs {
+                let url = self
+                    .results
+                    .presign_get(
+                        &output.key,
+                        self.settings.presign_ttl,
+                        Some(&output.file_name),
+                    )
+                    .await?;
+                outputs.push((output.clone(), url.url));
+            }
+        }
+        Ok(JobDetail { job, outputs })
+    }
+
+    /// The owner's jobs, newest first, `limit` (default [`DEFAULT_PAGE`]) at a time.
+    pub async fn list(
+        &self,
+        owner: &str,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<JobPage, Refusal> {
+        let limit = limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(Refusal::invalid(
+                "invalid_limit",
+                format!("limit must be between 1 and {MAX_PAGE}"),
+            ));
+        }
+        self.store
+            .list_by_owner(owner, limit, cursor)
+            .await
+            .map_err(|err| match err {
+                StoreError::Corrupt(_) => {
+                    Refusal::invalid("invalid_cursor", "the cursor is not valid")
+                }
+                other => other.into(),
+            })
+    }
+
+    /// Cancels the owner's job at any non-terminal stage. A job RunPod is running is cancelled
+    /// there first: the job is only called cancelled once the GPU has been told to stop.
+    pub async fn cancel(&self, owner: &str, id: &str) -> Result<Job, Refusal> {
+        let job = self.owned_job(owner, id).await?;
+        if job.is_terminal() {
+            return Err(already_finished(&job));
+        }
+        if let Some(runpod_id) = &job.runpod_job_id {
+            match self.runpod.cancel(runpod_id).await {
+                Ok(()) | Err(RunPodError::NotFound) => {}
+                Err(err) => {
+                    tracing::warn!(job_id = %job.id, error = %err, "RunPod cancel failed");
+                    return Err(Refusal::Unavailable {
+                        message: "RunPod could not be reached to cancel the job; try again".into(),
+                    });
+                }
+            }
+        }
+        let now = self.clock.now_ms();
+        let error = JobError::new(ErrorCode::CancelledByClient, "cancelled by the client");
+        match commit_as(self.store.as_ref(), job, Actor::Client, |job| {
+            job.cancel(error.clone(), now)
+        })
+        .await?
+        {
+            Committed::Written(job) => Ok(job),
+            Committed::Refused(job, _) if job.is_terminal() => Err(already_finished(&job)),
+            Committed::Refused(..) => Err(Refusal::conflict(
+                "busy",
+                "the job is changing state; try again",
+            )),
+            Committed::Missing => Err(Refusal::NotFound),
+        }
+    }
+
+    /// Loads a job for its owner; anyone else's job is indistinguishable from a missing one.
+    async fn owned_job(&self, owner: &str, id: &str) -> Result<Job, Refusal> {
+        if uuid::Uuid::parse_str(id).is_err() {
+            return Err(Refusal::NotFound);
+        }
+        match self.store.get(id).await? {
+            Some(job) if job.owner == owner => Ok(job),
+            _ => Err(Refusal::NotFound),
+        }
+    }
+}
+
+/// 1-128 visible characters, trimmed; no `#`, which separates the parts of its DynamoDB key.
+fn parse_idempotency_key(raw: &[u8]) -> Result<String, Refusal> {
+    std::str::from_utf8(raw)
+        .ok()
+        .map(str::trim)
+        .filter(|k| {
+            !k.is_empty()
+                && k.len() <= MAX_IDEMPOTENCY_KEY
+                && !k.contains('#')
+                && k.chars()
+                    .all(|c| c.is_ascii_graphic() || c == ' ' || c == '\t')
+        })
+        .map(str::to_string)
+        .ok_or_else(|| {
+            Refusal::invalid(
+                "invalid_idempotency_key",
+                "Idempotency-Key must be 1-128 visible characters without '#'",
+            )
+        })
+}
+
+fn timing(settings: &Settings) -> JobTiming {
+    JobTiming {
+        deadline_ms: settings.job_deadline.as_millis() as i64,
+        first_check_ms: settings.requeue_after.as_millis() as i64,
+        retention_secs: settings.record_retention.as_secs() as i64,
+    }
+}
+
+fn input_ref(key: String, kind: ImageKind, size: u64) -> InputRef {
+    InputRef {
+        key,
+        content_type: kind.content_type.to_string(),
+        size,
+        extension: kind.extension.to_string(),
+    }
+}
+
+fn not_an_image() -> Refusal {
+    Refusal::invalid(
+        "invalid_input_image",
+        "the input is not a JPEG, PNG or WebP image",
+    )
+}
+
+fn already_finished(job: &Job) -> Refusal {
+    Refusal::conflict(
+        "already_finished",
+        format!("the job is already {}", job.state),
+    )
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::app::{commit_as, transfer, Committed};
 use crate::config::Settings;
 use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, LeaseKind};
-use crate::domain::paths::VolumeLayout;
+use crate::domain::keys;
 use crate::domain::token::WebhookSigner;
 use crate::domain::workflow::WorkflowCatalog;
 use crate::ports::{
@@ -150,7 +150,7 @@ impl Dispatcher {
                 format!("workflow {} is no longer available", job.workflow),
             ))
         })?;
-        let input_key = VolumeLayout::input_key(&job.id, &format!("input.{}", job.input.extension));
+        let input_key = keys::volume_input(&job.id, &format!("input.{}", job.input.extension));
         transfer::copy(
             self.uploads.as_ref(),
             &job.input.key,
@@ -167,11 +167,7 @@ impl Dispatcher {
             ObjectError::Transient(reason) => Step::Transient(reason),
             ObjectError::Permanent(reason) => Step::Transient(format!("volume refused: {reason}")),
         })?;
-        let output_prefix = format!(
-            "{}{}",
-            VolumeLayout::output_prefix(&job.id),
-            workflow.name()
-        );
+        let output_prefix = format!("{}{}", keys::volume_outputs(&job.id), workflow.name());
         let graph = workflow.render(&job.params, &input_key, &output_prefix);
         // The graph under the key the workflow's worker reads; the input image stays on the
         // volume (LoadImage names its key), so RunPod's echoed input stays small.

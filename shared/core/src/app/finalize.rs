@@ -13,7 +13,8 @@ use crate::config::Settings;
 use crate::domain::job::{
     Actor, ErrorCode, Job, JobError, JobState, LeaseKind, OutputFile, TransitionError,
 };
-use crate::domain::paths::{file_name, results_key, VolumeLayout};
+use crate::domain::keys;
+use crate::domain::paths::{file_name, VolumeLayout};
 use crate::domain::report::{
     unique_name, volume_output_keys, worker_comfyui_images, ImageSource, InlineImagePolicy,
     Reported, MAX_OUTPUT_FILES,
@@ -357,7 +358,7 @@ impl Finalizer {
             // prefixes "a/img" and "b/img"): each gets its own name, hence its own result key.
             let taken: Vec<&str> = outputs.iter().map(|o| o.file_name.as_str()).collect();
             let name = unique_name(file_name(key), &taken);
-            let destination = results_key(&job.owner, &job.id, &name);
+            let destination = keys::result(&job.owner, &job.id, &name);
             let content_type = transfer::content_type_for(&name);
             match transfer::copy(
                 self.volume.as_ref(),
@@ -449,7 +450,7 @@ impl Finalizer {
 
         let mut outputs: Vec<OutputFile> = Vec::with_capacity(sources.len());
         for (name, source) in sources {
-            let destination = results_key(&job.owner, &job.id, &name);
+            let destination = keys::result(&job.owner, &job.id, &name);
             let content_type = transfer::content_type_for(&name);
             let written = match source {
                 Source::Inline(bytes) => {

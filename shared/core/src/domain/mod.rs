@@ -1,5 +1,6 @@
 //! Pure domain code: no I/O, no clocks read directly, unit-tested.
 pub mod job;
+pub mod keys;
 pub mod paths;
 pub mod report;
 pub mod retry;

@@ -61,17 +61,6 @@ impl VolumeLayout {
         &self.mount_prefixes
     }
 
-    /// `"inputs/{job_id}/{file_name}"`. Both parts are the gateway's own (a job id it minted,
-    /// a file name it chose), so they are not checked here.
-    pub fn input_key(job_id: &str, file_name: &str) -> String {
-        format!("inputs/{job_id}/{file_name}")
-    }
-
-    /// `"outputs/{job_id}/"`: the folder a job's outputs must land in.
-    pub fn output_prefix(job_id: &str) -> String {
-        format!("outputs/{job_id}/")
-    }
-
     /// Maps a path the worker returned to a volume key, if the path is canonical, lies under a
     /// mount point and inside `allowed_prefix`: `"/runpod-volume/outputs/<job>/a.png"` with
     /// `allowed_prefix = "outputs/<job>/"` gives `"outputs/<job>/a.png"`.
@@ -137,11 +126,6 @@ impl VolumeLayout {
     }
 }
 
-/// `"results/{owner}/{job_id}/{file_name}"` in the results bucket.
-pub fn results_key(owner: &str, job_id: &str, file_name: &str) -> String {
-    format!("results/{owner}/{job_id}/{file_name}")
-}
-
 /// The part of a key after its last `/` (the whole key if it has none; empty if it ends in `/`).
 pub fn file_name(key: &str) -> &str {
     key.rsplit('/').next().unwrap_or(key)
@@ -158,7 +142,7 @@ mod tests {
     }
 
     fn map(path: &str) -> Result<String, PathError> {
-        layout().output_key(path, &VolumeLayout::output_prefix(JOB))
+        layout().output_key(path, &crate::domain::keys::volume_outputs(JOB))
     }
 
     #[test]
@@ -384,16 +368,6 @@ mod tests {
             layout().output_key("/workspace/outputs/j/a.png", ""),
             Err(PathError::OutsideAllowedPrefix)
         );
-    }
-
-    #[test]
-    fn builds_input_output_and_result_keys() {
-        assert_eq!(
-            VolumeLayout::input_key("j", "input.jpg"),
-            "inputs/j/input.jpg"
-        );
-        assert_eq!(VolumeLayout::output_prefix("j"), "outputs/j/");
-        assert_eq!(results_key("alice", "j", "a.png"), "results/alice/j/a.png");
     }
 
     #[test]

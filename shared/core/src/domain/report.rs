@@ -123,7 +123,7 @@ pub fn volume_output_keys(
             ),
         ));
     }
-    let allowed = VolumeLayout::output_prefix(job_id);
+    let allowed = crate::domain::keys::volume_outputs(job_id);
     let mut keys = Vec::with_capacity(files.len());
     for file in files {
         let path = file.as_str().ok_or_else(|| {

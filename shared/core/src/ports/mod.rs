@@ -30,6 +30,7 @@ pub enum CreateOutcome {
     Existing(Box<Job>),
 }
 
+#[derive(Debug)]
 pub struct JobPage {
     pub jobs: Vec<Job>,
     /// Opaque; hand back to get the next page.
@@ -225,6 +226,38 @@ pub trait RunPod: Send + Sync {
     async fn run(&self, request: &RunRequest) -> Result<String, RunPodError>;
     async fn status(&self, runpod_job_id: &str) -> Result<RunPodStatus, RunPodError>;
     async fn cancel(&self, runpod_job_id: &str) -> Result<(), RunPodError>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading a client's input image
+// ---------------------------------------------------------------------------------------------
+
+/// An image format the gateway accepts as input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageKind {
+    pub content_type: &'static str,
+    pub extension: &'static str,
+}
+
+pub const JPEG: ImageKind = ImageKind {
+    content_type: "image/jpeg",
+    extension: "jpg",
+};
+pub const PNG: ImageKind = ImageKind {
+    content_type: "image/png",
+    extension: "png",
+};
+pub const WEBP: ImageKind = ImageKind {
+    content_type: "image/webp",
+    extension: "webp",
+};
+
+/// Recognises input images without trusting the client's word for what they are.
+pub trait ImageProbe: Send + Sync {
+    /// The format, from the first bytes alone (an upload is only read that far).
+    fn sniff(&self, prefix: &[u8]) -> Option<ImageKind>;
+    /// The format and the width and height its header declares, if the header decodes.
+    fn dimensions(&self, bytes: &[u8]) -> Option<(ImageKind, u32, u32)>;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,67 +1,183 @@
-//! The JSON clients see. Internal steps (leases, versions, sweeper bookkeeping, RunPod's id)
-//! never appear; times are RFC 3339.
-use serde_json::{json, Value};
+//! The JSON clients see, as types. Internal steps (leases, versions, sweeper bookkeeping,
+//! RunPod's id) never appear; times are RFC 3339.
+use serde::Serialize;
+use serde_json::{Map, Value};
 
-use gateway::domain::job::{Job, JobEvent, JobState, Millis, OutputFile};
+use gateway::app::api::{JobDetail, UploadTicket};
+use gateway::domain::job::{Job, JobEvent, Millis, OutputFile};
+use gateway::domain::workflow::ValidatedParams;
+use gateway::ports::JobPage;
 
-fn time(ms: Millis) -> Value {
+fn time(ms: Millis) -> String {
     let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    Value::String(humantime::format_rfc3339_millis(at).to_string())
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
-fn optional_time(ms: Option<Millis>) -> Value {
-    ms.map(time).unwrap_or(Value::Null)
+/// What `POST /jobs`, `POST /jobs/{id}/cancel` and `GET /jobs` say about a job.
+#[derive(Debug, Serialize)]
+pub struct JobSummary {
+    pub job_id: String,
+    pub status: &'static str,
+    pub workflow: String,
+    pub created_at: String,
+    pub updated_at: String,
 }
 
-pub fn job_summary(job: &Job) -> Value {
-    json!({
-        "job_id": job.id,
-        "status": job.state.as_str(),
-        "workflow": job.workflow,
-        "created_at": time(job.timestamps.created_at),
-        "updated_at": time(job.timestamps.updated_at),
-    })
+impl From<&Job> for JobSummary {
+    fn from(job: &Job) -> Self {
+        Self {
+            job_id: job.id.clone(),
+            status: job.state.as_str(),
+            workflow: job.workflow.clone(),
+            created_at: time(job.timestamps.created_at),
+            updated_at: time(job.timestamps.updated_at),
+        }
+    }
 }
 
-pub fn output(file: &OutputFile, url: &str) -> Value {
-    json!({
-        "file_name": file.file_name,
-        "content_type": file.content_type,
-        "size": file.size,
-        "url": url,
-    })
+/// `GET /jobs`.
+#[derive(Debug, Serialize)]
+pub struct JobList {
+    pub jobs: Vec<JobSummary>,
+    pub next_cursor: Option<String>,
 }
 
-pub fn job_detail(job: &Job, outputs: Vec<Value>) -> Value {
-    json!({
-        "job_id": job.id,
-        "status": job.state.as_str(),
-        "workflow": job.workflow,
-        "workflow_version": job.workflow_version,
-        "params": job.params,
-        "created_at": time(job.timestamps.created_at),
-        "submitted_at": optional_time(job.timestamps.submitted_at),
-        "running_at": optional_time(job.timestamps.running_at),
-        "finished_at": optional_time(job.timestamps.finished_at),
-        "updated_at": time(job.timestamps.updated_at),
-        "error": job.error.as_ref().map(|e| json!({
-            "code": e.code.as_str(),
-            "message": e.message,
-            "retryable": e.retryable,
-        })),
-        "delay_time_ms": job.delay_time_ms,
-        "execution_time_ms": job.execution_time_ms,
-        "outputs": outputs,
-        "events": job.history.iter().map(event).collect::<Vec<_>>(),
-    })
+impl From<&JobPage> for JobList {
+    fn from(page: &JobPage) -> Self {
+        Self {
+            jobs: page.jobs.iter().map(JobSummary::from).collect(),
+            next_cursor: page.cursor.clone(),
+        }
+    }
+}
+
+/// `GET /jobs/{id}`.
+#[derive(Debug, Serialize)]
+pub struct JobView {
+    pub job_id: String,
+    pub status: &'static str,
+    pub workflow: String,
+    pub workflow_version: String,
+    pub params: ValidatedParams,
+    pub created_at: String,
+    pub submitted_at: Option<String>,
+    pub running_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub updated_at: String,
+    pub error: Option<ErrorView>,
+    pub delay_time_ms: Option<u64>,
+    pub execution_time_ms: Option<u64>,
+    pub outputs: Vec<OutputView>,
+    pub events: Vec<EventView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ErrorView {
+    pub code: &'static str,
+    pub message: String,
+    pub retryable: bool,
+}
+
+/// One output file and a presigned URL to download it.
+#[derive(Debug, Serialize)]
+pub struct OutputView {
+    pub file_name: String,
+    pub content_type: String,
+    pub size: u64,
+    pub url: String,
 }
 
 /// One state change of the job: `from` is null for its creation; states are the public ones.
-pub fn event(event: &JobEvent) -> Value {
-    json!({
-        "at": time(event.at),
-        "from": event.from.map(JobState::as_str),
-        "to": event.to.as_str(),
-        "by": event.by.as_str(),
-    })
+#[derive(Debug, Serialize)]
+pub struct EventView {
+    pub at: String,
+    pub from: Option<&'static str>,
+    pub to: &'static str,
+    pub by: &'static str,
+}
+
+impl From<&JobEvent> for EventView {
+    fn from(event: &JobEvent) -> Self {
+        Self {
+            at: time(event.at),
+            from: event.from.map(|s| s.as_str()),
+            to: event.to.as_str(),
+            by: event.by.as_str(),
+        }
+    }
+}
+
+fn output(file: &OutputFile, url: &str) -> OutputView {
+    OutputView {
+        file_name: file.file_name.clone(),
+        content_type: file.content_type.clone(),
+        size: file.size,
+        url: url.to_string(),
+    }
+}
+
+impl From<&JobDetail> for JobView {
+    fn from(detail: &JobDetail) -> Self {
+        let job = &detail.job;
+        Self {
+            job_id: job.id.clone(),
+            status: job.state.as_str(),
+            workflow: job.workflow.clone(),
+            workflow_version: job.workflow_version.clone(),
+            params: job.params.clone(),
+            created_at: time(job.timestamps.created_at),
+            submitted_at: job.timestamps.submitted_at.map(time),
+            running_at: job.timestamps.running_at.map(time),
+            finished_at: job.timestamps.finished_at.map(time),
+            updated_at: time(job.timestamps.updated_at),
+            error: job.error.as_ref().map(|e| ErrorView {
+                code: e.code.as_str(),
+                message: e.message.clone(),
+                retryable: e.retryable,
+            }),
+            delay_time_ms: job.delay_time_ms,
+            execution_time_ms: job.execution_time_ms,
+            outputs: detail
+                .outputs
+                .iter()
+                .map(|(file, url)| output(file, url))
+                .collect(),
+            events: job.history.iter().map(EventView::from).collect(),
+        }
+    }
+}
+
+/// `POST /uploads`: where to PUT the file, and the headers the signature covers.
+#[derive(Debug, Serialize)]
+pub struct UploadView {
+    pub upload_id: String,
+    pub method: String,
+    pub url: String,
+    pub headers: Map<String, Value>,
+    pub max_bytes: u64,
+    pub expires_in_seconds: u64,
+}
+
+impl From<UploadTicket> for UploadView {
+    fn from(ticket: UploadTicket) -> Self {
+        Self {
+            upload_id: ticket.upload_id,
+            method: ticket.request.method,
+            url: ticket.request.url,
+            headers: ticket
+                .request
+                .headers
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect(),
+            max_bytes: ticket.max_bytes,
+            expires_in_seconds: ticket.expires_in.as_secs(),
+        }
+    }
+}
+
+/// `GET /health`.
+#[derive(Debug, Serialize)]
+pub struct Health {
+    pub ok: bool,
 }

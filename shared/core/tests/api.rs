@@ -1,0 +1,599 @@
+//! The public API: every request is checked before anything is written, a job is created once
+//! per idempotency key, only its owner sees it, and a cancel stops the GPU before it says so.
+use base64::Engine as _;
+use gateway::app::api::{JobInput, JobRequest, Refusal, Submitted};
+use gateway::domain::job::{Actor, ErrorCode, JobState};
+use gateway::domain::keys;
+use serde_json::{json, Map, Value};
+use testkit::fakes::Answer;
+use testkit::images::{jpeg, png};
+use testkit::Kit;
+
+fn inline(image: &[u8]) -> JobRequest {
+    JobRequest {
+        workflow: "restore".into(),
+        params: None,
+        input: JobInput {
+            image_base64: Some(base64::engine::general_purpose::STANDARD.encode(image)),
+            upload_id: None,
+        },
+    }
+}
+
+fn uploaded(upload_id: &str) -> JobRequest {
+    JobRequest {
+        workflow: "restore".into(),
+        params: None,
+        input: JobInput {
+            image_base64: None,
+            upload_id: Some(upload_id.into()),
+        },
+    }
+}
+
+fn with_params(mut request: JobRequest, params: Value) -> JobRequest {
+    request.params = Some(serde_json::from_value::<Map<String, Value>>(params).unwrap());
+    request
+}
+
+async fn accepted(kit: &Kit, owner: &str) -> gateway::domain::job::Job {
+    match kit.api().submit(owner, inline(&jpeg(64, 48)), None).await {
+        Ok(Submitted::Accepted(job)) => job,
+        other => panic!("not accepted: {other:?}"),
+    }
+}
+
+/// Nothing was written anywhere: no job, no object, nothing queued.
+fn assert_no_trace(kit: &Kit) {
+    assert!(kit.store.jobs().is_empty(), "a job was stored");
+    assert!(kit.uploads.keys().is_empty(), "an object was stored");
+    assert!(kit.queue.sent().is_empty(), "something was queued");
+}
+
+fn code<T: std::fmt::Debug>(result: Result<T, Refusal>) -> &'static str {
+    result.expect_err("refused").code()
+}
+
+// ------------------------------------------------------------------ submitting
+
+#[tokio::test]
+async fn an_inline_photo_is_stored_under_its_owner_and_the_job_queued() {
+    let kit = Kit::new();
+    let photo = jpeg(64, 48);
+
+    let job = match kit.api().submit("alice", inline(&photo), None).await {
+        Ok(Submitted::Accepted(job)) => job,
+        other => panic!("{other:?}"),
+    };
+
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(job.owner, "alice");
+    assert_eq!(job.input.key, keys::inline_input("alice", &job.id, "jpg"));
+    assert_eq!(job.input.content_type, "image/jpeg");
+    assert_eq!(kit.uploads.get(&job.input.key).unwrap(), photo);
+    assert_eq!(kit.stored(&job.id), job);
+    assert_eq!(kit.queue.sent(), vec![job.id.clone()]);
+    assert_eq!(job.history[0].by, Actor::Client);
+}
+
+#[tokio::test]
+async fn a_data_url_prefix_is_accepted() {
+    let kit = Kit::new();
+    let mut request = inline(&png(8, 8));
+    let encoded = request.input.image_base64.take().unwrap();
+    request.input.image_base64 = Some(format!("data:image/png;base64,{encoded}"));
+
+    let job = match kit.api().submit("alice", request, None).await.unwrap() {
+        Submitted::Accepted(job) => job,
+        other => panic!("{other:?}"),
+    };
+
+    assert_eq!(job.input.extension, "png");
+}
+
+#[tokio::test]
+async fn a_failed_enqueue_still_accepts_the_job_for_the_sweeper_to_requeue() {
+    let kit = Kit::new();
+    kit.queue.fail_next(1);
+
+    let job = accepted(&kit, "alice").await;
+
+    assert_eq!(kit.stored(&job.id).state, JobState::Queued);
+    assert!(kit.queue.sent().is_empty());
+    assert!(
+        kit.stored(&job.id).next_check_at.is_some(),
+        "the sweeper will look"
+    );
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_returns_the_first_job_and_creates_nothing() {
+    let kit = Kit::new();
+    let api = kit.api();
+    let first = api
+        .submit("alice", inline(&jpeg(64, 48)), Some(b"order-7"))
+        .await
+        .unwrap();
+    let Submitted::Accepted(first) = first else {
+        panic!("{first:?}")
+    };
+
+    let again = api
+        .submit("alice", inline(&jpeg(64, 48)), Some(b" order-7 "))
+        .await
+        .unwrap();
+
+    let Submitted::Existing(existing) = again else {
+        panic!("{again:?}")
+    };
+    assert_eq!(existing.id, first.id);
+    assert_eq!(kit.store.jobs().len(), 1);
+    assert_eq!(kit.queue.sent().len(), 1);
+}
+
+#[tokio::test]
+async fn another_owner_may_use_the_same_idempotency_key() {
+    let kit = Kit::new();
+    let api = kit.api();
+    api.submit("alice", inline(&jpeg(64, 48)), Some(b"k"))
+        .await
+        .unwrap();
+
+    let bob = api
+        .submit("bob", inline(&jpeg(64, 48)), Some(b"k"))
+        .await
+        .unwrap();
+
+    assert!(matches!(bob, Submitted::Accepted(_)), "{bob:?}");
+    assert_eq!(kit.store.jobs().len(), 2);
+}
+
+#[tokio::test]
+async fn a_bad_idempotency_key_is_refused_before_anything_is_written() {
+    let kit = Kit::new();
+    let long = vec![b'k'; 129];
+    for key in [&b""[..], b"   ", b"a#b", &long, b"caf\xc3\xa9", b"\xff"] {
+        let result = kit
+            .api()
+            .submit("alice", inline(&jpeg(64, 48)), Some(key))
+            .await;
+        assert_eq!(code(result), "invalid_idempotency_key", "{key:?}");
+    }
+    assert_no_trace(&kit);
+}
+
+#[tokio::test]
+async fn an_unknown_workflow_is_refused_and_the_known_ones_named() {
+    let kit = Kit::new();
+    let mut request = inline(&jpeg(64, 48));
+    request.workflow = "nope".into();
+
+    let refusal = kit.api().submit("alice", request, None).await.unwrap_err();
+
+    assert_eq!(refusal.code(), "unknown_workflow");
+    assert!(
+        refusal.message().contains("restore"),
+        "{}",
+        refusal.message()
+    );
+    assert_no_trace(&kit);
+}
+
+#[tokio::test]
+async fn out_of_range_params_are_refused_with_nothing_written() {
+    let kit = Kit::new();
+    let request = with_params(inline(&jpeg(64, 48)), json!({ "no_such_param": 1 }));
+
+    let result = kit.api().submit("alice", request, None).await;
+
+    assert_eq!(code(result), "invalid_params");
+    assert_no_trace(&kit);
+}
+
+#[tokio::test]
+async fn an_input_needs_exactly_one_source() {
+    let kit = Kit::new();
+    let mut both = inline(&jpeg(64, 48));
+    both.input.upload_id = Some(uuid_of(1));
+    let mut neither = inline(&jpeg(64, 48));
+    neither.input.image_base64 = None;
+
+    for request in [both, neither] {
+        assert_eq!(
+            code(kit.api().submit("alice", request, None).await),
+            "invalid_input"
+        );
+    }
+    assert_no_trace(&kit);
+}
+
+#[tokio::test]
+async fn an_inline_image_over_the_limit_is_refused_before_decoding() {
+    let kit = Kit::new().with_settings(|s| s.max_inline_bytes = 1_000);
+    let mut request = inline(&jpeg(64, 48));
+    request.input.image_base64 = Some("A".repeat(4_000));
+
+    let refusal = kit.api().submit("alice", request, None).await.unwrap_err();
+
+    assert!(matches!(refusal, Refusal::TooLarge { .. }), "{refusal:?}");
+    assert_no_trace(&kit);
+}
+
+#[tokio::test]
+async fn invalid_base64_is_refused() {
+    let kit = Kit::new();
+    let mut request = inline(&jpeg(64, 48));
+    request.input.image_base64 = Some("not base64 at all!".into());
+
+    assert_eq!(
+        code(kit.api().submit("alice", request, None).await),
+        "invalid_input_image"
+    );
+    assert_no_trace(&kit);
+}
+
+#[tokio::test]
+async fn bytes_that_are_no_accepted_image_are_refused() {
+    let kit = Kit::new();
+    for bytes in [&b"hello world"[..], b"GIF89a\x01\x00\x01\x00"] {
+        assert_eq!(
+            code(kit.api().submit("alice", inline(bytes), None).await),
+            "invalid_input_image"
+        );
+    }
+    assert_no_trace(&kit);
+}
+
+#[tokio::test]
+async fn an_image_of_too_many_pixels_is_refused() {
+    let kit = Kit::new();
+    kit.images.set_size(20_000, 10_000);
+
+    let refusal = kit
+        .api()
+        .submit("alice", inline(&jpeg(64, 48)), None)
+        .await
+        .unwrap_err();
+
+    assert_eq!(refusal.code(), "input_too_large");
+    assert!(refusal.message().contains("20000x10000"));
+    assert_no_trace(&kit);
+}
+
+#[tokio::test]
+async fn an_image_without_dimensions_is_refused() {
+    let kit = Kit::new();
+    kit.images.set_size(0, 48);
+
+    assert_eq!(
+        code(kit.api().submit("alice", inline(&jpeg(64, 48)), None).await),
+        "invalid_input_image"
+    );
+}
+
+#[tokio::test]
+async fn a_store_outage_is_unavailable_and_leaves_no_job() {
+    let kit = Kit::new();
+    kit.store.fail_next(1);
+
+    let refusal = kit
+        .api()
+        .submit("alice", inline(&jpeg(64, 48)), None)
+        .await
+        .unwrap_err();
+
+    assert!(
+        matches!(refusal, Refusal::Unavailable { .. }),
+        "{refusal:?}"
+    );
+    assert!(kit.store.jobs().is_empty());
+    assert!(kit.queue.sent().is_empty());
+}
+
+// ------------------------------------------------------------------ uploads
+
+fn uuid_of(n: u64) -> String {
+    format!("0190a1b2-0000-7000-8000-{n:012x}")
+}
+
+#[tokio::test]
+async fn an_upload_ticket_names_a_key_under_its_owner() {
+    let kit = Kit::new();
+
+    let ticket = kit.api().create_upload("alice", None).await.unwrap();
+
+    assert_eq!(ticket.request.method, "PUT");
+    assert!(ticket
+        .request
+        .url
+        .ends_with(&keys::upload("alice", &ticket.upload_id)));
+    assert_eq!(ticket.max_bytes, kit.settings.max_upload_bytes);
+}
+
+#[tokio::test]
+async fn an_upload_of_another_content_type_is_refused() {
+    let kit = Kit::new();
+
+    assert_eq!(
+        code(kit.api().create_upload("alice", Some("image/gif")).await),
+        "unsupported_content_type"
+    );
+}
+
+#[tokio::test]
+async fn a_completed_upload_becomes_the_jobs_input() {
+    let kit = Kit::new();
+    let photo = png(32, 24);
+    kit.uploads
+        .insert(&keys::upload("alice", &uuid_of(9)), &photo);
+
+    let job = match kit.api().submit("alice", uploaded(&uuid_of(9)), None).await {
+        Ok(Submitted::Accepted(job)) => job,
+        other => panic!("{other:?}"),
+    };
+
+    assert_eq!(job.input.key, keys::upload("alice", &uuid_of(9)));
+    assert_eq!(job.input.content_type, "image/png");
+    assert_eq!(job.input.size, photo.len() as u64);
+}
+
+#[tokio::test]
+async fn another_owners_upload_is_unknown() {
+    let kit = Kit::new();
+    kit.uploads
+        .insert(&keys::upload("bob", &uuid_of(9)), &png(32, 24));
+
+    assert_eq!(
+        code(kit.api().submit("alice", uploaded(&uuid_of(9)), None).await),
+        "unknown_upload"
+    );
+    assert!(kit.store.jobs().is_empty());
+}
+
+#[tokio::test]
+async fn an_upload_id_that_is_not_ours_never_reaches_a_key() {
+    let kit = Kit::new();
+
+    for id in ["../bob/x", "", "0190a1b2"] {
+        assert_eq!(
+            code(kit.api().submit("alice", uploaded(id), None).await),
+            "unknown_upload",
+            "{id:?}"
+        );
+    }
+    assert!(
+        kit.uploads.touched().is_empty(),
+        "{:?}",
+        kit.uploads.touched()
+    );
+}
+
+#[tokio::test]
+async fn an_upload_over_the_limit_is_refused() {
+    let kit = Kit::new().with_settings(|s| s.max_upload_bytes = 10);
+    kit.uploads
+        .insert(&keys::upload("alice", &uuid_of(9)), &png(32, 24));
+
+    let refusal = kit
+        .api()
+        .submit("alice", uploaded(&uuid_of(9)), None)
+        .await
+        .unwrap_err();
+
+    assert!(matches!(refusal, Refusal::TooLarge { .. }), "{refusal:?}");
+    assert!(kit.store.jobs().is_empty());
+}
+
+#[tokio::test]
+async fn an_upload_that_is_no_image_is_refused() {
+    let kit = Kit::new();
+    kit.uploads.insert(
+        &keys::upload("alice", &uuid_of(9)),
+        b"<html>not a photo</html>",
+    );
+
+    assert_eq!(
+        code(kit.api().submit("alice", uploaded(&uuid_of(9)), None).await),
+        "invalid_input_image"
+    );
+}
+
+// ------------------------------------------------------------------ reading and listing
+
+#[tokio::test]
+async fn another_owners_job_is_not_found_as_a_missing_one_is() {
+    let kit = Kit::new();
+    let job = accepted(&kit, "alice").await;
+
+    assert_eq!(
+        kit.api().job("bob", &job.id).await.unwrap_err(),
+        Refusal::NotFound
+    );
+    assert_eq!(
+        kit.api().job("alice", &uuid_of(99)).await.unwrap_err(),
+        Refusal::NotFound
+    );
+    assert_eq!(
+        kit.api().job("alice", "not-a-uuid").await.unwrap_err(),
+        Refusal::NotFound
+    );
+}
+
+#[tokio::test]
+async fn outputs_get_download_urls_only_once_the_job_succeeded() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    let output = format!("{}restored_00001_.png", keys::volume_outputs(&job.id));
+    assert!(kit
+        .api()
+        .job("alice", &job.id)
+        .await
+        .unwrap()
+        .outputs
+        .is_empty());
+
+    let report = kit.completed_run("rp-1", &[output]);
+    kit.finalizer()
+        .observe(kit.stored(&job.id), &report)
+        .await
+        .unwrap();
+
+    let detail = kit.api().job("alice", &job.id).await.unwrap();
+    assert_eq!(detail.job.state, JobState::Succeeded);
+    assert_eq!(detail.outputs.len(), 1);
+    let (file, url) = &detail.outputs[0];
+    assert!(url.ends_with(&file.key), "{url}");
+}
+
+#[tokio::test]
+async fn a_list_shows_only_the_owners_jobs_newest_first_in_pages() {
+    let kit = Kit::new();
+    let jobs: Vec<_> = (0..3).map(|_| kit.queued_job("alice")).collect();
+    kit.queued_job("bob");
+    let api = kit.api();
+
+    let first = api.list("alice", Some(2), None).await.unwrap();
+    let second = api
+        .list("alice", Some(2), first.cursor.as_deref())
+        .await
+        .unwrap();
+
+    let ids = |page: &gateway::ports::JobPage| -> Vec<String> {
+        page.jobs.iter().map(|j| j.id.clone()).collect()
+    };
+    assert_eq!(ids(&first), vec![jobs[2].id.clone(), jobs[1].id.clone()]);
+    assert_eq!(ids(&second), vec![jobs[0].id.clone()]);
+    assert_eq!(second.cursor, None);
+}
+
+#[tokio::test]
+async fn a_list_limit_outside_1_to_100_is_refused() {
+    let kit = Kit::new();
+    for limit in [0, 101] {
+        assert_eq!(
+            code(kit.api().list("alice", Some(limit), None).await),
+            "invalid_limit"
+        );
+    }
+}
+
+#[tokio::test]
+async fn another_owners_cursor_is_invalid() {
+    let kit = Kit::new();
+    for _ in 0..3 {
+        kit.queued_job("bob");
+    }
+    let bobs = kit.api().list("bob", Some(1), None).await.unwrap();
+
+    let result = kit
+        .api()
+        .list("alice", Some(1), bobs.cursor.as_deref())
+        .await;
+
+    assert_eq!(code(result), "invalid_cursor");
+}
+
+// ------------------------------------------------------------------ cancelling
+
+#[tokio::test]
+async fn a_queued_job_is_cancelled_without_calling_runpod() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+
+    let cancelled = kit.api().cancel("alice", &job.id).await.unwrap();
+
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(cancelled.error.unwrap().code, ErrorCode::CancelledByClient);
+    assert!(kit.runpod.calls().is_empty());
+}
+
+#[tokio::test]
+async fn a_submitted_job_is_cancelled_at_runpod_first() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+    let cancelled = kit.api().cancel("alice", &job.id).await.unwrap();
+
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(kit.runpod.calls().last().unwrap(), "cancel rp-1");
+    assert_eq!(
+        kit.stored(&job.id).history.last().unwrap().by,
+        Actor::Client
+    );
+}
+
+#[tokio::test]
+async fn a_run_runpod_no_longer_knows_is_still_cancelled() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.runpod.answer_cancels(Answer::NotFound);
+
+    let cancelled = kit.api().cancel("alice", &job.id).await.unwrap();
+
+    assert_eq!(cancelled.state, JobState::Cancelled);
+}
+
+#[tokio::test]
+async fn when_runpod_cannot_be_told_the_job_is_not_called_cancelled() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.runpod.answer_cancels(Answer::Transient);
+    let before = kit.stored(&job.id);
+
+    let refusal = kit.api().cancel("alice", &job.id).await.unwrap_err();
+
+    assert!(
+        matches!(refusal, Refusal::Unavailable { .. }),
+        "{refusal:?}"
+    );
+    assert_eq!(kit.stored(&job.id), before);
+}
+
+#[tokio::test]
+async fn a_finished_job_cannot_be_cancelled() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.api().cancel("alice", &job.id).await.unwrap();
+
+    assert_eq!(
+        code(kit.api().cancel("alice", &job.id).await),
+        "already_finished"
+    );
+}
+
+#[tokio::test]
+async fn another_owner_cannot_cancel_a_job() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+
+    assert_eq!(
+        kit.api().cancel("bob", &job.id).await.unwrap_err(),
+        Refusal::NotFound
+    );
+    assert_eq!(kit.stored(&job.id).state, JobState::Queued);
+}
+
+#[tokio::test]
+async fn a_cancel_racing_another_write_is_applied_to_the_job_as_stored() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    let requeued_at = kit.now() + 5_000;
+    let id = job.id.clone();
+    kit.store.before_save(move |store, _| {
+        // The sweeper reschedules the job between the cancel's read and its write.
+        let mut rescheduled = store.job(&id).unwrap();
+        rescheduled.next_check_at = Some(requeued_at);
+        rescheduled.version += 1;
+        store.put(rescheduled);
+        true
+    });
+
+    let cancelled = kit.api().cancel("alice", &job.id).await.unwrap();
+
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(kit.stored(&cancelled.id).state, JobState::Cancelled);
+}
