@@ -1,7 +1,7 @@
 //! The conditional write every use case goes through: a change is decided on the job as stored
 //! at the moment of writing, never on a stale copy.
-use gateway::app::{commit_as, Committed};
-use gateway::domain::job::{Actor, ErrorCode, JobError, JobState, TransitionError};
+use gateway::app::{commit_as, commit_leased, Committed};
+use gateway::domain::job::{Actor, ErrorCode, JobError, JobState, LeaseKind, TransitionError};
 use gateway::ports::JobStore;
 use testkit::Kit;
 
@@ -67,4 +67,31 @@ async fn a_change_that_still_applies_is_written_on_top_of_the_other_writers_chan
     };
     assert_eq!(stored.check_failures, 2, "both failures counted, none lost");
     assert_eq!(stored.version, first.version + 1);
+}
+
+#[tokio::test]
+async fn a_change_decided_under_a_lease_is_refused_once_the_lease_is_gone() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    let mut leased = job.clone();
+    leased
+        .acquire_lease(LeaseKind::Finalize, kit.now(), 60_000)
+        .unwrap();
+    kit.store.save(&leased, job.version).await.unwrap();
+    let mut released = leased.clone();
+    released.release_lease(kit.now(), kit.now());
+    kit.store.save(&released, leased.version).await.unwrap();
+
+    let committed = commit_leased(kit.store.as_ref(), &leased, Actor::Sweeper, |job| {
+        job.note_check_failure();
+        Ok(())
+    })
+    .await
+    .unwrap();
+
+    assert!(
+        matches!(committed, Committed::Refused(_, TransitionError::LeaseLost)),
+        "refused"
+    );
+    assert_eq!(kit.stored(&job.id).check_failures, 0);
 }

@@ -1,5 +1,5 @@
 //! Finalize: what a RunPod report means for the job, and collecting its outputs exactly once.
-use gateway::app::finalize::{FinalizeError, Outcome};
+use gateway::app::finalize::{decide, Decision, FinalizeError, Outcome};
 use gateway::domain::job::{Actor, ErrorCode, Job, JobError, JobState, LeaseKind};
 use gateway::ports::{JobStore, RunPodStatus};
 use testkit::fakes::BrokenKey;
@@ -213,4 +213,88 @@ async fn outputs_copied_for_a_job_cancelled_meanwhile_are_removed() {
     assert_eq!(outcome.unwrap(), Outcome::Unchanged);
     assert_eq!(kit.stored(&job.id).state, JobState::Cancelled);
     assert!(kit.results.keys().is_empty(), "no orphaned copy is left");
+}
+
+#[test]
+fn each_status_is_decided_from_the_report_alone() {
+    let status = |s: Option<&str>| RunPodStatus {
+        status: s.map(String::from),
+        ..RunPodStatus::default()
+    };
+    assert_eq!(decide(&status(None)), Decision::AskStatus);
+    assert_eq!(decide(&status(Some("SOMETHING_NEW"))), Decision::AskStatus);
+    assert_eq!(decide(&status(Some("IN_QUEUE"))), Decision::Wait);
+    assert_eq!(decide(&status(Some("IN_PROGRESS"))), Decision::MarkRunning);
+    assert_eq!(decide(&status(Some("COMPLETED"))), Decision::Collect(None));
+    for (reported, state) in [
+        ("FAILED", JobState::Failed),
+        ("TIMED_OUT", JobState::TimedOut),
+        ("CANCELLED", JobState::Cancelled),
+    ] {
+        assert!(
+            matches!(decide(&status(Some(reported))), Decision::End(s, _) if s == state),
+            "{reported}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_write_that_slips_in_under_the_lease_does_not_cost_the_result() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+    // A progress write lands between the copy and the success, leaving the lease in place.
+    kit.store.before_save(move |store, about_to_write| {
+        if about_to_write.state != JobState::Succeeded {
+            return false;
+        }
+        let mut progressed = store.job(&about_to_write.id).unwrap();
+        progressed.delay_time_ms = Some(1);
+        progressed.version += 1;
+        store.put(progressed);
+        true
+    });
+
+    let outcome = finalize(&kit, &job, &status, Actor::Webhook).await;
+
+    assert_eq!(outcome.unwrap(), Outcome::Finished(JobState::Succeeded));
+    assert_eq!(kit.stored(&job.id).outputs.len(), 1);
+    assert_eq!(kit.results.keys().len(), 1);
+}
+
+#[tokio::test]
+async fn a_finalize_whose_lease_another_took_over_leaves_the_job_and_its_keys_to_it() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+    // Our lease runs out mid-copy and another finalizer takes the job: it writes the same keys.
+    let later = kit.now() + 1_000_000;
+    kit.store.before_save(move |store, about_to_write| {
+        if about_to_write.state != JobState::Succeeded {
+            return false;
+        }
+        let mut taken = store.job(&about_to_write.id).unwrap();
+        taken.lease = None;
+        taken
+            .acquire_lease(LeaseKind::Finalize, later, 120_000)
+            .unwrap();
+        store.put(taken);
+        true
+    });
+
+    let outcome = finalize(&kit, &job, &status, Actor::Webhook).await;
+
+    assert_eq!(outcome.unwrap(), Outcome::Unchanged);
+    let stored = kit.stored(&job.id);
+    assert_eq!(
+        stored.state,
+        JobState::Submitted,
+        "the other finalizer decides"
+    );
+    assert_eq!(stored.lease.unwrap().until, later + 120_000);
+    assert_eq!(
+        kit.results.keys().len(),
+        1,
+        "its keys are not removed under it"
+    );
 }

@@ -39,7 +39,10 @@ impl World {
 
     pub fn api(&self) -> axum::Router {
         let identity = IdentitySource::parse_dev_tokens(&format!("{TOKEN}=alice")).unwrap();
-        gateway_http::api::router(Arc::new(ApiState::new(self.0.api(), identity)))
+        // The real image probe: what a hostile body claims to be is the point of these tests.
+        let mut api = self.0.api();
+        api.images = Arc::new(gateway_aws::adapters::images::ImageHeaders);
+        gateway_http::api::router(Arc::new(ApiState::new(api, identity)))
     }
 
     pub fn webhook(&self) -> axum::Router {

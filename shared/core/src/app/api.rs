@@ -17,8 +17,8 @@ use crate::domain::job::{
 use crate::domain::keys;
 use crate::domain::workflow::WorkflowCatalog;
 use crate::ports::{
-    Clock, CreateOutcome, ImageKind, ImageProbe, JobPage, JobQueue, JobStore, ObjectError,
-    ObjectStore, PresignedRequest, RunPod, RunPodError, StoreError, JPEG, PNG, WEBP,
+    Classified, Clock, CreateOutcome, Failure, ImageKind, ImageProbe, JobPage, JobQueue, JobStore,
+    ObjectError, ObjectStore, PresignedRequest, RunPod, StoreError, JPEG, PNG, WEBP,
 };
 
 /// Longest `Idempotency-Key` accepted; it becomes part of a DynamoDB key.
@@ -377,7 +377,8 @@ impl Api {
         }
         if let Some(runpod_id) = &job.runpod_job_id {
             match self.runpod.cancel(runpod_id).await {
-                Ok(()) | Err(RunPodError::NotFound) => {}
+                Ok(()) => {}
+                Err(err) if err.failure() == Failure::Missing => {}
                 Err(err) => {
                     tracing::warn!(job_id = %job.id, error = %err, "RunPod cancel failed");
                     return Err(Refusal::Unavailable {

@@ -10,8 +10,7 @@ use crate::domain::keys;
 use crate::domain::token::WebhookSigner;
 use crate::domain::workflow::WorkflowCatalog;
 use crate::ports::{
-    Clock, JobStore, ObjectError, ObjectStore, RunPod, RunPodError, RunPolicy, RunRequest,
-    StoreError,
+    Classified, Clock, Failure, JobStore, ObjectStore, RunPod, RunPolicy, RunRequest, StoreError,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -159,13 +158,14 @@ impl Dispatcher {
             Some(&job.input.content_type),
         )
         .await
-        .map_err(|err| match err {
-            ObjectError::NotFound(_) => Step::Permanent(JobError::new(
+        .map_err(|err| match err.failure() {
+            Failure::Missing => Step::Permanent(JobError::new(
                 ErrorCode::InputMissing,
                 "the input image is no longer in the uploads bucket",
             )),
-            ObjectError::Transient(reason) => Step::Transient(reason),
-            ObjectError::Permanent(reason) => Step::Transient(format!("volume refused: {reason}")),
+            // A bucket or the volume refusing us is the gateway's configuration, not the job's
+            // fault: retried within the attempt budget, so a fixed key saves the job.
+            Failure::Transient | Failure::Permanent => Step::Transient(err.to_string()),
         })?;
         let output_prefix = format!("{}{}", keys::volume_outputs(&job.id), workflow.name());
         let graph = workflow.render(&job.params, &input_key, &output_prefix);
@@ -181,17 +181,20 @@ impl Dispatcher {
                 ttl: self.settings.runpod_ttl.as_millis() as u64,
             },
         };
-        self.runpod.run(&request).await.map_err(|err| match err {
-            RunPodError::Transient(reason) => Step::Transient(reason),
-            RunPodError::NotFound => Step::Permanent(JobError::new(
-                ErrorCode::RunpodRejected,
-                "RunPod does not know the configured endpoint",
-            )),
-            RunPodError::Permanent { status, message } => Step::Permanent(JobError::new(
-                ErrorCode::RunpodRejected,
-                format!("RunPod refused the job ({status}): {message}"),
-            )),
-        })
+        self.runpod
+            .run(&request)
+            .await
+            .map_err(|err| match err.failure() {
+                Failure::Transient => Step::Transient(err.to_string()),
+                Failure::Missing => Step::Permanent(JobError::new(
+                    ErrorCode::RunpodRejected,
+                    "RunPod does not know the configured endpoint",
+                )),
+                Failure::Permanent => Step::Permanent(JobError::new(
+                    ErrorCode::RunpodRejected,
+                    format!("RunPod refused the job: {err}"),
+                )),
+            })
     }
 
     async fn record_submission(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::app::{commit_as, next_check_after_failure, transfer, Committed};
+use crate::app::{commit_as, commit_leased, next_check_after_failure, transfer, Committed};
 use crate::config::Settings;
 use crate::domain::job::{
     Actor, ErrorCode, Job, JobError, JobState, LeaseKind, OutputFile, TransitionError,
@@ -21,15 +21,13 @@ use crate::domain::report::{
 };
 use crate::domain::workflow::{OutputContract, WorkflowCatalog};
 use crate::ports::{
-    ByteChunks, Clock, FetchError, Fetched, JobStore, ObjectError, ObjectMeta, ObjectStore,
-    RunPodStatus, StoreError, UrlFetcher,
+    ByteChunks, Classified, Clock, Failure, Fetched, JobStore, ObjectError, ObjectMeta,
+    ObjectStore, RunPodStatus, StoreError, UrlFetcher,
 };
 
 /// After a transient copy failure, look again this soon (or after the poll interval, if
 /// shorter); it doubles with each failure in a row.
 const RETRY_SOON: Duration = Duration::from_secs(15);
-/// How many times the terminal write is re-applied after benign writes slipped in.
-const FINISH_RETRIES: usize = 3;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -67,6 +65,64 @@ pub struct Finalizer {
     pub clock: Arc<dyn Clock>,
 }
 
+/// What a RunPod report asks of a job, decided from the report alone.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// The report says nothing usable (empty, or a status nobody knows): ask `/status`.
+    AskStatus,
+    /// Still queued at RunPod: nothing to record.
+    Wait,
+    /// A worker has it.
+    MarkRunning,
+    /// It ended without outputs: failed, timed out or cancelled at RunPod.
+    End(JobState, JobError),
+    /// It completed: collect its outputs under the finalize lease.
+    Collect(Option<serde_json::Value>),
+}
+
+/// The first step of finalizing: what `status` means for the job it is about.
+pub fn decide(status: &RunPodStatus) -> Decision {
+    let report = Reported::from_status(
+        status.status.as_deref(),
+        status.output.as_ref(),
+        status.error.as_ref(),
+    );
+    match report {
+        Reported::Unknown => Decision::AskStatus,
+        Reported::Queued => Decision::Wait,
+        Reported::Running => Decision::MarkRunning,
+        Reported::Completed(output) => Decision::Collect(output),
+        Reported::Failed(message) => Decision::End(
+            JobState::Failed,
+            JobError::new(ErrorCode::WorkerFailed, message),
+        ),
+        Reported::TimedOut => Decision::End(
+            JobState::TimedOut,
+            JobError::new(
+                ErrorCode::ExecutionTimedOut,
+                "RunPod timed the job out before it finished",
+            ),
+        ),
+        Reported::Cancelled => Decision::End(
+            JobState::Cancelled,
+            JobError::new(ErrorCode::CancelledByRunpod, "RunPod cancelled the job"),
+        ),
+    }
+}
+
+/// The report is about one RunPod run; if the job (as stored when a change is applied) tracks
+/// another, the report is not about it any more.
+struct SameRun(Option<String>);
+
+impl SameRun {
+    fn check(&self, job: &Job) -> Result<(), TransitionError> {
+        match (&self.0, &job.runpod_job_id) {
+            (Some(reported), Some(tracked)) if reported != tracked => Err(TransitionError::Stale),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Why collecting a job's outputs stopped short.
 enum Collect {
     /// The worker's output is unusable: the job fails with this error.
@@ -92,45 +148,21 @@ impl Finalizer {
         if job.is_terminal() {
             return Ok(Outcome::Unchanged);
         }
-        let report = Reported::from_status(
-            status.status.as_deref(),
-            status.output.as_ref(),
-            status.error.as_ref(),
-        );
         let (delay, execution) = (status.delay_time, status.execution_time);
+        let same_run = SameRun(status.id.clone());
         let now = self.clock.now_ms();
-        // The report is about one RunPod run; if the job (as stored when a change is applied)
-        // tracks another, the report is not about it any more.
-        let run = status.id.clone();
-        let same_run = move |job: &Job| match (&run, &job.runpod_job_id) {
-            (Some(reported), Some(tracked)) if reported != tracked => Err(TransitionError::Stale),
-            _ => Ok(()),
-        };
-        let terminal = |state: JobState, error: JobError| {
-            let same_run = same_run.clone();
-            move |job: &mut Job| {
-                same_run(job)?;
-                job.ensure_unleased(now)?;
-                job.record_runpod_times(delay, execution);
-                match state {
-                    JobState::Failed => job.fail(error.clone(), now),
-                    JobState::Cancelled => job.cancel(error.clone(), now),
-                    _ => job.time_out(error.clone(), now),
-                }
+        let committed = match decide(status) {
+            Decision::AskStatus => return Ok(Outcome::NeedsStatus),
+            Decision::Wait => return Ok(Outcome::Unchanged),
+            Decision::MarkRunning if job.state == JobState::Running => {
+                return Ok(Outcome::Unchanged)
             }
-        };
-        let committed = match report {
-            Reported::Unknown => return Ok(Outcome::NeedsStatus),
-            Reported::Queued => return Ok(Outcome::Unchanged),
-            Reported::Running => {
-                if job.state == JobState::Running {
-                    return Ok(Outcome::Unchanged);
-                }
+            Decision::MarkRunning => {
                 let next_check = now + self.settings.poll_interval.as_millis() as i64;
                 commit_as(self.store.as_ref(), job, by, |job| {
                     // A finalize in progress means RunPod already reported the end: this report
                     // is stale, and writing it would only get in the finalizer's way.
-                    same_run(job)?;
+                    same_run.check(job)?;
                     job.ensure_unleased(now)?;
                     job.mark_running(now)?;
                     job.next_check_at = Some(next_check);
@@ -138,73 +170,45 @@ impl Finalizer {
                 })
                 .await?
             }
-            Reported::Completed(output) => {
+            Decision::End(state, error) => {
+                commit_as(self.store.as_ref(), job, by, |job| {
+                    same_run.check(job)?;
+                    job.ensure_unleased(now)?;
+                    job.record_runpod_times(delay, execution);
+                    job.end(state, error.clone(), now)
+                })
+                .await?
+            }
+            Decision::Collect(output) => {
                 return self
-                    .complete(job, output, delay, execution, by, &same_run)
+                    .complete(job, output, (delay, execution), by, &same_run)
                     .await
-            }
-            Reported::Failed(message) => {
-                commit_as(
-                    self.store.as_ref(),
-                    job,
-                    by,
-                    terminal(
-                        JobState::Failed,
-                        JobError::new(ErrorCode::WorkerFailed, message),
-                    ),
-                )
-                .await?
-            }
-            Reported::TimedOut => {
-                commit_as(
-                    self.store.as_ref(),
-                    job,
-                    by,
-                    terminal(
-                        JobState::TimedOut,
-                        JobError::new(
-                            ErrorCode::ExecutionTimedOut,
-                            "RunPod timed the job out before it finished",
-                        ),
-                    ),
-                )
-                .await?
-            }
-            Reported::Cancelled => {
-                commit_as(
-                    self.store.as_ref(),
-                    job,
-                    by,
-                    terminal(
-                        JobState::Cancelled,
-                        JobError::new(ErrorCode::CancelledByRunpod, "RunPod cancelled the job"),
-                    ),
-                )
-                .await?
             }
         };
         Ok(match committed {
             Committed::Written(job) if job.is_terminal() => Outcome::Finished(job.state),
             Committed::Written(job) => Outcome::Progressed(job.state),
-            Committed::Refused(_, crate::domain::job::TransitionError::Leased(..)) => Outcome::Busy,
+            Committed::Refused(_, TransitionError::Leased(..)) => Outcome::Busy,
             Committed::Refused(..) | Committed::Missing => Outcome::Unchanged,
         })
     }
 
+    /// A completed run: take the finalize lease, collect the outputs, then write the one
+    /// result that follows (succeeded, failed, or the lease released for a retry), and clean
+    /// up whatever this call wrote that no result refers to.
     async fn complete(
         &self,
         job: Job,
         output: Option<serde_json::Value>,
-        delay: Option<u64>,
-        execution: Option<u64>,
+        (delay, execution): (Option<u64>, Option<u64>),
         by: Actor,
-        same_run: &(dyn Fn(&Job) -> Result<(), TransitionError> + Sync),
+        same_run: &SameRun,
     ) -> Result<Outcome, FinalizeError> {
         let now = self.clock.now_ms();
         let lease_ms = self.settings.finalize_lease.as_millis() as i64;
         // Only the holder of the finalize lease copies outputs; everyone else backs off.
         let leased = match commit_as(self.store.as_ref(), job, by, |job| {
-            same_run(job)?;
+            same_run.check(job)?;
             job.acquire_lease(LeaseKind::Finalize, now, lease_ms)
         })
         .await?
@@ -216,119 +220,101 @@ impl Finalizer {
             Committed::Missing => return Ok(Outcome::Unchanged),
         };
 
-        // `partial`: what a volume copy had written before it stopped. It is removed only once
-        // a write guarded by our lease went through: if the lease ran out meanwhile, another
-        // caller may be writing the same keys.
-        let (collected, partial) = match self.contract_of(&leased, output.as_ref()) {
-            OutputContract::VolumeFiles => {
-                match self.copy_volume_files(&leased, output.as_ref()).await {
-                    Ok(outputs) => (Ok(outputs), Vec::new()),
-                    Err((stop, partial)) => (Err(stop), partial),
-                }
+        // Every results key this call wrote or began to write, whatever happens next.
+        let mut written = Vec::new();
+        let collected = self.collect(&leased, output.as_ref(), &mut written).await;
+        let now = self.clock.now_ms();
+        let store = self.store.as_ref();
+        let (committed, outcome) = match collected {
+            Ok(outputs) => {
+                let committed = commit_leased(store, &leased, by, |job| {
+                    job.record_runpod_times(delay, execution);
+                    job.succeed(outputs.clone(), now)
+                })
+                .await?;
+                (committed, Ok(Outcome::Finished(JobState::Succeeded)))
             }
-            OutputContract::WorkerComfyui => (
-                self.store_inline_images(&leased, output.as_ref()).await,
-                Vec::new(),
-            ),
-        };
-        let outputs = match collected {
-            Ok(outputs) => outputs,
             Err(Collect::Fail(error)) => {
-                let outcome = self
-                    .finish_failed(&leased, error, delay, execution, by)
-                    .await?;
-                if outcome == Outcome::Finished(JobState::Failed) {
-                    self.remove_outputs(&leased, &partial).await;
-                }
-                return Ok(outcome);
+                tracing::warn!(job_id = %leased.id, code = error.code.as_str(), message = %error.message, "job failed while finalizing");
+                let committed = commit_leased(store, &leased, by, |job| {
+                    job.record_runpod_times(delay, execution);
+                    job.fail(error.clone(), now)
+                })
+                .await?;
+                (committed, Ok(Outcome::Finished(JobState::Failed)))
             }
             Err(Collect::Retry(reason)) => {
                 tracing::warn!(job_id = %leased.id, error = %reason, "output copy failed; releasing the lease");
-                let now = self.clock.now_ms();
                 let base = RETRY_SOON.min(self.settings.poll_interval);
-                // If this write fails the lease simply runs out; nothing is lost.
-                let released = self
-                    .write_leased(&leased, by, |job| {
-                        job.note_check_failure();
-                        let retry_at = next_check_after_failure(base, job, now);
-                        job.release_lease(now, retry_at);
-                        Ok(())
-                    })
-                    .await;
-                if matches!(released, Ok(Some(_))) {
-                    self.remove_outputs(&leased, &partial).await;
+                let released = commit_leased(store, &leased, by, |job| {
+                    job.note_check_failure();
+                    let retry_at = next_check_after_failure(base, job, now);
+                    job.release_lease(now, retry_at);
+                    Ok(())
+                })
+                .await;
+                match released {
+                    Ok(committed) => (committed, Err(FinalizeError::RetryLater(reason))),
+                    // The lease simply runs out; the next holder writes the same keys again.
+                    Err(_) => return Err(FinalizeError::RetryLater(reason)),
                 }
-                return Err(FinalizeError::RetryLater(reason));
             }
         };
-
-        let finished_at = self.clock.now_ms();
-        let written = self
-            .write_leased(&leased, by, |job| {
-                job.record_runpod_times(delay, execution);
-                job.succeed(outputs.clone(), finished_at)
-            })
-            .await?;
-        match written {
-            Some(done) => {
-                tracing::info!(job_id = %done.id, outputs = done.outputs.len(), "job succeeded");
-                Ok(Outcome::Finished(JobState::Succeeded))
+        match committed {
+            Committed::Written(settled) => {
+                if settled.state == JobState::Succeeded {
+                    tracing::info!(job_id = %settled.id, outputs = settled.outputs.len(), "job succeeded");
+                } else {
+                    self.remove(&leased, &written).await;
+                }
+                outcome
             }
             // Our lease ran out and someone else took over, or the client cancelled meanwhile:
             // their outcome stands.
-            None => {
-                self.drop_orphaned_outputs(&leased, &outputs).await;
-                Ok(Outcome::Unchanged)
+            Committed::Refused(..) | Committed::Missing => {
+                self.remove_if_orphaned(&leased, &written).await;
+                outcome.map(|_| Outcome::Unchanged)
             }
         }
     }
 
-    /// Writes a change decided while holding the finalize lease taken in `leased`. Writes that
-    /// slipped in meanwhile without taking the job from us (a reschedule, a progress report)
-    /// do not cost the result: while the stored job still carries our lease, the change is
-    /// re-applied to it. `None` when the job is no longer ours (terminal, or our lease ran out
-    /// and another caller took it) or refuses the change.
-    async fn write_leased<F>(
+    /// Collects the outputs as the job's output contract says, into the results bucket,
+    /// adding each key to `written` before writing it.
+    async fn collect(
         &self,
-        leased: &Job,
-        by: Actor,
-        change: F,
-    ) -> Result<Option<Job>, StoreError>
-    where
-        F: Fn(&mut Job) -> Result<(), TransitionError>,
-    {
-        let mut current = leased.clone();
-        for _ in 0..FINISH_RETRIES {
-            let mut next = current.clone();
-            next.acting_as(by);
-            if change(&mut next).is_err() {
-                return Ok(None);
-            }
-            match self.store.save(&next, current.version).await {
-                Ok(()) => return Ok(Some(next)),
-                Err(StoreError::Conflict) => match self.store.get(&current.id).await? {
-                    Some(fresh) if !fresh.is_terminal() && fresh.lease == leased.lease => {
-                        current = fresh;
-                    }
-                    _ => return Ok(None),
-                },
-                Err(err) => return Err(err),
-            }
+        job: &Job,
+        output: Option<&serde_json::Value>,
+        written: &mut Vec<String>,
+    ) -> Result<Vec<OutputFile>, Collect> {
+        match self.contract_of(job, output) {
+            OutputContract::VolumeFiles => self.copy_volume_files(job, output, written).await,
+            OutputContract::WorkerComfyui => self.store_inline_images(job, output, written).await,
         }
-        Ok(None)
     }
 
-    /// Outputs copied for a job that then ended otherwise (cancelled by its client while we
+    /// Outputs written for a job that then ended otherwise (cancelled by its client while we
     /// copied) would never be shown to anyone: remove them. If another finalizer made the job
-    /// succeed, the same keys are its outputs and stay.
-    async fn drop_orphaned_outputs(&self, leased: &Job, outputs: &[OutputFile]) {
+    /// succeed, the same keys are its outputs; if one is at work, it writes the same keys.
+    async fn remove_if_orphaned(&self, leased: &Job, written: &[String]) {
+        if written.is_empty() {
+            return;
+        }
         let Ok(Some(fresh)) = self.store.get(&leased.id).await else {
             return;
         };
-        if !fresh.is_terminal() || fresh.state == JobState::Succeeded {
-            return;
+        if fresh.is_terminal() && fresh.state != JobState::Succeeded {
+            self.remove(leased, written).await;
         }
-        self.remove_outputs(leased, outputs).await;
+    }
+
+    /// The one clean-up path. Best effort: a leftover costs storage but is never shown to
+    /// anyone.
+    async fn remove(&self, job: &Job, written: &[String]) {
+        for key in written {
+            if let Err(err) = self.results.delete(key).await {
+                tracing::warn!(job_id = %job.id, key = %key, error = %err, "could not remove a partial output");
+            }
+        }
     }
 
     /// The contract of the job's workflow. A workflow no longer in the catalog (a job from
@@ -343,62 +329,48 @@ impl Finalizer {
         }
     }
 
-    /// `volume_files`: copies the files the worker named, volume → results bucket. When it
-    /// stops short, it also hands back what it had copied.
+    /// `volume_files`: copies the files the worker named, volume → results bucket.
     async fn copy_volume_files(
         &self,
         job: &Job,
         output: Option<&serde_json::Value>,
-    ) -> Result<Vec<OutputFile>, (Collect, Vec<OutputFile>)> {
-        let keys = volume_output_keys(output, &self.layout, &job.id)
-            .map_err(|error| (Collect::Fail(error), Vec::new()))?;
-        let mut outputs: Vec<OutputFile> = Vec::with_capacity(keys.len());
-        for key in &keys {
+        written: &mut Vec<String>,
+    ) -> Result<Vec<OutputFile>, Collect> {
+        let files = volume_output_keys(output, &self.layout, &job.id).map_err(Collect::Fail)?;
+        let mut outputs: Vec<OutputFile> = Vec::with_capacity(files.len());
+        for file in &files {
             // Two outputs may share a name in different folders (two SaveImage nodes with
             // prefixes "a/img" and "b/img"): each gets its own name, hence its own result key.
             let taken: Vec<&str> = outputs.iter().map(|o| o.file_name.as_str()).collect();
-            let name = unique_name(file_name(key), &taken);
+            let name = unique_name(file_name(file), &taken);
             let destination = keys::result(&job.owner, &job.id, &name);
             let content_type = transfer::content_type_for(&name);
-            match transfer::copy(
+            written.push(destination.clone());
+            let meta = transfer::copy(
                 self.volume.as_ref(),
-                key,
+                file,
                 self.results.as_ref(),
                 &destination,
                 Some(content_type),
             )
             .await
-            {
-                Ok(meta) => outputs.push(OutputFile {
-                    key: destination,
-                    file_name: name,
-                    size: meta.size,
-                    content_type: content_type.to_string(),
-                }),
-                // What was copied so far belongs to no result: the job fails, or the next
-                // attempt copies everything again.
-                Err(err) => {
-                    let stop = match err {
-                        ObjectError::NotFound(_) => Collect::Fail(JobError::new(
-                            ErrorCode::OutputMissing,
-                            format!("the worker reported {name} but it is not on the volume"),
-                        )),
-                        err => Collect::Retry(err.to_string()),
-                    };
-                    return Err((stop, outputs));
-                }
-            }
+            .map_err(|err| match err.failure() {
+                Failure::Missing => Collect::Fail(JobError::new(
+                    ErrorCode::OutputMissing,
+                    format!("the worker reported {name} but it is not on the volume"),
+                )),
+                // A refusal by our own bucket or the volume is the gateway's configuration,
+                // not the worker's output: retried until fixed or the deadline.
+                Failure::Transient | Failure::Permanent => Collect::Retry(err.to_string()),
+            })?;
+            outputs.push(OutputFile {
+                key: destination,
+                file_name: name,
+                size: meta.size,
+                content_type: content_type.to_string(),
+            });
         }
         Ok(outputs)
-    }
-
-    /// Best effort: a leftover costs storage but is never shown to anyone.
-    async fn remove_outputs(&self, job: &Job, outputs: &[OutputFile]) {
-        for output in outputs {
-            if let Err(err) = self.results.delete(&output.key).await {
-                tracing::warn!(job_id = %job.id, key = %output.key, error = %err, "could not remove a partial output");
-            }
-        }
     }
 
     /// `worker_comfyui`: stores the images of the job output (base64 decoded, URLs downloaded
@@ -407,11 +379,12 @@ impl Finalizer {
     /// Nothing is written until every image has passed the checks that can be made up front
     /// (shape, count, names, base64, size, allowed host, and each download's status and
     /// declared size). A download that still goes wrong midway (longer than declared or than
-    /// the cap, or cut off) removes whatever this call had already written.
+    /// the cap, or cut off) stops the collection; what was written is in `written`.
     async fn store_inline_images(
         &self,
         job: &Job,
         output: Option<&serde_json::Value>,
+        written: &mut Vec<String>,
     ) -> Result<Vec<OutputFile>, Collect> {
         let cap = self.settings.max_output_image_bytes;
         let policy = InlineImagePolicy {
@@ -427,18 +400,22 @@ impl Finalizer {
             let source = match image.source {
                 ImageSource::Inline(bytes) => Source::Inline(bytes),
                 ImageSource::Url(url) => {
-                    let fetched = self.fetcher.open(&url).await.map_err(|err| match err {
-                        FetchError::Transient(reason) => {
-                            Collect::Retry(format!("downloading {}: {reason}", image.file_name))
-                        }
-                        FetchError::Status(status) => Collect::Fail(JobError::new(
-                            ErrorCode::OutputMissing,
-                            format!(
-                                "the worker's URL for {} answered HTTP {status}",
-                                image.file_name
-                            ),
-                        )),
-                    })?;
+                    let fetched =
+                        self.fetcher
+                            .open(&url)
+                            .await
+                            .map_err(|err| match err.failure() {
+                                Failure::Transient => Collect::Retry(format!(
+                                    "downloading {}: {err}",
+                                    image.file_name
+                                )),
+                                Failure::Missing | Failure::Permanent => {
+                                    Collect::Fail(JobError::new(
+                                        ErrorCode::OutputMissing,
+                                        format!("the worker's URL for {}: {err}", image.file_name),
+                                    ))
+                                }
+                            })?;
                     if fetched.size.is_some_and(|size| size > cap) {
                         return Err(Collect::Fail(too_large(&image.file_name, cap)));
                     }
@@ -452,36 +429,27 @@ impl Finalizer {
         for (name, source) in sources {
             let destination = keys::result(&job.owner, &job.id, &name);
             let content_type = transfer::content_type_for(&name);
-            let written = match source {
+            written.push(destination.clone());
+            let size = match source {
                 Source::Inline(bytes) => {
                     let size = bytes.len() as u64;
                     self.results
                         .put_bytes(&destination, bytes, content_type)
                         .await
-                        .map(|()| size)
-                        .map_err(|err| Collect::Retry(err.to_string()))
+                        .map_err(|err| Collect::Retry(err.to_string()))?;
+                    size
                 }
                 Source::Download(fetched) => {
                     self.store_download(&destination, &name, content_type, fetched, cap)
-                        .await
+                        .await?
                 }
             };
-            match written {
-                Ok(size) => outputs.push(OutputFile {
-                    key: destination,
-                    file_name: name,
-                    size,
-                    content_type: content_type.to_string(),
-                }),
-                Err(failure) => {
-                    for done in &outputs {
-                        if let Err(err) = self.results.delete(&done.key).await {
-                            tracing::warn!(job_id = %job.id, key = %done.key, error = %err, "could not remove a partial output");
-                        }
-                    }
-                    return Err(failure);
-                }
-            }
+            outputs.push(OutputFile {
+                key: destination,
+                file_name: name,
+                size,
+                content_type: content_type.to_string(),
+            });
         }
         Ok(outputs)
     }
@@ -507,7 +475,6 @@ impl Finalizer {
         let result = self.results.put_stream(destination, &meta, body).await;
         let size = counted.load(Ordering::SeqCst);
         if over.load(Ordering::SeqCst) > 0 {
-            let _ = self.results.delete(destination).await;
             return Err(Collect::Fail(if limit < cap {
                 JobError::new(
                     ErrorCode::InvalidOutput,
@@ -518,38 +485,14 @@ impl Finalizer {
             }));
         }
         if let Err(err) = result {
-            let _ = self.results.delete(destination).await;
             return Err(Collect::Retry(format!("storing {name}: {err}")));
         }
         if fetched.size.is_some_and(|declared| declared != size) {
-            let _ = self.results.delete(destination).await;
             return Err(Collect::Retry(format!(
                 "{name}: the download ended after {size} of {limit} bytes"
             )));
         }
         Ok(size)
-    }
-
-    async fn finish_failed(
-        &self,
-        leased: &Job,
-        error: JobError,
-        delay: Option<u64>,
-        execution: Option<u64>,
-        by: Actor,
-    ) -> Result<Outcome, FinalizeError> {
-        tracing::warn!(job_id = %leased.id, code = error.code.as_str(), message = %error.message, "job failed while finalizing");
-        let now = self.clock.now_ms();
-        let written = self
-            .write_leased(leased, by, |job| {
-                job.record_runpod_times(delay, execution);
-                job.fail(error.clone(), now)
-            })
-            .await?;
-        Ok(match written {
-            Some(_) => Outcome::Finished(JobState::Failed),
-            None => Outcome::Unchanged,
-        })
     }
 }
 

@@ -74,3 +74,25 @@ where
     }
     Err(StoreError::Conflict)
 }
+
+/// [`commit_as`] for a change decided while holding the lease `leased` carries. Writes that
+/// slipped in meanwhile without taking the job away (a reschedule, a progress report) do not
+/// cost the change: it is re-applied as long as the stored job still carries that lease, and
+/// refused with [`TransitionError::LeaseLost`] once it does not (the lease ran out and another
+/// caller took the job, or the job ended).
+pub async fn commit_leased<F>(
+    store: &dyn JobStore,
+    leased: &Job,
+    by: Actor,
+    change: F,
+) -> Result<Committed, StoreError>
+where
+    F: Fn(&mut Job) -> Result<(), TransitionError>,
+{
+    let lease = leased.lease.clone();
+    commit_as(store, leased.clone(), by, |job| {
+        job.ensure_holds(lease.as_ref())?;
+        change(job)
+    })
+    .await
+}

@@ -11,7 +11,7 @@ use crate::app::finalize::{Finalizer, Outcome};
 use crate::app::{commit_as, next_check_after_failure, Committed};
 use crate::config::Settings;
 use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, Millis, TransitionError};
-use crate::ports::{Clock, JobQueue, JobStore, RunPod, RunPodError, StoreError};
+use crate::ports::{Classified, Clock, Failure, JobQueue, JobStore, RunPod, StoreError};
 
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
 pub struct SweepReport {
@@ -134,7 +134,7 @@ impl Sweeper {
     async fn poll(&self, job: Job, runpod_id: &str, now: Millis) -> Result<Action, StoreError> {
         let status = match self.runpod.status(runpod_id).await {
             Ok(status) => status,
-            Err(RunPodError::NotFound) => {
+            Err(err) if err.failure() == Failure::Missing => {
                 let error = JobError::new(
                     ErrorCode::RunpodJobExpired,
                     "RunPod no longer knows the job: its result expired or its TTL passed",
@@ -200,7 +200,8 @@ impl Sweeper {
         let cancelled = job.runpod_job_id.clone();
         if let Some(runpod_id) = &job.runpod_job_id {
             match self.runpod.cancel(runpod_id).await {
-                Ok(()) | Err(RunPodError::NotFound) => {}
+                Ok(()) => {}
+                Err(err) if err.failure() == Failure::Missing => {}
                 Err(err) => {
                     // Do not record a timeout while the GPU may still be running it.
                     tracing::warn!(job_id = %job.id, error = %err, "cancel at deadline failed");

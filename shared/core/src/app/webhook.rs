@@ -9,7 +9,7 @@ use std::sync::Arc;
 use crate::app::finalize::{FinalizeError, Finalizer, Outcome};
 use crate::domain::job::Actor;
 use crate::domain::token::WebhookSigner;
-use crate::ports::{JobStore, RunPod, RunPodError, RunPodStatus};
+use crate::ports::{Classified, Failure, JobStore, RunPod, RunPodStatus};
 
 /// RunPod's webhook echoes the whole job input; ours are small, but cap what we parse.
 pub const MAX_WEBHOOK_BYTES: usize = 6 * 1024 * 1024;
@@ -89,7 +89,7 @@ impl WebhookHandler {
                             .await
                     }
                     // Gone at RunPod: leave it to the sweeper, which records the expiry.
-                    Err(RunPodError::NotFound) => Ok(Outcome::Unchanged),
+                    Err(err) if err.failure() == Failure::Missing => Ok(Outcome::Unchanged),
                     Err(err) => return Err(err.to_string()),
                 }
             }

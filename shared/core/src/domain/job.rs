@@ -312,6 +312,10 @@ pub enum TransitionError {
     /// RunPod got the job after the sweeper decided what to cancel).
     #[error("the job changed since the decision was made")]
     Stale,
+    /// A change decided under a lease, and the job no longer carries that lease (it ran out and
+    /// someone else took the job, or the job ended).
+    #[error("the lease the change was decided under is no longer held")]
+    LeaseLost,
 }
 
 /// Everything a new job needs; the rest starts empty.
@@ -446,6 +450,15 @@ impl Job {
         Ok(())
     }
 
+    /// Refuses unless the job still carries `lease`, the lease its caller took.
+    pub fn ensure_holds(&self, lease: Option<&Lease>) -> Result<(), TransitionError> {
+        if self.lease.as_ref() == lease {
+            Ok(())
+        } else {
+            Err(TransitionError::LeaseLost)
+        }
+    }
+
     /// Gives a lease back after a step failed transiently, so a retry need not wait it out.
     pub fn release_lease(&mut self, now: Millis, next_check_at: Millis) {
         self.lease = None;
@@ -512,6 +525,20 @@ impl Job {
 
     pub fn fail(&mut self, error: JobError, now: Millis) -> Result<(), TransitionError> {
         self.finish(JobState::Failed, Some(error), now)
+    }
+
+    /// Ends the job without outputs: `state` is failed, cancelled or timed out.
+    pub fn end(
+        &mut self,
+        state: JobState,
+        error: JobError,
+        now: Millis,
+    ) -> Result<(), TransitionError> {
+        debug_assert!(
+            state.is_terminal() && state != JobState::Succeeded,
+            "{state} is not an end without outputs"
+        );
+        self.finish(state, Some(error), now)
     }
 
     pub fn cancel(&mut self, error: JobError, now: Millis) -> Result<(), TransitionError> {

@@ -10,6 +10,26 @@ use serde::{Deserialize, Serialize};
 use crate::domain::job::{Job, Millis};
 
 // ---------------------------------------------------------------------------------------------
+// Failures
+// ---------------------------------------------------------------------------------------------
+
+/// The one split every port error maps into, so each use case decides on it the same way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// May pass: throttling, 5xx, timeouts, broken connections, a lost version race.
+    Transient,
+    /// What was asked for does not exist (an object, a RunPod job).
+    Missing,
+    /// Refused, and the same call would be refused again.
+    Permanent,
+}
+
+/// A port error's [`Failure`] class.
+pub trait Classified: std::error::Error {
+    fn failure(&self) -> Failure;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Job store
 // ---------------------------------------------------------------------------------------------
 
@@ -22,6 +42,15 @@ pub enum StoreError {
     Unavailable(String),
     #[error("corrupt job record: {0}")]
     Corrupt(String),
+}
+
+impl Classified for StoreError {
+    fn failure(&self) -> Failure {
+        match self {
+            Self::Conflict | Self::Unavailable(_) => Failure::Transient,
+            Self::Corrupt(_) => Failure::Permanent,
+        }
+    }
 }
 
 pub enum CreateOutcome {
@@ -70,6 +99,12 @@ pub trait JobStore: Send + Sync {
 #[error("queue unavailable: {0}")]
 pub struct QueueError(pub String);
 
+impl Classified for QueueError {
+    fn failure(&self) -> Failure {
+        Failure::Transient
+    }
+}
+
 #[async_trait]
 pub trait JobQueue: Send + Sync {
     async fn enqueue(&self, job_id: &str) -> Result<(), QueueError>;
@@ -88,6 +123,16 @@ pub enum ObjectError {
     Transient(String),
     #[error("object store refused: {0}")]
     Permanent(String),
+}
+
+impl Classified for ObjectError {
+    fn failure(&self) -> Failure {
+        match self {
+            Self::NotFound(_) => Failure::Missing,
+            Self::Transient(_) => Failure::Transient,
+            Self::Permanent(_) => Failure::Permanent,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -156,6 +201,16 @@ pub enum FetchError {
     Status(u16),
 }
 
+impl Classified for FetchError {
+    fn failure(&self) -> Failure {
+        match self {
+            Self::Transient(_) => Failure::Transient,
+            Self::Status(404 | 410) => Failure::Missing,
+            Self::Status(_) => Failure::Permanent,
+        }
+    }
+}
+
 /// A downloaded body as it arrives.
 pub struct Fetched {
     /// The declared `Content-Length`, if the server sent one.
@@ -184,6 +239,16 @@ pub enum RunPodError {
     /// Any other refusal; retrying the same request will not help.
     #[error("RunPod refused ({status}): {message}")]
     Permanent { status: u16, message: String },
+}
+
+impl Classified for RunPodError {
+    fn failure(&self) -> Failure {
+        match self {
+            Self::Transient(_) => Failure::Transient,
+            Self::NotFound => Failure::Missing,
+            Self::Permanent { .. } => Failure::Permanent,
+        }
+    }
 }
 
 /// The body of `/run`, as RunPod documents it.
@@ -276,5 +341,40 @@ impl Clock for SystemClock {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as Millis)
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_port_error_falls_in_one_class() {
+        assert_eq!(StoreError::Conflict.failure(), Failure::Transient);
+        assert_eq!(
+            StoreError::Corrupt("x".into()).failure(),
+            Failure::Permanent
+        );
+        assert_eq!(QueueError("x".into()).failure(), Failure::Transient);
+        assert_eq!(
+            ObjectError::NotFound("k".into()).failure(),
+            Failure::Missing
+        );
+        assert_eq!(
+            ObjectError::Permanent("403".into()).failure(),
+            Failure::Permanent
+        );
+        assert_eq!(
+            FetchError::Transient("503".into()).failure(),
+            Failure::Transient
+        );
+        assert_eq!(FetchError::Status(404).failure(), Failure::Missing);
+        assert_eq!(FetchError::Status(403).failure(), Failure::Permanent);
+        assert_eq!(RunPodError::NotFound.failure(), Failure::Missing);
+        let refused = RunPodError::Permanent {
+            status: 400,
+            message: "bad input".into(),
+        };
+        assert_eq!(refused.failure(), Failure::Permanent);
     }
 }
