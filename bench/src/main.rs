@@ -163,7 +163,7 @@ async fn main() -> Result<(), BoxError> {
         );
         let _ = writeln!(
             summary,
-            "| 1 | Startup warming (submit + DescribeTable/GetQueueAttributes/HeadBucket in init): init · first event (ms) | {} · {} | init {}, first event {} of unwarmed |",
+            "| 1 | Startup warming (submit + DescribeTable/GetQueueAttributes/HeadObject in init): init · first event (ms) | {} · {} | init {}, first event {} of unwarmed |",
             warmed.init.show(1),
             warmed.first.show(1),
             ratio(warmed.init.median, submit.init.median),

@@ -31,7 +31,7 @@ pub async fn measure(
     runs: usize,
 ) -> Result<Vec<Figure>, BoxError> {
     let store = wiring.job_store()?;
-    let results_bucket = gateway::config::AwsResources::results_bucket_from_env(&wiring.env)?;
+    let results_bucket = gateway::config::results_bucket(&wiring.env)?;
     let s3 = gateway_aws::adapters::s3::aws_client(sdk, true);
     let mut figures = Vec::new();
     for &size_mb in sizes_mb {

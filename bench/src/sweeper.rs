@@ -191,7 +191,7 @@ pub async fn measure(
     due: u64,
     runs: usize,
 ) -> Result<Figure, BoxError> {
-    let table = gateway::config::AwsResources::table_from_env(&wiring.env)?;
+    let table = gateway::config::jobs_table(&wiring.env)?;
     let client = aws_sdk_dynamodb::Client::new(&wiring.sdk);
     let started = Instant::now();
     load_finished(&client, &table, finished).await?;

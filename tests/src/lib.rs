@@ -6,6 +6,8 @@
 //! - **the RunPod emulator**: in-process, its volume in a fresh temporary directory.
 //! - **the gateway**: the local runner in-process, with the same code the Lambda functions run.
 
+pub mod deployment;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};

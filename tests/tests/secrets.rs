@@ -29,16 +29,13 @@ async fn secret_values_take_the_place_of_environment_variables() {
     let env = Env::from_pairs([
         ("GATEWAY_SECRET_ARN", arn.as_str()),
         ("WEBHOOK_SECRET", "plain-variable-should-lose"),
+        ("RUNPOD_ENDPOINT_ID", "endpoint"),
     ]);
     let wiring = Wiring::with_secrets(env, sdk).await.unwrap();
-    assert_eq!(
-        wiring.env.get("WEBHOOK_SECRET").as_deref(),
-        Some("from-secrets-manager-0123")
-    );
-    assert_eq!(
-        wiring.env.get("RUNPOD_API_KEY").as_deref(),
-        Some("fake-key")
-    );
+    let webhook = gateway::config::WebhookSecrets::from_env(&wiring.env).unwrap();
+    assert_eq!(webhook.secret, "from-secrets-manager-0123");
+    let runpod = gateway::config::RunPodConfig::from_env(&wiring.env).unwrap();
+    assert_eq!(runpod.api_key, "fake-key");
 }
 
 #[tokio::test]

@@ -1,12 +1,11 @@
 //! The SQS consumer that submits queued jobs to RunPod, reporting partial batch failures.
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use gateway_aws::adapters::sqs::handle_batch;
-use gateway_aws::wiring::{init_tracing, Wiring};
+use gateway_aws::wiring::Wiring;
 use lambda_runtime::{service_fn, LambdaEvent};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    init_tracing();
     let wiring = Wiring::from_env().await?;
     let dispatcher = wiring.dispatcher()?;
     let dispatcher = &dispatcher;

@@ -1,12 +1,11 @@
 //! The public API as a Lambda behind API Gateway (HTTP API, JWT authorizer).
 use std::sync::Arc;
 
-use gateway_aws::wiring::{init_tracing, Wiring};
+use gateway_aws::wiring::Wiring;
 use gateway_http::api::{identity::IdentitySource, router, ApiState};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
-    init_tracing();
     let wiring = Wiring::from_env().await?;
     let state = ApiState::new(wiring.api()?, IdentitySource::JwtClaims);
     lambda_http::run(router(Arc::new(state))).await

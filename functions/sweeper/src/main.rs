@@ -1,11 +1,10 @@
 //! The scheduled sweeper (EventBridge Scheduler, every minute): rescues jobs whose webhook never
 //! came, re-enqueues stuck ones, times out overdue ones.
-use gateway_aws::wiring::{init_tracing, Wiring};
+use gateway_aws::wiring::Wiring;
 use lambda_runtime::{service_fn, LambdaEvent};
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_runtime::Error> {
-    init_tracing();
     let wiring = Wiring::from_env().await?;
     let sweeper = wiring.sweeper()?;
     let sweeper = &sweeper;

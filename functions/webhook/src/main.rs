@@ -2,12 +2,11 @@
 //! the URL is the authentication).
 use std::sync::Arc;
 
-use gateway_aws::wiring::{init_tracing, Wiring};
+use gateway_aws::wiring::Wiring;
 use gateway_http::webhook::router;
 
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
-    init_tracing();
     let wiring = Wiring::from_env().await?;
     let handler = wiring.webhook()?;
     lambda_http::run(router(Arc::new(handler))).await

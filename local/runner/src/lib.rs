@@ -14,7 +14,6 @@ use std::time::Duration;
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::sweeper::Sweeper;
-use gateway::config::AwsResources;
 use gateway_aws::adapters::sqs::handle_batch;
 use gateway_aws::wiring::{BootError, Wiring};
 use gateway_http::api::identity::IdentitySource;
@@ -22,37 +21,9 @@ use gateway_http::api::ApiState;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-#[derive(Clone, Debug)]
-pub struct RunnerOptions {
-    pub listen: SocketAddr,
-    pub sweep_every: Duration,
-    /// SQS visibility timeout for the local queue: how soon a failed dispatch comes back.
-    pub queue_visibility_secs: u32,
-    pub create_resources: bool,
-    /// Dispatch batches in flight at once, like the event source mapping's
-    /// `ScalingConfig.MaximumConcurrency` (the template's `DispatchMaxConcurrency`).
-    pub dispatch_concurrency: usize,
-    /// Messages per dispatch batch (the template's `DispatchBatchSize`; SQS allows 1 to 10).
-    pub dispatch_batch_size: u8,
-}
-
-/// The template's defaults for the dispatch event source (`DispatchMaxConcurrency`,
-/// `DispatchBatchSize`); the deployment contract test holds them equal.
-pub const TEMPLATE_DISPATCH_CONCURRENCY: usize = 5;
-pub const TEMPLATE_DISPATCH_BATCH_SIZE: u8 = 5;
-
-impl Default for RunnerOptions {
-    fn default() -> Self {
-        Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 3000)),
-            sweep_every: Duration::from_secs(60),
-            queue_visibility_secs: 30,
-            create_resources: true,
-            dispatch_concurrency: TEMPLATE_DISPATCH_CONCURRENCY,
-            dispatch_batch_size: TEMPLATE_DISPATCH_BATCH_SIZE,
-        }
-    }
-}
+/// The runner's own settings: `gateway::config::LocalRunnerConfig`, read with the rest of the
+/// configuration.
+pub type RunnerOptions = gateway::config::LocalRunnerConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunnerError {
@@ -106,7 +77,7 @@ pub async fn start_on(
     let dispatcher = Arc::new(wiring.dispatcher()?);
     let sweeper = Arc::new(wiring.sweeper()?);
     let sqs = aws_sdk_sqs::Client::new(&wiring.sdk);
-    let queue_url = AwsResources::queue_from_env(&wiring.env).map_err(BootError::from)?;
+    let queue_url = gateway::config::queue_url(&wiring.env).map_err(BootError::from)?;
 
     let app = gateway_http::api::router(api).merge(gateway_http::webhook::router(webhook));
     let addr = listener.local_addr()?;

@@ -2,7 +2,7 @@
 //! table with its indexes, the dispatch queue with its dead-letter queue, the two buckets.
 //! Idempotent, so every start of the stack can call it.
 use aws_sdk_sqs::types::QueueAttributeName;
-use gateway::config::AwsResources;
+use gateway::config;
 use gateway_aws::adapters::dynamodb::create_table;
 use gateway_aws::wiring::Wiring;
 
@@ -11,11 +11,11 @@ pub const MAX_RECEIVES: u32 = 5;
 
 pub async fn ensure(wiring: &Wiring, visibility_secs: u32) -> Result<(), String> {
     let env = &wiring.env;
-    let table = AwsResources::table_from_env(env).map_err(|e| e.to_string())?;
+    let table = config::jobs_table(env).map_err(|e| e.to_string())?;
     create_table(&aws_sdk_dynamodb::Client::new(&wiring.sdk), &table).await?;
 
     let sqs = aws_sdk_sqs::Client::new(&wiring.sdk);
-    let queue_url = AwsResources::queue_from_env(env).map_err(|e| e.to_string())?;
+    let queue_url = config::queue_url(env).map_err(|e| e.to_string())?;
     let name = queue_url.rsplit('/').next().unwrap_or("jobs").to_string();
     let dlq = sqs
         .create_queue()
@@ -51,10 +51,7 @@ pub async fn ensure(wiring: &Wiring, visibility_secs: u32) -> Result<(), String>
             .force_path_style(true)
             .build(),
     );
-    for bucket in [
-        AwsResources::uploads_bucket_from_env(env),
-        AwsResources::results_bucket_from_env(env),
-    ] {
+    for bucket in [config::uploads_bucket(env), config::results_bucket(env)] {
         let bucket = bucket.map_err(|e: gateway::config::ConfigError| e.to_string())?;
         match s3.create_bucket().bucket(&bucket).send().await {
             Ok(_) => {}

@@ -16,8 +16,7 @@ use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
 use gateway::app::webhook::WebhookHandler;
 use gateway::config::{
-    webhook_base_url_from_env, AwsResources, ConfigError, Env, RunPodConfig, Settings,
-    VolumeConfig, WebhookSecrets,
+    self, ConfigError, Env, LogConfig, RunPodConfig, Settings, VolumeConfig, WebhookSecrets,
 };
 use gateway::domain::paths::VolumeLayout;
 use gateway::domain::token::WebhookSigner;
@@ -42,6 +41,7 @@ pub struct Wiring {
     pub env: Env,
     pub sdk: SdkConfig,
     pub settings: Settings,
+    pub log: LogConfig,
     pub clock: Arc<dyn Clock>,
     pub catalog: Arc<WorkflowCatalog>,
     clients: Clients,
@@ -69,18 +69,20 @@ fn once<T: Clone, E>(cell: &OnceLock<T>, build: impl FnOnce() -> Result<T, E>) -
 
 impl Wiring {
     /// From the process environment, with the SDK's own configuration chain, and the secrets
-    /// named by `GATEWAY_SECRET_ARN` when it is set.
+    /// named by `GATEWAY_SECRET_ARN` when it is set; then logging as configured.
     pub async fn from_env() -> Result<Self, BootError> {
         let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
-        Self::with_secrets(Env::process(), sdk).await
+        let wiring = Self::with_secrets(Env::process(), sdk).await?;
+        init_tracing(&wiring.log);
+        Ok(wiring)
     }
 
     /// Like [`Wiring::new`], after laying the Secrets Manager secret named by
     /// `GATEWAY_SECRET_ARN` (if any) over `env`.
     pub async fn with_secrets(env: Env, sdk: SdkConfig) -> Result<Self, BootError> {
-        let env = match env.get("GATEWAY_SECRET_ARN") {
+        let env = match config::secret_arn(&env) {
             Some(arn) => {
-                let client = aws_sdk_secretsmanager::Client::new(&sdk);
+                let client = secrets::client(&sdk);
                 let values = secrets::fetch(&client, &arn).await?;
                 env.with_secrets(values)
             }
@@ -94,6 +96,7 @@ impl Wiring {
         Ok(Self {
             sdk,
             settings: Settings::from_env(&env)?,
+            log: LogConfig::from_env(&env),
             env,
             clock: Arc::new(SystemClock),
             catalog: Arc::new(catalog),
@@ -103,22 +106,22 @@ impl Wiring {
 
     pub fn job_store(&self) -> Result<Arc<DynamoJobStore>, BootError> {
         let client = once(&self.clients.dynamodb, || {
-            Ok::<_, BootError>(aws_sdk_dynamodb::Client::new(&self.sdk))
+            Ok::<_, BootError>(crate::adapters::dynamodb::client(&self.sdk))
         })?;
         Ok(Arc::new(DynamoJobStore::new(
             client,
-            AwsResources::table_from_env(&self.env)?,
+            config::jobs_table(&self.env)?,
         )))
     }
 
     #[cfg(feature = "sqs")]
     pub fn queue(&self) -> Result<Arc<SqsJobQueue>, BootError> {
         let client = once(&self.clients.sqs, || {
-            Ok::<_, BootError>(aws_sdk_sqs::Client::new(&self.sdk))
+            Ok::<_, BootError>(crate::adapters::sqs::client(&self.sdk))
         })?;
         Ok(Arc::new(SqsJobQueue::new(
             client,
-            AwsResources::queue_from_env(&self.env)?,
+            config::queue_url(&self.env)?,
         )))
     }
 
@@ -126,7 +129,7 @@ impl Wiring {
         once(&self.clients.s3, || {
             Ok(aws_client(
                 &self.sdk,
-                AwsResources::s3_force_path_style_from_env(&self.env)?,
+                config::s3_force_path_style(&self.env)?,
             ))
         })
     }
@@ -134,14 +137,14 @@ impl Wiring {
     pub fn uploads(&self) -> Result<Arc<S3ObjectStore>, BootError> {
         Ok(Arc::new(S3ObjectStore::new(
             self.s3()?,
-            AwsResources::uploads_bucket_from_env(&self.env)?,
+            config::uploads_bucket(&self.env)?,
         )))
     }
 
     pub fn results(&self) -> Result<Arc<S3ObjectStore>, BootError> {
         Ok(Arc::new(S3ObjectStore::new(
             self.s3()?,
-            AwsResources::results_bucket_from_env(&self.env)?,
+            config::results_bucket(&self.env)?,
         )))
     }
 
@@ -194,7 +197,7 @@ impl Wiring {
             runpod: self.runpod()?,
             catalog: self.catalog.clone(),
             signer: self.signer()?,
-            webhook_base: webhook_base_url_from_env(&self.env)?,
+            webhook_base: config::webhook_base_url(&self.env)?,
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         })
@@ -237,19 +240,28 @@ impl Wiring {
     }
 }
 
-/// Structured logs: JSON lines (what CloudWatch and Lambda's JSON log format expect) unless
-/// `GATEWAY_LOG_FORMAT=text`. Level from `RUST_LOG`, default `info`.
-pub fn init_tracing() {
+/// The log subscriber every binary uses, writing to `writer`: JSON lines with the event's
+/// fields at the top level (what CloudWatch metric filters read as `$.field`), or text.
+pub fn subscriber<W>(log: &LogConfig, writer: W) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_new(&log.filter).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_target(false);
-    let result = if std::env::var("GATEWAY_LOG_FORMAT").as_deref() == Ok("text") {
-        builder.try_init()
+        .with_target(false)
+        .with_writer(writer);
+    if log.json {
+        Box::new(builder.json().flatten_event(true).finish())
     } else {
-        builder.json().flatten_event(true).try_init()
-    };
-    // A second init (tests, the runner embedding functions) keeps the first subscriber.
-    let _ = result;
+        Box::new(builder.finish())
+    }
+}
+
+/// Installs [`subscriber`] on stdout for the process. A second call (tests, the runner
+/// embedding functions) keeps the first subscriber.
+pub fn init_tracing(log: &LogConfig) {
+    use tracing_subscriber::util::SubscriberInitExt;
+    let _ = subscriber(log, std::io::stdout).try_init();
 }

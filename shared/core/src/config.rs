@@ -1,6 +1,11 @@
-//! Configuration from the environment, read once at start-up. Each function reads only the
-//! groups it needs, so a missing variable names itself at cold start rather than mid-request.
-use std::collections::HashMap;
+//! Configuration from the environment, read once at start-up, and only here: every variable
+//! any binary reads is read in this module, with its default written once. Each function reads
+//! only the groups it needs, so a missing variable names itself at cold start rather than
+//! mid-request. [`Env`] records every name read, so what a function reads is data (the
+//! deployment contract test compares it with `template.yaml`).
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::domain::report::UrlAllowList;
@@ -21,6 +26,8 @@ pub struct Env {
     vars: Option<HashMap<String, String>>,
     /// Values that win over `vars`: the secrets fetched from Secrets Manager at start-up.
     secrets: HashMap<String, String>,
+    /// Every name asked for, set or not; shared by clones.
+    read: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl std::fmt::Debug for Env {
@@ -55,10 +62,20 @@ impl Env {
                     .collect(),
             ),
             secrets: HashMap::new(),
+            read: Arc::default(),
         }
     }
 
-    pub fn get(&self, name: &str) -> Option<String> {
+    /// Every variable read so far through this environment or a clone of it.
+    pub fn names_read(&self) -> BTreeSet<String> {
+        self.read.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn get(&self, name: &str) -> Option<String> {
+        self.read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
         if let Some(secret) = self.secrets.get(name) {
             return Some(secret.clone()).filter(|v| !v.trim().is_empty());
         }
@@ -69,7 +86,7 @@ impl Env {
         value.filter(|v| !v.trim().is_empty())
     }
 
-    pub fn required(&self, name: &'static str) -> Result<String, ConfigError> {
+    fn required(&self, name: &'static str) -> Result<String, ConfigError> {
         self.get(name).ok_or(ConfigError::Missing(name))
     }
 }
@@ -193,33 +210,54 @@ impl Default for Settings {
     }
 }
 
-/// Names of the AWS resources; endpoints and credentials come from the SDK's own environment
-/// (`AWS_REGION`, `AWS_ENDPOINT_URL`, …).
-#[derive(Clone, Debug)]
-pub struct AwsResources {
-    pub table: String,
-    pub queue_url: String,
-    pub uploads_bucket: String,
-    pub results_bucket: String,
-    /// Path-style S3 addressing, needed for local S3 servers such as moto.
-    pub s3_force_path_style: bool,
+// Names of the AWS resources; endpoints and credentials come from the SDK's own environment
+// (`AWS_REGION`, `AWS_ENDPOINT_URL`, …). Each function reads only those it uses.
+
+/// The jobs table (`JOBS_TABLE`).
+pub fn jobs_table(env: &Env) -> Result<String, ConfigError> {
+    env.required("JOBS_TABLE")
 }
 
-impl AwsResources {
-    pub fn table_from_env(env: &Env) -> Result<String, ConfigError> {
-        env.required("JOBS_TABLE")
-    }
-    pub fn queue_from_env(env: &Env) -> Result<String, ConfigError> {
-        env.required("JOBS_QUEUE_URL")
-    }
-    pub fn uploads_bucket_from_env(env: &Env) -> Result<String, ConfigError> {
-        env.required("UPLOADS_BUCKET")
-    }
-    pub fn results_bucket_from_env(env: &Env) -> Result<String, ConfigError> {
-        env.required("RESULTS_BUCKET")
-    }
-    pub fn s3_force_path_style_from_env(env: &Env) -> Result<bool, ConfigError> {
-        flag(env, "S3_FORCE_PATH_STYLE", false)
+/// The dispatch queue (`JOBS_QUEUE_URL`).
+pub fn queue_url(env: &Env) -> Result<String, ConfigError> {
+    env.required("JOBS_QUEUE_URL")
+}
+
+/// The bucket for input images (`UPLOADS_BUCKET`).
+pub fn uploads_bucket(env: &Env) -> Result<String, ConfigError> {
+    env.required("UPLOADS_BUCKET")
+}
+
+/// The bucket for outputs (`RESULTS_BUCKET`).
+pub fn results_bucket(env: &Env) -> Result<String, ConfigError> {
+    env.required("RESULTS_BUCKET")
+}
+
+/// Path-style S3 addressing (`S3_FORCE_PATH_STYLE`), needed for local S3 servers such as moto.
+pub fn s3_force_path_style(env: &Env) -> Result<bool, ConfigError> {
+    flag(env, "S3_FORCE_PATH_STYLE", false)
+}
+
+/// The Secrets Manager secret whose keys are laid over the environment at start-up
+/// (`GATEWAY_SECRET_ARN`); none locally.
+pub fn secret_arn(env: &Env) -> Option<String> {
+    env.get("GATEWAY_SECRET_ARN")
+}
+
+/// Structured logging: JSON lines unless `GATEWAY_LOG_FORMAT=text`; the level filter from
+/// `RUST_LOG` (tracing's filter syntax), `info` by default.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LogConfig {
+    pub json: bool,
+    pub filter: String,
+}
+
+impl LogConfig {
+    pub fn from_env(env: &Env) -> Self {
+        Self {
+            json: env.get("GATEWAY_LOG_FORMAT").as_deref() != Some("text"),
+            filter: env.get("RUST_LOG").unwrap_or_else(|| "info".into()),
+        }
     }
 }
 
@@ -317,7 +355,7 @@ impl VolumeConfig {
 }
 
 /// Where RunPod should send webhooks: the gateway's public base URL (dispatch only).
-pub fn webhook_base_url_from_env(env: &Env) -> Result<String, ConfigError> {
+pub fn webhook_base_url(env: &Env) -> Result<String, ConfigError> {
     Ok(env
         .required("WEBHOOK_BASE_URL")?
         .trim_end_matches('/')
@@ -346,6 +384,69 @@ impl WebhookSecrets {
             previous_secret: env.get("WEBHOOK_SECRET_PREVIOUS"),
         })
     }
+}
+
+/// The template's defaults for the dispatch event source (`DispatchMaxConcurrency`,
+/// `DispatchBatchSize`), which the local runner copies; the deployment contract test holds
+/// them equal.
+pub const TEMPLATE_DISPATCH_CONCURRENCY: usize = 5;
+pub const TEMPLATE_DISPATCH_BATCH_SIZE: u8 = 5;
+
+/// The local runner's own variables; the Lambda functions never read them.
+#[derive(Clone, Debug)]
+pub struct LocalRunnerConfig {
+    /// `GATEWAY_LISTEN`: where the API and the webhook route listen.
+    pub listen: SocketAddr,
+    /// `SWEEP_EVERY_SECS`: the sweeper's tick (in AWS, the schedule's `rate(1 minute)`).
+    pub sweep_every: Duration,
+    /// `LOCAL_QUEUE_VISIBILITY_SECS`: how soon a failed dispatch comes back.
+    pub queue_visibility_secs: u32,
+    /// `LOCAL_CREATE_RESOURCES`: create the table, queue and buckets in moto at start.
+    pub create_resources: bool,
+    /// `LOCAL_DISPATCH_CONCURRENCY`: dispatch batches in flight at once, like the event source
+    /// mapping's `ScalingConfig.MaximumConcurrency`.
+    pub dispatch_concurrency: usize,
+    /// `LOCAL_DISPATCH_BATCH_SIZE`: messages per dispatch batch (SQS allows 1 to 10).
+    pub dispatch_batch_size: u8,
+}
+
+impl LocalRunnerConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        Ok(Self {
+            listen: parsed(
+                env,
+                "GATEWAY_LISTEN",
+                SocketAddr::from(([127, 0, 0, 1], 3000)),
+            )?,
+            sweep_every: seconds(env, "SWEEP_EVERY_SECS", 60)?,
+            queue_visibility_secs: parsed(env, "LOCAL_QUEUE_VISIBILITY_SECS", 30)?,
+            create_resources: flag(env, "LOCAL_CREATE_RESOURCES", true)?,
+            dispatch_concurrency: parsed(
+                env,
+                "LOCAL_DISPATCH_CONCURRENCY",
+                TEMPLATE_DISPATCH_CONCURRENCY,
+            )?,
+            dispatch_batch_size: parsed(
+                env,
+                "LOCAL_DISPATCH_BATCH_SIZE",
+                TEMPLATE_DISPATCH_BATCH_SIZE,
+            )?,
+        })
+    }
+}
+
+impl Default for LocalRunnerConfig {
+    fn default() -> Self {
+        Self::from_env(&Env::from_pairs(std::iter::empty::<(String, String)>()))
+            .expect("the defaults are valid")
+    }
+}
+
+/// The local runner's bearer tokens (`GATEWAY_DEV_TOKENS`, `token=owner` pairs separated by
+/// commas), standing in for the JWT authorizer; in AWS it names the caller.
+pub fn dev_tokens(env: &Env) -> String {
+    env.get("GATEWAY_DEV_TOKENS")
+        .unwrap_or_else(|| "dev-token=dev".into())
 }
 
 #[cfg(test)]

@@ -19,9 +19,13 @@ struct Received {
     received: bool,
 }
 
+/// The webhook route, as (method, path); the deployment contract test holds it equal to the
+/// template's `HttpApi` event.
+pub const ROUTE: (&str, &str) = ("POST", "/webhooks/runpod/{job_id}");
+
 pub fn router(handler: Arc<WebhookHandler>) -> Router {
     Router::new()
-        .route("/webhooks/runpod/{job_id}", post(receive))
+        .route(ROUTE.1, post(receive))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_WEBHOOK_BYTES))
         .with_state(handler)
 }

@@ -19,11 +19,28 @@ use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
 use aws_sdk_dynamodb::Client;
+
+use crate::adapters::declared::DeclaredOperations;
 use base64::Engine as _;
 
 use gateway::domain::job::{Job, Millis};
 use gateway::domain::keys::{self, SWEEP_SHARDS};
 use gateway::ports::{CreateOutcome, DueJobs, JobPage, JobStore, StoreError};
+
+/// The DynamoDB operations [`DynamoJobStore`] calls.
+pub const AWS_OPERATIONS: &[&str] = &["GetItem", "PutItem", "Query", "TransactWriteItems"];
+/// The operations of [`create_table`], for the local stack only (in AWS the template creates
+/// the table).
+pub const LOCAL_OPERATIONS: &[&str] = &["CreateTable", "UpdateTimeToLive"];
+
+/// A DynamoDB client that makes only the store's calls.
+pub fn client(sdk: &aws_config::SdkConfig) -> Client {
+    Client::from_conf(
+        aws_sdk_dynamodb::config::Builder::from(sdk)
+            .interceptor(DeclaredOperations::new("job store", AWS_OPERATIONS))
+            .build(),
+    )
+}
 
 pub const OWNER_INDEX: &str = "owner-index";
 pub const SWEEP_INDEX: &str = "sweep-index";
@@ -322,19 +339,41 @@ impl DynamoJobStore {
     }
 }
 
-/// Creates the table with its indexes and TTL; used by the local stack and tests. In AWS the
-/// SAM template creates the same table.
+/// The job table's shape, as data: what [`create_table`] creates locally, and what the
+/// deployment contract test holds `template.yaml`'s table to.
+pub struct TableSchema {
+    /// (attribute, `S` or `N`) for every key attribute of the table and its indexes.
+    pub attributes: &'static [(&'static str, &'static str)],
+    /// The partition key.
+    pub key: &'static str,
+    /// (index, partition key, sort key); every index projects all attributes.
+    pub indexes: &'static [(&'static str, &'static str, &'static str)],
+    /// The DynamoDB TTL attribute (epoch seconds).
+    pub ttl: &'static str,
+}
+
+pub const TABLE: TableSchema = TableSchema {
+    attributes: &[
+        ("pk", "S"),
+        ("owner", "S"),
+        ("job_id", "S"),
+        ("sweep_shard", "S"),
+        ("next_check_at", "N"),
+    ],
+    key: "pk",
+    indexes: &[
+        (OWNER_INDEX, "owner", "job_id"),
+        (SWEEP_INDEX, "sweep_shard", "next_check_at"),
+    ],
+    ttl: "expires_at",
+};
+
+/// Creates the job table as [`TABLE`] describes it (the local stack's; in AWS the template
+/// creates it). Idempotent.
 pub async fn create_table(client: &Client, table: &str) -> Result<(), String> {
     use aws_sdk_dynamodb::types::{
         AttributeDefinition, BillingMode, GlobalSecondaryIndex, KeySchemaElement, KeyType,
         Projection, ProjectionType, ScalarAttributeType, TimeToLiveSpecification,
-    };
-    let attr = |name: &str, kind: ScalarAttributeType| {
-        AttributeDefinition::builder()
-            .attribute_name(name)
-            .attribute_type(kind)
-            .build()
-            .map_err(|e| e.to_string())
     };
     let key = |name: &str, kind: KeyType| {
         KeySchemaElement::builder()
@@ -343,40 +382,36 @@ pub async fn create_table(client: &Client, table: &str) -> Result<(), String> {
             .build()
             .map_err(|e| e.to_string())
     };
-    let all = Projection::builder()
-        .projection_type(ProjectionType::All)
-        .build();
-    let result = client
+    let mut request = client
         .create_table()
         .table_name(table)
         .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(attr("pk", ScalarAttributeType::S)?)
-        .attribute_definitions(attr("owner", ScalarAttributeType::S)?)
-        .attribute_definitions(attr("job_id", ScalarAttributeType::S)?)
-        .attribute_definitions(attr("sweep_shard", ScalarAttributeType::S)?)
-        .attribute_definitions(attr("next_check_at", ScalarAttributeType::N)?)
-        .key_schema(key("pk", KeyType::Hash)?)
-        .global_secondary_indexes(
-            GlobalSecondaryIndex::builder()
-                .index_name(OWNER_INDEX)
-                .key_schema(key("owner", KeyType::Hash)?)
-                .key_schema(key("job_id", KeyType::Range)?)
-                .projection(all.clone())
+        .key_schema(key(TABLE.key, KeyType::Hash)?);
+    for (name, kind) in TABLE.attributes {
+        request = request.attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name(*name)
+                .attribute_type(ScalarAttributeType::from(*kind))
                 .build()
                 .map_err(|e| e.to_string())?,
-        )
-        .global_secondary_indexes(
+        );
+    }
+    for (index, partition, sort) in TABLE.indexes {
+        request = request.global_secondary_indexes(
             GlobalSecondaryIndex::builder()
-                .index_name(SWEEP_INDEX)
-                .key_schema(key("sweep_shard", KeyType::Hash)?)
-                .key_schema(key("next_check_at", KeyType::Range)?)
-                .projection(all)
+                .index_name(*index)
+                .key_schema(key(partition, KeyType::Hash)?)
+                .key_schema(key(sort, KeyType::Range)?)
+                .projection(
+                    Projection::builder()
+                        .projection_type(ProjectionType::All)
+                        .build(),
+                )
                 .build()
                 .map_err(|e| e.to_string())?,
-        )
-        .send()
-        .await;
-    match result {
+        );
+    }
+    match request.send().await {
         Ok(_) => {}
         Err(err)
             if err
@@ -393,7 +428,7 @@ pub async fn create_table(client: &Client, table: &str) -> Result<(), String> {
         .table_name(table)
         .time_to_live_specification(
             TimeToLiveSpecification::builder()
-                .attribute_name("expires_at")
+                .attribute_name(TABLE.ttl)
                 .enabled(true)
                 .build()
                 .map_err(|e| e.to_string())?,

@@ -1,5 +1,6 @@
 //! Object stores on S3: the uploads and results buckets in AWS, and the RunPod network volume
 //! through its S3-compatible API (bucket = volume id, path-style, no presigned URLs).
+use crate::adapters::declared::DeclaredOperations;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -55,9 +56,26 @@ impl S3ObjectStore {
 }
 
 /// An S3 client for AWS buckets, from the shared SDK config.
+/// The S3 operations [`S3ObjectStore`] calls, on the AWS buckets and on the volume.
+pub const AWS_OPERATIONS: &[&str] = &[
+    "PutObject",
+    "GetObject",
+    "HeadObject",
+    "CreateMultipartUpload",
+    "UploadPart",
+    "CompleteMultipartUpload",
+    "AbortMultipartUpload",
+    "DeleteObject",
+];
+
+fn declared() -> DeclaredOperations {
+    DeclaredOperations::new("S3 object store", AWS_OPERATIONS)
+}
+
 pub fn aws_client(sdk: &aws_config::SdkConfig, force_path_style: bool) -> Client {
     let config = aws_sdk_s3::config::Builder::from(sdk)
         .force_path_style(force_path_style)
+        .interceptor(declared())
         .build();
     Client::from_conf(config)
 }
@@ -94,6 +112,7 @@ pub fn volume_client(config: &VolumeConfig) -> Client {
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
         .retry_config(volume_retry_config())
+        .interceptor(declared())
         .timeout_config(
             aws_sdk_s3::config::timeout::TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(5))

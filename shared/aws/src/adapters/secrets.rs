@@ -30,6 +30,21 @@ pub enum SecretError {
     },
 }
 
+/// The Secrets Manager operation [`fetch`] calls.
+pub const AWS_OPERATIONS: &[&str] = &["GetSecretValue"];
+
+/// A Secrets Manager client that makes only [`fetch`]'s call.
+pub fn client(sdk: &aws_config::SdkConfig) -> Client {
+    Client::from_conf(
+        aws_sdk_secretsmanager::config::Builder::from(sdk)
+            .interceptor(crate::adapters::declared::DeclaredOperations::new(
+                "secrets",
+                AWS_OPERATIONS,
+            ))
+            .build(),
+    )
+}
+
 pub async fn fetch(client: &Client, arn: &str) -> Result<HashMap<String, String>, SecretError> {
     let out = client
         .get_secret_value()

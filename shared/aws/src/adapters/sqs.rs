@@ -11,7 +11,10 @@ pub struct DispatchMessage {
 #[cfg(feature = "sqs-events")]
 pub use events::handle_batch;
 #[cfg(feature = "sqs")]
-pub use queue::SqsJobQueue;
+pub use queue::{client, SqsJobQueue};
+
+/// The SQS operation [`SqsJobQueue`] calls.
+pub const AWS_OPERATIONS: &[&str] = &["SendMessage"];
 
 #[cfg(feature = "sqs")]
 mod queue {
@@ -19,7 +22,17 @@ mod queue {
     use aws_sdk_sqs::Client;
     use gateway::ports::{JobQueue, QueueError};
 
-    use super::DispatchMessage;
+    use super::{DispatchMessage, AWS_OPERATIONS};
+    use crate::adapters::declared::DeclaredOperations;
+
+    /// An SQS client that makes only the queue's call.
+    pub fn client(sdk: &aws_config::SdkConfig) -> Client {
+        Client::from_conf(
+            aws_sdk_sqs::config::Builder::from(sdk)
+                .interceptor(DeclaredOperations::new("job queue", AWS_OPERATIONS))
+                .build(),
+        )
+    }
 
     #[derive(Clone)]
     pub struct SqsJobQueue {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use axum::http::request::Parts;
 use lambda_http::request::RequestContext;
 
-use gateway::config::{ConfigError, Env};
+use gateway::config::{self, ConfigError, Env};
 
 #[derive(Clone, Debug)]
 pub enum IdentitySource {
@@ -16,14 +16,12 @@ pub enum IdentitySource {
 }
 
 impl IdentitySource {
-    /// Parses `GATEWAY_DEV_TOKENS` (`token=owner,token2=owner2`; default `dev-token=dev`).
+    /// The local runner's token map, as configured (`GATEWAY_DEV_TOKENS`).
     pub fn dev_tokens_from_env(env: &Env) -> Result<Self, ConfigError> {
-        let raw = env
-            .get("GATEWAY_DEV_TOKENS")
-            .unwrap_or_else(|| "dev-token=dev".into());
-        Self::parse_dev_tokens(&raw)
+        Self::parse_dev_tokens(&config::dev_tokens(env))
     }
 
+    /// Parses a `token=owner,token2=owner2` map.
     pub fn parse_dev_tokens(raw: &str) -> Result<Self, ConfigError> {
         let mut map = HashMap::new();
         for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {

@@ -15,7 +15,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -49,13 +49,35 @@ impl ApiState {
     }
 }
 
+/// Every route of the public API, as (method, path). The router is built from this table, and
+/// the deployment contract test holds it equal to the template's `HttpApi` events.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("POST", "/jobs"),
+    ("GET", "/jobs"),
+    ("GET", "/jobs/{id}"),
+    ("POST", "/jobs/{id}/cancel"),
+    ("POST", "/uploads"),
+    ("GET", "/health"),
+];
+
+fn handler(method: &str, path: &str) -> MethodRouter<Arc<ApiState>> {
+    match (method, path) {
+        ("POST", "/jobs") => post(create_job),
+        ("GET", "/jobs") => get(list_jobs),
+        ("GET", "/jobs/{id}") => get(get_job),
+        ("POST", "/jobs/{id}/cancel") => post(cancel_job),
+        ("POST", "/uploads") => post(create_upload),
+        ("GET", "/health") => get(|| async { Json(Health { ok: true }) }),
+        _ => unreachable!("{method} {path} is in ROUTES without a handler"),
+    }
+}
+
 pub fn router(state: Arc<ApiState>) -> Router {
-    Router::new()
-        .route("/jobs", post(create_job).get(list_jobs))
-        .route("/jobs/{id}", get(get_job))
-        .route("/jobs/{id}/cancel", post(cancel_job))
-        .route("/uploads", post(create_upload))
-        .route("/health", get(|| async { Json(Health { ok: true }) }))
+    ROUTES
+        .iter()
+        .fold(Router::new(), |router, (method, path)| {
+            router.route(path, handler(method, path))
+        })
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
