@@ -4,60 +4,18 @@
 //! reads: the sweep index's items (DynamoDB's `ScannedCount`, via `due_for_check`) and the
 //! per-job GetItem calls.
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
 use futures::StreamExt;
 use gateway::app::sweeper::Sweeper;
 use gateway::domain::job::{Job, JobState, Millis, OutputFile};
-use gateway::ports::{
-    Clock, CreateOutcome, DueJobs, JobPage, JobStore, RunPod, RunPolicy, RunRequest, StoreError,
-};
+use gateway::ports::{Clock, JobStore, RunPod, RunPolicy, RunRequest};
 use gateway_aws::wiring::Wiring;
+use testkit::observed::ObservedStore;
 
 use crate::common::{ms, new_job, now_ms, submitted_job, BoxError, Summary, OWNER};
-
-/// Counts what the sweeper reads through the store.
-struct CountingStore {
-    inner: Arc<dyn JobStore>,
-    index_items: AtomicU64,
-    index_calls: AtomicU64,
-    gets: AtomicU64,
-    saves: AtomicU64,
-}
-
-#[async_trait]
-impl JobStore for CountingStore {
-    async fn create(&self, job: &Job) -> Result<CreateOutcome, StoreError> {
-        self.inner.create(job).await
-    }
-    async fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError> {
-        self.gets.fetch_add(1, Ordering::Relaxed);
-        self.inner.get(job_id).await
-    }
-    async fn save(&self, job: &Job, expected_version: u64) -> Result<(), StoreError> {
-        self.saves.fetch_add(1, Ordering::Relaxed);
-        self.inner.save(job, expected_version).await
-    }
-    async fn list_by_owner(
-        &self,
-        owner: &str,
-        limit: u32,
-        cursor: Option<&str>,
-    ) -> Result<JobPage, StoreError> {
-        self.inner.list_by_owner(owner, limit, cursor).await
-    }
-    async fn due_for_check(&self, now: Millis, limit: u32) -> Result<DueJobs, StoreError> {
-        self.index_calls.fetch_add(1, Ordering::Relaxed);
-        let due = self.inner.due_for_check(now, limit).await?;
-        self.index_items
-            .fetch_add(due.items_read, Ordering::Relaxed);
-        Ok(due)
-    }
-}
 
 /// The system clock moved forward, so every repetition finds the same jobs due again.
 struct Later(Millis);
@@ -234,13 +192,7 @@ pub async fn measure(
     let (mut index, mut found, mut per_due, mut all, mut writes, mut times) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     for run in 0..runs {
-        let counting = Arc::new(CountingStore {
-            inner: base.store.clone(),
-            index_items: AtomicU64::new(0),
-            index_calls: AtomicU64::new(0),
-            gets: AtomicU64::new(0),
-            saves: AtomicU64::new(0),
-        });
+        let counting = Arc::new(ObservedStore::new(base.store.clone()));
         let sweeper = Sweeper {
             store: counting.clone(),
             queue: base.queue.clone(),
@@ -252,8 +204,8 @@ pub async fn measure(
         let started = Instant::now();
         let report = sweeper.sweep().await?;
         times.push(ms(started.elapsed()));
-        let items = counting.index_items.load(Ordering::Relaxed);
-        let gets = counting.gets.load(Ordering::Relaxed);
+        let items = counting.index_items();
+        let gets = counting.gets();
         if report.due as u64 != due || report.errors > 0 {
             figure.errors.push(format!(
                 "sweep {run}: {} due (expected {due}), {} errors",
@@ -264,7 +216,7 @@ pub async fn measure(
         found.push(report.due as f64);
         per_due.push(items as f64 / report.due.max(1) as f64);
         all.push((items + gets) as f64);
-        writes.push(counting.saves.load(Ordering::Relaxed) as f64);
+        writes.push(counting.saves() as f64);
         crate::progress!(
             "sweep {}/{runs}: {} due, {items} index items read, {gets} GetItem, {:.0} ms",
             run + 1,

@@ -327,47 +327,6 @@ async fn a_cancel_racing_the_webhook_leaves_one_end_and_no_stray_outputs() {
     stack.stop().await;
 }
 
-/// The job store with a lagging sweep index: `due_for_check` answers with copies read earlier,
-/// as DynamoDB's (eventually consistent) index can; everything else is the real store.
-struct LaggingIndex {
-    inner: DynamoJobStore,
-    stale: Vec<Job>,
-}
-
-#[async_trait::async_trait]
-impl JobStore for LaggingIndex {
-    async fn create(
-        &self,
-        job: &Job,
-    ) -> Result<gateway::ports::CreateOutcome, gateway::ports::StoreError> {
-        self.inner.create(job).await
-    }
-    async fn get(&self, id: &str) -> Result<Option<Job>, gateway::ports::StoreError> {
-        self.inner.get(id).await
-    }
-    async fn save(&self, job: &Job, expected: u64) -> Result<(), gateway::ports::StoreError> {
-        self.inner.save(job, expected).await
-    }
-    async fn list_by_owner(
-        &self,
-        owner: &str,
-        limit: u32,
-        cursor: Option<&str>,
-    ) -> Result<gateway::ports::JobPage, gateway::ports::StoreError> {
-        self.inner.list_by_owner(owner, limit, cursor).await
-    }
-    async fn due_for_check(
-        &self,
-        _now: i64,
-        _limit: u32,
-    ) -> Result<gateway::ports::DueJobs, gateway::ports::StoreError> {
-        Ok(gateway::ports::DueJobs {
-            jobs: self.stale.clone(),
-            items_read: self.stale.len() as u64,
-        })
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sweeper_expiring_a_stale_copy_never_leaves_a_gpu_running() {
     // Found by the chaos run: the sweeper read a job from its index before dispatch recorded
@@ -404,10 +363,15 @@ async fn a_sweeper_expiring_a_stale_copy_never_leaves_a_gpu_running() {
     let runpod_id = stack.stored_job(&job.id).await.runpod_job_id.unwrap();
 
     let sweeper = |stale: Vec<Job>| gateway::app::sweeper::Sweeper {
-        store: std::sync::Arc::new(LaggingIndex {
-            inner: DynamoJobStore::new(stack.dynamodb(), &stack.table),
-            stale,
-        }),
+        // The real store, with a sweep index that answers with copies read earlier, as
+        // DynamoDB's eventually consistent index can.
+        store: std::sync::Arc::new(
+            testkit::observed::ObservedStore::new(std::sync::Arc::new(DynamoJobStore::new(
+                stack.dynamodb(),
+                &stack.table,
+            )))
+            .lag_index(stale),
+        ),
         queue: wiring.queue().unwrap(),
         runpod: wiring.runpod().unwrap(),
         finalizer: std::sync::Arc::new(wiring.finalizer().unwrap()),

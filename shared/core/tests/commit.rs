@@ -95,3 +95,26 @@ async fn a_change_decided_under_a_lease_is_refused_once_the_lease_is_gone() {
     );
     assert_eq!(kit.stored(&job.id).check_failures, 0);
 }
+
+#[tokio::test]
+async fn a_change_that_touches_no_timestamp_still_takes_a_new_version() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    let note = |job: &mut gateway::domain::job::Job| {
+        job.note_check_failure();
+        Ok(())
+    };
+
+    let first = commit_as(kit.store.as_ref(), job.clone(), Actor::Sweeper, note)
+        .await
+        .unwrap();
+    let Committed::Written(written) = first else {
+        panic!("not written")
+    };
+    assert_eq!(written.version, job.version + 1);
+    // A second writer that read the same version must not overwrite the first.
+    let mut stale = job.clone();
+    stale.note_check_failure();
+    stale.version += 1;
+    assert!(kit.store.save(&stale, job.version).await.is_err());
+}

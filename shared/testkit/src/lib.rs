@@ -13,6 +13,7 @@ pub mod jobs;
 mod kit;
 #[cfg(feature = "local-aws")]
 pub mod local_aws;
+pub mod observed;
 #[cfg(feature = "local-aws")]
 pub mod stack_env;
 

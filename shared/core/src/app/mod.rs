@@ -63,6 +63,9 @@ where
         if let Err(refusal) = change(&mut next) {
             return Ok(Committed::Refused(job, refusal));
         }
+        // Every write takes the next version, whatever the change touched: a write that kept
+        // the version read would let a second writer on the same read overwrite it.
+        next.version = read_version + 1;
         match store.save(&next, read_version).await {
             Ok(()) => return Ok(Committed::Written(next)),
             Err(StoreError::Conflict) => match store.get(&job.id).await? {
