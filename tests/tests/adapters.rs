@@ -191,3 +191,42 @@ async fn a_missing_object_is_reported_as_not_found() {
         Err(gateway::ports::ObjectError::NotFound(_))
     ));
 }
+
+#[tokio::test]
+async fn unreadable_records_in_the_sweep_index_are_reported_and_do_not_crowd_out_due_jobs() {
+    use aws_sdk_dynamodb::types::AttributeValue;
+    let store = store().await;
+    let client = aws_sdk_dynamodb::Client::new(&aws_sdk_config().await);
+    let now = 10_000_000;
+    let readable = job("alice", now - 50_000, 1_000);
+    store.create(&readable).await.unwrap();
+    // Older than the readable job, so the index returns them first, in every shard.
+    for i in 0..12 {
+        let key = format!("broken-{i}");
+        client
+            .put_item()
+            .table_name(store.table())
+            .item("pk", AttributeValue::S(key.clone()))
+            .item(
+                "sweep_shard",
+                AttributeValue::S(gateway::domain::keys::sweep_shard_of(&key)),
+            )
+            .item(
+                "next_check_at",
+                AttributeValue::N((now - 60_000).to_string()),
+            )
+            .item("doc", AttributeValue::S("{not a job".into()))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    // One job per shard at most: the broken records must not use up the limit.
+    let found = store.due_for_check(now, 4).await.unwrap();
+
+    assert_eq!(found.jobs.len(), 1);
+    assert_eq!(found.jobs[0].id, readable.id);
+    assert_eq!(found.unreadable.len(), 12, "{:?}", found.unreadable);
+    assert!(found.unreadable.iter().all(|k| k.starts_with("broken-")));
+    assert!(found.failed_parts.is_empty());
+}

@@ -120,6 +120,14 @@ async fn the_webhook_event_finalizes_its_job() {
     std::fs::create_dir_all(output.parent().unwrap()).unwrap();
     image::RgbImage::new(8, 6).save(&output).unwrap();
 
+    // The webhook is only a trigger: RunPod's /status must say the run completed, with the
+    // output the sample's body reports.
+    let sample: Value = serde_json::from_str(&event("webhook-completed.json")).unwrap();
+    let reported: Value = serde_json::from_str(sample["body"].as_str().unwrap()).unwrap();
+    stack
+        .emulator
+        .insert_completed(RUNPOD_ID, reported["output"].clone());
+
     let state = stack.wiring().webhook().unwrap();
     let router = gateway_http::webhook::router(std::sync::Arc::new(state));
     let (status, body) = call(router, &event("webhook-completed.json")).await;

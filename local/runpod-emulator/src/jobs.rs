@@ -385,6 +385,39 @@ impl Store {
         snapshot
     }
 
+    /// A job that ran elsewhere and COMPLETED with `output`, under the given id: the state a
+    /// test starts from when it replays a recorded webhook for that id.
+    pub(crate) fn insert_completed(&self, id: &str, output: Value) -> JobSnapshot {
+        let (mut inner, now) = self.lock_current();
+        let job = Job {
+            id: id.to_string(),
+            input: Value::Null,
+            webhook: None,
+            s3_config: None,
+            execution_timeout: Duration::from_secs(600),
+            ttl: Duration::from_secs(86_400),
+            low_priority: false,
+            sync: false,
+            submitted_at: now,
+            queued_at: now,
+            started_at: Some(now),
+            finished_at: Some(now),
+            status: JobStatus::Completed,
+            output: Some(output),
+            error: None,
+            attempt: 1,
+            worker_id: None,
+            external: false,
+            stop_tx: None,
+            plan: JobPlan::default(),
+        };
+        let snapshot = job.snapshot(now);
+        inner.jobs.insert(id.to_string(), job);
+        drop(inner);
+        self.bump();
+        snapshot
+    }
+
     /// Jobs waiting for a worker.
     pub(crate) fn queued(&self) -> usize {
         let (inner, _) = self.lock_current();

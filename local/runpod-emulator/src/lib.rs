@@ -164,6 +164,12 @@ impl Emulator {
         self.app.store.get(id)
     }
 
+    /// Records a job that COMPLETED elsewhere with `output`, under `id`, so `/status/{id}`
+    /// answers it: the RunPod state a test starts from.
+    pub fn insert_completed(&self, id: &str, output: serde_json::Value) -> JobSnapshot {
+        self.app.store.insert_completed(id, output)
+    }
+
     /// Every job still held (queued, running, or terminal within retention).
     pub fn jobs(&self) -> Vec<JobSnapshot> {
         self.app.store.all()

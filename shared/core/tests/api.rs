@@ -597,3 +597,34 @@ async fn a_cancel_racing_another_write_is_applied_to_the_job_as_stored() {
     assert_eq!(cancelled.state, JobState::Cancelled);
     assert_eq!(kit.stored(&cancelled.id).state, JobState::Cancelled);
 }
+
+#[tokio::test]
+async fn a_run_dispatch_records_while_a_cancel_is_under_way_is_stopped_too() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    let id = job.id.clone();
+    let now = kit.now();
+    // The cancel read the job queued, with no run; dispatch records RunPod's id before the
+    // cancel writes.
+    kit.store.before_save(move |store, about_to_write| {
+        if about_to_write.state != JobState::Cancelled {
+            return false;
+        }
+        let mut submitted = store.job(&id).unwrap();
+        submitted
+            .mark_submitted("rp-7".into(), now, now + 60_000)
+            .unwrap();
+        store.put(submitted);
+        true
+    });
+
+    let cancelled = kit.api().cancel("alice", &job.id).await.unwrap();
+
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(cancelled.runpod_job_id.as_deref(), Some("rp-7"));
+    assert!(
+        kit.runpod.calls().contains(&"cancel rp-7".to_string()),
+        "the run that appeared was stopped: {:?}",
+        kit.runpod.calls()
+    );
+}

@@ -180,3 +180,51 @@ async fn the_webhook_and_the_sweeper_at_once_finish_the_job_once() {
     );
     assert_eq!(kit.results.keys().len(), 1, "one copy of the output");
 }
+
+#[tokio::test]
+async fn an_unreadable_record_is_skipped_and_counted_and_the_other_jobs_are_swept() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.store.put_unreadable("not-a-job", kit.now());
+    kit.clock.advance(kit.settings.requeue_after);
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!(report.requeued, 1, "the readable job is still swept");
+    assert_eq!(kit.queue.sent(), vec![job.id.clone()]);
+    assert_eq!(report.unreadable, 1);
+    assert_eq!(report.errors, 1, "the errors alarm sees it");
+}
+
+#[tokio::test]
+async fn a_run_that_completed_is_finalized_at_the_deadline_not_thrown_away() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.completed_run("rp-1", &[format!("outputs/{}/restore_00001_.png", job.id)]);
+    kit.clock
+        .advance(kit.settings.job_deadline + Duration::from_secs(1));
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!((report.finished, report.timed_out), (1, 0));
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Succeeded);
+    assert_eq!(stored.outputs.len(), 1);
+    assert!(!kit.runpod.calls().contains(&"cancel rp-1".to_string()));
+}
+
+#[tokio::test]
+async fn a_status_outage_at_the_deadline_times_nothing_out() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.runpod.fail_status("rp-1", Answer::Transient);
+    kit.clock
+        .advance(kit.settings.job_deadline + Duration::from_secs(1));
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!(report.errors, 1);
+    assert_eq!(kit.stored(&job.id).state, JobState::Submitted);
+}

@@ -1,4 +1,5 @@
-//! The webhook: RunPod's report, proven ours by the per-job token, finishes the job once.
+//! The webhook: a call proven ours by the per-job token triggers a look at RunPod's `/status`,
+//! which alone decides; the job finishes once.
 use gateway::app::finalize::Outcome;
 use gateway::app::webhook::WebhookOutcome;
 use gateway::domain::job::{Actor, ErrorCode, Job, JobState};
@@ -141,14 +142,17 @@ async fn a_report_about_another_run_is_not_believed() {
 }
 
 #[tokio::test]
-async fn a_failed_report_fails_the_job_with_the_workers_message() {
+async fn a_run_runpod_reports_failed_fails_the_job_with_the_workers_message() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
-    let body = serde_json::json!({"id": "rp-1", "status": "FAILED", "error": "CUDA out of memory"});
+    let failed =
+        serde_json::json!({"id": "rp-1", "status": "FAILED", "error": "CUDA out of memory"});
+    kit.runpod
+        .set_status("rp-1", serde_json::from_value(failed.clone()).unwrap());
 
     kit.webhook()
-        .receive(&job.id, &token(&kit, &job), body.to_string().as_bytes())
+        .receive(&job.id, &token(&kit, &job), failed.to_string().as_bytes())
         .await;
 
     let stored = kit.stored(&job.id);
@@ -160,6 +164,41 @@ async fn a_failed_report_fails_the_job_with_the_workers_message() {
         "{}",
         error.message
     );
+}
+
+#[tokio::test]
+async fn a_completed_body_for_a_run_runpod_still_reports_in_progress_changes_nothing() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    // The worker has written files, and someone who saw the webhook URL reports them done.
+    let forged = kit.completed_run("rp-1", &[format!("outputs/{}/restore_00001_.png", job.id)]);
+    kit.running_run("rp-1");
+    let running = gateway::ports::RunPodStatus {
+        id: Some("rp-1".into()),
+        status: Some("IN_PROGRESS".into()),
+        ..Default::default()
+    };
+    kit.finalizer()
+        .observe(kit.stored(&job.id), &running)
+        .await
+        .unwrap();
+    let before = kit.stored(&job.id);
+    assert_eq!(before.state, JobState::Running);
+
+    let outcome = kit
+        .webhook()
+        .receive(
+            &job.id,
+            &token(&kit, &job),
+            serde_json::to_string(&forged).unwrap().as_bytes(),
+        )
+        .await;
+
+    assert_eq!(outcome, WebhookOutcome::Handled(Outcome::Unchanged));
+    assert_eq!(kit.stored(&job.id), before);
+    assert!(kit.results.keys().is_empty(), "nothing was copied");
+    assert!(kit.runpod.calls().contains(&"status rp-1".to_string()));
 }
 
 #[tokio::test]

@@ -52,6 +52,8 @@ pub struct MemStore {
     /// Runs before each save until it returns true: another writer's change landing just
     /// before a use case's write.
     before_save: Mutex<Option<SaveHook>>,
+    /// Records the sweep index holds that are not readable jobs: key → next check.
+    unreadable: Mutex<BTreeMap<String, Millis>>,
 }
 
 type SaveHook = Box<dyn FnMut(&MemStore, &Job) -> bool + Send>;
@@ -70,6 +72,11 @@ impl MemStore {
     /// Stores `job` as is, outside the use cases (a test's setup).
     pub fn put(&self, job: Job) {
         lock(&self.jobs).insert(job.id.clone(), job);
+    }
+    /// A record under `key`, due at `next_check_at`, that does not decode as a job (written by
+    /// hand, or by a release that wrote another format).
+    pub fn put_unreadable(&self, key: &str, next_check_at: Millis) {
+        lock(&self.unreadable).insert(key.to_string(), next_check_at);
     }
     /// Runs `hook` before every save, with the job about to be written, until it returns true.
     pub fn before_save(&self, hook: impl FnMut(&MemStore, &Job) -> bool + Send + 'static) {
@@ -177,9 +184,16 @@ impl JobStore for MemStore {
             .collect();
         jobs.sort_by_key(|j| j.next_check_at);
         jobs.truncate(limit as usize);
+        let unreadable: Vec<String> = lock(&self.unreadable)
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(key, _)| key.clone())
+            .collect();
         Ok(DueJobs {
-            items_read: jobs.len() as u64,
+            items_read: (jobs.len() + unreadable.len()) as u64,
             jobs,
+            unreadable,
+            failed_parts: Vec::new(),
         })
     }
 }

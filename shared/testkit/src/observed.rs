@@ -80,6 +80,7 @@ impl JobStore for ObservedStore {
             Some(jobs) => DueJobs {
                 items_read: jobs.len() as u64,
                 jobs,
+                ..DueJobs::default()
             },
             None => self.inner.due_for_check(now, limit).await?,
         };

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use crate::app::{commit_as, Committed};
 use crate::config::Settings;
 use crate::domain::job::{
-    Actor, ErrorCode, InputRef, Job, JobError, JobTiming, NewJob, OutputFile,
+    Actor, ErrorCode, InputRef, Job, JobError, JobTiming, NewJob, OutputFile, TransitionError,
 };
 use crate::domain::keys;
 use crate::domain::workflow::WorkflowCatalog;
@@ -28,6 +28,9 @@ pub const MAX_PIXELS: u64 = 100_000_000;
 /// What `GET /jobs` returns when the client names no limit, and the most it may name.
 pub const DEFAULT_PAGE: u32 = 20;
 pub const MAX_PAGE: u32 = 100;
+/// How many times a cancel goes round (stop the run, record the cancel) when dispatch keeps
+/// giving the job a new run meanwhile.
+const CANCEL_ROUNDS: usize = 3;
 /// The formats a client may upload or send inline.
 pub const INPUT_KINDS: [ImageKind; 3] = [JPEG, PNG, WEBP];
 
@@ -368,40 +371,59 @@ impl Api {
             })
     }
 
-    /// Cancels the owner's job at any non-terminal stage. A job RunPod is running is cancelled
-    /// there first: the job is only called cancelled once the GPU has been told to stop.
+    /// Cancels the owner's job at any non-terminal stage. A job RunPod has is cancelled there
+    /// first: the job is only called cancelled once the GPU has been told to stop, including a
+    /// run dispatch recorded while this cancel was under way.
     pub async fn cancel(&self, owner: &str, id: &str) -> Result<Job, Refusal> {
-        let job = self.owned_job(owner, id).await?;
-        if job.is_terminal() {
-            return Err(already_finished(&job));
-        }
-        if let Some(runpod_id) = &job.runpod_job_id {
-            match self.runpod.cancel(runpod_id).await {
-                Ok(()) => {}
-                Err(err) if err.failure() == Failure::Missing => {}
-                Err(err) => {
-                    tracing::warn!(job_id = %job.id, error = %err, "RunPod cancel failed");
-                    return Err(Refusal::Unavailable {
-                        message: "RunPod could not be reached to cancel the job; try again".into(),
-                    });
+        let mut job = self.owned_job(owner, id).await?;
+        // The run RunPod has been told to stop, if any.
+        let mut stopped: Option<String> = None;
+        for _ in 0..CANCEL_ROUNDS {
+            if job.is_terminal() {
+                return Err(already_finished(&job));
+            }
+            if let Some(run) = job
+                .runpod_job_id
+                .clone()
+                .filter(|run| stopped.as_ref() != Some(run))
+            {
+                match self.runpod.cancel(&run).await {
+                    Ok(()) => {}
+                    Err(err) if err.failure() == Failure::Missing => {}
+                    Err(err) => {
+                        tracing::warn!(job_id = %job.id, error = %err, "RunPod cancel failed");
+                        return Err(Refusal::Unavailable {
+                            message: "RunPod could not be reached to cancel the job; try again"
+                                .into(),
+                        });
+                    }
                 }
+                stopped = Some(run);
+            }
+            let now = self.clock.now_ms();
+            let error = JobError::new(ErrorCode::CancelledByClient, "cancelled by the client");
+            let committed = commit_as(self.store.as_ref(), job, Actor::Client, |job| {
+                // RunPod got a run since it was told to stop: stop that one first.
+                if job.runpod_job_id.is_some() && job.runpod_job_id != stopped {
+                    return Err(TransitionError::Stale);
+                }
+                job.cancel(error.clone(), now)
+            })
+            .await?;
+            match committed {
+                Committed::Written(job) => return Ok(job),
+                Committed::Refused(fresh, TransitionError::Stale) => job = fresh,
+                Committed::Refused(job, _) if job.is_terminal() => {
+                    return Err(already_finished(&job))
+                }
+                Committed::Refused(..) => break,
+                Committed::Missing => return Err(Refusal::NotFound),
             }
         }
-        let now = self.clock.now_ms();
-        let error = JobError::new(ErrorCode::CancelledByClient, "cancelled by the client");
-        match commit_as(self.store.as_ref(), job, Actor::Client, |job| {
-            job.cancel(error.clone(), now)
-        })
-        .await?
-        {
-            Committed::Written(job) => Ok(job),
-            Committed::Refused(job, _) if job.is_terminal() => Err(already_finished(&job)),
-            Committed::Refused(..) => Err(Refusal::conflict(
-                "busy",
-                "the job is changing state; try again",
-            )),
-            Committed::Missing => Err(Refusal::NotFound),
-        }
+        Err(Refusal::conflict(
+            "busy",
+            "the job is changing state; try again",
+        ))
     }
 
     /// Loads a job for its owner; anyone else's job is indistinguishable from a missing one.

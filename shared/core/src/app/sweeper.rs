@@ -7,11 +7,13 @@ use std::sync::Arc;
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::app::finalize::{Finalizer, Outcome};
+use crate::app::finalize::{decide, Decision, Finalizer, Outcome};
 use crate::app::{commit_as, next_check_after_failure, Committed};
 use crate::config::Settings;
 use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, Millis, TransitionError};
-use crate::ports::{Classified, Clock, Failure, JobQueue, JobStore, RunPod, StoreError};
+use crate::ports::{
+    Classified, Clock, Failure, JobQueue, JobStore, RunPod, RunPodStatus, StoreError,
+};
 
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
 pub struct SweepReport {
@@ -23,6 +25,10 @@ pub struct SweepReport {
     pub finished: usize,
     pub timed_out: usize,
     pub skipped: usize,
+    /// Due items that could not be read as jobs, and index parts that could not be read: each
+    /// also counts as an error, so the errors alarm sees them.
+    pub unreadable: usize,
+    pub failed_parts: usize,
     pub errors: usize,
 }
 
@@ -51,9 +57,18 @@ impl Sweeper {
             .store
             .due_for_check(now, self.settings.sweep_batch)
             .await?;
+        for key in &due.unreadable {
+            tracing::error!(key = %key, "a due item is not a readable job; skipped");
+        }
+        for part in &due.failed_parts {
+            tracing::error!(error = %part, "part of the sweep index could not be read");
+        }
         let mut report = SweepReport {
             items_read: due.items_read,
             due: due.jobs.len(),
+            unreadable: due.unreadable.len(),
+            failed_parts: due.failed_parts.len(),
+            errors: due.unreadable.len() + due.failed_parts.len(),
             ..SweepReport::default()
         };
         let actions: Vec<Action> = futures::stream::iter(due.jobs)
@@ -83,6 +98,8 @@ impl Sweeper {
             finished = report.finished,
             timed_out = report.timed_out,
             skipped = report.skipped,
+            unreadable = report.unreadable,
+            failed_parts = report.failed_parts,
             errors = report.errors,
             "sweep done"
         );
@@ -161,14 +178,20 @@ impl Sweeper {
                 return Ok(Action::Error);
             }
         };
+        self.finalize(job, &status, now).await
+    }
+
+    /// Acts on RunPod's `status` of the job's run, as the webhook would have.
+    async fn finalize(
+        &self,
+        job: Job,
+        status: &RunPodStatus,
+        now: Millis,
+    ) -> Result<Action, StoreError> {
         let job_id = job.id.clone();
         // Kept to reschedule without a second read when the report changed nothing.
         let read = job.clone();
-        match self
-            .finalizer
-            .observe_as(job, &status, Actor::Sweeper)
-            .await
-        {
+        match self.finalizer.observe_as(job, status, Actor::Sweeper).await {
             Ok(Outcome::Finished(_)) => Ok(Action::Polled { finished: true }),
             // Someone else holds the job (a webhook finalizing it): its lease already made the
             // job due when it runs out, and any write here would only get in its way.
@@ -199,6 +222,22 @@ impl Sweeper {
         // What RunPod has, as far as this (possibly stale) copy of the job knows.
         let cancelled = job.runpod_job_id.clone();
         if let Some(runpod_id) = &job.runpod_job_id {
+            // A run that already ended is the job's result, deadline or not: throwing it away
+            // here while a late webhook would have kept it would make the outcome a race.
+            match self.runpod.status(runpod_id).await {
+                Ok(status)
+                    if matches!(decide(&status), Decision::Collect(_) | Decision::End(..)) =>
+                {
+                    return self.finalize(job, &status, now).await;
+                }
+                Ok(_) => {}
+                Err(err) if err.failure() == Failure::Missing => {}
+                Err(err) => {
+                    tracing::warn!(job_id = %job.id, error = %err, "status at deadline failed");
+                    self.reschedule_after_failure(job, now).await?;
+                    return Ok(Action::Error);
+                }
+            }
             match self.runpod.cancel(runpod_id).await {
                 Ok(()) => {}
                 Err(err) if err.failure() == Failure::Missing => {}

@@ -1,9 +1,10 @@
 //! The RunPod webhook use case: a call to `/webhooks/runpod/{job_id}?token=…` (the route is the
 //! HTTP crate's).
 //!
-//! RunPod signs nothing, so the per-job HMAC token in the URL is the only proof the call is ours.
-//! A verified call is handled as a hint: the body is used when it is a well-formed report for
-//! this job, and otherwise (empty, unparseable, another id) RunPod's `/status` is asked instead.
+//! RunPod signs nothing, so the per-job HMAC token in the URL is the only proof the call is
+//! ours, and the URL passes through RunPod, its logs and the worker. A verified call is
+//! therefore only a trigger: the job changes on what RunPod's `/status` says about the job's
+//! run, never on what the body claims. The body is at most a hint of which run it is about.
 use std::sync::Arc;
 
 use crate::app::finalize::{FinalizeError, Finalizer, Outcome};
@@ -61,39 +62,30 @@ impl WebhookHandler {
         if job.is_terminal() {
             return Ok(Outcome::Unchanged);
         }
-        let parsed = serde_json::from_slice::<RunPodStatus>(body).ok();
-        let from_body = parsed.filter(|status| {
-            status.status.is_some()
-                && job.runpod_job_id.is_some()
-                && status.id.is_some()
-                && status.id == job.runpod_job_id
-        });
-        let outcome = match from_body {
-            Some(status) => {
+        let hint = serde_json::from_slice::<RunPodStatus>(body)
+            .ok()
+            .and_then(|status| status.id);
+        let Some(runpod_id) = job.runpod_job_id.clone() else {
+            // RunPod has it but dispatch has not recorded the id yet: be called again.
+            return Err("job not yet recorded as submitted".into());
+        };
+        if hint.as_ref().is_some_and(|hint| *hint != runpod_id) {
+            tracing::warn!(
+                job_id,
+                ?hint,
+                runpod_id,
+                "webhook names another run; asking about the job's own"
+            );
+        }
+        let outcome = match self.runpod.status(&runpod_id).await {
+            Ok(status) => {
                 self.finalizer
-                    .observe_as(job.clone(), &status, Actor::Webhook)
+                    .observe_as(job, &status, Actor::Webhook)
                     .await
             }
-            None => Ok(Outcome::NeedsStatus),
-        };
-        let outcome = match outcome {
-            Ok(Outcome::NeedsStatus) => {
-                let Some(runpod_id) = job.runpod_job_id.clone() else {
-                    // RunPod has it but dispatch has not recorded the id yet: be called again.
-                    return Err("job not yet recorded as submitted".into());
-                };
-                match self.runpod.status(&runpod_id).await {
-                    Ok(status) => {
-                        self.finalizer
-                            .observe_as(job, &status, Actor::Webhook)
-                            .await
-                    }
-                    // Gone at RunPod: leave it to the sweeper, which records the expiry.
-                    Err(err) if err.failure() == Failure::Missing => Ok(Outcome::Unchanged),
-                    Err(err) => return Err(err.to_string()),
-                }
-            }
-            other => other,
+            // Gone at RunPod: leave it to the sweeper, which records the expiry.
+            Err(err) if err.failure() == Failure::Missing => Ok(Outcome::Unchanged),
+            Err(err) => return Err(err.to_string()),
         };
         match outcome {
             // Another call is finishing the job; a retry from RunPod (or the sweeper) settles it.

@@ -67,10 +67,17 @@ pub struct JobPage {
 }
 
 /// Jobs due for a sweeper look, and what finding them cost.
+#[derive(Debug, Default)]
 pub struct DueJobs {
     pub jobs: Vec<Job>,
     /// Items DynamoDB read to answer (its `ScannedCount`): the sweeper's cost figure.
     pub items_read: u64,
+    /// Keys of due items that could not be read as jobs: skipped, and never counted against
+    /// the limit, so they cannot crowd out the jobs behind them.
+    pub unreadable: Vec<String>,
+    /// Parts of the index that could not be read this time (a shard's error); the other parts
+    /// were.
+    pub failed_parts: Vec<String>,
 }
 
 #[async_trait]
