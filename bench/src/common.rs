@@ -216,12 +216,14 @@ pub fn new_job(owner: &str, now: Millis) -> Job {
             workflow_version: "1".into(),
             params,
             idempotency_key: None,
+            request_digest: None,
             callback_url: None,
         },
         JobTiming {
             deadline_ms: 3_600_000,
             first_check_ms: 120_000,
             retention_secs: 30 * 86_400,
+            idempotency_window_secs: 86_400,
         },
         now,
     )

@@ -39,12 +39,14 @@ fn job(owner: &str, now: i64, first_check_ms: i64) -> Job {
                 extension: "jpg".into(),
             },
             idempotency_key: None,
+            request_digest: None,
             callback_url: None,
         },
         JobTiming {
             deadline_ms: 3_600_000,
             first_check_ms,
             retention_secs: 3_600,
+            idempotency_window_secs: 86_400,
         },
         now,
     )
@@ -229,4 +231,40 @@ async fn unreadable_records_in_the_sweep_index_are_reported_and_do_not_crowd_out
     assert_eq!(found.unreadable.len(), 12, "{:?}", found.unreadable);
     assert!(found.unreadable.iter().all(|k| k.starts_with("broken-")));
     assert!(found.failed_parts.is_empty());
+}
+
+#[tokio::test]
+async fn an_idempotency_key_stands_for_its_job_until_its_window_ends() {
+    let store = store().await;
+    let now = 1_800_000_000_000;
+    let mut first = job("alice", now, 60_000);
+    first.idempotency_key = Some("order-1".into());
+    first.idempotency_expires_at = Some(now / 1000 + 3_600);
+    store.create(&first).await.unwrap();
+
+    let found = store
+        .find_by_idempotency_key("alice", "order-1", now + 1_000)
+        .await
+        .unwrap();
+    assert_eq!(found.map(|j| j.id), Some(first.id.clone()));
+    assert!(store
+        .find_by_idempotency_key("bob", "order-1", now)
+        .await
+        .unwrap()
+        .is_none());
+
+    // Past the window (TTL has not deleted the item yet): the key is free for a new job.
+    let later = now + 3_601_000;
+    assert!(store
+        .find_by_idempotency_key("alice", "order-1", later)
+        .await
+        .unwrap()
+        .is_none());
+    let mut second = job("alice", later, 60_000);
+    second.idempotency_key = Some("order-1".into());
+    second.idempotency_expires_at = Some(later / 1000 + 3_600);
+    assert!(matches!(
+        store.create(&second).await.unwrap(),
+        gateway::ports::CreateOutcome::Created
+    ));
 }

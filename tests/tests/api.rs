@@ -202,11 +202,36 @@ async fn an_idempotency_key_returns_the_first_job_instead_of_a_second() {
     assert_eq!(first.status(), StatusCode::ACCEPTED);
     let first: Value = first.json().await.unwrap();
     let second = send().await.unwrap();
-    assert_eq!(second.status(), StatusCode::OK);
+    assert_eq!(
+        second.status(),
+        StatusCode::ACCEPTED,
+        "the replay gets the first answer"
+    );
     let second: Value = second.json().await.unwrap();
-    assert_eq!(first["job_id"], second["job_id"]);
+    assert_eq!(first, second);
     let (_, list) = stack.get(ALICE, "/jobs").await;
     assert_eq!(list["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        stack.keys(&stack.uploads_bucket, "inputs/").await.len(),
+        1,
+        "the replay stored no input"
+    );
+
+    // The same key for another request is refused, and stores nothing either.
+    let other = restore_request(&jpeg(64, 48), json!({"megapixels": 0.02}));
+    let reused = stack
+        .http
+        .post(stack.url("/jobs"))
+        .bearer_auth(ALICE)
+        .header("idempotency-key", "order-42")
+        .json(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reused.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value = reused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "idempotency_key_reused");
+    assert_eq!(stack.keys(&stack.uploads_bucket, "inputs/").await.len(), 1);
     stack.stop().await;
 }
 

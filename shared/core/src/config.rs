@@ -150,6 +150,9 @@ pub struct Settings {
     pub presign_ttl: Duration,
     /// How long job records are kept (DynamoDB TTL).
     pub record_retention: Duration,
+    /// How long an `Idempotency-Key` stands for the job it created; after it, the same key
+    /// creates a new job.
+    pub idempotency_window: Duration,
     pub sweep_batch: u32,
     pub sweep_concurrency: usize,
     pub max_inline_bytes: usize,
@@ -176,6 +179,7 @@ impl Settings {
             max_dispatch_attempts: parsed(env, "MAX_DISPATCH_ATTEMPTS", 5)?,
             presign_ttl: seconds(env, "PRESIGN_TTL_SECS", 3_600)?,
             record_retention: seconds(env, "JOB_RETENTION_DAYS", 30).map(|d| d * 86_400)?,
+            idempotency_window: seconds(env, "IDEMPOTENCY_WINDOW_HOURS", 24).map(|h| h * 3_600)?,
             sweep_batch: parsed(env, "SWEEP_BATCH", 200)?,
             sweep_concurrency: parsed(env, "SWEEP_CONCURRENCY", 8)?,
             max_inline_bytes: 4 * 1024 * 1024,

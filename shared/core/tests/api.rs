@@ -129,6 +129,90 @@ async fn the_same_idempotency_key_returns_the_first_job_and_creates_nothing() {
     assert_eq!(existing.id, first.id);
     assert_eq!(kit.store.jobs().len(), 1);
     assert_eq!(kit.queue.sent().len(), 1);
+    assert_eq!(kit.uploads.keys().len(), 1, "the replay stored no input");
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_for_another_request_is_unprocessable_and_stores_nothing() {
+    let kit = Kit::new();
+    let api = kit.api();
+    api.submit("alice", inline(&jpeg(64, 48)), Some(b"k"))
+        .await
+        .unwrap();
+    let other = with_params(inline(&jpeg(64, 48)), json!({"megapixels": 0.5}));
+
+    let refusal = api.submit("alice", other, Some(b"k")).await.unwrap_err();
+
+    assert!(
+        matches!(refusal, Refusal::Unprocessable { .. }),
+        "{refusal:?}"
+    );
+    assert_eq!(refusal.code(), "idempotency_key_reused");
+    assert_eq!(kit.store.jobs().len(), 1);
+    assert_eq!(kit.uploads.keys().len(), 1);
+}
+
+#[tokio::test]
+async fn the_same_request_in_another_key_order_is_a_replay() {
+    let kit = Kit::new();
+    let api = kit.api();
+    let params = json!({"megapixels": 0.5, "denoise": 0.4});
+    let reordered = json!({"denoise": 0.4, "megapixels": 0.5});
+    api.submit(
+        "alice",
+        with_params(inline(&jpeg(64, 48)), params),
+        Some(b"k"),
+    )
+    .await
+    .unwrap();
+
+    let again = api
+        .submit(
+            "alice",
+            with_params(inline(&jpeg(64, 48)), reordered),
+            Some(b"k"),
+        )
+        .await
+        .unwrap();
+
+    assert!(matches!(again, Submitted::Existing(_)), "{again:?}");
+}
+
+#[tokio::test]
+async fn a_key_past_its_window_creates_a_new_job() {
+    let kit = Kit::new();
+    let api = kit.api();
+    api.submit("alice", inline(&jpeg(64, 48)), Some(b"k"))
+        .await
+        .unwrap();
+    kit.clock
+        .advance(kit.settings.idempotency_window + std::time::Duration::from_secs(1));
+
+    let later = api
+        .submit("alice", inline(&jpeg(64, 48)), Some(b"k"))
+        .await
+        .unwrap();
+
+    assert!(matches!(later, Submitted::Accepted(_)), "{later:?}");
+    assert_eq!(kit.store.jobs().len(), 2);
+}
+
+#[tokio::test]
+async fn two_requests_racing_with_one_key_make_one_job_and_leave_no_orphan_input() {
+    let kit = Kit::new();
+    let (a, b) = (kit.api(), kit.api());
+
+    let (first, second) = tokio::join!(
+        a.submit("alice", inline(&jpeg(64, 48)), Some(b"k")),
+        b.submit("alice", inline(&jpeg(64, 48)), Some(b"k")),
+    );
+
+    let id = |s: Submitted| match s {
+        Submitted::Accepted(job) | Submitted::Existing(job) => job.id,
+    };
+    assert_eq!(id(first.unwrap()), id(second.unwrap()));
+    assert_eq!(kit.store.jobs().len(), 1);
+    assert_eq!(kit.uploads.keys().len(), 1, "{:?}", kit.uploads.keys());
 }
 
 #[tokio::test]

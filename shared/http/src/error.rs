@@ -61,6 +61,7 @@ impl From<Refusal> for ApiError {
             Refusal::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::NotFound => StatusCode::NOT_FOUND,
             Refusal::Conflict { .. } => StatusCode::CONFLICT,
+            Refusal::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Refusal::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self::new(status, refusal.code(), refusal.message())

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
 use gateway::domain::job::{Job, Millis};
+use gateway::domain::keys;
 use gateway::ports::{
     ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, ImageKind, ImageProbe, JobPage,
     JobQueue, JobStore, ObjectError, ObjectMeta, ObjectStore, PresignedRequest, QueueError, RunPod,
@@ -45,7 +46,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Default)]
 pub struct MemStore {
     jobs: Mutex<HashMap<String, Job>>,
-    idempotency: Mutex<HashMap<String, String>>,
+    /// Idempotency item → (job id, epoch seconds until which the key stands for it).
+    idempotency: Mutex<HashMap<String, (String, i64)>>,
     writes: AtomicU64,
     /// Answer the next this many calls with `Unavailable`.
     outage: AtomicU64,
@@ -102,17 +104,37 @@ impl JobStore for MemStore {
         yield_once().await;
         self.available()?;
         if let Some(key) = &job.idempotency_key {
-            let idem = format!("{}#{key}", job.owner);
+            let idem = keys::idempotency_item(&job.owner, key);
             let existing = lock(&self.idempotency).get(&idem).cloned();
-            if let Some(existing) = existing {
+            // An expired key is free again, as the DynamoDB store's condition lets it be.
+            if let Some((existing, _)) =
+                existing.filter(|(_, until)| *until >= job.timestamps.created_at / 1000)
+            {
                 let job = lock(&self.jobs)[&existing].clone();
                 return Ok(CreateOutcome::Existing(Box::new(job)));
             }
-            lock(&self.idempotency).insert(idem, job.id.clone());
+            let until = job.idempotency_expires_at.unwrap_or(job.expires_at);
+            lock(&self.idempotency).insert(idem, (job.id.clone(), until));
         }
         self.writes.fetch_add(1, Ordering::SeqCst);
         lock(&self.jobs).insert(job.id.clone(), job.clone());
         Ok(CreateOutcome::Created)
+    }
+
+    async fn find_by_idempotency_key(
+        &self,
+        owner: &str,
+        key: &str,
+        now: Millis,
+    ) -> Result<Option<Job>, StoreError> {
+        yield_once().await;
+        self.available()?;
+        let taken = lock(&self.idempotency)
+            .get(&keys::idempotency_item(owner, key))
+            .cloned();
+        Ok(taken
+            .filter(|(_, until)| *until >= now / 1000)
+            .and_then(|(id, _)| lock(&self.jobs).get(&id).cloned()))
     }
 
     async fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError> {

@@ -37,6 +37,7 @@ pub fn restore_job(
                 extension: "jpg".into(),
             },
             idempotency_key: None,
+            request_digest: None,
             callback_url: None,
         },
         timing,

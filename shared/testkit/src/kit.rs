@@ -155,6 +155,7 @@ impl Kit {
                 deadline_ms: self.settings.job_deadline.as_millis() as Millis,
                 first_check_ms: self.settings.requeue_after.as_millis() as Millis,
                 retention_secs: self.settings.record_retention.as_secs() as i64,
+                idempotency_window_secs: self.settings.idempotency_window.as_secs() as i64,
             },
             self.now(),
         );

@@ -57,6 +57,14 @@ impl JobStore for ObservedStore {
     async fn create(&self, job: &Job) -> Result<CreateOutcome, StoreError> {
         self.inner.create(job).await
     }
+    async fn find_by_idempotency_key(
+        &self,
+        owner: &str,
+        key: &str,
+        now: Millis,
+    ) -> Result<Option<Job>, StoreError> {
+        self.inner.find_by_idempotency_key(owner, key, now).await
+    }
     async fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError> {
         self.gets.fetch_add(1, Ordering::Relaxed);
         self.inner.get(job_id).await

@@ -210,12 +210,14 @@ fn submitted_job() -> Job {
                 extension: "png".into(),
             },
             idempotency_key: None,
+            request_digest: None,
             callback_url: None,
         },
         JobTiming {
             deadline_ms: 3_600_000,
             first_check_ms: 60_000,
             retention_secs: 86_400,
+            idempotency_window_secs: 86_400,
         },
         NOW - 10_000,
     );

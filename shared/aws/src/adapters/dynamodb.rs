@@ -163,12 +163,16 @@ impl JobStore for DynamoJobStore {
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let idem_pk = keys::idempotency_item(&job.owner, key);
+        // The key stands for the job until `idempotency_expires_at`; TTL deletes the item up
+        // to days later, so an expired one is overwritten rather than waited for.
+        let until = job.idempotency_expires_at.unwrap_or(job.expires_at);
         let idem_put = Put::builder()
             .table_name(&self.table)
             .item("pk", s(&idem_pk))
             .item("target_job_id", s(&job.id))
-            .item("expires_at", n(job.expires_at))
-            .condition_expression("attribute_not_exists(pk)")
+            .item("expires_at", n(until))
+            .condition_expression("attribute_not_exists(pk) OR expires_at < :now")
+            .expression_attribute_values(":now", n(job.timestamps.created_at / 1000))
             .build()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let result = self
@@ -186,26 +190,45 @@ impl JobStore for DynamoJobStore {
                     .map(|e| e.is_transaction_canceled_exception())
                     .unwrap_or(false) =>
             {
-                let existing = self
-                    .client
-                    .get_item()
-                    .table_name(&self.table)
-                    .key("pk", s(&idem_pk))
-                    .consistent_read(true)
-                    .send()
-                    .await
-                    .map_err(unavailable)?;
-                let target = existing
-                    .item()
-                    .and_then(|item| item.get("target_job_id"))
-                    .and_then(|v| v.as_s().ok())
-                    .ok_or(StoreError::Conflict)?;
-                match self.get(target).await? {
+                let now = job.timestamps.created_at;
+                match self.find_by_idempotency_key(&job.owner, key, now).await? {
                     Some(job) => Ok(CreateOutcome::Existing(Box::new(job))),
                     None => Err(StoreError::Conflict),
                 }
             }
             Err(err) => Err(unavailable(err)),
+        }
+    }
+
+    async fn find_by_idempotency_key(
+        &self,
+        owner: &str,
+        key: &str,
+        now: Millis,
+    ) -> Result<Option<Job>, StoreError> {
+        let reserved = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(keys::idempotency_item(owner, key)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let Some(item) = reserved.item() else {
+            return Ok(None);
+        };
+        let until: i64 = item
+            .get("expires_at")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(i64::MAX);
+        if until < now / 1000 {
+            return Ok(None);
+        }
+        match item.get("target_job_id").and_then(|v| v.as_s().ok()) {
+            Some(target) => self.get(target).await,
+            None => Ok(None),
         }
     }
 

@@ -57,6 +57,9 @@ pub enum Refusal {
     NotFound,
     /// The job's state does not allow the request.
     Conflict { code: &'static str, message: String },
+    /// Well-formed, but contradicts an earlier request (an idempotency key reused for another
+    /// request).
+    Unprocessable { code: &'static str, message: String },
     /// A store or RunPod could not be reached; the same request may succeed later.
     Unavailable { message: String },
 }
@@ -78,7 +81,9 @@ impl Refusal {
 
     pub fn code(&self) -> &'static str {
         match self {
-            Self::Invalid { code, .. } | Self::Conflict { code, .. } => code,
+            Self::Invalid { code, .. }
+            | Self::Conflict { code, .. }
+            | Self::Unprocessable { code, .. } => code,
             Self::TooLarge { .. } => "input_too_large",
             Self::NotFound => "not_found",
             Self::Unavailable { .. } => "unavailable",
@@ -89,6 +94,7 @@ impl Refusal {
         match self {
             Self::Invalid { message, .. }
             | Self::Conflict { message, .. }
+            | Self::Unprocessable { message, .. }
             | Self::TooLarge { message }
             | Self::Unavailable { message } => message,
             Self::NotFound => "no such job",
@@ -136,7 +142,8 @@ pub struct JobInput {
 pub enum Submitted {
     /// A new job, stored and queued.
     Accepted(Job),
-    /// The owner already submitted with this idempotency key: that job, untouched.
+    /// A replay: the owner already submitted this request with this idempotency key. That job,
+    /// untouched; nothing was stored for the replay.
     Existing(Job),
 }
 
@@ -166,6 +173,14 @@ impl Api {
         idempotency_key: Option<&[u8]>,
     ) -> Result<Submitted, Refusal> {
         let idempotency_key = idempotency_key.map(parse_idempotency_key).transpose()?;
+        let request_digest = idempotency_key.as_ref().map(|_| digest(&request));
+        // A replay is answered from the first job before anything is stored for it.
+        if let (Some(key), Some(digest)) = (&idempotency_key, &request_digest) {
+            let now = self.clock.now_ms();
+            if let Some(existing) = self.store.find_by_idempotency_key(owner, key, now).await? {
+                return replay(existing, digest);
+            }
+        }
         // Everything is validated before anything is written: a bad job leaves no trace.
         let workflow = self.catalog.get(&request.workflow).ok_or_else(|| {
             Refusal::invalid(
@@ -202,13 +217,21 @@ impl Api {
                 params,
                 input,
                 idempotency_key,
+                request_digest: request_digest.clone(),
                 callback_url: None,
             },
             timing(&self.settings),
             self.clock.now_ms(),
         );
         if let CreateOutcome::Existing(existing) = self.store.create(&job).await? {
-            return Ok(Submitted::Existing(*existing));
+            // Another request with the key got there between the lookup and the create: what
+            // this one stored belongs to no job.
+            if job.input.key == keys::inline_input(owner, &job.id, &job.input.extension) {
+                if let Err(err) = self.uploads.delete(&job.input.key).await {
+                    tracing::warn!(key = %job.input.key, error = %err, "could not remove a replay's input");
+                }
+            }
+            return replay(*existing, request_digest.as_deref().unwrap_or_default());
         }
         // If this send fails the job is still safe: the sweeper re-enqueues queued jobs.
         if let Err(err) = self.queue.enqueue(&job.id).await {
@@ -438,6 +461,57 @@ impl Api {
     }
 }
 
+/// The first job for a replayed idempotency key, if the replay is the same request.
+fn replay(existing: Job, digest: &str) -> Result<Submitted, Refusal> {
+    match &existing.request_digest {
+        // Jobs from before digests were kept cannot be compared: the key alone decides.
+        Some(first) if first != digest => Err(Refusal::Unprocessable {
+            code: "idempotency_key_reused",
+            message: "this Idempotency-Key was used for a different request".into(),
+        }),
+        _ => Ok(Submitted::Existing(existing)),
+    }
+}
+
+/// A digest of what a job request asks for: the same workflow, parameters and input give the
+/// same digest whatever the JSON's key order or spacing. An inline image counts by its bytes'
+/// text, an upload by its id.
+fn digest(request: &JobRequest) -> String {
+    use sha2::{Digest, Sha256};
+    let input = match (&request.input.image_base64, &request.input.upload_id) {
+        (Some(image), _) => format!("inline:{}", hex::encode(Sha256::digest(image.trim()))),
+        (None, Some(upload)) => format!("upload:{upload}"),
+        (None, None) => String::new(),
+    };
+    let params = request
+        .params
+        .as_ref()
+        .map(|p| canonical(&Value::Object(p.clone())))
+        .unwrap_or_default();
+    let text = format!("{}\n{params}\n{input}", request.workflow);
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// JSON text with every object's keys sorted.
+fn canonical(value: &Value) -> String {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            let inner: Vec<String> = entries
+                .into_iter()
+                .map(|(k, v)| format!("{}:{}", Value::String(k.clone()), canonical(v)))
+                .collect();
+            format!("{{{}}}", inner.join(","))
+        }
+        Value::Array(items) => {
+            let inner: Vec<String> = items.iter().map(canonical).collect();
+            format!("[{}]", inner.join(","))
+        }
+        other => other.to_string(),
+    }
+}
+
 /// 1-128 visible characters, trimmed; no `#`, which separates the parts of its DynamoDB key.
 fn parse_idempotency_key(raw: &[u8]) -> Result<String, Refusal> {
     std::str::from_utf8(raw)
@@ -464,6 +538,7 @@ fn timing(settings: &Settings) -> JobTiming {
         deadline_ms: settings.job_deadline.as_millis() as i64,
         first_check_ms: settings.requeue_after.as_millis() as i64,
         retention_secs: settings.record_retention.as_secs() as i64,
+        idempotency_window_secs: settings.idempotency_window.as_secs() as i64,
     }
 }
 

@@ -266,6 +266,13 @@ pub struct Job {
     pub delay_time_ms: Option<u64>,
     pub execution_time_ms: Option<u64>,
     pub idempotency_key: Option<String>,
+    /// With an idempotency key: a digest of the request that created the job (a replay must
+    /// carry the same request), and until when (epoch seconds) the key stands for this job.
+    /// Absent in records from before idempotency keys expired.
+    #[serde(default)]
+    pub request_digest: Option<String>,
+    #[serde(default)]
+    pub idempotency_expires_at: Option<i64>,
     pub callback_url: Option<String>,
     /// Bumped by every change; the store writes only if the stored version is the one read.
     pub version: u64,
@@ -327,6 +334,8 @@ pub struct NewJob {
     pub params: ValidatedParams,
     pub input: InputRef,
     pub idempotency_key: Option<String>,
+    /// A digest of the request, kept with an idempotency key.
+    pub request_digest: Option<String>,
     pub callback_url: Option<String>,
 }
 
@@ -339,6 +348,8 @@ pub struct JobTiming {
     pub first_check_ms: Millis,
     /// How long the record stays after creation (DynamoDB TTL).
     pub retention_secs: i64,
+    /// How long an idempotency key stands for the job it created.
+    pub idempotency_window_secs: i64,
 }
 
 impl Job {
@@ -362,7 +373,12 @@ impl Job {
             error: None,
             delay_time_ms: None,
             execution_time_ms: None,
+            idempotency_expires_at: new
+                .idempotency_key
+                .as_ref()
+                .map(|_| now / 1000 + timing.idempotency_window_secs),
             idempotency_key: new.idempotency_key,
+            request_digest: new.request_digest,
             callback_url: new.callback_url,
             version: 1,
             deadline_at: now + timing.deadline_ms,
@@ -612,6 +628,7 @@ mod tests {
         deadline_ms: 3_600_000,
         first_check_ms: 120_000,
         retention_secs: 86_400,
+        idempotency_window_secs: 86_400,
     };
 
     fn job() -> Job {
@@ -629,6 +646,7 @@ mod tests {
                     extension: "jpg".into(),
                 },
                 idempotency_key: None,
+                request_digest: None,
                 callback_url: None,
             },
             TIMING,

@@ -82,8 +82,17 @@ pub struct DueJobs {
 
 #[async_trait]
 pub trait JobStore: Send + Sync {
-    /// Stores a new job, or returns the owner's existing job for the same idempotency key.
+    /// Stores a new job, or returns the owner's existing job for the same idempotency key
+    /// (while that key has not expired: see [`Job::idempotency_expires_at`]).
     async fn create(&self, job: &Job) -> Result<CreateOutcome, StoreError>;
+    /// The job the owner's idempotency `key` stands for at `now`, if the key is taken and has
+    /// not expired.
+    async fn find_by_idempotency_key(
+        &self,
+        owner: &str,
+        key: &str,
+        now: Millis,
+    ) -> Result<Option<Job>, StoreError>;
     async fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError>;
     /// Writes `job` only if the stored version is still `expected_version`.
     async fn save(&self, job: &Job, expected_version: u64) -> Result<(), StoreError>;

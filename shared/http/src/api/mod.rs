@@ -115,10 +115,11 @@ async fn create_job(
 ) -> Result<(StatusCode, Json<JobSummary>), ApiError> {
     let request: JobRequest = json_body(&body, "a valid job request")?;
     let key = headers.get("idempotency-key").map(|v| v.as_bytes());
-    Ok(match state.submit(&owner, request, key).await? {
-        Submitted::Accepted(job) => (StatusCode::ACCEPTED, Json(JobSummary::from(&job))),
-        Submitted::Existing(job) => (StatusCode::OK, Json(JobSummary::from(&job))),
-    })
+    // A replay gets what the first request got: 202 and the job as it was accepted.
+    let job = match state.submit(&owner, request, key).await? {
+        Submitted::Accepted(job) | Submitted::Existing(job) => job,
+    };
+    Ok((StatusCode::ACCEPTED, Json(JobSummary::accepted(&job))))
 }
 
 #[derive(Deserialize, Default)]

@@ -35,6 +35,18 @@ impl From<&Job> for JobSummary {
     }
 }
 
+impl JobSummary {
+    /// The job as it was when it was accepted: what `POST /jobs` answered then, and answers
+    /// again to a replay of the same request.
+    pub fn accepted(job: &Job) -> Self {
+        Self {
+            status: gateway::domain::job::JobState::Queued.as_str(),
+            updated_at: time(job.timestamps.created_at),
+            ..Self::from(job)
+        }
+    }
+}
+
 /// `GET /jobs`.
 #[derive(Debug, Serialize)]
 pub struct JobList {
