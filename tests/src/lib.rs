@@ -126,6 +126,8 @@ impl Stack {
             ("STATUS_POLL_AFTER_SECS", "1".into()),
             ("STATUS_POLL_INTERVAL_SECS", "1".into()),
             ("JOB_REQUEUE_AFTER_SECS", "5".into()),
+            // A lost /run answer's wait for its run to announce itself, short enough for tests.
+            ("RUN_OUTCOME_GRACE_SECS", "1".into()),
         ]);
         vars.extend(options.extra_env);
         let env = Env::from_pairs(vars);

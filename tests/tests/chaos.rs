@@ -92,6 +92,9 @@ fn chaos_config(seed: u64) -> ChaosConfig {
         job_key_pointer: Some("/workflow_api/3/inputs/seed".into()),
         p_run_429: 0.08,
         p_run_5xx: 0.04,
+        // Set per wave to outlast the gateway's request timeout (`Timings::request_timeout`).
+        p_run_answer_lost: 0.04,
+        run_answer_hang_ms: 0,
         p_api_5xx: 0.03,
         p_api_slow: 0.05,
         api_slow_ms: 200,
@@ -150,6 +153,8 @@ struct Timings {
     finalize_lease: Duration,
     request_timeout: Duration,
     retry_budget: Duration,
+    /// How long a job whose `/run` answer was lost waits for its run to announce itself.
+    run_outcome_grace: Duration,
     queue_visibility: Duration,
     sweep_every: Duration,
     poll_interval: Duration,
@@ -173,6 +178,7 @@ impl Timings {
             finalize_lease: at_least(4, 4),
             request_timeout: at_least(2, 2),
             retry_budget: at_least(5, 5),
+            run_outcome_grace: at_least(3, 3),
             queue_visibility: at_least(3, 3),
             sweep_every,
             poll_interval,
@@ -189,6 +195,8 @@ impl Timings {
         // ten jobs' worth of this machine's latency besides.
         let longest = timings.requeue_after
             + timings.dispatch_lease
+            + timings.request_timeout
+            + timings.run_outcome_grace
             + timings.retry_budget
             + timings.execution_timeout
             + webhook_delay
@@ -210,6 +218,7 @@ impl Timings {
             ("FINALIZE_LEASE_SECS", secs(self.finalize_lease)),
             ("RUNPOD_REQUEST_TIMEOUT_SECS", secs(self.request_timeout)),
             ("RUNPOD_RETRY_BUDGET_SECS", secs(self.retry_budget)),
+            ("RUN_OUTCOME_GRACE_SECS", secs(self.run_outcome_grace)),
             ("STATUS_POLL_INTERVAL_SECS", secs(self.poll_interval)),
         ]
     }
@@ -819,6 +828,12 @@ struct Tally {
     webhook_failed: usize,
     finished_by: BTreeMap<&'static str, usize>,
     run_twice: usize,
+    runs_started: usize,
+    runs_adopted: usize,
+    extra_runs_cancelled: usize,
+    extra_runs_silent: usize,
+    extra_gpu_ms: u64,
+    two_run_results: usize,
     times: Vec<i64>,
     moto_cpu: BTreeMap<&'static str, Duration>,
     moto_wall: Duration,
@@ -909,9 +924,13 @@ async fn wave(
     tally: &mut Tally,
 ) {
     let wave_started = Instant::now();
+    let mut chaos = chaos_config(seed);
+    // A lost answer that hangs outlasts the gateway's wait for it.
+    chaos.run_answer_hang_ms =
+        (timings.request_timeout + Duration::from_secs(1)).as_millis() as u64;
     let stack = Stack::start_with(timings.stack_options(
         Faults {
-            chaos: Some(chaos_config(seed)),
+            chaos: Some(chaos),
             ..Faults::default()
         },
         aws,
@@ -1133,17 +1152,79 @@ async fn wave(
     let webhook_log = stack.emulator.webhook_log();
     tally.webhook_attempts += webhook_log.len();
     tally.webhook_failed += webhook_log.iter().filter(|a| !a.delivered).count();
-    let mut runs_per_job: HashMap<String, usize> = HashMap::new();
-    for (_, webhook) in stack.emulator.accepted_jobs() {
+    // Every run RunPod started, by the job its webhook URL names.
+    let mut runs_per_job: HashMap<String, Vec<String>> = HashMap::new();
+    for (run, webhook) in stack.emulator.accepted_jobs() {
         if let Some(job) = webhook
             .as_deref()
             .and_then(|w| w.split("/webhooks/runpod/").nth(1))
         {
             let job = job.split('?').next().unwrap_or_default().to_string();
-            *runs_per_job.entry(job).or_default() += 1;
+            runs_per_job.entry(job).or_default().push(run);
         }
     }
-    tally.run_twice += runs_per_job.values().filter(|n| **n > 1).count();
+    tally.run_twice += runs_per_job.values().filter(|runs| runs.len() > 1).count();
+    for (job_id, runs) in &runs_per_job {
+        tally.runs_started += runs.len();
+        let Some(job) = after.get(job_id) else {
+            continue;
+        };
+        let adopted = job
+            .history
+            .iter()
+            .any(|e| e.to == JobState::Submitted && e.by == gateway::domain::job::Actor::Webhook);
+        tally.runs_adopted += usize::from(adopted);
+        let tracked = job.runpod_job_id.as_deref();
+        let folder = |run: &str| {
+            stack
+                .emulator
+                .ended_job(run)
+                .or_else(|| stack.emulator.job(run))
+                .and_then(|snapshot| output_folder(&snapshot.input))
+        };
+        for extra in runs.iter().filter(|run| Some(run.as_str()) != tracked) {
+            match stack.emulator.ended_job(extra) {
+                Some(ended) if ended.status == JobStatus::Cancelled => {
+                    tally.extra_runs_cancelled += 1;
+                    tally.extra_gpu_ms += ended.execution_time_ms;
+                }
+                Some(ended) => {
+                    tally.extra_runs_silent += 1;
+                    tally.extra_gpu_ms += ended.execution_time_ms;
+                }
+                None => tally.extra_runs_silent += 1,
+            }
+        }
+        // A result from two runs: the job's files named outside its own run's folder, or a
+        // folder another run of the job also wrote into.
+        if let (JobState::Succeeded, Some(tracked)) = (job.state, tracked) {
+            let own = folder(tracked);
+            let files: Vec<String> = stack
+                .emulator
+                .ended_job(tracked)
+                .and_then(|e| e.output)
+                .and_then(|o| o["files"].as_array().cloned())
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect();
+            let shared = runs
+                .iter()
+                .filter(|run| run.as_str() != tracked)
+                .any(|run| folder(run).is_some() && folder(run) == own);
+            let outside = own.as_ref().is_none_or(|own| {
+                files
+                    .iter()
+                    .any(|f| !f.trim_start_matches(MOUNT).starts_with(own.as_str()))
+            });
+            if shared || outside {
+                tally.two_run_results += 1;
+                tally.violations.push(format!(
+                    "job {job_id}: its result may come from two runs (folder {own:?}, files {files:?})"
+                ));
+            }
+        }
+    }
     println!(
         "  wave {}: jobs {first}..{}, submitted in {:.1} s, all terminal after {:.1} s, {} violations so far",
         tally.waves,
@@ -1155,6 +1236,18 @@ async fn wave(
 
     let World { stack, .. } = Arc::try_unwrap(world).ok().expect("every driver is done");
     stack.stop().await;
+}
+
+/// Where the volume is mounted in the paths a worker reports.
+const MOUNT: &str = "/runpod-volume/";
+
+/// The folder a run's SaveImage writes into (`outputs/<job>/a<attempt>/`), from its input.
+fn output_folder(input: &serde_json::Value) -> Option<String> {
+    let graph = input.get("workflow_api")?.as_object()?;
+    graph.values().find_map(|node| {
+        let prefix = node.get("inputs")?.get("filename_prefix")?.as_str()?;
+        Some(prefix[..prefix.rfind('/')? + 1].to_string())
+    })
 }
 
 fn print_table(seed: u64, elapsed: Duration, tally: &mut Tally) {
@@ -1220,8 +1313,24 @@ fn print_table(seed: u64, elapsed: Duration, tally: &mut Tally) {
             .join(", ")
     ));
     line(format!(
-        "  jobs run twice at RunPod             {} (a dispatch killed between /run and its record)",
+        "  jobs run twice at RunPod             {} (a dispatch killed between /run and its record, or a lost /run answer)",
         tally.run_twice
+    ));
+    line(format!(
+        "  runs started / adopted               {} / {} (a lost /run answer's run, taken as the job's when it announced itself)",
+        tally.runs_started, tally.runs_adopted
+    ));
+    line(format!(
+        "  extra runs cancelled / silent        {} / {} (silent: never announced itself, so never seen)",
+        tally.extra_runs_cancelled, tally.extra_runs_silent
+    ));
+    line(format!(
+        "  GPU seconds on extra runs            {:.1}",
+        tally.extra_gpu_ms as f64 / 1000.0
+    ));
+    line(format!(
+        "  jobs with a result from two runs     {} (must be 0)",
+        tally.two_run_results
     ));
     let succeeded = tally.outcomes.get("succeeded").copied().unwrap_or(0);
     line(format!(

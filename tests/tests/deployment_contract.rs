@@ -630,6 +630,13 @@ fn timeouts_leases_and_the_queue_fit_together() {
     // Lambda's SQS guidance: visibility timeout at least 6x the function timeout.
     let queue = &resource("JobsQueue")["Properties"];
     assert!(number(&queue["VisibilityTimeout"]) >= 6 * dispatch);
+    // A dispatch whose /run answer was lost hands its message back; it must return after the
+    // grace in which the lost run may announce itself.
+    let grace = settings("DispatchFunction", "RUN_OUTCOME_GRACE_SECS", 120);
+    assert!(
+        number(&queue["VisibilityTimeout"]) > grace,
+        "visibility vs grace {grace} s"
+    );
     assert_eq!(number(&queue["RedrivePolicy"]["maxReceiveCount"]), 5);
     assert_eq!(
         symbol(&queue["RedrivePolicy"]["deadLetterTargetArn"]),
@@ -651,6 +658,12 @@ fn timeouts_leases_and_the_queue_fit_together() {
         assert!(
             lease > webhook.max(sweeper),
             "{f}: finalize lease {lease} s"
+        );
+        // Dispatch must be able to start /run at all: its reserve fits in its timeout.
+        let reserve = settings(f, "DISPATCH_RUN_RESERVE_SECS", 20);
+        assert!(
+            reserve < dispatch,
+            "{f}: /run reserve {reserve} ≥ {dispatch} s"
         );
         let runpod = settings(f, "RUNPOD_REQUEST_TIMEOUT_SECS", 10);
         assert!(

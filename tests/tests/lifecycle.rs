@@ -171,7 +171,8 @@ async fn a_redelivered_dispatch_message_does_not_submit_twice() {
 #[tokio::test]
 async fn runpod_refusing_for_a_while_only_delays_the_job() {
     // A 500 on /run may mean RunPod took the job, so it is not repeated within the call: each
-    // refusal costs a dispatch attempt and the message comes back through SQS.
+    // costs a dispatch attempt, and the job waits for a run to announce itself
+    // (RUN_OUTCOME_GRACE_SECS) before the sweeper brings it back to dispatch.
     let stack = Stack::start_with(StackOptions {
         faults: Faults {
             run_status: Some(500),
@@ -224,7 +225,8 @@ async fn a_job_that_runpod_keeps_refusing_fails_once_its_attempts_are_spent() {
     assert_eq!(job["error"]["code"], "dispatch_attempts_exhausted");
     assert_eq!(job["error"]["retryable"], true);
     assert_eq!(stack.stored_job(&job_id).await.attempts, 2);
-    // Failed on its last attempt, not by a further delivery: nothing is left on the queue.
+    // Failed once its attempts are spent (after the last one's grace, in which a run RunPod
+    // did take could still have been adopted): nothing is left on the queue.
     let deadline = std::time::Instant::now() + TIMEOUT;
     while stack.queue_depth().await > 0 {
         assert!(std::time::Instant::now() < deadline, "message left over");

@@ -1,6 +1,6 @@
 //! The SQS consumer that submits queued jobs to RunPod, reporting partial batch failures.
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
-use gateway_aws::adapters::sqs::handle_batch;
+use gateway_aws::adapters::sqs::handle_batch_before;
 use gateway_aws::wiring::Wiring;
 use lambda_runtime::{service_fn, LambdaEvent};
 
@@ -10,7 +10,11 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let dispatcher = wiring.dispatcher()?;
     let dispatcher = &dispatcher;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
-        Ok::<SqsBatchResponse, lambda_runtime::Error>(handle_batch(dispatcher, event.payload).await)
+        // The invocation's end: no /run starts too late to record RunPod's answer.
+        let deadline = i64::try_from(event.context.deadline).ok();
+        Ok::<SqsBatchResponse, lambda_runtime::Error>(
+            handle_batch_before(dispatcher, event.payload, deadline).await,
+        )
     }))
     .await
 }

@@ -11,6 +11,8 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+
+use crate::chaos::LostAnswer;
 use serde_json::{json, Value};
 
 use crate::jobs::{JobStatus, NewJob, RetryError};
@@ -101,9 +103,30 @@ async fn authorize(State(app): State<Arc<App>>, req: Request, next: Next) -> Res
 }
 
 async fn run(State(app): State<Arc<App>>, body: Body) -> Response {
-    match submit(&app, body, false).await {
-        Ok(job) => Json(json!({ "id": job.id, "status": job.status })).into_response(),
-        Err(refused) => refused.into_response(),
+    let job = match submit(&app, body, false).await {
+        Ok(job) => job,
+        Err(refused) => return refused.into_response(),
+    };
+    // The job is queued; the caller may still never learn it.
+    let lost = app
+        .faults
+        .chaos_config()
+        .and_then(|chaos| app.faults.chaos.run_answer_lost(&chaos, &job.id));
+    match lost {
+        None => Json(json!({ "id": job.id, "status": job.status })).into_response(),
+        Some(LostAnswer::Status(code)) => error(
+            StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_GATEWAY),
+            "upstream error",
+        ),
+        Some(LostAnswer::CutBody) => {
+            let whole = json!({ "id": job.id, "status": job.status }).to_string();
+            let cut = &whole[..whole.find(&job.id).unwrap_or(0) + job.id.len() / 2];
+            (StatusCode::OK, cut.to_string()).into_response()
+        }
+        Some(LostAnswer::Hang(ms)) => {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            error(StatusCode::GATEWAY_TIMEOUT, "no answer in time")
+        }
     }
 }
 

@@ -33,6 +33,8 @@ pub enum FaultKind {
     Run429,
     /// `/run` answered 500, 502 or 503.
     Run5xx,
+    /// `/run` took the job, then answered 500/502/504, cut its answer off, or never answered.
+    RunAnswerLost,
     /// `/status` or `/cancel` answered 500, 502 or 503.
     Api5xx,
     /// `/status` or `/cancel` was held `api_slow_ms` before answering.
@@ -68,6 +70,7 @@ impl FaultKind {
         match self {
             Self::Run429 => "run_429",
             Self::Run5xx => "run_5xx",
+            Self::RunAnswerLost => "run_answer_lost",
             Self::Api5xx => "api_5xx",
             Self::ApiSlow => "api_slow",
             Self::WorkerFailed => "worker_failed",
@@ -158,6 +161,19 @@ const S3_502: u64 = 15;
 const S3_SLOW: u64 = 16;
 const S3_CUT: u64 = 17;
 const API_SLOW: u64 = 18;
+const RUN_LOST: u64 = 19;
+const RUN_LOST_HOW: u64 = 20;
+
+/// How the answer to a `/run` that took the job is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LostAnswer {
+    /// 500, 502 or 504.
+    Status(u16),
+    /// A 200 whose body stops inside the id.
+    CutBody,
+    /// No answer for this long (past the caller's timeout).
+    Hang(u64),
+}
 
 fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -308,6 +324,23 @@ impl ChaosState {
             return None;
         };
         Some(code)
+    }
+
+    /// Whether the answer to a `/run` that took job `id` is lost, and how. Drawn per job id,
+    /// so a replay loses the same answers.
+    pub(crate) fn run_answer_lost(&self, config: &ChaosConfig, id: &str) -> Option<LostAnswer> {
+        if unit(config.seed, RUN_LOST, id, 0) >= config.p_run_answer_lost {
+            return None;
+        }
+        self.record(FaultKind::RunAnswerLost, format!("POST /run {id}"));
+        let how = (unit(config.seed, RUN_LOST_HOW, id, 0) * 5.0) as usize % 5;
+        Some(match how {
+            0 => LostAnswer::Status(500),
+            1 => LostAnswer::Status(502),
+            2 => LostAnswer::Status(504),
+            3 => LostAnswer::CutBody,
+            _ => LostAnswer::Hang(config.run_answer_hang_ms),
+        })
     }
 
     /// How a `/status` or `/cancel` call misbehaves: how long it is held first, and the status

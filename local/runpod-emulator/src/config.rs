@@ -193,6 +193,11 @@ pub struct ChaosConfig {
     pub p_run_429: f64,
     /// `/run` and `/runsync` answer 500, 502 or 503 before accepting anything (per call).
     pub p_run_5xx: f64,
+    /// `/run` takes the job, then the caller sees a failure (per call): 500, 502 or 504, an
+    /// answer cut off inside the id, or no answer for `run_answer_hang_ms`. RunPod has the job;
+    /// the caller cannot know it.
+    pub p_run_answer_lost: f64,
+    pub run_answer_hang_ms: u64,
     /// `/status` and `/cancel` answer 500, 502 or 503 (per call).
     pub p_api_5xx: f64,
     /// `/status` and `/cancel` are held `api_slow_ms` before they answer (per call).
@@ -241,6 +246,8 @@ impl Default for ChaosConfig {
             job_key_pointer: None,
             p_run_429: 0.0,
             p_run_5xx: 0.0,
+            p_run_answer_lost: 0.0,
+            run_answer_hang_ms: 0,
             p_api_5xx: 0.0,
             p_api_slow: 0.0,
             api_slow_ms: 0,

@@ -146,6 +146,13 @@ pub struct Settings {
     pub dispatch_lease: Duration,
     pub finalize_lease: Duration,
     pub max_dispatch_attempts: u32,
+    /// After a `/run` whose outcome is unknown, how long before the job may be dispatched
+    /// again: time for a run RunPod did take to announce itself (its webhook), so that it is
+    /// adopted rather than run twice.
+    pub run_outcome_grace: Duration,
+    /// Dispatch starts `/run` only with at least this long of its invocation left, enough to
+    /// record RunPod's answer (a `/run` with its retries, and the save).
+    pub run_reserve: Duration,
     /// How long presigned result and upload URLs stay valid.
     pub presign_ttl: Duration,
     /// How long job records are kept (DynamoDB TTL).
@@ -177,6 +184,8 @@ impl Settings {
             dispatch_lease: seconds(env, "DISPATCH_LEASE_SECS", 60)?,
             finalize_lease: seconds(env, "FINALIZE_LEASE_SECS", 120)?,
             max_dispatch_attempts: parsed(env, "MAX_DISPATCH_ATTEMPTS", 5)?,
+            run_outcome_grace: seconds(env, "RUN_OUTCOME_GRACE_SECS", 120)?,
+            run_reserve: seconds(env, "DISPATCH_RUN_RESERVE_SECS", 20)?,
             presign_ttl: seconds(env, "PRESIGN_TTL_SECS", 3_600)?,
             record_retention: seconds(env, "JOB_RETENTION_DAYS", 30).map(|d| d * 86_400)?,
             idempotency_window: seconds(env, "IDEMPOTENCY_WINDOW_HOURS", 24).map(|h| h * 3_600)?,

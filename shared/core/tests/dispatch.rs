@@ -164,3 +164,126 @@ async fn a_message_for_a_job_that_does_not_exist_is_consumed() {
     let outcome = kit.dispatcher().dispatch("no-such-job").await.unwrap();
     assert_eq!(outcome, DispatchOutcome::Skipped("no such job"));
 }
+
+// ------------------------------------------------------------------ runs nobody recorded
+
+#[tokio::test]
+async fn a_lost_run_answer_waits_for_the_run_to_announce_itself_before_dispatching_again() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.runpod.answer_runs(&[Answer::Lost]);
+
+    let outcome = kit.dispatcher().dispatch(&job.id).await;
+
+    assert!(matches!(outcome, Err(RetryLater(_))), "{outcome:?}");
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Queued);
+    assert!(stored.lease.is_none());
+    assert_eq!(stored.unconfirmed_run_at, Some(kit.now()));
+    let grace = kit.settings.run_outcome_grace.as_millis() as i64;
+    assert_eq!(stored.next_check_at, Some(kit.now() + grace));
+    // A redelivery inside the grace starts no second run.
+    let again = kit.dispatcher().dispatch(&job.id).await;
+    assert!(matches!(again, Err(RetryLater(_))), "{again:?}");
+    assert_eq!(kit.runpod.accepted().len(), 1);
+}
+
+#[tokio::test]
+async fn after_the_grace_a_job_whose_run_never_announced_itself_is_dispatched_again() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.runpod.answer_runs(&[Answer::Lost]);
+    kit.dispatcher().dispatch(&job.id).await.unwrap_err();
+    kit.clock.advance(kit.settings.run_outcome_grace);
+
+    let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+    assert_eq!(outcome, DispatchOutcome::Submitted("rp-2".into()));
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.unconfirmed_run_at, None);
+    assert_eq!(stored.attempts, 2);
+}
+
+#[tokio::test]
+async fn no_run_starts_with_too_little_of_the_invocation_left_to_record_it() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    let reserve = kit.settings.run_reserve.as_millis() as i64;
+
+    let outcome = kit
+        .dispatcher()
+        .dispatch_before(&job.id, Some(kit.now() + reserve - 1))
+        .await;
+
+    assert!(matches!(outcome, Err(RetryLater(_))), "{outcome:?}");
+    assert!(kit.runpod.accepted().is_empty());
+    let stored = kit.stored(&job.id);
+    assert!(stored.lease.is_none(), "released for the redelivery");
+    // With time enough, it goes.
+    let outcome = kit
+        .dispatcher()
+        .dispatch_before(&job.id, Some(kit.now() + reserve))
+        .await
+        .unwrap();
+    assert_eq!(outcome, DispatchOutcome::Submitted("rp-1".into()));
+}
+
+#[tokio::test]
+async fn a_failed_save_after_run_is_retried_with_the_id_in_hand() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.store
+        .fail_saves(2, |job| job.state == JobState::Submitted);
+
+    let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+    assert_eq!(outcome, DispatchOutcome::Submitted("rp-1".into()));
+    assert_eq!(kit.stored(&job.id).runpod_job_id.as_deref(), Some("rp-1"));
+    assert_eq!(kit.runpod.accepted().len(), 1, "never a second run");
+}
+
+#[tokio::test]
+async fn a_save_that_keeps_failing_after_run_consumes_the_message_without_a_second_run() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.store
+        .fail_saves(10, |job| job.state == JobState::Submitted);
+
+    let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+    assert!(
+        matches!(outcome, DispatchOutcome::Unconfirmed(_)),
+        "{outcome:?}"
+    );
+    assert_eq!(kit.runpod.accepted().len(), 1);
+}
+
+#[tokio::test]
+async fn a_run_started_after_another_was_adopted_is_cancelled() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    let id = job.id.clone();
+    let now = kit.now();
+    // While this dispatch's /run is out, a lost earlier run (rp-9) announces itself and is
+    // adopted.
+    kit.store.before_save(move |store, about_to_write| {
+        if about_to_write.state != JobState::Submitted {
+            return false;
+        }
+        let mut adopted = store.job(&id).unwrap();
+        adopted
+            .mark_submitted("rp-9".into(), now, now + 60_000)
+            .unwrap();
+        store.put(adopted);
+        true
+    });
+
+    let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+    assert!(
+        matches!(outcome, DispatchOutcome::Skipped(_)),
+        "{outcome:?}"
+    );
+    assert_eq!(kit.stored(&job.id).runpod_job_id.as_deref(), Some("rp-9"));
+    assert!(kit.runpod.calls().contains(&"cancel rp-1".to_string()));
+}

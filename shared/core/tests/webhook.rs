@@ -218,3 +218,88 @@ async fn a_store_outage_defers_the_call_for_runpods_retry() {
     );
     assert_eq!(kit.stored(&job.id).state, JobState::Submitted);
 }
+
+// ------------------------------------------------------------------ runs nobody recorded
+
+#[tokio::test]
+async fn a_run_whose_answer_was_lost_is_adopted_when_it_announces_itself() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.runpod.answer_runs(&[testkit::fakes::Answer::Lost]);
+    kit.dispatcher().dispatch(&job.id).await.unwrap_err();
+    // The run RunPod did take (rp-1) completes and calls the job's webhook.
+    let report = kit.completed_run(
+        "rp-1",
+        &[format!("outputs/{}/a1/restore_00001_.png", job.id)],
+    );
+
+    let outcome = kit
+        .webhook()
+        .receive(
+            &job.id,
+            &token(&kit, &job),
+            serde_json::to_string(&report).unwrap().as_bytes(),
+        )
+        .await;
+
+    assert_eq!(
+        outcome,
+        WebhookOutcome::Handled(Outcome::Finished(JobState::Succeeded))
+    );
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.runpod_job_id.as_deref(), Some("rp-1"));
+    assert_eq!(stored.outputs.len(), 1);
+    assert_eq!(kit.runpod.accepted().len(), 1, "no second run");
+}
+
+#[tokio::test]
+async fn a_run_runpod_does_not_know_is_not_adopted() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    let before = kit.stored(&job.id);
+    let forged = serde_json::json!({"id": "rp-404", "status": "COMPLETED"});
+
+    let outcome = kit
+        .webhook()
+        .receive(&job.id, &token(&kit, &job), forged.to_string().as_bytes())
+        .await;
+
+    assert_eq!(outcome, WebhookOutcome::Handled(Outcome::Unchanged));
+    assert_eq!(kit.stored(&job.id), before);
+}
+
+#[tokio::test]
+async fn an_extra_run_that_announces_itself_is_cancelled_and_its_result_ignored() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.runpod.answer_runs(&[testkit::fakes::Answer::Lost]);
+    kit.dispatcher().dispatch(&job.id).await.unwrap_err();
+    kit.clock.advance(kit.settings.run_outcome_grace);
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.running_run("rp-2");
+    // The first run (rp-1) completes after all, and calls the job's webhook.
+    let extra = kit.completed_run(
+        "rp-1",
+        &[format!("outputs/{}/a1/restore_00001_.png", job.id)],
+    );
+
+    let outcome = kit
+        .webhook()
+        .receive(
+            &job.id,
+            &token(&kit, &job),
+            serde_json::to_string(&extra).unwrap().as_bytes(),
+        )
+        .await;
+
+    assert!(matches!(outcome, WebhookOutcome::Handled(_)), "{outcome:?}");
+    assert!(kit.runpod.calls().contains(&"cancel rp-1".to_string()));
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.runpod_job_id.as_deref(), Some("rp-2"));
+    assert_ne!(
+        stored.state,
+        JobState::Succeeded,
+        "rp-1's result is not the job's"
+    );
+    assert!(kit.results.keys().is_empty());
+}

@@ -56,7 +56,10 @@ pub struct MemStore {
     before_save: Mutex<Option<SaveHook>>,
     /// Records the sweep index holds that are not readable jobs: key → next check.
     unreadable: Mutex<BTreeMap<String, Millis>>,
+    failing_saves: Mutex<Option<(u64, SavePredicate)>>,
 }
+
+type SavePredicate = Box<dyn Fn(&Job) -> bool + Send>;
 
 type SaveHook = Box<dyn FnMut(&MemStore, &Job) -> bool + Send>;
 
@@ -79,6 +82,10 @@ impl MemStore {
     /// hand, or by a release that wrote another format).
     pub fn put_unreadable(&self, key: &str, next_check_at: Millis) {
         lock(&self.unreadable).insert(key.to_string(), next_check_at);
+    }
+    /// The next `saves` saves of a job `matching` fail as unavailable (other calls go through).
+    pub fn fail_saves(&self, saves: u64, matching: impl Fn(&Job) -> bool + Send + 'static) {
+        *lock(&self.failing_saves) = Some((saves, Box::new(matching)));
     }
     /// Runs `hook` before every save, with the job about to be written, until it returns true.
     pub fn before_save(&self, hook: impl FnMut(&MemStore, &Job) -> bool + Send + 'static) {
@@ -146,6 +153,15 @@ impl JobStore for MemStore {
     async fn save(&self, job: &Job, expected_version: u64) -> Result<(), StoreError> {
         yield_once().await;
         self.available()?;
+        {
+            let mut failing = lock(&self.failing_saves);
+            if let Some((left, matching)) = failing.as_mut() {
+                if *left > 0 && matching(job) {
+                    *left -= 1;
+                    return Err(StoreError::Unavailable("throttled (test)".into()));
+                }
+            }
+        }
         let hook = lock(&self.before_save).take();
         if let Some(mut hook) = hook {
             if !hook(self, job) {
@@ -394,12 +410,15 @@ pub enum Answer {
     Transient,
     NotFound,
     Permanent(u16),
+    /// `/run` only: RunPod takes the job (the next id), but the answer is lost.
+    Lost,
 }
 
 impl Answer {
     fn error(&self) -> Option<RunPodError> {
         match self {
             Answer::Ok => None,
+            Answer::Lost => Some(RunPodError::Unknown("504 after accepting (test)".into())),
             Answer::Transient => Some(RunPodError::Transient("503 (test)".into())),
             Answer::NotFound => Some(RunPodError::NotFound),
             Answer::Permanent(status) => Some(RunPodError::Permanent {
@@ -455,14 +474,15 @@ impl RunPod for ScriptedRunPod {
     async fn run(&self, request: &RunRequest) -> Result<String, RunPodError> {
         lock(&self.calls).push("run".into());
         let answer = lock(&self.run_answers).pop_front().unwrap_or(Answer::Ok);
-        if let Some(error) = answer.error() {
-            return Err(error);
+        if !matches!(answer, Answer::Ok | Answer::Lost) {
+            return Err(answer.error().expect("a failing answer"));
         }
         lock(&self.runs).push(request.clone());
-        Ok(format!(
-            "rp-{}",
-            self.next_id.fetch_add(1, Ordering::SeqCst) + 1
-        ))
+        let id = format!("rp-{}", self.next_id.fetch_add(1, Ordering::SeqCst) + 1);
+        match answer.error() {
+            Some(lost) => Err(lost),
+            None => Ok(id),
+        }
     }
 
     async fn status(&self, id: &str) -> Result<RunPodStatus, RunPodError> {

@@ -3,9 +3,10 @@
 //! Each call is retried within the invocation under the configured [`RetryPolicy`]
 //! (exponential backoff, full jitter, a time budget). `/status` and `/cancel` are idempotent and
 //! retried on every transient failure; `/run` is not, so it is retried only when RunPod cannot
-//! have accepted the job (429, 503, 408, no connection). A timeout or another 5xx on `/run`
-//! is handed back as transient and the dispatch is retried later through SQS, under the job's
-//! attempt budget.
+//! have accepted the job (429, 503, 408, no connection). Any other failure of `/run` (a
+//! timeout, 500/502/504, a 200 whose body names no readable id) may hide a run RunPod did
+//! start: it is handed back as [`RunPodError::Unknown`], and dispatch waits for that run to
+//! announce itself instead of starting another. A 200 is read leniently for the id.
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -88,7 +89,12 @@ impl HttpRunPod {
                 })
                 .flatten();
             let Some(delay) = delay else {
-                return Err(failure.error);
+                return Err(match (kind, failure.error) {
+                    (Call::Submit, RunPodError::Transient(reason)) if !failure.not_processed => {
+                        RunPodError::Unknown(reason)
+                    }
+                    (_, error) => error,
+                });
             };
             tracing::warn!(
                 call = what,
@@ -180,13 +186,17 @@ impl RunPod for HttpRunPod {
         let body = self
             .call(Call::Submit, "run", || self.http.post(&url).json(request))
             .await?;
-        let status: RunPodStatus = decode(&body)?;
-        status
-            .id
+        let parsed = serde_json::from_slice::<RunPodStatus>(&body)
+            .ok()
+            .and_then(|status| status.id);
+        parsed
+            .or_else(|| lenient_id(&body))
             .filter(|id| !id.is_empty())
-            .ok_or_else(|| RunPodError::Permanent {
-                status: 200,
-                message: "RunPod accepted the job but returned no id".into(),
+            .ok_or_else(|| {
+                RunPodError::Unknown(format!(
+                    "RunPod answered 200 without a readable id: {}",
+                    String::from_utf8_lossy(&body[..body.len().min(200)])
+                ))
             })
     }
 
@@ -204,6 +214,23 @@ impl RunPod for HttpRunPod {
             .await
             .map(|_| ())
     }
+}
+
+/// The `"id": "…"` of a body that is not the JSON expected (cut off, extra text around it).
+fn lenient_id(body: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(body);
+    let after = &text[text.find("\"id\"")? + 4..];
+    let value = after
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start()
+        .strip_prefix('"')?;
+    let id: String = value.chars().take_while(|c| *c != '"').collect();
+    (value.len() > id.len()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+    .then_some(id)
 }
 
 fn urlencode(segment: &str) -> String {
@@ -309,13 +336,34 @@ mod tests {
         assert_eq!(runpod.run(&run_request()).await.unwrap(), "rp-1");
         assert_eq!(*seen.lock().unwrap(), [429, 503, 200]);
 
-        // A 500 may have created the job: handed back at once, dispatch retries later.
-        let (runpod, seen) = scripted(vec![500]).await;
-        assert!(matches!(
-            runpod.run(&run_request()).await,
-            Err(RunPodError::Transient(_))
-        ));
-        assert_eq!(*seen.lock().unwrap(), [500]);
+        // A 500, 502 or 504 may have created the job: handed back at once as unknown.
+        for code in [500, 502, 504] {
+            let (runpod, seen) = scripted(vec![code]).await;
+            assert!(matches!(
+                runpod.run(&run_request()).await,
+                Err(RunPodError::Unknown(_))
+            ));
+            assert_eq!(*seen.lock().unwrap(), [code]);
+        }
+    }
+
+    #[test]
+    fn an_odd_accepted_answer_is_read_leniently_for_the_id() {
+        assert_eq!(
+            lenient_id(br#"{"id": "abc-123-e1", "status": "IN_QUE"#).as_deref(),
+            Some("abc-123-e1")
+        );
+        assert_eq!(
+            lenient_id(b"garbage {\"id\":\"x9\"} more").as_deref(),
+            Some("x9")
+        );
+        assert_eq!(
+            lenient_id(br#"{"id": "cut-off"#),
+            None,
+            "an id cut short is no id"
+        );
+        assert_eq!(lenient_id(b"<html>502</html>"), None);
+        assert_eq!(lenient_id(br#"{"id": "a b"}"#), None);
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@ pub struct DispatchMessage {
 }
 
 #[cfg(feature = "sqs-events")]
-pub use events::handle_batch;
+pub use events::{handle_batch, handle_batch_before};
 #[cfg(feature = "sqs")]
 pub use queue::{client, SqsJobQueue};
 
@@ -79,6 +79,16 @@ mod events {
     /// Handles an SQS batch, reporting failed messages individually so that one slow job does
     /// not send its neighbours round again (`ReportBatchItemFailures`).
     pub async fn handle_batch(dispatcher: &Dispatcher, event: SqsEvent) -> SqsBatchResponse {
+        handle_batch_before(dispatcher, event, None).await
+    }
+
+    /// [`handle_batch`] within an invocation that ends at `deadline` (epoch ms, the Lambda
+    /// context's): no `/run` starts too late to record its answer.
+    pub async fn handle_batch_before(
+        dispatcher: &Dispatcher,
+        event: SqsEvent,
+        deadline: Option<i64>,
+    ) -> SqsBatchResponse {
         let failures = futures::stream::iter(event.records)
             .map(|record| async move {
                 let message_id = record.message_id.clone().unwrap_or_default();
@@ -97,7 +107,7 @@ mod events {
                     failure.item_identifier = message_id;
                     return Some(failure);
                 };
-                match dispatcher.dispatch(&message.job_id).await {
+                match dispatcher.dispatch_before(&message.job_id, deadline).await {
                     Ok(outcome) => {
                         tracing::info!(job_id = %message.job_id, ?outcome, "dispatched");
                         None

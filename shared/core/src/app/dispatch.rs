@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use crate::app::{commit_as, transfer, Committed};
 use crate::config::Settings;
-use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, LeaseKind};
+use crate::domain::job::{
+    Actor, ErrorCode, Job, JobError, JobState, LeaseKind, Millis, TransitionError,
+};
 use crate::domain::keys;
 use crate::domain::token::WebhookSigner;
 use crate::domain::workflow::WorkflowCatalog;
@@ -16,6 +18,9 @@ use crate::ports::{
 #[derive(Debug, Clone, PartialEq)]
 pub enum DispatchOutcome {
     Submitted(String),
+    /// RunPod took the job, but recording its run failed: the message is done, and the run is
+    /// adopted when it announces itself.
+    Unconfirmed(String),
     /// The message needs no work: the job is gone, already past queued, or cancelled.
     Skipped(&'static str),
     /// The job failed permanently at dispatch.
@@ -57,7 +62,19 @@ impl Dispatcher {
         )
     }
 
+    /// [`Dispatcher::dispatch_before`] without an invocation deadline (the local runner, tests).
     pub async fn dispatch(&self, job_id: &str) -> Result<DispatchOutcome, RetryLater> {
+        self.dispatch_before(job_id, None).await
+    }
+
+    /// Dispatches the job, never starting `/run` with less than `run_reserve` left before
+    /// `deadline` (the invocation's end, epoch ms): an answer nobody could record would leave a
+    /// run nobody tracks.
+    pub async fn dispatch_before(
+        &self,
+        job_id: &str,
+        deadline: Option<Millis>,
+    ) -> Result<DispatchOutcome, RetryLater> {
         let Some(job) = self.store.get(job_id).await? else {
             return Ok(DispatchOutcome::Skipped("no such job"));
         };
@@ -65,6 +82,14 @@ impl Dispatcher {
             return Ok(DispatchOutcome::Skipped("already dispatched or finished"));
         }
         let now = self.clock.now_ms();
+        let grace = self.settings.run_outcome_grace.as_millis() as Millis;
+        if job.unconfirmed_run_at.is_some_and(|at| now < at + grace) {
+            // The message comes back after the queue's visibility timeout (longer than the
+            // grace), and the sweeper requeues the job when the grace ends.
+            return Err(RetryLater(
+                "an unconfirmed run may still announce itself".into(),
+            ));
+        }
         if job.attempts >= self.settings.max_dispatch_attempts {
             let error = JobError::new(
                 ErrorCode::DispatchAttemptsExhausted,
@@ -100,8 +125,20 @@ impl Dispatcher {
             }
         };
 
-        match self.submit(&leased).await {
+        match self.submit(&leased, deadline).await {
             Ok(runpod_id) => self.record_submission(leased, runpod_id).await,
+            Err(Step::Unknown(reason)) => {
+                tracing::warn!(job_id = %leased.id, reason, "run outcome unknown; waiting for the run to announce itself");
+                let now = self.clock.now_ms();
+                commit_as(self.store.as_ref(), leased, Actor::Dispatch, |job| {
+                    job.note_unconfirmed_run(now, now + grace);
+                    Ok(())
+                })
+                .await?;
+                Err(RetryLater(format!(
+                    "run outcome unknown, dispatched again after the grace: {reason}"
+                )))
+            }
             Err(Step::Permanent(error)) => {
                 let code = error.code;
                 let now = self.clock.now_ms();
@@ -142,7 +179,7 @@ impl Dispatcher {
         }
     }
 
-    async fn submit(&self, job: &Job) -> Result<String, Step> {
+    async fn submit(&self, job: &Job, deadline: Option<Millis>) -> Result<String, Step> {
         let workflow = self.catalog.get(&job.workflow).ok_or_else(|| {
             Step::Permanent(JobError::new(
                 ErrorCode::RunpodRejected,
@@ -165,9 +202,17 @@ impl Dispatcher {
             )),
             // A bucket or the volume refusing us is the gateway's configuration, not the job's
             // fault: retried within the attempt budget, so a fixed key saves the job.
-            Failure::Transient | Failure::Permanent => Step::Transient(err.to_string()),
+            Failure::Transient | Failure::Permanent | Failure::Unknown => {
+                Step::Transient(err.to_string())
+            }
         })?;
-        let output_prefix = format!("{}{}", keys::volume_outputs(&job.id), workflow.name());
+        // Each attempt writes into its own folder, so two runs of one job (a lost first run
+        // and its successor) never overwrite each other's files.
+        let output_prefix = format!(
+            "{}{}",
+            keys::run_outputs(&job.id, job.attempts),
+            workflow.name()
+        );
         let graph = workflow.render(&job.params, &input_key, &output_prefix);
         // The graph under the key the workflow's worker reads; the input image stays on the
         // volume (LoadImage names its key), so RunPod's echoed input stays small.
@@ -181,11 +226,18 @@ impl Dispatcher {
                 ttl: self.settings.runpod_ttl.as_millis() as u64,
             },
         };
+        let reserve = self.settings.run_reserve.as_millis() as Millis;
+        if deadline.is_some_and(|deadline| deadline - self.clock.now_ms() < reserve) {
+            return Err(Step::Transient(
+                "too little of the invocation left to record a run".into(),
+            ));
+        }
         self.runpod
             .run(&request)
             .await
             .map_err(|err| match err.failure() {
                 Failure::Transient => Step::Transient(err.to_string()),
+                Failure::Unknown => Step::Unknown(err.to_string()),
                 Failure::Missing => Step::Permanent(JobError::new(
                     ErrorCode::RunpodRejected,
                     "RunPod does not know the configured endpoint",
@@ -210,28 +262,38 @@ impl Dispatcher {
             .mark_submitted(runpod_id.clone(), now, next_check)
             .is_ok()
         {
-            match self.store.save(&submitted, leased.version).await {
-                Ok(()) => return Ok(DispatchOutcome::Submitted(runpod_id)),
-                Err(StoreError::Conflict) => {}
-                Err(err) => {
-                    // The job is at RunPod but we could not say so; keep the id on the record
-                    // when the store is back. Until then the sweeper finds the job via its lease.
-                    tracing::error!(job_id = %leased.id, runpod_id, error = %err, "could not record the submission");
-                    return Err(err.into());
+            // RunPod has the run: the id is in hand, so a failed save is retried here, never by
+            // dispatching again (which would start a second run).
+            let mut last_error = None;
+            for _ in 0..RECORD_ATTEMPTS {
+                match self.store.save(&submitted, leased.version).await {
+                    Ok(()) => return Ok(DispatchOutcome::Submitted(runpod_id)),
+                    Err(StoreError::Conflict) => {
+                        last_error = None;
+                        break;
+                    }
+                    Err(err) => last_error = Some(err),
                 }
             }
+            if let Some(err) = last_error {
+                // The run will announce itself (its webhook) and be adopted then; the message
+                // is done either way.
+                tracing::error!(job_id = %leased.id, runpod_id, error = %err, "could not record the submission");
+                return Ok(DispatchOutcome::Unconfirmed(format!(
+                    "RunPod took the job as {runpod_id}, but recording it failed: {err}"
+                )));
+            }
         }
-        // Someone changed the job while we submitted: the client cancelled it, or RunPod's
-        // first report beat us. Re-apply the submission to what is stored now.
+        // Someone changed the job while we submitted: the client cancelled it, RunPod's first
+        // report beat us, or a lost earlier run announced itself and was adopted.
         let Some(current) = self.store.get(&leased.id).await? else {
+            self.cancel_extra_run(&leased.id, &runpod_id).await;
             return Ok(DispatchOutcome::Skipped("job vanished while dispatching"));
         };
         if current.is_terminal() {
             // Cancelled by the client, or timed out by the sweeper, while RunPod was taking the
             // job: nobody will ever read its result, so stop the GPU.
-            if let Err(err) = self.runpod.cancel(&runpod_id).await {
-                tracing::warn!(job_id = %current.id, runpod_id, error = %err, "cancel after a raced dispatch failed");
-            }
+            self.cancel_extra_run(&current.id, &runpod_id).await;
             return Ok(DispatchOutcome::Skipped("finished while dispatching"));
         }
         match commit_as(self.store.as_ref(), current, Actor::Dispatch, |job| {
@@ -240,12 +302,30 @@ impl Dispatcher {
         .await?
         {
             Committed::Written(_) => Ok(DispatchOutcome::Submitted(runpod_id)),
+            Committed::Refused(job, TransitionError::Stale) => {
+                // The job already has another run: ours is the extra one.
+                self.cancel_extra_run(&job.id, &runpod_id).await;
+                Ok(DispatchOutcome::Skipped("the job already has a run"))
+            }
             _ => Ok(DispatchOutcome::Skipped("job changed while dispatching")),
+        }
+    }
+
+    /// Stops a run nobody will read; if RunPod cannot be told now, its result is never used
+    /// (only the job's own run is ever asked about) and its webhook cancels it again.
+    async fn cancel_extra_run(&self, job_id: &str, runpod_id: &str) {
+        if let Err(err) = self.runpod.cancel(runpod_id).await {
+            tracing::warn!(job_id, runpod_id, error = %err, "could not cancel an extra run");
         }
     }
 }
 
+/// How many times the record of a run RunPod took is written before giving up on this call.
+const RECORD_ATTEMPTS: usize = 3;
+
 enum Step {
     Transient(String),
+    /// `/run` may have started a run whose id we do not have.
+    Unknown(String),
     Permanent(JobError),
 }

@@ -361,7 +361,9 @@ impl Finalizer {
                 )),
                 // A refusal by our own bucket or the volume is the gateway's configuration,
                 // not the worker's output: retried until fixed or the deadline.
-                Failure::Transient | Failure::Permanent => Collect::Retry(err.to_string()),
+                Failure::Transient | Failure::Permanent | Failure::Unknown => {
+                    Collect::Retry(err.to_string())
+                }
             })?;
             outputs.push(OutputFile {
                 key: destination,
@@ -409,7 +411,7 @@ impl Finalizer {
                                     "downloading {}: {err}",
                                     image.file_name
                                 )),
-                                Failure::Missing | Failure::Permanent => {
+                                Failure::Missing | Failure::Permanent | Failure::Unknown => {
                                     Collect::Fail(JobError::new(
                                         ErrorCode::OutputMissing,
                                         format!("the worker's URL for {}: {err}", image.file_name),

@@ -5,12 +5,24 @@
 //! ours, and the URL passes through RunPod, its logs and the worker. A verified call is
 //! therefore only a trigger: the job changes on what RunPod's `/status` says about the job's
 //! run, never on what the body claims. The body is at most a hint of which run it is about.
+//!
+//! That hint matters for one case: a run whose `/run` answer was lost announces itself here.
+//! If the job has no run yet, the run is confirmed with `/status` and adopted; if the job has
+//! another run, it is confirmed and cancelled, and its result is never used.
 use std::sync::Arc;
 
 use crate::app::finalize::{FinalizeError, Finalizer, Outcome};
-use crate::domain::job::Actor;
+use crate::app::{commit_as, Committed};
+use crate::domain::job::{Actor, Job, Millis};
 use crate::domain::token::WebhookSigner;
 use crate::ports::{Classified, Failure, JobStore, RunPod, RunPodStatus};
+
+fn finalize_error(err: FinalizeError) -> String {
+    match err {
+        FinalizeError::RetryLater(reason) => reason,
+        FinalizeError::Store(err) => err.to_string(),
+    }
+}
 
 /// RunPod's webhook echoes the whole job input; ours are small, but cap what we parse.
 pub const MAX_WEBHOOK_BYTES: usize = 6 * 1024 * 1024;
@@ -64,35 +76,89 @@ impl WebhookHandler {
         }
         let hint = serde_json::from_slice::<RunPodStatus>(body)
             .ok()
-            .and_then(|status| status.id);
-        let Some(runpod_id) = job.runpod_job_id.clone() else {
+            .and_then(|status| status.id)
+            .filter(|id| !id.is_empty());
+        let outcome = match (job.runpod_job_id.clone(), hint) {
             // RunPod has it but dispatch has not recorded the id yet: be called again.
-            return Err("job not yet recorded as submitted".into());
-        };
-        if hint.as_ref().is_some_and(|hint| *hint != runpod_id) {
-            tracing::warn!(
-                job_id,
-                ?hint,
-                runpod_id,
-                "webhook names another run; asking about the job's own"
-            );
-        }
-        let outcome = match self.runpod.status(&runpod_id).await {
-            Ok(status) => {
-                self.finalizer
-                    .observe_as(job, &status, Actor::Webhook)
-                    .await
+            (None, None) => return Err("job not yet recorded as submitted".into()),
+            // A run nobody recorded (its /run answer was lost) announces itself.
+            (None, Some(run)) => self.adopt(job, &run).await?,
+            (Some(tracked), Some(run)) if run != tracked => {
+                self.stop_extra_run(&job, &run).await;
+                self.observe(job, &tracked).await?
             }
-            // Gone at RunPod: leave it to the sweeper, which records the expiry.
-            Err(err) if err.failure() == Failure::Missing => Ok(Outcome::Unchanged),
-            Err(err) => return Err(err.to_string()),
+            (Some(tracked), _) => self.observe(job, &tracked).await?,
         };
         match outcome {
             // Another call is finishing the job; a retry from RunPod (or the sweeper) settles it.
-            Ok(Outcome::Busy) => Err("job is busy".into()),
-            Ok(outcome) => Ok(outcome),
-            Err(FinalizeError::RetryLater(reason)) => Err(reason),
-            Err(FinalizeError::Store(err)) => Err(err.to_string()),
+            Outcome::Busy => Err("job is busy".into()),
+            outcome => Ok(outcome),
+        }
+    }
+
+    /// Acts on what RunPod's `/status` says about `run`, the job's own run.
+    async fn observe(&self, job: Job, run: &str) -> Result<Outcome, String> {
+        match self.runpod.status(run).await {
+            Ok(status) => self
+                .finalizer
+                .observe_as(job, &status, Actor::Webhook)
+                .await
+                .map_err(finalize_error),
+            // Gone at RunPod: leave it to the sweeper, which records the expiry.
+            Err(err) if err.failure() == Failure::Missing => Ok(Outcome::Unchanged),
+            Err(err) => Err(err.to_string()),
+        }
+    }
+
+    /// A run the job does not track announced itself while the job has none: once RunPod
+    /// confirms it exists, it becomes the job's run; if the job got another run (or ended)
+    /// meanwhile, it is stopped instead.
+    async fn adopt(&self, job: Job, run: &str) -> Result<Outcome, String> {
+        let status = match self.runpod.status(run).await {
+            Ok(status) if status.id.as_deref().is_none_or(|id| id == run) => status,
+            // RunPod does not know it (forged, or long gone): nothing to adopt.
+            Ok(_) => return Ok(Outcome::Unchanged),
+            Err(err) if err.failure() == Failure::Missing => return Ok(Outcome::Unchanged),
+            Err(err) => return Err(err.to_string()),
+        };
+        let now = self.finalizer.clock.now_ms();
+        let next_check = now + self.finalizer.settings.poll_interval.as_millis() as Millis;
+        let adopted = commit_as(self.store.as_ref(), job, Actor::Webhook, |job| {
+            job.mark_submitted(run.to_string(), now, next_check)
+        })
+        .await
+        .map_err(|err| err.to_string())?;
+        match adopted {
+            Committed::Written(job) => {
+                tracing::warn!(job_id = %job.id, runpod_id = run, "adopted a run whose /run answer was lost");
+                self.finalizer
+                    .observe_as(job, &status, Actor::Webhook)
+                    .await
+                    .map_err(finalize_error)
+            }
+            Committed::Refused(job, _) => {
+                self.stop_extra_run(&job, run).await;
+                Ok(Outcome::Unchanged)
+            }
+            Committed::Missing => Ok(Outcome::Unchanged),
+        }
+    }
+
+    /// A second run of the job (its `/run` answer was lost and the job was dispatched again):
+    /// once RunPod confirms it, it is cancelled, and its result is never used.
+    async fn stop_extra_run(&self, job: &Job, run: &str) {
+        match self.runpod.status(run).await {
+            Ok(_) => match self.runpod.cancel(run).await {
+                Ok(()) => {
+                    tracing::warn!(job_id = %job.id, runpod_id = run, "cancelled an extra run")
+                }
+                Err(err) => {
+                    tracing::warn!(job_id = %job.id, runpod_id = run, error = %err, "could not cancel an extra run")
+                }
+            },
+            Err(err) => {
+                tracing::info!(job_id = %job.id, runpod_id = run, error = %err, "an unconfirmed run was not stopped")
+            }
         }
     }
 }

@@ -291,6 +291,11 @@ pub struct Job {
     /// the sweeper waits longer after each. Reset when the job moves on.
     #[serde(default)]
     pub check_failures: u32,
+    /// When a `/run` for the job last ended with an unknown outcome (timed out, 5xx, an
+    /// unreadable answer): RunPod may hold a run nobody recorded. Cleared when a run is
+    /// recorded.
+    #[serde(default)]
+    pub unconfirmed_run_at: Option<Millis>,
     /// Who is changing the job in this process; recorded in the history, never stored.
     #[serde(skip)]
     acting: Acting,
@@ -392,6 +397,7 @@ impl Job {
                 by: Actor::Client,
             }],
             check_failures: 0,
+            unconfirmed_run_at: None,
             acting: Acting::default(),
         }
     }
@@ -492,6 +498,14 @@ impl Job {
         now: Millis,
         next_check_at: Millis,
     ) -> Result<(), TransitionError> {
+        // The first run recorded is the job's run; any other is an extra to cancel.
+        if self
+            .runpod_job_id
+            .as_ref()
+            .is_some_and(|tracked| *tracked != runpod_job_id)
+        {
+            return Err(TransitionError::Stale);
+        }
         if self.state == JobState::Queued {
             self.advance(JobState::Submitted, now)?;
         } else {
@@ -499,6 +513,7 @@ impl Job {
             self.touch(now);
         }
         self.runpod_job_id = Some(runpod_job_id);
+        self.unconfirmed_run_at = None;
         if matches!(
             self.lease,
             Some(Lease {
@@ -510,6 +525,14 @@ impl Job {
         }
         self.next_check_at = Some(next_check_at);
         Ok(())
+    }
+
+    /// A `/run` whose outcome is unknown (RunPod may hold a run it could not confirm): the
+    /// lease goes, and the job is not dispatched again before `recheck_at`, giving a lost run
+    /// time to announce itself.
+    pub fn note_unconfirmed_run(&mut self, now: Millis, recheck_at: Millis) {
+        self.unconfirmed_run_at = Some(now);
+        self.release_lease(now, recheck_at);
     }
 
     /// A worker took the job.

@@ -29,6 +29,12 @@ pub fn volume_outputs(job_id: &str) -> String {
     format!("outputs/{job_id}/")
 }
 
+/// RunPod volume: the folder one dispatch attempt's run writes into,
+/// `outputs/{job_id}/a{attempt}/`, inside the job's folder.
+pub fn run_outputs(job_id: &str, attempt: u32) -> String {
+    format!("outputs/{job_id}/a{attempt}/")
+}
+
 /// Job table: the partition key of a job item is its id.
 pub fn job_item(job_id: &str) -> String {
     job_id.to_string()

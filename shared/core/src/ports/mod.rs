@@ -22,6 +22,9 @@ pub enum Failure {
     Missing,
     /// Refused, and the same call would be refused again.
     Permanent,
+    /// The call may have taken effect: its answer was lost (a `/run` that timed out, answered
+    /// 500/502/504, or answered 200 with no readable id).
+    Unknown,
 }
 
 /// A port error's [`Failure`] class.
@@ -252,6 +255,9 @@ pub enum RunPodError {
     /// RunPod does not know the job (expired result, TTL passed, wrong id).
     #[error("RunPod job not found")]
     NotFound,
+    /// `/run` only: RunPod may have accepted the job, but its answer was lost.
+    #[error("RunPod may have taken the job; its answer was lost: {0}")]
+    Unknown(String),
     /// Any other refusal; retrying the same request will not help.
     #[error("RunPod refused ({status}): {message}")]
     Permanent { status: u16, message: String },
@@ -263,6 +269,7 @@ impl Classified for RunPodError {
             Self::Transient(_) => Failure::Transient,
             Self::NotFound => Failure::Missing,
             Self::Permanent { .. } => Failure::Permanent,
+            Self::Unknown(_) => Failure::Unknown,
         }
     }
 }
