@@ -268,3 +268,53 @@ async fn an_idempotency_key_stands_for_its_job_until_its_window_ends() {
         gateway::ports::CreateOutcome::Created
     ));
 }
+
+#[tokio::test]
+async fn a_stream_that_dies_mid_copy_leaves_no_multipart_upload_behind() {
+    use futures::StreamExt;
+    use gateway::ports::{ObjectError, ObjectMeta};
+    let sdk = aws_sdk_config().await;
+    let client = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .build(),
+    );
+    let bucket = unique("cut");
+    client.create_bucket().bucket(&bucket).send().await.unwrap();
+    let part = 5 * 1024 * 1024;
+    let store = S3ObjectStore::new(client.clone(), &bucket).with_part_size(part);
+    // Two parts' worth arrive, then the source breaks off.
+    let chunks: Vec<Result<bytes::Bytes, ObjectError>> = vec![
+        Ok(vec![1u8; part].into()),
+        Ok(vec![2u8; part].into()),
+        Err(ObjectError::Transient("connection reset (test)".into())),
+    ];
+    let meta = ObjectMeta {
+        size: 3 * part as u64,
+        content_type: Some("image/png".into()),
+    };
+
+    let result = store
+        .put_stream("cut.png", &meta, futures::stream::iter(chunks).boxed())
+        .await;
+
+    assert!(result.is_err());
+    let uploads = client
+        .list_multipart_uploads()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        uploads.uploads().is_empty(),
+        "left behind: {:?}",
+        uploads.uploads()
+    );
+    let listed = client
+        .list_objects_v2()
+        .bucket(&bucket)
+        .send()
+        .await
+        .unwrap();
+    assert!(listed.contents().is_empty(), "no object either");
+}

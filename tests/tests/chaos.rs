@@ -1321,7 +1321,7 @@ fn print_table(seed: u64, elapsed: Duration, tally: &mut Tally) {
         tally.runs_started, tally.runs_adopted
     ));
     line(format!(
-        "  extra runs cancelled / silent        {} / {} (silent: never announced itself, so never seen)",
+        "  extra runs stopped / ran to the end  {} / {} (an extra run announces itself only when it ends)",
         tally.extra_runs_cancelled, tally.extra_runs_silent
     ));
     line(format!(

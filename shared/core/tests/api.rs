@@ -416,7 +416,8 @@ async fn a_completed_upload_becomes_the_jobs_input() {
         other => panic!("{other:?}"),
     };
 
-    assert_eq!(job.input.key, keys::upload("alice", &uuid_of(9)));
+    assert_eq!(job.input.key, keys::pinned_upload("alice", &job.id));
+    assert_eq!(kit.uploads.get(&job.input.key).unwrap(), photo);
     assert_eq!(job.input.content_type, "image/png");
     assert_eq!(job.input.size, photo.len() as u64);
 }
@@ -711,4 +712,47 @@ async fn a_run_dispatch_records_while_a_cancel_is_under_way_is_stopped_too() {
         "the run that appeared was stopped: {:?}",
         kit.runpod.calls()
     );
+}
+
+#[tokio::test]
+async fn an_upload_replaced_after_the_job_was_accepted_does_not_change_its_input() {
+    let kit = Kit::new();
+    let photo = png(32, 24);
+    let upload = keys::upload("alice", &uuid_of(9));
+    kit.uploads.insert(&upload, &photo);
+    let Submitted::Accepted(job) = kit
+        .api()
+        .submit("alice", uploaded(&uuid_of(9)), None)
+        .await
+        .unwrap()
+    else {
+        panic!("not accepted")
+    };
+
+    // The presigned PUT is still valid: the client (or anyone holding it) writes again.
+    kit.uploads.insert(&upload, b"something else entirely");
+
+    assert_eq!(kit.uploads.get(&job.input.key).unwrap(), photo);
+}
+
+#[tokio::test]
+async fn an_upload_of_too_many_pixels_is_refused_and_its_copy_removed() {
+    let kit = Kit::new();
+    kit.uploads
+        .insert(&keys::upload("alice", &uuid_of(9)), &png(32, 24));
+    kit.images.set_size(20_000, 10_000);
+
+    let refusal = kit
+        .api()
+        .submit("alice", uploaded(&uuid_of(9)), None)
+        .await
+        .unwrap_err();
+
+    assert_eq!(refusal.code(), "input_too_large");
+    assert_eq!(
+        kit.uploads.keys(),
+        vec![keys::upload("alice", &uuid_of(9))],
+        "only the client's upload is left"
+    );
+    assert!(kit.store.jobs().is_empty());
 }

@@ -31,6 +31,9 @@ pub const MAX_PAGE: u32 = 100;
 /// How many times a cancel goes round (stop the run, record the cancel) when dispatch keeps
 /// giving the job a new run meanwhile.
 const CANCEL_ROUNDS: usize = 3;
+/// How much of an uploaded image is read to check its format and dimensions: headers (EXIF
+/// included) come first.
+const PROBE_BYTES: u64 = 256 * 1024;
 /// The formats a client may upload or send inline.
 pub const INPUT_KINDS: [ImageKind; 3] = [JPEG, PNG, WEBP];
 
@@ -199,7 +202,7 @@ impl Api {
         let job_id = uuid::Uuid::now_v7().to_string();
         let input = match (request.input.image_base64, request.input.upload_id) {
             (Some(encoded), None) => self.store_inline_image(owner, &job_id, &encoded).await?,
-            (None, Some(upload_id)) => self.uploaded_image(owner, &upload_id).await?,
+            (None, Some(upload_id)) => self.uploaded_image(owner, &job_id, &upload_id).await?,
             _ => {
                 return Err(Refusal::invalid(
                     "invalid_input",
@@ -223,15 +226,18 @@ impl Api {
             timing(&self.settings),
             self.clock.now_ms(),
         );
-        if let CreateOutcome::Existing(existing) = self.store.create(&job).await? {
+        match self.store.create(&job).await {
+            Ok(CreateOutcome::Created) => {}
             // Another request with the key got there between the lookup and the create: what
             // this one stored belongs to no job.
-            if job.input.key == keys::inline_input(owner, &job.id, &job.input.extension) {
-                if let Err(err) = self.uploads.delete(&job.input.key).await {
-                    tracing::warn!(key = %job.input.key, error = %err, "could not remove a replay's input");
-                }
+            Ok(CreateOutcome::Existing(existing)) => {
+                self.remove_input(&job).await;
+                return replay(*existing, request_digest.as_deref().unwrap_or_default());
             }
-            return replay(*existing, request_digest.as_deref().unwrap_or_default());
+            Err(err) => {
+                self.remove_input(&job).await;
+                return Err(err.into());
+            }
         }
         // If this send fails the job is still safe: the sweeper re-enqueues queued jobs.
         if let Err(err) = self.queue.enqueue(&job.id).await {
@@ -295,27 +301,73 @@ impl Api {
         Ok(kind)
     }
 
-    async fn uploaded_image(&self, owner: &str, upload_id: &str) -> Result<InputRef, Refusal> {
+    /// Removes the input stored for a job that was not created (always the job's own copy,
+    /// inline or pinned: never the client's upload). Best effort.
+    async fn remove_input(&self, job: &Job) {
+        if let Err(err) = self.uploads.delete(&job.input.key).await {
+            tracing::warn!(key = %job.input.key, error = %err, "could not remove the input of a job not created");
+        }
+    }
+
+    /// Pins a client's upload as the job's input: copies it to the job's own key, where no
+    /// presigned URL reaches, then checks the copy (size, format, dimensions), so what the GPU
+    /// receives is what was checked, whatever is PUT to the upload URL later. A refused copy
+    /// is removed.
+    async fn uploaded_image(
+        &self,
+        owner: &str,
+        job_id: &str,
+        upload_id: &str,
+    ) -> Result<InputRef, Refusal> {
         let unknown = || Refusal::invalid("unknown_upload", "no completed upload with that id");
         // Upload ids are ours (UUIDs); anything else cannot name an upload and must not reach a key.
         let upload_id = uuid::Uuid::parse_str(upload_id)
             .map_err(|_| unknown())?
             .to_string();
-        let key = keys::upload(owner, &upload_id);
-        let meta = self.uploads.head(&key).await?.ok_or_else(unknown)?;
+        let source = keys::upload(owner, &upload_id);
         let limit = self.settings.max_upload_bytes;
+        let too_large = || Refusal::TooLarge {
+            message: format!("uploads are limited to {limit} bytes"),
+        };
+        let meta = self.uploads.head(&source).await?.ok_or_else(unknown)?;
         if meta.size > limit {
-            return Err(Refusal::TooLarge {
-                message: format!("uploads are limited to {limit} bytes"),
-            });
+            return Err(too_large());
         }
-        let prefix = self.uploads.read_prefix(&key, 64).await?;
-        let kind = self
-            .images
-            .sniff(&prefix)
-            .filter(|kind| INPUT_KINDS.contains(kind))
-            .ok_or_else(not_an_image)?;
-        Ok(input_ref(key, kind, meta.size))
+        let pinned = keys::pinned_upload(owner, job_id);
+        let copied = match crate::app::transfer::copy(
+            self.uploads.as_ref(),
+            &source,
+            self.uploads.as_ref(),
+            &pinned,
+            None,
+        )
+        .await
+        {
+            Ok(copied) => copied,
+            Err(ObjectError::NotFound(_)) => return Err(unknown()),
+            Err(err) => {
+                let _ = self.uploads.delete(&pinned).await;
+                return Err(err.into());
+            }
+        };
+        let checked = async {
+            // Checked again on the copy: the upload may have changed since the HEAD.
+            if copied.size > limit {
+                return Err(too_large());
+            }
+            let head = self.uploads.read_prefix(&pinned, PROBE_BYTES).await?;
+            self.check_image(&head)
+        }
+        .await;
+        match checked {
+            Ok(kind) => Ok(input_ref(pinned, kind, copied.size)),
+            Err(refusal) => {
+                if let Err(err) = self.uploads.delete(&pinned).await {
+                    tracing::warn!(key = %pinned, error = %err, "could not remove a refused upload's copy");
+                }
+                Err(refusal)
+            }
+        }
     }
 
     /// A presigned PUT for an input too large for a request body; JPEG unless the client names

@@ -8,6 +8,12 @@ pub fn inline_input(owner: &str, job_id: &str, extension: &str) -> String {
     format!("inputs/{owner}/{job_id}/input.{extension}")
 }
 
+/// Uploads bucket: a client's upload pinned as a job's input, `inputs/{owner}/{job_id}/input`:
+/// the copy that was checked, out of reach of the upload URL.
+pub fn pinned_upload(owner: &str, job_id: &str) -> String {
+    format!("inputs/{owner}/{job_id}/input")
+}
+
 /// Uploads bucket: a client's presigned upload, `uploads/{owner}/{upload_id}`.
 pub fn upload(owner: &str, upload_id: &str) -> String {
     format!("uploads/{owner}/{upload_id}")
