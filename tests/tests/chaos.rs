@@ -1053,12 +1053,17 @@ async fn wave(
         if !expected_keys.contains(key.as_str()) {
             let job_id = key.split('/').nth(2).unwrap_or_default();
             let state = after.get(job_id).map(|j| j.state);
-            // A finalize killed after copying, then a client cancel before anyone finalized
-            // again, leaves its copies behind: invisible to clients (the job is cancelled) and
-            // nothing lost or doubled, so reported rather than failed. Known gap: the cleanup of
-            // such copies after a cancel.
-            if state == Some(JobState::Cancelled) {
-                println!("  note: orphan output of a job cancelled after a killed finalize: {key}");
+            // A finalize killed after copying, then the job ending otherwise before anyone
+            // finalized again (a client cancel, or RunPod's result expiring meanwhile), leaves
+            // its copies behind: invisible to clients (the job did not succeed) and nothing lost
+            // or doubled, so reported rather than failed. Known gap: the cleanup of such copies
+            // after a killed finalize (issue 12's volume and results hygiene).
+            let killed_finalize = driven
+                .iter()
+                .any(|d| d.id.as_deref() == Some(job_id) && d.killed_finalize);
+            if state.is_some_and(|s| s.is_terminal() && s != JobState::Succeeded) && killed_finalize
+            {
+                println!("  note: orphan output of a job that ended {state:?} after a killed finalize: {key}");
                 continue;
             }
             violations.push(format!(

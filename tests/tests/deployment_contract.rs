@@ -435,6 +435,30 @@ fn the_api_routes_are_the_routers_routes_and_only_the_public_ones_skip_the_jwt()
 }
 
 #[test]
+fn the_webhook_route_has_a_throttle_of_its_own() {
+    let api = &resource("GatewayApi")["Properties"];
+    let (method, path) = gateway_http::webhook::ROUTE;
+    let route = &api["RouteSettings"][format!("{method} {path}")];
+    let limit = |settings: &Value, key: &str| -> u64 {
+        settings
+            .get(key)
+            .map(number)
+            .unwrap_or_else(|| panic!("no {key} in {settings}"))
+    };
+    // Its own limits, so forged floods and client bursts never share a bucket.
+    assert!(limit(route, "ThrottlingRateLimit") > 0);
+    assert!(limit(route, "ThrottlingBurstLimit") >= limit(route, "ThrottlingRateLimit"));
+    let default = &api["DefaultRouteSettings"];
+    assert!(
+        limit(default, "ThrottlingRateLimit") > 0,
+        "client routes are throttled too"
+    );
+    // No client route has settings of its own that could bypass the default.
+    let routes = api["RouteSettings"].as_object().unwrap();
+    assert_eq!(routes.len(), 1, "{routes:?}");
+}
+
+#[test]
 fn the_table_has_the_keys_and_indexes_the_store_uses() {
     let schema = &dynamodb::TABLE;
     let table = &resource("JobsTable")["Properties"];
@@ -630,13 +654,6 @@ fn timeouts_leases_and_the_queue_fit_together() {
     // Lambda's SQS guidance: visibility timeout at least 6x the function timeout.
     let queue = &resource("JobsQueue")["Properties"];
     assert!(number(&queue["VisibilityTimeout"]) >= 6 * dispatch);
-    // A dispatch whose /run answer was lost hands its message back; it must return after the
-    // grace in which the lost run may announce itself.
-    let grace = settings("DispatchFunction", "RUN_OUTCOME_GRACE_SECS", 120);
-    assert!(
-        number(&queue["VisibilityTimeout"]) > grace,
-        "visibility vs grace {grace} s"
-    );
     assert_eq!(number(&queue["RedrivePolicy"]["maxReceiveCount"]), 5);
     assert_eq!(
         symbol(&queue["RedrivePolicy"]["deadLetterTargetArn"]),

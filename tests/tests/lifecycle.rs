@@ -179,6 +179,7 @@ async fn runpod_refusing_for_a_while_only_delays_the_job() {
             run_fail_count: 2,
             ..Faults::default()
         },
+        sweep_every: Duration::from_millis(500),
         ..StackOptions::default()
     })
     .await;
@@ -217,6 +218,7 @@ async fn a_job_that_runpod_keeps_refusing_fails_once_its_attempts_are_spent() {
             ..Faults::default()
         },
         extra_env: vec![("MAX_DISPATCH_ATTEMPTS", "2".into())],
+        sweep_every: Duration::from_millis(500),
         ..StackOptions::default()
     })
     .await;

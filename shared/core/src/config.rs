@@ -283,6 +283,9 @@ pub struct RunPodConfig {
     pub request_timeout: Duration,
     /// How one RunPod call is retried within an invocation (README, "Retries and error codes").
     pub retry: RetryPolicy,
+    /// `/cancel` calls a process starts per second at most (RunPod allows 100 per 10 s per
+    /// endpoint): client, deadline and extra-run cancels all go through this one path.
+    pub cancels_per_second: u32,
 }
 
 /// First and longest wait between two attempts of one RunPod call.
@@ -318,6 +321,7 @@ impl RunPodConfig {
                 // Under the shortest function timeout that calls RunPod (submit, 20 s).
                 budget: seconds(env, "RUNPOD_RETRY_BUDGET_SECS", 15)?,
             },
+            cancels_per_second: parsed(env, "RUNPOD_CANCELS_PER_SEC", 5u32)?.max(1),
         })
     }
 }

@@ -173,9 +173,12 @@ async fn a_lost_run_answer_waits_for_the_run_to_announce_itself_before_dispatchi
     let job = kit.queued_job("alice");
     kit.runpod.answer_runs(&[Answer::Lost]);
 
-    let outcome = kit.dispatcher().dispatch(&job.id).await;
+    let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
 
-    assert!(matches!(outcome, Err(RetryLater(_))), "{outcome:?}");
+    assert!(
+        matches!(outcome, DispatchOutcome::Unconfirmed(_)),
+        "{outcome:?}"
+    );
     let stored = kit.stored(&job.id);
     assert_eq!(stored.state, JobState::Queued);
     assert!(stored.lease.is_none());
@@ -183,8 +186,8 @@ async fn a_lost_run_answer_waits_for_the_run_to_announce_itself_before_dispatchi
     let grace = kit.settings.run_outcome_grace.as_millis() as i64;
     assert_eq!(stored.next_check_at, Some(kit.now() + grace));
     // A redelivery inside the grace starts no second run.
-    let again = kit.dispatcher().dispatch(&job.id).await;
-    assert!(matches!(again, Err(RetryLater(_))), "{again:?}");
+    let again = kit.dispatcher().dispatch(&job.id).await.unwrap();
+    assert!(matches!(again, DispatchOutcome::Skipped(_)), "{again:?}");
     assert_eq!(kit.runpod.accepted().len(), 1);
 }
 
@@ -193,7 +196,7 @@ async fn after_the_grace_a_job_whose_run_never_announced_itself_is_dispatched_ag
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.runpod.answer_runs(&[Answer::Lost]);
-    kit.dispatcher().dispatch(&job.id).await.unwrap_err();
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
     kit.clock.advance(kit.settings.run_outcome_grace);
 
     let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();

@@ -50,13 +50,15 @@ async fn a_wrong_or_missing_token_is_refused_and_nothing_is_read() {
     let (job, body) = completed(&kit).await;
     let other = kit.queued_job("bob");
     let calls = kit.runpod.calls().len();
+    let reads = kit.store.reads();
 
     for bad in ["", "nonsense", &token(&kit, &other)] {
         let outcome = kit.webhook().receive(&job.id, bad, body.as_bytes()).await;
         assert_eq!(outcome, WebhookOutcome::Unauthorized, "token {bad:?}");
     }
     assert_eq!(kit.stored(&job.id).state, JobState::Submitted);
-    assert_eq!(kit.runpod.calls().len(), calls);
+    assert_eq!(kit.runpod.calls().len(), calls, "no RunPod call");
+    assert_eq!(kit.store.reads(), reads, "no job store read");
     assert!(kit.results.keys().is_empty());
 }
 
@@ -226,7 +228,7 @@ async fn a_run_whose_answer_was_lost_is_adopted_when_it_announces_itself() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.runpod.answer_runs(&[testkit::fakes::Answer::Lost]);
-    kit.dispatcher().dispatch(&job.id).await.unwrap_err();
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
     // The run RunPod did take (rp-1) completes and calls the job's webhook.
     let report = kit.completed_run(
         "rp-1",
@@ -273,7 +275,7 @@ async fn an_extra_run_that_announces_itself_is_cancelled_and_its_result_ignored(
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.runpod.answer_runs(&[testkit::fakes::Answer::Lost]);
-    kit.dispatcher().dispatch(&job.id).await.unwrap_err();
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
     kit.clock.advance(kit.settings.run_outcome_grace);
     kit.dispatcher().dispatch(&job.id).await.unwrap();
     kit.running_run("rp-2");

@@ -49,6 +49,7 @@ pub struct MemStore {
     /// Idempotency item → (job id, epoch seconds until which the key stands for it).
     idempotency: Mutex<HashMap<String, (String, i64)>>,
     writes: AtomicU64,
+    reads: AtomicU64,
     /// Answer the next this many calls with `Unavailable`.
     outage: AtomicU64,
     /// Runs before each save until it returns true: another writer's change landing just
@@ -71,6 +72,10 @@ impl MemStore {
         lock(&self.jobs).values().cloned().collect()
     }
     /// Successful creates and saves so far.
+    /// Jobs read with `get` so far.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::SeqCst)
+    }
     pub fn writes(&self) -> u64 {
         self.writes.load(Ordering::SeqCst)
     }
@@ -145,6 +150,7 @@ impl JobStore for MemStore {
     }
 
     async fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
         yield_once().await;
         self.available()?;
         Ok(self.job(job_id))

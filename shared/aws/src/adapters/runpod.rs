@@ -7,6 +7,7 @@
 //! timeout, 500/502/504, a 200 whose body names no readable id) may hide a run RunPod did
 //! start: it is handed back as [`RunPodError::Unknown`], and dispatch waits for that run to
 //! announce itself instead of starting another. A 200 is read leniently for the id.
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -23,6 +24,40 @@ pub struct HttpRunPod {
     api_key: String,
     retry: RetryPolicy,
     request_timeout: Duration,
+    cancels: Arc<CancelPace>,
+}
+
+/// Spaces `/cancel` calls at most `per_second` apart, across every clone of the client.
+struct CancelPace {
+    interval: Duration,
+    next: Mutex<Instant>,
+}
+
+impl CancelPace {
+    fn new(per_second: u32) -> Self {
+        Self {
+            interval: Duration::from_secs(1) / per_second.max(1),
+            next: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits for this call's turn; refuses (transient) a turn further off than `budget`.
+    async fn turn(&self, budget: Duration) -> Result<(), RunPodError> {
+        let wait = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            let at = (*next).max(now);
+            if at - now > budget {
+                return Err(RunPodError::Transient(
+                    "RunPod /cancel rate limit: too many cancels queued".into(),
+                ));
+            }
+            *next = at + self.interval;
+            at - now
+        };
+        tokio::time::sleep(wait).await;
+        Ok(())
+    }
 }
 
 /// Whether repeating a request could do the work twice.
@@ -54,6 +89,7 @@ impl HttpRunPod {
             api_key: config.api_key.clone(),
             retry: config.retry,
             request_timeout: config.request_timeout,
+            cancels: Arc::new(CancelPace::new(config.cancels_per_second)),
         }
     }
 
@@ -209,6 +245,7 @@ impl RunPod for HttpRunPod {
     }
 
     async fn cancel(&self, runpod_job_id: &str) -> Result<(), RunPodError> {
+        self.cancels.turn(self.retry.budget).await?;
         let url = format!("{}/cancel/{}", self.base, urlencode(runpod_job_id));
         self.call(Call::Idempotent, "cancel", || self.http.post(&url))
             .await
@@ -294,9 +331,40 @@ mod tests {
                 },
                 budget: Duration::from_secs(10),
             },
+            cancels_per_second: 4,
         };
         let runpod = HttpRunPod::new(http_client(&config).unwrap(), &config);
         (runpod, seen)
+    }
+
+    #[tokio::test]
+    async fn cancels_are_spaced_at_the_configured_rate_across_clones() {
+        let (runpod, seen) = scripted(vec![]).await;
+        let other = runpod.clone();
+        let started = Instant::now();
+
+        let (a, b, c) = tokio::join!(runpod.cancel("a"), other.cancel("b"), runpod.cancel("c"));
+
+        assert!(a.is_ok() && b.is_ok() && c.is_ok());
+        assert_eq!(seen.lock().unwrap().len(), 3);
+        // At 4 per second the third starts 2 × 250 ms after the first, however fast the machine.
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancel_whose_turn_is_beyond_the_budget_is_refused_as_transient() {
+        let pace = CancelPace::new(1);
+        pace.turn(Duration::from_secs(5)).await.unwrap();
+        pace.turn(Duration::from_secs(5)).await.unwrap();
+        // The next turn is a second off: more than a 500 ms budget.
+        assert!(matches!(
+            pace.turn(Duration::from_millis(500)).await,
+            Err(RunPodError::Transient(_))
+        ));
     }
 
     fn run_request() -> RunRequest {

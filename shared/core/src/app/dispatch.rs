@@ -18,8 +18,9 @@ use crate::ports::{
 #[derive(Debug, Clone, PartialEq)]
 pub enum DispatchOutcome {
     Submitted(String),
-    /// RunPod took the job, but recording its run failed: the message is done, and the run is
-    /// adopted when it announces itself.
+    /// RunPod may hold a run nobody recorded (`/run`'s answer was lost, or recording it
+    /// failed). The message is done: the run is adopted when it announces itself, and the
+    /// sweeper brings the job back to dispatch when `run_outcome_grace` ends.
     Unconfirmed(String),
     /// The message needs no work: the job is gone, already past queued, or cancelled.
     Skipped(&'static str),
@@ -84,10 +85,10 @@ impl Dispatcher {
         let now = self.clock.now_ms();
         let grace = self.settings.run_outcome_grace.as_millis() as Millis;
         if job.unconfirmed_run_at.is_some_and(|at| now < at + grace) {
-            // The message comes back after the queue's visibility timeout (longer than the
-            // grace), and the sweeper requeues the job when the grace ends.
-            return Err(RetryLater(
-                "an unconfirmed run may still announce itself".into(),
+            // The sweeper requeues the job when the grace ends (its next check); holding the
+            // message instead would spend its receives towards the dead-letter queue.
+            return Ok(DispatchOutcome::Skipped(
+                "an unconfirmed run may still announce itself",
             ));
         }
         if job.attempts >= self.settings.max_dispatch_attempts {
@@ -135,9 +136,7 @@ impl Dispatcher {
                     Ok(())
                 })
                 .await?;
-                Err(RetryLater(format!(
-                    "run outcome unknown, dispatched again after the grace: {reason}"
-                )))
+                Ok(DispatchOutcome::Unconfirmed(reason))
             }
             Err(Step::Permanent(error)) => {
                 let code = error.code;
