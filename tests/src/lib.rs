@@ -28,6 +28,44 @@ pub use testkit::local_aws::{aws_sdk_config, local_aws, LocalAws};
 use testkit::local_aws::{repo_root, TiedChild};
 use testkit::stack_env::{gateway_env, Resources};
 
+/// Sends `file` to a `POST /uploads` answer's URL as the browser form S3 expects: its signed
+/// fields in order, then the file as the last field.
+pub async fn post_upload(
+    http: &reqwest::Client,
+    upload: &Value,
+    file: Vec<u8>,
+) -> reqwest::Response {
+    let boundary = format!("----gateway-test-{}", uuid::Uuid::new_v4().simple());
+    let mut body = Vec::new();
+    for field in upload["fields"].as_array().expect("upload fields") {
+        body.extend_from_slice(
+            format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"{}\"\r\n\r\n{}\r\n",
+                field["name"].as_str().unwrap(),
+                field["value"].as_str().unwrap()
+            )
+            .as_bytes(),
+        );
+    }
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"photo\"\r\nContent-Type: application/octet-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(&file);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    http.post(upload["url"].as_str().expect("upload url"))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body)
+        .send()
+        .await
+        .expect("the upload request is sent")
+}
+
 pub const ALICE: &str = "alice-token";
 pub const BOB: &str = "bob-token";
 pub const WEBHOOK_SECRET: &str = "test-webhook-secret-not-real-0001";

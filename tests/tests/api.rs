@@ -242,16 +242,33 @@ async fn a_large_photo_goes_through_a_presigned_upload() {
         .post_json(ALICE, "/uploads", &json!({"content_type": "image/jpeg"}))
         .await;
     assert_eq!(status, StatusCode::CREATED, "{upload}");
+    assert_eq!(upload["method"], "POST");
+    // The bucket enforces the size at upload time: the signed policy carries the range. (moto
+    // does not enforce POST policy conditions; the copy made at POST /jobs checks the size
+    // again.)
+    let fields: Vec<(String, String)> = upload["fields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["name"].as_str().unwrap().to_string(),
+                f["value"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let policy = gateway_aws::adapters::s3_post::policy_of(&fields).expect("a signed policy");
+    assert!(
+        policy["conditions"].as_array().unwrap().contains(&json!([
+            "content-length-range",
+            1,
+            upload["max_bytes"]
+        ])),
+        "{policy}"
+    );
     let photo = jpeg(800, 600);
-    let put = stack
-        .http
-        .put(upload["url"].as_str().unwrap())
-        .header("content-type", "image/jpeg")
-        .body(photo)
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success(), "{}", put.status());
+    let posted = gateway_tests::post_upload(&stack.http, &upload, photo).await;
+    assert!(posted.status().is_success(), "{}", posted.status());
 
     let (status, body) = stack
         .post_json(

@@ -37,7 +37,7 @@ async fn main() -> Result<(), lambda_http::Error> {
     let api = Api {
         store: Arc::new(DynamoJobStore::new(dynamodb, table)),
         queue: Arc::new(SqsJobQueue::new(sqs, queue_url)),
-        uploads: Arc::new(S3ObjectStore::new(s3.clone(), uploads_bucket)),
+        uploads: Arc::new(S3ObjectStore::new(s3.clone(), uploads_bucket).signing_with(&wiring.sdk)),
         results: Arc::new(S3ObjectStore::new(s3, config::results_bucket(env)?)),
         runpod: wiring.runpod()?,
         images: Arc::new(gateway_aws::adapters::images::ImageHeaders),

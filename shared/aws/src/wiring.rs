@@ -135,10 +135,10 @@ impl Wiring {
     }
 
     pub fn uploads(&self) -> Result<Arc<S3ObjectStore>, BootError> {
-        Ok(Arc::new(S3ObjectStore::new(
-            self.s3()?,
-            config::uploads_bucket(&self.env)?,
-        )))
+        Ok(Arc::new(
+            S3ObjectStore::new(self.s3()?, config::uploads_bucket(&self.env)?)
+                .signing_with(&self.sdk),
+        ))
     }
 
     pub fn results(&self) -> Result<Arc<S3ObjectStore>, BootError> {

@@ -386,11 +386,21 @@ async fn an_upload_ticket_names_a_key_under_its_owner() {
 
     let ticket = kit.api().create_upload("alice", None).await.unwrap();
 
-    assert_eq!(ticket.request.method, "PUT");
-    assert!(ticket
-        .request
-        .url
-        .ends_with(&keys::upload("alice", &ticket.upload_id)));
+    let field = |name: &str| {
+        ticket
+            .request
+            .fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(field("key"), Some(keys::upload("alice", &ticket.upload_id)));
+    assert_eq!(field("Content-Type").as_deref(), Some("image/jpeg"));
+    assert_eq!(
+        field("max_bytes"),
+        Some(kit.settings.max_upload_bytes.to_string()),
+        "the store is told the limit to enforce"
+    );
     assert_eq!(ticket.max_bytes, kit.settings.max_upload_bytes);
 }
 

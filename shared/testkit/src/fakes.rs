@@ -11,8 +11,9 @@ use gateway::domain::job::{Job, Millis};
 use gateway::domain::keys;
 use gateway::ports::{
     ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, ImageKind, ImageProbe, JobPage,
-    JobQueue, JobStore, ObjectError, ObjectMeta, ObjectStore, PresignedRequest, QueueError, RunPod,
-    RunPodError, RunPodStatus, RunRequest, StoreError, UrlFetcher, JPEG, PNG, WEBP,
+    JobQueue, JobStore, ObjectError, ObjectMeta, ObjectStore, PresignedPost, PresignedRequest,
+    QueueError, RunPod, RunPodError, RunPodStatus, RunRequest, StoreError, UrlFetcher, JPEG, PNG,
+    WEBP,
 };
 
 /// Gives way once to whatever else runs on the task: the fakes answer at once, and without
@@ -358,16 +359,20 @@ impl ObjectStore for MemObjects {
         })
     }
 
-    async fn presign_put(
+    async fn presign_post(
         &self,
         key: &str,
-        _: &str,
+        content_type: &str,
+        max_bytes: u64,
         _: Duration,
-    ) -> Result<PresignedRequest, ObjectError> {
-        Ok(PresignedRequest {
-            method: "PUT".into(),
-            url: format!("https://objects.test/{key}"),
-            headers: vec![],
+    ) -> Result<PresignedPost, ObjectError> {
+        Ok(PresignedPost {
+            url: "https://objects.test/".into(),
+            fields: vec![
+                ("key".into(), key.into()),
+                ("Content-Type".into(), content_type.into()),
+                ("max_bytes".into(), max_bytes.to_string()),
+            ],
         })
     }
 

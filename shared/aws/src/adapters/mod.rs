@@ -6,6 +6,7 @@ pub mod http_fetch;
 pub mod images;
 pub mod runpod;
 pub mod s3;
+pub mod s3_post;
 pub mod secrets;
 #[cfg(any(feature = "sqs", feature = "sqs-events"))]
 pub mod sqs;

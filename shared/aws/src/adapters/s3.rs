@@ -12,11 +12,14 @@ use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
+use aws_types::sdk_config::SharedCredentialsProvider;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 
 use gateway::config::VolumeConfig;
-use gateway::ports::{ByteChunks, ObjectError, ObjectMeta, ObjectStore, PresignedRequest};
+use gateway::ports::{
+    ByteChunks, ObjectError, ObjectMeta, ObjectStore, PresignedPost, PresignedRequest,
+};
 
 /// Objects up to this size go up in one PutObject; larger ones as multipart uploads of parts
 /// this size. It bounds the memory a copy holds, whatever the file's size.
@@ -27,6 +30,9 @@ pub struct S3ObjectStore {
     client: Client,
     bucket: String,
     part_size: usize,
+    /// What POST policies are signed with (the SDK's own credentials chain and region); only
+    /// the uploads bucket needs it.
+    signing: Option<(SharedCredentialsProvider, String)>,
 }
 
 impl S3ObjectStore {
@@ -35,7 +41,20 @@ impl S3ObjectStore {
             client,
             bucket: bucket.into(),
             part_size: PART_SIZE,
+            signing: None,
         }
+    }
+
+    /// Signs POST upload policies with the credentials and region of `sdk`.
+    pub fn signing_with(mut self, sdk: &aws_config::SdkConfig) -> Self {
+        self.signing = sdk.credentials_provider().map(|provider| {
+            let region = sdk
+                .region()
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "us-east-1".into());
+            (provider, region)
+        });
+        self
     }
 
     /// Smaller parts for tests that want to see multipart uploads without large files.
@@ -156,6 +175,32 @@ fn presigned(request: aws_sdk_s3::presigning::PresignedRequest) -> PresignedRequ
 }
 
 impl S3ObjectStore {
+    /// The URL a POST upload goes to: the bucket's own, as the SDK resolves it (virtual-hosted
+    /// in AWS, path-style locally), read off a presigned request for `key`.
+    async fn bucket_url(&self, key: &str) -> Result<String, ObjectError> {
+        let config = PresigningConfig::expires_in(Duration::from_secs(60))
+            .map_err(|e| ObjectError::Permanent(e.to_string()))?;
+        let request = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(|e| classify(key, e))?;
+        let mut url = url::Url::parse(request.uri())
+            .map_err(|e| ObjectError::Permanent(format!("presigned URL: {e}")))?;
+        url.set_query(None);
+        let first = key.split('/').next().unwrap_or(key);
+        let path = url.path().to_string();
+        let bucket_path = path
+            .rfind(&format!("/{first}/"))
+            .map(|at| &path[..at])
+            .unwrap_or("");
+        url.set_path(&format!("{bucket_path}/"));
+        Ok(url.to_string())
+    }
+
     async fn put_multipart(
         &self,
         key: &str,
@@ -402,22 +447,39 @@ impl ObjectStore for S3ObjectStore {
         }
     }
 
-    async fn presign_put(
+    async fn presign_post(
         &self,
         key: &str,
         content_type: &str,
+        max_bytes: u64,
         expires_in: Duration,
-    ) -> Result<PresignedRequest, ObjectError> {
-        let config = PresigningConfig::expires_in(expires_in)
-            .map_err(|e| ObjectError::Permanent(e.to_string()))?;
-        self.client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_type(content_type)
-            .presigned(config)
+    ) -> Result<PresignedPost, ObjectError> {
+        use aws_sdk_s3::config::ProvideCredentials;
+        let (provider, region) = self
+            .signing
+            .as_ref()
+            .ok_or_else(|| ObjectError::Permanent("no credentials to sign with".into()))?;
+        let credentials = provider
+            .provide_credentials()
             .await
-            .map(presigned)
-            .map_err(|e| classify(key, e))
+            .map_err(|e| ObjectError::Transient(format!("credentials: {e}")))?;
+        let post = crate::adapters::s3_post::sign(
+            &crate::adapters::s3_post::Signer {
+                access_key_id: credentials.access_key_id(),
+                secret_access_key: credentials.secret_access_key(),
+                session_token: credentials.session_token(),
+                region,
+            },
+            &self.bucket,
+            key,
+            content_type,
+            max_bytes,
+            std::time::SystemTime::now(),
+            expires_in,
+        );
+        Ok(PresignedPost {
+            url: self.bucket_url(key).await?,
+            fields: post.fields,
+        })
     }
 }

@@ -18,7 +18,7 @@ use crate::domain::keys;
 use crate::domain::workflow::WorkflowCatalog;
 use crate::ports::{
     Classified, Clock, CreateOutcome, Failure, ImageKind, ImageProbe, JobPage, JobQueue, JobStore,
-    ObjectError, ObjectStore, PresignedRequest, RunPod, StoreError, JPEG, PNG, WEBP,
+    ObjectError, ObjectStore, PresignedPost, RunPod, StoreError, JPEG, PNG, WEBP,
 };
 
 /// Longest `Idempotency-Key` accepted; it becomes part of a DynamoDB key.
@@ -154,7 +154,7 @@ pub enum Submitted {
 #[derive(Debug)]
 pub struct UploadTicket {
     pub upload_id: String,
-    pub request: PresignedRequest,
+    pub request: PresignedPost,
     pub max_bytes: u64,
     pub expires_in: Duration,
 }
@@ -370,8 +370,9 @@ impl Api {
         }
     }
 
-    /// A presigned PUT for an input too large for a request body; JPEG unless the client names
-    /// another accepted type.
+    /// A presigned POST for an input too large for a request body, limited to
+    /// `max_upload_bytes` by the uploads bucket itself; JPEG unless the client names another
+    /// accepted type.
     pub async fn create_upload(
         &self,
         owner: &str,
@@ -387,9 +388,10 @@ impl Api {
         let upload_id = uuid::Uuid::now_v7().to_string();
         let request = self
             .uploads
-            .presign_put(
+            .presign_post(
                 &keys::upload(owner, &upload_id),
                 content_type,
+                self.settings.max_upload_bytes,
                 self.settings.presign_ttl,
             )
             .await?;

@@ -162,6 +162,14 @@ pub struct ObjectMeta {
 
 pub type ByteChunks = BoxStream<'static, Result<Bytes, ObjectError>>;
 
+/// A form upload a client can make without our credentials: `fields`, then the file (as the
+/// last field, `file`), sent as `multipart/form-data` to `url`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PresignedPost {
+    pub url: String,
+    pub fields: Vec<(String, String)>,
+}
+
 /// A presigned request a client can make without our credentials.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PresignedRequest {
@@ -196,12 +204,15 @@ pub trait ObjectStore: Send + Sync {
         expires_in: Duration,
         download_name: Option<&str>,
     ) -> Result<PresignedRequest, ObjectError>;
-    async fn presign_put(
+    /// A presigned POST for one upload to `key`: of `content_type`, at most `max_bytes`,
+    /// enforced by the store at upload time.
+    async fn presign_post(
         &self,
         key: &str,
         content_type: &str,
+        max_bytes: u64,
         expires_in: Duration,
-    ) -> Result<PresignedRequest, ObjectError>;
+    ) -> Result<PresignedPost, ObjectError>;
     /// Removes one object; removing an absent one is not an error.
     async fn delete(&self, key: &str) -> Result<(), ObjectError>;
 }

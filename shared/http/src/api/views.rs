@@ -1,7 +1,6 @@
 //! The JSON clients see, as types. Internal steps (leases, versions, sweeper bookkeeping,
 //! RunPod's id) never appear; times are RFC 3339.
 use serde::Serialize;
-use serde_json::{Map, Value};
 
 use gateway::app::api::{JobDetail, UploadTicket};
 use gateway::domain::job::{Job, JobEvent, Millis, OutputFile};
@@ -159,28 +158,36 @@ impl From<&JobDetail> for JobView {
     }
 }
 
-/// `POST /uploads`: where to PUT the file, and the headers the signature covers.
+/// `POST /uploads`: where to POST the file, with the signed form fields to send before it.
 #[derive(Debug, Serialize)]
 pub struct UploadView {
     pub upload_id: String,
-    pub method: String,
+    pub method: &'static str,
     pub url: String,
-    pub headers: Map<String, Value>,
+    /// Every field goes into the `multipart/form-data` body, in this order, then the file as
+    /// the last field (`file`).
+    pub fields: Vec<UploadField>,
     pub max_bytes: u64,
     pub expires_in_seconds: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UploadField {
+    pub name: String,
+    pub value: String,
 }
 
 impl From<UploadTicket> for UploadView {
     fn from(ticket: UploadTicket) -> Self {
         Self {
             upload_id: ticket.upload_id,
-            method: ticket.request.method,
+            method: "POST",
             url: ticket.request.url,
-            headers: ticket
+            fields: ticket
                 .request
-                .headers
+                .fields
                 .into_iter()
-                .map(|(k, v)| (k, Value::String(v)))
+                .map(|(name, value)| UploadField { name, value })
                 .collect(),
             max_bytes: ticket.max_bytes,
             expires_in_seconds: ticket.expires_in.as_secs(),
