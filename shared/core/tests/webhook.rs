@@ -17,6 +17,17 @@ fn token(kit: &Kit, job: &Job) -> String {
     kit.signer.token(&job.id)
 }
 
+/// RunPod's webhook call for `job`, with `report` as its body and the job's own token.
+async fn deliver(kit: &Kit, job: &Job, report: &gateway::ports::RunPodStatus) -> WebhookOutcome {
+    kit.webhook()
+        .receive(
+            &job.id,
+            &token(kit, job),
+            serde_json::to_string(report).unwrap().as_bytes(),
+        )
+        .await
+}
+
 #[tokio::test]
 async fn a_completed_report_stores_the_outputs_and_finishes_the_job() {
     let kit = Kit::new();
@@ -188,14 +199,7 @@ async fn a_completed_body_for_a_run_runpod_still_reports_in_progress_changes_not
     let before = kit.stored(&job.id);
     assert_eq!(before.state, JobState::Running);
 
-    let outcome = kit
-        .webhook()
-        .receive(
-            &job.id,
-            &token(&kit, &job),
-            serde_json::to_string(&forged).unwrap().as_bytes(),
-        )
-        .await;
+    let outcome = deliver(&kit, &job, &forged).await;
 
     assert_eq!(outcome, WebhookOutcome::Handled(Outcome::Unchanged));
     assert_eq!(kit.stored(&job.id), before);
@@ -235,14 +239,7 @@ async fn a_run_whose_answer_was_lost_is_adopted_when_it_announces_itself() {
         &[format!("outputs/{}/a1/restore_00001_.png", job.id)],
     );
 
-    let outcome = kit
-        .webhook()
-        .receive(
-            &job.id,
-            &token(&kit, &job),
-            serde_json::to_string(&report).unwrap().as_bytes(),
-        )
-        .await;
+    let outcome = deliver(&kit, &job, &report).await;
 
     assert_eq!(
         outcome,
@@ -285,14 +282,7 @@ async fn an_extra_run_that_announces_itself_is_cancelled_and_its_result_ignored(
         &[format!("outputs/{}/a1/restore_00001_.png", job.id)],
     );
 
-    let outcome = kit
-        .webhook()
-        .receive(
-            &job.id,
-            &token(&kit, &job),
-            serde_json::to_string(&extra).unwrap().as_bytes(),
-        )
-        .await;
+    let outcome = deliver(&kit, &job, &extra).await;
 
     assert!(matches!(outcome, WebhookOutcome::Handled(_)), "{outcome:?}");
     assert!(kit.runpod.calls().contains(&"cancel rp-1".to_string()));

@@ -143,8 +143,8 @@ mod tests {
 
     fn signer() -> Signer<'static> {
         Signer {
-            access_key_id: "AKIAIOSFODNN7EXAMPLE",
-            secret_access_key: "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            access_key_id: "AKIDTESTSIGNERONLY",
+            secret_access_key: "not-a-real-secret-for-policy-tests",
             session_token: None,
             region: "us-east-1",
         }
