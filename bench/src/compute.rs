@@ -343,6 +343,15 @@ pub async fn measure_webhook(
             "webhook": url,
         })
         .to_string();
+        // The webhook is only a trigger: RunPod's /status must know the run as completed.
+        emulator.insert_completed(
+            &runpod_id,
+            json!({
+                "prompt_id": "bench",
+                "files": [format!("{}/{key}", emulator.mount_prefix)],
+                "file_count": 1,
+            }),
+        );
         let result = async {
             let started = Instant::now();
             let response = http
