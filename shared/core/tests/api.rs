@@ -677,14 +677,9 @@ async fn a_cancel_racing_another_write_is_applied_to_the_job_as_stored() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     let requeued_at = kit.now() + 5_000;
-    let id = job.id.clone();
-    kit.store.before_save(move |store, _| {
-        // The sweeper reschedules the job between the cancel's read and its write.
-        let mut rescheduled = store.job(&id).unwrap();
-        rescheduled.next_check_at = Some(requeued_at);
-        rescheduled.version += 1;
-        store.put(rescheduled);
-        true
+    // The sweeper reschedules the job between the cancel's read and its write.
+    kit.store.interleave(None, move |job| {
+        job.next_check_at = Some(requeued_at);
     });
 
     let cancelled = kit.api().cancel("alice", &job.id).await.unwrap();
@@ -697,20 +692,12 @@ async fn a_cancel_racing_another_write_is_applied_to_the_job_as_stored() {
 async fn a_run_dispatch_records_while_a_cancel_is_under_way_is_stopped_too() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
-    let id = job.id.clone();
     let now = kit.now();
     // The cancel read the job queued, with no run; dispatch records RunPod's id before the
     // cancel writes.
-    kit.store.before_save(move |store, about_to_write| {
-        if about_to_write.state != JobState::Cancelled {
-            return false;
-        }
-        let mut submitted = store.job(&id).unwrap();
-        submitted
-            .mark_submitted("rp-7".into(), now, now + 60_000)
+    kit.store.interleave(Some(JobState::Cancelled), move |job| {
+        job.mark_submitted("rp-7".into(), now, now + 60_000)
             .unwrap();
-        store.put(submitted);
-        true
     });
 
     let cancelled = kit.api().cancel("alice", &job.id).await.unwrap();

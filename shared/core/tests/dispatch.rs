@@ -265,20 +265,12 @@ async fn a_save_that_keeps_failing_after_run_consumes_the_message_without_a_seco
 async fn a_run_started_after_another_was_adopted_is_cancelled() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
-    let id = job.id.clone();
     let now = kit.now();
     // While this dispatch's /run is out, a lost earlier run (rp-9) announces itself and is
     // adopted.
-    kit.store.before_save(move |store, about_to_write| {
-        if about_to_write.state != JobState::Submitted {
-            return false;
-        }
-        let mut adopted = store.job(&id).unwrap();
-        adopted
-            .mark_submitted("rp-9".into(), now, now + 60_000)
+    kit.store.interleave(Some(JobState::Submitted), move |job| {
+        job.mark_submitted("rp-9".into(), now, now + 60_000)
             .unwrap();
-        store.put(adopted);
-        true
     });
 
     let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();

@@ -193,19 +193,12 @@ async fn outputs_copied_for_a_job_cancelled_meanwhile_are_removed() {
     // The client's cancel lands after the finalize copied the output, just before it records
     // the success.
     let now = kit.now();
-    kit.store.before_save(move |store, about_to_write| {
-        if about_to_write.state != JobState::Succeeded {
-            return false;
-        }
-        let mut cancelled = store.job(&about_to_write.id).unwrap();
-        cancelled
-            .cancel(
-                JobError::new(ErrorCode::CancelledByClient, "cancelled"),
-                now,
-            )
-            .unwrap();
-        store.put(cancelled);
-        true
+    kit.store.interleave(Some(JobState::Succeeded), move |job| {
+        job.cancel(
+            JobError::new(ErrorCode::CancelledByClient, "cancelled"),
+            now,
+        )
+        .unwrap();
     });
 
     let outcome = finalize(&kit, &job, &status, Actor::Webhook).await;
@@ -244,15 +237,8 @@ async fn a_write_that_slips_in_under_the_lease_does_not_cost_the_result() {
     let job = submitted(&kit).await;
     let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
     // A progress write lands between the copy and the success, leaving the lease in place.
-    kit.store.before_save(move |store, about_to_write| {
-        if about_to_write.state != JobState::Succeeded {
-            return false;
-        }
-        let mut progressed = store.job(&about_to_write.id).unwrap();
-        progressed.delay_time_ms = Some(1);
-        progressed.version += 1;
-        store.put(progressed);
-        true
+    kit.store.interleave(Some(JobState::Succeeded), |job| {
+        job.delay_time_ms = Some(1);
     });
 
     let outcome = finalize(&kit, &job, &status, Actor::Webhook).await;
@@ -269,17 +255,10 @@ async fn a_finalize_whose_lease_another_took_over_leaves_the_job_and_its_keys_to
     let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
     // Our lease runs out mid-copy and another finalizer takes the job: it writes the same keys.
     let later = kit.now() + 1_000_000;
-    kit.store.before_save(move |store, about_to_write| {
-        if about_to_write.state != JobState::Succeeded {
-            return false;
-        }
-        let mut taken = store.job(&about_to_write.id).unwrap();
-        taken.lease = None;
-        taken
-            .acquire_lease(LeaseKind::Finalize, later, 120_000)
+    kit.store.interleave(Some(JobState::Succeeded), move |job| {
+        job.lease = None;
+        job.acquire_lease(LeaseKind::Finalize, later, 120_000)
             .unwrap();
-        store.put(taken);
-        true
     });
 
     let outcome = finalize(&kit, &job, &status, Actor::Webhook).await;

@@ -93,6 +93,30 @@ impl MemStore {
     pub fn fail_saves(&self, saves: u64, matching: impl Fn(&Job) -> bool + Send + 'static) {
         *lock(&self.failing_saves) = Some((saves, Box::new(matching)));
     }
+    /// Another writer's change lands first, once: just before the next save of a job in
+    /// `state` (of any job, for `None`), `change` is applied to the stored copy, which takes
+    /// the next version, as a real concurrent write would.
+    pub fn interleave(
+        &self,
+        state: Option<gateway::domain::job::JobState>,
+        change: impl FnOnce(&mut Job) + Send + 'static,
+    ) {
+        let mut change = Some(change);
+        self.before_save(move |store, about_to_write| {
+            if state.is_some_and(|state| about_to_write.state != state) {
+                return false;
+            }
+            let Some(change) = change.take() else {
+                return true;
+            };
+            let mut stored = store.job(&about_to_write.id).expect("the job is stored");
+            let version = stored.version;
+            change(&mut stored);
+            stored.version = version + 1;
+            store.put(stored);
+            true
+        });
+    }
     /// Runs `hook` before every save, with the job about to be written, until it returns true.
     pub fn before_save(&self, hook: impl FnMut(&MemStore, &Job) -> bool + Send + 'static) {
         *lock(&self.before_save) = Some(Box::new(hook));
