@@ -93,6 +93,7 @@ pub async fn emulator(builtin_worker: bool) -> Result<Emulator, BoxError> {
 pub struct Names {
     pub table: String,
     pub queue_url: String,
+    pub stop_queue_url: String,
     pub uploads: String,
     pub results: String,
 }
@@ -103,6 +104,7 @@ impl Names {
         Self {
             table: format!("bench-{label}-{id}"),
             queue_url: format!("{moto}/123456789012/bench-{label}-{id}"),
+            stop_queue_url: format!("{moto}/123456789012/bench-{label}-stops-{id}"),
             uploads: format!("bench-{label}-uploads-{id}"),
             results: format!("bench-{label}-results-{id}"),
         }
@@ -127,6 +129,7 @@ pub fn gateway_env(
     let resources = Resources {
         table: names.table.clone(),
         queue_url: names.queue_url.clone(),
+        stop_queue_url: names.stop_queue_url.clone(),
         uploads: names.uploads.clone(),
         results: names.results.clone(),
     };

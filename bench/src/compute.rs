@@ -85,7 +85,7 @@ pub async fn measure_compute(
     let identity = IdentitySource::dev_tokens_from_env(&wiring.env)?;
     let api = Arc::new(gateway_http::api::ApiState::new(wiring.api()?, identity));
     let webhook = Arc::new(wiring.webhook()?);
-    let dispatcher = wiring.dispatcher()?;
+    let consumer = wiring.consumer()?;
     let sweeper = wiring.sweeper()?;
     let timings: Timings = Arc::default();
     let app = gateway_http::api::router(api)
@@ -154,7 +154,7 @@ pub async fn measure_compute(
             record.body = message.body.clone();
             event.records.push(record);
             let started = Instant::now();
-            let response = gateway_aws::adapters::sqs::handle_batch(&dispatcher, event).await;
+            let response = gateway_aws::adapters::sqs::handle_batch(&consumer, event).await;
             let t_dispatch = started.elapsed();
             if !response.batch_item_failures.is_empty() {
                 return Err("dispatch reported a failure".into());

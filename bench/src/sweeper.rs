@@ -197,6 +197,7 @@ pub async fn measure(
             store: counting.clone(),
             queue: base.queue.clone(),
             runpod: base.runpod.clone(),
+            stops: base.stops.clone(),
             finalizer: base.finalizer.clone(),
             settings: base.settings.clone(),
             clock: Arc::new(Later(step * run as Millis)),

@@ -151,12 +151,51 @@ pub fn functions() -> Vec<Function> {
     out
 }
 
-pub fn secret_env() -> String {
-    contract()["secret"]["env"].as_str().unwrap().to_string()
+/// One Secrets Manager secret of the template, as the contract describes it.
+#[derive(Debug, Clone)]
+pub struct Secret {
+    /// Its logical id in template.yaml.
+    pub resource: String,
+    /// The variable that tells a function its ARN.
+    pub env: String,
+    pub keys: BTreeSet<String>,
+    pub generated_key: Option<String>,
 }
 
+pub fn secrets() -> Vec<Secret> {
+    contract()["secrets"]
+        .as_object()
+        .expect("secrets")
+        .iter()
+        .filter(|(id, _)| !id.starts_with('_'))
+        .map(|(id, spec)| Secret {
+            resource: id.clone(),
+            env: spec["env"].as_str().expect("env").to_string(),
+            keys: keys(&spec["keys"]),
+            generated_key: spec["generated_key"].as_str().map(String::from),
+        })
+        .collect()
+}
+
+/// Every secret key of every secret.
 pub fn secret_keys() -> BTreeSet<String> {
-    keys(&contract()["secret"]["keys"])
+    secrets().into_iter().flat_map(|s| s.keys).collect()
+}
+
+/// The variables naming the secrets' ARNs.
+pub fn secret_envs() -> BTreeSet<String> {
+    secrets().into_iter().map(|s| s.env).collect()
+}
+
+impl Function {
+    /// The secrets holding any key the function reads.
+    pub fn secrets_needed(&self) -> Vec<Secret> {
+        let reads = self.secret_keys();
+        secrets()
+            .into_iter()
+            .filter(|s| !s.keys.is_disjoint(&reads))
+            .collect()
+    }
 }
 
 pub fn local_only_env() -> BTreeSet<String> {

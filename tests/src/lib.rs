@@ -150,6 +150,7 @@ impl Stack {
         let resources = Resources {
             table: table.clone(),
             queue_url: queue_url.clone(),
+            stop_queue_url: format!("{}/123456789012/stops-{id}", aws.sqs()),
             uploads: uploads_bucket.clone(),
             results: results_bucket.clone(),
         };
@@ -412,6 +413,23 @@ impl Stack {
             .runpod_job_id
             .expect("job submitted to RunPod");
         self.emulator.job(&runpod_id).expect("RunPod knows the job")
+    }
+
+    /// The RunPod run `runpod_id` once it is cancelled (the stop queue's consumer carries
+    /// stops out a moment after they are asked for), or as it stands after `timeout`.
+    pub async fn run_once_stopped(
+        &self,
+        runpod_id: &str,
+        timeout: Duration,
+    ) -> runpod_emulator::JobSnapshot {
+        let until = Instant::now() + timeout;
+        loop {
+            let run = self.emulator.job(runpod_id).expect("RunPod knows the run");
+            if run.status == runpod_emulator::JobStatus::Cancelled || Instant::now() > until {
+                return run;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// POSTs a body to a webhook URL as RunPod would (no bearer token).

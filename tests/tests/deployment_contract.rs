@@ -43,13 +43,13 @@ fn the_template_sets_every_variable_each_function_requires() {
                 problems.push(format!("{}: {var} is required but not set", f.name));
             }
         }
-        if !f.secret_required.is_empty() && !env.contains_key(&secret_env()) {
-            problems.push(format!(
-                "{}: needs {:?} from the secret but {} is not set",
-                f.name,
-                f.secret_required,
-                secret_env()
-            ));
+        for secret in f.secrets_needed() {
+            if !env.contains_key(&secret.env) {
+                problems.push(format!(
+                    "{}: needs {:?} from {} but {} is not set",
+                    f.name, secret.keys, secret.resource, secret.env
+                ));
+            }
         }
     }
     assert!(problems.is_empty(), "{problems:#?}");
@@ -60,17 +60,14 @@ fn the_template_sets_no_variable_a_function_does_not_read() {
     let mut problems = Vec::new();
     for f in functions() {
         let mut allowed = f.reads();
-        if !f.secret_keys().is_empty() {
-            allowed.insert(secret_env());
-        }
+        allowed.extend(f.secrets_needed().into_iter().map(|s| s.env));
         for var in function_env(&f.resource).keys() {
             if local_only_env().contains(var) {
                 problems.push(format!("{}: {var} is for the local runner only", f.name));
             } else if secret_keys().contains(var) {
                 problems.push(format!(
-                    "{}: {var} is a secret; it belongs in {}, not in a plain variable",
-                    f.name,
-                    contract()["secret"]["resource"]
+                    "{}: {var} is a secret; it belongs in a Secrets Manager secret, not in a plain variable",
+                    f.name
                 ));
             } else if !allowed.contains(var) {
                 problems.push(format!("{}: sets {var}, which it does not read", f.name));
@@ -95,7 +92,7 @@ async fn each_function_reads_exactly_the_variables_the_contract_lists() {
     for f in functions() {
         let mut vars: BTreeMap<String, String> = function_env(&f.resource)
             .iter()
-            .filter(|(k, _)| **k != secret_env())
+            .filter(|(k, _)| !secret_envs().contains(*k))
             .map(|(k, v)| (k.clone(), resolve(v)))
             .collect();
         for key in f.secret_keys() {
@@ -112,7 +109,8 @@ async fn each_function_reads_exactly_the_variables_the_contract_lists() {
             }
         };
         let mut listed = f.reads();
-        listed.insert(secret_env());
+        // Every function looks for each secret's ARN, to fetch the ones it is told about.
+        listed.extend(secret_envs());
         for var in read.difference(&listed) {
             problems.push(format!(
                 "{}: reads {var}; add it to deploy/contract.json (a group of the function) and, if AWS must set it, to template.yaml",
@@ -181,8 +179,7 @@ async fn each_function_starts_with_exactly_the_variables_the_contract_requires()
 // ------------------------------------------------------------------ secrets
 
 #[test]
-fn secrets_reach_the_functions_only_through_the_secret_arn() {
-    let secret = contract()["secret"]["resource"].as_str().unwrap();
+fn each_function_may_read_exactly_the_secrets_whose_keys_it_uses() {
     let mut problems = Vec::new();
     for f in functions() {
         let env = function_env(&f.resource);
@@ -195,72 +192,114 @@ fn secrets_reach_the_functions_only_through_the_secret_arn() {
             }
         }
         let grants = role_grants(&f.role);
-        let can_read = grants.contains(&("secretsmanager:GetSecretValue".into(), secret.into()));
-        let has_arn = env.get(&secret_env()).is_some_and(|v| symbol(v) == secret);
-        let needs = !f.secret_keys().is_empty();
-        if needs != can_read || needs != has_arn {
-            problems.push(format!(
-                "{}: needs the secret: {needs}, may read it: {can_read}, is told its ARN: {has_arn}",
-                f.name
+        let needed: BTreeSet<String> = f.secrets_needed().into_iter().map(|s| s.resource).collect();
+        for secret in secrets() {
+            let needs = needed.contains(&secret.resource);
+            let can_read = grants.contains(&(
+                "secretsmanager:GetSecretValue".into(),
+                secret.resource.clone(),
             ));
+            let has_arn = env
+                .get(&secret.env)
+                .is_some_and(|v| symbol(v) == secret.resource);
+            if needs != can_read || needs != has_arn {
+                problems.push(format!(
+                    "{}: needs {}: {needs}, may read it: {can_read}, is told its ARN: {has_arn}",
+                    f.name, secret.resource
+                ));
+            }
         }
     }
     assert!(problems.is_empty(), "{problems:#?}");
 }
 
 #[test]
-fn the_secret_holds_every_key_the_functions_need() {
-    let id = contract()["secret"]["resource"].as_str().unwrap();
-    let secret = resource(id);
-    assert_eq!(secret["Type"], "AWS::SecretsManager::Secret");
-    let generate = &secret["Properties"]["GenerateSecretString"];
-    let placeholder: serde_json::Map<String, Value> = serde_json::from_str(
-        generate["SecretStringTemplate"]
-            .as_str()
-            .expect("SecretStringTemplate"),
-    )
-    .expect("SecretStringTemplate is JSON");
-    for (key, value) in &placeholder {
-        assert!(
-            value == "REPLACE_ME" || value == "",
-            "{key} must be a placeholder in the template, never a real value"
-        );
-    }
-    let generated = generate["GenerateStringKey"]
-        .as_str()
-        .expect("a generated key");
-    assert_eq!(generated, contract()["secret"]["generated_key"]);
+fn the_public_api_function_can_read_no_secret() {
+    let submit = functions()
+        .into_iter()
+        .find(|f| f.name == "submit")
+        .unwrap();
     assert!(
-        generate["PasswordLength"].as_u64().unwrap_or(32) >= 32,
-        "webhook secrets should be long"
+        submit.secret_keys().is_empty(),
+        "{:?}",
+        submit.secret_keys()
     );
-    let mut in_secret: BTreeSet<String> = placeholder.keys().cloned().collect();
-    in_secret.insert(generated.to_string());
-    assert_eq!(
-        in_secret,
-        secret_keys(),
-        "keys in the secret vs the contract"
-    );
-    let used: BTreeSet<String> = functions().iter().flat_map(Function::secret_keys).collect();
+    let secret_calls: Vec<_> = role_grants(&submit.role)
+        .into_iter()
+        .filter(|(action, _)| action.starts_with("secretsmanager:"))
+        .collect();
+    assert!(secret_calls.is_empty(), "{secret_calls:?}");
+    let env = function_env(&submit.resource);
+    let told: Vec<String> = secret_envs()
+        .into_iter()
+        .filter(|var| env.contains_key(var))
+        .collect();
+    assert!(told.is_empty(), "submit is told of {told:?}");
+}
+
+#[test]
+fn each_secret_holds_exactly_the_keys_the_contract_and_the_code_give_it() {
+    let mut used = BTreeSet::new();
+    for f in functions() {
+        used.extend(f.secret_keys());
+    }
     assert_eq!(
         used,
         secret_keys(),
         "keys some function reads vs the contract"
     );
+    for secret in secrets() {
+        let resource = resource(&secret.resource);
+        assert_eq!(resource["Type"], "AWS::SecretsManager::Secret");
+        let props = &resource["Properties"];
+        let generate = &props["GenerateSecretString"];
+        let text = props["SecretString"]
+            .as_str()
+            .or_else(|| generate["SecretStringTemplate"].as_str())
+            .unwrap_or_else(|| panic!("{}: SecretString or a template", secret.resource));
+        let placeholder: serde_json::Map<String, Value> =
+            serde_json::from_str(text).expect("the secret's initial value is JSON");
+        for (key, value) in &placeholder {
+            assert!(
+                value == "REPLACE_ME" || value == "",
+                "{}: {key} must be a placeholder in the template, never a real value",
+                secret.resource
+            );
+        }
+        let generated = generate["GenerateStringKey"].as_str().map(String::from);
+        assert_eq!(generated, secret.generated_key, "{}", secret.resource);
+        if generated.is_some() {
+            assert!(
+                generate["PasswordLength"].as_u64().unwrap_or(32) >= 32,
+                "generated secrets should be long"
+            );
+        }
+        let mut in_secret: BTreeSet<String> = placeholder.keys().cloned().collect();
+        in_secret.extend(generated);
+        assert_eq!(
+            in_secret, secret.keys,
+            "{}: template vs contract",
+            secret.resource
+        );
 
-    // The code refuses a secret holding any other key, so the lists must agree exactly.
-    let allowed: BTreeSet<String> = gateway_aws::adapters::secrets::SECRET_KEYS
-        .iter()
-        .map(|k| k.to_string())
-        .collect();
+        // The code refuses a secret holding any other key, so the lists must agree exactly.
+        let source = gateway::config::SECRET_SOURCES
+            .iter()
+            .find(|s| s.arn_var == secret.env)
+            .unwrap_or_else(|| panic!("the code reads no secret from {}", secret.env));
+        let allowed: BTreeSet<String> = source.keys.iter().map(|k| k.to_string()).collect();
+        assert_eq!(
+            allowed, secret.keys,
+            "{}: code vs contract",
+            secret.resource
+        );
+    }
     assert_eq!(
-        allowed,
-        secret_keys(),
-        "keys the code accepts vs the contract"
+        gateway::config::SECRET_SOURCES.len(),
+        secrets().len(),
+        "secrets the code knows vs the contract"
     );
 }
-
-// ------------------------------------------------------------------ permissions
 
 #[test]
 fn each_role_allows_every_call_its_function_makes() {
@@ -563,9 +602,9 @@ fn sweep_log(kit: &testkit::Kit) -> Vec<Value> {
         .collect()
 }
 
-/// A kit with one job past its deadline at RunPod; `cancel_fails`: RunPod cannot be told to
-/// stop it, so the sweep counts an error instead of a timeout.
-fn overdue(cancel_fails: bool) -> testkit::Kit {
+/// A kit with one job past its deadline at RunPod; `stop_fails`: its run's stop cannot be
+/// queued, so the sweep counts an error instead of a timeout.
+fn overdue(stop_fails: bool) -> testkit::Kit {
     let kit = testkit::Kit::new();
     let job = kit.queued_job("alice");
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -574,8 +613,8 @@ fn overdue(cancel_fails: bool) -> testkit::Kit {
     runtime
         .block_on(kit.dispatcher().dispatch(&job.id))
         .unwrap();
-    if cancel_fails {
-        kit.runpod.answer_cancels(testkit::fakes::Answer::Transient);
+    if stop_fails {
+        kit.stops.fail_next(1);
     }
     kit.clock
         .advance(kit.settings.job_deadline + Duration::from_secs(1));
@@ -652,13 +691,18 @@ fn timeouts_leases_and_the_queue_fit_together() {
     // API Gateway's HTTP API gives up after 30 s, whatever the function does.
     assert!(submit <= 29 && webhook <= 29, "HTTP API functions ≤ 29 s");
     // Lambda's SQS guidance: visibility timeout at least 6x the function timeout.
-    let queue = &resource("JobsQueue")["Properties"];
-    assert!(number(&queue["VisibilityTimeout"]) >= 6 * dispatch);
-    assert_eq!(number(&queue["RedrivePolicy"]["maxReceiveCount"]), 5);
-    assert_eq!(
-        symbol(&queue["RedrivePolicy"]["deadLetterTargetArn"]),
-        "JobsDeadLetterQueue"
-    );
+    for (queue, dlq) in [
+        ("JobsQueue", "JobsDeadLetterQueue"),
+        ("StopQueue", "StopDeadLetterQueue"),
+    ] {
+        let props = &resource(queue)["Properties"];
+        assert!(
+            number(&props["VisibilityTimeout"]) >= 6 * dispatch,
+            "{queue}"
+        );
+        assert_eq!(number(&props["RedrivePolicy"]["maxReceiveCount"]), 5);
+        assert_eq!(symbol(&props["RedrivePolicy"]["deadLetterTargetArn"]), dlq);
+    }
     // A lease must outlive the invocation holding it, or a second one could take the job.
     for f in [
         "SubmitFunction",
@@ -707,19 +751,48 @@ fn timeouts_leases_and_the_queue_fit_together() {
         "rate(1 minute)"
     );
     assert!(sweeper < 60);
-    // Dispatch reports partial batch failures (the handler returns SqsBatchResponse).
-    let sqs = resource("DispatchFunction")["Properties"]["Events"]
-        .as_object()
-        .unwrap()
-        .values()
-        .find(|e| e["Type"] == "SQS")
-        .expect("an SQS event");
-    assert_eq!(symbol(&sqs["Properties"]["Queue"]), "JobsQueue");
-    assert_eq!(
-        sqs["Properties"]["FunctionResponseTypes"],
-        serde_json::json!(["ReportBatchItemFailures"])
+    // Dispatch reports partial batch failures on both queues (the handler returns
+    // SqsBatchResponse).
+    for (event, queue) in [("Jobs", "JobsQueue"), ("Stops", "StopQueue")] {
+        let sqs = &resource("DispatchFunction")["Properties"]["Events"][event];
+        assert_eq!(sqs["Type"], "SQS", "{event}");
+        assert_eq!(symbol(&sqs["Properties"]["Queue"]), queue);
+        assert_eq!(
+            sqs["Properties"]["FunctionResponseTypes"],
+            serde_json::json!(["ReportBatchItemFailures"])
+        );
+    }
+    let jobs = &resource("DispatchFunction")["Properties"]["Events"]["Jobs"];
+    assert!(jobs["Properties"]["ScalingConfig"]["MaximumConcurrency"].is_object());
+}
+
+#[test]
+fn cancels_stay_under_runpods_limit_of_100_per_10_seconds() {
+    // Every stop goes through the stop queue to its one consumer (`Wiring::stopper`, only in
+    // the dispatch function's consumer), which paces its own cancels.
+    let consumers: Vec<&String> = resources()
+        .iter()
+        .filter(|(_, r)| r["Type"] == "AWS::Serverless::Function")
+        .filter(|(_, r)| {
+            r["Properties"]["Events"].as_object().is_some_and(|events| {
+                events
+                    .values()
+                    .any(|e| e["Type"] == "SQS" && symbol(&e["Properties"]["Queue"]) == "StopQueue")
+            })
+        })
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(consumers, vec!["DispatchFunction"]);
+    let stops = &resource("DispatchFunction")["Properties"]["Events"]["Stops"]["Properties"];
+    let in_flight = number(&stops["ScalingConfig"]["MaximumConcurrency"]);
+    let per_sec = function_env("DispatchFunction")
+        .get("RUNPOD_CANCELS_PER_SEC")
+        .map(number)
+        .unwrap_or(gateway::config::RunPodConfig::DEFAULT_CANCELS_PER_SEC as u64);
+    assert!(
+        in_flight * per_sec <= 10,
+        "{in_flight} consumers x {per_sec}/s exceeds RunPod's 10 cancels/s"
     );
-    assert!(sqs["Properties"]["ScalingConfig"]["MaximumConcurrency"].is_object());
 }
 
 #[test]
@@ -752,13 +825,7 @@ fn each_function_builds_its_own_binary_for_arm64_al2023() {
 
 #[test]
 fn the_local_runner_consumes_the_queue_as_the_templates_event_source_does() {
-    let sqs = resource("DispatchFunction")["Properties"]["Events"]
-        .as_object()
-        .unwrap()
-        .values()
-        .find(|e| e["Type"] == "SQS")
-        .expect("an SQS event")["Properties"]
-        .clone();
+    let sqs = resource("DispatchFunction")["Properties"]["Events"]["Jobs"]["Properties"].clone();
     // `number` reads a parameter reference as the parameter's default.
     let default_of = number;
     let runner = local_runner::RunnerOptions::default();
@@ -794,9 +861,10 @@ fn the_core_links_no_aws_lambda_or_http_crate() {
 fn each_function_links_only_the_clients_and_frameworks_it_uses() {
     // What each function does not use, and must therefore not link.
     let not_used: [(&str, &[&str]); 4] = [
-        ("submit", &[]),
-        ("webhook", &["aws-sdk-sqs", "image", "humantime"]),
-        ("dispatch", &["aws-sdk-sqs", "axum", "lambda_http", "image"]),
+        // The public function holds no secret: it cannot even ask for one.
+        ("submit", &["aws-sdk-secretsmanager"]),
+        ("webhook", &["image", "humantime"]),
+        ("dispatch", &["axum", "lambda_http", "image"]),
         (
             "sweeper",
             &["aws_lambda_events", "axum", "lambda_http", "image"],

@@ -151,8 +151,8 @@ async fn the_sqs_event_dispatches_both_jobs() {
     seed_job(&stack, SECOND_JOB).await;
     let sqs: aws_lambda_events::event::sqs::SqsEvent =
         serde_json::from_str(&event("dispatch-sqs.json")).unwrap();
-    let dispatcher = stack.wiring().dispatcher().unwrap();
-    let response = gateway_aws::adapters::sqs::handle_batch(&dispatcher, sqs).await;
+    let consumer = stack.wiring().consumer().unwrap();
+    let response = gateway_aws::adapters::sqs::handle_batch(&consumer, sqs).await;
     assert!(response.batch_item_failures.is_empty());
     let store = stack.wiring().job_store().unwrap();
     for id in [JOB, SECOND_JOB] {

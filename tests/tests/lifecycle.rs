@@ -125,7 +125,8 @@ async fn cancelling_a_running_job_stops_it_at_runpod() {
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "cancelled");
-    let runpod = stack.runpod_job(&job_id).await;
+    let run = stack.runpod_job(&job_id).await.id;
+    let runpod = stack.run_once_stopped(&run, TIMEOUT).await;
     assert_eq!(runpod.status, runpod_emulator::JobStatus::Cancelled);
     let (status, body) = stack
         .post_json(ALICE, &format!("/jobs/{job_id}/cancel"), &json!({}))
@@ -287,8 +288,8 @@ async fn a_poison_message_is_left_for_the_dlq_and_a_stale_one_is_consumed() {
         message.body = Some(body.into());
         event.records.push(message);
     }
-    let dispatcher = stack.wiring().dispatcher().unwrap();
-    let response = gateway_aws::adapters::sqs::handle_batch(&dispatcher, event).await;
+    let consumer = stack.wiring().consumer().unwrap();
+    let response = gateway_aws::adapters::sqs::handle_batch(&consumer, event).await;
     let mut failed: Vec<_> = response
         .batch_item_failures
         .iter()

@@ -374,6 +374,7 @@ async fn a_sweeper_expiring_a_stale_copy_never_leaves_a_gpu_running() {
         ),
         queue: wiring.queue().unwrap(),
         runpod: wiring.runpod().unwrap(),
+        stops: wiring.stops().unwrap(),
         finalizer: std::sync::Arc::new(wiring.finalizer().unwrap()),
         settings: wiring.settings.clone(),
         clock: wiring.clock.clone(),
@@ -388,7 +389,10 @@ async fn a_sweeper_expiring_a_stale_copy_never_leaves_a_gpu_running() {
     let ended = stack.stored_job(&job.id).await;
     assert_eq!(ended.state, JobState::TimedOut);
     assert_eq!(
-        stack.emulator.job(&runpod_id).unwrap().status,
+        stack
+            .run_once_stopped(&runpod_id, Duration::from_secs(30))
+            .await
+            .status,
         JobStatus::Cancelled,
         "the run was stopped"
     );

@@ -176,7 +176,10 @@ async fn cancelling_mid_run_stops_the_sdk_worker_through_job_stop() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["status"], "cancelled");
     assert_eq!(
-        stack.emulator.job(&runpod_id).unwrap().status,
+        stack
+            .run_once_stopped(&runpod_id, Duration::from_secs(30))
+            .await
+            .status,
         JobStatus::Cancelled
     );
 

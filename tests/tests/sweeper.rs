@@ -38,7 +38,8 @@ async fn a_job_past_its_deadline_is_cancelled_at_runpod_and_timed_out() {
     let (job_id, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
     assert_eq!(job["status"], "timed_out", "{job}");
     assert_eq!(job["error"]["code"], "deadline_exceeded");
-    let runpod = stack.runpod_job(&job_id).await;
+    let run = stack.runpod_job(&job_id).await.id;
+    let runpod = stack.run_once_stopped(&run, TIMEOUT).await;
     assert_eq!(runpod.status, runpod_emulator::JobStatus::Cancelled);
     stack.stop().await;
 }

@@ -39,7 +39,7 @@ async fn main() -> Result<(), lambda_http::Error> {
         queue: Arc::new(SqsJobQueue::new(sqs, queue_url)),
         uploads: Arc::new(S3ObjectStore::new(s3.clone(), uploads_bucket).signing_with(&wiring.sdk)),
         results: Arc::new(S3ObjectStore::new(s3, config::results_bucket(env)?)),
-        runpod: wiring.runpod()?,
+        stops: wiring.stops()?,
         images: Arc::new(gateway_aws::adapters::images::ImageHeaders),
         catalog: wiring.catalog.clone(),
         settings: wiring.settings.clone(),

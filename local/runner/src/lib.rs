@@ -1,9 +1,10 @@
 //! The local runner: the gateway's four functions in one process, against the local stack.
 //!
 //! - the public API and the webhook receiver on one listener (the same routers Lambda serves);
-//! - SQS long-pollers feeding batches to the dispatch handler, several batches in flight at once
-//!   (the event source's `MaximumConcurrency`), deleting what succeeded and leaving failures to
-//!   come back after the visibility timeout, as the Lambda event source does;
+//! - SQS long-pollers feeding batches of the dispatch queue and of the stop queue to the dispatch
+//!   function's handler, several dispatch batches in flight at once (the event source's
+//!   `MaximumConcurrency`), deleting what succeeded and leaving failures to come back after the
+//!   visibility timeout, as the Lambda event sources do;
 //! - a sweeper tick standing in for the EventBridge schedule.
 pub mod resources;
 
@@ -12,9 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
-use gateway::app::dispatch::Dispatcher;
 use gateway::app::sweeper::Sweeper;
-use gateway_aws::adapters::sqs::handle_batch;
+use gateway_aws::adapters::sqs::{handle_batch, Consumer};
 use gateway_aws::wiring::{BootError, Wiring};
 use gateway_http::api::identity::IdentitySource;
 use gateway_http::api::ApiState;
@@ -74,10 +74,11 @@ pub async fn start_on(
     let identity = IdentitySource::dev_tokens_from_env(&wiring.env).map_err(BootError::from)?;
     let api = Arc::new(ApiState::new(wiring.api()?, identity));
     let webhook = Arc::new(wiring.webhook()?);
-    let dispatcher = Arc::new(wiring.dispatcher()?);
+    let consumer = Arc::new(wiring.consumer()?);
     let sweeper = Arc::new(wiring.sweeper()?);
     let sqs = aws_sdk_sqs::Client::new(&wiring.sdk);
     let queue_url = gateway::config::queue_url(&wiring.env).map_err(BootError::from)?;
+    let stop_queue_url = gateway::config::stop_queue_url(&wiring.env).map_err(BootError::from)?;
 
     let app = gateway_http::api::router(api).merge(gateway_http::webhook::router(webhook));
     let addr = listener.local_addr()?;
@@ -99,12 +100,23 @@ pub async fn start_on(
             Poller {
                 sqs: sqs.clone(),
                 queue_url: queue_url.clone(),
-                dispatcher: dispatcher.clone(),
+                consumer: consumer.clone(),
                 batch_size,
             },
             watcher.clone(),
         )));
     }
+    // One stop poller: in AWS the stop queue's event source is capped low, so that cancels
+    // stay under RunPod's rate limit.
+    tasks.push(tokio::spawn(poll_queue(
+        Poller {
+            sqs: sqs.clone(),
+            queue_url: stop_queue_url,
+            consumer: consumer.clone(),
+            batch_size: 10,
+        },
+        watcher.clone(),
+    )));
     tasks.push(tokio::spawn(tick_sweeper(
         sweeper,
         options.sweep_every,
@@ -121,17 +133,17 @@ pub async fn start_on(
 struct Poller {
     sqs: aws_sdk_sqs::Client,
     queue_url: String,
-    dispatcher: Arc<Dispatcher>,
+    consumer: Arc<Consumer>,
     batch_size: u8,
 }
 
-/// One of the event source's pollers: receive a batch, hand it to dispatch, delete what it
+/// One of the event source's pollers: receive a batch, hand it to the consumer, delete what it
 /// did not report as failed; the next batch only after this one is done.
 async fn poll_queue(poller: Poller, mut stop: watch::Receiver<bool>) {
     let Poller {
         sqs,
         queue_url,
-        dispatcher,
+        consumer,
         batch_size,
     } = poller;
     loop {
@@ -169,7 +181,7 @@ async fn poll_queue(poller: Poller, mut stop: watch::Receiver<bool>) {
             ));
             event.records.push(record);
         }
-        let response = handle_batch(&dispatcher, event).await;
+        let response = handle_batch(&consumer, event).await;
         for (message_id, receipt) in receipts {
             let failed = response
                 .batch_item_failures

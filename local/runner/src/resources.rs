@@ -1,5 +1,6 @@
 //! Creates the AWS resources the SAM template would create, in the local stack (moto): the jobs
-//! table with its indexes, the dispatch queue with its dead-letter queue, the two buckets.
+//! table with its indexes, the dispatch and stop queues with their dead-letter queues, the two
+//! buckets.
 //! Idempotent, so every start of the stack can call it.
 use aws_sdk_sqs::types::QueueAttributeName;
 use gateway::config;
@@ -15,7 +16,36 @@ pub async fn ensure(wiring: &Wiring, visibility_secs: u32) -> Result<(), String>
     create_table(&aws_sdk_dynamodb::Client::new(&wiring.sdk), &table).await?;
 
     let sqs = aws_sdk_sqs::Client::new(&wiring.sdk);
-    let queue_url = config::queue_url(env).map_err(|e| e.to_string())?;
+    for queue_url in [config::queue_url(env), config::stop_queue_url(env)] {
+        let queue_url = queue_url.map_err(|e| e.to_string())?;
+        create_queue(&sqs, &queue_url, visibility_secs).await?;
+    }
+
+    let s3 = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&wiring.sdk)
+            .force_path_style(true)
+            .build(),
+    );
+    for bucket in [config::uploads_bucket(env), config::results_bucket(env)] {
+        let bucket = bucket.map_err(|e: gateway::config::ConfigError| e.to_string())?;
+        match s3.create_bucket().bucket(&bucket).send().await {
+            Ok(_) => {}
+            Err(e)
+                if e.as_service_error().is_some_and(|s| {
+                    s.is_bucket_already_owned_by_you() || s.is_bucket_already_exists()
+                }) => {}
+            Err(e) => return Err(format!("create bucket {bucket}: {e:?}")),
+        }
+    }
+    Ok(())
+}
+
+/// The queue named by `queue_url`'s last segment, with a dead-letter queue beside it.
+async fn create_queue(
+    sqs: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    visibility_secs: u32,
+) -> Result<(), String> {
     let name = queue_url.rsplit('/').next().unwrap_or("jobs").to_string();
     let dlq = sqs
         .create_queue()
@@ -44,23 +74,6 @@ pub async fn ensure(wiring: &Wiring, visibility_secs: u32) -> Result<(), String>
         .attributes(QueueAttributeName::RedrivePolicy, redrive)
         .send()
         .await
-        .map_err(|e| format!("create queue: {e:?}"))?;
-
-    let s3 = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&wiring.sdk)
-            .force_path_style(true)
-            .build(),
-    );
-    for bucket in [config::uploads_bucket(env), config::results_bucket(env)] {
-        let bucket = bucket.map_err(|e: gateway::config::ConfigError| e.to_string())?;
-        match s3.create_bucket().bucket(&bucket).send().await {
-            Ok(_) => {}
-            Err(e)
-                if e.as_service_error().is_some_and(|s| {
-                    s.is_bucket_already_owned_by_you() || s.is_bucket_already_exists()
-                }) => {}
-            Err(e) => return Err(format!("create bucket {bucket}: {e:?}")),
-        }
-    }
+        .map_err(|e| format!("create queue {name}: {e:?}"))?;
     Ok(())
 }

@@ -9,11 +9,12 @@ use crate::adapters::dynamodb::DynamoJobStore;
 use crate::adapters::http_fetch::HttpFetcher;
 use crate::adapters::runpod::{http_client, HttpRunPod};
 use crate::adapters::s3::{aws_client, volume_client, S3ObjectStore};
+#[cfg(feature = "secrets")]
 use crate::adapters::secrets;
-#[cfg(feature = "sqs")]
-use crate::adapters::sqs::SqsJobQueue;
+use crate::adapters::sqs::{SqsJobQueue, SqsStopQueue};
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
+use gateway::app::stop::Stopper;
 use gateway::app::webhook::WebhookHandler;
 use gateway::config::{
     self, ConfigError, Env, LogConfig, RunPodConfig, Settings, VolumeConfig, WebhookSecrets,
@@ -31,8 +32,11 @@ pub enum BootError {
     Catalog(String),
     #[error("HTTP client: {0}")]
     Http(String),
+    #[cfg(feature = "secrets")]
     #[error(transparent)]
     Secret(#[from] secrets::SecretError),
+    #[error("{0} is set, but this function is built without secrets (the `secrets` feature)")]
+    NoSecrets(&'static str),
 }
 
 /// What every function shares: the SDK config (loaded once), settings, clock and catalog.
@@ -52,7 +56,6 @@ pub struct Wiring {
 #[derive(Clone, Default)]
 struct Clients {
     dynamodb: Arc<OnceLock<aws_sdk_dynamodb::Client>>,
-    #[cfg(feature = "sqs")]
     sqs: Arc<OnceLock<aws_sdk_sqs::Client>>,
     s3: Arc<OnceLock<aws_sdk_s3::Client>>,
     volume: Arc<OnceLock<aws_sdk_s3::Client>>,
@@ -69,7 +72,7 @@ fn once<T: Clone, E>(cell: &OnceLock<T>, build: impl FnOnce() -> Result<T, E>) -
 
 impl Wiring {
     /// From the process environment, with the SDK's own configuration chain, and the secrets
-    /// named by `GATEWAY_SECRET_ARN` when it is set; then logging as configured.
+    /// named by the `*_SECRET_ARN` variables that are set; then logging as configured.
     pub async fn from_env() -> Result<Self, BootError> {
         let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
         let wiring = Self::with_secrets(Env::process(), sdk).await?;
@@ -77,18 +80,24 @@ impl Wiring {
         Ok(wiring)
     }
 
-    /// Like [`Wiring::new`], after laying the Secrets Manager secret named by
-    /// `GATEWAY_SECRET_ARN` (if any) over `env`.
+    /// Like [`Wiring::new`], after laying each Secrets Manager secret this function is told
+    /// about (`config::secrets_to_read`) over `env`.
     pub async fn with_secrets(env: Env, sdk: SdkConfig) -> Result<Self, BootError> {
-        let env = match config::secret_arn(&env) {
-            Some(arn) => {
-                let client = secrets::client(&sdk);
-                let values = secrets::fetch(&client, &arn).await?;
-                env.with_secrets(values)
+        let sources = config::secrets_to_read(&env);
+        if sources.is_empty() {
+            return Self::new(env, sdk);
+        }
+        #[cfg(feature = "secrets")]
+        {
+            let client = secrets::client(&sdk);
+            let mut values = std::collections::HashMap::new();
+            for (source, arn) in sources {
+                values.extend(secrets::fetch(&client, source, &arn).await?);
             }
-            None => env,
-        };
-        Self::new(env, sdk)
+            Self::new(env.with_secrets(values), sdk)
+        }
+        #[cfg(not(feature = "secrets"))]
+        Err(BootError::NoSecrets(sources[0].0.arn_var))
     }
 
     pub fn new(env: Env, sdk: SdkConfig) -> Result<Self, BootError> {
@@ -114,15 +123,41 @@ impl Wiring {
         )))
     }
 
-    #[cfg(feature = "sqs")]
+    fn sqs(&self) -> aws_sdk_sqs::Client {
+        self.clients
+            .sqs
+            .get_or_init(|| crate::adapters::sqs::client(&self.sdk))
+            .clone()
+    }
+
     pub fn queue(&self) -> Result<Arc<SqsJobQueue>, BootError> {
-        let client = once(&self.clients.sqs, || {
-            Ok::<_, BootError>(crate::adapters::sqs::client(&self.sdk))
-        })?;
         Ok(Arc::new(SqsJobQueue::new(
-            client,
+            self.sqs(),
             config::queue_url(&self.env)?,
         )))
+    }
+
+    pub fn stops(&self) -> Result<Arc<SqsStopQueue>, BootError> {
+        Ok(Arc::new(SqsStopQueue::new(
+            self.sqs(),
+            config::stop_queue_url(&self.env)?,
+        )))
+    }
+
+    /// What the dispatch function runs on both its queues' batches.
+    #[cfg(feature = "sqs-events")]
+    pub fn consumer(&self) -> Result<crate::adapters::sqs::Consumer, BootError> {
+        Ok(crate::adapters::sqs::Consumer {
+            dispatcher: self.dispatcher()?,
+            stopper: self.stopper()?,
+        })
+    }
+
+    /// The stop queue's consumer: the one caller of RunPod's `/cancel`.
+    pub fn stopper(&self) -> Result<Stopper, BootError> {
+        Ok(Stopper {
+            runpod: self.runpod()?,
+        })
     }
 
     fn s3(&self) -> Result<aws_sdk_s3::Client, BootError> {
@@ -180,7 +215,7 @@ impl Wiring {
             queue: self.queue()?,
             uploads: self.uploads()?,
             results: self.results()?,
-            runpod: self.runpod()?,
+            stops: self.stops()?,
             images: Arc::new(crate::adapters::images::ImageHeaders),
             catalog: self.catalog.clone(),
             settings: self.settings.clone(),
@@ -195,6 +230,7 @@ impl Wiring {
             uploads: self.uploads()?,
             volume,
             runpod: self.runpod()?,
+            stops: self.stops()?,
             catalog: self.catalog.clone(),
             signer: self.signer()?,
             webhook_base: config::webhook_base_url(&self.env)?,
@@ -222,17 +258,18 @@ impl Wiring {
         Ok(WebhookHandler {
             store: self.job_store()?,
             runpod: self.runpod()?,
+            stops: self.stops()?,
             finalizer: Arc::new(self.finalizer()?),
             signer: self.signer()?,
         })
     }
 
-    #[cfg(feature = "sqs")]
     pub fn sweeper(&self) -> Result<gateway::app::sweeper::Sweeper, BootError> {
         Ok(gateway::app::sweeper::Sweeper {
             store: self.job_store()?,
             queue: self.queue()?,
             runpod: self.runpod()?,
+            stops: self.stops()?,
             finalizer: Arc::new(self.finalizer()?),
             settings: self.settings.clone(),
             clock: self.clock.clone(),

@@ -251,10 +251,44 @@ pub fn s3_force_path_style(env: &Env) -> Result<bool, ConfigError> {
     flag(env, "S3_FORCE_PATH_STYLE", false)
 }
 
-/// The Secrets Manager secret whose keys are laid over the environment at start-up
-/// (`GATEWAY_SECRET_ARN`); none locally.
-pub fn secret_arn(env: &Env) -> Option<String> {
-    env.get("GATEWAY_SECRET_ARN")
+/// The stop queue (`STOP_QUEUE_URL`): runs to stop at RunPod, for the stopper.
+pub fn stop_queue_url(env: &Env) -> Result<String, ConfigError> {
+    env.required("STOP_QUEUE_URL")
+}
+
+/// A Secrets Manager secret: a JSON object of some of the gateway's secret variables, laid over
+/// the environment at start-up. One secret per kind of credential, so that each function's
+/// role can be allowed exactly the ones it uses.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SecretSource {
+    /// The variable holding the secret's ARN; unset for a function that needs none of it.
+    pub arn_var: &'static str,
+    /// The only keys the secret may hold: a typo is refused rather than leaving a real secret
+    /// unused, and a stray setting cannot hide in a secret.
+    pub keys: &'static [&'static str],
+}
+
+pub const SECRET_SOURCES: &[SecretSource] = &[
+    SecretSource {
+        arn_var: "RUNPOD_SECRET_ARN",
+        keys: &["RUNPOD_API_KEY"],
+    },
+    SecretSource {
+        arn_var: "VOLUME_SECRET_ARN",
+        keys: &["VOLUME_ACCESS_KEY_ID", "VOLUME_SECRET_ACCESS_KEY"],
+    },
+    SecretSource {
+        arn_var: "WEBHOOK_SECRET_ARN",
+        keys: &["WEBHOOK_SECRET", "WEBHOOK_SECRET_PREVIOUS"],
+    },
+];
+
+/// The secrets this function is told to read, with their ARNs; none locally.
+pub fn secrets_to_read(env: &Env) -> Vec<(&'static SecretSource, String)> {
+    SECRET_SOURCES
+        .iter()
+        .filter_map(|source| env.get(source.arn_var).map(|arn| (source, arn)))
+        .collect()
 }
 
 /// Structured logging: JSON lines unless `GATEWAY_LOG_FORMAT=text`; the level filter from
@@ -284,8 +318,13 @@ pub struct RunPodConfig {
     /// How one RunPod call is retried within an invocation (README, "Retries and error codes").
     pub retry: RetryPolicy,
     /// `/cancel` calls a process starts per second at most (RunPod allows 100 per 10 s per
-    /// endpoint): client, deadline and extra-run cancels all go through this one path.
+    /// endpoint). Only the stop queue's consumer cancels, so this times the consumers the
+    /// queue's event source runs at once is the gateway's whole rate.
     pub cancels_per_second: u32,
+}
+
+impl RunPodConfig {
+    pub const DEFAULT_CANCELS_PER_SEC: u32 = 5;
 }
 
 /// First and longest wait between two attempts of one RunPod call.
@@ -321,7 +360,12 @@ impl RunPodConfig {
                 // Under the shortest function timeout that calls RunPod (submit, 20 s).
                 budget: seconds(env, "RUNPOD_RETRY_BUDGET_SECS", 15)?,
             },
-            cancels_per_second: parsed(env, "RUNPOD_CANCELS_PER_SEC", 5u32)?.max(1),
+            cancels_per_second: parsed(
+                env,
+                "RUNPOD_CANCELS_PER_SEC",
+                Self::DEFAULT_CANCELS_PER_SEC,
+            )?
+            .max(1),
         })
     }
 }

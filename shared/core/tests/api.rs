@@ -4,8 +4,8 @@ use base64::Engine as _;
 use gateway::app::api::{JobInput, JobRequest, Refusal, Submitted};
 use gateway::domain::job::{Actor, ErrorCode, JobState};
 use gateway::domain::keys;
+use gateway::ports::{StopReason, StopRun};
 use serde_json::{json, Map, Value};
-use testkit::fakes::Answer;
 use testkit::images::{jpeg, png};
 use testkit::Kit;
 
@@ -592,7 +592,7 @@ async fn another_owners_cursor_is_invalid() {
 // ------------------------------------------------------------------ cancelling
 
 #[tokio::test]
-async fn a_queued_job_is_cancelled_without_calling_runpod() {
+async fn a_queued_job_is_cancelled_with_nothing_to_stop() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
 
@@ -600,19 +600,29 @@ async fn a_queued_job_is_cancelled_without_calling_runpod() {
 
     assert_eq!(cancelled.state, JobState::Cancelled);
     assert_eq!(cancelled.error.unwrap().code, ErrorCode::CancelledByClient);
-    assert!(kit.runpod.calls().is_empty());
+    assert!(kit.stops.requested().is_empty());
 }
 
 #[tokio::test]
-async fn a_submitted_job_is_cancelled_at_runpod_first() {
+async fn a_submitted_job_is_cancelled_at_once_with_its_run_queued_to_stop() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
+    let calls_before = kit.runpod.calls().len();
 
     let cancelled = kit.api().cancel("alice", &job.id).await.unwrap();
 
     assert_eq!(cancelled.state, JobState::Cancelled);
-    assert_eq!(kit.runpod.calls().last().unwrap(), "cancel rp-1");
+    assert_eq!(
+        kit.stops.requested(),
+        vec![StopRun {
+            job_id: job.id.clone(),
+            runpod_id: "rp-1".into(),
+            reason: StopReason::ClientCancel,
+        }]
+    );
+    // The API itself never talks to RunPod: it holds no RunPod key.
+    assert_eq!(kit.runpod.calls().len(), calls_before);
     assert_eq!(
         kit.stored(&job.id).history.last().unwrap().by,
         Actor::Client
@@ -620,23 +630,11 @@ async fn a_submitted_job_is_cancelled_at_runpod_first() {
 }
 
 #[tokio::test]
-async fn a_run_runpod_no_longer_knows_is_still_cancelled() {
+async fn when_the_stop_cannot_be_queued_the_job_is_not_called_cancelled() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
-    kit.runpod.answer_cancels(Answer::NotFound);
-
-    let cancelled = kit.api().cancel("alice", &job.id).await.unwrap();
-
-    assert_eq!(cancelled.state, JobState::Cancelled);
-}
-
-#[tokio::test]
-async fn when_runpod_cannot_be_told_the_job_is_not_called_cancelled() {
-    let kit = Kit::new();
-    let job = kit.queued_job("alice");
-    kit.dispatcher().dispatch(&job.id).await.unwrap();
-    kit.runpod.answer_cancels(Answer::Transient);
+    kit.stops.fail_next(1);
     let before = kit.stored(&job.id);
 
     let refusal = kit.api().cancel("alice", &job.id).await.unwrap_err();
@@ -705,9 +703,9 @@ async fn a_run_dispatch_records_while_a_cancel_is_under_way_is_stopped_too() {
     assert_eq!(cancelled.state, JobState::Cancelled);
     assert_eq!(cancelled.runpod_job_id.as_deref(), Some("rp-7"));
     assert!(
-        kit.runpod.calls().contains(&"cancel rp-7".to_string()),
-        "the run that appeared was stopped: {:?}",
-        kit.runpod.calls()
+        kit.stops.runs().contains(&"rp-7".to_string()),
+        "the run that appeared is to be stopped: {:?}",
+        kit.stops.runs()
     );
 }
 

@@ -101,7 +101,7 @@ async fn runpod_unavailable_leaves_the_job_for_a_later_sweep() {
 }
 
 #[tokio::test]
-async fn a_job_past_its_deadline_is_cancelled_at_runpod_and_timed_out() {
+async fn a_job_past_its_deadline_has_its_run_stopped_and_is_timed_out() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
@@ -112,10 +112,26 @@ async fn a_job_past_its_deadline_is_cancelled_at_runpod_and_timed_out() {
     let report = kit.sweeper().sweep().await.unwrap();
 
     assert_eq!(report.timed_out, 1);
-    assert!(kit.runpod.calls().contains(&"cancel rp-1".to_string()));
+    assert_eq!(kit.stops.runs(), vec!["rp-1".to_string()]);
     let stored = kit.stored(&job.id);
     assert_eq!(stored.state, JobState::TimedOut);
     assert_eq!(stored.error.unwrap().code, ErrorCode::DeadlineExceeded);
+}
+
+#[tokio::test]
+async fn a_job_past_its_deadline_is_not_timed_out_while_its_stop_cannot_be_queued() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.running_run("rp-1");
+    kit.clock
+        .advance(kit.settings.job_deadline + Duration::from_secs(1));
+    kit.stops.fail_next(1);
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!((report.timed_out, report.errors), (0, 1));
+    assert_eq!(kit.stored(&job.id).state, JobState::Submitted);
 }
 
 #[tokio::test]
@@ -146,7 +162,7 @@ async fn a_job_held_by_a_finalize_is_left_alone() {
     kit.sweeper().sweep().await.unwrap();
 
     assert_eq!(kit.store.writes(), writes, "the sweeper wrote nothing");
-    assert!(!kit.runpod.calls().iter().any(|c| c.starts_with("cancel")));
+    assert!(kit.stops.requested().is_empty());
 }
 
 #[tokio::test]
@@ -211,7 +227,7 @@ async fn a_run_that_completed_is_finalized_at_the_deadline_not_thrown_away() {
     let stored = kit.stored(&job.id);
     assert_eq!(stored.state, JobState::Succeeded);
     assert_eq!(stored.outputs.len(), 1);
-    assert!(!kit.runpod.calls().contains(&"cancel rp-1".to_string()));
+    assert!(kit.stops.requested().is_empty());
 }
 
 #[tokio::test]

@@ -285,7 +285,7 @@ async fn an_extra_run_that_announces_itself_is_cancelled_and_its_result_ignored(
     let outcome = deliver(&kit, &job, &extra).await;
 
     assert!(matches!(outcome, WebhookOutcome::Handled(_)), "{outcome:?}");
-    assert!(kit.runpod.calls().contains(&"cancel rp-1".to_string()));
+    assert_eq!(kit.stops.runs(), vec!["rp-1".to_string()]);
     let stored = kit.stored(&job.id);
     assert_eq!(stored.runpod_job_id.as_deref(), Some("rp-2"));
     assert_ne!(

@@ -12,8 +12,8 @@ use gateway::domain::keys;
 use gateway::ports::{
     ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, ImageKind, ImageProbe, JobPage,
     JobQueue, JobStore, ObjectError, ObjectMeta, ObjectStore, PresignedPost, PresignedRequest,
-    QueueError, RunPod, RunPodError, RunPodStatus, RunRequest, StoreError, UrlFetcher, JPEG, PNG,
-    WEBP,
+    QueueError, RunPod, RunPodError, RunPodStatus, RunRequest, StopQueue, StopRun, StoreError,
+    UrlFetcher, JPEG, PNG, WEBP,
 };
 
 /// Gives way once to whatever else runs on the task: the fakes answer at once, and without
@@ -434,6 +434,45 @@ impl JobQueue for MemQueue {
             return Err(QueueError("throttled (test)".into()));
         }
         lock(&self.sent).push(job_id.to_string());
+        Ok(())
+    }
+}
+
+/// The stop queue in memory: what was asked to be stopped, in order.
+#[derive(Default)]
+pub struct MemStops {
+    requested: Mutex<Vec<StopRun>>,
+    /// Refuse the next this many requests.
+    outage: AtomicU64,
+}
+
+impl MemStops {
+    pub fn requested(&self) -> Vec<StopRun> {
+        lock(&self.requested).clone()
+    }
+    /// The runs asked to be stopped, in order.
+    pub fn runs(&self) -> Vec<String> {
+        self.requested().into_iter().map(|s| s.runpod_id).collect()
+    }
+    /// Takes every request so far, as the stop queue's consumer does.
+    pub fn drain(&self) -> Vec<StopRun> {
+        std::mem::take(&mut *lock(&self.requested))
+    }
+    /// The next `requests` fail.
+    pub fn fail_next(&self, requests: u64) {
+        self.outage.store(requests, Ordering::SeqCst);
+    }
+}
+
+#[async_trait]
+impl StopQueue for MemStops {
+    async fn request_stop(&self, stop: &StopRun) -> Result<(), QueueError> {
+        let left = self.outage.load(Ordering::SeqCst);
+        if left > 0 {
+            self.outage.store(left - 1, Ordering::SeqCst);
+            return Err(QueueError("throttled (test)".into()));
+        }
+        lock(&self.requested).push(stop.clone());
         Ok(())
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use gateway::app::api::Api;
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
+use gateway::app::stop::Stopper;
 use gateway::app::sweeper::Sweeper;
 use gateway::app::webhook::WebhookHandler;
 use gateway::config::Settings;
@@ -15,7 +16,7 @@ use gateway::domain::workflow::WorkflowCatalog;
 use gateway::ports::RunPodStatus;
 
 use crate::fakes::{
-    MagicBytes, ManualClock, MemObjects, MemQueue, MemStore, NoDownloads, ScriptedRunPod,
+    MagicBytes, ManualClock, MemObjects, MemQueue, MemStops, MemStore, NoDownloads, ScriptedRunPod,
 };
 use crate::images::jpeg;
 use crate::jobs::restore_job;
@@ -30,6 +31,7 @@ pub const START: Millis = 1_800_000_000_000;
 pub struct Kit {
     pub store: Arc<MemStore>,
     pub queue: Arc<MemQueue>,
+    pub stops: Arc<MemStops>,
     pub uploads: Arc<MemObjects>,
     pub results: Arc<MemObjects>,
     pub volume: Arc<MemObjects>,
@@ -53,6 +55,7 @@ impl Kit {
         Self {
             store: Arc::default(),
             queue: Arc::default(),
+            stops: Arc::default(),
             uploads: Arc::default(),
             results: Arc::default(),
             volume: Arc::default(),
@@ -82,7 +85,7 @@ impl Kit {
             queue: self.queue.clone(),
             uploads: self.uploads.clone(),
             results: self.results.clone(),
-            runpod: self.runpod.clone(),
+            stops: self.stops.clone(),
             images: self.images.clone(),
             catalog: self.catalog.clone(),
             settings: self.settings.clone(),
@@ -96,6 +99,7 @@ impl Kit {
             uploads: self.uploads.clone(),
             volume: self.volume.clone(),
             runpod: self.runpod.clone(),
+            stops: self.stops.clone(),
             catalog: self.catalog.clone(),
             signer: self.signer.clone(),
             webhook_base: "https://gateway.test".into(),
@@ -122,6 +126,7 @@ impl Kit {
             store: self.store.clone(),
             queue: self.queue.clone(),
             runpod: self.runpod.clone(),
+            stops: self.stops.clone(),
             finalizer: Arc::new(self.finalizer()),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
@@ -132,8 +137,15 @@ impl Kit {
         WebhookHandler {
             store: self.store.clone(),
             runpod: self.runpod.clone(),
+            stops: self.stops.clone(),
             finalizer: Arc::new(self.finalizer()),
             signer: self.signer.clone(),
+        }
+    }
+
+    pub fn stopper(&self) -> Stopper {
+        Stopper {
+            runpod: self.runpod.clone(),
         }
     }
 

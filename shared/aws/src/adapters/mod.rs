@@ -7,6 +7,6 @@ pub mod images;
 pub mod runpod;
 pub mod s3;
 pub mod s3_post;
+#[cfg(feature = "secrets")]
 pub mod secrets;
-#[cfg(any(feature = "sqs", feature = "sqs-events"))]
 pub mod sqs;

@@ -1,20 +1,12 @@
-//! Secrets from AWS Secrets Manager, read once at cold start. The secret named by
-//! `GATEWAY_SECRET_ARN` is a JSON object whose keys are the secret variables below; their values
-//! then take the place of environment variables of the same names, so no secret ever sits in a
-//! Lambda's plain environment.
+//! Secrets from AWS Secrets Manager, read once at cold start. Each secret a function is told
+//! about (`config::SECRET_SOURCES`: `RUNPOD_SECRET_ARN`, `VOLUME_SECRET_ARN`,
+//! `WEBHOOK_SECRET_ARN`) is a JSON object of its own keys; their values then take the place of
+//! environment variables of the same names, so no secret ever sits in a Lambda's plain
+//! environment.
 use std::collections::HashMap;
 
 use aws_sdk_secretsmanager::Client;
-
-/// The only keys the secret may hold. Anything else is refused, so a typo cannot silently leave
-/// a real secret unused (and a stray setting cannot hide in the secret).
-pub const SECRET_KEYS: &[&str] = &[
-    "RUNPOD_API_KEY",
-    "VOLUME_ACCESS_KEY_ID",
-    "VOLUME_SECRET_ACCESS_KEY",
-    "WEBHOOK_SECRET",
-    "WEBHOOK_SECRET_PREVIOUS",
-];
+use gateway::config::SecretSource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
@@ -45,7 +37,11 @@ pub fn client(sdk: &aws_config::SdkConfig) -> Client {
     )
 }
 
-pub async fn fetch(client: &Client, arn: &str) -> Result<HashMap<String, String>, SecretError> {
+pub async fn fetch(
+    client: &Client,
+    source: &SecretSource,
+    arn: &str,
+) -> Result<HashMap<String, String>, SecretError> {
     let out = client
         .get_secret_value()
         .secret_id(arn)
@@ -55,19 +51,24 @@ pub async fn fetch(client: &Client, arn: &str) -> Result<HashMap<String, String>
             arn: arn.to_string(),
             reason: format!("{}", aws_sdk_secretsmanager::error::DisplayErrorContext(e)),
         })?;
-    parse(arn, out.secret_string().unwrap_or_default())
+    parse(source, arn, out.secret_string().unwrap_or_default())
 }
 
-pub fn parse(arn: &str, text: &str) -> Result<HashMap<String, String>, SecretError> {
+/// The secret's values, if it is a JSON object holding only `source`'s keys.
+pub fn parse(
+    source: &SecretSource,
+    arn: &str,
+    text: &str,
+) -> Result<HashMap<String, String>, SecretError> {
     let values: HashMap<String, String> =
         serde_json::from_str(text).map_err(|_| SecretError::NotAnObject {
             arn: arn.to_string(),
         })?;
-    if let Some(key) = values.keys().find(|k| !SECRET_KEYS.contains(&k.as_str())) {
+    if let Some(key) = values.keys().find(|k| !source.keys.contains(&k.as_str())) {
         return Err(SecretError::UnknownKey {
             arn: arn.to_string(),
             key: key.clone(),
-            allowed: SECRET_KEYS.join(", "),
+            allowed: source.keys.join(", "),
         });
     }
     Ok(values)
@@ -75,23 +76,50 @@ pub fn parse(arn: &str, text: &str) -> Result<HashMap<String, String>, SecretErr
 
 #[cfg(test)]
 mod tests {
+    use gateway::config::SECRET_SOURCES;
+
     use super::*;
+
+    fn source(arn_var: &str) -> &'static SecretSource {
+        SECRET_SOURCES
+            .iter()
+            .find(|s| s.arn_var == arn_var)
+            .unwrap()
+    }
 
     #[test]
     fn known_keys_are_read() {
-        let values = parse("arn", r#"{"WEBHOOK_SECRET": "s", "RUNPOD_API_KEY": "k"}"#).unwrap();
+        let text = r#"{"WEBHOOK_SECRET": "s", "WEBHOOK_SECRET_PREVIOUS": ""}"#;
+        let values = parse(source("WEBHOOK_SECRET_ARN"), "arn", text).unwrap();
         assert_eq!(values["WEBHOOK_SECRET"], "s");
     }
 
     #[test]
     fn unknown_keys_are_refused() {
-        let err = parse("arn", r#"{"WEBHOOK_SECERT": "typo"}"#).unwrap_err();
+        let err = parse(
+            source("WEBHOOK_SECRET_ARN"),
+            "arn",
+            r#"{"WEBHOOK_SECERT": "typo"}"#,
+        )
+        .unwrap_err();
         assert!(matches!(err, SecretError::UnknownKey { .. }));
     }
 
     #[test]
+    fn a_key_of_another_secret_is_refused() {
+        // The RunPod key must not ride along in the webhook secret, where more functions read it.
+        let err = parse(
+            source("WEBHOOK_SECRET_ARN"),
+            "arn",
+            r#"{"WEBHOOK_SECRET": "s", "RUNPOD_API_KEY": "k"}"#,
+        )
+        .unwrap_err();
+        assert!(matches!(err, SecretError::UnknownKey { key, .. } if key == "RUNPOD_API_KEY"));
+    }
+
+    #[test]
     fn a_non_object_is_refused_without_echoing_it() {
-        let err = parse("arn", "rps_not-json").unwrap_err();
+        let err = parse(source("RUNPOD_SECRET_ARN"), "arn", "rps_not-json").unwrap_err();
         assert!(!err.to_string().contains("rps_"));
     }
 }

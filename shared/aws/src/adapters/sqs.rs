@@ -1,37 +1,100 @@
-//! The dispatch queue on SQS. A message carries only the job id: the job record is the truth,
-//! so a stale or duplicated message can never carry outdated instructions. The consuming side
-//! turns an SQS batch (the Lambda event source's shape) into one dispatch per message.
+//! The two queues on SQS, and their consumer.
+//!
+//! - The dispatch queue: a message carries only the job id. The job record is the truth, so a
+//!   stale or duplicated message can never carry outdated instructions.
+//! - The stop queue: a message names a RunPod run to stop ([`StopRun`]); stopping a run twice
+//!   is harmless, so duplicates need no care either.
+//!
+//! The consuming side turns an SQS batch (the Lambda event source's shape) into one dispatch or
+//! one stop per message. Both queues feed the dispatch function, which holds the RunPod key; the
+//! stop queue's event source is capped in concurrency so that, with each consumer paced, the
+//! gateway stays under RunPod's limit on cancels.
+use gateway::ports::StopRun;
 use serde::{Deserialize, Serialize};
 
+/// Unknown fields are refused, so that a malformed stop is never taken for a dispatch.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
 pub struct DispatchMessage {
     pub job_id: String,
 }
 
-#[cfg(feature = "sqs-events")]
-pub use events::{handle_batch, handle_batch_before};
-#[cfg(feature = "sqs")]
-pub use queue::{client, SqsJobQueue};
+/// What a message on either queue asks for. A stop names its run and reason; a dispatch names
+/// only the job. Anything else is a poison message.
+#[derive(Debug, PartialEq)]
+pub enum Message {
+    Dispatch(DispatchMessage),
+    Stop(StopRun),
+}
 
-/// The SQS operation [`SqsJobQueue`] calls.
+impl Message {
+    pub fn parse(body: &str) -> Option<Self> {
+        if let Ok(stop) = serde_json::from_str::<StopRun>(body) {
+            return Some(Self::Stop(stop));
+        }
+        serde_json::from_str::<DispatchMessage>(body)
+            .ok()
+            .map(Self::Dispatch)
+    }
+}
+
+#[cfg(feature = "sqs-events")]
+pub use events::{handle_batch, handle_batch_before, Consumer};
+pub use queue::{client, SqsJobQueue, SqsStopQueue};
+
+/// The SQS operation the queues call.
 pub const AWS_OPERATIONS: &[&str] = &["SendMessage"];
 
-#[cfg(feature = "sqs")]
 mod queue {
     use async_trait::async_trait;
     use aws_sdk_sqs::Client;
-    use gateway::ports::{JobQueue, QueueError};
+    use gateway::ports::{JobQueue, QueueError, StopQueue, StopRun};
 
     use super::{DispatchMessage, AWS_OPERATIONS};
     use crate::adapters::declared::DeclaredOperations;
 
-    /// An SQS client that makes only the queue's call.
+    /// An SQS client that makes only the queues' call.
     pub fn client(sdk: &aws_config::SdkConfig) -> Client {
         Client::from_conf(
             aws_sdk_sqs::config::Builder::from(sdk)
-                .interceptor(DeclaredOperations::new("job queue", AWS_OPERATIONS))
+                .interceptor(DeclaredOperations::new("queues", AWS_OPERATIONS))
                 .build(),
         )
+    }
+
+    async fn send(client: &Client, queue_url: &str, body: String) -> Result<(), QueueError> {
+        client
+            .send_message()
+            .queue_url(queue_url)
+            .message_body(body)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| QueueError(format!("{e:?}")))
+    }
+
+    /// The stop queue: runs to stop at RunPod.
+    #[derive(Clone)]
+    pub struct SqsStopQueue {
+        client: Client,
+        queue_url: String,
+    }
+
+    impl SqsStopQueue {
+        pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
+            Self {
+                client,
+                queue_url: queue_url.into(),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl StopQueue for SqsStopQueue {
+        async fn request_stop(&self, stop: &StopRun) -> Result<(), QueueError> {
+            let body = serde_json::to_string(stop).map_err(|e| QueueError(e.to_string()))?;
+            send(&self.client, &self.queue_url, body).await
+        }
     }
 
     #[derive(Clone)]
@@ -56,14 +119,7 @@ mod queue {
                 job_id: job_id.to_string(),
             })
             .map_err(|e| QueueError(e.to_string()))?;
-            self.client
-                .send_message()
-                .queue_url(&self.queue_url)
-                .message_body(body)
-                .send()
-                .await
-                .map(|_| ())
-                .map_err(|e| QueueError(format!("{e:?}")))
+            send(&self.client, &self.queue_url, body).await
         }
     }
 }
@@ -73,51 +129,68 @@ mod events {
     use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
     use futures::StreamExt;
     use gateway::app::dispatch::Dispatcher;
+    use gateway::app::stop::Stopper;
 
-    use super::DispatchMessage;
+    use super::Message;
+
+    /// What consumes the two queues: dispatch, and the stopper (the RunPod key's holder).
+    pub struct Consumer {
+        pub dispatcher: Dispatcher,
+        pub stopper: Stopper,
+    }
 
     /// Handles an SQS batch, reporting failed messages individually so that one slow job does
     /// not send its neighbours round again (`ReportBatchItemFailures`).
-    pub async fn handle_batch(dispatcher: &Dispatcher, event: SqsEvent) -> SqsBatchResponse {
-        handle_batch_before(dispatcher, event, None).await
+    pub async fn handle_batch(consumer: &Consumer, event: SqsEvent) -> SqsBatchResponse {
+        handle_batch_before(consumer, event, None).await
     }
 
     /// [`handle_batch`] within an invocation that ends at `deadline` (epoch ms, the Lambda
     /// context's): no `/run` starts too late to record its answer.
     pub async fn handle_batch_before(
-        dispatcher: &Dispatcher,
+        consumer: &Consumer,
         event: SqsEvent,
         deadline: Option<i64>,
     ) -> SqsBatchResponse {
         let failures = futures::stream::iter(event.records)
             .map(|record| async move {
                 let message_id = record.message_id.clone().unwrap_or_default();
-                let parsed = record
-                    .body
-                    .as_deref()
-                    .and_then(|b| serde_json::from_str::<DispatchMessage>(b).ok());
-                let Some(message) = parsed else {
-                    // A poison message: no job can be read from it, and no retry will change
-                    // that. Report it failed so that SQS moves it to the dead-letter queue after
-                    // maxReceiveCount receives, where the DLQ alarm shows it and it can be
-                    // inspected (a producer bug, a message format change). Dropping it would hide
-                    // the problem behind a log line.
-                    tracing::error!(message_id, "unreadable dispatch message; left for the DLQ");
+                let failed = || {
                     let mut failure = BatchItemFailure::default();
-                    failure.item_identifier = message_id;
-                    return Some(failure);
+                    failure.item_identifier = message_id.clone();
+                    Some(failure)
                 };
-                match dispatcher.dispatch_before(&message.job_id, deadline).await {
-                    Ok(outcome) => {
-                        tracing::info!(job_id = %message.job_id, ?outcome, "dispatched");
-                        None
+                match record.body.as_deref().and_then(Message::parse) {
+                    // A poison message: nothing can be read from it, and no retry will change
+                    // that. Report it failed so that SQS moves it to the dead-letter queue
+                    // after maxReceiveCount receives, where the DLQ alarm shows it and it can
+                    // be inspected (a producer bug, a message format change). Dropping it
+                    // would hide the problem behind a log line.
+                    None => {
+                        tracing::error!(message_id, "unreadable queue message; left for the DLQ");
+                        failed()
                     }
-                    Err(err) => {
-                        tracing::warn!(job_id = %message.job_id, error = %err, "dispatch deferred");
-                        let mut failure = BatchItemFailure::default();
-                        failure.item_identifier = message_id;
-                        Some(failure)
+                    Some(Message::Dispatch(message)) => {
+                        match consumer
+                            .dispatcher
+                            .dispatch_before(&message.job_id, deadline)
+                            .await
+                        {
+                            Ok(outcome) => {
+                                tracing::info!(job_id = %message.job_id, ?outcome, "dispatched");
+                                None
+                            }
+                            Err(err) => {
+                                tracing::warn!(job_id = %message.job_id, error = %err, "dispatch deferred");
+                                failed()
+                            }
+                        }
                     }
+                    // The stopper logs both outcomes; a failure comes back to be retried.
+                    Some(Message::Stop(stop)) => match consumer.stopper.stop(&stop).await {
+                        Ok(_) => None,
+                        Err(_) => failed(),
+                    },
                 }
             })
             .buffer_unordered(4)
@@ -127,5 +200,37 @@ mod events {
         let mut response = SqsBatchResponse::default();
         response.batch_item_failures = failures;
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use gateway::ports::StopReason;
+
+    use super::*;
+
+    #[test]
+    fn a_stop_and_a_dispatch_are_told_apart() {
+        let stop = StopRun {
+            job_id: "j".into(),
+            runpod_id: "r".into(),
+            reason: StopReason::Deadline,
+        };
+        let body = serde_json::to_string(&stop).unwrap();
+        assert_eq!(Message::parse(&body), Some(Message::Stop(stop)));
+        assert_eq!(
+            Message::parse(r#"{"job_id":"j"}"#),
+            Some(Message::Dispatch(DispatchMessage { job_id: "j".into() }))
+        );
+    }
+
+    #[test]
+    fn a_stop_without_its_run_is_not_a_dispatch_either() {
+        // Half a stop must not start a run of the job it names.
+        assert_eq!(
+            Message::parse(r#"{"job_id":"j","reason":"deadline"}"#),
+            None
+        );
+        assert_eq!(Message::parse("not json"), None);
     }
 }

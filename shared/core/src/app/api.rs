@@ -17,8 +17,8 @@ use crate::domain::job::{
 use crate::domain::keys;
 use crate::domain::workflow::WorkflowCatalog;
 use crate::ports::{
-    Classified, Clock, CreateOutcome, Failure, ImageKind, ImageProbe, JobPage, JobQueue, JobStore,
-    ObjectError, ObjectStore, PresignedPost, RunPod, StoreError, JPEG, PNG, WEBP,
+    Clock, CreateOutcome, ImageKind, ImageProbe, JobPage, JobQueue, JobStore, ObjectError,
+    ObjectStore, PresignedPost, StopQueue, StopReason, StopRun, StoreError, JPEG, PNG, WEBP,
 };
 
 /// Longest `Idempotency-Key` accepted; it becomes part of a DynamoDB key.
@@ -42,7 +42,8 @@ pub struct Api {
     pub queue: Arc<dyn JobQueue>,
     pub uploads: Arc<dyn ObjectStore>,
     pub results: Arc<dyn ObjectStore>,
-    pub runpod: Arc<dyn RunPod>,
+    /// Runs to stop at RunPod: the API holds no RunPod key, and the stopper keeps to RunPod's pace.
+    pub stops: Arc<dyn StopQueue>,
     pub images: Arc<dyn ImageProbe>,
     pub catalog: Arc<WorkflowCatalog>,
     pub settings: Settings,
@@ -448,12 +449,13 @@ impl Api {
             })
     }
 
-    /// Cancels the owner's job at any non-terminal stage. A job RunPod has is cancelled there
-    /// first: the job is only called cancelled once the GPU has been told to stop, including a
-    /// run dispatch recorded while this cancel was under way.
+    /// Cancels the owner's job at any non-terminal stage. A job RunPod has is only called
+    /// cancelled once its run's stop is queued (the stopper carries it out, retrying while
+    /// RunPod cannot be reached), including a run dispatch recorded while this cancel was
+    /// under way.
     pub async fn cancel(&self, owner: &str, id: &str) -> Result<Job, Refusal> {
         let mut job = self.owned_job(owner, id).await?;
-        // The run RunPod has been told to stop, if any.
+        // The run whose stop has been queued, if any.
         let mut stopped: Option<String> = None;
         for _ in 0..CANCEL_ROUNDS {
             if job.is_terminal() {
@@ -464,16 +466,16 @@ impl Api {
                 .clone()
                 .filter(|run| stopped.as_ref() != Some(run))
             {
-                match self.runpod.cancel(&run).await {
-                    Ok(()) => {}
-                    Err(err) if err.failure() == Failure::Missing => {}
-                    Err(err) => {
-                        tracing::warn!(job_id = %job.id, error = %err, "RunPod cancel failed");
-                        return Err(Refusal::Unavailable {
-                            message: "RunPod could not be reached to cancel the job; try again"
-                                .into(),
-                        });
-                    }
+                let stop = StopRun {
+                    job_id: job.id.clone(),
+                    runpod_id: run.clone(),
+                    reason: StopReason::ClientCancel,
+                };
+                if let Err(err) = self.stops.request_stop(&stop).await {
+                    tracing::warn!(job_id = %job.id, error = %err, "could not queue the run's stop");
+                    return Err(Refusal::Unavailable {
+                        message: "the cancel could not be recorded; try again".into(),
+                    });
                 }
                 stopped = Some(run);
             }

@@ -12,7 +12,8 @@ use crate::domain::keys;
 use crate::domain::token::WebhookSigner;
 use crate::domain::workflow::WorkflowCatalog;
 use crate::ports::{
-    Classified, Clock, Failure, JobStore, ObjectStore, RunPod, RunPolicy, RunRequest, StoreError,
+    Classified, Clock, Failure, JobStore, ObjectStore, RunPod, RunPolicy, RunRequest, StopQueue,
+    StopReason, StopRun, StoreError,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +45,8 @@ pub struct Dispatcher {
     pub uploads: Arc<dyn ObjectStore>,
     pub volume: Arc<dyn ObjectStore>,
     pub runpod: Arc<dyn RunPod>,
+    /// Where runs nobody will read are sent to be stopped.
+    pub stops: Arc<dyn StopQueue>,
     pub catalog: Arc<WorkflowCatalog>,
     pub signer: WebhookSigner,
     /// Public base URL the webhook route is reached at.
@@ -286,13 +289,15 @@ impl Dispatcher {
         // Someone changed the job while we submitted: the client cancelled it, RunPod's first
         // report beat us, or a lost earlier run announced itself and was adopted.
         let Some(current) = self.store.get(&leased.id).await? else {
-            self.cancel_extra_run(&leased.id, &runpod_id).await;
+            self.stop_run(&leased.id, &runpod_id, StopReason::EndedWhileDispatching)
+                .await;
             return Ok(DispatchOutcome::Skipped("job vanished while dispatching"));
         };
         if current.is_terminal() {
             // Cancelled by the client, or timed out by the sweeper, while RunPod was taking the
             // job: nobody will ever read its result, so stop the GPU.
-            self.cancel_extra_run(&current.id, &runpod_id).await;
+            self.stop_run(&current.id, &runpod_id, StopReason::EndedWhileDispatching)
+                .await;
             return Ok(DispatchOutcome::Skipped("finished while dispatching"));
         }
         match commit_as(self.store.as_ref(), current, Actor::Dispatch, |job| {
@@ -303,18 +308,25 @@ impl Dispatcher {
             Committed::Written(_) => Ok(DispatchOutcome::Submitted(runpod_id)),
             Committed::Refused(job, TransitionError::Stale) => {
                 // The job already has another run: ours is the extra one.
-                self.cancel_extra_run(&job.id, &runpod_id).await;
+                self.stop_run(&job.id, &runpod_id, StopReason::ExtraRun)
+                    .await;
                 Ok(DispatchOutcome::Skipped("the job already has a run"))
             }
             _ => Ok(DispatchOutcome::Skipped("job changed while dispatching")),
         }
     }
 
-    /// Stops a run nobody will read; if RunPod cannot be told now, its result is never used
-    /// (only the job's own run is ever asked about) and its webhook cancels it again.
-    async fn cancel_extra_run(&self, job_id: &str, runpod_id: &str) {
-        if let Err(err) = self.runpod.cancel(runpod_id).await {
-            tracing::warn!(job_id, runpod_id, error = %err, "could not cancel an extra run");
+    /// Has a run nobody will read stopped; if the stop cannot even be queued, its result is
+    /// still never used (only the job's own run is ever asked about), and its webhook, when
+    /// it announces itself, asks for the stop again.
+    async fn stop_run(&self, job_id: &str, runpod_id: &str, reason: StopReason) {
+        let stop = StopRun {
+            job_id: job_id.to_string(),
+            runpod_id: runpod_id.to_string(),
+            reason,
+        };
+        if let Err(err) = self.stops.request_stop(&stop).await {
+            tracing::warn!(job_id, runpod_id, error = %err, "could not queue an extra run's stop");
         }
     }
 }

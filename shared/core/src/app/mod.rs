@@ -3,6 +3,7 @@
 pub mod api;
 pub mod dispatch;
 pub mod finalize;
+pub mod stop;
 pub mod sweeper;
 pub mod transfer;
 pub mod webhook;

@@ -12,7 +12,8 @@ use crate::app::{commit_as, next_check_after_failure, Committed};
 use crate::config::Settings;
 use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, Millis, TransitionError};
 use crate::ports::{
-    Classified, Clock, Failure, JobQueue, JobStore, RunPod, RunPodStatus, StoreError,
+    Classified, Clock, Failure, JobQueue, JobStore, RunPod, RunPodStatus, StopQueue, StopReason,
+    StopRun, StoreError,
 };
 
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
@@ -45,6 +46,7 @@ pub struct Sweeper {
     pub store: Arc<dyn JobStore>,
     pub queue: Arc<dyn JobQueue>,
     pub runpod: Arc<dyn RunPod>,
+    pub stops: Arc<dyn StopQueue>,
     pub finalizer: Arc<Finalizer>,
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
@@ -238,15 +240,16 @@ impl Sweeper {
                     return Ok(Action::Error);
                 }
             }
-            match self.runpod.cancel(runpod_id).await {
-                Ok(()) => {}
-                Err(err) if err.failure() == Failure::Missing => {}
-                Err(err) => {
-                    // Do not record a timeout while the GPU may still be running it.
-                    tracing::warn!(job_id = %job.id, error = %err, "cancel at deadline failed");
-                    self.reschedule_after_failure(job, now).await?;
-                    return Ok(Action::Error);
-                }
+            let stop = StopRun {
+                job_id: job.id.clone(),
+                runpod_id: runpod_id.clone(),
+                reason: StopReason::Deadline,
+            };
+            if let Err(err) = self.stops.request_stop(&stop).await {
+                // Do not record a timeout while nothing is set to stop the GPU.
+                tracing::warn!(job_id = %job.id, error = %err, "could not queue the stop at deadline");
+                self.reschedule_after_failure(job, now).await?;
+                return Ok(Action::Error);
             }
         }
         let error = JobError::new(

@@ -15,7 +15,9 @@ use crate::app::finalize::{FinalizeError, Finalizer, Outcome};
 use crate::app::{commit_as, Committed};
 use crate::domain::job::{Actor, Job, Millis};
 use crate::domain::token::WebhookSigner;
-use crate::ports::{Classified, Failure, JobStore, RunPod, RunPodStatus};
+use crate::ports::{
+    Classified, Failure, JobStore, RunPod, RunPodStatus, StopQueue, StopReason, StopRun,
+};
 
 fn finalize_error(err: FinalizeError) -> String {
     match err {
@@ -30,6 +32,7 @@ pub const MAX_WEBHOOK_BYTES: usize = 6 * 1024 * 1024;
 pub struct WebhookHandler {
     pub store: Arc<dyn JobStore>,
     pub runpod: Arc<dyn RunPod>,
+    pub stops: Arc<dyn StopQueue>,
     pub finalizer: Arc<Finalizer>,
     pub signer: WebhookSigner,
 }
@@ -147,17 +150,21 @@ impl WebhookHandler {
     /// A second run of the job (its `/run` answer was lost and the job was dispatched again):
     /// once RunPod confirms it, it is cancelled, and its result is never used.
     async fn stop_extra_run(&self, job: &Job, run: &str) {
-        match self.runpod.status(run).await {
-            Ok(_) => match self.runpod.cancel(run).await {
-                Ok(()) => {
-                    tracing::warn!(job_id = %job.id, runpod_id = run, "cancelled an extra run")
-                }
-                Err(err) => {
-                    tracing::warn!(job_id = %job.id, runpod_id = run, error = %err, "could not cancel an extra run")
-                }
-            },
+        if let Err(err) = self.runpod.status(run).await {
+            tracing::info!(job_id = %job.id, runpod_id = run, error = %err, "an unconfirmed run was not stopped");
+            return;
+        }
+        let stop = StopRun {
+            job_id: job.id.clone(),
+            runpod_id: run.to_string(),
+            reason: StopReason::ExtraRun,
+        };
+        match self.stops.request_stop(&stop).await {
+            Ok(()) => {
+                tracing::warn!(job_id = %job.id, runpod_id = run, "an extra run is being stopped")
+            }
             Err(err) => {
-                tracing::info!(job_id = %job.id, runpod_id = run, error = %err, "an unconfirmed run was not stopped")
+                tracing::warn!(job_id = %job.id, runpod_id = run, error = %err, "could not queue an extra run's stop")
             }
         }
     }

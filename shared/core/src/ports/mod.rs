@@ -129,6 +129,37 @@ pub trait JobQueue: Send + Sync {
     async fn enqueue(&self, job_id: &str) -> Result<(), QueueError>;
 }
 
+/// Why a run is to be stopped; it only goes into the stopper's log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// The client cancelled the job.
+    ClientCancel,
+    /// A second run of a job that already has one (a `/run` answer was lost).
+    ExtraRun,
+    /// The job ended (cancelled, timed out) while dispatch was starting this run.
+    EndedWhileDispatching,
+    /// The job passed its deadline.
+    Deadline,
+}
+
+/// A RunPod run to stop. Only the stopper (`app::stop`) calls RunPod's `/cancel`, at a pace
+/// RunPod allows; everyone else asks through a [`StopQueue`], which also keeps the public API
+/// free of the RunPod key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopRun {
+    pub job_id: String,
+    pub runpod_id: String,
+    pub reason: StopReason,
+}
+
+/// The queue of runs to stop. A request that was accepted is carried out, retried while RunPod
+/// cannot be reached, and dead-lettered (and alarmed on) if it never can.
+#[async_trait]
+pub trait StopQueue: Send + Sync {
+    async fn request_stop(&self, stop: &StopRun) -> Result<(), QueueError>;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Object stores: the uploads and results buckets, and the RunPod volume
 // ---------------------------------------------------------------------------------------------
