@@ -12,19 +12,34 @@
 //!
 //! `Host` is passed through because moto writes it into what it answers (SQS queue URLs), and
 //! SigV4 signs it: clients keep talking to the proxy and never learn the upstream's address.
+//!
+//! It can also misbehave as AWS does, on a seeded schedule that can be switched at runtime
+//! ([`faults`], [`spawn_with`]): throttling and 5xx errors in each service's own wire format,
+//! slow answers, dropped connections and answers lost after the upstream acted.
+//!
+//! It serves HTTP/1.1 with hyper directly rather than through axum: a dropped or lost answer is
+//! a connection closed with nothing written, which only a service that may fail can ask for
+//! (axum's handlers cannot). HTTP/1.1 only, as with `axum::serve` before: the AWS SDKs speak
+//! it to a plain `http://` endpoint.
+pub mod faults;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Request, State};
-use axum::response::Response;
-use http::{HeaderMap, HeaderName, StatusCode};
+use http::{HeaderMap, HeaderName, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use faults::{refusal, FaultCounters};
+pub use faults::{Fault, FaultCounts, FaultKind, FaultPlan, Faults, Service};
 
 /// How much longer than the upstream's own answer an answer takes.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub enum Delay {
+    #[default]
     None,
     Fixed(Duration),
     /// The upstream's time to answer, times this factor (≥ 1).
@@ -74,6 +89,8 @@ impl Delay {
 pub enum ProxyError {
     #[error("delay {0:?}: expected a factor such as 3x (1 to 100) or milliseconds such as 40ms")]
     BadDelay(String),
+    #[error("faults {text:?}: {why}; expected e.g. {}", faults::EXAMPLE)]
+    BadFaults { text: String, why: String },
     #[error("HTTP client: {0}")]
     Client(String),
     #[error(transparent)]
@@ -89,6 +106,7 @@ pub struct Stats {
     /// Requests that did not long-poll, and their upstream time: the average answer.
     worked: AtomicU64,
     worked_micros: AtomicU64,
+    faults: FaultCounters,
 }
 
 impl Stats {
@@ -109,6 +127,10 @@ impl Stats {
     pub fn added_time(&self) -> Duration {
         Duration::from_micros(self.added_micros.load(Ordering::Relaxed))
     }
+    /// Faults injected so far, by kind.
+    pub fn faults(&self) -> FaultCounts {
+        self.faults.snapshot()
+    }
 }
 
 struct Shared {
@@ -116,18 +138,29 @@ struct Shared {
     delay: Delay,
     client: reqwest::Client,
     stats: Arc<Stats>,
+    faults: Arc<Faults>,
 }
 
 /// A running proxy; it stops when its task does (with the runtime it was spawned on).
 pub struct Proxy {
     pub addr: SocketAddr,
     pub stats: Arc<Stats>,
+    /// The fault switch: `proxy.faults.set(Some(plan))` turns faults on, `set(None)` off.
+    pub faults: Arc<Faults>,
 }
 
 impl Proxy {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+}
+
+/// How a proxy misbehaves.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    pub delay: Delay,
+    /// Faults from the start; they can be switched later through [`Proxy::faults`].
+    pub faults: Option<FaultPlan>,
 }
 
 /// Starts a proxy on `listener` forwarding to `upstream` (`http://host:port`), on the current
@@ -137,28 +170,89 @@ pub async fn spawn(
     upstream: &str,
     delay: Delay,
 ) -> Result<Proxy, ProxyError> {
+    spawn_with(
+        listener,
+        upstream,
+        Options {
+            delay,
+            faults: None,
+        },
+    )
+    .await
+}
+
+/// [`spawn`], with faults.
+pub async fn spawn_with(
+    listener: tokio::net::TcpListener,
+    upstream: &str,
+    options: Options,
+) -> Result<Proxy, ProxyError> {
     let client = reqwest::Client::builder()
         // The answer goes back exactly as the upstream gave it; the caller follows redirects.
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
         .build()
         .map_err(|e| ProxyError::Client(e.to_string()))?;
+    let faults = Arc::new(Faults::default());
+    faults.set(options.faults)?;
     let stats = Arc::new(Stats::default());
     let shared = Arc::new(Shared {
         upstream: upstream.trim_end_matches('/').to_string(),
-        delay,
+        delay: options.delay,
         client,
         stats: stats.clone(),
+        faults: faults.clone(),
     });
     let addr = listener.local_addr()?;
-    let app = axum::Router::new().fallback(forward).with_state(shared);
-    tokio::spawn(async move {
-        if let Err(err) = axum::serve(listener, app).await {
-            tracing::error!(error = %err, "aws-proxy stopped");
-        }
-    });
-    Ok(Proxy { addr, stats })
+    tokio::spawn(serve(listener, shared));
+    Ok(Proxy {
+        addr,
+        stats,
+        faults,
+    })
 }
+
+async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(err) => {
+                // Out of file descriptors and the like: the next accept may work once some
+                // connection has closed, and spinning on the error would only burn the CPU.
+                tracing::error!(error = %err, "aws-proxy cannot accept");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let shared = shared.clone();
+                async move { forward(shared, request).await }
+            });
+            if let Err(err) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %err, "aws-proxy connection ended");
+            }
+        });
+    }
+}
+
+/// The service's way to close its connection without answering: hyper writes nothing for a
+/// request whose service failed, and drops the connection.
+#[derive(Debug)]
+struct HangUp(&'static str);
+
+impl std::fmt::Display for HangUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for HangUp {}
 
 /// Headers that belong to one hop, not to the request or answer (RFC 9110 section 7.6.1).
 fn hop_by_hop(name: &HeaderName) -> bool {
@@ -195,7 +289,10 @@ fn end_to_end(headers: &HeaderMap) -> HeaderMap {
         .collect()
 }
 
-async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+async fn forward(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, HangUp> {
     let started = Instant::now();
     let (parts, body) = request.into_parts();
     let path = parts
@@ -204,12 +301,47 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         .map(|p| p.as_str())
         .unwrap_or("/");
     let url = format!("{}{}", shared.upstream, path);
-    let mut waits = false;
+    let stats = &shared.stats;
+    let body = match axum::body::to_bytes(Body::new(body), usize::MAX).await {
+        Ok(body) => body,
+        // The caller went away mid-request: there is no one left to answer.
+        Err(_) => return Err(HangUp("the request body did not arrive")),
+    };
+    let waits = long_poll(&parts.headers, &body);
+    let fault = shared.faults.decide(waits);
+    if let Some(fault) = fault {
+        tracing::debug!(?fault, %url, "aws-proxy injects a fault");
+    }
+    match fault {
+        Some(
+            fault @ Fault {
+                kind: FaultKind::Throttle | FaultKind::Error5xx,
+                ..
+            },
+        ) => {
+            stats.faults.count(fault.kind);
+            let service = Service::detect(&parts.method, &parts.uri, &parts.headers, &body);
+            let response = refusal(service, fault, &shared.faults.next_request_id());
+            // Even a refusal crosses the slower network or comes from the slower machine.
+            let extra = shared.delay.extra(started.elapsed());
+            tokio::time::sleep(extra).await;
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            stats
+                .added_micros
+                .fetch_add(extra.as_micros() as u64, Ordering::Relaxed);
+            return Ok(response);
+        }
+        Some(Fault {
+            kind: FaultKind::Drop,
+            ..
+        }) => {
+            stats.faults.count(FaultKind::Drop);
+            stats.requests.fetch_add(1, Ordering::Relaxed);
+            return Err(HangUp("fault: dropped"));
+        }
+        _ => {}
+    }
     let answer = async {
-        let body = axum::body::to_bytes(body, usize::MAX)
-            .await
-            .map_err(|e| e.to_string())?;
-        waits = long_poll(&parts.headers, &body);
         let upstream = shared
             .client
             .request(parts.method.clone(), &url)
@@ -225,8 +357,7 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
     }
     .await;
     let took = started.elapsed();
-    let stats = &shared.stats;
-    let extra = if waits {
+    let mut extra = if waits {
         shared.delay.extra(stats.average_answer())
     } else {
         stats.worked.fetch_add(1, Ordering::Relaxed);
@@ -235,6 +366,10 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
             .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         shared.delay.extra(took)
     };
+    if fault.is_some_and(|f| f.kind == FaultKind::Slow) {
+        stats.faults.count(FaultKind::Slow);
+        extra += shared.faults.slow_by();
+    }
     tokio::time::sleep(extra).await;
     stats.requests.fetch_add(1, Ordering::Relaxed);
     stats
@@ -244,17 +379,23 @@ async fn forward(State(shared): State<Arc<Shared>>, request: Request) -> Respons
         .added_micros
         .fetch_add(extra.as_micros() as u64, Ordering::Relaxed);
     match answer {
+        // The upstream has acted on the request and its caller never learns how. Only an answer
+        // that exists can be lost: an unreachable upstream stays a 502.
+        Ok(_) if fault.is_some_and(|f| f.kind == FaultKind::LostResponse) => {
+            stats.faults.count(FaultKind::LostResponse);
+            Err(HangUp("fault: response lost"))
+        }
         Ok((status, headers, bytes)) => {
             let mut response = Response::new(Body::from(bytes));
             *response.status_mut() = status;
             *response.headers_mut() = headers;
-            response
+            Ok(response)
         }
         Err(err) => {
             tracing::warn!(%url, error = %err, "upstream unreachable");
             let mut response = Response::new(Body::from(format!("aws-proxy: upstream: {err}")));
             *response.status_mut() = StatusCode::BAD_GATEWAY;
-            response
+            Ok(response)
         }
     }
 }
