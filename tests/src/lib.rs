@@ -104,7 +104,10 @@ pub struct Stack {
     pub env: Env,
     pub emulator: Emulator,
     pub runner: Runner,
+    /// The test's own view of AWS, past any proxy.
     pub sdk: SdkConfig,
+    /// What the gateway uses: through the proxies, when there are any.
+    pub gateway_sdk: SdkConfig,
     pub table: String,
     pub queue_url: String,
     pub uploads_bucket: String,
@@ -123,7 +126,10 @@ impl Stack {
             Some(aws) => aws,
             None => local_aws(),
         };
-        let sdk = aws.sdk_config().await;
+        // The gateway goes through the local AWS's proxies (and their faults, when a test
+        // switches them on); the test's own checks go straight to moto.
+        let gateway_sdk = aws.sdk_config().await;
+        let sdk = aws.direct_sdk_config().await;
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         let volume_tmp = std::env::temp_dir().join(format!("gateway-test-volume-{id}"));
         let mut emulator_config = EmulatorConfig {
@@ -170,7 +176,7 @@ impl Stack {
         ]);
         vars.extend(options.extra_env);
         let env = Env::from_pairs(vars);
-        let wiring = Wiring::new(env.clone(), sdk.clone()).expect("wire the gateway");
+        let wiring = Wiring::new(env.clone(), gateway_sdk.clone()).expect("wire the gateway");
         let runner = local_runner::start_on(
             listener,
             wiring,
@@ -190,6 +196,7 @@ impl Stack {
             emulator,
             runner,
             sdk,
+            gateway_sdk,
             table,
             queue_url,
             uploads_bucket,
@@ -201,7 +208,7 @@ impl Stack {
 
     /// The same wiring the runner uses, to call a function's handler directly.
     pub fn wiring(&self) -> Wiring {
-        Wiring::new(self.env.clone(), self.sdk.clone()).expect("wire the gateway")
+        Wiring::new(self.env.clone(), self.gateway_sdk.clone()).expect("wire the gateway")
     }
 
     pub fn url(&self, path: &str) -> String {

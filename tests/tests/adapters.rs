@@ -74,11 +74,26 @@ async fn a_write_based_on_a_stale_version_is_refused() {
 }
 
 #[tokio::test]
-async fn creating_the_same_job_twice_is_refused() {
+async fn creating_a_job_whose_id_another_job_holds_is_refused() {
     let store = store().await;
     let job = job("alice", 1_000, 60_000);
     store.create(&job).await.unwrap();
-    assert!(store.create(&job).await.is_err());
+    let mut other = job.clone();
+    other.owner = "bob".into();
+    assert!(store.create(&other).await.is_err());
+    assert_eq!(store.get(&job.id).await.unwrap().unwrap(), job);
+}
+
+#[tokio::test]
+async fn a_create_that_meets_its_own_committed_write_is_created() {
+    // What the SDK's retry of a create whose answer was lost sees: its own job, already there.
+    let store = store().await;
+    let job = job("alice", 1_000, 60_000);
+    store.create(&job).await.unwrap();
+    assert!(matches!(
+        store.create(&job).await,
+        Ok(gateway::ports::CreateOutcome::Created)
+    ));
 }
 
 #[tokio::test]

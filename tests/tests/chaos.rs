@@ -6,6 +6,11 @@
 //!   results expire early; webhooks are lost, duplicated in parallel, delayed past the sweeper,
 //!   sent empty, or followed by a stale out-of-order report; the volume's S3 API answers 502,
 //!   is slow, or cuts reads short;
+//! - AWS (a seeded fault proxy in front of each moto process, `CHAOS_AWS_FAULTS`): DynamoDB
+//!   `ThrottlingException` / `ProvisionedThroughputExceededException`, S3 `SlowDown`, SQS
+//!   `RequestThrottled`, 500/503 in each service's wire format, slow answers, dropped
+//!   connections, and writes that committed but whose answer was lost; only the gateway's own
+//!   calls go through it, while jobs are in flight;
 //! - the client and AWS (this test): cancels at random moments, duplicate SQS messages,
 //!   unparseable (poison) messages, dispatch and finalize invocations killed midway, as a
 //!   Lambda timing out mid-copy would be (its work stops at an await; its lease stays), and
@@ -51,6 +56,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use aws_proxy::{FaultCounts, FaultPlan};
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
 use gateway::app::sweeper::Sweeper;
@@ -61,6 +67,20 @@ use rand::{Rng, SeedableRng};
 use runpod_emulator::{ChaosConfig, EmulatorConfig, Faults, JobStatus};
 use serde_json::json;
 use testkit::local_aws::read_object;
+
+/// The AWS-side faults of a wave (`CHAOS_AWS_FAULTS` overrides the rates; see aws-proxy's
+/// text form). Each attempt of an AWS call meets one with this chance; the SDK retries (3
+/// attempts), so the gateway itself sees a few of them through, and every lost answer.
+const AWS_FAULTS: &str = "throttle=0.03,5xx=0.02,slow=0.02,slow_by=200ms,drop=0.01,lost=0.01";
+
+fn aws_faults(seed: u64) -> FaultPlan {
+    let rates = std::env::var("CHAOS_AWS_FAULTS").unwrap_or_else(|_| AWS_FAULTS.to_string());
+    FaultPlan::parse(&format!("seed={seed},{rates}"))
+        .unwrap_or_else(|e| panic!("CHAOS_AWS_FAULTS: {e}"))
+}
+
+/// Tries of one submit that keeps being answered 503.
+const SUBMIT_TRIES: u32 = 5;
 
 /// Unparseable dispatch messages: each must end in the DLQ, and nothing else may.
 const POISON: [&str; 3] = [
@@ -384,6 +404,8 @@ enum Cancel {
 struct Driven {
     id: Option<String>,
     submit_error: Option<String>,
+    /// Submits answered 503 and sent again with the same Idempotency-Key.
+    submit_retries: u32,
     cancel: Option<Cancel>,
     duplicates: u32,
     killed_dispatch: bool,
@@ -404,7 +426,29 @@ async fn drive(world: Arc<World>, index: usize, image: Arc<Vec<u8>>, plan: Plan)
     let stack = &world.stack;
     let mut driven = Driven::default();
     let request = restore_request(&image, json!({"megapixels": 0.01, "seed": index}));
-    let (status, body) = stack.post_json(ALICE, "/jobs", &request).await;
+    // As a careful client does: a 503 (the job store throttled past the SDK's retries) is
+    // retried with the same Idempotency-Key, so it never makes two jobs.
+    let key = format!("chaos-{index}");
+    let mut tries = 0;
+    let (status, body) = loop {
+        tries += 1;
+        let response = stack
+            .http
+            .post(stack.url("/jobs"))
+            .bearer_auth(ALICE)
+            .header("Idempotency-Key", &key)
+            .json(&request)
+            .send()
+            .await
+            .expect("the gateway answers");
+        let status = response.status();
+        let body: serde_json::Value = response.json().await.unwrap_or_default();
+        if status != StatusCode::SERVICE_UNAVAILABLE || tries == SUBMIT_TRIES {
+            break (status, body);
+        }
+        driven.submit_retries += 1;
+        tokio::time::sleep(Duration::from_millis(100 * tries as u64)).await;
+    };
     if status != StatusCode::ACCEPTED {
         driven.submit_error = Some(format!("{status} {body}"));
         return driven;
@@ -817,6 +861,7 @@ struct Tally {
     cancels_too_late: usize,
     cancels_unavailable: usize,
     duplicates: u32,
+    submit_retries: u32,
     poison: usize,
     killed_dispatches: usize,
     killed_finalizes: usize,
@@ -837,6 +882,7 @@ struct Tally {
     times: Vec<i64>,
     moto_cpu: BTreeMap<&'static str, Duration>,
     moto_wall: Duration,
+    aws_faults: BTreeMap<&'static str, FaultCounts>,
     floor: usize,
     violations: Vec<String>,
 }
@@ -850,7 +896,7 @@ async fn chaos_every_job_ends_once_in_the_right_state_with_its_outputs_intact() 
     // the local stack (not the gateway) from becoming the bottleneck of long runs.
     let wave_size: usize = env_or("CHAOS_WAVE", 300).max(1);
     println!("chaos: seed {seed}, {jobs} jobs (replay: CHAOS_SEED={seed} CHAOS_JOBS={jobs})");
-    let aws = Arc::new(LocalAws::launch());
+    let aws = Arc::new(LocalAws::launch_faultable());
     let started = Instant::now();
     let pace = measure_pace(&aws).await;
     let timings = Timings::from_pace(&pace);
@@ -890,6 +936,7 @@ async fn chaos_every_job_ends_once_in_the_right_state_with_its_outputs_intact() 
         .map(|(service, cpu)| (service, cpu.saturating_sub(cpu_before[service])))
         .collect();
     tally.moto_wall = run_time;
+    tally.aws_faults = aws.fault_counts();
 
     // The stall floor: a gateway that stalls jobs times them out instead of finishing them.
     let succeeded = tally.outcomes.get("succeeded").copied().unwrap_or(0);
@@ -945,6 +992,9 @@ async fn wave(
     });
     let stack = &world.stack;
     let violations = &mut tally.violations;
+    // The gateway meets AWS faults while its jobs are in flight; the test's own setup and
+    // checks go straight to moto.
+    aws.set_faults(Some(&aws_faults(seed.wrapping_add(first as u64))));
 
     for poison in POISON {
         stack
@@ -1007,6 +1057,7 @@ async fn wave(
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let terminal_in = wave_started.elapsed();
+    aws.set_faults(None);
     let at_end = all_jobs(stack, &ids).await;
 
     // Let late webhooks, duplicate messages and poison receives play out, then look again:
@@ -1135,6 +1186,7 @@ async fn wave(
     tally.cancels_too_late += counting(&|d| d.cancel == Some(Cancel::AlreadyFinished));
     tally.cancels_unavailable += counting(&|d| d.cancel == Some(Cancel::Unavailable));
     tally.duplicates += driven.iter().map(|d| d.duplicates).sum::<u32>();
+    tally.submit_retries += driven.iter().map(|d| d.submit_retries).sum::<u32>();
     tally.poison += POISON.len();
     tally.killed_dispatches += counting(&|d| d.killed_dispatch);
     tally.killed_finalizes += counting(&|d| d.killed_finalize);
@@ -1271,6 +1323,17 @@ fn print_table(seed: u64, elapsed: Duration, tally: &mut Tally) {
     for (kind, n) in &tally.faults {
         line(format!("  {kind:<24}{n:>7}"));
     }
+    line("faults injected (AWS, by the proxy in front of moto):".into());
+    line(format!(
+        "  {:<10}{:>9}{:>7}{:>7}{:>7}{:>7}",
+        "", "throttle", "5xx", "slow", "drop", "lost"
+    ));
+    for (service, n) in &tally.aws_faults {
+        line(format!(
+            "  {service:<10}{:>9}{:>7}{:>7}{:>7}{:>7}",
+            n.throttle, n.error5xx, n.slow, n.drop, n.lost_response
+        ));
+    }
     line("faults injected (client and AWS side):".into());
     line(format!("  {:<24}{:>7}", "client_cancel", tally.cancels));
     line(format!(
@@ -1278,6 +1341,10 @@ fn print_table(seed: u64, elapsed: Duration, tally: &mut Tally) {
         tally.cancels_accepted, tally.cancels_too_late, tally.cancels_unavailable
     ));
     line(format!("  {:<24}{:>7}", "sqs_duplicate", tally.duplicates));
+    line(format!(
+        "  {:<24}{:>7}",
+        "submit_503_retried", tally.submit_retries
+    ));
     line(format!("  {:<24}{:>7}", "sqs_poison", tally.poison));
     line(format!(
         "  {:<24}{:>7}",

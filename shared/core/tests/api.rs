@@ -374,6 +374,21 @@ async fn a_store_outage_is_unavailable_and_leaves_no_job() {
     assert!(kit.queue.sent().is_empty());
 }
 
+#[tokio::test]
+async fn an_input_stays_while_the_store_cannot_say_whether_its_job_was_created() {
+    // An outage answer may hide a write that committed: the client's retry with its
+    // Idempotency-Key then gets that job, which needs its input.
+    let kit = Kit::new();
+    kit.store.fail_next(1);
+
+    kit.api()
+        .submit("alice", inline(&jpeg(64, 48)), None)
+        .await
+        .unwrap_err();
+
+    assert_eq!(kit.uploads.keys().len(), 1, "{:?}", kit.uploads.keys());
+}
+
 // ------------------------------------------------------------------ uploads
 
 fn uuid_of(n: u64) -> String {

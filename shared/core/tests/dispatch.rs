@@ -282,3 +282,27 @@ async fn a_run_started_after_another_was_adopted_is_cancelled() {
     assert_eq!(kit.stored(&job.id).runpod_job_id.as_deref(), Some("rp-9"));
     assert_eq!(kit.stops.runs(), vec!["rp-1".to_string()]);
 }
+
+#[tokio::test]
+async fn a_recorded_run_whose_save_answer_was_lost_is_the_jobs_run_not_an_extra_one() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    // The lease is taken; the save recording RunPod's id lands, but its answer is lost.
+    kit.store.before_save(|store, about_to_write| {
+        if about_to_write.runpod_job_id.is_some() {
+            store.lose_answers(1);
+            return true;
+        }
+        false
+    });
+
+    let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+    assert_eq!(outcome, DispatchOutcome::Submitted("rp-1".into()));
+    assert_eq!(kit.stored(&job.id).runpod_job_id.as_deref(), Some("rp-1"));
+    assert!(
+        kit.stops.requested().is_empty(),
+        "{:?}",
+        kit.stops.requested()
+    );
+}

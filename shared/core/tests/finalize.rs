@@ -277,3 +277,26 @@ async fn a_finalize_whose_lease_another_took_over_leaves_the_job_and_its_keys_to
         "its keys are not removed under it"
     );
 }
+
+#[tokio::test]
+async fn a_success_whose_save_answer_was_lost_keeps_its_outputs() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "a1/restore_00001_.png")]);
+    // The write that ends the job lands, but its answer is lost.
+    kit.store.before_save(|store, about_to_write| {
+        if about_to_write.state == JobState::Succeeded {
+            store.lose_answers(1);
+            return true;
+        }
+        false
+    });
+
+    let outcome = finalize(&kit, &job, &status, Actor::Webhook).await.unwrap();
+
+    assert!(matches!(outcome, Outcome::Finished(_)), "{outcome:?}");
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Succeeded);
+    assert_eq!(stored.outputs.len(), 1);
+    assert_eq!(kit.results.keys().len(), 1, "the output stays");
+}

@@ -59,6 +59,9 @@ pub struct MemStore {
     /// Records the sweep index holds that are not readable jobs: key → next check.
     unreadable: Mutex<BTreeMap<String, Millis>>,
     failing_saves: Mutex<Option<(u64, SavePredicate)>>,
+    /// Saves that land but answer `Conflict`, as DynamoDB's retried conditional write does
+    /// after the first attempt committed and its answer was lost.
+    lost_answers: AtomicU64,
 }
 
 type SavePredicate = Box<dyn Fn(&Job) -> bool + Send>;
@@ -92,6 +95,11 @@ impl MemStore {
     /// The next `saves` saves of a job `matching` fail as unavailable (other calls go through).
     pub fn fail_saves(&self, saves: u64, matching: impl Fn(&Job) -> bool + Send + 'static) {
         *lock(&self.failing_saves) = Some((saves, Box::new(matching)));
+    }
+    /// The next `saves` saves are written, but answer `Conflict`: the write committed, its
+    /// answer was lost, and the retry met its own version.
+    pub fn lose_answers(&self, saves: u64) {
+        self.lost_answers.store(saves, Ordering::SeqCst);
     }
     /// Another writer's change lands first, once: just before the next save of a job in
     /// `state` (of any job, for `None`), `change` is applied to the stored copy, which takes
@@ -204,6 +212,11 @@ impl JobStore for MemStore {
             Some(stored) if stored.version == expected_version => {
                 jobs.insert(job.id.clone(), job.clone());
                 self.writes.fetch_add(1, Ordering::SeqCst);
+                let lost = self.lost_answers.load(Ordering::SeqCst);
+                if lost > 0 {
+                    self.lost_answers.store(lost - 1, Ordering::SeqCst);
+                    return Err(StoreError::Conflict);
+                }
                 Ok(())
             }
             _ => Err(StoreError::Conflict),

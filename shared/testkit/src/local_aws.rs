@@ -8,6 +8,12 @@
 //!
 //! `LOCAL_AWS_DELAY` slows every answer for the whole run: `3x` makes each take three times as
 //! long as moto took, `40ms` adds 40 ms (README, "A slow machine on demand").
+//!
+//! [`LocalAws::launch_faultable`] puts a proxy in front of every process whose faults
+//! (throttling, 5xx, drops, lost answers, in each service's wire format) a test switches on and
+//! off ([`LocalAws::set_faults`]). Only the gateway goes through the proxies
+//! ([`LocalAws::sdk_config`]); a test's own checks go straight to moto
+//! ([`LocalAws::direct_sdk_config`]).
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -15,7 +21,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use aws_config::{BehaviorVersion, Region, SdkConfig};
-use aws_proxy::{Delay, Stats};
+use aws_proxy::{Delay, FaultCounts, FaultPlan, Faults, Options, Stats};
 use aws_sdk_s3::config::Credentials;
 use aws_types::service_config::{LoadServiceConfig, ServiceConfigKey};
 
@@ -159,8 +165,11 @@ pub struct MotoServer {
     pub service: &'static str,
     /// Where clients send requests: the proxy when there is one, else moto itself.
     pub endpoint: String,
+    /// moto itself.
+    pub direct: String,
     process: TiedChild,
     proxy_stats: Option<Arc<Stats>>,
+    faults: Option<Arc<Faults>>,
 }
 
 impl MotoServer {
@@ -221,6 +230,16 @@ impl LocalAws {
     }
 
     pub fn launch_with(delay: Delay) -> Self {
+        Self::launch_with_options(delay, false)
+    }
+
+    /// Like [`LocalAws::launch`], with a proxy in front of every service whose faults
+    /// [`LocalAws::set_faults`] switches; none until then.
+    pub fn launch_faultable() -> Self {
+        Self::launch_with_options(delay_from_env(), true)
+    }
+
+    fn launch_with_options(delay: Delay, faultable: bool) -> Self {
         // Started together, waited for together: each takes about a second to import moto.
         let started: Vec<(&'static str, TiedChild, u16)> = SERVICES
             .into_iter()
@@ -235,28 +254,30 @@ impl LocalAws {
                 wait_for_moto(*port).unwrap_or_else(|e| panic!("{service}: {e}"))
             })
             .collect();
-        let (endpoints, stats, runtime) = if delay == Delay::None {
-            (upstreams, vec![None; SERVICES.len()], None)
+        let (proxies, runtime) = if delay == Delay::None && !faultable {
+            (vec![None; SERVICES.len()], None)
         } else {
-            let (proxies, runtime) = start_proxies(upstreams, delay);
-            (
-                proxies.iter().map(|(url, _)| url.clone()).collect(),
-                proxies.into_iter().map(|(_, s)| Some(s)).collect(),
-                Some(runtime),
-            )
+            let (proxies, runtime) = start_proxies(upstreams.clone(), delay);
+            (proxies.into_iter().map(Some).collect(), Some(runtime))
         };
         let servers = started
             .into_iter()
-            .zip(endpoints)
-            .zip(stats)
-            .map(
-                |(((service, process, _), endpoint), proxy_stats)| MotoServer {
+            .zip(upstreams)
+            .zip(proxies)
+            .map(|(((service, process, _), direct), proxy)| {
+                let (endpoint, proxy_stats, faults) = match proxy {
+                    Some((url, stats, faults)) => (url, Some(stats), Some(faults)),
+                    None => (direct.clone(), None, None),
+                };
+                MotoServer {
                     service,
                     endpoint,
+                    direct,
                     process,
                     proxy_stats,
-                },
-            )
+                    faults,
+                }
+            })
             .collect();
         Self {
             servers,
@@ -284,8 +305,53 @@ impl LocalAws {
         self.endpoint("S3")
     }
 
-    /// An SDK configuration that sends each service to its own process.
+    /// An SDK configuration that sends each service to its own process, through its proxy
+    /// if it has one: what the gateway uses.
     pub async fn sdk_config(&self) -> SdkConfig {
+        self.config_for(|s| &s.endpoint).await
+    }
+
+    /// An SDK configuration straight to the moto processes, past any proxy: a test's own
+    /// setup and checks, which must not meet the faults meant for the gateway.
+    pub async fn direct_sdk_config(&self) -> SdkConfig {
+        self.config_for(|s| &s.direct).await
+    }
+
+    /// Switches every proxy's faults: `plan` for DynamoDB, and the same rates with another
+    /// seed for each further service; `None` turns them off. Panics without proxies
+    /// ([`LocalAws::launch_faultable`]).
+    pub fn set_faults(&self, plan: Option<&FaultPlan>) {
+        for (n, server) in self.servers.iter().enumerate() {
+            let faults = server
+                .faults
+                .as_ref()
+                .expect("faults need LocalAws::launch_faultable");
+            let plan = plan.map(|p| FaultPlan {
+                seed: p.seed.wrapping_add(n as u64),
+                ..p.clone()
+            });
+            faults.set(plan).expect("a valid fault plan");
+        }
+    }
+
+    /// Faults each proxy injected so far, by service.
+    pub fn fault_counts(&self) -> BTreeMap<&'static str, FaultCounts> {
+        self.servers
+            .iter()
+            .filter_map(|s| Some((s.service, s.proxy_stats.as_ref()?.faults())))
+            .collect()
+    }
+
+    async fn config_for(&self, endpoint: impl Fn(&MotoServer) -> &String) -> SdkConfig {
+        let of = |service: &str| {
+            endpoint(
+                self.servers
+                    .iter()
+                    .find(|s| s.service == service)
+                    .unwrap_or_else(|| panic!("no local {service}")),
+            )
+            .clone()
+        };
         // No `endpoint_url` on the loader: one set in code would override every per-service one.
         aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new("us-east-1"))
@@ -294,9 +360,9 @@ impl LocalAws {
             .await
             .into_builder()
             .service_config(ServiceEndpoints {
-                dynamodb: self.dynamodb().to_string(),
-                sqs: self.sqs().to_string(),
-                s3: self.s3().to_string(),
+                dynamodb: of("DynamoDB"),
+                sqs: of("SQS"),
+                s3: of("S3"),
             })
             .build()
     }
@@ -349,10 +415,9 @@ impl LoadServiceConfig for ServiceEndpoints {
 
 /// The proxies run on a runtime of their own: a test's runtime ends with the test, and the
 /// proxies serve every test of the process.
-fn start_proxies(
-    upstreams: Vec<String>,
-    delay: Delay,
-) -> (Vec<(String, Arc<Stats>)>, ProxyRuntime) {
+type StartedProxy = (String, Arc<Stats>, Arc<Faults>);
+
+fn start_proxies(upstreams: Vec<String>, delay: Delay) -> (Vec<StartedProxy>, ProxyRuntime) {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let thread = std::thread::spawn(move || {
@@ -367,10 +432,14 @@ fn start_proxies(
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
                     .await
                     .expect("bind a proxy port");
-                let proxy = aws_proxy::spawn(listener, upstream, delay)
+                let options = Options {
+                    delay,
+                    faults: None,
+                };
+                let proxy = aws_proxy::spawn_with(listener, upstream, options)
                     .await
                     .expect("start the AWS proxy");
-                proxies.push((proxy.url(), proxy.stats));
+                proxies.push((proxy.url(), proxy.stats, proxy.faults));
             }
             let _ = ready_tx.send(proxies);
             let _ = stop_rx.await;

@@ -145,16 +145,30 @@ impl JobStore for DynamoJobStore {
     async fn create(&self, job: &Job) -> Result<CreateOutcome, StoreError> {
         let item = to_item(job)?;
         let Some(key) = &job.idempotency_key else {
-            return self
+            let result = self
                 .client
                 .put_item()
                 .table_name(&self.table)
                 .set_item(Some(item))
                 .condition_expression("attribute_not_exists(pk)")
                 .send()
-                .await
-                .map(|_| CreateOutcome::Created)
-                .map_err(unavailable);
+                .await;
+            return match result {
+                Ok(_) => Ok(CreateOutcome::Created),
+                // The job's id is new, so an item already under it can only be this very
+                // write: it committed, its answer was lost, and the SDK's retry found it.
+                Err(err)
+                    if err
+                        .as_service_error()
+                        .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+                {
+                    match self.get(&job.id).await? {
+                        Some(stored) if stored == *job => Ok(CreateOutcome::Created),
+                        _ => Err(StoreError::Conflict),
+                    }
+                }
+                Err(err) => Err(unavailable(err)),
+            };
         };
         let job_put = Put::builder()
             .table_name(&self.table)
@@ -192,7 +206,9 @@ impl JobStore for DynamoJobStore {
             {
                 let now = job.timestamps.created_at;
                 match self.find_by_idempotency_key(&job.owner, key, now).await? {
-                    Some(job) => Ok(CreateOutcome::Existing(Box::new(job))),
+                    // This very write, committed with its answer lost (see above).
+                    Some(existing) if existing == *job => Ok(CreateOutcome::Created),
+                    Some(existing) => Ok(CreateOutcome::Existing(Box::new(existing))),
                     None => Err(StoreError::Conflict),
                 }
             }

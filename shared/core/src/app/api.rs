@@ -17,8 +17,9 @@ use crate::domain::job::{
 use crate::domain::keys;
 use crate::domain::workflow::WorkflowCatalog;
 use crate::ports::{
-    Clock, CreateOutcome, ImageKind, ImageProbe, JobPage, JobQueue, JobStore, ObjectError,
-    ObjectStore, PresignedPost, StopQueue, StopReason, StopRun, StoreError, JPEG, PNG, WEBP,
+    Classified, Clock, CreateOutcome, Failure, ImageKind, ImageProbe, JobPage, JobQueue, JobStore,
+    ObjectError, ObjectStore, PresignedPost, StopQueue, StopReason, StopRun, StoreError, JPEG, PNG,
+    WEBP,
 };
 
 /// Longest `Idempotency-Key` accepted; it becomes part of a DynamoDB key.
@@ -235,6 +236,10 @@ impl Api {
                 self.remove_input(&job).await;
                 return replay(*existing, request_digest.as_deref().unwrap_or_default());
             }
+            // The write may have committed with its answer lost (the client's retry with its
+            // Idempotency-Key then finds the job): its input must stay. An input whose job
+            // truly was not created expires with the uploads bucket's lifecycle rule.
+            Err(err) if err.failure() == Failure::Transient => return Err(err.into()),
             Err(err) => {
                 self.remove_input(&job).await;
                 return Err(err.into());

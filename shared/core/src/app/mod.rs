@@ -67,9 +67,16 @@ where
         // Every write takes the next version, whatever the change touched: a write that kept
         // the version read would let a second writer on the same read overwrite it.
         next.version = read_version + 1;
+        next.write_id = Some(rand::random());
         match store.save(&next, read_version).await {
             Ok(()) => return Ok(Committed::Written(next)),
             Err(StoreError::Conflict) => match store.get(&job.id).await? {
+                // This very write: it committed, its answer was lost, and the store's retry
+                // of it met its own version. Re-applying the change would take it for someone
+                // else's (a job finished twice, or its outputs removed as a loser's).
+                Some(fresh) if fresh.write_id == next.write_id => {
+                    return Ok(Committed::Written(fresh))
+                }
                 Some(fresh) => job = fresh,
                 None => return Ok(Committed::Missing),
             },

@@ -296,6 +296,12 @@ pub struct Job {
     /// recorded.
     #[serde(default)]
     pub unconfirmed_run_at: Option<Millis>,
+    /// A random number drawn for the write that stored this version. A writer whose answer was
+    /// lost (the write committed, the connection dropped, the retry met its own version) finds
+    /// its own number there; two writers that made the same change from the same copy never
+    /// both do.
+    #[serde(default)]
+    pub write_id: Option<u64>,
     /// Who is changing the job in this process; recorded in the history, never stored.
     #[serde(skip)]
     acting: Acting,
@@ -398,6 +404,7 @@ impl Job {
             }],
             check_failures: 0,
             unconfirmed_run_at: None,
+            write_id: None,
             acting: Acting::default(),
         }
     }
