@@ -86,7 +86,9 @@ pub async fn measure(
                 ));
                 continue;
             }
-            let size = stored.map(|j| j.outputs[0].size).unwrap_or(0);
+            let (size, key) = stored
+                .map(|j| (j.outputs[0].size, j.outputs[0].key.clone()))
+                .unwrap_or_default();
             if size != size_mb * 1_048_576 {
                 errors.push(format!("{size_mb} MB run {run}: copied {size} bytes"));
             }
@@ -98,11 +100,7 @@ pub async fn measure(
             let _ = s3
                 .delete_object()
                 .bucket(&results_bucket)
-                .key(gateway::domain::keys::result(
-                    OWNER,
-                    &job.id,
-                    "restore_00001_.png",
-                ))
+                .key(key)
                 .send()
                 .await;
         }

@@ -422,6 +422,29 @@ impl Stack {
         self.emulator.job(&runpod_id).expect("RunPod knows the job")
     }
 
+    /// The file names stored for `owner`'s job in the results bucket, sorted; each lies in the
+    /// folder of the finalize attempt that stored it (`results/{owner}/{job}/{attempt}/{name}`),
+    /// so all must come from one attempt.
+    pub async fn result_files(&self, owner: &str, job_id: &str) -> Vec<String> {
+        let keys = self
+            .keys(&self.results_bucket, &format!("results/{owner}/{job_id}/"))
+            .await;
+        let folders: std::collections::BTreeSet<&str> = keys
+            .iter()
+            .filter_map(|k| k.rsplit_once('/').map(|(folder, _)| folder))
+            .collect();
+        assert!(
+            folders.len() <= 1,
+            "outputs from several attempts: {keys:?}"
+        );
+        let mut names: Vec<String> = keys
+            .iter()
+            .filter_map(|k| k.rsplit_once('/').map(|(_, name)| name.to_string()))
+            .collect();
+        names.sort();
+        names
+    }
+
     /// The RunPod run `runpod_id` once it is cancelled (the stop queue's consumer carries
     /// stops out a moment after they are asked for), or as it stands after `timeout`.
     pub async fn run_once_stopped(

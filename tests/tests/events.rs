@@ -136,10 +136,8 @@ async fn the_webhook_event_finalizes_its_job() {
     let done = store.get(JOB).await.unwrap().unwrap();
     assert_eq!(done.state, gateway::domain::job::JobState::Succeeded);
     assert_eq!(
-        stack
-            .keys(&stack.results_bucket, &format!("results/{SUB}/{JOB}/"))
-            .await,
-        vec![format!("results/{SUB}/{JOB}/restore_00001_.png")]
+        stack.result_files(SUB, JOB).await,
+        vec!["restore_00001_.png"]
     );
     stack.stop().await;
 }

@@ -105,6 +105,20 @@ async fn an_output_path_outside_the_jobs_prefix_fails_and_copies_nothing() {
 }
 
 #[tokio::test]
+async fn an_output_over_the_size_cap_fails_output_too_large_and_stores_nothing() {
+    let stack = Stack::start_with(StackOptions {
+        extra_env: vec![("OUTPUT_MAX_FILE_BYTES", "64".into())],
+        ..StackOptions::default()
+    })
+    .await;
+    let (_, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["error"]["code"], "output_too_large");
+    assert!(stack.keys(&stack.results_bucket, "").await.is_empty());
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn cancelling_a_running_job_stops_it_at_runpod() {
     let stack = Stack::start_with(StackOptions {
         faults: Faults {

@@ -88,10 +88,8 @@ async fn a_real_sdk_worker_restores_the_photo_end_to_end() {
     let ratio = f64::from(image.width()) / f64::from(image.height());
     assert!((ratio - 4.0 / 3.0).abs() < 0.01, "ratio {ratio}");
     assert_eq!(
-        stack
-            .keys(&stack.results_bucket, &format!("results/alice/{job_id}/"))
-            .await,
-        vec![format!("results/alice/{job_id}/restore_00001_.png")]
+        stack.result_files("alice", &job_id).await,
+        vec!["restore_00001_.png"]
     );
 
     // The SDK worker did the work, through the protocol, and the webhook brought it home.
@@ -261,10 +259,8 @@ async fn worker_comfyui_base64_images_from_the_real_sdk_end_to_end() {
     assert!((pixels / (0.1 * 1024.0 * 1024.0) - 1.0).abs() < 0.01);
     // Same results layout as volume files.
     assert_eq!(
-        stack
-            .keys(&stack.results_bucket, &format!("results/alice/{job_id}/"))
-            .await,
-        vec![format!("results/alice/{job_id}/restore-comfyui_00001_.png")]
+        stack.result_files("alice", &job_id).await,
+        vec!["restore-comfyui_00001_.png"]
     );
     // worker-comfyui's input key; the image travelled through the volume, not the input.
     let runpod = stack.runpod_job(&job_id).await;

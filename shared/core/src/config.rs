@@ -170,6 +170,10 @@ pub struct Settings {
     /// Largest output image the gateway stores from a worker-comfyui output, decoded or
     /// downloaded (`OUTPUT_MAX_IMAGE_BYTES`).
     pub max_output_image_bytes: u64,
+    /// Largest single output file copied from the volume (`OUTPUT_MAX_FILE_BYTES`).
+    pub max_output_file_bytes: u64,
+    /// Most bytes of outputs one job may store, all files together (`OUTPUT_MAX_JOB_BYTES`).
+    pub max_output_job_bytes: u64,
 }
 
 impl Settings {
@@ -201,6 +205,8 @@ impl Settings {
                 reason,
             })?,
             max_output_image_bytes: parsed(env, "OUTPUT_MAX_IMAGE_BYTES", 50 * 1024 * 1024)?,
+            max_output_file_bytes: parsed(env, "OUTPUT_MAX_FILE_BYTES", 1024 * 1024 * 1024)?,
+            max_output_job_bytes: parsed(env, "OUTPUT_MAX_JOB_BYTES", 2 * 1024 * 1024 * 1024)?,
         };
         if settings.status_poll_after >= Duration::from_secs(25 * 60)
             || settings.poll_interval >= Duration::from_secs(25 * 60)
@@ -521,5 +527,7 @@ mod default_tests {
         assert_eq!(settings.finalize_lease, Duration::from_secs(120));
         assert_eq!(settings.record_retention, Duration::from_secs(30 * 86_400));
         assert_eq!(settings.max_output_image_bytes, 50 * 1024 * 1024);
+        assert_eq!(settings.max_output_file_bytes, 1024 * 1024 * 1024);
+        assert_eq!(settings.max_output_job_bytes, 2 * 1024 * 1024 * 1024);
     }
 }

@@ -249,11 +249,12 @@ async fn a_write_that_slips_in_under_the_lease_does_not_cost_the_result() {
 }
 
 #[tokio::test]
-async fn a_finalize_whose_lease_another_took_over_leaves_the_job_and_its_keys_to_it() {
+async fn a_finalize_whose_lease_another_took_over_leaves_the_job_to_it_and_removes_its_own_copies()
+{
     let kit = Kit::new();
     let job = submitted(&kit).await;
     let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
-    // Our lease runs out mid-copy and another finalizer takes the job: it writes the same keys.
+    // Our lease runs out mid-copy and another finalizer takes the job; it stores its own copies.
     let later = kit.now() + 1_000_000;
     kit.store.interleave(Some(JobState::Succeeded), move |job| {
         job.lease = None;
@@ -271,10 +272,10 @@ async fn a_finalize_whose_lease_another_took_over_leaves_the_job_and_its_keys_to
         "the other finalizer decides"
     );
     assert_eq!(stored.lease.unwrap().until, later + 120_000);
-    assert_eq!(
-        kit.results.keys().len(),
-        1,
-        "its keys are not removed under it"
+    assert!(
+        kit.results.keys().is_empty(),
+        "ours, in our own folder, are removed: {:?}",
+        kit.results.keys()
     );
 }
 
@@ -299,4 +300,111 @@ async fn a_success_whose_save_answer_was_lost_keeps_its_outputs() {
     assert_eq!(stored.state, JobState::Succeeded);
     assert_eq!(stored.outputs.len(), 1);
     assert_eq!(kit.results.keys().len(), 1, "the output stays");
+}
+
+#[tokio::test]
+async fn a_volume_file_over_its_cap_fails_output_too_large_with_nothing_stored() {
+    let kit = Kit::new().with_settings(|s| s.max_output_file_bytes = 10);
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "a1/restore_00001_.png")]);
+
+    let outcome = finalize(&kit, &job, &status, Actor::Webhook).await.unwrap();
+
+    assert_eq!(outcome, Outcome::Finished(JobState::Failed));
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.error.unwrap().code, ErrorCode::OutputTooLarge);
+    assert!(
+        kit.results.touched().is_empty(),
+        "{:?}",
+        kit.results.touched()
+    );
+}
+
+#[tokio::test]
+async fn volume_files_over_the_jobs_cap_together_fail_before_any_copy() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let files = [
+        output_key(&job, "a1/restore_00001_.png"),
+        output_key(&job, "a1/restore_00002_.png"),
+    ];
+    let status = kit.completed_run("rp-1", &files);
+    let one = kit.volume.get(&files[0]).unwrap().len() as u64;
+    let kit = kit.with_settings(|s| {
+        s.max_output_file_bytes = one;
+        s.max_output_job_bytes = one + 1;
+    });
+
+    let outcome = finalize(&kit, &job, &status, Actor::Webhook).await.unwrap();
+
+    assert_eq!(outcome, Outcome::Finished(JobState::Failed));
+    assert_eq!(
+        kit.stored(&job.id).error.unwrap().code,
+        ErrorCode::OutputTooLarge
+    );
+    assert!(
+        kit.results.touched().is_empty(),
+        "{:?}",
+        kit.results.touched()
+    );
+}
+
+#[tokio::test]
+async fn volume_files_within_both_caps_are_all_stored() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let files = [
+        output_key(&job, "a1/restore_00001_.png"),
+        output_key(&job, "a1/restore_00002_.png"),
+    ];
+    let status = kit.completed_run("rp-1", &files);
+    let one = kit.volume.get(&files[0]).unwrap().len() as u64;
+    let kit = kit.with_settings(|s| {
+        s.max_output_file_bytes = one;
+        s.max_output_job_bytes = 2 * one;
+    });
+
+    let outcome = finalize(&kit, &job, &status, Actor::Webhook).await.unwrap();
+
+    assert_eq!(outcome, Outcome::Finished(JobState::Succeeded));
+    assert_eq!(kit.results.keys().len(), 2);
+}
+
+#[tokio::test]
+async fn each_attempt_stores_into_its_own_folder_and_a_later_one_never_shares_it() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let files = [
+        output_key(&job, "a1/restore_00001_.png"),
+        output_key(&job, "a1/restore_00002_.png"),
+    ];
+    let status = kit.completed_run("rp-1", &files);
+    // The first attempt copies both files, but its lease runs out before it records them:
+    // another takes the job, and the first cleans up after itself.
+    let later = kit.now() + 1_000;
+    kit.store.interleave(Some(JobState::Succeeded), move |job| {
+        job.lease = None;
+        job.acquire_lease(LeaseKind::Finalize, later, 1_000)
+            .unwrap();
+    });
+    let first = finalize(&kit, &job, &status, Actor::Webhook).await;
+    assert_eq!(first.unwrap(), Outcome::Unchanged);
+    let first_keys: std::collections::BTreeSet<String> =
+        kit.results.touched().into_iter().collect();
+    assert_eq!(first_keys.len(), 2, "{first_keys:?}");
+    assert!(
+        kit.results.keys().is_empty(),
+        "removed by the first attempt"
+    );
+
+    // The other holder's lease ran out too; the sweeper's attempt finishes the job.
+    kit.clock.advance(std::time::Duration::from_secs(10));
+    let second = finalize(&kit, &kit.stored(&job.id), &status, Actor::Sweeper).await;
+
+    assert_eq!(second.unwrap(), Outcome::Finished(JobState::Succeeded));
+    let stored = kit.stored(&job.id);
+    for output in &stored.outputs {
+        assert!(!first_keys.contains(&output.key), "{} reused", output.key);
+        assert!(kit.results.get(&output.key).is_some());
+    }
 }

@@ -321,6 +321,10 @@ impl MemObjects {
     pub fn break_key(&self, key: &str, how: BrokenKey) {
         lock(&self.broken).insert(key.to_string(), how);
     }
+    /// `key` works again.
+    pub fn mend_key(&self, key: &str) {
+        lock(&self.broken).remove(key);
+    }
     fn touch(&self, key: &str) -> Result<(), ObjectError> {
         lock(&self.touched).push(key.to_string());
         match lock(&self.broken).get(key) {

@@ -292,18 +292,18 @@ impl Finalizer {
         }
     }
 
-    /// Outputs written for a job that then ended otherwise (cancelled by its client while we
-    /// copied) would never be shown to anyone: remove them. If another finalizer made the job
-    /// succeed, the same keys are its outputs; if one is at work, it writes the same keys.
+    /// Outputs written by an attempt whose result was not recorded (its lease ran out and
+    /// another attempt took over, or the client cancelled meanwhile) are in this attempt's own
+    /// folder and no job refers to them: remove them, unless the stored job does after all.
     async fn remove_if_orphaned(&self, leased: &Job, written: &[String]) {
         if written.is_empty() {
             return;
         }
-        let Ok(Some(fresh)) = self.store.get(&leased.id).await else {
-            return;
-        };
-        if fresh.is_terminal() && fresh.state != JobState::Succeeded {
-            self.remove(leased, written).await;
+        match self.store.get(&leased.id).await {
+            Ok(Some(fresh)) if fresh.outputs.iter().any(|o| written.contains(&o.key)) => {}
+            Ok(_) => self.remove(leased, written).await,
+            // Unknown: keeping a leftover costs storage; removing an output would lose it.
+            Err(_) => {}
         }
     }
 
@@ -337,34 +337,20 @@ impl Finalizer {
         written: &mut Vec<String>,
     ) -> Result<Vec<OutputFile>, Collect> {
         let files = volume_output_keys(output, &self.layout, &job.id).map_err(Collect::Fail)?;
+        let sizes = self.check_volume_sizes(&files).await?;
+        let attempt = attempt_of(job);
         let mut outputs: Vec<OutputFile> = Vec::with_capacity(files.len());
-        for file in &files {
+        for (file, size) in files.iter().zip(sizes) {
             // Two outputs may share a name in different folders (two SaveImage nodes with
             // prefixes "a/img" and "b/img"): each gets its own name, hence its own result key.
             let taken: Vec<&str> = outputs.iter().map(|o| o.file_name.as_str()).collect();
             let name = unique_name(file_name(file), &taken);
-            let destination = keys::result(&job.owner, &job.id, &name);
+            let destination = keys::result(&job.owner, &job.id, &attempt, &name);
             let content_type = transfer::content_type_for(&name);
             written.push(destination.clone());
-            let meta = transfer::copy(
-                self.volume.as_ref(),
-                file,
-                self.results.as_ref(),
-                &destination,
-                Some(content_type),
-            )
-            .await
-            .map_err(|err| match err.failure() {
-                Failure::Missing => Collect::Fail(JobError::new(
-                    ErrorCode::OutputMissing,
-                    format!("the worker reported {name} but it is not on the volume"),
-                )),
-                // A refusal by our own bucket or the volume is the gateway's configuration,
-                // not the worker's output: retried until fixed or the deadline.
-                Failure::Transient | Failure::Permanent | Failure::Unknown => {
-                    Collect::Retry(err.to_string())
-                }
-            })?;
+            let meta = self
+                .copy_at_most(file, &destination, content_type, &name, size)
+                .await?;
             outputs.push(OutputFile {
                 key: destination,
                 file_name: name,
@@ -373,6 +359,81 @@ impl Finalizer {
             });
         }
         Ok(outputs)
+    }
+
+    /// The size of each file the worker named, from the volume, before anything is copied: a
+    /// file over `OUTPUT_MAX_FILE_BYTES`, or files over `OUTPUT_MAX_JOB_BYTES` together, fail
+    /// the job with nothing stored.
+    async fn check_volume_sizes(&self, files: &[String]) -> Result<Vec<u64>, Collect> {
+        let (file_cap, job_cap) = (
+            self.settings.max_output_file_bytes,
+            self.settings.max_output_job_bytes,
+        );
+        let mut sizes = Vec::with_capacity(files.len());
+        for file in files {
+            let name = file_name(file);
+            let meta = self
+                .volume
+                .head(file)
+                .await
+                .map_err(|err| Collect::Retry(format!("checking {name}: {err}")))?
+                .ok_or_else(|| {
+                    Collect::Fail(JobError::new(
+                        ErrorCode::OutputMissing,
+                        format!("the worker reported {name} but it is not on the volume"),
+                    ))
+                })?;
+            if meta.size > file_cap {
+                return Err(Collect::Fail(too_large(name, file_cap)));
+            }
+            sizes.push(meta.size);
+        }
+        let total: u64 = sizes.iter().sum();
+        if total > job_cap {
+            return Err(Collect::Fail(JobError::new(
+                ErrorCode::OutputTooLarge,
+                format!("the job's outputs are {total} bytes together; the limit is {job_cap}"),
+            )));
+        }
+        Ok(sizes)
+    }
+
+    /// Streams one volume file into the results bucket, never past the size its check found:
+    /// a file that grew since is refused as too large rather than stored in part.
+    async fn copy_at_most(
+        &self,
+        file: &str,
+        destination: &str,
+        content_type: &str,
+        name: &str,
+        checked: u64,
+    ) -> Result<ObjectMeta, Collect> {
+        let fail = |err: ObjectError| match err.failure() {
+            Failure::Missing => Collect::Fail(JobError::new(
+                ErrorCode::OutputMissing,
+                format!("the worker reported {name} but it is not on the volume"),
+            )),
+            // A refusal by our own bucket or the volume is the gateway's configuration,
+            // not the worker's output: retried until fixed or the deadline.
+            Failure::Transient | Failure::Permanent | Failure::Unknown => {
+                Collect::Retry(err.to_string())
+            }
+        };
+        let (mut meta, body) = self.volume.open(file).await.map_err(fail)?;
+        meta.content_type = Some(content_type.to_string());
+        let counted = Arc::new(AtomicU64::new(0));
+        let over = Arc::new(AtomicU64::new(0));
+        let body = limited(body, checked, counted.clone(), over.clone());
+        let result = self.results.put_stream(destination, &meta, body).await;
+        if over.load(Ordering::SeqCst) > 0 {
+            return Err(Collect::Fail(JobError::new(
+                ErrorCode::OutputTooLarge,
+                format!("{name} grew past the {checked} bytes it had when checked"),
+            )));
+        }
+        result.map_err(fail)?;
+        meta.size = counted.load(Ordering::SeqCst);
+        Ok(meta)
     }
 
     /// `worker_comfyui`: stores the images of the job output (base64 decoded, URLs downloaded
@@ -392,6 +453,7 @@ impl Finalizer {
         let policy = InlineImagePolicy {
             max_images: MAX_OUTPUT_FILES,
             max_image_bytes: cap,
+            max_job_bytes: self.settings.max_output_job_bytes,
             allowed_hosts: self.settings.output_url_allowed_hosts.clone(),
         };
         let images = worker_comfyui_images(output, &policy).map_err(Collect::Fail)?;
@@ -426,10 +488,27 @@ impl Finalizer {
             };
             sources.push((image.file_name, source));
         }
+        // All of the job's images together, as far as known before any write.
+        let job_cap = self.settings.max_output_job_bytes;
+        let known: u64 = sources
+            .iter()
+            .map(|(_, source)| match source {
+                Source::Inline(bytes) => bytes.len() as u64,
+                Source::Download(fetched) => fetched.size.unwrap_or(0),
+            })
+            .sum();
+        if known > job_cap {
+            return Err(Collect::Fail(JobError::new(
+                ErrorCode::OutputTooLarge,
+                format!("the job's images are {known} bytes together; the limit is {job_cap}"),
+            )));
+        }
 
+        let attempt = attempt_of(job);
         let mut outputs: Vec<OutputFile> = Vec::with_capacity(sources.len());
+        let mut stored: u64 = 0;
         for (name, source) in sources {
-            let destination = keys::result(&job.owner, &job.id, &name);
+            let destination = keys::result(&job.owner, &job.id, &attempt, &name);
             let content_type = transfer::content_type_for(&name);
             written.push(destination.clone());
             let size = match source {
@@ -442,10 +521,13 @@ impl Finalizer {
                     size
                 }
                 Source::Download(fetched) => {
-                    self.store_download(&destination, &name, content_type, fetched, cap)
+                    // A download of undeclared length may use only what the job has left.
+                    let left = job_cap.saturating_sub(stored);
+                    self.store_download(&destination, &name, content_type, fetched, cap.min(left))
                         .await?
                 }
             };
+            stored += size;
             outputs.push(OutputFile {
                 key: destination,
                 file_name: name,
@@ -504,9 +586,14 @@ enum Source {
     Download(Fetched),
 }
 
+/// This finalize attempt's folder in the results bucket.
+fn attempt_of(leased: &Job) -> String {
+    keys::finalize_attempt(leased.write_id.unwrap_or_default())
+}
+
 fn too_large(name: &str, cap: u64) -> JobError {
     JobError::new(
-        ErrorCode::InvalidOutput,
+        ErrorCode::OutputTooLarge,
         format!("{name} is larger than the {cap}-byte limit"),
     )
 }

@@ -103,6 +103,9 @@ pub enum ErrorCode {
     EmptyOutput,
     /// A file the worker named is not on the volume.
     OutputMissing,
+    /// An output, or all of a job's outputs together, is over the configured byte cap; nothing
+    /// is stored.
+    OutputTooLarge,
     /// RunPod or the gateway gave up on the job's deadline.
     DeadlineExceeded,
     /// RunPod reported TIMED_OUT.
@@ -125,6 +128,7 @@ impl ErrorCode {
             Self::InvalidOutput => "invalid_output",
             Self::EmptyOutput => "empty_output",
             Self::OutputMissing => "output_missing",
+            Self::OutputTooLarge => "output_too_large",
             Self::DeadlineExceeded => "deadline_exceeded",
             Self::ExecutionTimedOut => "execution_timed_out",
             Self::CancelledByClient => "cancelled_by_client",

@@ -19,9 +19,21 @@ pub fn upload(owner: &str, upload_id: &str) -> String {
     format!("uploads/{owner}/{upload_id}")
 }
 
-/// Results bucket: one output of a job, `results/{owner}/{job_id}/{file_name}`.
-pub fn result(owner: &str, job_id: &str, file_name: &str) -> String {
-    format!("results/{owner}/{job_id}/{file_name}")
+/// Results bucket: one output of a job, `results/{owner}/{job_id}/{attempt}/{file_name}`.
+/// Each finalize attempt writes into a folder of its own ([`finalize_attempt`]), so an attempt
+/// that cleans up after itself can never remove what a later attempt stored.
+pub fn result(owner: &str, job_id: &str, attempt: &str, file_name: &str) -> String {
+    format!("results/{owner}/{job_id}/{attempt}/{file_name}")
+}
+
+/// The folder of one finalize attempt: from the write that gave it the finalize lease.
+pub fn finalize_attempt(lease_write: u64) -> String {
+    format!("f{lease_write:016x}")
+}
+
+/// Results bucket: everything stored for a job, by any attempt.
+pub fn results_of(owner: &str, job_id: &str) -> String {
+    format!("results/{owner}/{job_id}/")
 }
 
 /// RunPod volume: a job's input as the worker reads it, `inputs/{job_id}/{file_name}`. Both
@@ -81,7 +93,11 @@ mod tests {
             "inputs/alice/j/input.png"
         );
         assert_eq!(upload("alice", "u"), "uploads/alice/u");
-        assert_eq!(result("alice", "j", "a.png"), "results/alice/j/a.png");
+        assert_eq!(
+            result("alice", "j", &finalize_attempt(0xab), "a.png"),
+            "results/alice/j/f00000000000000ab/a.png"
+        );
+        assert!(result("alice", "j", "f1", "a.png").starts_with(&results_of("alice", "j")));
         assert_eq!(volume_input("j", "input.jpg"), "inputs/j/input.jpg");
         assert_eq!(volume_outputs("j"), "outputs/j/");
     }

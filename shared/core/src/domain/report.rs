@@ -260,6 +260,9 @@ pub struct InlineImagePolicy {
     pub max_images: usize,
     /// At most this many bytes per image, decoded (base64) or downloaded (URL).
     pub max_image_bytes: u64,
+    /// At most this many bytes of base64 images per job, decoded. (Downloads are counted
+    /// against it by their declared size, and as they arrive.)
+    pub max_job_bytes: u64,
     /// Where `s3_url` images may be fetched from.
     pub allowed_hosts: UrlAllowList,
 }
@@ -314,6 +317,7 @@ pub fn worker_comfyui_images(
         )));
     }
     let mut accepted: Vec<InlineImage> = Vec::with_capacity(images.len());
+    let mut inline_bytes: u64 = 0;
     for (index, image) in images.iter().enumerate() {
         let n = index + 1;
         let field = |name: &str| image.get(name).and_then(Value::as_str);
@@ -325,10 +329,22 @@ pub fn worker_comfyui_images(
             )));
         };
         let source = match kind {
-            "base64" => ImageSource::Inline(
-                decode_image(data, policy.max_image_bytes)
-                    .map_err(|why| invalid(format!("image {n} ({}): {why}", shown(filename))))?,
-            ),
+            "base64" => {
+                let bytes = decode_image(data, policy.max_image_bytes).map_err(|(code, why)| {
+                    JobError::new(code, format!("image {n} ({}): {why}", shown(filename)))
+                })?;
+                inline_bytes += bytes.len() as u64;
+                if inline_bytes > policy.max_job_bytes {
+                    return Err(JobError::new(
+                        ErrorCode::OutputTooLarge,
+                        format!(
+                            "the worker's images are larger than the job's {}-byte limit together",
+                            policy.max_job_bytes
+                        ),
+                    ));
+                }
+                ImageSource::Inline(bytes)
+            }
             "s3_url" => {
                 let url = url::Url::parse(data)
                     .map_err(|_| invalid(format!("image {n} ({}): not a URL", shown(filename))))?;
@@ -362,7 +378,14 @@ fn shown(text: &str) -> String {
 
 /// Base64 (standard alphabet; padding optional; an optional `data:…;base64,` prefix), checked
 /// against the cap before decoding so an oversized image costs no allocation.
-fn decode_image(data: &str, max_bytes: u64) -> Result<bytes::Bytes, String> {
+fn decode_image(data: &str, max_bytes: u64) -> Result<bytes::Bytes, (ErrorCode, String)> {
+    let invalid = |why: String| (ErrorCode::InvalidOutput, why);
+    let too_large = || {
+        (
+            ErrorCode::OutputTooLarge,
+            format!("larger than the {max_bytes}-byte limit"),
+        )
+    };
     use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
     use base64::Engine as _;
     const ENGINE: GeneralPurpose = GeneralPurpose::new(
@@ -375,21 +398,21 @@ fn decode_image(data: &str, max_bytes: u64) -> Result<bytes::Bytes, String> {
     };
     let data = data.trim();
     if data.is_empty() {
-        return Err("empty image data".into());
+        return Err(invalid("empty image data".into()));
     }
     // Exact for valid base64: every 4 characters carry 3 bytes, padding carries none.
     let decoded_len = data.trim_end_matches('=').len() as u64 * 3 / 4;
     if decoded_len > max_bytes {
-        return Err(format!("larger than the {max_bytes}-byte limit"));
+        return Err(too_large());
     }
     let bytes = ENGINE
         .decode(data)
-        .map_err(|e| format!("invalid base64: {e}"))?;
+        .map_err(|e| invalid(format!("invalid base64: {e}")))?;
     if bytes.len() as u64 > max_bytes {
-        return Err(format!("larger than the {max_bytes}-byte limit"));
+        return Err(too_large());
     }
     if bytes.is_empty() {
-        return Err("empty image data".into());
+        return Err(invalid("empty image data".into()));
     }
     Ok(bytes.into())
 }
@@ -543,6 +566,7 @@ mod tests {
         InlineImagePolicy {
             max_images: 3,
             max_image_bytes: 16,
+            max_job_bytes: 40,
             allowed_hosts: UrlAllowList::parse(
                 "bucket.s3.eu-west-1.amazonaws.com, *.r2.example.com, http://127.0.0.1:9000",
             )
@@ -611,7 +635,7 @@ mod tests {
         let output =
             images(json!([{"filename": "a.png", "type": "base64", "data": b64(&[7; 17])}]));
         let err = worker_comfyui_images(Some(&output), &policy()).unwrap_err();
-        assert_eq!(err.code, ErrorCode::InvalidOutput);
+        assert_eq!(err.code, ErrorCode::OutputTooLarge);
         assert!(err.message.contains("16-byte limit"), "{}", err.message);
         let exactly =
             images(json!([{"filename": "a.png", "type": "base64", "data": b64(&[7; 16])}]));
@@ -619,6 +643,17 @@ mod tests {
         let huge =
             images(json!([{"filename": "a.png", "type": "base64", "data": "A".repeat(1 << 20)}]));
         assert!(worker_comfyui_images(Some(&huge), &policy()).is_err());
+    }
+
+    #[test]
+    fn images_within_their_own_cap_but_over_the_jobs_together_are_refused() {
+        let within =
+            |name: &str| json!({"filename": name, "type": "base64", "data": b64(&[7; 16])});
+        let two = images(json!([within("a.png"), within("b.png")]));
+        assert!(worker_comfyui_images(Some(&two), &policy()).is_ok());
+        let three = images(json!([within("a.png"), within("b.png"), within("c.png")]));
+        let err = worker_comfyui_images(Some(&three), &policy()).unwrap_err();
+        assert_eq!(err.code, ErrorCode::OutputTooLarge);
     }
 
     #[test]
