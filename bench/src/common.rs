@@ -227,6 +227,7 @@ pub fn new_job(owner: &str, now: Millis) -> Job {
             first_check_ms: 120_000,
             retention_secs: 30 * 86_400,
             idempotency_window_secs: 86_400,
+            cleanup_delay_ms: 120_000,
         },
         now,
     )

@@ -393,6 +393,7 @@ impl Stack {
             first_check_ms,
             retention_secs: 3_600,
             idempotency_window_secs: 86_400,
+            cleanup_delay_ms: 120_000,
         };
         let job = testkit::jobs::restore_job(&catalog, id, owner, &key, 1, timing, now);
         gateway_aws::adapters::dynamodb::DynamoJobStore::new(self.dynamodb(), &self.table)

@@ -47,6 +47,7 @@ fn job(owner: &str, now: i64, first_check_ms: i64) -> Job {
             first_check_ms,
             retention_secs: 3_600,
             idempotency_window_secs: 86_400,
+            cleanup_delay_ms: 120_000,
         },
         now,
     )

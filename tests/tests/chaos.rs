@@ -585,9 +585,20 @@ async fn wait_runpod_completed(
 async fn all_jobs(stack: &Stack, ids: &[String]) -> HashMap<String, Job> {
     let mut jobs = HashMap::new();
     for chunk in ids.chunks(16) {
-        let read = futures::future::join_all(chunk.iter().map(|id| stack.stored_job(id))).await;
-        for job in read {
-            jobs.insert(job.id.clone(), job);
+        let read = futures::future::join_all(chunk.iter().map(|id| async move {
+            use gateway::ports::JobStore;
+            let store = gateway_aws::adapters::dynamodb::DynamoJobStore::new(
+                stack.dynamodb(),
+                &stack.table,
+            );
+            (id, store.get(id).await.unwrap())
+        }))
+        .await;
+        for (_, job) in read {
+            // A missing one is reported by the check that looks for it.
+            if let Some(job) = job {
+                jobs.insert(job.id.clone(), job);
+            }
         }
     }
     jobs
@@ -820,7 +831,7 @@ fn check_job(
         for file in &files {
             let key = file.trim_start_matches("/runpod-volume/");
             let name = key.rsplit('/').next().unwrap_or_default();
-            let written = std::fs::read(stack.emulator.volume_dir.join(key)).unwrap_or_default();
+            let written = stack.emulator.worker_wrote(key).unwrap_or_default();
             let Some(output) = job.outputs.iter().find(|o| o.file_name == name) else {
                 violation(format!("{name} is missing from the job's outputs"));
                 continue;
@@ -879,8 +890,7 @@ struct Tally {
     extra_runs_silent: usize,
     extra_gpu_ms: u64,
     two_run_results: usize,
-    /// Copies left by killed finalizes (the known gap, reported).
-    orphan_copies: usize,
+    volume_bytes_left: u64,
     times: Vec<i64>,
     moto_cpu: BTreeMap<&'static str, Duration>,
     moto_wall: Duration,
@@ -960,6 +970,48 @@ async fn chaos_every_job_ends_once_in_the_right_state_with_its_outputs_intact() 
         "{} violations (replay with CHAOS_SEED={seed} CHAOS_JOBS={jobs})",
         tally.violations.len()
     );
+}
+
+/// Items in the sweep index: jobs in flight, and ended jobs whose leftovers are still there.
+async fn sweep_index_count(stack: &Stack) -> i32 {
+    stack
+        .dynamodb()
+        .scan()
+        .table_name(&stack.table)
+        .index_name("sweep-index")
+        .send()
+        .await
+        .unwrap()
+        .count()
+}
+
+/// Bytes of this wave's jobs left on the RunPod volume (their input and output folders).
+fn volume_bytes_left(stack: &Stack, ids: &[String]) -> (u64, Vec<String>) {
+    fn walk(dir: &std::path::Path, bytes: &mut u64, files: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                walk(&path, bytes, files);
+            } else if let Ok(meta) = entry.metadata() {
+                *bytes += meta.len();
+                files.push(path.display().to_string());
+            }
+        }
+    }
+    let (mut bytes, mut files) = (0, Vec::new());
+    for id in ids {
+        for folder in ["inputs", "outputs"] {
+            walk(
+                &stack.emulator.volume_dir.join(folder).join(id),
+                &mut bytes,
+                &mut files,
+            );
+        }
+    }
+    (bytes, files)
 }
 
 /// Jobs `first..first + count` through a fresh stack, every check, counted into `tally`.
@@ -1061,6 +1113,15 @@ async fn wave(
     let terminal_in = wave_started.elapsed();
     aws.set_faults(None);
     let at_end = all_jobs(stack, &ids).await;
+    for id in &ids {
+        if !at_end.contains_key(id) {
+            let tries = driven.iter().find(|d| d.id.as_deref() == Some(id.as_str()));
+            violations.push(format!(
+                "job {id} was accepted (202) but is not stored ({} submit retries)",
+                tries.map(|d| d.submit_retries).unwrap_or_default()
+            ));
+        }
+    }
 
     // Let late webhooks, duplicate messages and poison receives play out, then look again:
     // nothing may have changed after the end.
@@ -1071,14 +1132,26 @@ async fn wave(
         Duration::from_millis(chaos_config(0).webhook_delay_ms) + timings.sweep_every * 4,
     )
     .await;
-    while (stack.queue_depth().await > 0 || stack.depth_of(&stack.dlq_url()).await < POISON.len())
+    // Ended jobs stay in the sweep index until the sweeper has removed their leftovers.
+    while (stack.queue_depth().await > 0
+        || stack.depth_of(&stack.dlq_url()).await < POISON.len()
+        || sweep_index_count(stack).await > 0)
         && Instant::now() < settle_until
     {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let after = all_jobs(stack, &ids).await;
+    // Only the clean-up of its leftovers may touch a job after its end.
+    let as_ended = |j: &Job| {
+        (
+            j.state,
+            j.error.clone(),
+            j.outputs.clone(),
+            j.history.clone(),
+        )
+    };
     for (id, job) in &at_end {
-        if after.get(id).map(|j| j.version) != Some(job.version) {
+        if after.get(id).map(as_ended) != Some(as_ended(job)) {
             violations.push(format!(
                 "job {id}: changed after it ended: {:?}",
                 after.get(id).map(|j| &j.history)
@@ -1102,25 +1175,12 @@ async fn wave(
         .filter(|j| j.state == JobState::Succeeded)
         .flat_map(|j| j.outputs.iter().map(|o| o.key.as_str()))
         .collect();
-    let mut orphan_copies = 0;
     for key in &result_keys {
         if !expected_keys.contains(key.as_str()) {
             let job_id = key.split('/').nth(2).unwrap_or_default();
             let state = after.get(job_id).map(|j| j.state);
-            // A finalize killed after copying leaves its copies behind, in its own attempt's
-            // folder: whatever the job then did (another attempt made it succeed with copies
-            // of its own, or it ended otherwise), they are no job's outputs, invisible to
-            // clients, and nothing is lost or doubled, so they are reported rather than failed.
-            // Known gap: the cleanup of a job's results folder once it is terminal (issue 12's
-            // hygiene).
-            let killed_finalize = driven
-                .iter()
-                .any(|d| d.id.as_deref() == Some(job_id) && d.killed_finalize);
-            if state.is_some_and(|s| s.is_terminal()) && killed_finalize {
-                println!("  note: orphan copy of a killed finalize (job ended {state:?}): {key}");
-                orphan_copies += 1;
-                continue;
-            }
+            // Copies of a killed finalize, or of one that could not clean up after itself,
+            // are removed by the sweeper once the job has ended: none may remain.
             violations.push(format!(
                 "results bucket holds {key}, no succeeded job's output (job state {state:?})"
             ));
@@ -1132,9 +1192,12 @@ async fn wave(
         .filter_map(|d| d.id.as_deref().map(|id| (id, d)))
         .collect();
     for id in &ids {
+        let Some(job) = after.get(id) else {
+            continue;
+        };
         check_job(
             stack,
-            &after[id],
+            job,
             by_id[id.as_str()],
             &results,
             timings.slack,
@@ -1151,15 +1214,7 @@ async fn wave(
             ));
         }
     }
-    let sweep_index = stack
-        .dynamodb()
-        .scan()
-        .table_name(&stack.table)
-        .index_name("sweep-index")
-        .send()
-        .await
-        .unwrap()
-        .count();
+    let sweep_index = sweep_index_count(stack).await;
     if sweep_index > 0 {
         violations.push(format!("{sweep_index} jobs still in the sweep index"));
     }
@@ -1178,8 +1233,17 @@ async fn wave(
         ));
     }
 
+    // Nothing of a job stays on the volume once it has ended.
+    let (left_bytes, left_files) = volume_bytes_left(stack, &ids);
+    if left_bytes > 0 || !left_files.is_empty() {
+        violations.push(format!(
+            "{left_bytes} bytes left on the volume by ended jobs: {:?}",
+            left_files.iter().take(5).collect::<Vec<_>>()
+        ));
+    }
+
     // Counts for the table.
-    tally.orphan_copies += orphan_copies;
+    tally.volume_bytes_left += left_bytes;
     tally.waves += 1;
     tally.jobs += count;
     for (kind, n) in stack.emulator.fault_counts() {
@@ -1355,10 +1419,7 @@ fn print_table(seed: u64, elapsed: Duration, tally: &mut Tally) {
         "  {:<24}{:>7}",
         "dispatch_killed", tally.killed_dispatches
     ));
-    line(format!(
-        "  {:<24}{:>7} (orphan copies they left: {}, known gap, cleanup in issue 12)",
-        "finalize_killed_copies", tally.killed_finalizes, tally.orphan_copies
-    ));
+
     line(format!(
         "  {:<24}{:>7}",
         "finalize_killed", tally.killed_finalizes
@@ -1408,6 +1469,10 @@ fn print_table(seed: u64, elapsed: Duration, tally: &mut Tally) {
     line(format!(
         "  GPU seconds on extra runs            {:.1}",
         tally.extra_gpu_ms as f64 / 1000.0
+    ));
+    line(format!(
+        "  volume bytes left by ended jobs      {} (must be 0)",
+        tally.volume_bytes_left
     ));
     line(format!(
         "  jobs with a result from two runs     {} (must be 0)",

@@ -62,3 +62,122 @@ async fn a_result_that_expired_at_runpod_fails_the_job_as_expired() {
     assert_eq!(job["error"]["retryable"], true);
     stack.stop().await;
 }
+
+// ------------------------------------------------------------------ nothing left behind
+
+/// A stack whose sweeper runs often and whose finalize lease is short, so an ended job's
+/// clean-up comes soon.
+async fn cleaning_stack(faults: Faults, extra_env: Vec<(&'static str, String)>) -> Stack {
+    let mut env = vec![("FINALIZE_LEASE_SECS", "1".to_string())];
+    env.extend(extra_env);
+    Stack::start_with(StackOptions {
+        faults,
+        sweep_every: Duration::from_millis(300),
+        extra_env: env,
+        ..StackOptions::default()
+    })
+    .await
+}
+
+/// Waits until the sweeper has cleaned up after the ended job, then lists what of it is left
+/// on the volume (its input and output folders) and in the results bucket beyond its outputs.
+async fn left_behind(stack: &Stack, job_id: &str) -> Vec<String> {
+    let until = std::time::Instant::now() + TIMEOUT;
+    while stack.stored_job(job_id).await.cleanup_pending && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = stack.stored_job(job_id).await;
+    assert!(
+        !job.cleanup_pending,
+        "the sweeper never cleaned up after {job_id}"
+    );
+    // Files only: the emulator's volume keeps emptied folders, as a disk would.
+    fn files(dir: &std::path::Path, into: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                files(&path, into);
+            } else {
+                into.push(path.display().to_string());
+            }
+        }
+    }
+    let mut left = Vec::new();
+    for folder in ["inputs", "outputs"] {
+        files(
+            &stack.emulator.volume_dir.join(folder).join(job_id),
+            &mut left,
+        );
+    }
+    let outputs: Vec<&str> = job.outputs.iter().map(|o| o.key.as_str()).collect();
+    for key in stack
+        .keys(&stack.results_bucket, &format!("results/alice/{job_id}/"))
+        .await
+    {
+        if !outputs.contains(&key.as_str()) {
+            left.push(key);
+        }
+    }
+    left
+}
+
+#[tokio::test]
+async fn a_succeeded_job_leaves_only_its_outputs() {
+    let stack = cleaning_stack(Faults::default(), vec![]).await;
+    let (job_id, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(left_behind(&stack, &job_id).await, Vec::<String>::new());
+    assert_eq!(stack.result_files("alice", &job_id).await.len(), 1);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_job_leaves_nothing_on_the_volume() {
+    let faults = Faults {
+        worker_fail_message: Some("CUDA out of memory".into()),
+        ..Faults::default()
+    };
+    let stack = cleaning_stack(faults, vec![]).await;
+    let (job_id, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(left_behind(&stack, &job_id).await, Vec::<String>::new());
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_timed_out_job_leaves_nothing_on_the_volume() {
+    let faults = Faults {
+        worker_delay_ms: 20_000,
+        ..Faults::default()
+    };
+    let stack = cleaning_stack(faults, vec![("JOB_DEADLINE_SECS", "2".into())]).await;
+    let (job_id, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
+    assert_eq!(job["status"], "timed_out", "{job}");
+    assert_eq!(left_behind(&stack, &job_id).await, Vec::<String>::new());
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_cancelled_job_leaves_nothing_on_the_volume() {
+    let faults = Faults {
+        worker_delay_ms: 5_000,
+        ..Faults::default()
+    };
+    let stack = cleaning_stack(faults, vec![]).await;
+    let job_id = stack
+        .submit_restore(ALICE, &gateway_tests::jpeg(200, 150), serde_json::json!({}))
+        .await;
+    stack
+        .wait_status(ALICE, &job_id, "submitted", TIMEOUT)
+        .await;
+    let (status, body) = stack
+        .post_json(
+            ALICE,
+            &format!("/jobs/{job_id}/cancel"),
+            &serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(status, gateway_tests::StatusCode::OK, "{body}");
+    assert_eq!(left_behind(&stack, &job_id).await, Vec::<String>::new());
+    stack.stop().await;
+}

@@ -297,9 +297,27 @@ pub(crate) struct Store {
     faults: Arc<FaultState>,
     hooks: Arc<WebhookDispatcher>,
     pub(crate) workers: WorkerStats,
+    /// What the built-in worker wrote, by volume key: the truth a test compares stored outputs
+    /// with after the gateway has cleaned the volume.
+    written: Mutex<std::collections::HashMap<String, Vec<u8>>>,
 }
 
 impl Store {
+    pub(crate) fn record_written(&self, key: String, bytes: Vec<u8>) {
+        self.written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(key, bytes);
+    }
+
+    pub(crate) fn written(&self, key: &str) -> Option<Vec<u8>> {
+        self.written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(key)
+            .cloned()
+    }
+
     pub(crate) fn new(
         config: Arc<EmulatorConfig>,
         faults: Arc<FaultState>,
@@ -312,6 +330,7 @@ impl Store {
             faults,
             hooks,
             workers: WorkerStats::default(),
+            written: Mutex::default(),
         }
     }
 

@@ -126,6 +126,12 @@ impl Emulator {
         self.app.faults.chaos.log()
     }
 
+    /// The bytes the built-in worker wrote at volume key `key` (`outputs/<job>/…`), whether or
+    /// not the file is still on the volume.
+    pub fn worker_wrote(&self, key: &str) -> Option<Vec<u8>> {
+        self.app.store.written(key)
+    }
+
     /// How many faults of each kind the chaos configuration injected so far.
     pub fn fault_counts(&self) -> std::collections::BTreeMap<FaultKind, u64> {
         self.app.faults.chaos.counts()

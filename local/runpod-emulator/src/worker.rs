@@ -104,11 +104,28 @@ async fn execute(ctx: &WorkerContext, lease: &Lease) -> Outcome {
     // If the job is stopped meanwhile, the blocking task still finishes (like a GPU kernel
     // would) but its result is discarded by the caller.
     let result = tokio::task::spawn_blocking(move || {
-        crate::comfy::execute(&input, &volume_dir, &mount_prefix)
+        let output = crate::comfy::execute(&input, &volume_dir, &mount_prefix)?;
+        // Kept aside: the gateway removes the files from the volume once the job has ended.
+        let files = output["files"].as_array().cloned().unwrap_or_default();
+        let written: Vec<(String, Vec<u8>)> = files
+            .iter()
+            .filter_map(|f| f.as_str())
+            .filter_map(|path| {
+                let key = path.strip_prefix(&mount_prefix)?.trim_start_matches('/');
+                let bytes = std::fs::read(volume_dir.join(key)).ok()?;
+                Some((key.to_string(), bytes))
+            })
+            .collect();
+        Ok((output, written))
     })
     .await;
     match result {
-        Ok(Ok(output)) => Outcome::Completed(Some(output)),
+        Ok(Ok((output, written))) => {
+            for (key, bytes) in written {
+                ctx.store.record_written(key, bytes);
+            }
+            Outcome::Completed(Some(output))
+        }
         Ok(Err(error)) => Outcome::Failed {
             error,
             output: None,

@@ -58,7 +58,10 @@ async fn a_permanent_refusal_fails_the_job_with_a_code_and_no_retry() {
     let stored = kit.stored(&job.id);
     assert_eq!(stored.state, JobState::Failed);
     assert_eq!(stored.error.unwrap().code, ErrorCode::RunpodRejected);
-    assert!(stored.next_check_at.is_none(), "out of the sweeper's index");
+    assert!(
+        stored.cleanup_pending,
+        "only its clean-up is left to the sweeper"
+    );
 }
 
 #[tokio::test]

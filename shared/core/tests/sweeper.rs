@@ -4,7 +4,7 @@ use std::time::Duration;
 use gateway::app::finalize::Outcome;
 use gateway::app::webhook::WebhookOutcome;
 use gateway::domain::job::{Actor, ErrorCode, JobState};
-use testkit::fakes::Answer;
+use testkit::fakes::{Answer, BrokenKey};
 use testkit::Kit;
 
 #[tokio::test]
@@ -243,4 +243,111 @@ async fn a_status_outage_at_the_deadline_times_nothing_out() {
 
     assert_eq!(report.errors, 1);
     assert_eq!(kit.stored(&job.id).state, JobState::Submitted);
+}
+
+// ------------------------------------------------------------------ ended jobs' leftovers
+
+/// A job that succeeded through `kit`, with a copy of a killed attempt left in its results
+/// folder and its input and outputs still on the volume.
+async fn succeeded_with_leftovers(kit: &Kit) -> gateway::domain::job::Job {
+    let job = kit.queued_job("alice");
+    kit.uploads
+        .insert(&job.input.key, &testkit::images::jpeg(32, 24));
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    let file = format!("outputs/{}/a1/restore_00001_.png", job.id);
+    let status = kit.completed_run("rp-1", std::slice::from_ref(&file));
+    kit.finalizer()
+        .observe_as(kit.stored(&job.id), &status, Actor::Webhook)
+        .await
+        .unwrap();
+    kit.results.insert(
+        &format!("results/alice/{}/fdead/restore_00001_.png", job.id),
+        b"a killed attempt's copy",
+    );
+    kit.stored(&job.id)
+}
+
+#[tokio::test]
+async fn an_ended_jobs_leftovers_wait_until_no_finalize_can_still_be_at_work() {
+    let kit = Kit::new();
+    let job = succeeded_with_leftovers(&kit).await;
+    // A record from before jobs carried their clean-up delay: due as soon as it ended.
+    let mut legacy = kit.stored(&job.id);
+    legacy.cleanup_delay_ms = 0;
+    legacy.next_check_at = legacy.timestamps.finished_at;
+    kit.store.put(legacy);
+    let volume_before = kit.volume.keys().len();
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!(report.cleaned, 0);
+    assert_eq!(kit.volume.keys().len(), volume_before);
+    let stored = kit.stored(&job.id);
+    let lease = kit.settings.finalize_lease.as_millis() as i64;
+    assert_eq!(
+        stored.next_check_at,
+        Some(stored.timestamps.finished_at.unwrap() + lease)
+    );
+}
+
+#[tokio::test]
+async fn an_ended_job_leaves_nothing_on_the_volume_and_only_its_outputs_in_the_bucket() {
+    let kit = Kit::new();
+    let job = succeeded_with_leftovers(&kit).await;
+    assert!(kit.volume.keys().iter().any(|k| k.contains(&job.id)));
+    kit.clock.advance(kit.settings.finalize_lease);
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!(report.cleaned, 1);
+    let on_volume: Vec<String> = kit
+        .volume
+        .keys()
+        .into_iter()
+        .filter(|k| k.contains(&job.id))
+        .collect();
+    assert!(on_volume.is_empty(), "{on_volume:?}");
+    let stored = kit.stored(&job.id);
+    let outputs: Vec<String> = stored.outputs.iter().map(|o| o.key.clone()).collect();
+    assert_eq!(
+        kit.results.keys(),
+        outputs,
+        "only the job's own outputs stay"
+    );
+    assert_eq!(stored.next_check_at, None, "out of the sweep index");
+    assert!(!stored.cleanup_pending);
+}
+
+#[tokio::test]
+async fn a_cancelled_jobs_volume_folders_are_removed_too() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.api().cancel("alice", &job.id).await.unwrap();
+    assert!(kit.volume.keys().iter().any(|k| k.contains(&job.id)));
+    kit.clock.advance(kit.settings.finalize_lease);
+
+    kit.sweeper().sweep().await.unwrap();
+
+    assert!(kit.volume.keys().iter().all(|k| !k.contains(&job.id)));
+    assert_eq!(kit.stored(&job.id).next_check_at, None);
+}
+
+#[tokio::test]
+async fn a_cleanup_that_fails_is_retried_by_a_later_sweep() {
+    let kit = Kit::new();
+    let job = succeeded_with_leftovers(&kit).await;
+    kit.clock.advance(kit.settings.finalize_lease);
+    let stuck = format!("results/alice/{}/fdead/restore_00001_.png", job.id);
+    kit.results.break_key(&stuck, BrokenKey::Transient);
+
+    let first = kit.sweeper().sweep().await.unwrap();
+    assert_eq!((first.cleaned, first.errors), (0, 1));
+    assert!(kit.stored(&job.id).cleanup_pending, "still findable");
+
+    kit.results.mend_key(&stuck);
+    kit.clock.advance(kit.settings.poll_interval);
+    let second = kit.sweeper().sweep().await.unwrap();
+    assert_eq!(second.cleaned, 1);
+    assert!(kit.results.get(&stuck).is_none());
 }

@@ -52,7 +52,7 @@ async fn a_completed_report_stores_the_outputs_and_finishes_the_job() {
         .unwrap();
     assert_eq!(copied, written);
     assert_eq!(stored.history.last().unwrap().by, Actor::Webhook);
-    assert!(stored.lease.is_none() && stored.next_check_at.is_none());
+    assert!(stored.lease.is_none() && stored.cleanup_pending);
 }
 
 #[tokio::test]

@@ -422,6 +422,18 @@ impl ObjectStore for MemObjects {
         lock(&self.objects).remove(key);
         Ok(())
     }
+
+    async fn list(&self, prefix: &str, max: usize) -> Result<Vec<String>, ObjectError> {
+        self.touch(prefix)?;
+        let mut keys: Vec<String> = lock(&self.objects)
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys.truncate(max);
+        Ok(keys)
+    }
 }
 
 /// The dispatch queue: every job id sent, in order.

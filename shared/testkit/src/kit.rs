@@ -168,6 +168,7 @@ impl Kit {
                 first_check_ms: self.settings.requeue_after.as_millis() as Millis,
                 retention_secs: self.settings.record_retention.as_secs() as i64,
                 idempotency_window_secs: self.settings.idempotency_window.as_secs() as i64,
+                cleanup_delay_ms: self.settings.finalize_lease.as_millis() as Millis,
             },
             self.now(),
         );

@@ -218,6 +218,7 @@ fn submitted_job() -> Job {
             first_check_ms: 60_000,
             retention_secs: 86_400,
             idempotency_window_secs: 86_400,
+            cleanup_delay_ms: 120_000,
         },
         NOW - 10_000,
     );

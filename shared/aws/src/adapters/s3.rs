@@ -85,6 +85,7 @@ pub const AWS_OPERATIONS: &[&str] = &[
     "CompleteMultipartUpload",
     "AbortMultipartUpload",
     "DeleteObject",
+    "ListObjectsV2",
 ];
 
 fn declared() -> DeclaredOperations {
@@ -445,6 +446,38 @@ impl ObjectStore for S3ObjectStore {
             Ok(_) | Err(ObjectError::NotFound(_)) => Ok(()),
             Err(err) => Err(err),
         }
+    }
+
+    async fn list(&self, prefix: &str, max: usize) -> Result<Vec<String>, ObjectError> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let out = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(prefix)
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| classify(prefix, e))?;
+            keys.extend(
+                out.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_string)),
+            );
+            let next = out.next_continuation_token().map(str::to_string);
+            // RunPod's volume API is reported to repeat continuation tokens on long listings:
+            // a token seen again ends the listing rather than looping on it.
+            if keys.len() >= max || next.is_none() || next == token {
+                break;
+            }
+            token = next;
+        }
+        keys.sort();
+        keys.dedup();
+        keys.truncate(max);
+        Ok(keys)
     }
 
     async fn presign_post(

@@ -600,6 +600,7 @@ fn timing(settings: &Settings) -> JobTiming {
         first_check_ms: settings.requeue_after.as_millis() as i64,
         retention_secs: settings.record_retention.as_secs() as i64,
         idempotency_window_secs: settings.idempotency_window.as_secs() as i64,
+        cleanup_delay_ms: settings.finalize_lease.as_millis() as i64,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Use cases, written against the ports: the public API, dispatch, finalizing (webhook and
 //! sweeper share it) and the sweeper.
 pub mod api;
+pub mod cleanup;
 pub mod dispatch;
 pub mod finalize;
 pub mod stop;

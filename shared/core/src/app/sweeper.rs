@@ -7,6 +7,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use serde::Serialize;
 
+use crate::app::cleanup::remove_leftovers;
 use crate::app::finalize::{decide, Decision, Finalizer, Outcome};
 use crate::app::{commit_as, next_check_after_failure, Committed};
 use crate::config::Settings;
@@ -26,6 +27,9 @@ pub struct SweepReport {
     pub finished: usize,
     pub timed_out: usize,
     pub skipped: usize,
+    /// Ended jobs whose leftovers were removed, and how many objects that took.
+    pub cleaned: usize,
+    pub removed_objects: usize,
     /// Due items that could not be read as jobs, and index parts that could not be read: each
     /// also counts as an error, so the errors alarm sees them.
     pub unreadable: usize,
@@ -38,6 +42,7 @@ enum Action {
     Requeued,
     Polled { finished: bool },
     TimedOut,
+    Cleaned(usize),
     Skipped,
     Error,
 }
@@ -86,6 +91,10 @@ impl Sweeper {
                     report.finished += finished as usize;
                 }
                 Action::TimedOut => report.timed_out += 1,
+                Action::Cleaned(removed) => {
+                    report.cleaned += 1;
+                    report.removed_objects += removed;
+                }
                 Action::Skipped => report.skipped += 1,
                 Action::Error => report.errors += 1,
             }
@@ -100,6 +109,8 @@ impl Sweeper {
             finished = report.finished,
             timed_out = report.timed_out,
             skipped = report.skipped,
+            cleaned = report.cleaned,
+            removed_objects = report.removed_objects,
             unreadable = report.unreadable,
             failed_parts = report.failed_parts,
             errors = report.errors,
@@ -122,8 +133,10 @@ impl Sweeper {
     }
 
     async fn check_inner(&self, job: Job, now: Millis) -> Result<Action, StoreError> {
-        // The index is eventually consistent: it may still list a job that just finished.
-        if job.is_terminal() || job.active_lease(now).is_some() {
+        if job.is_terminal() {
+            return self.clean_up(job, now).await;
+        }
+        if job.active_lease(now).is_some() {
             return Ok(Action::Skipped);
         }
         if job.past_deadline(now) {
@@ -134,6 +147,52 @@ impl Sweeper {
             (JobState::Queued, None) => self.requeue(job, now).await,
             // Submitted without a RunPod id cannot happen; look again later rather than guess.
             (_, None) => self.reschedule(job, now).await.map(|_| Action::Skipped),
+        }
+    }
+
+    /// An ended job: once no finalize attempt can still be copying (its lease, which outlives
+    /// the invocation holding it, has run out), remove what the job left behind.
+    async fn clean_up(&self, job: Job, now: Millis) -> Result<Action, StoreError> {
+        // A copy from the index, which lags: the clean-up may be done already.
+        if !job.cleanup_pending {
+            return Ok(Action::Skipped);
+        }
+        let lease = self.settings.finalize_lease.as_millis() as Millis;
+        let ready_at = job.timestamps.finished_at.unwrap_or(now) + lease;
+        if now < ready_at {
+            commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+                job.defer_cleanup(ready_at)
+            })
+            .await?;
+            return Ok(Action::Skipped);
+        }
+        let finalizer = &self.finalizer;
+        match remove_leftovers(finalizer.results.as_ref(), finalizer.volume.as_ref(), &job).await {
+            Ok(removed) => {
+                let objects = removed.results + removed.volume;
+                if objects > 0 {
+                    tracing::info!(
+                        job_id = %job.id,
+                        results = removed.results,
+                        volume = removed.volume,
+                        "removed what an ended job left behind"
+                    );
+                }
+                commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+                    job.cleaned_up()
+                })
+                .await?;
+                Ok(Action::Cleaned(objects))
+            }
+            Err(err) => {
+                tracing::warn!(job_id = %job.id, error = %err, "clean-up of an ended job failed; retried later");
+                let retry_at = now + self.settings.poll_interval.as_millis() as Millis;
+                commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+                    job.defer_cleanup(retry_at)
+                })
+                .await?;
+                Ok(Action::Error)
+            }
         }
     }
 

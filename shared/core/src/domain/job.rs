@@ -306,6 +306,15 @@ pub struct Job {
     /// both do.
     #[serde(default)]
     pub write_id: Option<u64>,
+    /// Ended, with what it left behind still to remove: copies in the results bucket no output
+    /// names, and its folders on the RunPod volume. The job stays in the sweep index (its
+    /// `next_check_at`) until the sweeper has removed them.
+    #[serde(default)]
+    pub cleanup_pending: bool,
+    /// How long after its end the sweeper removes the job's leftovers ([`JobTiming`]); records
+    /// from before it have 0, and the sweeper then waits on its own clock.
+    #[serde(default)]
+    pub cleanup_delay_ms: Millis,
     /// Who is changing the job in this process; recorded in the history, never stored.
     #[serde(skip)]
     acting: Acting,
@@ -365,6 +374,9 @@ pub struct JobTiming {
     pub retention_secs: i64,
     /// How long an idempotency key stands for the job it created.
     pub idempotency_window_secs: i64,
+    /// How long after its end the job's leftovers are removed: no finalize attempt can still
+    /// be at work by then (the finalize lease).
+    pub cleanup_delay_ms: Millis,
 }
 
 impl Job {
@@ -409,6 +421,8 @@ impl Job {
             check_failures: 0,
             unconfirmed_run_at: None,
             write_id: None,
+            cleanup_pending: false,
+            cleanup_delay_ms: timing.cleanup_delay_ms,
             acting: Acting::default(),
         }
     }
@@ -614,8 +628,30 @@ impl Job {
         self.advance(state, now)?;
         self.error = error;
         self.lease = None;
-        self.next_check_at = None;
+        // Due for the sweeper once no finalize attempt can still be at work, to remove what
+        // the job left behind.
+        self.next_check_at = Some(now + self.cleanup_delay_ms);
+        self.cleanup_pending = true;
         self.timestamps.finished_at = Some(now);
+        Ok(())
+    }
+
+    /// An ended job's clean-up is to happen at `at`, not sooner.
+    pub fn defer_cleanup(&mut self, at: Millis) -> Result<(), TransitionError> {
+        if !self.is_terminal() || !self.cleanup_pending {
+            return Err(TransitionError::Stale);
+        }
+        self.next_check_at = Some(at);
+        Ok(())
+    }
+
+    /// What an ended job left behind is gone: it leaves the sweep index for good.
+    pub fn cleaned_up(&mut self) -> Result<(), TransitionError> {
+        if !self.is_terminal() || !self.cleanup_pending {
+            return Err(TransitionError::Stale);
+        }
+        self.cleanup_pending = false;
+        self.next_check_at = None;
         Ok(())
     }
 
@@ -663,6 +699,7 @@ mod tests {
         first_check_ms: 120_000,
         retention_secs: 86_400,
         idempotency_window_secs: 86_400,
+        cleanup_delay_ms: 5_000,
     };
 
     fn job() -> Job {
@@ -738,13 +775,32 @@ mod tests {
     }
 
     #[test]
-    fn a_terminal_job_leaves_the_sweeper_index() {
+    fn an_ended_job_stays_in_the_sweeper_index_until_its_leftovers_are_removed() {
         let mut job = job();
         job.mark_submitted("rp".into(), 2_000, 5_000).unwrap();
         job.time_out(JobError::new(ErrorCode::DeadlineExceeded, "late"), 9_000)
             .unwrap();
-        assert_eq!(job.next_check_at, None);
+        assert_eq!(
+            job.next_check_at,
+            Some(9_000 + TIMING.cleanup_delay_ms),
+            "due once no finalize can be at work"
+        );
+        assert!(job.cleanup_pending);
         assert_eq!(job.timestamps.finished_at, Some(9_000));
+
+        job.defer_cleanup(20_000).unwrap();
+        assert_eq!(job.next_check_at, Some(20_000));
+        job.cleaned_up().unwrap();
+        assert_eq!(job.next_check_at, None);
+        assert_eq!(job.cleaned_up(), Err(TransitionError::Stale), "once");
+        assert_eq!(job.defer_cleanup(30_000), Err(TransitionError::Stale));
+    }
+
+    #[test]
+    fn a_job_in_flight_has_no_cleanup_to_defer() {
+        let mut job = job();
+        assert_eq!(job.defer_cleanup(1), Err(TransitionError::Stale));
+        assert_eq!(job.cleaned_up(), Err(TransitionError::Stale));
     }
 
     #[test]

@@ -43,6 +43,11 @@ pub fn volume_input(job_id: &str, file_name: &str) -> String {
 }
 
 /// RunPod volume: the folder a job's outputs must land in, `outputs/{job_id}/`.
+/// RunPod volume: every input of a job, `inputs/{job_id}/`.
+pub fn volume_inputs(job_id: &str) -> String {
+    format!("inputs/{job_id}/")
+}
+
 pub fn volume_outputs(job_id: &str) -> String {
     format!("outputs/{job_id}/")
 }

@@ -246,6 +246,8 @@ pub trait ObjectStore: Send + Sync {
     ) -> Result<PresignedPost, ObjectError>;
     /// Removes one object; removing an absent one is not an error.
     async fn delete(&self, key: &str) -> Result<(), ObjectError>;
+    /// The keys under `prefix`, at most `max` of them (a job's own folders hold a handful).
+    async fn list(&self, prefix: &str, max: usize) -> Result<Vec<String>, ObjectError>;
 }
 
 // ---------------------------------------------------------------------------------------------
