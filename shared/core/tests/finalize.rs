@@ -320,16 +320,22 @@ async fn a_volume_file_over_its_cap_fails_output_too_large_with_nothing_stored()
     );
 }
 
-#[tokio::test]
-async fn volume_files_over_the_jobs_cap_together_fail_before_any_copy() {
-    let kit = Kit::new();
-    let job = submitted(&kit).await;
+/// A job whose run completed with two output files; and the size of each.
+async fn two_outputs(kit: &Kit) -> (Job, RunPodStatus, u64) {
+    let job = submitted(kit).await;
     let files = [
         output_key(&job, "a1/restore_00001_.png"),
         output_key(&job, "a1/restore_00002_.png"),
     ];
     let status = kit.completed_run("rp-1", &files);
     let one = kit.volume.get(&files[0]).unwrap().len() as u64;
+    (job, status, one)
+}
+
+#[tokio::test]
+async fn volume_files_over_the_jobs_cap_together_fail_before_any_copy() {
+    let kit = Kit::new();
+    let (job, status, one) = two_outputs(&kit).await;
     let kit = kit.with_settings(|s| {
         s.max_output_file_bytes = one;
         s.max_output_job_bytes = one + 1;
@@ -352,13 +358,7 @@ async fn volume_files_over_the_jobs_cap_together_fail_before_any_copy() {
 #[tokio::test]
 async fn volume_files_within_both_caps_are_all_stored() {
     let kit = Kit::new();
-    let job = submitted(&kit).await;
-    let files = [
-        output_key(&job, "a1/restore_00001_.png"),
-        output_key(&job, "a1/restore_00002_.png"),
-    ];
-    let status = kit.completed_run("rp-1", &files);
-    let one = kit.volume.get(&files[0]).unwrap().len() as u64;
+    let (job, status, one) = two_outputs(&kit).await;
     let kit = kit.with_settings(|s| {
         s.max_output_file_bytes = one;
         s.max_output_job_bytes = 2 * one;

@@ -437,11 +437,30 @@ impl ObjectStore for MemObjects {
 }
 
 /// The dispatch queue: every job id sent, in order.
+/// A queue that refuses the next so many sends, as a throttled SQS would.
+#[derive(Default)]
+struct Outage(AtomicU64);
+
+impl Outage {
+    fn set(&self, calls: u64) {
+        self.0.store(calls, Ordering::SeqCst);
+    }
+
+    /// Fails this call if the outage is not over, counting it down.
+    fn check(&self) -> Result<(), QueueError> {
+        let left = self.0.load(Ordering::SeqCst);
+        if left > 0 {
+            self.0.store(left - 1, Ordering::SeqCst);
+            return Err(QueueError("throttled (test)".into()));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Default)]
 pub struct MemQueue {
     sent: Mutex<Vec<String>>,
-    /// Refuse the next this many sends.
-    outage: AtomicU64,
+    outage: Outage,
 }
 
 impl MemQueue {
@@ -450,18 +469,14 @@ impl MemQueue {
     }
     /// The next `sends` enqueues fail.
     pub fn fail_next(&self, sends: u64) {
-        self.outage.store(sends, Ordering::SeqCst);
+        self.outage.set(sends);
     }
 }
 
 #[async_trait]
 impl JobQueue for MemQueue {
     async fn enqueue(&self, job_id: &str) -> Result<(), QueueError> {
-        let left = self.outage.load(Ordering::SeqCst);
-        if left > 0 {
-            self.outage.store(left - 1, Ordering::SeqCst);
-            return Err(QueueError("throttled (test)".into()));
-        }
+        self.outage.check()?;
         lock(&self.sent).push(job_id.to_string());
         Ok(())
     }
@@ -471,8 +486,7 @@ impl JobQueue for MemQueue {
 #[derive(Default)]
 pub struct MemStops {
     requested: Mutex<Vec<StopRun>>,
-    /// Refuse the next this many requests.
-    outage: AtomicU64,
+    outage: Outage,
 }
 
 impl MemStops {
@@ -483,24 +497,16 @@ impl MemStops {
     pub fn runs(&self) -> Vec<String> {
         self.requested().into_iter().map(|s| s.runpod_id).collect()
     }
-    /// Takes every request so far, as the stop queue's consumer does.
-    pub fn drain(&self) -> Vec<StopRun> {
-        std::mem::take(&mut *lock(&self.requested))
-    }
     /// The next `requests` fail.
     pub fn fail_next(&self, requests: u64) {
-        self.outage.store(requests, Ordering::SeqCst);
+        self.outage.set(requests);
     }
 }
 
 #[async_trait]
 impl StopQueue for MemStops {
     async fn request_stop(&self, stop: &StopRun) -> Result<(), QueueError> {
-        let left = self.outage.load(Ordering::SeqCst);
-        if left > 0 {
-            self.outage.store(left - 1, Ordering::SeqCst);
-            return Err(QueueError("throttled (test)".into()));
-        }
+        self.outage.check()?;
         lock(&self.requested).push(stop.clone());
         Ok(())
     }
