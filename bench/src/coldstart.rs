@@ -196,11 +196,25 @@ async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> Result<T, B
     }
 }
 
+/// Whether `function` is told of the secret named by `arn_var`, as in `template.yaml`: the
+/// public submit function of none, the sweeper of all but the webhook secret.
+pub fn told_of(function: &str, arn_var: &str) -> bool {
+    match function {
+        "dispatch" | "webhook" => true,
+        "sweeper" => arn_var != "WEBHOOK_SECRET_ARN",
+        _ => false,
+    }
+}
+
 async fn run_once(
     subject: &Subject,
     env: &[(String, String)],
     log: &std::path::Path,
 ) -> Result<Run, BoxError> {
+    let env: Vec<&(String, String)> = env
+        .iter()
+        .filter(|(k, _)| !k.ends_with("_SECRET_ARN") || told_of(subject.name, k))
+        .collect();
     let mut stub = Stub::start().await?;
     let log_file = std::fs::OpenOptions::new()
         .create(true)
@@ -505,35 +519,29 @@ pub fn subjects(memory: &crate::template::MemorySizes) -> Vec<Subject> {
 /// The environment for the functions: the gateway's variables, pointed at moto and the
 /// emulator, with resources created beforehand.
 ///
-/// As in `template.yaml`, `GATEWAY_SECRET_ARN` names a secret (created in moto) holding the
-/// secret variables; they stay in the plain environment too, so a build that does not read the
-/// secret still starts.
+/// As in `template.yaml`, each `*_SECRET_ARN` names a secret (created in moto) holding its
+/// secret variables (`config::SECRET_SOURCES`); they stay in the plain environment too. Each
+/// function is told only of the secrets the template gives it ([`told_of`]).
 pub async fn env(
     moto: &str,
     emulator: &runpod_emulator::Emulator,
     names: &Names,
 ) -> Result<Vec<(String, String)>, BoxError> {
     let mut env = gateway_env(moto, emulator, names, "http://127.0.0.1:9");
-    let secret: serde_json::Map<String, Value> = env
-        .iter()
-        .filter(|(k, _)| {
-            matches!(
-                k.as_str(),
-                "RUNPOD_API_KEY"
-                    | "VOLUME_ACCESS_KEY_ID"
-                    | "VOLUME_SECRET_ACCESS_KEY"
-                    | "WEBHOOK_SECRET"
-            )
-        })
-        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
-        .collect();
-    let arn = crate::common::create_secret(
-        moto,
-        &format!("{}-secrets", names.table),
-        &Value::Object(secret),
-    )
-    .await?;
-    env.push(("GATEWAY_SECRET_ARN".into(), arn));
+    for source in gateway::config::SECRET_SOURCES {
+        let secret: serde_json::Map<String, Value> = env
+            .iter()
+            .filter(|(k, _)| source.keys.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+            .collect();
+        let arn = crate::common::create_secret(
+            moto,
+            &format!("{}-{}", names.table, source.arn_var.to_ascii_lowercase()),
+            &Value::Object(secret),
+        )
+        .await?;
+        env.push((source.arn_var.into(), arn));
+    }
     env.push(("RUST_LOG".into(), "info".into()));
     Ok(env)
 }

@@ -147,8 +147,8 @@ pub fn gateway_env(
 }
 
 /// Creates a Secrets Manager secret in moto (the JSON protocol, unsigned: moto routes on the
-/// credential scope) and returns its ARN. Used to give the functions `GATEWAY_SECRET_ARN` as the
-/// template does, so that a build which reads it pays its GetSecretValue at init.
+/// credential scope) and returns its ARN. Used to give the functions their `*_SECRET_ARN` as the
+/// template does, so that their init pays its GetSecretValue calls.
 pub async fn create_secret(
     moto: &str,
     name: &str,
@@ -171,14 +171,6 @@ pub async fn create_secret(
         .as_str()
         .map(str::to_string)
         .ok_or_else(|| format!("CreateSecret answered {status}: {body}").into())
-}
-
-/// Whether a binary reads `GATEWAY_SECRET_ARN` (the variable's name is in its data).
-pub fn reads_secret_arn(binary: &Path) -> bool {
-    let needle = b"GATEWAY_SECRET_ARN";
-    std::fs::read(binary)
-        .map(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
-        .unwrap_or(false)
 }
 
 /// An in-process wiring over `vars`, with its table, queue and buckets created in moto.

@@ -195,18 +195,9 @@ async fn main() -> Result<(), BoxError> {
                 notes.push(format!("cold start {}: {err}", f.name));
             }
         }
-        let secret_reading: Vec<&str> = ["submit", "dispatch", "webhook", "sweeper"]
-            .into_iter()
-            .filter(|name| common::reads_secret_arn(&common::bin_dir().join(name)))
-            .collect();
         let _ = writeln!(
             details,
-            "\nThe functions get `GATEWAY_SECRET_ARN` as in `template.yaml` (a secret in moto); {}.",
-            if secret_reading.is_empty() {
-                "this build does not read it, so init has no GetSecretValue".to_string()
-            } else {
-                format!("{} read it, so their init includes one GetSecretValue", secret_reading.join(", "))
-            }
+            "\nAs in `template.yaml`, dispatch and webhook are told of the RunPod, volume and webhook secrets and the sweeper of the first two (secrets in moto), so their init includes one GetSecretValue per secret; submit holds no secret."
         );
         let _ = writeln!(
             details,

@@ -211,6 +211,45 @@ async fn a_missing_object_is_reported_as_not_found() {
 }
 
 #[tokio::test]
+async fn a_listing_finds_every_key_under_a_folder_at_any_depth_and_nothing_beside_it() {
+    let sdk = aws_sdk_config().await;
+    let client = aws_sdk_s3::Client::from_conf(
+        aws_sdk_s3::config::Builder::from(&sdk)
+            .force_path_style(true)
+            .build(),
+    );
+    let bucket = unique("b");
+    client.create_bucket().bucket(&bucket).send().await.unwrap();
+    let store = S3ObjectStore::new(client, &bucket);
+    let inside = [
+        "outputs/j1/a.png",
+        "outputs/j1/a1/b.png",
+        "outputs/j1/a1/x/c.png",
+    ];
+    let beside = [
+        "outputs/j10/a.png",
+        "outputs/j2/a.png",
+        "inputs/j1/input.jpg",
+    ];
+    for key in inside.iter().chain(beside.iter()) {
+        store
+            .put_bytes(key, bytes::Bytes::from_static(b"x"), "image/png")
+            .await
+            .unwrap();
+    }
+
+    let listed = store.list("outputs/j1/", 100).await.unwrap();
+
+    assert_eq!(listed, inside.map(String::from).to_vec());
+    assert_eq!(
+        store.list("outputs/j1/", 2).await.unwrap().len(),
+        2,
+        "bounded"
+    );
+    assert!(store.list("outputs/none/", 100).await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn unreadable_records_in_the_sweep_index_are_reported_and_do_not_crowd_out_due_jobs() {
     use aws_sdk_dynamodb::types::AttributeValue;
     let store = store().await;

@@ -448,31 +448,51 @@ impl ObjectStore for S3ObjectStore {
         }
     }
 
+    /// One folder level at a time (`Delimiter=/`), as RunPod's own volume example lists: its
+    /// listings are reported to repeat continuation tokens on long recursive walks, and a
+    /// level-by-level walk never reads folders outside `prefix`.
     async fn list(&self, prefix: &str, max: usize) -> Result<Vec<String>, ObjectError> {
         let mut keys = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let out = self
-                .client
-                .list_objects_v2()
-                .bucket(&self.bucket)
-                .prefix(prefix)
-                .set_continuation_token(token.clone())
-                .send()
-                .await
-                .map_err(|e| classify(prefix, e))?;
-            keys.extend(
-                out.contents()
-                    .iter()
-                    .filter_map(|o| o.key().map(str::to_string)),
-            );
-            let next = out.next_continuation_token().map(str::to_string);
-            // RunPod's volume API is reported to repeat continuation tokens on long listings:
-            // a token seen again ends the listing rather than looping on it.
-            if keys.len() >= max || next.is_none() || next == token {
+        let mut folders = std::collections::VecDeque::from([prefix.to_string()]);
+        let mut seen = std::collections::HashSet::new();
+        while let Some(folder) = folders.pop_front() {
+            if !seen.insert(folder.clone()) {
+                continue;
+            }
+            let mut token: Option<String> = None;
+            loop {
+                let out = self
+                    .client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(&folder)
+                    .delimiter("/")
+                    .set_continuation_token(token.clone())
+                    .send()
+                    .await
+                    .map_err(|e| classify(&folder, e))?;
+                keys.extend(
+                    out.contents()
+                        .iter()
+                        .filter_map(|o| o.key().map(str::to_string))
+                        // An empty folder's own entry, which RunPod's listing includes.
+                        .filter(|k| !k.ends_with('/')),
+                );
+                folders.extend(
+                    out.common_prefixes()
+                        .iter()
+                        .filter_map(|p| p.prefix().map(str::to_string)),
+                );
+                let next = out.next_continuation_token().map(str::to_string);
+                // A token seen again ends this folder's listing rather than looping on it.
+                if keys.len() >= max || next.is_none() || next == token {
+                    break;
+                }
+                token = next;
+            }
+            if keys.len() >= max {
                 break;
             }
-            token = next;
         }
         keys.sort();
         keys.dedup();
