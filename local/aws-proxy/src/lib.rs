@@ -139,6 +139,8 @@ struct Shared {
     client: reqwest::Client,
     stats: Arc<Stats>,
     faults: Arc<Faults>,
+    /// Isolates DynamoDB transactions from every other DynamoDB call ([`transaction_gate`]).
+    dynamodb_gate: tokio::sync::RwLock<()>,
 }
 
 /// A running proxy; it stops when its task does (with the runtime it was spawned on).
@@ -202,6 +204,7 @@ pub async fn spawn_with(
         client,
         stats: stats.clone(),
         faults: faults.clone(),
+        dynamodb_gate: tokio::sync::RwLock::new(()),
     });
     let addr = listener.local_addr()?;
     tokio::spawn(serve(listener, shared));
@@ -253,6 +256,33 @@ impl std::fmt::Display for HangUp {
 }
 
 impl std::error::Error for HangUp {}
+
+/// What a DynamoDB call holds while moto serves it.
+enum Gate<'a> {
+    Shared(#[allow(dead_code)] tokio::sync::RwLockReadGuard<'a, ()>),
+    Exclusive(#[allow(dead_code)] tokio::sync::RwLockWriteGuard<'a, ()>),
+    None,
+}
+
+/// moto is not DynamoDB here: its `TransactWriteItems` copies every table it names before
+/// applying the transaction and, when a condition fails, puts the whole copy back
+/// (`moto/dynamodb/models/__init__.py`, `transact_write_items`). Its server is threaded, so a
+/// failed transaction would undo every write other requests made in between (a concurrent
+/// job's committed create, a versioned save). DynamoDB's transactions cancel only their own
+/// writes. So a transaction runs alone, and other DynamoDB calls share the gate.
+async fn transaction_gate<'a>(gate: &'a tokio::sync::RwLock<()>, headers: &HeaderMap) -> Gate<'a> {
+    let target = headers
+        .get("x-amz-target")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !target.starts_with("DynamoDB_") {
+        Gate::None
+    } else if target.ends_with(".TransactWriteItems") {
+        Gate::Exclusive(gate.write().await)
+    } else {
+        Gate::Shared(gate.read().await)
+    }
+}
 
 /// Headers that belong to one hop, not to the request or answer (RFC 9110 section 7.6.1).
 fn hop_by_hop(name: &HeaderName) -> bool {
@@ -341,6 +371,7 @@ async fn forward(
         }
         _ => {}
     }
+    let gate = transaction_gate(&shared.dynamodb_gate, &parts.headers).await;
     let answer = async {
         let upstream = shared
             .client
@@ -356,6 +387,7 @@ async fn forward(
         Ok::<_, String>((status, headers, bytes))
     }
     .await;
+    drop(gate);
     let took = started.elapsed();
     let mut extra = if waits {
         shared.delay.extra(stats.average_answer())
@@ -436,6 +468,33 @@ mod tests {
             Duration::from_millis(7)
         );
         assert_eq!(Delay::None.extra(took), Duration::ZERO);
+    }
+
+    fn target(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-amz-target", value.parse().unwrap());
+        headers
+    }
+
+    #[tokio::test]
+    async fn a_dynamodb_transaction_waits_for_other_dynamodb_calls_and_they_for_it() {
+        let gate = tokio::sync::RwLock::new(());
+        let get = transaction_gate(&gate, &target("DynamoDB_20120810.GetItem")).await;
+        let put = transaction_gate(&gate, &target("DynamoDB_20120810.PutItem")).await;
+        let transact = target("DynamoDB_20120810.TransactWriteItems");
+        let transaction = transaction_gate(&gate, &transact);
+        let waited = tokio::time::timeout(Duration::from_millis(50), transaction).await;
+        assert!(waited.is_err(), "the transaction ran beside other calls");
+        drop((get, put));
+        let alone = transaction_gate(&gate, &target("DynamoDB_20120810.TransactWriteItems")).await;
+        let get_item = target("DynamoDB_20120810.GetItem");
+        let beside = transaction_gate(&gate, &get_item);
+        assert!(tokio::time::timeout(Duration::from_millis(50), beside)
+            .await
+            .is_err());
+        drop(alone);
+        // Other services never wait.
+        let _sqs = transaction_gate(&gate, &target("AmazonSQS.SendMessage")).await;
     }
 
     #[test]
