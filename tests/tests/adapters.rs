@@ -192,8 +192,8 @@ async fn a_large_object_is_copied_in_parts_and_arrives_intact() {
     assert!(copied == data, "copied bytes differ");
 }
 
-#[tokio::test]
-async fn a_missing_object_is_reported_as_not_found() {
+/// An object store over a new, empty bucket in moto.
+async fn fresh_bucket() -> S3ObjectStore {
     let sdk = aws_sdk_config().await;
     let client = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&sdk)
@@ -202,7 +202,12 @@ async fn a_missing_object_is_reported_as_not_found() {
     );
     let bucket = unique("b");
     client.create_bucket().bucket(&bucket).send().await.unwrap();
-    let store = S3ObjectStore::new(client, &bucket);
+    S3ObjectStore::new(client, &bucket)
+}
+
+#[tokio::test]
+async fn a_missing_object_is_reported_as_not_found() {
+    let store = fresh_bucket().await;
     assert!(store.head("nope").await.unwrap().is_none());
     assert!(matches!(
         store.open("nope").await.map(|_| ()),
@@ -212,15 +217,7 @@ async fn a_missing_object_is_reported_as_not_found() {
 
 #[tokio::test]
 async fn a_listing_finds_every_key_under_a_folder_at_any_depth_and_nothing_beside_it() {
-    let sdk = aws_sdk_config().await;
-    let client = aws_sdk_s3::Client::from_conf(
-        aws_sdk_s3::config::Builder::from(&sdk)
-            .force_path_style(true)
-            .build(),
-    );
-    let bucket = unique("b");
-    client.create_bucket().bucket(&bucket).send().await.unwrap();
-    let store = S3ObjectStore::new(client, &bucket);
+    let store = fresh_bucket().await;
     let inside = [
         "outputs/j1/a.png",
         "outputs/j1/a1/b.png",
