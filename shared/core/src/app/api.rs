@@ -471,11 +471,7 @@ impl Api {
                 .clone()
                 .filter(|run| stopped.as_ref() != Some(run))
             {
-                let stop = StopRun {
-                    job_id: job.id.clone(),
-                    runpod_id: run.clone(),
-                    reason: StopReason::ClientCancel,
-                };
+                let stop = StopRun::new(&job.id, &run, StopReason::ClientCancel);
                 if let Err(err) = self.stops.request_stop(&stop).await {
                     tracing::warn!(job_id = %job.id, error = %err, "could not queue the run's stop");
                     return Err(Refusal::Unavailable {

@@ -320,11 +320,7 @@ impl Dispatcher {
     /// still never used (only the job's own run is ever asked about), and its webhook, when
     /// it announces itself, asks for the stop again.
     async fn stop_run(&self, job_id: &str, runpod_id: &str, reason: StopReason) {
-        let stop = StopRun {
-            job_id: job_id.to_string(),
-            runpod_id: runpod_id.to_string(),
-            reason,
-        };
+        let stop = StopRun::new(job_id, runpod_id, reason);
         if let Err(err) = self.stops.request_stop(&stop).await {
             tracing::warn!(job_id, runpod_id, error = %err, "could not queue an extra run's stop");
         }

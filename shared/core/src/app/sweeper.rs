@@ -299,11 +299,7 @@ impl Sweeper {
                     return Ok(Action::Error);
                 }
             }
-            let stop = StopRun {
-                job_id: job.id.clone(),
-                runpod_id: runpod_id.clone(),
-                reason: StopReason::Deadline,
-            };
+            let stop = StopRun::new(&job.id, runpod_id, StopReason::Deadline);
             if let Err(err) = self.stops.request_stop(&stop).await {
                 // Do not record a timeout while nothing is set to stop the GPU.
                 tracing::warn!(job_id = %job.id, error = %err, "could not queue the stop at deadline");

@@ -154,11 +154,7 @@ impl WebhookHandler {
             tracing::info!(job_id = %job.id, runpod_id = run, error = %err, "an unconfirmed run was not stopped");
             return;
         }
-        let stop = StopRun {
-            job_id: job.id.clone(),
-            runpod_id: run.to_string(),
-            reason: StopReason::ExtraRun,
-        };
+        let stop = StopRun::new(&job.id, run, StopReason::ExtraRun);
         match self.stops.request_stop(&stop).await {
             Ok(()) => {
                 tracing::warn!(job_id = %job.id, runpod_id = run, "an extra run is being stopped")

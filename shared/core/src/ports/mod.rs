@@ -153,6 +153,16 @@ pub struct StopRun {
     pub reason: StopReason,
 }
 
+impl StopRun {
+    pub fn new(job_id: &str, runpod_id: &str, reason: StopReason) -> Self {
+        Self {
+            job_id: job_id.to_string(),
+            runpod_id: runpod_id.to_string(),
+            reason,
+        }
+    }
+}
+
 /// The queue of runs to stop. A request that was accepted is carried out, retried while RunPod
 /// cannot be reached, and dead-lettered (and alarmed on) if it never can.
 #[async_trait]
