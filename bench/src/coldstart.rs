@@ -197,11 +197,14 @@ async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> Result<T, B
 }
 
 /// Whether `function` is told of the secret named by `arn_var`, as in `template.yaml`: the
-/// public submit function of none, the sweeper of all but the webhook secret.
+/// public submit function of none, the webhook of all but the volume's, the sweeper of all but
+/// the webhook's, finalize of the volume's alone.
 pub fn told_of(function: &str, arn_var: &str) -> bool {
     match function {
-        "dispatch" | "webhook" => true,
+        "dispatch" => true,
+        "webhook" => arn_var != "VOLUME_SECRET_ARN",
         "sweeper" => arn_var != "WEBHOOK_SECRET_ARN",
+        "finalize" => arn_var == "VOLUME_SECRET_ARN",
         _ => false,
     }
 }
@@ -420,11 +423,20 @@ pub fn submit_event(image: &[u8]) -> Value {
 }
 
 pub fn sqs_event(job_id: &str) -> Value {
+    sqs_event_with(json!({ "job_id": job_id }))
+}
+
+/// A finalize-queue batch of one request for `job_id`.
+pub fn finalize_event(job_id: &str) -> Value {
+    sqs_event_with(json!({ "finalize": job_id }))
+}
+
+fn sqs_event_with(body: Value) -> Value {
     json!({
         "Records": [{
             "messageId": uuid::Uuid::new_v4().to_string(),
             "receiptHandle": "bench-receipt",
-            "body": json!({ "job_id": job_id }).to_string(),
+            "body": body.to_string(),
             "attributes": {
                 "ApproximateReceiveCount": "1",
                 "SentTimestamp": crate::common::now_ms().to_string(),
@@ -465,7 +477,7 @@ pub fn schedule_event() -> Value {
     })
 }
 
-/// The subjects: the four functions, the warmed submit, hello world and the Python submit.
+/// The subjects: the five functions, the warmed submit, hello world and the Python submit.
 pub fn subjects(memory: &crate::template::MemorySizes) -> Vec<Subject> {
     let bins = bin_dir();
     let image = jpeg(96, 72);
@@ -486,6 +498,11 @@ pub fn subjects(memory: &crate::template::MemorySizes) -> Vec<Subject> {
             "webhook",
             webhook_event(&missing()),
             webhook_event(&missing()),
+        ),
+        rust(
+            "finalize",
+            finalize_event(&missing()),
+            finalize_event(&missing()),
         ),
         rust("sweeper", schedule_event(), schedule_event()),
         Subject {

@@ -94,6 +94,7 @@ pub struct Names {
     pub table: String,
     pub queue_url: String,
     pub stop_queue_url: String,
+    pub finalize_queue_url: String,
     pub uploads: String,
     pub results: String,
 }
@@ -105,6 +106,7 @@ impl Names {
             table: format!("bench-{label}-{id}"),
             queue_url: format!("{moto}/123456789012/bench-{label}-{id}"),
             stop_queue_url: format!("{moto}/123456789012/bench-{label}-stops-{id}"),
+            finalize_queue_url: format!("{moto}/123456789012/bench-{label}-finalize-{id}"),
             uploads: format!("bench-{label}-uploads-{id}"),
             results: format!("bench-{label}-results-{id}"),
         }
@@ -130,6 +132,7 @@ pub fn gateway_env(
         table: names.table.clone(),
         queue_url: names.queue_url.clone(),
         stop_queue_url: names.stop_queue_url.clone(),
+        finalize_queue_url: names.finalize_queue_url.clone(),
         uploads: names.uploads.clone(),
         results: names.results.clone(),
     };

@@ -53,6 +53,8 @@ pub struct ComputeFigure {
     pub submit_ms: Summary,
     pub dispatch_ms: Summary,
     pub webhook_ms: Summary,
+    /// The finalize function's batch of one: read the report, lease, copy the output, save.
+    pub finalize_ms: Summary,
     pub get_ms: Summary,
     pub total_ms: Summary,
     pub gb_seconds: Summary,
@@ -86,6 +88,7 @@ pub async fn measure_compute(
     let api = Arc::new(gateway_http::api::ApiState::new(wiring.api()?, identity));
     let webhook = Arc::new(wiring.webhook()?);
     let consumer = wiring.consumer()?;
+    let finalizer = wiring.finalizer()?;
     let sweeper = wiring.sweeper()?;
     let timings: Timings = Arc::default();
     let app = gateway_http::api::router(api)
@@ -101,16 +104,9 @@ pub async fn measure_compute(
     let sqs = aws_sdk_sqs::Client::new(sdk);
     let body = restore_request(&jpeg(640, 480)).to_string();
     let mut figure = ComputeFigure::default();
-    let (mut submit, mut dispatch, mut hook, mut get, mut total, mut gbs, mut gpu, mut size) = (
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-        vec![],
-    );
+    let (mut submit, mut dispatch, mut hook, mut fin, mut get) =
+        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut total, mut gbs, mut gpu, mut size) = (vec![], vec![], vec![], vec![]);
     // One untimed job first: the first request of a process pays for connections and lazy
     // set-up, which figure 1 reports; this figure is about a warm function's work.
     for run in 0..=runs {
@@ -131,41 +127,17 @@ pub async fn measure_compute(
                 take_timing(&timings, "POST /jobs").ok_or("no timing for POST /jobs")?;
 
             // The dispatch function: one SQS batch holding this job's message.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            let message = loop {
-                let out = sqs
-                    .receive_message()
-                    .queue_url(&names.queue_url)
-                    .max_number_of_messages(1)
-                    .wait_time_seconds(1)
-                    .send()
-                    .await?;
-                if let Some(message) = out.messages.unwrap_or_default().into_iter().next() {
-                    break message;
-                }
-                if Instant::now() > deadline {
-                    return Err::<_, BoxError>("the job's SQS message never came".into());
-                }
-            };
-            let mut event = SqsEvent::default();
-            let mut record = SqsMessage::default();
-            record.message_id = message.message_id.clone();
-            record.receipt_handle = message.receipt_handle.clone();
-            record.body = message.body.clone();
-            event.records.push(record);
+            let (event, receipt) = receive_one(&sqs, &names.queue_url).await?;
             let started = Instant::now();
             let response = gateway_aws::adapters::sqs::handle_batch(&consumer, event).await;
             let t_dispatch = started.elapsed();
             if !response.batch_item_failures.is_empty() {
-                return Err("dispatch reported a failure".into());
+                return Err::<_, BoxError>("dispatch reported a failure".into());
             }
-            sqs.delete_message()
-                .queue_url(&names.queue_url)
-                .set_receipt_handle(message.receipt_handle)
-                .send()
-                .await?;
+            delete(&sqs, &names.queue_url, receipt).await?;
 
-            // The worker runs; RunPod's webhook reaches the webhook handler, which finalizes.
+            // The worker runs; RunPod's webhook reaches the webhook handler, which hands the
+            // completed run to finalize.
             let label = format!("POST /webhooks/runpod/{job_id}");
             let deadline = Instant::now() + Duration::from_secs(120);
             let t_webhook = loop {
@@ -185,6 +157,17 @@ pub async fn measure_compute(
                 tokio::time::sleep(Duration::from_millis(20)).await;
             };
 
+            // The finalize function: one SQS batch holding the hand-off.
+            let (event, receipt) = receive_one(&sqs, &names.finalize_queue_url).await?;
+            let started = Instant::now();
+            let response =
+                gateway_aws::adapters::sqs::handle_finalize_batch(&finalizer, event, None).await;
+            let t_finalize = started.elapsed();
+            if !response.batch_item_failures.is_empty() {
+                return Err("finalize reported a failure".into());
+            }
+            delete(&sqs, &names.finalize_queue_url, receipt).await?;
+
             let job: Value = http
                 .get(format!("{base}/jobs/{job_id}"))
                 .bearer_auth(DEV_TOKEN)
@@ -201,6 +184,7 @@ pub async fn measure_compute(
                 t_submit,
                 t_dispatch,
                 t_webhook,
+                t_finalize,
                 t_get,
                 job["execution_time_ms"].as_f64().unwrap_or(0.0),
                 job["outputs"][0]["size"].as_f64().unwrap_or(0.0),
@@ -209,23 +193,25 @@ pub async fn measure_compute(
         .await;
         match result {
             Ok(_) if run == 0 => {}
-            Ok((s, d, w, g, exec, bytes)) => {
-                let (s, d, w, g) = (ms(s), ms(d), ms(w), ms(g));
+            Ok((s, d, w, f, g, exec, bytes)) => {
+                let (s, d, w, f, g) = (ms(s), ms(d), ms(w), ms(f), ms(g));
                 submit.push(s);
                 dispatch.push(d);
                 hook.push(w);
+                fin.push(f);
                 get.push(g);
-                total.push(s + d + w + g);
+                total.push(s + d + w + f + g);
                 gbs.push(
                     gb_seconds(s, memory.of("submit"))
                         + gb_seconds(g, memory.of("submit"))
                         + gb_seconds(d, memory.of("dispatch"))
-                        + gb_seconds(w, memory.of("webhook")),
+                        + gb_seconds(w, memory.of("webhook"))
+                        + gb_seconds(f, memory.of("finalize")),
                 );
                 gpu.push(exec);
                 size.push(bytes);
                 crate::progress!(
-                    "compute per job {run}/{runs}: submit {s:.1} ms, dispatch {d:.1} ms, webhook {w:.1} ms, get {g:.1} ms; GPU {exec:.0} ms"
+                    "compute per job {run}/{runs}: submit {s:.1} ms, dispatch {d:.1} ms, webhook {w:.1} ms, finalize {f:.1} ms, get {g:.1} ms; GPU {exec:.0} ms"
                 );
             }
             Err(err) => figure.errors.push(format!("job {run}: {err}")),
@@ -268,6 +254,7 @@ pub async fn measure_compute(
     figure.submit_ms = Summary::of(&submit);
     figure.dispatch_ms = Summary::of(&dispatch);
     figure.webhook_ms = Summary::of(&hook);
+    figure.finalize_ms = Summary::of(&fin);
     figure.get_ms = Summary::of(&get);
     figure.total_ms = Summary::of(&total);
     figure.gb_seconds = Summary::of(&gbs);
@@ -277,9 +264,52 @@ pub async fn measure_compute(
     Ok(figure)
 }
 
+/// One message of `queue_url` as an SQS event of one record, and its receipt handle.
+async fn receive_one(
+    sqs: &aws_sdk_sqs::Client,
+    queue_url: &str,
+) -> Result<(SqsEvent, Option<String>), BoxError> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let message = loop {
+        let out = sqs
+            .receive_message()
+            .queue_url(queue_url)
+            .max_number_of_messages(1)
+            .wait_time_seconds(1)
+            .send()
+            .await?;
+        if let Some(message) = out.messages.unwrap_or_default().into_iter().next() {
+            break message;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no message on {queue_url} within 30 s").into());
+        }
+    };
+    let mut event = SqsEvent::default();
+    let mut record = SqsMessage::default();
+    record.message_id = message.message_id.clone();
+    record.receipt_handle = message.receipt_handle.clone();
+    record.body = message.body.clone();
+    event.records.push(record);
+    Ok((event, message.receipt_handle))
+}
+
+async fn delete(
+    sqs: &aws_sdk_sqs::Client,
+    queue_url: &str,
+    receipt: Option<String>,
+) -> Result<(), BoxError> {
+    sqs.delete_message()
+        .queue_url(queue_url)
+        .set_receipt_handle(receipt)
+        .send()
+        .await?;
+    Ok(())
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct WebhookFigure {
-    /// Webhook POST until its 200 (verify, copy, mark succeeded).
+    /// Webhook POST until its 200 (verify, `/status`, hand off).
     pub handled_ms: Summary,
     /// Webhook POST until `GET /jobs/{id}` gave a URL and that URL answered with the first byte.
     pub downloadable_ms: Summary,
@@ -366,13 +396,24 @@ pub async fn measure_webhook(
                     format!("webhook answered {}", response.status()).into(),
                 );
             }
-            let view: Value = http
-                .get(format!("{base}/jobs/{}", job.id))
-                .bearer_auth(DEV_TOKEN)
-                .send()
-                .await?
-                .json()
-                .await?;
+            // The finalize function (the runner's poller of its queue) collects the output.
+            let give_up = Instant::now() + Duration::from_secs(60);
+            let view: Value = loop {
+                let view: Value = http
+                    .get(format!("{base}/jobs/{}", job.id))
+                    .bearer_auth(DEV_TOKEN)
+                    .send()
+                    .await?
+                    .json()
+                    .await?;
+                if view["status"] != "running" && view["status"] != "submitted" {
+                    break view;
+                }
+                if Instant::now() > give_up {
+                    return Err("not finalized within 60 s".into());
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
             let link = view["outputs"][0]["url"]
                 .as_str()
                 .ok_or_else(|| format!("no output URL: {view}"))?;

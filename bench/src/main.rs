@@ -135,7 +135,7 @@ async fn main() -> Result<(), BoxError> {
         };
         let hello = find("hello-world");
         let python = find("python-submit");
-        for name in ["submit", "dispatch", "webhook", "sweeper"] {
+        for name in ["submit", "dispatch", "webhook", "finalize", "sweeper"] {
             let f = find(name);
             let _ = writeln!(
                 summary,
@@ -225,7 +225,8 @@ async fn main() -> Result<(), BoxError> {
              | Handler | Function (MB) | Time (ms) |\n|---|---|---|\n\
              | `POST /jobs` (validate, decode image, S3 put, DynamoDB put, SQS send) | submit ({}) | {} |\n\
              | SQS batch of one (get, lease, copy input to volume, RunPod `/run`, save) | dispatch ({}) | {} |\n\
-             | RunPod webhook (verify, lease, copy output volume → results, save) | webhook ({}) | {} |\n\
+             | RunPod webhook (verify, `/status`, store the report, hand off, save) | webhook ({}) | {} |\n\
+             | Finalize, SQS batch of one (read the report, lease, copy output volume → results, save) | finalize ({}) | {} |\n\
              | … of which the output copy alone (volume GetObject → results PutObject, measured separately) | | {} |\n\
              | `GET /jobs/{{id}}` once succeeded (get, presign) | submit ({}) | {} |\n\
              | **Sum** | | **{}** |\n\
@@ -240,6 +241,8 @@ async fn main() -> Result<(), BoxError> {
             f.dispatch_ms.show(1),
             memory.of("webhook"),
             f.webhook_ms.show(1),
+            memory.of("finalize"),
+            f.finalize_ms.show(1),
             f.copy_ms.show(1),
             memory.of("submit"),
             f.get_ms.show(1),

@@ -198,7 +198,10 @@ pub async fn measure(
             queue: base.queue.clone(),
             runpod: base.runpod.clone(),
             stops: base.stops.clone(),
-            finalizer: base.finalizer.clone(),
+            observer: base.observer.clone(),
+            finalize: base.finalize.clone(),
+            results: base.results.clone(),
+            volume: base.volume.clone(),
             settings: base.settings.clone(),
             clock: Arc::new(Later(step * run as Millis)),
         };

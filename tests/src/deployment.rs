@@ -400,6 +400,7 @@ pub async fn boot(
             .map(|_| ())?,
         "dispatch" => wiring.dispatcher().map(|_| ())?,
         "webhook" => wiring.webhook().map(|_| ())?,
+        "finalize" => wiring.finalizer().map(|_| ())?,
         "sweeper" => wiring.sweeper().map(|_| ())?,
         other => panic!("no boot path for function {other}: add it to boot()"),
     }

@@ -157,6 +157,7 @@ impl Stack {
             table: table.clone(),
             queue_url: queue_url.clone(),
             stop_queue_url: format!("{}/123456789012/stops-{id}", aws.sqs()),
+            finalize_queue_url: format!("{}/123456789012/finalize-{id}", aws.sqs()),
             uploads: uploads_bucket.clone(),
             results: results_bucket.clone(),
         };
@@ -404,6 +405,28 @@ impl Stack {
     }
 
     /// The job record as stored (versions, leases and all), read through the gateway's adapter.
+    /// The job as stored once it is terminal (the finalize queue's consumer ends a handed-off
+    /// job a moment after the hand-off).
+    pub async fn stored_terminal(
+        &self,
+        job_id: &str,
+        timeout: Duration,
+    ) -> gateway::domain::job::Job {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let job = self.stored_job(job_id).await;
+            if job.is_terminal() {
+                return job;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {job_id} not terminal in time: {:?}",
+                job.state
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     pub async fn stored_job(&self, job_id: &str) -> gateway::domain::job::Job {
         use gateway::ports::JobStore;
         gateway_aws::adapters::dynamodb::DynamoJobStore::new(self.dynamodb(), &self.table)
@@ -425,11 +448,16 @@ impl Stack {
 
     /// The file names stored for `owner`'s job in the results bucket, sorted; each lies in the
     /// folder of the finalize attempt that stored it (`results/{owner}/{job}/{attempt}/{name}`),
-    /// so all must come from one attempt.
+    /// so all must come from one attempt. A stored report of the job's run (kept for finalize,
+    /// in the job's folder itself) is not a result.
     pub async fn result_files(&self, owner: &str, job_id: &str) -> Vec<String> {
-        let keys = self
-            .keys(&self.results_bucket, &format!("results/{owner}/{job_id}/"))
-            .await;
+        let folder = format!("results/{owner}/{job_id}/");
+        let keys: Vec<String> = self
+            .keys(&self.results_bucket, &folder)
+            .await
+            .into_iter()
+            .filter(|k| k[folder.len()..].contains('/'))
+            .collect();
         let folders: std::collections::BTreeSet<&str> = keys
             .iter()
             .filter_map(|k| k.rsplit_once('/').map(|(folder, _)| folder))

@@ -59,6 +59,7 @@ use std::time::{Duration, Instant};
 use aws_proxy::{FaultCounts, FaultPlan};
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
+use gateway::app::observe::Observer;
 use gateway::app::sweeper::Sweeper;
 use gateway::domain::job::{Actor, ErrorCode, Job, JobState};
 use gateway::ports::RunPodStatus;
@@ -416,6 +417,7 @@ struct Driven {
 struct World {
     stack: Stack,
     dispatcher: Dispatcher,
+    observer: Observer,
     finalizer: Finalizer,
     sweeper: Sweeper,
     timings: Timings,
@@ -466,11 +468,13 @@ async fn drive(world: Arc<World>, index: usize, image: Arc<Vec<u8>>, plan: Plan)
     let kill_finalize = async {
         let after = plan.kill_finalize_after?;
         let (job, status) = wait_runpod_completed(stack, &id, world.timings.deadline).await?;
-        let cut = tokio::time::timeout(
-            after,
-            world.finalizer.observe_as(job, &status, Actor::Webhook),
-        )
-        .await;
+        // A webhook hands the run over, and a finalize invocation takes it up and is cut off
+        // like a Lambda timing out, wherever it stopped (lease taken, outputs half copied).
+        let _ = world
+            .observer
+            .observe_as(job, &status, Actor::Webhook)
+            .await;
+        let cut = tokio::time::timeout(after, world.finalizer.finalize(&id, None)).await;
         Some(cut.is_err())
     };
     let race_finalizers = async {
@@ -492,9 +496,11 @@ async fn drive(world: Arc<World>, index: usize, image: Arc<Vec<u8>>, plan: Plan)
         // Their outcomes are judged by the job's end, like every other action's.
         let _ = tokio::join!(
             world
-                .finalizer
+                .observer
                 .observe_as(job.clone(), &status, Actor::Webhook),
-            world.finalizer.observe_as(job, &status, Actor::Sweeper),
+            world.observer.observe_as(job, &status, Actor::Sweeper),
+            world.finalizer.finalize(&id, None),
+            world.finalizer.finalize(&id, None),
             world.sweeper.sweep(),
         );
         Some(cancelled)
@@ -1039,6 +1045,7 @@ async fn wave(
     .await;
     let world = Arc::new(World {
         dispatcher: stack.wiring().dispatcher().unwrap(),
+        observer: stack.wiring().observer().unwrap(),
         finalizer: stack.wiring().finalizer().unwrap(),
         sweeper: stack.wiring().sweeper().unwrap(),
         stack,

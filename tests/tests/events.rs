@@ -1,8 +1,9 @@
 //! Every sample event in `events/` runs through its function's handler against the local stack,
 //! exactly as the Lambda runtime would hand it over: API Gateway v2 payloads through
-//! `lambda_http` into the axum routers, the SQS batch into the dispatcher, the schedule's input
-//! into the sweeper.
+//! `lambda_http` into the axum routers, the SQS batches into the dispatcher and the finalizer, the
+//! schedule's input into the sweeper.
 use std::path::PathBuf;
+use std::time::Duration;
 
 use gateway::domain::job::Job;
 use gateway::ports::JobStore;
@@ -99,7 +100,7 @@ async fn without_authorizer_claims_the_api_answers_401() {
 }
 
 #[tokio::test]
-async fn the_webhook_event_finalizes_its_job() {
+async fn the_webhook_event_hands_its_job_to_finalize() {
     let stack = stack().await;
     let job = seed_job(&stack, JOB).await;
     let store = stack.wiring().job_store().unwrap();
@@ -133,8 +134,66 @@ async fn the_webhook_event_finalizes_its_job() {
     let (status, body) = call(router, &event("webhook-completed.json")).await;
     assert_eq!(status, 200, "{body}");
 
+    // Handed to the finalize queue, whose consumer (the stack's runner) collects the output.
+    let done = stack.stored_terminal(JOB, Duration::from_secs(60)).await;
+    assert_eq!(done.state, gateway::domain::job::JobState::Succeeded);
+    assert_eq!(
+        stack.result_files(SUB, JOB).await,
+        vec!["restore_00001_.png"]
+    );
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_finalize_event_collects_its_handed_off_job() {
+    let stack = stack().await;
+    let job = seed_job(&stack, JOB).await;
+    let store = stack.wiring().job_store().unwrap();
+    let output = format!("outputs/{JOB}/restore_00001_.png");
+    let file = stack.emulator.volume_dir.join(&output);
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    image::RgbImage::new(8, 6).save(&file).unwrap();
+    // What the webhook left for finalize: RunPod's answer in the job's results folder, and the
+    // hand-off on the job (made here directly, so that no message reaches the stack's runner).
+    let report = gateway::ports::RunPodStatus {
+        id: Some(RUNPOD_ID.into()),
+        status: Some("COMPLETED".into()),
+        output: Some(serde_json::json!({"files": [format!("/runpod-volume/{output}")]})),
+        ..Default::default()
+    };
+    let report_key = gateway::domain::keys::report(SUB, JOB, RUNPOD_ID);
+    let results = stack.wiring().results().unwrap();
+    gateway::ports::ObjectStore::put_bytes(
+        results.as_ref(),
+        &report_key,
+        serde_json::to_vec(&report).unwrap().into(),
+        "application/json",
+    )
+    .await
+    .unwrap();
+    let mut handed = job.clone();
+    let at = job.timestamps.created_at + 1;
+    handed
+        .mark_submitted(RUNPOD_ID.into(), at, i64::MAX / 2)
+        .unwrap();
+    handed
+        .hand_off(RUNPOD_ID, report_key, at, i64::MAX / 2)
+        .unwrap();
+    handed.version = job.version + 1;
+    store.save(&handed, job.version).await.unwrap();
+
+    let sqs: aws_lambda_events::event::sqs::SqsEvent =
+        serde_json::from_str(&event("finalize-sqs.json")).unwrap();
+    let finalizer = stack.wiring().finalizer().unwrap();
+    let response = gateway_aws::adapters::sqs::handle_finalize_batch(&finalizer, sqs, None).await;
+
+    assert!(response.batch_item_failures.is_empty());
     let done = store.get(JOB).await.unwrap().unwrap();
     assert_eq!(done.state, gateway::domain::job::JobState::Succeeded);
+    assert_eq!(
+        done.history.last().unwrap().by,
+        gateway::domain::job::Actor::Finalize
+    );
     assert_eq!(
         stack.result_files(SUB, JOB).await,
         vec!["restore_00001_.png"]

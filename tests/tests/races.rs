@@ -82,14 +82,19 @@ fn assert_finished_once(before: &Job, after: &Job, writes: u64, by: &[Actor]) {
     assert!(after.lease.is_none() && after.cleanup_pending);
 }
 
+/// The job's copies of outputs in the results bucket: its stored report aside, which finalize
+/// (or, for a job cancelled before finalize came, the clean-up) removes in its own time.
 async fn result_keys(stack: &Stack, job_id: &str) -> Vec<String> {
     stack
         .keys(&stack.results_bucket, &format!("results/alice/{job_id}/"))
         .await
+        .into_iter()
+        .filter(|key| !key.contains("/report-"))
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_webhook_and_the_sweeper_finalizing_at_once_finish_the_job_once() {
+async fn the_webhook_and_the_sweeper_at_once_hand_off_and_finish_the_job_once() {
     // RunPod's /status answers slowly, so the sweeper reads the job, then waits while the
     // webhook arrives; a slow volume keeps the winner copying while the loser comes and goes.
     let mut faults = faults(false, 200);
@@ -139,10 +144,10 @@ async fn the_webhook_and_the_sweeper_finalizing_at_once_finish_the_job_once() {
             status == StatusCode::OK || status == StatusCode::SERVICE_UNAVAILABLE,
             "{status}"
         );
-        let after = stack.stored_job(&job_id).await;
+        let after = stack.stored_terminal(&job_id, TIMEOUT).await;
         assert_eq!(after.state, JobState::Succeeded, "{:?}", after.history);
-        // Exactly the winner's two writes: its lease, then the end.
-        assert_finished_once(&before, &after, 2, &[Actor::Webhook, Actor::Sweeper]);
+        // Exactly the winner's hand-off, then finalize's lease and the end.
+        assert_finished_once(&before, &after, 3, &[Actor::Finalize]);
         assert_eq!(result_keys(&stack, &job_id).await.len(), 1);
         winners.push(after.history.last().unwrap().by);
     }
@@ -183,9 +188,9 @@ async fn two_webhook_deliveries_in_parallel_finish_the_job_once() {
             [a, b].contains(&StatusCode::OK),
             "one of them finished the job: {a} {b}"
         );
-        let after = stack.stored_job(&job_id).await;
+        let after = stack.stored_terminal(&job_id, TIMEOUT).await;
         assert_eq!(after.state, JobState::Succeeded);
-        assert_finished_once(&before, &after, 2, &[Actor::Webhook]);
+        assert_finished_once(&before, &after, 3, &[Actor::Finalize]);
         assert_eq!(result_keys(&stack, &job_id).await.len(), 1);
         // RunPod's retry of the loser, after the end: 200, nothing written.
         assert_eq!(stack.post_webhook(&url, &body).await, StatusCode::OK);
@@ -303,7 +308,7 @@ async fn a_cancel_racing_the_webhook_leaves_one_end_and_no_stray_outputs() {
                 .await
         });
         assert!(hook == StatusCode::OK || hook == StatusCode::SERVICE_UNAVAILABLE);
-        let after = stack.stored_job(&job_id).await;
+        let after = stack.stored_terminal(&job_id, TIMEOUT).await;
         let keys = result_keys(&stack, &job_id).await;
         match after.state {
             JobState::Succeeded => {
@@ -376,7 +381,10 @@ async fn a_sweeper_expiring_a_stale_copy_never_leaves_a_gpu_running() {
         queue: wiring.queue().unwrap(),
         runpod: wiring.runpod().unwrap(),
         stops: wiring.stops().unwrap(),
-        finalizer: std::sync::Arc::new(wiring.finalizer().unwrap()),
+        observer: std::sync::Arc::new(wiring.observer().unwrap()),
+        finalize: wiring.finalize_queue().unwrap(),
+        results: wiring.results().unwrap(),
+        volume: wiring.volume().unwrap().0,
         settings: wiring.settings.clone(),
         clock: wiring.clock.clone(),
     };

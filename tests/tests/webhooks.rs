@@ -106,18 +106,21 @@ async fn concurrent_duplicate_webhooks_finalize_once() {
     let deliveries = (0..4).map(|_| stack.post_webhook(&url, &body));
     let statuses = futures::future::join_all(deliveries).await;
     assert!(statuses.contains(&StatusCode::OK), "{statuses:?}");
-    // Losers either saw the job finished (200) or busy (503, RunPod would retry).
+    // Losers either saw the job handed off already (200) or busy (503, RunPod would retry).
     assert!(statuses
         .iter()
         .all(|s| *s == StatusCode::OK || *s == StatusCode::SERVICE_UNAVAILABLE));
 
-    let after = stack.stored_job(&job_id).await;
+    let after = stack
+        .stored_terminal(&job_id, Duration::from_secs(60))
+        .await;
     assert_eq!(after.state, gateway::domain::job::JobState::Succeeded);
-    // Exactly two writes: the finalize lease, then the terminal state.
+    // Exactly three writes: the hand-off, the finalize lease, then the terminal state.
     assert_eq!(
         after.version,
-        before.version + 2,
-        "job written more than once"
+        before.version + 3,
+        "job written more than once: {:?}",
+        after.history
     );
     assert_eq!(after.outputs.len(), 1);
     stack.stop().await;

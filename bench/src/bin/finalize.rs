@@ -1,7 +1,8 @@
-//! Child process of the peak-memory figure. Wires the finalizer the way the webhook function
-//! does (same environment variables), finalizes one job from the RunPod report given as its
-//! second argument, and prints one JSON line with its resident set before and its peak
-//! (`VmHWM`) after. Run by `gateway-bench`; not useful alone.
+//! Child process of the peak-memory figure. Wires the observer the way the webhook function
+//! does and the finalizer the way the finalize function does (same environment variables),
+//! hands one job over on the RunPod report given as its second argument and finalizes it, and
+//! prints one JSON line with its resident set before and its peak (`VmHWM`) after each step.
+//! Run by `gateway-bench`; not useful alone.
 use std::time::Instant;
 
 use gateway::ports::RunPodStatus;
@@ -26,6 +27,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .ok_or("usage: bench-finalize JOB_ID STATUS_JSON")?;
     let status: RunPodStatus = serde_json::from_str(&args.next().ok_or("missing STATUS_JSON")?)?;
     let wiring = Wiring::from_env().await?;
+    let observer = wiring.observer()?;
     let finalizer = wiring.finalizer()?;
     let job = finalizer
         .store
@@ -35,12 +37,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rss_before_kb = status_kb("VmRSS");
     let hwm_before_kb = status_kb("VmHWM");
     let started = Instant::now();
-    let outcome = finalizer.observe(job, &status).await?;
+    let handed = observer.observe(job, &status).await?;
+    let hwm_after_handoff_kb = status_kb("VmHWM");
+    let outcome = finalizer.finalize(&job_id, None).await?;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
     println!(
         "{}",
         serde_json::json!({
+            "handed": format!("{handed:?}"),
             "outcome": format!("{outcome:?}"),
+            "hwm_after_handoff_kb": hwm_after_handoff_kb,
             "rss_before_kb": rss_before_kb,
             "hwm_before_kb": hwm_before_kb,
             "hwm_after_kb": status_kb("VmHWM"),

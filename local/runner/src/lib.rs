@@ -1,20 +1,23 @@
-//! The local runner: the gateway's four functions in one process, against the local stack.
+//! The local runner: the gateway's five functions in one process, against the local stack.
 //!
 //! - the public API and the webhook receiver on one listener (the same routers Lambda serves);
 //! - SQS long-pollers feeding batches of the dispatch queue and of the stop queue to the dispatch
 //!   function's handler, several dispatch batches in flight at once (the event source's
-//!   `MaximumConcurrency`), deleting what succeeded and leaving failures to come back after the
-//!   visibility timeout, as the Lambda event sources do;
+//!   `MaximumConcurrency`), and the finalize queue to the finalize function's, one message at a
+//!   time, deleting what succeeded and leaving failures to come back after the visibility
+//!   timeout, as the Lambda event sources do;
 //! - a sweeper tick standing in for the EventBridge schedule.
 pub mod resources;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
 use gateway::app::sweeper::Sweeper;
-use gateway_aws::adapters::sqs::{handle_batch, Consumer};
+use gateway_aws::adapters::sqs::{handle_batch, handle_finalize_batch};
 use gateway_aws::wiring::{BootError, Wiring};
 use gateway_http::api::identity::IdentitySource;
 use gateway_http::api::ApiState;
@@ -75,10 +78,21 @@ pub async fn start_on(
     let api = Arc::new(ApiState::new(wiring.api()?, identity));
     let webhook = Arc::new(wiring.webhook()?);
     let consumer = Arc::new(wiring.consumer()?);
+    let dispatch: Handler = Arc::new(move |event| {
+        let consumer = consumer.clone();
+        Box::pin(async move { handle_batch(&consumer, event).await })
+    });
+    let finalizer = Arc::new(wiring.finalizer()?);
+    let finalize: Handler = Arc::new(move |event| {
+        let finalizer = finalizer.clone();
+        Box::pin(async move { handle_finalize_batch(&finalizer, event, None).await })
+    });
     let sweeper = Arc::new(wiring.sweeper()?);
     let sqs = aws_sdk_sqs::Client::new(&wiring.sdk);
     let queue_url = gateway::config::queue_url(&wiring.env).map_err(BootError::from)?;
     let stop_queue_url = gateway::config::stop_queue_url(&wiring.env).map_err(BootError::from)?;
+    let finalize_queue_url =
+        gateway::config::finalize_queue_url(&wiring.env).map_err(BootError::from)?;
 
     let app = gateway_http::api::router(api).merge(gateway_http::webhook::router(webhook));
     let addr = listener.local_addr()?;
@@ -100,7 +114,7 @@ pub async fn start_on(
             Poller {
                 sqs: sqs.clone(),
                 queue_url: queue_url.clone(),
-                consumer: consumer.clone(),
+                handler: dispatch.clone(),
                 batch_size,
             },
             watcher.clone(),
@@ -112,11 +126,23 @@ pub async fn start_on(
         Poller {
             sqs: sqs.clone(),
             queue_url: stop_queue_url,
-            consumer: consumer.clone(),
+            handler: dispatch.clone(),
             batch_size: 10,
         },
         watcher.clone(),
     )));
+    // The finalize function's event source takes one message per invocation.
+    for _ in 0..options.dispatch_concurrency.max(1) {
+        tasks.push(tokio::spawn(poll_queue(
+            Poller {
+                sqs: sqs.clone(),
+                queue_url: finalize_queue_url.clone(),
+                handler: finalize.clone(),
+                batch_size: 1,
+            },
+            watcher.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(tick_sweeper(
         sweeper,
         options.sweep_every,
@@ -130,10 +156,14 @@ pub async fn start_on(
     })
 }
 
+/// A function's handler of an SQS batch, as its Lambda event source calls it.
+type Handler =
+    Arc<dyn Fn(SqsEvent) -> Pin<Box<dyn Future<Output = SqsBatchResponse> + Send>> + Send + Sync>;
+
 struct Poller {
     sqs: aws_sdk_sqs::Client,
     queue_url: String,
-    consumer: Arc<Consumer>,
+    handler: Handler,
     batch_size: u8,
 }
 
@@ -143,7 +173,7 @@ async fn poll_queue(poller: Poller, mut stop: watch::Receiver<bool>) {
     let Poller {
         sqs,
         queue_url,
-        consumer,
+        handler,
         batch_size,
     } = poller;
     loop {
@@ -181,7 +211,7 @@ async fn poll_queue(poller: Poller, mut stop: watch::Receiver<bool>) {
             ));
             event.records.push(record);
         }
-        let response = handle_batch(&consumer, event).await;
+        let response = handler(event).await;
         for (message_id, receipt) in receipts {
             let failed = response
                 .batch_item_failures

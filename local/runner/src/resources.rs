@@ -1,6 +1,6 @@
 //! Creates the AWS resources the SAM template would create, in the local stack (moto): the jobs
-//! table with its indexes, the dispatch and stop queues with their dead-letter queues, the two
-//! buckets.
+//! table with its indexes, the dispatch, stop and finalize queues with their dead-letter queues,
+//! the two buckets.
 //! Idempotent, so every start of the stack can call it.
 use aws_sdk_sqs::types::QueueAttributeName;
 use gateway::config;
@@ -16,7 +16,11 @@ pub async fn ensure(wiring: &Wiring, visibility_secs: u32) -> Result<(), String>
     create_table(&aws_sdk_dynamodb::Client::new(&wiring.sdk), &table).await?;
 
     let sqs = aws_sdk_sqs::Client::new(&wiring.sdk);
-    for queue_url in [config::queue_url(env), config::stop_queue_url(env)] {
+    for queue_url in [
+        config::queue_url(env),
+        config::stop_queue_url(env),
+        config::finalize_queue_url(env),
+    ] {
         let queue_url = queue_url.map_err(|e| e.to_string())?;
         create_queue(&sqs, &queue_url, visibility_secs).await?;
     }

@@ -11,9 +11,10 @@ use crate::adapters::runpod::{http_client, HttpRunPod};
 use crate::adapters::s3::{aws_client, volume_client, S3ObjectStore};
 #[cfg(feature = "secrets")]
 use crate::adapters::secrets;
-use crate::adapters::sqs::{SqsJobQueue, SqsStopQueue};
+use crate::adapters::sqs::{SqsFinalizeQueue, SqsJobQueue, SqsStopQueue};
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
+use gateway::app::observe::Observer;
 use gateway::app::stop::Stopper;
 use gateway::app::webhook::WebhookHandler;
 use gateway::config::{
@@ -144,6 +145,13 @@ impl Wiring {
         )))
     }
 
+    pub fn finalize_queue(&self) -> Result<Arc<SqsFinalizeQueue>, BootError> {
+        Ok(Arc::new(SqsFinalizeQueue::new(
+            self.sqs(),
+            config::finalize_queue_url(&self.env)?,
+        )))
+    }
+
     /// What the dispatch function runs on both its queues' batches.
     #[cfg(feature = "sqs-events")]
     pub fn consumer(&self) -> Result<crate::adapters::sqs::Consumer, BootError> {
@@ -249,6 +257,19 @@ impl Wiring {
             layout,
             catalog: self.catalog.clone(),
             fetcher: Arc::new(HttpFetcher::new(http)),
+            queue: self.finalize_queue()?,
+            settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        })
+    }
+
+    /// What the webhook and the sweeper act on RunPod's answers with: no volume, no
+    /// downloads; a completed run goes to the finalize function.
+    pub fn observer(&self) -> Result<Observer, BootError> {
+        Ok(Observer {
+            store: self.job_store()?,
+            reports: self.results()?,
+            finalize: self.finalize_queue()?,
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         })
@@ -259,18 +280,22 @@ impl Wiring {
             store: self.job_store()?,
             runpod: self.runpod()?,
             stops: self.stops()?,
-            finalizer: Arc::new(self.finalizer()?),
+            observer: Arc::new(self.observer()?),
             signer: self.signer()?,
         })
     }
 
     pub fn sweeper(&self) -> Result<gateway::app::sweeper::Sweeper, BootError> {
+        let (volume, _) = self.volume()?;
         Ok(gateway::app::sweeper::Sweeper {
             store: self.job_store()?,
             queue: self.queue()?,
             runpod: self.runpod()?,
             stops: self.stops()?,
-            finalizer: Arc::new(self.finalizer()?),
+            observer: Arc::new(self.observer()?),
+            finalize: self.finalize_queue()?,
+            results: self.results()?,
+            volume,
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         })

@@ -174,6 +174,13 @@ pub struct Settings {
     pub max_output_file_bytes: u64,
     /// Most bytes of outputs one job may store, all files together (`OUTPUT_MAX_JOB_BYTES`).
     pub max_output_job_bytes: u64,
+    /// Longest `/status` answer read from RunPod, and so the longest stored report
+    /// (`RUNPOD_MAX_STATUS_BYTES`). A completed run's answer carries its output (base64 images,
+    /// for worker-comfyui); a longer one fails the job `output_too_large`.
+    pub max_status_bytes: u64,
+    /// How long after RunPod confirmed a run completed finalize may keep trying to collect
+    /// its outputs (`FINALIZE_GIVE_UP_SECS`); then the job fails `deadline_exceeded`.
+    pub finalize_give_up: Duration,
 }
 
 impl Settings {
@@ -207,6 +214,8 @@ impl Settings {
             max_output_image_bytes: parsed(env, "OUTPUT_MAX_IMAGE_BYTES", 50 * 1024 * 1024)?,
             max_output_file_bytes: parsed(env, "OUTPUT_MAX_FILE_BYTES", 1024 * 1024 * 1024)?,
             max_output_job_bytes: parsed(env, "OUTPUT_MAX_JOB_BYTES", 2 * 1024 * 1024 * 1024)?,
+            max_status_bytes: parsed(env, "RUNPOD_MAX_STATUS_BYTES", 64 * 1024 * 1024)?,
+            finalize_give_up: seconds(env, "FINALIZE_GIVE_UP_SECS", 3_600)?,
         };
         if settings.status_poll_after >= Duration::from_secs(25 * 60)
             || settings.poll_interval >= Duration::from_secs(25 * 60)
@@ -260,6 +269,11 @@ pub fn s3_force_path_style(env: &Env) -> Result<bool, ConfigError> {
 /// The stop queue (`STOP_QUEUE_URL`): runs to stop at RunPod, for the stopper.
 pub fn stop_queue_url(env: &Env) -> Result<String, ConfigError> {
     env.required("STOP_QUEUE_URL")
+}
+
+/// The finalize queue (`FINALIZE_QUEUE_URL`): handed-off jobs, for the finalize function.
+pub fn finalize_queue_url(env: &Env) -> Result<String, ConfigError> {
+    env.required("FINALIZE_QUEUE_URL")
 }
 
 /// A Secrets Manager secret: a JSON object of some of the gateway's secret variables, laid over

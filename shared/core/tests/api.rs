@@ -544,8 +544,7 @@ async fn outputs_get_download_urls_only_once_the_job_succeeded() {
         .is_empty());
 
     let report = kit.completed_run("rp-1", &[output]);
-    kit.finalizer()
-        .observe(kit.stored(&job.id), &report)
+    kit.observe_then_finalize(kit.stored(&job.id), &report, Actor::Gateway)
         .await
         .unwrap();
 

@@ -1,8 +1,10 @@
-//! Finalize: what a RunPod report means for the job, and collecting its outputs exactly once.
-use gateway::app::finalize::{decide, Decision, FinalizeError, Outcome};
+//! Observing and finalizing: what a RunPod report means for the job, the hand-off of a
+//! completed run, and collecting its outputs exactly once.
+use gateway::app::finalize::FinalizeError;
+use gateway::app::observe::{decide, Decision, Outcome};
 use gateway::domain::job::{Actor, ErrorCode, Job, JobError, JobState, LeaseKind};
-use gateway::ports::{JobStore, RunPodStatus};
-use testkit::fakes::BrokenKey;
+use gateway::ports::{JobStore, ObjectStore, RunPodStatus};
+use testkit::fakes::{Answer, BrokenKey};
 use testkit::Kit;
 
 /// A job dispatched to RunPod as `rp-1`.
@@ -21,14 +23,30 @@ fn report(status: &str, output: Option<serde_json::Value>) -> RunPodStatus {
     }
 }
 
-/// The finalize's answer to `status` for `job`, as `by` would get it.
+/// What `status`, reported to `by`, comes to for `job` once finalize has run on it.
 async fn finalize(
     kit: &Kit,
     job: &Job,
     status: &RunPodStatus,
     by: Actor,
 ) -> Result<Outcome, FinalizeError> {
-    kit.finalizer().observe_as(job.clone(), status, by).await
+    kit.observe_then_finalize(job.clone(), status, by).await
+}
+
+/// The copies of outputs in the results bucket (the stored reports aside).
+fn copies(kit: &Kit) -> Vec<String> {
+    without_reports(kit.results.keys())
+}
+
+/// Every key of the results bucket ever written or read, the stored reports aside.
+fn copies_touched(kit: &Kit) -> Vec<String> {
+    without_reports(kit.results.touched())
+}
+
+fn without_reports(keys: Vec<String>) -> Vec<String> {
+    keys.into_iter()
+        .filter(|key| !key.contains("/report-"))
+        .collect()
 }
 
 fn output_key(job: &Job, name: &str) -> String {
@@ -155,15 +173,18 @@ async fn a_volume_outage_releases_the_lease_for_a_later_try() {
 
     let outcome = finalize(&kit, &job, &status, Actor::Webhook).await;
 
-    assert!(
-        matches!(outcome, Err(FinalizeError::RetryLater(_))),
-        "{outcome:?}"
-    );
+    assert!(matches!(outcome, Ok(Outcome::Retrying(_))), "{outcome:?}");
     let stored = kit.stored(&job.id);
-    assert_eq!(stored.state, JobState::Submitted);
+    assert_eq!(stored.state, JobState::Running, "handed off, not ended");
     assert!(stored.lease.is_none(), "released");
     assert_eq!(stored.check_failures, 1);
-    assert!(kit.results.keys().is_empty());
+    assert!(copies(&kit).is_empty());
+    let retry = kit.finalize.take();
+    assert_eq!(retry.len(), 1, "finalize is asked to try again");
+    assert!(
+        retry[0].delay > std::time::Duration::ZERO,
+        "later, not at once"
+    );
 }
 
 #[tokio::test]
@@ -268,12 +289,12 @@ async fn a_finalize_whose_lease_another_took_over_leaves_the_job_to_it_and_remov
     let stored = kit.stored(&job.id);
     assert_eq!(
         stored.state,
-        JobState::Submitted,
+        JobState::Running,
         "the other finalizer decides"
     );
     assert_eq!(stored.lease.unwrap().until, later + 120_000);
     assert!(
-        kit.results.keys().is_empty(),
+        copies(&kit).is_empty(),
         "ours, in our own folder, are removed: {:?}",
         kit.results.keys()
     );
@@ -314,7 +335,7 @@ async fn a_volume_file_over_its_cap_fails_output_too_large_with_nothing_stored()
     let stored = kit.stored(&job.id);
     assert_eq!(stored.error.unwrap().code, ErrorCode::OutputTooLarge);
     assert!(
-        kit.results.touched().is_empty(),
+        copies_touched(&kit).is_empty(),
         "{:?}",
         kit.results.touched()
     );
@@ -349,7 +370,7 @@ async fn volume_files_over_the_jobs_cap_together_fail_before_any_copy() {
         ErrorCode::OutputTooLarge
     );
     assert!(
-        kit.results.touched().is_empty(),
+        copies_touched(&kit).is_empty(),
         "{:?}",
         kit.results.touched()
     );
@@ -389,13 +410,9 @@ async fn each_attempt_stores_into_its_own_folder_and_a_later_one_never_shares_it
     });
     let first = finalize(&kit, &job, &status, Actor::Webhook).await;
     assert_eq!(first.unwrap(), Outcome::Unchanged);
-    let first_keys: std::collections::BTreeSet<String> =
-        kit.results.touched().into_iter().collect();
+    let first_keys: std::collections::BTreeSet<String> = copies_touched(&kit).into_iter().collect();
     assert_eq!(first_keys.len(), 2, "{first_keys:?}");
-    assert!(
-        kit.results.keys().is_empty(),
-        "removed by the first attempt"
-    );
+    assert!(copies(&kit).is_empty(), "removed by the first attempt");
 
     // The other holder's lease ran out too; the sweeper's attempt finishes the job.
     kit.clock.advance(std::time::Duration::from_secs(10));
@@ -407,4 +424,226 @@ async fn each_attempt_stores_into_its_own_folder_and_a_later_one_never_shares_it
         assert!(!first_keys.contains(&output.key), "{} reused", output.key);
         assert!(kit.results.get(&output.key).is_some());
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The hand-off: the webhook and the sweeper store the report and ask finalize
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_completed_run_is_handed_to_finalize_with_its_report_and_no_output_is_touched() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+
+    let outcome = kit
+        .observer()
+        .observe_as(job.clone(), &status, Actor::Webhook)
+        .await
+        .unwrap();
+
+    assert_eq!(outcome, Outcome::HandedOff);
+    let stored = kit.stored(&job.id);
+    assert_eq!(
+        stored.state,
+        JobState::Running,
+        "running until finalize ends it"
+    );
+    let handoff = stored.handoff.expect("the hand-off is recorded");
+    assert_eq!(handoff.run, "rp-1");
+    assert_eq!(
+        kit.results.keys(),
+        std::slice::from_ref(&handoff.report_key)
+    );
+    let kept: RunPodStatus =
+        serde_json::from_slice(&kit.results.get(&handoff.report_key).unwrap()).unwrap();
+    assert_eq!(kept, status, "the report is RunPod's answer as it was");
+    assert_eq!(kit.finalize.take().len(), 1);
+    assert!(copies(&kit).is_empty(), "finalize copies, not the webhook");
+}
+
+#[tokio::test]
+async fn a_second_report_of_the_same_run_hands_off_once_and_asks_finalize_again() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+    let observer = kit.observer();
+    observer
+        .observe_as(job.clone(), &status, Actor::Webhook)
+        .await
+        .unwrap();
+    let first = kit.stored(&job.id);
+    kit.clock.advance(std::time::Duration::from_secs(5));
+
+    let again = observer
+        .observe_as(first.clone(), &status, Actor::Sweeper)
+        .await
+        .unwrap();
+
+    assert_eq!(again, Outcome::Unchanged);
+    assert_eq!(
+        kit.stored(&job.id).version,
+        first.version,
+        "nothing written"
+    );
+    assert_eq!(kit.finalize.take().len(), 2, "a lost request is made good");
+}
+
+#[tokio::test]
+async fn a_hand_off_whose_report_cannot_be_stored_records_nothing() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+    let report = gateway::domain::keys::report(&job.owner, &job.id, "rp-1");
+    kit.results.break_key(&report, BrokenKey::Transient);
+
+    let outcome = kit
+        .observer()
+        .observe_as(job.clone(), &status, Actor::Webhook)
+        .await;
+
+    assert!(
+        matches!(outcome, Err(FinalizeError::RetryLater(_))),
+        "{outcome:?}"
+    );
+    assert!(kit.stored(&job.id).handoff.is_none());
+    assert!(kit.finalize.sent().is_empty());
+}
+
+#[tokio::test]
+async fn finalize_collects_from_the_stored_report_after_runpod_has_forgotten_the_run() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+    kit.observer()
+        .observe_as(job.clone(), &status, Actor::Webhook)
+        .await
+        .unwrap();
+    kit.runpod.fail_status("rp-1", Answer::NotFound);
+
+    let outcome = kit.finalize_job(&job.id).await.unwrap();
+
+    assert_eq!(outcome, Outcome::Finished(JobState::Succeeded));
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.outputs.len(), 1);
+    assert_eq!(
+        kit.results.keys(),
+        [stored.outputs[0].key.clone()],
+        "the report went with the job's end"
+    );
+}
+
+#[tokio::test]
+async fn a_finalize_request_for_a_job_not_handed_off_changes_nothing() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+
+    let outcome = kit.finalizer().finalize(&job.id, None).await.unwrap();
+
+    assert_eq!(outcome, Outcome::Unchanged);
+    assert_eq!(kit.stored(&job.id).version, job.version);
+}
+
+#[tokio::test]
+async fn a_duplicate_finalize_request_after_the_end_changes_nothing() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+    finalize(&kit, &job, &status, Actor::Webhook).await.unwrap();
+    let ended = kit.stored(&job.id);
+
+    let again = kit.finalizer().finalize(&job.id, None).await.unwrap();
+
+    assert_eq!(again, Outcome::Unchanged);
+    assert_eq!(kit.stored(&job.id), ended);
+}
+
+#[tokio::test]
+async fn a_stored_report_that_is_gone_fails_the_job_output_missing() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+    kit.observer()
+        .observe_as(job.clone(), &status, Actor::Webhook)
+        .await
+        .unwrap();
+    let report = kit.stored(&job.id).handoff.unwrap().report_key;
+    kit.results.delete(&report).await.unwrap();
+
+    let outcome = kit.finalize_job(&job.id).await.unwrap();
+
+    assert_eq!(outcome, Outcome::Finished(JobState::Failed));
+    assert_eq!(
+        kit.stored(&job.id).error.unwrap().code,
+        ErrorCode::OutputMissing
+    );
+}
+
+#[tokio::test]
+async fn a_stored_report_over_the_status_cap_fails_the_job_output_too_large() {
+    let kit = Kit::new().with_settings(|s| s.max_status_bytes = 64);
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+    kit.observer()
+        .observe_as(job.clone(), &status, Actor::Webhook)
+        .await
+        .unwrap();
+
+    let outcome = kit.finalize_job(&job.id).await.unwrap();
+
+    assert_eq!(outcome, Outcome::Finished(JobState::Failed));
+    assert_eq!(
+        kit.stored(&job.id).error.unwrap().code,
+        ErrorCode::OutputTooLarge
+    );
+    assert!(kit.results.keys().is_empty(), "nothing stored, report gone");
+}
+
+#[tokio::test]
+async fn a_finalize_lease_lasts_no_longer_than_its_invocation() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+    kit.observer()
+        .observe_as(job.clone(), &status, Actor::Webhook)
+        .await
+        .unwrap();
+    let leases = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = leases.clone();
+    kit.store.before_save(move |_, about_to_write| {
+        seen.lock().unwrap().extend(about_to_write.lease.clone());
+        false
+    });
+    let deadline = kit.now() + 30_000;
+
+    let outcome = kit.finalizer().finalize(&job.id, Some(deadline)).await;
+
+    assert_eq!(outcome.unwrap(), Outcome::Finished(JobState::Succeeded));
+    let leases = leases.lock().unwrap();
+    assert_eq!(leases.len(), 1);
+    assert!(leases[0].until > deadline, "it outlives the invocation");
+    assert!(leases[0].until <= deadline + 5_000, "by a margin only");
+}
+
+#[tokio::test]
+async fn a_finalize_without_time_left_for_the_next_file_gives_the_job_back_for_a_retry() {
+    let kit = Kit::new();
+    let job = submitted(&kit).await;
+    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
+    kit.observer()
+        .observe_as(job.clone(), &status, Actor::Webhook)
+        .await
+        .unwrap();
+    kit.finalize.take();
+    // Less than the reserve kept for the final write.
+    let deadline = kit.now() + 1_000;
+
+    let outcome = kit.finalizer().finalize(&job.id, Some(deadline)).await;
+
+    assert!(matches!(outcome, Ok(Outcome::Retrying(_))), "{outcome:?}");
+    let stored = kit.stored(&job.id);
+    assert!(stored.lease.is_none(), "given back");
+    assert!(!stored.is_terminal());
+    assert!(copies(&kit).is_empty(), "no copy begun");
+    assert_eq!(kit.finalize.take().len(), 1, "and asked again");
 }

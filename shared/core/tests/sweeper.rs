@@ -1,7 +1,7 @@
 //! The sweeper: what no event brought home, it does: re-enqueue, poll, expire, time out.
 use std::time::Duration;
 
-use gateway::app::finalize::Outcome;
+use gateway::app::observe::Outcome;
 use gateway::app::webhook::WebhookOutcome;
 use gateway::domain::job::{Actor, ErrorCode, JobState};
 use testkit::fakes::{Answer, BrokenKey};
@@ -37,7 +37,7 @@ async fn nothing_is_due_before_its_time() {
 }
 
 #[tokio::test]
-async fn a_job_whose_webhook_never_came_is_finished_from_runpods_status() {
+async fn a_job_whose_webhook_never_came_is_handed_to_finalize_from_runpods_status() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
@@ -46,11 +46,75 @@ async fn a_job_whose_webhook_never_came_is_finished_from_runpods_status() {
 
     let report = kit.sweeper().sweep().await.unwrap();
 
-    assert_eq!((report.polled, report.finished), (1, 1));
+    assert_eq!((report.polled, report.handed_off), (1, 1));
+    let handed = kit.stored(&job.id);
+    assert!(handed.handoff.is_some());
+    assert_eq!(handed.history.last().unwrap().by, Actor::Sweeper);
+    kit.run_finalize().await;
     let stored = kit.stored(&job.id);
     assert_eq!(stored.state, JobState::Succeeded);
-    assert_eq!(stored.history.last().unwrap().by, Actor::Sweeper);
+    assert_eq!(stored.history.last().unwrap().by, Actor::Finalize);
     assert_eq!(kit.results.keys().len(), 1);
+}
+
+/// A job whose completed run was handed to finalize, and whose request to finalize was lost.
+async fn handed_off_and_request_lost(kit: &Kit) -> gateway::domain::job::Job {
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    let status = kit.completed_run("rp-1", &[format!("outputs/{}/restore_00001_.png", job.id)]);
+    kit.observer()
+        .observe_as(kit.stored(&job.id), &status, Actor::Webhook)
+        .await
+        .unwrap();
+    kit.finalize.take();
+    kit.stored(&job.id)
+}
+
+#[tokio::test]
+async fn a_handed_off_job_finalize_has_not_ended_is_asked_for_again() {
+    let kit = Kit::new();
+    let job = handed_off_and_request_lost(&kit).await;
+    kit.clock.advance(Duration::from_millis(
+        (job.next_check_at.unwrap() - kit.now()) as u64,
+    ));
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!(report.refinalized, 1);
+    assert_eq!(kit.finalize.waiting(), 1);
+    assert!(kit.stored(&job.id).next_check_at.unwrap() > kit.now());
+    kit.run_finalize().await;
+    assert_eq!(kit.stored(&job.id).state, JobState::Succeeded);
+}
+
+#[tokio::test]
+async fn a_handed_off_job_past_its_deadline_is_not_timed_out_while_finalize_may_collect() {
+    let kit = Kit::new().with_settings(|s| s.finalize_give_up = s.job_deadline * 2);
+    let job = handed_off_and_request_lost(&kit).await;
+    kit.clock.advance(Duration::from_millis(
+        (job.deadline_at - kit.now()) as u64 + 1_000,
+    ));
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!((report.refinalized, report.timed_out), (1, 0));
+    assert!(kit.stops.requested().is_empty(), "the run is over anyway");
+    kit.run_finalize().await;
+    assert_eq!(kit.stored(&job.id).state, JobState::Succeeded);
+}
+
+#[tokio::test]
+async fn a_handed_off_job_finalize_could_not_collect_in_time_times_out() {
+    let kit = Kit::new();
+    let job = handed_off_and_request_lost(&kit).await;
+    kit.clock.advance(kit.settings.finalize_give_up);
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!(report.timed_out, 1);
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::TimedOut);
+    assert_eq!(stored.error.unwrap().code, ErrorCode::DeadlineExceeded);
 }
 
 #[tokio::test]
@@ -166,7 +230,7 @@ async fn a_job_held_by_a_finalize_is_left_alone() {
 }
 
 #[tokio::test]
-async fn the_webhook_and_the_sweeper_at_once_finish_the_job_once() {
+async fn the_webhook_and_the_sweeper_at_once_hand_off_and_finish_the_job_once() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
@@ -181,13 +245,13 @@ async fn the_webhook_and_the_sweeper_at_once_finish_the_job_once() {
         sweeper.sweep()
     );
 
-    let by_webhook = delivered
-        == WebhookOutcome::Handled(Outcome::Finished(gateway::domain::job::JobState::Succeeded));
-    let by_sweeper = swept.unwrap().finished == 1;
+    let by_webhook = delivered == WebhookOutcome::Handled(Outcome::HandedOff);
+    let by_sweeper = swept.unwrap().handed_off == 1;
     assert!(
         by_webhook ^ by_sweeper,
-        "exactly one finished it: {delivered:?}"
+        "exactly one handed it off: {delivered:?}"
     );
+    kit.run_finalize().await;
     let stored = kit.stored(&job.id);
     assert_eq!(stored.state, JobState::Succeeded);
     assert_eq!(
@@ -213,7 +277,7 @@ async fn an_unreadable_record_is_skipped_and_counted_and_the_other_jobs_are_swep
 }
 
 #[tokio::test]
-async fn a_run_that_completed_is_finalized_at_the_deadline_not_thrown_away() {
+async fn a_run_that_completed_is_handed_off_at_the_deadline_not_thrown_away() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
@@ -223,7 +287,8 @@ async fn a_run_that_completed_is_finalized_at_the_deadline_not_thrown_away() {
 
     let report = kit.sweeper().sweep().await.unwrap();
 
-    assert_eq!((report.finished, report.timed_out), (1, 0));
+    assert_eq!((report.handed_off, report.timed_out), (1, 0));
+    kit.run_finalize().await;
     let stored = kit.stored(&job.id);
     assert_eq!(stored.state, JobState::Succeeded);
     assert_eq!(stored.outputs.len(), 1);
@@ -256,8 +321,7 @@ async fn succeeded_with_leftovers(kit: &Kit) -> gateway::domain::job::Job {
     kit.dispatcher().dispatch(&job.id).await.unwrap();
     let file = format!("outputs/{}/a1/restore_00001_.png", job.id);
     let status = kit.completed_run("rp-1", std::slice::from_ref(&file));
-    kit.finalizer()
-        .observe_as(kit.stored(&job.id), &status, Actor::Webhook)
+    kit.observe_then_finalize(kit.stored(&job.id), &status, Actor::Webhook)
         .await
         .unwrap();
     kit.results.insert(

@@ -1,6 +1,6 @@
 //! The webhook: a call proven ours by the per-job token triggers a look at RunPod's `/status`,
-//! which alone decides; the job finishes once.
-use gateway::app::finalize::Outcome;
+//! which alone decides; a completed run is handed to finalize once, and the job finishes once.
+use gateway::app::observe::Outcome;
 use gateway::app::webhook::WebhookOutcome;
 use gateway::domain::job::{Actor, ErrorCode, Job, JobState};
 use testkit::Kit;
@@ -29,19 +29,19 @@ async fn deliver(kit: &Kit, job: &Job, report: &gateway::ports::RunPodStatus) ->
 }
 
 #[tokio::test]
-async fn a_completed_report_stores_the_outputs_and_finishes_the_job() {
+async fn a_completed_report_is_handed_off_and_finalize_stores_the_outputs() {
     let kit = Kit::new();
     let (job, body) = completed(&kit).await;
+    let touched = kit.volume.touched();
 
     let outcome = kit
         .webhook()
         .receive(&job.id, &token(&kit, &job), body.as_bytes())
         .await;
 
-    assert_eq!(
-        outcome,
-        WebhookOutcome::Handled(Outcome::Finished(JobState::Succeeded))
-    );
+    assert_eq!(outcome, WebhookOutcome::Handled(Outcome::HandedOff));
+    assert_eq!(kit.volume.touched(), touched, "the webhook reads no volume");
+    kit.run_finalize().await;
     let stored = kit.stored(&job.id);
     assert_eq!(stored.state, JobState::Succeeded);
     assert_eq!(stored.outputs.len(), 1);
@@ -51,7 +51,7 @@ async fn a_completed_report_stores_the_outputs_and_finishes_the_job() {
         .get(&format!("outputs/{}/restore_00001_.png", job.id))
         .unwrap();
     assert_eq!(copied, written);
-    assert_eq!(stored.history.last().unwrap().by, Actor::Webhook);
+    assert_eq!(stored.history.last().unwrap().by, Actor::Finalize);
     assert!(stored.lease.is_none() && stored.cleanup_pending);
 }
 
@@ -89,6 +89,7 @@ async fn the_same_report_delivered_twice_finishes_the_job_once() {
 
     assert_eq!(again, WebhookOutcome::Handled(Outcome::Unchanged));
     assert_eq!(kit.store.writes(), writes, "no second write");
+    kit.run_finalize().await;
     let stored = kit.stored(&job.id);
     let ends = stored.history.iter().filter(|e| e.to.is_terminal()).count();
     assert_eq!(ends, 1);
@@ -106,11 +107,12 @@ async fn concurrent_deliveries_finish_the_job_once() {
         b.receive(&job.id, &token, body.as_bytes())
     );
 
-    let finished = [&first, &second]
+    let handed = [&first, &second]
         .iter()
-        .filter(|o| ***o == WebhookOutcome::Handled(Outcome::Finished(JobState::Succeeded)))
+        .filter(|o| ***o == WebhookOutcome::Handled(Outcome::HandedOff))
         .count();
-    assert_eq!(finished, 1, "{first:?} / {second:?}");
+    assert_eq!(handed, 1, "{first:?} / {second:?}");
+    kit.run_finalize().await;
     let stored = kit.stored(&job.id);
     assert_eq!(
         stored.history.iter().filter(|e| e.to.is_terminal()).count(),
@@ -128,10 +130,7 @@ async fn an_empty_body_is_a_hint_to_ask_runpod() {
         .receive(&job.id, &token(&kit, &job), b"")
         .await;
 
-    assert_eq!(
-        outcome,
-        WebhookOutcome::Handled(Outcome::Finished(JobState::Succeeded))
-    );
+    assert_eq!(outcome, WebhookOutcome::Handled(Outcome::HandedOff));
     assert!(kit.runpod.calls().contains(&"status rp-1".to_string()));
 }
 
@@ -148,10 +147,7 @@ async fn a_report_about_another_run_is_not_believed() {
         .receive(&job.id, &token(&kit, &job), forged.to_string().as_bytes())
         .await;
 
-    assert_eq!(
-        outcome,
-        WebhookOutcome::Handled(Outcome::Finished(JobState::Succeeded))
-    );
+    assert_eq!(outcome, WebhookOutcome::Handled(Outcome::HandedOff));
 }
 
 #[tokio::test]
@@ -192,7 +188,7 @@ async fn a_completed_body_for_a_run_runpod_still_reports_in_progress_changes_not
         status: Some("IN_PROGRESS".into()),
         ..Default::default()
     };
-    kit.finalizer()
+    kit.observer()
         .observe(kit.stored(&job.id), &running)
         .await
         .unwrap();
@@ -241,10 +237,8 @@ async fn a_run_whose_answer_was_lost_is_adopted_when_it_announces_itself() {
 
     let outcome = deliver(&kit, &job, &report).await;
 
-    assert_eq!(
-        outcome,
-        WebhookOutcome::Handled(Outcome::Finished(JobState::Succeeded))
-    );
+    assert_eq!(outcome, WebhookOutcome::Handled(Outcome::HandedOff));
+    kit.run_finalize().await;
     let stored = kit.stored(&job.id);
     assert_eq!(stored.runpod_job_id.as_deref(), Some("rp-1"));
     assert_eq!(stored.outputs.len(), 1);

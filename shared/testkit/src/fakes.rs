@@ -10,10 +10,10 @@ use futures::StreamExt;
 use gateway::domain::job::{Job, Millis};
 use gateway::domain::keys;
 use gateway::ports::{
-    ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, ImageKind, ImageProbe, JobPage,
-    JobQueue, JobStore, ObjectError, ObjectMeta, ObjectStore, PresignedPost, PresignedRequest,
-    QueueError, RunPod, RunPodError, RunPodStatus, RunRequest, StopQueue, StopRun, StoreError,
-    UrlFetcher, JPEG, PNG, WEBP,
+    ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, FinalizeQueue, ImageKind,
+    ImageProbe, JobPage, JobQueue, JobStore, ObjectError, ObjectMeta, ObjectStore, PresignedPost,
+    PresignedRequest, QueueError, RunPod, RunPodError, RunPodStatus, RunRequest, StopQueue,
+    StopRun, StoreError, UrlFetcher, JPEG, PNG, WEBP,
 };
 
 /// Gives way once to whatever else runs on the task: the fakes answer at once, and without
@@ -508,6 +508,55 @@ impl StopQueue for MemStops {
     async fn request_stop(&self, stop: &StopRun) -> Result<(), QueueError> {
         self.outage.check()?;
         lock(&self.requested).push(stop.clone());
+        Ok(())
+    }
+}
+
+/// A request to the finalize queue, as it was sent.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FinalizeRequest {
+    pub job_id: String,
+    pub delay: Duration,
+}
+
+/// The finalize queue in memory: requests wait until a test takes them ([`MemFinalize::take`]),
+/// as messages wait in SQS until the finalize function receives them.
+#[derive(Default)]
+pub struct MemFinalize {
+    waiting: Mutex<VecDeque<FinalizeRequest>>,
+    sent: Mutex<Vec<FinalizeRequest>>,
+    outage: Outage,
+}
+
+impl MemFinalize {
+    /// Every request ever sent, in order.
+    pub fn sent(&self) -> Vec<FinalizeRequest> {
+        lock(&self.sent).clone()
+    }
+    /// How many requests wait to be taken.
+    pub fn waiting(&self) -> usize {
+        lock(&self.waiting).len()
+    }
+    /// The requests not taken yet, oldest first, and takes them.
+    pub fn take(&self) -> Vec<FinalizeRequest> {
+        lock(&self.waiting).drain(..).collect()
+    }
+    /// The next `sends` fail.
+    pub fn fail_next(&self, sends: u64) {
+        self.outage.set(sends);
+    }
+}
+
+#[async_trait]
+impl FinalizeQueue for MemFinalize {
+    async fn request_finalize(&self, job_id: &str, delay: Duration) -> Result<(), QueueError> {
+        self.outage.check()?;
+        let request = FinalizeRequest {
+            job_id: job_id.to_string(),
+            delay,
+        };
+        lock(&self.sent).push(request.clone());
+        lock(&self.waiting).push_back(request);
         Ok(())
     }
 }

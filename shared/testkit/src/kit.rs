@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use gateway::app::api::Api;
 use gateway::app::dispatch::Dispatcher;
-use gateway::app::finalize::Finalizer;
+use gateway::app::finalize::{FinalizeError, Finalizer};
+use gateway::app::observe::{Observer, Outcome};
 use gateway::app::stop::Stopper;
 use gateway::app::sweeper::Sweeper;
 use gateway::app::webhook::WebhookHandler;
@@ -16,7 +17,8 @@ use gateway::domain::workflow::WorkflowCatalog;
 use gateway::ports::RunPodStatus;
 
 use crate::fakes::{
-    MagicBytes, ManualClock, MemObjects, MemQueue, MemStops, MemStore, NoDownloads, ScriptedRunPod,
+    MagicBytes, ManualClock, MemFinalize, MemObjects, MemQueue, MemStops, MemStore, NoDownloads,
+    ScriptedRunPod,
 };
 use crate::images::jpeg;
 use crate::jobs::restore_job;
@@ -32,6 +34,7 @@ pub struct Kit {
     pub store: Arc<MemStore>,
     pub queue: Arc<MemQueue>,
     pub stops: Arc<MemStops>,
+    pub finalize: Arc<MemFinalize>,
     pub uploads: Arc<MemObjects>,
     pub results: Arc<MemObjects>,
     pub volume: Arc<MemObjects>,
@@ -56,6 +59,7 @@ impl Kit {
             store: Arc::default(),
             queue: Arc::default(),
             stops: Arc::default(),
+            finalize: Arc::default(),
             uploads: Arc::default(),
             results: Arc::default(),
             volume: Arc::default(),
@@ -108,6 +112,16 @@ impl Kit {
         }
     }
 
+    pub fn observer(&self) -> Observer {
+        Observer {
+            store: self.store.clone(),
+            reports: self.results.clone(),
+            finalize: self.finalize.clone(),
+            settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
     pub fn finalizer(&self) -> Finalizer {
         Finalizer {
             store: self.store.clone(),
@@ -116,9 +130,51 @@ impl Kit {
             layout: VolumeLayout::new(vec!["/runpod-volume".into(), "/workspace".into()]),
             catalog: self.catalog.clone(),
             fetcher: Arc::new(NoDownloads),
+            queue: self.finalize.clone(),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         }
+    }
+
+    /// Runs the finalize function once for each request waiting on the finalize queue, as
+    /// it would receive them; returns each outcome with its job id.
+    pub async fn run_finalize(&self) -> Vec<(String, Result<Outcome, FinalizeError>)> {
+        let finalizer = self.finalizer();
+        let mut outcomes = Vec::new();
+        for request in self.finalize.take() {
+            let outcome = finalizer.finalize(&request.job_id, None).await;
+            outcomes.push((request.job_id, outcome));
+        }
+        outcomes
+    }
+
+    /// What a RunPod report comes to once the finalize function has run on what it handed
+    /// over: the observer's outcome, or, when finalize was asked, finalize's.
+    pub async fn observe_then_finalize(
+        &self,
+        job: Job,
+        status: &RunPodStatus,
+        by: gateway::domain::job::Actor,
+    ) -> Result<Outcome, FinalizeError> {
+        let job_id = job.id.clone();
+        let observed = self.observer().observe_as(job, status, by).await?;
+        // A hand-off, or a request made again for a job handed off earlier.
+        if self.finalize.waiting() > 0 {
+            return self.finalize_job(&job_id).await;
+        }
+        Ok(observed)
+    }
+
+    /// Runs the finalize function on every waiting request and returns the last outcome for
+    /// `job_id` (unchanged, if none was waiting).
+    pub async fn finalize_job(&self, job_id: &str) -> Result<Outcome, FinalizeError> {
+        let mut last = Ok(Outcome::Unchanged);
+        for (id, outcome) in self.run_finalize().await {
+            if id == job_id {
+                last = outcome;
+            }
+        }
+        last
     }
 
     pub fn sweeper(&self) -> Sweeper {
@@ -127,7 +183,10 @@ impl Kit {
             queue: self.queue.clone(),
             runpod: self.runpod.clone(),
             stops: self.stops.clone(),
-            finalizer: Arc::new(self.finalizer()),
+            observer: Arc::new(self.observer()),
+            finalize: self.finalize.clone(),
+            results: self.results.clone(),
+            volume: self.volume.clone(),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         }
@@ -138,7 +197,7 @@ impl Kit {
             store: self.store.clone(),
             runpod: self.runpod.clone(),
             stops: self.stops.clone(),
-            finalizer: Arc::new(self.finalizer()),
+            observer: Arc::new(self.observer()),
             signer: self.signer.clone(),
         }
     }

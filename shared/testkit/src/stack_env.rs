@@ -8,6 +8,7 @@ pub struct Resources {
     pub table: String,
     pub queue_url: String,
     pub stop_queue_url: String,
+    pub finalize_queue_url: String,
     pub uploads: String,
     pub results: String,
 }
@@ -25,6 +26,7 @@ pub fn gateway_env(
         ("JOBS_TABLE", resources.table.clone()),
         ("JOBS_QUEUE_URL", resources.queue_url.clone()),
         ("STOP_QUEUE_URL", resources.stop_queue_url.clone()),
+        ("FINALIZE_QUEUE_URL", resources.finalize_queue_url.clone()),
         ("UPLOADS_BUCKET", resources.uploads.clone()),
         ("RESULTS_BUCKET", resources.results.clone()),
         ("S3_FORCE_PATH_STYLE", "true".into()),

@@ -394,6 +394,8 @@ proptest! {
             world.webhook(),
             webhook_request(&world, None, body.to_string().into_bytes()),
         ));
+        // The webhook hands the completed run over; finalize collects it.
+        runtime().block_on(world.run_finalize());
         prop_assert_eq!(status, StatusCode::OK);
         let allowed = gateway::domain::keys::volume_outputs(JOB);
         // Nothing outside the job's output folder was even opened.
@@ -479,6 +481,8 @@ fn a_5_mb_webhook_echoing_a_large_input_is_still_handled() {
         world.webhook(),
         webhook_request(&world, None, body.to_string().into_bytes()),
     ));
+    // The webhook hands the completed run over; finalize collects it.
+    runtime().block_on(world.run_finalize());
     assert_eq!(status, StatusCode::OK);
     assert_eq!(stored(&world).state, JobState::Succeeded);
 }
@@ -798,6 +802,8 @@ fn outputs_sharing_a_name_in_different_folders_are_both_kept() {
         world.webhook(),
         webhook_request(&world, None, body.to_string().into_bytes()),
     ));
+    // The webhook hands the completed run over; finalize collects it.
+    runtime().block_on(world.run_finalize());
     assert_eq!(status, StatusCode::OK);
     let job = stored(&world);
     assert_eq!(job.state, JobState::Succeeded);
@@ -828,6 +834,8 @@ fn a_job_failing_on_a_missing_output_leaves_no_partial_outputs() {
         world.webhook(),
         webhook_request(&world, None, body.to_string().into_bytes()),
     ));
+    // The webhook hands the completed run over; finalize collects it.
+    runtime().block_on(world.run_finalize());
     let job = stored(&world);
     assert_eq!(job.state, JobState::Failed);
     assert_eq!(job.error.unwrap().code, ErrorCode::OutputMissing);

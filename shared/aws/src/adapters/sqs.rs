@@ -1,9 +1,11 @@
-//! The two queues on SQS, and their consumer.
+//! The three queues on SQS, and their consumers.
 //!
 //! - The dispatch queue: a message carries only the job id. The job record is the truth, so a
 //!   stale or duplicated message can never carry outdated instructions.
 //! - The stop queue: a message names a RunPod run to stop ([`StopRun`]); stopping a run twice
 //!   is harmless, so duplicates need no care either.
+//! - The finalize queue: a message names a job whose completed run was handed off
+//!   ([`FinalizeMessage`]); again the job record is the truth. Its own function consumes it.
 //!
 //! The consuming side turns an SQS batch (the Lambda event source's shape) into one dispatch or
 //! one stop per message. Both queues feed the dispatch function, which holds the RunPod key; the
@@ -18,6 +20,17 @@ use serde::{Deserialize, Serialize};
 pub struct DispatchMessage {
     pub job_id: String,
 }
+
+/// A request to collect a handed-off job's outputs: `{"finalize": "<job id>"}`, a shape no
+/// dispatch or stop message has, so a message on the wrong queue is refused, never acted on.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct FinalizeMessage {
+    pub finalize: String,
+}
+
+/// The longest delay SQS allows on a message.
+pub const MAX_DELAY_SECS: u64 = 900;
 
 /// What a message on either queue asks for. A stop names its run and reason; a dispatch names
 /// only the job. Anything else is a poison message.
@@ -39,8 +52,8 @@ impl Message {
 }
 
 #[cfg(feature = "sqs-events")]
-pub use events::{handle_batch, handle_batch_before, Consumer};
-pub use queue::{client, SqsJobQueue, SqsStopQueue};
+pub use events::{handle_batch, handle_batch_before, handle_finalize_batch, Consumer};
+pub use queue::{client, SqsFinalizeQueue, SqsJobQueue, SqsStopQueue};
 
 /// The SQS operation the queues call.
 pub const AWS_OPERATIONS: &[&str] = &["SendMessage"];
@@ -48,9 +61,11 @@ pub const AWS_OPERATIONS: &[&str] = &["SendMessage"];
 mod queue {
     use async_trait::async_trait;
     use aws_sdk_sqs::Client;
-    use gateway::ports::{JobQueue, QueueError, StopQueue, StopRun};
+    use std::time::Duration;
 
-    use super::{DispatchMessage, AWS_OPERATIONS};
+    use gateway::ports::{FinalizeQueue, JobQueue, QueueError, StopQueue, StopRun};
+
+    use super::{DispatchMessage, FinalizeMessage, AWS_OPERATIONS, MAX_DELAY_SECS};
     use crate::adapters::declared::DeclaredOperations;
 
     /// An SQS client that makes only the queues' call.
@@ -63,10 +78,21 @@ mod queue {
     }
 
     async fn send(client: &Client, queue_url: &str, body: String) -> Result<(), QueueError> {
+        send_after(client, queue_url, body, Duration::ZERO).await
+    }
+
+    async fn send_after(
+        client: &Client,
+        queue_url: &str,
+        body: String,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        let delay = delay.as_secs().min(MAX_DELAY_SECS) as i32;
         client
             .send_message()
             .queue_url(queue_url)
             .message_body(body)
+            .set_delay_seconds((delay > 0).then_some(delay))
             .send()
             .await
             .map(|_| ())
@@ -94,6 +120,33 @@ mod queue {
         async fn request_stop(&self, stop: &StopRun) -> Result<(), QueueError> {
             let body = serde_json::to_string(stop).map_err(|e| QueueError(e.to_string()))?;
             send(&self.client, &self.queue_url, body).await
+        }
+    }
+
+    /// The finalize queue: jobs whose completed run awaits collection.
+    #[derive(Clone)]
+    pub struct SqsFinalizeQueue {
+        client: Client,
+        queue_url: String,
+    }
+
+    impl SqsFinalizeQueue {
+        pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
+            Self {
+                client,
+                queue_url: queue_url.into(),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl FinalizeQueue for SqsFinalizeQueue {
+        async fn request_finalize(&self, job_id: &str, delay: Duration) -> Result<(), QueueError> {
+            let body = serde_json::to_string(&FinalizeMessage {
+                finalize: job_id.to_string(),
+            })
+            .map_err(|e| QueueError(e.to_string()))?;
+            send_after(&self.client, &self.queue_url, body, delay).await
         }
     }
 
@@ -129,9 +182,10 @@ mod events {
     use aws_lambda_events::event::sqs::{BatchItemFailure, SqsBatchResponse, SqsEvent};
     use futures::StreamExt;
     use gateway::app::dispatch::Dispatcher;
+    use gateway::app::finalize::Finalizer;
     use gateway::app::stop::Stopper;
 
-    use super::Message;
+    use super::{FinalizeMessage, Message};
 
     /// What consumes the two queues: dispatch, and the stopper (the RunPod key's holder).
     pub struct Consumer {
@@ -201,6 +255,50 @@ mod events {
         response.batch_item_failures = failures;
         response
     }
+
+    /// Handles a batch of the finalize queue within an invocation that ends at `deadline`
+    /// (epoch ms), one job at a time: the function's memory is sized for one job's largest
+    /// output, and each job's copy gets what is left of the invocation. A message is reported
+    /// failed only when neither the job nor a retry could be recorded; SQS then returns it
+    /// after the visibility timeout, and the sweeper asks again meanwhile if it is due.
+    pub async fn handle_finalize_batch(
+        finalizer: &Finalizer,
+        event: SqsEvent,
+        deadline: Option<i64>,
+    ) -> SqsBatchResponse {
+        let mut failures = Vec::new();
+        for record in event.records {
+            let message_id = record.message_id.clone().unwrap_or_default();
+            let message = record
+                .body
+                .as_deref()
+                .and_then(|body| serde_json::from_str::<FinalizeMessage>(body).ok());
+            let failed = match message {
+                None => {
+                    tracing::error!(message_id, "unreadable finalize message; left for the DLQ");
+                    true
+                }
+                Some(message) => match finalizer.finalize(&message.finalize, deadline).await {
+                    Ok(outcome) => {
+                        tracing::info!(job_id = %message.finalize, ?outcome, "finalize done");
+                        false
+                    }
+                    Err(err) => {
+                        tracing::warn!(job_id = %message.finalize, error = %err, "finalize deferred");
+                        true
+                    }
+                },
+            };
+            if failed {
+                let mut failure = BatchItemFailure::default();
+                failure.item_identifier = message_id;
+                failures.push(failure);
+            }
+        }
+        let mut response = SqsBatchResponse::default();
+        response.batch_item_failures = failures;
+        response
+    }
 }
 
 #[cfg(test)]
@@ -222,6 +320,17 @@ mod tests {
             Message::parse(r#"{"job_id":"j"}"#),
             Some(Message::Dispatch(DispatchMessage { job_id: "j".into() }))
         );
+    }
+
+    #[test]
+    fn a_finalize_request_is_neither_a_dispatch_nor_a_stop() {
+        let body = serde_json::to_string(&FinalizeMessage {
+            finalize: "j".into(),
+        })
+        .unwrap();
+        assert_eq!(body, r#"{"finalize":"j"}"#);
+        assert_eq!(Message::parse(&body), None, "refused on the dispatch queue");
+        assert!(serde_json::from_str::<FinalizeMessage>(r#"{"job_id":"j"}"#).is_err());
     }
 
     #[test]

@@ -1,47 +1,51 @@
-//! Finalizing: acting on what RunPod reports about a job. The webhook and the sweeper both call
-//! [`Finalizer::observe`]; it is safe to call any number of times, concurrently, for the same
-//! job. Completion takes a finalize lease first, so only one caller copies outputs; every write
-//! is conditional on the version read, so only one caller moves the job to a terminal state.
+//! Finalizing: collecting a completed run's outputs into the results bucket, in the finalize
+//! function, from the report the webhook or the sweeper stored when RunPod confirmed the run
+//! completed ([`crate::app::observe`]). It is safe to call any number of times, concurrently,
+//! for the same job: it takes a finalize lease first, so only one caller copies outputs, and
+//! every write is conditional on the version read, so only one caller ends the job.
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 
-use crate::app::{commit_as, commit_leased, next_check_after_failure, transfer, Committed};
+use crate::app::observe::{Outcome, SameRun};
+use crate::app::{commit_as, commit_leased, transfer, Committed};
 use crate::config::Settings;
 use crate::domain::job::{
-    Actor, ErrorCode, Job, JobError, JobState, LeaseKind, OutputFile, TransitionError,
+    Actor, ErrorCode, Job, JobError, JobState, LeaseKind, Millis, OutputFile, TransitionError,
 };
 use crate::domain::keys;
 use crate::domain::paths::{file_name, VolumeLayout};
 use crate::domain::report::{
     unique_name, volume_output_keys, worker_comfyui_images, ImageSource, InlineImagePolicy,
-    Reported, MAX_OUTPUT_FILES,
+    MAX_OUTPUT_FILES,
 };
+use crate::domain::retry::check_backoff;
 use crate::domain::workflow::{OutputContract, WorkflowCatalog};
 use crate::ports::{
-    ByteChunks, Classified, Clock, Failure, Fetched, JobStore, ObjectError, ObjectMeta,
-    ObjectStore, RunPodStatus, StoreError, UrlFetcher,
+    ByteChunks, Classified, Clock, Failure, Fetched, FinalizeQueue, JobStore, ObjectError,
+    ObjectMeta, ObjectStore, RunPodStatus, StoreError, UrlFetcher,
 };
 
-/// After a transient copy failure, look again this soon (or after the poll interval, if
-/// shorter); it doubles with each failure in a row.
+/// How long a finalize lease outlives the invocation that holds it: the writers' clocks differ
+/// by this much at most.
+const LEASE_MARGIN_MS: Millis = 5_000;
+
+/// Time set aside before the invocation's end for the final write.
+const FINAL_WRITE_RESERVE_MS: Millis = 5_000;
+
+/// The slowest copy rate planned for (bytes per second): a file is not started unless the
+/// invocation has time left to copy it at this rate.
+const SLOWEST_COPY_RATE: u64 = 4 * 1024 * 1024;
+
+/// After a transient copy failure, try again this soon (or after the poll interval, if
+/// shorter); it doubles with each failure in a row, up to [`MAX_RETRY_WAIT`].
 const RETRY_SOON: Duration = Duration::from_secs(15);
 
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outcome {
-    /// Nothing to do: the job already reflects the report, or is terminal.
-    Unchanged,
-    /// The job moved to a non-terminal state (e.g. running).
-    Progressed(JobState),
-    /// This call moved the job to its terminal state.
-    Finished(JobState),
-    /// Someone else holds the job right now (a dispatch or finalize lease); try later.
-    Busy,
-    /// The report cannot be acted on (empty or unknown); ask `/status`.
-    NeedsStatus,
-}
+/// The longest wait between two finalize attempts: a job whose outputs cannot be stored yet
+/// is retried within minutes, until `finalize_give_up`.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(5 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum FinalizeError {
@@ -61,66 +65,10 @@ pub struct Finalizer {
     pub catalog: Arc<WorkflowCatalog>,
     /// Downloads `s3_url` images of the worker-comfyui contract.
     pub fetcher: Arc<dyn UrlFetcher>,
+    /// Its own queue, to retry a job later after a transient failure.
+    pub queue: Arc<dyn FinalizeQueue>,
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
-}
-
-/// What a RunPod report asks of a job, decided from the report alone.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Decision {
-    /// The report says nothing usable (empty, or a status nobody knows): ask `/status`.
-    AskStatus,
-    /// Still queued at RunPod: nothing to record.
-    Wait,
-    /// A worker has it.
-    MarkRunning,
-    /// It ended without outputs: failed, timed out or cancelled at RunPod.
-    End(JobState, JobError),
-    /// It completed: collect its outputs under the finalize lease.
-    Collect(Option<serde_json::Value>),
-}
-
-/// The first step of finalizing: what `status` means for the job it is about.
-pub fn decide(status: &RunPodStatus) -> Decision {
-    let report = Reported::from_status(
-        status.status.as_deref(),
-        status.output.as_ref(),
-        status.error.as_ref(),
-    );
-    match report {
-        Reported::Unknown => Decision::AskStatus,
-        Reported::Queued => Decision::Wait,
-        Reported::Running => Decision::MarkRunning,
-        Reported::Completed(output) => Decision::Collect(output),
-        Reported::Failed(message) => Decision::End(
-            JobState::Failed,
-            JobError::new(ErrorCode::WorkerFailed, message),
-        ),
-        Reported::TimedOut => Decision::End(
-            JobState::TimedOut,
-            JobError::new(
-                ErrorCode::ExecutionTimedOut,
-                "RunPod timed the job out before it finished",
-            ),
-        ),
-        Reported::Cancelled => Decision::End(
-            JobState::Cancelled,
-            JobError::new(ErrorCode::CancelledByRunpod, "RunPod cancelled the job"),
-        ),
-    }
-}
-
-/// The report is about one RunPod run; if the job (as stored when a change is applied) tracks
-/// another, the report is not about it any more.
-struct SameRun(Option<String>);
-
-impl SameRun {
-    fn check(&self, job: &Job) -> Result<(), TransitionError> {
-        match (&self.0, &job.runpod_job_id) {
-            (Some(reported), Some(tracked)) if reported != tracked => Err(TransitionError::Stale),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// Why collecting a job's outputs stopped short.
@@ -131,66 +79,118 @@ enum Collect {
     Retry(String),
 }
 
-impl Finalizer {
-    /// [`Finalizer::observe_as`] for a caller that does not say who it is.
-    pub async fn observe(&self, job: Job, status: &RunPodStatus) -> Result<Outcome, FinalizeError> {
-        self.observe_as(job, status, Actor::Gateway).await
-    }
+/// Why a stored report could not be used.
+enum ReportError {
+    /// Gone, or not what the hand-off wrote: the job cannot be finalized from it.
+    Unusable(JobError),
+    /// The results bucket did not answer; try again.
+    Retry(String),
+}
 
-    /// Acts on what RunPod reports about `job`; the changes are recorded as made `by` (the
-    /// webhook or the sweeper).
-    pub async fn observe_as(
+impl Finalizer {
+    /// The finalize function's work for one request: collects the outputs of `job_id`'s
+    /// handed-off run from its stored report. `deadline` is when the invocation ends (epoch
+    /// ms), if known: the lease then lasts no longer than the invocation can, so that a killed
+    /// attempt is retried as soon as it is dead, and no file is begun without time to copy it.
+    pub async fn finalize(
         &self,
-        job: Job,
-        status: &RunPodStatus,
-        by: Actor,
+        job_id: &str,
+        deadline: Option<Millis>,
     ) -> Result<Outcome, FinalizeError> {
+        let Some(job) = self.store.get(job_id).await? else {
+            return Ok(Outcome::Unchanged);
+        };
         if job.is_terminal() {
+            // Ended before finalize came (a client's cancel): its report goes now.
+            self.drop_report(&job).await;
             return Ok(Outcome::Unchanged);
         }
-        let (delay, execution) = (status.delay_time, status.execution_time);
-        let same_run = SameRun(status.id.clone());
+        // Not handed off (a stale request), or handed off for a run the job no longer tracks.
+        let Some(handoff) = job.current_handoff().cloned() else {
+            return Ok(Outcome::Unchanged);
+        };
         let now = self.clock.now_ms();
-        let committed = match decide(status) {
-            Decision::AskStatus => return Ok(Outcome::NeedsStatus),
-            Decision::Wait => return Ok(Outcome::Unchanged),
-            Decision::MarkRunning if job.state == JobState::Running => {
-                return Ok(Outcome::Unchanged)
-            }
-            Decision::MarkRunning => {
-                let next_check = now + self.settings.poll_interval.as_millis() as i64;
-                commit_as(self.store.as_ref(), job, by, |job| {
-                    // A finalize in progress means RunPod already reported the end: this report
-                    // is stale, and writing it would only get in the finalizer's way.
-                    same_run.check(job)?;
+        if job.active_lease(now).is_some() {
+            return Ok(Outcome::Busy);
+        }
+        let status = match self.read_report(&handoff.report_key).await {
+            Ok(status) => status,
+            Err(ReportError::Retry(reason)) => return self.retry_at(job_id, None, reason).await,
+            Err(ReportError::Unusable(error)) => {
+                tracing::error!(job_id, code = error.code.as_str(), message = %error.message, "the stored report cannot be used");
+                let committed = commit_as(self.store.as_ref(), job, Actor::Finalize, |job| {
                     job.ensure_unleased(now)?;
-                    job.mark_running(now)?;
-                    job.next_check_at = Some(next_check);
-                    Ok(())
+                    job.fail(error.clone(), now)
                 })
-                .await?
-            }
-            Decision::End(state, error) => {
-                commit_as(self.store.as_ref(), job, by, |job| {
-                    same_run.check(job)?;
-                    job.ensure_unleased(now)?;
-                    job.record_runpod_times(delay, execution);
-                    job.end(state, error.clone(), now)
-                })
-                .await?
-            }
-            Decision::Collect(output) => {
-                return self
-                    .complete(job, output, (delay, execution), by, &same_run)
-                    .await
+                .await?;
+                return Ok(match committed {
+                    Committed::Written(failed) => {
+                        self.drop_report(&failed).await;
+                        Outcome::Finished(JobState::Failed)
+                    }
+                    _ => Outcome::Unchanged,
+                });
             }
         };
-        Ok(match committed {
-            Committed::Written(job) if job.is_terminal() => Outcome::Finished(job.state),
-            Committed::Written(job) => Outcome::Progressed(job.state),
-            Committed::Refused(_, TransitionError::Leased(..)) => Outcome::Busy,
-            Committed::Refused(..) | Committed::Missing => Outcome::Unchanged,
-        })
+        let same_run = SameRun(Some(handoff.run));
+        self.complete(
+            job,
+            status.output,
+            (status.delay_time, status.execution_time),
+            &same_run,
+            deadline,
+        )
+        .await
+    }
+
+    /// After a transient failure: asks finalize to try the job again at `at` (soon, if
+    /// unknown). Should even that fail, the caller's message comes back, and the sweeper asks
+    /// again when the job comes due.
+    async fn retry_at(
+        &self,
+        job_id: &str,
+        at: Option<Millis>,
+        reason: String,
+    ) -> Result<Outcome, FinalizeError> {
+        let now = self.clock.now_ms();
+        let delay = at.map_or(RETRY_SOON, |at| {
+            Duration::from_millis((at - now).max(0) as u64)
+        });
+        match self.queue.request_finalize(job_id, delay).await {
+            Ok(()) => Ok(Outcome::Retrying(reason)),
+            Err(err) => Err(FinalizeError::RetryLater(format!(
+                "{reason}; and the retry could not be queued: {err}"
+            ))),
+        }
+    }
+
+    /// The report the hand-off stored, read no further than RunPod's answers may be long.
+    async fn read_report(&self, key: &str) -> Result<RunPodStatus, ReportError> {
+        let cap = self.settings.max_status_bytes;
+        let unusable = |message: String| {
+            ReportError::Unusable(JobError::new(ErrorCode::OutputMissing, message))
+        };
+        let (meta, mut body) = match self.results.open(key).await {
+            Ok(opened) => opened,
+            Err(err) if err.failure() == Failure::Missing => {
+                return Err(unusable("the stored report of the run is gone".into()))
+            }
+            Err(err) => return Err(ReportError::Retry(format!("reading the report: {err}"))),
+        };
+        if meta.size > cap {
+            return Err(ReportError::Unusable(too_large("the run's report", cap)));
+        }
+        let mut bytes = Vec::with_capacity(meta.size as usize);
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|err| ReportError::Retry(format!("reading the report: {err}")))?;
+            if (bytes.len() + chunk.len()) as u64 > cap {
+                return Err(ReportError::Unusable(too_large("the run's report", cap)));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|err| unusable(format!("the stored report is not readable: {err}")))
     }
 
     /// A completed run: take the finalize lease, collect the outputs, then write the one
@@ -201,11 +201,15 @@ impl Finalizer {
         job: Job,
         output: Option<serde_json::Value>,
         (delay, execution): (Option<u64>, Option<u64>),
-        by: Actor,
         same_run: &SameRun,
+        deadline: Option<Millis>,
     ) -> Result<Outcome, FinalizeError> {
+        let by = Actor::Finalize;
         let now = self.clock.now_ms();
-        let lease_ms = self.settings.finalize_lease.as_millis() as i64;
+        let mut lease_ms = self.settings.finalize_lease.as_millis() as Millis;
+        if let Some(deadline) = deadline {
+            lease_ms = lease_ms.min((deadline - now).max(0) + LEASE_MARGIN_MS);
+        }
         // Only the holder of the finalize lease copies outputs; everyone else backs off.
         let leased = match commit_as(self.store.as_ref(), job, by, |job| {
             same_run.check(job)?;
@@ -222,7 +226,9 @@ impl Finalizer {
 
         // Every results key this call wrote or began to write, whatever happens next.
         let mut written = Vec::new();
-        let collected = self.collect(&leased, output.as_ref(), &mut written).await;
+        let collected = self
+            .collect(&leased, output.as_ref(), deadline, &mut written)
+            .await;
         let now = self.clock.now_ms();
         let store = self.store.as_ref();
         let (committed, outcome) = match collected {
@@ -248,14 +254,25 @@ impl Finalizer {
                 let base = RETRY_SOON.min(self.settings.poll_interval);
                 let released = commit_leased(store, &leased, by, |job| {
                     job.note_check_failure();
-                    let retry_at = next_check_after_failure(base, job, now);
-                    job.release_lease(now, retry_at);
+                    let wait = check_backoff(
+                        base,
+                        job.check_failures,
+                        MAX_RETRY_WAIT,
+                        rand::random::<f64>(),
+                    );
+                    job.release_lease(now, now + wait.as_millis() as Millis);
                     Ok(())
                 })
                 .await;
                 match released {
-                    Ok(committed) => (committed, Err(FinalizeError::RetryLater(reason))),
-                    // The lease simply runs out; the next holder writes the same keys again.
+                    Ok(committed) => {
+                        let retry_at = match &committed {
+                            Committed::Written(job) => job.next_check_at,
+                            _ => None,
+                        };
+                        (committed, self.retry_at(&leased.id, retry_at, reason).await)
+                    }
+                    // The lease simply runs out; the sweeper asks finalize again then.
                     Err(_) => return Err(FinalizeError::RetryLater(reason)),
                 }
             }
@@ -266,6 +283,9 @@ impl Finalizer {
                     tracing::info!(job_id = %settled.id, outputs = settled.outputs.len(), "job succeeded");
                 } else {
                     self.remove(&leased, &written).await;
+                }
+                if settled.is_terminal() {
+                    self.drop_report(&settled).await;
                 }
                 outcome
             }
@@ -278,16 +298,31 @@ impl Finalizer {
         }
     }
 
+    /// The stored report of an ended job is of no more use: removed at once, since it holds
+    /// the customer's outputs (inline images) in full. Best effort: the job's clean-up removes
+    /// it otherwise.
+    async fn drop_report(&self, job: &Job) {
+        let Some(handoff) = &job.handoff else {
+            return;
+        };
+        if let Err(err) = self.results.delete(&handoff.report_key).await {
+            tracing::info!(job_id = %job.id, error = %err, "the report stays until the clean-up");
+        }
+    }
+
     /// Collects the outputs as the job's output contract says, into the results bucket,
     /// adding each key to `written` before writing it.
     async fn collect(
         &self,
         job: &Job,
         output: Option<&serde_json::Value>,
+        deadline: Option<Millis>,
         written: &mut Vec<String>,
     ) -> Result<Vec<OutputFile>, Collect> {
         match self.contract_of(job, output) {
-            OutputContract::VolumeFiles => self.copy_volume_files(job, output, written).await,
+            OutputContract::VolumeFiles => {
+                self.copy_volume_files(job, output, deadline, written).await
+            }
             OutputContract::WorkerComfyui => self.store_inline_images(job, output, written).await,
         }
     }
@@ -301,7 +336,12 @@ impl Finalizer {
         }
         match self.store.get(&leased.id).await {
             Ok(Some(fresh)) if fresh.outputs.iter().any(|o| written.contains(&o.key)) => {}
-            Ok(_) => self.remove(leased, written).await,
+            Ok(fresh) => {
+                self.remove(leased, written).await;
+                if let Some(ended) = fresh.filter(|job| job.is_terminal()) {
+                    self.drop_report(&ended).await;
+                }
+            }
             // Unknown: keeping a leftover costs storage; removing an output would lose it.
             Err(_) => {}
         }
@@ -334,6 +374,7 @@ impl Finalizer {
         &self,
         job: &Job,
         output: Option<&serde_json::Value>,
+        deadline: Option<Millis>,
         written: &mut Vec<String>,
     ) -> Result<Vec<OutputFile>, Collect> {
         let files = volume_output_keys(output, &self.layout, &job.id).map_err(Collect::Fail)?;
@@ -341,6 +382,7 @@ impl Finalizer {
         let attempt = attempt_of(job);
         let mut outputs: Vec<OutputFile> = Vec::with_capacity(files.len());
         for (file, size) in files.iter().zip(sizes) {
+            self.ensure_time_for(size, deadline)?;
             // Two outputs may share a name in different folders (two SaveImage nodes with
             // prefixes "a/img" and "b/img"): each gets its own name, hence its own result key.
             let taken: Vec<&str> = outputs.iter().map(|o| o.file_name.as_str()).collect();
@@ -359,6 +401,23 @@ impl Finalizer {
             });
         }
         Ok(outputs)
+    }
+
+    /// Refuses to begin a copy of `size` bytes that the invocation may not live to finish: the
+    /// attempt then gives the job back cleanly for the next one, instead of dying mid-copy
+    /// with the lease held.
+    fn ensure_time_for(&self, size: u64, deadline: Option<Millis>) -> Result<(), Collect> {
+        let Some(deadline) = deadline else {
+            return Ok(());
+        };
+        let needed = FINAL_WRITE_RESERVE_MS + (size * 1000 / SLOWEST_COPY_RATE) as Millis;
+        let left = deadline - self.clock.now_ms();
+        if left < needed {
+            return Err(Collect::Retry(format!(
+                "{left} ms left in this invocation, {needed} ms needed for the next file"
+            )));
+        }
+        Ok(())
     }
 
     /// The size of each file the worker named, from the volume, before anything is copied: a

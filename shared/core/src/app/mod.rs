@@ -1,9 +1,10 @@
-//! Use cases, written against the ports: the public API, dispatch, finalizing (webhook and
-//! sweeper share it) and the sweeper.
+//! Use cases, written against the ports: the public API, dispatch, observing RunPod's reports
+//! (the webhook and the sweeper share it), finalizing, stopping runs, and the sweeper.
 pub mod api;
 pub mod cleanup;
 pub mod dispatch;
 pub mod finalize;
+pub mod observe;
 pub mod stop;
 pub mod sweeper;
 pub mod transfer;

@@ -1,20 +1,21 @@
 //! The sweeper: every minute, one Query on the sparse index for jobs in flight whose next check
 //! is due, then for each: re-enqueue a job stuck in the queue, ask RunPod about a submitted one
-//! whose webhook never came (and finalize it as the webhook would), or give up on a job past its
-//! deadline. It never scans: its cost follows the jobs due, not the jobs ever run.
+//! whose webhook never came (and act on the answer as the webhook would), ask finalize again
+//! about a handed-off job it has not ended, give up on a job past its deadline, or clean up
+//! after an ended one. It never scans: its cost follows the jobs due, not the jobs ever run.
 use std::sync::Arc;
 
 use futures::StreamExt;
 use serde::Serialize;
 
 use crate::app::cleanup::remove_leftovers;
-use crate::app::finalize::{decide, Decision, Finalizer, Outcome};
+use crate::app::observe::{decide, handoff_recheck, Decision, Observer, Outcome};
 use crate::app::{commit_as, next_check_after_failure, Committed};
 use crate::config::Settings;
 use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, Millis, TransitionError};
 use crate::ports::{
-    Classified, Clock, Failure, JobQueue, JobStore, RunPod, RunPodStatus, StopQueue, StopReason,
-    StopRun, StoreError,
+    Classified, Clock, Failure, FinalizeQueue, JobQueue, JobStore, ObjectStore, RunPod,
+    RunPodStatus, StopQueue, StopReason, StopRun, StoreError,
 };
 
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
@@ -25,6 +26,10 @@ pub struct SweepReport {
     pub requeued: usize,
     pub polled: usize,
     pub finished: usize,
+    /// Completed runs handed to finalize by this sweep (their webhook never came).
+    pub handed_off: usize,
+    /// Handed-off jobs finalize had not ended by their next check: asked again.
+    pub refinalized: usize,
     pub timed_out: usize,
     pub skipped: usize,
     /// Ended jobs whose leftovers were removed, and how many objects that took.
@@ -41,6 +46,8 @@ pub struct SweepReport {
 enum Action {
     Requeued,
     Polled { finished: bool },
+    HandedOff,
+    Refinalized,
     TimedOut,
     Cleaned(usize),
     Skipped,
@@ -52,7 +59,11 @@ pub struct Sweeper {
     pub queue: Arc<dyn JobQueue>,
     pub runpod: Arc<dyn RunPod>,
     pub stops: Arc<dyn StopQueue>,
-    pub finalizer: Arc<Finalizer>,
+    pub observer: Arc<Observer>,
+    pub finalize: Arc<dyn FinalizeQueue>,
+    /// The results bucket and the RunPod volume, for removing what ended jobs left behind.
+    pub results: Arc<dyn ObjectStore>,
+    pub volume: Arc<dyn ObjectStore>,
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
 }
@@ -90,6 +101,11 @@ impl Sweeper {
                     report.polled += 1;
                     report.finished += finished as usize;
                 }
+                Action::HandedOff => {
+                    report.polled += 1;
+                    report.handed_off += 1;
+                }
+                Action::Refinalized => report.refinalized += 1,
                 Action::TimedOut => report.timed_out += 1,
                 Action::Cleaned(removed) => {
                     report.cleaned += 1;
@@ -107,6 +123,8 @@ impl Sweeper {
             requeued = report.requeued,
             polled = report.polled,
             finished = report.finished,
+            handed_off = report.handed_off,
+            refinalized = report.refinalized,
             timed_out = report.timed_out,
             skipped = report.skipped,
             cleaned = report.cleaned,
@@ -139,6 +157,11 @@ impl Sweeper {
         if job.active_lease(now).is_some() {
             return Ok(Action::Skipped);
         }
+        // The GPU's work is done and confirmed: the job's deadline no longer applies, only
+        // how long finalize may keep trying.
+        if let Some(handed_at) = job.current_handoff().map(|h| h.at) {
+            return self.refinalize(job, handed_at, now).await;
+        }
         if job.past_deadline(now) {
             return self.expire(job, now).await;
         }
@@ -166,8 +189,7 @@ impl Sweeper {
             .await?;
             return Ok(Action::Skipped);
         }
-        let finalizer = &self.finalizer;
-        match remove_leftovers(finalizer.results.as_ref(), finalizer.volume.as_ref(), &job).await {
+        match remove_leftovers(self.results.as_ref(), self.volume.as_ref(), &job).await {
             Ok(removed) => {
                 let objects = removed.results + removed.volume;
                 if objects > 0 {
@@ -194,6 +216,47 @@ impl Sweeper {
                 Ok(Action::Error)
             }
         }
+    }
+
+    /// A handed-off job finalize has not ended by its next check (the request was lost, an
+    /// attempt died, or every attempt failed so far): ask again, until `finalize_give_up`
+    /// after the hand-off, when the job ends `timed_out`.
+    async fn refinalize(
+        &self,
+        job: Job,
+        handed_at: Millis,
+        now: Millis,
+    ) -> Result<Action, StoreError> {
+        if now >= handed_at + self.settings.finalize_give_up.as_millis() as Millis {
+            let error = JobError::new(
+                ErrorCode::DeadlineExceeded,
+                "the run completed but its outputs could not be collected in time",
+            );
+            let done = commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+                job.ensure_unleased(now)?;
+                job.time_out(error.clone(), now)
+            })
+            .await?;
+            return Ok(match done {
+                Committed::Written(_) => Action::TimedOut,
+                _ => Action::Skipped,
+            });
+        }
+        if let Err(err) = self
+            .finalize
+            .request_finalize(&job.id, std::time::Duration::ZERO)
+            .await
+        {
+            tracing::warn!(job_id = %job.id, error = %err, "could not ask finalize again");
+            self.reschedule_after_failure(job, now).await?;
+            return Ok(Action::Error);
+        }
+        let next = now + handoff_recheck(&self.settings).as_millis() as Millis;
+        commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+            job.reschedule(now, next)
+        })
+        .await?;
+        Ok(Action::Refinalized)
     }
 
     async fn requeue(&self, job: Job, now: Millis) -> Result<Action, StoreError> {
@@ -252,8 +315,9 @@ impl Sweeper {
         let job_id = job.id.clone();
         // Kept to reschedule without a second read when the report changed nothing.
         let read = job.clone();
-        match self.finalizer.observe_as(job, status, Actor::Sweeper).await {
+        match self.observer.observe_as(job, status, Actor::Sweeper).await {
             Ok(Outcome::Finished(_)) => Ok(Action::Polled { finished: true }),
+            Ok(Outcome::HandedOff) => Ok(Action::HandedOff),
             // Someone else holds the job (a webhook finalizing it): its lease already made the
             // job due when it runs out, and any write here would only get in its way.
             Ok(Outcome::Busy) => Ok(Action::Skipped),
@@ -335,6 +399,12 @@ impl Sweeper {
         }
         let next = (now + self.settings.poll_interval.as_millis() as i64).min(job.deadline_at);
         commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+            // Handed off or taken since this sweep read it (a webhook won the race): its
+            // schedule is the hand-off's or the lease's, not a poll's.
+            if job.current_handoff().is_some() {
+                return Err(TransitionError::Stale);
+            }
+            job.ensure_unleased(now)?;
             job.reschedule(now, next)
         })
         .await?;

@@ -11,7 +11,8 @@
 //! another run, it is confirmed and cancelled, and its result is never used.
 use std::sync::Arc;
 
-use crate::app::finalize::{FinalizeError, Finalizer, Outcome};
+use crate::app::finalize::FinalizeError;
+use crate::app::observe::{Observer, Outcome};
 use crate::app::{commit_as, Committed};
 use crate::domain::job::{Actor, Job, Millis};
 use crate::domain::token::WebhookSigner;
@@ -33,7 +34,7 @@ pub struct WebhookHandler {
     pub store: Arc<dyn JobStore>,
     pub runpod: Arc<dyn RunPod>,
     pub stops: Arc<dyn StopQueue>,
-    pub finalizer: Arc<Finalizer>,
+    pub observer: Arc<Observer>,
     pub signer: WebhookSigner,
 }
 
@@ -103,7 +104,7 @@ impl WebhookHandler {
     async fn observe(&self, job: Job, run: &str) -> Result<Outcome, String> {
         match self.runpod.status(run).await {
             Ok(status) => self
-                .finalizer
+                .observer
                 .observe_as(job, &status, Actor::Webhook)
                 .await
                 .map_err(finalize_error),
@@ -124,8 +125,8 @@ impl WebhookHandler {
             Err(err) if err.failure() == Failure::Missing => return Ok(Outcome::Unchanged),
             Err(err) => return Err(err.to_string()),
         };
-        let now = self.finalizer.clock.now_ms();
-        let next_check = now + self.finalizer.settings.poll_interval.as_millis() as Millis;
+        let now = self.observer.clock.now_ms();
+        let next_check = now + self.observer.settings.poll_interval.as_millis() as Millis;
         let adopted = commit_as(self.store.as_ref(), job, Actor::Webhook, |job| {
             job.mark_submitted(run.to_string(), now, next_check)
         })
@@ -134,7 +135,7 @@ impl WebhookHandler {
         match adopted {
             Committed::Written(job) => {
                 tracing::warn!(job_id = %job.id, runpod_id = run, "adopted a run whose /run answer was lost");
-                self.finalizer
+                self.observer
                     .observe_as(job, &status, Actor::Webhook)
                     .await
                     .map_err(finalize_error)

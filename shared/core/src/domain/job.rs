@@ -175,6 +175,8 @@ pub enum Actor {
     Dispatch,
     Webhook,
     Sweeper,
+    /// The finalize function, collecting a completed run's outputs.
+    Finalize,
     /// A caller that did not say (tools, tests).
     #[default]
     Gateway,
@@ -187,6 +189,7 @@ impl Actor {
             Self::Dispatch => "dispatch",
             Self::Webhook => "webhook",
             Self::Sweeper => "sweeper",
+            Self::Finalize => "finalize",
             Self::Gateway => "gateway",
         }
     }
@@ -249,6 +252,17 @@ pub enum LeaseKind {
 pub struct Lease {
     pub kind: LeaseKind,
     pub until: Millis,
+}
+
+/// RunPod confirmed that `run` completed, and its report (the `/status` answer, whose output
+/// RunPod keeps for only 30 minutes) is stored at `report_key`: from here the finalize function
+/// collects the outputs from that copy, without asking RunPod again.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Handoff {
+    pub run: String,
+    pub report_key: String,
+    /// When the report was confirmed; the finalize attempts are bounded from here.
+    pub at: Millis,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -315,6 +329,10 @@ pub struct Job {
     /// from before it have 0, and the sweeper then waits on its own clock.
     #[serde(default)]
     pub cleanup_delay_ms: Millis,
+    /// Set once RunPod confirmed the run completed and finalize has what it needs; the job
+    /// shows as running until finalize ends it.
+    #[serde(default)]
+    pub handoff: Option<Handoff>,
     /// Who is changing the job in this process; recorded in the history, never stored.
     #[serde(skip)]
     acting: Acting,
@@ -423,6 +441,7 @@ impl Job {
             write_id: None,
             cleanup_pending: false,
             cleanup_delay_ms: timing.cleanup_delay_ms,
+            handoff: None,
             acting: Acting::default(),
         }
     }
@@ -563,6 +582,44 @@ impl Job {
     /// A worker took the job.
     pub fn mark_running(&mut self, now: Millis) -> Result<(), TransitionError> {
         self.advance(JobState::Running, now)
+    }
+
+    /// RunPod confirmed that `run`, the job's run, completed, and its report is stored at
+    /// `report_key`: the job is the finalize function's from here. A second hand-off of the
+    /// same run changes nothing (refused as [`TransitionError::Stale`]), so a duplicate webhook
+    /// or a sweep racing the webhook stores one hand-off.
+    pub fn hand_off(
+        &mut self,
+        run: &str,
+        report_key: String,
+        now: Millis,
+        next_check_at: Millis,
+    ) -> Result<(), TransitionError> {
+        self.ensure_open()?;
+        if self.runpod_job_id.as_deref() != Some(run) {
+            return Err(TransitionError::Stale);
+        }
+        if self.handoff.as_ref().is_some_and(|h| h.run == run) {
+            return Err(TransitionError::Stale);
+        }
+        if self.state.rank() < JobState::Running.rank() {
+            self.advance(JobState::Running, now)?;
+        }
+        self.handoff = Some(Handoff {
+            run: run.to_string(),
+            report_key,
+            at: now,
+        });
+        self.next_check_at = Some(next_check_at);
+        self.touch(now);
+        Ok(())
+    }
+
+    /// The hand-off finalize works from: only while it is about the run the job tracks.
+    pub fn current_handoff(&self) -> Option<&Handoff> {
+        self.handoff
+            .as_ref()
+            .filter(|h| self.runpod_job_id.as_deref() == Some(h.run.as_str()))
     }
 
     /// Schedules the next sweeper look without changing the state.

@@ -36,6 +36,17 @@ pub fn results_of(owner: &str, job_id: &str) -> String {
     format!("results/{owner}/{job_id}/")
 }
 
+/// Results bucket: the confirmed report of a job's completed run, kept for the finalize function
+/// (RunPod keeps it for only 30 minutes), `results/{owner}/{job_id}/report-{digest}.json`. The
+/// digest of the run id keeps RunPod's wording of it out of the key, and names one key per run:
+/// a hand-off repeated for the same run writes the same object again. It lies in the job's
+/// results folder, so the job's clean-up removes it with every other copy no output names.
+pub fn report(owner: &str, job_id: &str, run: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = hex::encode(&Sha256::digest(run.as_bytes())[..8]);
+    format!("results/{owner}/{job_id}/report-{digest}.json")
+}
+
 /// RunPod volume: a job's input as the worker reads it, `inputs/{job_id}/{file_name}`. Both
 /// parts are the gateway's own (a job id it minted, a file name it chose).
 pub fn volume_input(job_id: &str, file_name: &str) -> String {
@@ -103,6 +114,10 @@ mod tests {
             "results/alice/j/f00000000000000ab/a.png"
         );
         assert!(result("alice", "j", "f1", "a.png").starts_with(&results_of("alice", "j")));
+        assert!(report("alice", "j", "../../x").starts_with(&results_of("alice", "j")));
+        assert!(!report("alice", "j", "../../x").contains(".."));
+        assert_eq!(report("alice", "j", "r1"), report("alice", "j", "r1"));
+        assert_ne!(report("alice", "j", "r1"), report("alice", "j", "r2"));
         assert_eq!(volume_input("j", "input.jpg"), "inputs/j/input.jpg");
         assert_eq!(volume_outputs("j"), "outputs/j/");
     }

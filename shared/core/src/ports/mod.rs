@@ -129,6 +129,19 @@ pub trait JobQueue: Send + Sync {
     async fn enqueue(&self, job_id: &str) -> Result<(), QueueError>;
 }
 
+/// The finalize function's queue. A message names only the job: the job record (its
+/// [`crate::domain::job::Handoff`]) is the truth, so a stale or duplicated message is harmless.
+#[async_trait]
+pub trait FinalizeQueue: Send + Sync {
+    /// Asks finalize to collect `job_id`'s outputs, not before `delay` (at most 15 minutes, as
+    /// SQS allows).
+    async fn request_finalize(
+        &self,
+        job_id: &str,
+        delay: std::time::Duration,
+    ) -> Result<(), QueueError>;
+}
+
 /// Why a run is to be stopped; it only goes into the stopper's log.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
