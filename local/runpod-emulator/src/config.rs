@@ -19,12 +19,13 @@ pub struct EmulatorConfig {
     /// serves this directory as bucket [`volume_id`](Self::volume_id), key = path relative to it.
     ///
     /// s3s-fs maps bucket `b` to the directory `<fs root>/b` and keeps its own bookkeeping
-    /// (`.bucket-*.metadata.json`, upload ids, multipart parts, temp files) directly in
-    /// `<fs root>`. So that none of that lands inside the volume, and so that any directory name
-    /// works, each emulator instance gives s3s-fs a private root next to the volume,
-    /// `<parent>/.<dir name>.s3s-<random>/`, holding one symlink `<volume_id> -> volume_dir`;
-    /// it is removed when the emulator stops. The volume directory is created if missing and
-    /// must be on the same filesystem as its parent (s3s-fs renames temp files into place).
+    /// (`.bucket-*.metadata.json`, temp files) directly in `<fs root>`. So that none of that
+    /// lands inside the volume, and so that any directory name works, each emulator instance
+    /// gives s3s-fs a private root next to the volume, `<parent>/.<dir name>.s3s-<random>/`,
+    /// holding one symlink `<volume_id> -> volume_dir`; it is removed when the emulator stops.
+    /// Multipart parts, unlike that bookkeeping, wait inside the volume, in
+    /// `.s3compat_uploads/`, as on RunPod. The volume directory is created if missing and must
+    /// be on the same filesystem as its parent (s3s-fs renames temp files into place).
     pub volume_dir: PathBuf,
     /// Bucket name of the volume on the S3 API (RunPod: the network volume id).
     pub volume_id: String,
