@@ -10,8 +10,11 @@
 //!
 //! [`VolumeS3`] sits in front of s3s-fs and lets through only what RunPod supports, on the one
 //! bucket: no CreateBucket/DeleteBucket, no DeleteObjects, no presigned URLs. It answers
-//! multipart uploads itself (`uploads`: parts staged on the volume, as RunPod stages them).
+//! itself what RunPod does differently from s3s-fs: listings (`listing`: empty folders, the
+//! hidden staging folder, the repeated continuation token) and multipart uploads (`uploads`:
+//! parts staged on the volume). Objects themselves are read and written by s3s-fs.
 
+mod listing;
 mod uploads;
 
 use std::path::{Path, PathBuf};
@@ -34,6 +37,7 @@ use crate::config::EmulatorConfig;
 use crate::faults::FaultState;
 use crate::EmulatorError;
 
+use listing::{ListQuery, Page};
 pub use uploads::StagedUpload;
 use uploads::{Staging, UploadRecord, WantedPart, PART_NUMBERS, STAGING_DIR};
 
@@ -111,6 +115,10 @@ pub(crate) fn service(
         volume_id: config.volume_id.clone(),
         volume_dir: root.volume_dir.clone(),
         staging: Staging::new(&root.volume_dir),
+        list_staging_folder: config.s3_list_staging_folder,
+        list_empty_folders: config.s3_list_empty_folders,
+        delete_removes_empty_folder: config.s3_delete_removes_empty_folder,
+        repeat_token_above: config.s3_repeat_token_above,
     };
     let mut builder = S3ServiceBuilder::new(volume);
     builder.set_auth(SimpleAuth::from_single(
@@ -262,6 +270,10 @@ struct VolumeS3 {
     volume_id: String,
     volume_dir: PathBuf,
     staging: Staging,
+    list_staging_folder: bool,
+    list_empty_folders: bool,
+    delete_removes_empty_folder: bool,
+    repeat_token_above: Option<usize>,
 }
 
 impl VolumeS3 {
@@ -278,6 +290,16 @@ impl VolumeS3 {
         check_key(key)
     }
 
+    /// A key whose file may be read: a hidden staging folder holds none, and a directory is
+    /// no file (s3s-fs would answer 500 reading one).
+    fn readable(&self, bucket: &str, key: &str) -> S3Result<()> {
+        self.object(bucket, key)?;
+        if (is_staging(key) && !self.list_staging_folder) || self.volume_dir.join(key).is_dir() {
+            return Err(s3_error!(NoSuchKey));
+        }
+        Ok(())
+    }
+
     /// A key that may be written or removed: never one in the staging folder, whose files are
     /// the emulator's own record of the uploads in progress.
     fn writable(&self, bucket: &str, key: &str) -> S3Result<()> {
@@ -289,6 +311,31 @@ impl VolumeS3 {
             ));
         }
         Ok(())
+    }
+
+    async fn list(&self, query: ListQuery) -> S3Result<Page> {
+        let volume = self.volume_dir.clone();
+        tokio::task::spawn_blocking(move || listing::list(&volume, &query))
+            .await
+            .map_err(uploads::internal)?
+            .map_err(uploads::internal)
+    }
+
+    fn query(
+        &self,
+        prefix: Option<&str>,
+        delimiter: Option<&str>,
+        max_keys: Option<i32>,
+    ) -> ListQuery {
+        ListQuery {
+            prefix: prefix.unwrap_or_default().to_owned(),
+            delimiter: delimiter.filter(|d| !d.is_empty()).map(str::to_owned),
+            after: None,
+            // S3 hands out at most 1000 a page, whatever a client asks for.
+            max_keys: max_keys.map_or(1000, |n| usize::try_from(n.clamp(0, 1000)).unwrap_or(0)),
+            empty_folders: self.list_empty_folders,
+            staging_folder: self.list_staging_folder,
+        }
     }
 }
 
@@ -311,6 +358,64 @@ fn check_key(key: &str) -> S3Result<()> {
     } else {
         Ok(())
     }
+}
+
+/// A ListObjectsV2 continuation token. Clients see it as opaque (base64 of this JSON); it
+/// carries all the repeated-token bug needs, so the emulator keeps no state per listing.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct ListToken {
+    /// The last key or common prefix handed out: the next page starts after it.
+    after: String,
+    /// Where the page that handed out this token started.
+    page_after: Option<String>,
+    /// Keys and common prefixes handed out so far in this listing.
+    handed_out: usize,
+}
+
+impl ListToken {
+    fn encode(&self) -> String {
+        use base64::Engine;
+        let json = serde_json::to_vec(self).expect("a token serialises");
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+    }
+
+    fn decode(token: &str) -> S3Result<Self> {
+        use base64::Engine;
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .ok()
+            .and_then(|json| serde_json::from_slice(&json).ok())
+            .ok_or_else(|| {
+                s3_error!(
+                    InvalidArgument,
+                    "The continuation token provided is incorrect"
+                )
+            })
+    }
+}
+
+fn listed_objects(page: &mut Page) -> (Option<Vec<Object>>, Option<Vec<CommonPrefix>>) {
+    let objects: Vec<Object> = page
+        .objects
+        .drain(..)
+        .map(|listed| Object {
+            key: Some(listed.key),
+            size: Some(i64::try_from(listed.size).unwrap_or(i64::MAX)),
+            last_modified: listed.modified.map(Timestamp::from),
+            ..Default::default()
+        })
+        .collect();
+    let prefixes: Vec<CommonPrefix> = page
+        .prefixes
+        .drain(..)
+        .map(|prefix| CommonPrefix {
+            prefix: Some(prefix),
+        })
+        .collect();
+    (
+        (!objects.is_empty()).then_some(objects),
+        (!prefixes.is_empty()).then_some(prefixes),
+    )
 }
 
 #[async_trait::async_trait]
@@ -342,27 +447,107 @@ impl S3 for VolumeS3 {
         self.fs.head_bucket(req).await
     }
 
+    /// Version 1 pages by key (`Marker`), so it never meets the repeated-token bug.
     async fn list_objects(
         &self,
         req: S3Request<ListObjectsInput>,
     ) -> S3Result<S3Response<ListObjectsOutput>> {
-        self.bucket(&req.input.bucket)?;
-        self.fs.list_objects(req).await
+        let input = req.input;
+        self.bucket(&input.bucket)?;
+        let mut query = self.query(
+            input.prefix.as_deref(),
+            input.delimiter.as_deref(),
+            input.max_keys,
+        );
+        query.after = input.marker.clone();
+        let max_keys = i32::try_from(query.max_keys).unwrap_or(1000);
+        let mut page = self.list(query).await?;
+        let (contents, common_prefixes) = listed_objects(&mut page);
+        let output = ListObjectsOutput {
+            name: Some(input.bucket),
+            prefix: input.prefix,
+            marker: input.marker,
+            max_keys: Some(max_keys),
+            is_truncated: Some(page.truncated),
+            contents,
+            common_prefixes,
+            delimiter: input.delimiter,
+            next_marker: page.last.filter(|_| page.truncated),
+            encoding_type: input.encoding_type,
+            ..Default::default()
+        };
+        Ok(S3Response::new(output))
     }
 
     async fn list_objects_v2(
         &self,
         req: S3Request<ListObjectsV2Input>,
     ) -> S3Result<S3Response<ListObjectsV2Output>> {
-        self.bucket(&req.input.bucket)?;
-        self.fs.list_objects_v2(req).await
+        let input = req.input;
+        self.bucket(&input.bucket)?;
+        let token = input
+            .continuation_token
+            .as_deref()
+            .map(ListToken::decode)
+            .transpose()?;
+        let mut query = self.query(
+            input.prefix.as_deref(),
+            input.delimiter.as_deref(),
+            input.max_keys,
+        );
+        let repeat = query.delimiter.is_none()
+            && token.as_ref().is_some_and(|token| {
+                self.repeat_token_above
+                    .is_some_and(|limit| token.handed_out >= limit)
+            });
+        query.after = match &token {
+            Some(token) if repeat => token.page_after.clone(),
+            Some(token) => Some(token.after.clone()),
+            None => input.start_after.clone(),
+        };
+        let page_after = query.after.clone();
+        let max_keys = i32::try_from(query.max_keys).unwrap_or(1000);
+        let mut page = self.list(query).await?;
+        let next_continuation_token = if repeat {
+            // RunPod's bug: the page before comes back, with the very token the client sent.
+            input.continuation_token.clone()
+        } else if page.truncated {
+            page.last.clone().map(|after| {
+                ListToken {
+                    after,
+                    page_after,
+                    handed_out: token.as_ref().map_or(0, |t| t.handed_out) + page.len(),
+                }
+                .encode()
+            })
+        } else {
+            None
+        };
+        let key_count = i32::try_from(page.len()).unwrap_or(i32::MAX);
+        let (contents, common_prefixes) = listed_objects(&mut page);
+        let output = ListObjectsV2Output {
+            name: Some(input.bucket),
+            prefix: input.prefix,
+            max_keys: Some(max_keys),
+            key_count: Some(key_count),
+            continuation_token: input.continuation_token,
+            is_truncated: Some(repeat || page.truncated),
+            next_continuation_token,
+            contents,
+            common_prefixes,
+            delimiter: input.delimiter,
+            encoding_type: input.encoding_type,
+            start_after: input.start_after,
+            ..Default::default()
+        };
+        Ok(S3Response::new(output))
     }
 
     async fn get_object(
         &self,
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
-        self.object(&req.input.bucket, &req.input.key)?;
+        self.readable(&req.input.bucket, &req.input.key)?;
         self.fs.get_object(req).await
     }
 
@@ -370,7 +555,7 @@ impl S3 for VolumeS3 {
         &self,
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
-        self.object(&req.input.bucket, &req.input.key)?;
+        self.readable(&req.input.bucket, &req.input.key)?;
         self.fs.head_object(req).await
     }
 
@@ -382,12 +567,31 @@ impl S3 for VolumeS3 {
         self.fs.put_object(req).await
     }
 
+    /// A file goes and its folder stays, even emptied, as on a filesystem (s3s-fs removes only
+    /// the file). `dir/` names the folder itself.
     async fn delete_object(
         &self,
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
         self.writable(&req.input.bucket, &req.input.key)?;
-        self.fs.delete_object(req).await
+        let Some(folder) = req.input.key.strip_suffix('/') else {
+            return self.fs.delete_object(req).await;
+        };
+        if self.delete_removes_empty_folder {
+            match tokio::fs::remove_dir(self.volume_dir.join(folder)).await {
+                Ok(()) => {}
+                // Missing, a file, or not empty: answered like any key DeleteObject leaves be.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::NotFound
+                            | std::io::ErrorKind::NotADirectory
+                            | std::io::ErrorKind::DirectoryNotEmpty
+                    ) => {}
+                Err(e) => return Err(uploads::internal(e)),
+            }
+        }
+        Ok(S3Response::new(DeleteObjectOutput::default()))
     }
 
     async fn copy_object(
@@ -396,7 +600,7 @@ impl S3 for VolumeS3 {
     ) -> S3Result<S3Response<CopyObjectOutput>> {
         self.writable(&req.input.bucket, &req.input.key)?;
         match &req.input.copy_source {
-            CopySource::Bucket { bucket, key, .. } => self.object(bucket, key)?,
+            CopySource::Bucket { bucket, key, .. } => self.readable(bucket, key)?,
             _ => return Err(s3_error!(NotImplemented)),
         }
         self.fs.copy_object(req).await

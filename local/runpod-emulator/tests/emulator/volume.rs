@@ -353,6 +353,104 @@ async fn the_staging_folder_takes_no_writes() {
 }
 
 #[tokio::test]
+async fn deleting_a_file_leaves_its_emptied_folder() {
+    let h = start().await;
+    let client = volume_s3(&h.emu);
+    client
+        .put_object()
+        .bucket(&h.emu.volume_id)
+        .key("outputs/job-9/out.png")
+        .body(ByteStream::from_static(b"png"))
+        .send()
+        .await
+        .unwrap();
+    client
+        .delete_object()
+        .bucket(&h.emu.volume_id)
+        .key("outputs/job-9/out.png")
+        .send()
+        .await
+        .expect("delete");
+    assert!(h.emu.volume_dir.join("outputs/job-9").is_dir());
+    assert_eq!(
+        list_page(&client, &h.emu, "outputs/").await,
+        ["outputs/job-9/"]
+    );
+}
+
+#[tokio::test]
+async fn a_folder_read_as_an_object_is_no_such_key() {
+    let h = start().await;
+    std::fs::create_dir_all(h.emu.volume_dir.join("outputs/job-8")).unwrap();
+    for key in ["outputs/job-8/", "outputs/job-8"] {
+        let missing = volume_s3(&h.emu)
+            .get_object()
+            .bucket(&h.emu.volume_id)
+            .key(key)
+            .send()
+            .await
+            .expect_err("a folder is no file");
+        let code = missing
+            .into_service_error()
+            .meta()
+            .code()
+            .map(str::to_owned);
+        assert_eq!(code.as_deref(), Some("NoSuchKey"), "{key}");
+    }
+}
+
+#[tokio::test]
+async fn a_recursive_listing_pages_through_every_key_in_order() {
+    let h = start().await;
+    let client = volume_s3(&h.emu);
+    let mut keys = vec![
+        "a-b.txt",
+        "a/1.txt",
+        "a/b/2.txt",
+        "a/c.txt",
+        "a0.txt",
+        "outputs/x/y/z.png",
+        "z.txt",
+    ];
+    for key in &keys {
+        client
+            .put_object()
+            .bucket(&h.emu.volume_id)
+            .key(*key)
+            .body(ByteStream::from_static(b"x"))
+            .send()
+            .await
+            .unwrap();
+    }
+    keys.sort();
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = client
+            .list_objects_v2()
+            .bucket(&h.emu.volume_id)
+            .max_keys(2)
+            .set_continuation_token(token.clone())
+            .send()
+            .await
+            .unwrap();
+        seen.extend(
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_owned)),
+        );
+        let next = page.next_continuation_token().map(str::to_owned);
+        assert_eq!(page.is_truncated(), Some(next.is_some()));
+        if next.is_none() {
+            break;
+        }
+        assert_ne!(next, token, "a token came back twice");
+        token = next;
+    }
+    assert_eq!(seen, keys);
+}
+
+#[tokio::test]
 async fn list_objects_v2_lists_keys_by_prefix_and_delimiter() {
     let h = start().await;
     let client = volume_s3(&h.emu);
