@@ -24,6 +24,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/_emulator/jobs", get(jobs))
         .route("/_emulator/jobs/{job_id}", get(job))
         .route("/_emulator/worker-calls", get(worker_calls))
+        .route("/_emulator/volume", get(volume))
         .with_state(app)
 }
 
@@ -37,6 +38,26 @@ async fn worker_calls(
         calls.retain(|call| &call.pod == pod);
     }
     Json(calls).into_response()
+}
+
+/// What the volume holds: all its bytes, and the multipart uploads in progress with theirs.
+async fn volume(State(app): State<Arc<App>>) -> Response {
+    let dir = app.config.volume_dir.clone();
+    let walked = tokio::task::spawn_blocking(move || {
+        serde_json::json!({
+            "bytes": crate::volume::volume_bytes(&dir),
+            "staged_upload_bytes": crate::volume::staged_upload_bytes(&dir),
+            "uploads": crate::volume::staged_uploads(&dir),
+        })
+    })
+    .await;
+    match walked {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("volume walk: {e}"),
+        ),
+    }
 }
 
 /// Faults injected by the chaos configuration: counts by kind, and every one, oldest first.

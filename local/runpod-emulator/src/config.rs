@@ -19,12 +19,13 @@ pub struct EmulatorConfig {
     /// serves this directory as bucket [`volume_id`](Self::volume_id), key = path relative to it.
     ///
     /// s3s-fs maps bucket `b` to the directory `<fs root>/b` and keeps its own bookkeeping
-    /// (`.bucket-*.metadata.json`, upload ids, multipart parts, temp files) directly in
-    /// `<fs root>`. So that none of that lands inside the volume, and so that any directory name
-    /// works, each emulator instance gives s3s-fs a private root next to the volume,
-    /// `<parent>/.<dir name>.s3s-<random>/`, holding one symlink `<volume_id> -> volume_dir`;
-    /// it is removed when the emulator stops. The volume directory is created if missing and
-    /// must be on the same filesystem as its parent (s3s-fs renames temp files into place).
+    /// (`.bucket-*.metadata.json`, temp files) directly in `<fs root>`. So that none of that
+    /// lands inside the volume, and so that any directory name works, each emulator instance
+    /// gives s3s-fs a private root next to the volume, `<parent>/.<dir name>.s3s-<random>/`,
+    /// holding one symlink `<volume_id> -> volume_dir`; it is removed when the emulator stops.
+    /// Multipart parts, unlike that bookkeeping, wait inside the volume, in
+    /// `.s3compat_uploads/`, as on RunPod. The volume directory is created if missing and must
+    /// be on the same filesystem as its parent (s3s-fs renames temp files into place).
     pub volume_dir: PathBuf,
     /// Bucket name of the volume on the S3 API (RunPod: the network volume id).
     pub volume_id: String,
@@ -62,6 +63,29 @@ pub struct EmulatorConfig {
     pub builtin_worker: bool,
     /// RunPod does not support presigned URLs on the volume S3 API; reject them like it does.
     pub s3_reject_presigned: bool,
+    /// UNCONFIRMED: whether the hidden folder where multipart parts wait,
+    /// `.s3compat_uploads/` at the volume root, shows up in ListObjects(V2). Its bytes are on
+    /// the volume either way. Default `false`: hidden, as its name says.
+    pub s3_list_staging_folder: bool,
+    /// RunPod's listings include empty directories (docs, "Known issues"); their representation
+    /// is UNCONFIRMED. `true`: an empty directory is a key `dir/` of size 0 (so, with a
+    /// delimiter, a common prefix `dir/`), as a filesystem-backed listing would give it.
+    /// `false`: directories appear only through the files under them, as on AWS.
+    pub s3_list_empty_folders: bool,
+    /// UNCONFIRMED: DeleteObject on `dir/` removes `dir` when it is an empty directory.
+    /// `false`: it answers 204 and the folder stays. A folder with anything in it is never
+    /// removed, and deleting a file never removes its folder: a filesystem keeps emptied folders.
+    pub s3_delete_removes_empty_folder: bool,
+    /// RunPod's known listing bug: once a recursive ListObjectsV2 (no `Delimiter`) has handed
+    /// out this many keys, the next page repeats the previous page, contents and
+    /// `NextContinuationToken` alike, so a client loops or stops with "The same next token was
+    /// received twice". Listings with a `Delimiter` never repeat: RunPod's own example lists one
+    /// level at a time to get past the bug. `None`: never.
+    ///
+    /// Default `Some(10_000)`: the bug is documented for listings above 10k files, and the
+    /// emulator defaults to the documented platform, so a recursive walk that would break on
+    /// RunPod breaks here too. Tests lower it to reach the bug with a handful of files.
+    pub s3_repeat_token_above: Option<usize>,
     /// How long `job-take` and `job-stop` hold an external worker's long-poll before answering
     /// 204 (reference §4.3: about 60 s, under the SDK's 90 s client timeout).
     pub worker_poll_hold: Duration,
@@ -103,6 +127,10 @@ impl Default for EmulatorConfig {
             worker_concurrency: 2,
             builtin_worker: true,
             s3_reject_presigned: true,
+            s3_list_staging_folder: false,
+            s3_list_empty_folders: true,
+            s3_delete_removes_empty_folder: true,
+            s3_repeat_token_above: Some(10_000),
             worker_poll_hold: Duration::from_secs(55),
             job_done_max_bytes: 20 * 1024 * 1024,
             s3_config_job_key: Some("s3Config".to_owned()),

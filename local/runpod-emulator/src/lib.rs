@@ -36,6 +36,7 @@ use tokio::task::JoinHandle;
 pub use chaos::{FaultKind, InjectedFault, Removal};
 pub use config::{ChaosConfig, EmulatorConfig, Faults};
 pub use jobs::{JobSnapshot, JobStatus};
+pub use volume::StagedUpload;
 pub use webhook::WebhookAttempt;
 pub use worker_api::WorkerCall;
 
@@ -157,6 +158,23 @@ impl Emulator {
     /// Why a job stopped existing, if it did. Recorded while a chaos configuration is set.
     pub fn removal(&self, id: &str) -> Option<Removal> {
         self.app.faults.chaos.removal(id)
+    }
+
+    /// Multipart uploads begun on the volume and neither completed nor aborted, by key: what
+    /// ListMultipartUploads answers, with the bytes each holds on the volume.
+    pub fn staged_uploads(&self) -> Vec<StagedUpload> {
+        volume::staged_uploads(&self.volume_dir)
+    }
+
+    /// Bytes the multipart uploads in progress hold on the volume, in its hidden
+    /// `.s3compat_uploads/` folder: capacity an upload never completed nor aborted keeps using.
+    pub fn staged_upload_bytes(&self) -> u64 {
+        volume::staged_upload_bytes(&self.volume_dir)
+    }
+
+    /// Bytes of every file on the volume, staged multipart parts included.
+    pub fn volume_bytes(&self) -> u64 {
+        volume::volume_bytes(&self.volume_dir)
     }
 
     /// Every answered call of an external (SDK) worker so far, oldest first: job-take,

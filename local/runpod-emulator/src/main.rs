@@ -60,6 +60,22 @@ const SETTINGS: &[(&str, &str)] = &[
         "refuse presigned S3 URLs like RunPod: true|false [true]",
     ),
     (
+        "s3-list-staging-folder",
+        "UNCONFIRMED: .s3compat_uploads/ shows in volume listings: true|false [false]",
+    ),
+    (
+        "s3-list-empty-folders",
+        "volume listings show an empty folder as key 'dir/': true|false [true]",
+    ),
+    (
+        "s3-delete-removes-empty-folder",
+        "UNCONFIRMED: DeleteObject 'dir/' removes an empty folder: true|false [true]",
+    ),
+    (
+        "s3-repeat-token-above",
+        "recursive ListObjectsV2 repeats its page and token past N keys; 'none' never [10000]",
+    ),
+    (
         "worker-poll-hold-ms",
         "job-take/job-stop long-poll hold for external workers [55000]",
     ),
@@ -193,6 +209,12 @@ fn build(settings: &Settings) -> Result<(EmulatorConfig, SocketAddr, SocketAddr)
         ("ttl-covers-results", &mut c.ttl_covers_results),
         ("builtin-worker", &mut c.builtin_worker),
         ("s3-reject-presigned", &mut c.s3_reject_presigned),
+        ("s3-list-staging-folder", &mut c.s3_list_staging_folder),
+        ("s3-list-empty-folders", &mut c.s3_list_empty_folders),
+        (
+            "s3-delete-removes-empty-folder",
+            &mut c.s3_delete_removes_empty_folder,
+        ),
     ] {
         if let Some(v) = settings.get(name)? {
             *field = v;
@@ -206,6 +228,16 @@ fn build(settings: &Settings) -> Result<(EmulatorConfig, SocketAddr, SocketAddr)
     }
     if let Some(v) = settings.get("job-done-max-bytes")? {
         c.job_done_max_bytes = v;
+    }
+    if let Some(v) = settings.raw("s3-repeat-token-above") {
+        c.s3_repeat_token_above = if v.eq_ignore_ascii_case("none") {
+            None
+        } else {
+            Some(
+                v.parse()
+                    .map_err(|e| format!("--s3-repeat-token-above: {e}"))?,
+            )
+        };
     }
     if let Some(v) = settings.raw("s3-config-job-key") {
         c.s3_config_job_key = (!v.eq_ignore_ascii_case("none")).then_some(v);
@@ -290,6 +322,30 @@ mod tests {
         assert_eq!(api.port(), 9000);
         assert_eq!(config.webhook_retry_delay, Duration::from_millis(100));
         assert!(!config.builtin_worker);
+    }
+
+    #[test]
+    fn volume_listing_switches_are_flags() {
+        let args = [
+            "--s3-list-staging-folder=true",
+            "--s3-list-empty-folders=false",
+            "--s3-delete-removes-empty-folder=false",
+            "--s3-repeat-token-above=none",
+        ];
+        let settings = Settings::parse(args.iter().map(|s| s.to_string())).unwrap();
+        let (config, _, _) = build(&settings).unwrap();
+        assert!(config.s3_list_staging_folder);
+        assert!(!config.s3_list_empty_folders);
+        assert!(!config.s3_delete_removes_empty_folder);
+        assert_eq!(config.s3_repeat_token_above, None);
+
+        let settings = Settings::parse(
+            ["--s3-repeat-token-above", "5"]
+                .iter()
+                .map(|s| s.to_string()),
+        )
+        .unwrap();
+        assert_eq!(build(&settings).unwrap().0.s3_repeat_token_above, Some(5));
     }
 
     #[test]

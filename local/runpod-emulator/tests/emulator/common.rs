@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
@@ -149,6 +152,84 @@ impl Harness {
         .await
         .1
     }
+}
+
+/// An S3 client to the emulator's volume, configured as against RunPod.
+pub fn volume_s3(emu: &Emulator) -> aws_sdk_s3::Client {
+    volume_s3_with_secret(emu, &emu.volume_secret_key)
+}
+
+pub fn volume_s3_with_secret(emu: &Emulator, secret: &str) -> aws_sdk_s3::Client {
+    let config = aws_sdk_s3::config::Builder::new()
+        .behavior_version(BehaviorVersion::latest())
+        // RunPod's datacenter id; the emulator does not check it.
+        .region(Region::new("eu-ro-1"))
+        .endpoint_url(&emu.s3_url)
+        .force_path_style(true)
+        .credentials_provider(Credentials::new(
+            &emu.volume_access_key,
+            secret,
+            None,
+            None,
+            "test",
+        ))
+        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+        .build();
+    aws_sdk_s3::Client::from_conf(config)
+}
+
+/// Starts a multipart upload of `key` on the volume; returns its upload id.
+pub async fn begin_upload(client: &aws_sdk_s3::Client, emu: &Emulator, key: &str) -> String {
+    client
+        .create_multipart_upload()
+        .bucket(&emu.volume_id)
+        .key(key)
+        .send()
+        .await
+        .expect("create multipart upload")
+        .upload_id()
+        .expect("upload id")
+        .to_owned()
+}
+
+/// Uploads part `number`; returns its ETag.
+pub async fn send_part(
+    client: &aws_sdk_s3::Client,
+    emu: &Emulator,
+    key: &str,
+    upload_id: &str,
+    number: i32,
+    data: Vec<u8>,
+) -> String {
+    client
+        .upload_part()
+        .bucket(&emu.volume_id)
+        .key(key)
+        .upload_id(upload_id)
+        .part_number(number)
+        .body(aws_sdk_s3::primitives::ByteStream::from(data))
+        .send()
+        .await
+        .expect("upload part")
+        .e_tag()
+        .expect("part etag")
+        .to_owned()
+}
+
+/// Keys of one recursive ListObjectsV2 page (no delimiter).
+pub async fn list_page(client: &aws_sdk_s3::Client, emu: &Emulator, prefix: &str) -> Vec<String> {
+    client
+        .list_objects_v2()
+        .bucket(&emu.volume_id)
+        .prefix(prefix)
+        .send()
+        .await
+        .expect("list")
+        .contents()
+        .iter()
+        .filter_map(|o| o.key().map(str::to_owned))
+        .collect()
 }
 
 pub async fn decode(response: reqwest::Response) -> (StatusCode, Value) {

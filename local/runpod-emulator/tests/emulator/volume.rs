@@ -2,44 +2,15 @@
 
 use std::time::Duration;
 
-use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
-use aws_sdk_s3::Client;
-use runpod_emulator::Emulator;
 
 use crate::common::*;
-
-fn s3_client(emu: &Emulator, secret: &str) -> Client {
-    let config = aws_sdk_s3::config::Builder::new()
-        .behavior_version(BehaviorVersion::latest())
-        // RunPod's datacenter id; the emulator does not check it.
-        .region(Region::new("eu-ro-1"))
-        .endpoint_url(&emu.s3_url)
-        .force_path_style(true)
-        .credentials_provider(Credentials::new(
-            &emu.volume_access_key,
-            secret,
-            None,
-            None,
-            "test",
-        ))
-        .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-        .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-        .build();
-    Client::from_conf(config)
-}
-
-fn s3(emu: &Emulator) -> Client {
-    s3_client(emu, &emu.volume_secret_key)
-}
 
 #[tokio::test]
 async fn put_get_head_delete_map_to_files_in_the_volume() {
     let h = start().await;
-    let client = s3(&h.emu);
+    let client = volume_s3(&h.emu);
     let bucket = &h.emu.volume_id;
     client
         .put_object()
@@ -97,7 +68,7 @@ async fn files_written_on_the_volume_are_readable_over_s3() {
     let path = h.emu.volume_dir.join("outputs/job-2/x.png");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, b"png").unwrap();
-    let got = s3(&h.emu)
+    let got = volume_s3(&h.emu)
         .get_object()
         .bucket(&h.emu.volume_id)
         .key("outputs/job-2/x.png")
@@ -113,44 +84,23 @@ async fn files_written_on_the_volume_are_readable_over_s3() {
 #[tokio::test]
 async fn multipart_upload_assembles_the_file() {
     let h = start().await;
-    let client = s3(&h.emu);
+    let client = volume_s3(&h.emu);
     let bucket = &h.emu.volume_id;
     let key = "inputs/big/video.bin";
-    // s3s-fs enforces AWS's 5 MiB minimum for all but the last part (RunPod does not).
-    let part1 = vec![1u8; 5 * 1024 * 1024];
+    // RunPod has no 5 MB minimum part size. The first part spans several read buffers.
+    let part1: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
     let part2 = vec![2u8; 1000];
-    let upload = client
-        .create_multipart_upload()
-        .bucket(bucket)
-        .key(key)
-        .send()
-        .await
-        .expect("create");
-    let upload_id = upload.upload_id().unwrap();
+    let upload_id = begin_upload(&client, &h.emu, key).await;
     let mut parts = Vec::new();
     for (n, data) in [(1, part1.clone()), (2, part2.clone())] {
-        let part = client
-            .upload_part()
-            .bucket(bucket)
-            .key(key)
-            .upload_id(upload_id)
-            .part_number(n)
-            .body(ByteStream::from(data))
-            .send()
-            .await
-            .expect("upload part");
-        parts.push(
-            CompletedPart::builder()
-                .part_number(n)
-                .e_tag(part.e_tag().unwrap())
-                .build(),
-        );
+        let e_tag = send_part(&client, &h.emu, key, &upload_id, n, data).await;
+        parts.push(CompletedPart::builder().part_number(n).e_tag(e_tag).build());
     }
-    client
+    let done = client
         .complete_multipart_upload()
         .bucket(bucket)
         .key(key)
-        .upload_id(upload_id)
+        .upload_id(&upload_id)
         .multipart_upload(
             CompletedMultipartUpload::builder()
                 .set_parts(Some(parts))
@@ -161,22 +111,349 @@ async fn multipart_upload_assembles_the_file() {
         .expect("complete");
     let on_disk = std::fs::read(h.emu.volume_dir.join(key)).unwrap();
     assert_eq!(on_disk.len(), part1.len() + part2.len());
+    assert_eq!(&on_disk[..part1.len()], &part1[..]);
     assert_eq!(&on_disk[part1.len()..], &part2[..]);
-    // The staging files stay out of the volume.
-    let listed = client
-        .list_objects_v2()
+    let head = client
+        .head_object()
         .bucket(bucket)
+        .key(key)
         .send()
         .await
         .unwrap();
-    let keys: Vec<&str> = listed.contents().iter().filter_map(|o| o.key()).collect();
-    assert_eq!(keys, [key]);
+    assert_eq!(head.e_tag(), done.e_tag());
+    assert_eq!(list_page(&client, &h.emu, "").await, [key]);
+}
+
+#[tokio::test]
+async fn staged_parts_are_volume_bytes_until_the_upload_completes() {
+    let h = start().await;
+    let client = volume_s3(&h.emu);
+    let key = "inputs/staged/big.bin";
+    let upload_id = begin_upload(&client, &h.emu, key).await;
+    let e_tag = send_part(&client, &h.emu, key, &upload_id, 1, vec![7u8; 4096]).await;
+
+    let part_file = h
+        .emu
+        .volume_dir
+        .join(".s3compat_uploads")
+        .join(&upload_id)
+        .join("1");
+    assert_eq!(std::fs::read(&part_file).unwrap(), vec![7u8; 4096]);
+    let staged = h.emu.staged_upload_bytes();
+    assert!(staged >= 4096, "{staged}");
+    assert_eq!(h.emu.volume_bytes(), staged);
+    let uploads = h.emu.staged_uploads();
+    assert_eq!(uploads.len(), 1);
+    assert_eq!(
+        (uploads[0].key.as_str(), uploads[0].upload_id.as_str()),
+        (key, upload_id.as_str())
+    );
+    assert_eq!((uploads[0].parts, uploads[0].bytes), (1, staged));
+
+    client
+        .complete_multipart_upload()
+        .bucket(&h.emu.volume_id)
+        .key(key)
+        .upload_id(&upload_id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .parts(CompletedPart::builder().part_number(1).e_tag(e_tag).build())
+                .build(),
+        )
+        .send()
+        .await
+        .expect("complete");
+    assert!(!part_file.exists());
+    assert_eq!(h.emu.staged_upload_bytes(), 0);
+    assert!(h.emu.staged_uploads().is_empty());
+    assert_eq!(h.emu.volume_bytes(), 4096);
+}
+
+#[tokio::test]
+async fn list_multipart_uploads_lists_uploads_in_progress_by_prefix() {
+    let h = start().await;
+    let client = volume_s3(&h.emu);
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let mut begun = Vec::new();
+    for key in ["outputs/z.bin", "inputs/b/y.bin", "inputs/a/x.bin"] {
+        begun.push((key.to_owned(), begin_upload(&client, &h.emu, key).await));
+    }
+    begun.sort();
+
+    let listed = client
+        .list_multipart_uploads()
+        .bucket(&h.emu.volume_id)
+        .send()
+        .await
+        .expect("list uploads");
+    let found: Vec<(String, String)> = listed
+        .uploads()
+        .iter()
+        .map(|u| {
+            (
+                u.key().unwrap().to_owned(),
+                u.upload_id().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(found, begun);
+    for upload in listed.uploads() {
+        let initiated = upload.initiated().expect("initiated").secs();
+        assert!(
+            (before - 1..=before + 60).contains(&initiated),
+            "{initiated}"
+        );
+    }
+
+    let listed = client
+        .list_multipart_uploads()
+        .bucket(&h.emu.volume_id)
+        .prefix("inputs/")
+        .send()
+        .await
+        .expect("list uploads");
+    let keys: Vec<&str> = listed.uploads().iter().filter_map(|u| u.key()).collect();
+    assert_eq!(keys, ["inputs/a/x.bin", "inputs/b/y.bin"]);
+}
+
+#[tokio::test]
+async fn abort_unlists_the_upload_and_removes_its_staged_parts() {
+    let h = start().await;
+    let client = volume_s3(&h.emu);
+    let key = "inputs/aborted/big.bin";
+    let upload_id = begin_upload(&client, &h.emu, key).await;
+    send_part(&client, &h.emu, key, &upload_id, 1, vec![1u8; 2048]).await;
+    send_part(&client, &h.emu, key, &upload_id, 2, vec![2u8; 100]).await;
+    assert!(h.emu.staged_upload_bytes() >= 2148);
+
+    client
+        .abort_multipart_upload()
+        .bucket(&h.emu.volume_id)
+        .key(key)
+        .upload_id(&upload_id)
+        .send()
+        .await
+        .expect("abort");
+    let listed = client
+        .list_multipart_uploads()
+        .bucket(&h.emu.volume_id)
+        .send()
+        .await
+        .expect("list uploads");
+    assert!(listed.uploads().is_empty(), "{listed:?}");
+    assert!(!h
+        .emu
+        .volume_dir
+        .join(".s3compat_uploads")
+        .join(&upload_id)
+        .exists());
+    assert_eq!(h.emu.staged_upload_bytes(), 0);
+    let late = client
+        .upload_part()
+        .bucket(&h.emu.volume_id)
+        .key(key)
+        .upload_id(&upload_id)
+        .part_number(3)
+        .body(ByteStream::from_static(b"late"))
+        .send()
+        .await
+        .expect_err("the upload is gone");
+    let code = late.into_service_error().meta().code().map(str::to_owned);
+    assert_eq!(code.as_deref(), Some("NoSuchUpload"));
+}
+
+#[tokio::test]
+async fn list_parts_lists_each_stored_part_with_its_size_and_etag() {
+    let h = start().await;
+    let client = volume_s3(&h.emu);
+    let key = "inputs/parts/big.bin";
+    let upload_id = begin_upload(&client, &h.emu, key).await;
+    let first = send_part(&client, &h.emu, key, &upload_id, 1, vec![1u8; 300]).await;
+    let third = send_part(&client, &h.emu, key, &upload_id, 3, vec![3u8; 30]).await;
+
+    let listed = client
+        .list_parts()
+        .bucket(&h.emu.volume_id)
+        .key(key)
+        .upload_id(&upload_id)
+        .send()
+        .await
+        .expect("list parts");
+    let parts: Vec<(i32, i64, String)> = listed
+        .parts()
+        .iter()
+        .map(|p| {
+            (
+                p.part_number().unwrap(),
+                p.size().unwrap(),
+                p.e_tag().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(parts, [(1, 300, first), (3, 30, third)]);
+}
+
+#[tokio::test]
+async fn complete_with_an_etag_its_part_lacks_is_refused_and_the_upload_stays() {
+    let h = start().await;
+    let client = volume_s3(&h.emu);
+    let key = "inputs/wrong/big.bin";
+    let upload_id = begin_upload(&client, &h.emu, key).await;
+    send_part(&client, &h.emu, key, &upload_id, 1, vec![1u8; 300]).await;
+
+    let refused = client
+        .complete_multipart_upload()
+        .bucket(&h.emu.volume_id)
+        .key(key)
+        .upload_id(&upload_id)
+        .multipart_upload(
+            CompletedMultipartUpload::builder()
+                .parts(
+                    CompletedPart::builder()
+                        .part_number(1)
+                        .e_tag("\"00000000000000000000000000000000\"")
+                        .build(),
+                )
+                .build(),
+        )
+        .send()
+        .await
+        .expect_err("wrong etag");
+    let code = refused
+        .into_service_error()
+        .meta()
+        .code()
+        .map(str::to_owned);
+    assert_eq!(code.as_deref(), Some("InvalidPart"));
+    assert!(!h.emu.volume_dir.join(key).exists());
+    assert_eq!(h.emu.staged_uploads().len(), 1);
+}
+
+#[tokio::test]
+async fn the_staging_folder_takes_no_writes() {
+    let h = start().await;
+    let refused = volume_s3(&h.emu)
+        .put_object()
+        .bucket(&h.emu.volume_id)
+        .key(".s3compat_uploads/forged/upload.json")
+        .body(ByteStream::from_static(b"{}"))
+        .send()
+        .await
+        .expect_err("refused");
+    let code = refused
+        .into_service_error()
+        .meta()
+        .code()
+        .map(str::to_owned);
+    assert_eq!(code.as_deref(), Some("AccessDenied"));
+    assert!(!h.emu.volume_dir.join(".s3compat_uploads/forged").exists());
+}
+
+#[tokio::test]
+async fn deleting_a_file_leaves_its_emptied_folder() {
+    let h = start().await;
+    let client = volume_s3(&h.emu);
+    client
+        .put_object()
+        .bucket(&h.emu.volume_id)
+        .key("outputs/job-9/out.png")
+        .body(ByteStream::from_static(b"png"))
+        .send()
+        .await
+        .unwrap();
+    client
+        .delete_object()
+        .bucket(&h.emu.volume_id)
+        .key("outputs/job-9/out.png")
+        .send()
+        .await
+        .expect("delete");
+    assert!(h.emu.volume_dir.join("outputs/job-9").is_dir());
+    assert_eq!(
+        list_page(&client, &h.emu, "outputs/").await,
+        ["outputs/job-9/"]
+    );
+}
+
+#[tokio::test]
+async fn a_folder_read_as_an_object_is_no_such_key() {
+    let h = start().await;
+    std::fs::create_dir_all(h.emu.volume_dir.join("outputs/job-8")).unwrap();
+    for key in ["outputs/job-8/", "outputs/job-8"] {
+        let missing = volume_s3(&h.emu)
+            .get_object()
+            .bucket(&h.emu.volume_id)
+            .key(key)
+            .send()
+            .await
+            .expect_err("a folder is no file");
+        let code = missing
+            .into_service_error()
+            .meta()
+            .code()
+            .map(str::to_owned);
+        assert_eq!(code.as_deref(), Some("NoSuchKey"), "{key}");
+    }
+}
+
+#[tokio::test]
+async fn a_recursive_listing_pages_through_every_key_in_order() {
+    let h = start().await;
+    let client = volume_s3(&h.emu);
+    let mut keys = vec![
+        "a-b.txt",
+        "a/1.txt",
+        "a/b/2.txt",
+        "a/c.txt",
+        "a0.txt",
+        "outputs/x/y/z.png",
+        "z.txt",
+    ];
+    for key in &keys {
+        client
+            .put_object()
+            .bucket(&h.emu.volume_id)
+            .key(*key)
+            .body(ByteStream::from_static(b"x"))
+            .send()
+            .await
+            .unwrap();
+    }
+    keys.sort();
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let page = client
+            .list_objects_v2()
+            .bucket(&h.emu.volume_id)
+            .max_keys(2)
+            .set_continuation_token(token.clone())
+            .send()
+            .await
+            .unwrap();
+        seen.extend(
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key().map(str::to_owned)),
+        );
+        let next = page.next_continuation_token().map(str::to_owned);
+        assert_eq!(page.is_truncated(), Some(next.is_some()));
+        if next.is_none() {
+            break;
+        }
+        assert_ne!(next, token, "a token came back twice");
+        token = next;
+    }
+    assert_eq!(seen, keys);
 }
 
 #[tokio::test]
 async fn list_objects_v2_lists_keys_by_prefix_and_delimiter() {
     let h = start().await;
-    let client = s3(&h.emu);
+    let client = volume_s3(&h.emu);
     let bucket = &h.emu.volume_id;
     for key in [
         "outputs/a/1.png",
@@ -222,7 +499,7 @@ async fn list_objects_v2_lists_keys_by_prefix_and_delimiter() {
 #[tokio::test]
 async fn wrong_secret_is_rejected() {
     let h = start().await;
-    let result = s3_client(&h.emu, "rps_wrong")
+    let result = volume_s3_with_secret(&h.emu, "rps_wrong")
         .put_object()
         .bucket(&h.emu.volume_id)
         .key("inputs/x")
@@ -248,7 +525,7 @@ async fn unsigned_requests_are_rejected() {
 #[tokio::test]
 async fn other_buckets_do_not_exist() {
     let h = start().await;
-    let result = s3(&h.emu)
+    let result = volume_s3(&h.emu)
         .put_object()
         .bucket("other-volume")
         .key("inputs/x")
@@ -263,7 +540,7 @@ async fn other_buckets_do_not_exist() {
 #[tokio::test]
 async fn presigned_urls_are_refused_like_runpod() {
     let h = start().await;
-    let client = s3(&h.emu);
+    let client = volume_s3(&h.emu);
     client
         .put_object()
         .bucket(&h.emu.volume_id)
@@ -288,7 +565,7 @@ async fn presigned_urls_are_refused_like_runpod() {
 #[tokio::test]
 async fn worker_reads_an_input_put_through_s3_and_its_output_is_readable_over_s3() {
     let h = start().await;
-    let client = s3(&h.emu);
+    let client = volume_s3(&h.emu);
     let bucket = &h.emu.volume_id;
     client
         .put_object()
