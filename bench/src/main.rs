@@ -287,42 +287,75 @@ async fn main() -> Result<(), BoxError> {
     // 2. Peak memory while finalizing.
     if options.only.contains(&2) {
         let n = options.runs(3, 1);
-        let sizes = [1u64, 10, 100, 200];
-        progress!("figure 2: peak RSS while finalizing {sizes:?} MB ({n} runs each)");
+        let sizes = [1u64, 10, 100, 1024];
+        // worker_comfyui: one base64 image in the report, up to the per-image cap (50 MiB).
+        let inline_sizes = [1u64, 10, 50];
+        progress!("figure 2: peak RSS while finalizing {sizes:?} MB files and {inline_sizes:?} MB inline images ({n} runs each)");
         let emulator = common::emulator(false).await?;
         let names = Names::fresh(&moto.endpoint, "memory");
         let env = common::gateway_env(&moto.endpoint, &emulator, &names, "http://127.0.0.1:9");
         let wiring = common::wiring(&sdk, &env).await?;
-        let figures = memory::measure(&sdk, &emulator, &env, &wiring, &sizes, n).await?;
+        let figures = memory::measure(
+            &sdk,
+            &emulator,
+            &env,
+            &wiring,
+            &sizes,
+            n,
+            memory::Output::VolumeFile,
+        )
+        .await?;
+        let inline = memory::measure(
+            &sdk,
+            &emulator,
+            &env,
+            &wiring,
+            &inline_sizes,
+            n,
+            memory::Output::InlineImage,
+        )
+        .await?;
         emulator.shutdown().await;
-        let peak_of = |size: u64| {
+        let peak_of = |figures: &[memory::Figure], size: u64| {
             figures
                 .iter()
                 .find(|f| f.size_mb == size)
                 .map(|f| f.peak_rss_mb.median)
                 .unwrap_or(0.0)
         };
-        let mut row = Vec::new();
-        for f in &figures {
-            row.push(format!("{} MB: {}", f.size_mb, f.peak_rss_mb.show(1)));
-        }
-        let last = figures.last().cloned().unwrap_or_default();
+        let row = |figures: &[memory::Figure]| {
+            figures
+                .iter()
+                .map(|f| format!("{} MB: {}", f.size_mb, f.peak_rss_mb.show(1)))
+                .collect::<Vec<_>>()
+                .join(" · ")
+        };
         let _ = writeln!(
             summary,
-            "| 2 | Peak RSS finalizing an output of 1 · 10 · 100 · 200 MB (MB) | {} | 200 MB ÷ 100 MB: {}; 200 MB − 1 MB: {:+.1} MB for 199 MB more output |",
-            row.join(" · "),
-            ratio(last.peak_rss_mb.median, peak_of(100)),
-            last.peak_rss_mb.median - peak_of(1),
+            "| 2 | Peak RSS handing off and finalizing a `volume_files` output of 1 · 10 · 100 · 1024 MB (MB) | {} | 1024 MB ÷ 100 MB: {}; 1024 MB − 1 MB: {:+.1} MB for 1023 MB more output |",
+            row(&figures),
+            ratio(peak_of(&figures, 1024), peak_of(&figures, 100)),
+            peak_of(&figures, 1024) - peak_of(&figures, 1),
+        );
+        let _ = writeln!(
+            summary,
+            "| 2 | Peak RSS for a `worker_comfyui` output, one base64 image of 1 · 10 · 50 MB (the per-image cap) (MB) | {} | 50 MB − 1 MB: {:+.1} MB: the report is held, and one image decoded at a time |",
+            row(&inline),
+            peak_of(&inline, 50) - peak_of(&inline, 1),
         );
         let _ = writeln!(
             details,
-            "\n**2. Peak memory while finalizing** (child process wired like the webhook function; {n} runs per size; copy volume S3 API → results bucket in 8 MiB parts)\n\n\
-             | Output | Peak RSS (MB) | RSS before the copy (MB) | Finalize time (ms) |\n|---|---|---|---|"
+            "\n**2. Peak memory while finalizing** (child process wired like the webhook and finalize functions, handing the job off then finalizing it; {n} runs per size; copy volume S3 API → results bucket in 8 MiB parts)\n\n\
+             | Output | Peak RSS (MB) | RSS before (MB) | Hand-off + finalize time (ms) |\n|---|---|---|---|"
         );
-        for f in &figures {
+        for (label, f) in figures
+            .iter()
+            .map(|f| ("file", f))
+            .chain(inline.iter().map(|f| ("inline image", f)))
+        {
             let _ = writeln!(
                 details,
-                "| {} MB | {} | {} | {} |",
+                "| {} MB {label} | {} | {} | {} |",
                 f.size_mb,
                 f.peak_rss_mb.show(1),
                 f.rss_before_mb.show(1),

@@ -24,8 +24,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let job_id = args
         .next()
-        .ok_or("usage: bench-finalize JOB_ID STATUS_JSON")?;
-    let status: RunPodStatus = serde_json::from_str(&args.next().ok_or("missing STATUS_JSON")?)?;
+        .ok_or("usage: bench-finalize JOB_ID STATUS_JSON|@FILE")?;
+    let status = args.next().ok_or("missing STATUS_JSON")?;
+    // A report with inline images is too long for a command line: it comes in a file.
+    let status: RunPodStatus = match status.strip_prefix('@') {
+        Some(path) => serde_json::from_slice(&std::fs::read(path)?)?,
+        None => serde_json::from_str(&status)?,
+    };
     let wiring = Wiring::from_env().await?;
     let observer = wiring.observer()?;
     let finalizer = wiring.finalizer()?;

@@ -205,7 +205,9 @@ impl Wiring {
         let http = once(&self.clients.http, || {
             http_client(&config).map_err(|e| BootError::Http(e.to_string()))
         })?;
-        Ok(Arc::new(HttpRunPod::new(http, &config)))
+        Ok(Arc::new(
+            HttpRunPod::new(http, &config).with_max_body(self.settings.max_status_bytes),
+        ))
     }
 
     pub fn signer(&self) -> Result<WebhookSigner, BootError> {

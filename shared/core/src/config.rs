@@ -128,6 +128,10 @@ fn flag(env: &Env, name: &'static str, default: bool) -> Result<bool, ConfigErro
     }
 }
 
+/// The longest RunPod answer read when `RUNPOD_MAX_STATUS_BYTES` is not set: room for one
+/// worker-comfyui image at the per-image cap (50 MiB, about 67 MiB in base64) and its JSON.
+pub const DEFAULT_MAX_STATUS_BYTES: u64 = 80 * 1024 * 1024;
+
 /// Timing and size policy shared by every function.
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -214,7 +218,7 @@ impl Settings {
             max_output_image_bytes: parsed(env, "OUTPUT_MAX_IMAGE_BYTES", 50 * 1024 * 1024)?,
             max_output_file_bytes: parsed(env, "OUTPUT_MAX_FILE_BYTES", 1024 * 1024 * 1024)?,
             max_output_job_bytes: parsed(env, "OUTPUT_MAX_JOB_BYTES", 2 * 1024 * 1024 * 1024)?,
-            max_status_bytes: parsed(env, "RUNPOD_MAX_STATUS_BYTES", 64 * 1024 * 1024)?,
+            max_status_bytes: parsed(env, "RUNPOD_MAX_STATUS_BYTES", DEFAULT_MAX_STATUS_BYTES)?,
             finalize_give_up: seconds(env, "FINALIZE_GIVE_UP_SECS", 3_600)?,
         };
         if settings.status_poll_after >= Duration::from_secs(25 * 60)

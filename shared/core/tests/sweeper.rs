@@ -415,3 +415,19 @@ async fn a_cleanup_that_fails_is_retried_by_a_later_sweep() {
     assert_eq!(second.cleaned, 1);
     assert!(kit.results.get(&stuck).is_none());
 }
+
+#[tokio::test]
+async fn a_runpod_answer_too_long_to_read_fails_the_job_at_the_poll() {
+    let kit = Kit::new();
+    let job = kit.queued_job("alice");
+    kit.dispatcher().dispatch(&job.id).await.unwrap();
+    kit.runpod.fail_status("rp-1", Answer::TooLarge);
+    kit.clock.advance(kit.settings.status_poll_after);
+
+    let report = kit.sweeper().sweep().await.unwrap();
+
+    assert_eq!((report.polled, report.finished), (1, 1));
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.state, JobState::Failed);
+    assert_eq!(stored.error.unwrap().code, ErrorCode::OutputTooLarge);
+}

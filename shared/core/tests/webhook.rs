@@ -289,3 +289,25 @@ async fn an_extra_run_that_announces_itself_is_cancelled_and_its_result_ignored(
     );
     assert!(kit.results.keys().is_empty());
 }
+
+#[tokio::test]
+async fn a_runpod_answer_too_long_to_read_fails_the_job_output_too_large() {
+    let kit = Kit::new();
+    let (job, body) = completed(&kit).await;
+    kit.runpod
+        .fail_status("rp-1", testkit::fakes::Answer::TooLarge);
+
+    let outcome = kit
+        .webhook()
+        .receive(&job.id, &token(&kit, &job), body.as_bytes())
+        .await;
+
+    assert_eq!(
+        outcome,
+        WebhookOutcome::Handled(Outcome::Finished(JobState::Failed))
+    );
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.error.unwrap().code, ErrorCode::OutputTooLarge);
+    assert!(kit.results.keys().is_empty(), "nothing stored");
+    assert!(kit.finalize.sent().is_empty(), "nothing handed off");
+}

@@ -570,6 +570,8 @@ pub enum Answer {
     Permanent(u16),
     /// `/run` only: RunPod takes the job (the next id), but the answer is lost.
     Lost,
+    /// The answer is longer than the gateway reads (a completed run with a huge output).
+    TooLarge,
 }
 
 impl Answer {
@@ -582,6 +584,9 @@ impl Answer {
             Answer::Permanent(status) => Some(RunPodError::Permanent {
                 status: *status,
                 message: "refused (test)".into(),
+            }),
+            Answer::TooLarge => Some(RunPodError::TooLarge {
+                limit: gateway::config::DEFAULT_MAX_STATUS_BYTES,
             }),
         }
     }

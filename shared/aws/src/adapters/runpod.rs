@@ -25,6 +25,8 @@ pub struct HttpRunPod {
     retry: RetryPolicy,
     request_timeout: Duration,
     cancels: Arc<CancelPace>,
+    /// The longest answer read; a longer one is [`RunPodError::TooLarge`], and never held.
+    max_body: u64,
 }
 
 /// Spaces `/cancel` calls at most `per_second` apart, across every clone of the client.
@@ -90,7 +92,14 @@ impl HttpRunPod {
             retry: config.retry,
             request_timeout: config.request_timeout,
             cancels: Arc::new(CancelPace::new(config.cancels_per_second)),
+            max_body: gateway::config::DEFAULT_MAX_STATUS_BYTES,
         }
+    }
+
+    /// Reads no answer longer than `bytes` (`RUNPOD_MAX_STATUS_BYTES`).
+    pub fn with_max_body(mut self, bytes: u64) -> Self {
+        self.max_body = bytes;
+        self
     }
 
     /// Sends the request built by `request` under the retry policy; returns the body of the
@@ -129,6 +138,10 @@ impl HttpRunPod {
                     (Call::Submit, RunPodError::Transient(reason)) if !failure.not_processed => {
                         RunPodError::Unknown(reason)
                     }
+                    // RunPod answered /run, so it may well have taken the job.
+                    (Call::Submit, error @ RunPodError::TooLarge { .. }) => {
+                        RunPodError::Unknown(error.to_string())
+                    }
                     (_, error) => error,
                 });
             };
@@ -163,12 +176,7 @@ impl HttpRunPod {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
         if status.is_success() {
-            return response.bytes().await.map_err(|err| Failure {
-                not_processed: false,
-                transient: true,
-                retry_after: None,
-                error: RunPodError::Transient(without_url(err)),
-            });
+            return self.read_at_most(response).await;
         }
         let body = response.text().await.unwrap_or_default();
         let message: String = body.chars().take(300).collect();
@@ -193,6 +201,48 @@ impl HttpRunPod {
             transient,
             retry_after,
         })
+    }
+}
+
+impl HttpRunPod {
+    /// The answer's body, read no further than `max_body`: a longer one is refused as soon as
+    /// its declared length or its bytes so far say so, and what was read is dropped.
+    async fn read_at_most(&self, mut response: reqwest::Response) -> Result<bytes::Bytes, Failure> {
+        let too_large = || Failure {
+            not_processed: false,
+            transient: false,
+            retry_after: None,
+            error: RunPodError::TooLarge {
+                limit: self.max_body,
+            },
+        };
+        if response
+            .content_length()
+            .is_some_and(|length| length > self.max_body)
+        {
+            return Err(too_large());
+        }
+        let capacity = response.content_length().unwrap_or(0) as usize;
+        let mut body = bytes::BytesMut::with_capacity(capacity);
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if (body.len() + chunk.len()) as u64 > self.max_body {
+                        return Err(too_large());
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body.freeze()),
+                Err(err) => {
+                    return Err(Failure {
+                        not_processed: false,
+                        transient: true,
+                        retry_after: None,
+                        error: RunPodError::Transient(without_url(err)),
+                    })
+                }
+            }
+        }
     }
 }
 
@@ -376,6 +426,68 @@ mod tests {
                 ttl: 1,
             },
         }
+    }
+
+    #[tokio::test]
+    async fn an_answer_longer_than_the_cap_is_refused_at_once_and_not_retried() {
+        let (runpod, seen) = scripted(vec![]).await;
+        let runpod = runpod.with_max_body(10);
+
+        let answer = runpod.status("x").await;
+
+        assert!(
+            matches!(answer, Err(RunPodError::TooLarge { limit: 10 })),
+            "{answer:?}"
+        );
+        assert_eq!(*seen.lock().unwrap(), [200], "asked once");
+    }
+
+    #[tokio::test]
+    async fn a_run_answer_longer_than_the_cap_may_have_started_the_job() {
+        let (runpod, _) = scripted(vec![]).await;
+        let runpod = runpod.with_max_body(10);
+
+        let answer = runpod.run(&run_request()).await;
+
+        assert!(matches!(answer, Err(RunPodError::Unknown(_))), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_of_undeclared_length_is_cut_off_at_the_cap() {
+        // Chunked, with no Content-Length: the cap is met while reading.
+        let app = axum::Router::new().route(
+            "/v2/ep/status/{id}",
+            get(|| async {
+                let chunks = (0..8).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024]));
+                axum::body::Body::from_stream(futures::stream::iter(chunks))
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let config = RunPodConfig {
+            api_base: base,
+            endpoint_id: "ep".into(),
+            api_key: "k".into(),
+            request_timeout: Duration::from_secs(2),
+            retry: RetryPolicy {
+                max_attempts: 1,
+                backoff: Backoff {
+                    base: Duration::from_millis(5),
+                    cap: Duration::from_millis(20),
+                },
+                budget: Duration::from_secs(10),
+            },
+            cancels_per_second: 4,
+        };
+        let runpod = HttpRunPod::new(http_client(&config).unwrap(), &config).with_max_body(4096);
+
+        let answer = runpod.status("x").await;
+
+        assert!(
+            matches!(answer, Err(RunPodError::TooLarge { limit: 4096 })),
+            "{answer:?}"
+        );
     }
 
     #[tokio::test]

@@ -18,8 +18,8 @@ use crate::domain::job::{
 use crate::domain::keys;
 use crate::domain::paths::{file_name, VolumeLayout};
 use crate::domain::report::{
-    unique_name, volume_output_keys, worker_comfyui_images, ImageSource, InlineImagePolicy,
-    MAX_OUTPUT_FILES,
+    unique_name, volume_output_keys, worker_comfyui_images, Base64Image, ImageSource,
+    InlineImagePolicy, MAX_OUTPUT_FILES,
 };
 use crate::domain::retry::check_backoff;
 use crate::domain::workflow::{OutputContract, WorkflowCatalog};
@@ -521,7 +521,7 @@ impl Finalizer {
         let mut sources = Vec::with_capacity(images.len());
         for image in images {
             let source = match image.source {
-                ImageSource::Inline(bytes) => Source::Inline(bytes),
+                ImageSource::Inline(image) => Source::Inline(image),
                 ImageSource::Url(url) => {
                     let fetched =
                         self.fetcher
@@ -552,7 +552,7 @@ impl Finalizer {
         let known: u64 = sources
             .iter()
             .map(|(_, source)| match source {
-                Source::Inline(bytes) => bytes.len() as u64,
+                Source::Inline(image) => image.size,
                 Source::Download(fetched) => fetched.size.unwrap_or(0),
             })
             .sum();
@@ -571,7 +571,8 @@ impl Finalizer {
             let content_type = transfer::content_type_for(&name);
             written.push(destination.clone());
             let size = match source {
-                Source::Inline(bytes) => {
+                Source::Inline(image) => {
+                    let bytes = image.decode().map_err(Collect::Fail)?;
                     let size = bytes.len() as u64;
                     self.results
                         .put_bytes(&destination, bytes, content_type)
@@ -640,8 +641,8 @@ impl Finalizer {
 }
 
 /// An output image ready to store.
-enum Source {
-    Inline(bytes::Bytes),
+enum Source<'a> {
+    Inline(Base64Image<'a>),
     Download(Fetched),
 }
 

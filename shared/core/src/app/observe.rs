@@ -230,6 +230,41 @@ impl Observer {
         }
     }
 
+    /// RunPod's answer about `run`, the job's run, is longer than any report the gateway reads
+    /// (`RUNPOD_MAX_STATUS_BYTES`): only a completed run's output makes it so. The job fails
+    /// `output_too_large` with nothing stored, and the answer is never held.
+    pub async fn report_too_large(
+        &self,
+        job: Job,
+        run: &str,
+        limit: u64,
+        by: Actor,
+    ) -> Result<Outcome, FinalizeError> {
+        let now = self.clock.now_ms();
+        let same_run = SameRun(Some(run.to_string()));
+        let error = JobError::new(
+            ErrorCode::OutputTooLarge,
+            format!("RunPod's report of the run is longer than {limit} bytes"),
+        );
+        let committed = commit_as(self.store.as_ref(), job, by, |job| {
+            same_run.check(job)?;
+            if job.current_handoff().is_some() {
+                return Err(TransitionError::Stale);
+            }
+            job.ensure_unleased(now)?;
+            job.fail(error.clone(), now)
+        })
+        .await?;
+        Ok(match committed {
+            Committed::Written(job) => {
+                tracing::warn!(job_id = %job.id, runpod_id = run, limit, "RunPod's report is too long; the job failed");
+                Outcome::Finished(JobState::Failed)
+            }
+            Committed::Refused(_, TransitionError::Leased(..)) => Outcome::Busy,
+            Committed::Refused(..) | Committed::Missing => Outcome::Unchanged,
+        })
+    }
+
     async fn request_finalize(&self, job_id: &str) -> Result<(), FinalizeError> {
         self.finalize
             .request_finalize(job_id, Duration::ZERO)

@@ -15,7 +15,7 @@ use crate::config::Settings;
 use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, Millis, TransitionError};
 use crate::ports::{
     Classified, Clock, Failure, FinalizeQueue, JobQueue, JobStore, ObjectStore, RunPod,
-    RunPodStatus, StopQueue, StopReason, StopRun, StoreError,
+    RunPodError, RunPodStatus, StopQueue, StopReason, StopRun, StoreError,
 };
 
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
@@ -275,6 +275,9 @@ impl Sweeper {
     async fn poll(&self, job: Job, runpod_id: &str, now: Millis) -> Result<Action, StoreError> {
         let status = match self.runpod.status(runpod_id).await {
             Ok(status) => status,
+            Err(RunPodError::TooLarge { limit }) => {
+                return self.too_large(job, runpod_id, limit).await
+            }
             Err(err) if err.failure() == Failure::Missing => {
                 let error = JobError::new(
                     ErrorCode::RunpodJobExpired,
@@ -303,6 +306,24 @@ impl Sweeper {
             }
         };
         self.finalize(job, &status, now).await
+    }
+
+    /// RunPod's answer about the job's run is too long to read: the job fails, as the webhook
+    /// would have failed it.
+    async fn too_large(&self, job: Job, run: &str, limit: u64) -> Result<Action, StoreError> {
+        match self
+            .observer
+            .report_too_large(job, run, limit, Actor::Sweeper)
+            .await
+        {
+            Ok(outcome) => Ok(Action::Polled {
+                finished: matches!(outcome, Outcome::Finished(_)),
+            }),
+            Err(err) => {
+                tracing::warn!(error = %err, "could not record a report too long");
+                Ok(Action::Error)
+            }
+        }
     }
 
     /// Acts on RunPod's `status` of the job's run, as the webhook would have.
@@ -356,6 +377,10 @@ impl Sweeper {
                     return self.finalize(job, &status, now).await;
                 }
                 Ok(_) => {}
+                Err(RunPodError::TooLarge { limit }) => {
+                    let run = runpod_id.clone();
+                    return self.too_large(job, &run, limit).await;
+                }
                 Err(err) if err.failure() == Failure::Missing => {}
                 Err(err) => {
                     tracing::warn!(job_id = %job.id, error = %err, "status at deadline failed");

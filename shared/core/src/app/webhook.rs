@@ -17,7 +17,8 @@ use crate::app::{commit_as, Committed};
 use crate::domain::job::{Actor, Job, Millis};
 use crate::domain::token::WebhookSigner;
 use crate::ports::{
-    Classified, Failure, JobStore, RunPod, RunPodStatus, StopQueue, StopReason, StopRun,
+    Classified, Failure, JobStore, RunPod, RunPodError, RunPodStatus, StopQueue, StopReason,
+    StopRun,
 };
 
 fn finalize_error(err: FinalizeError) -> String {
@@ -108,6 +109,11 @@ impl WebhookHandler {
                 .observe_as(job, &status, Actor::Webhook)
                 .await
                 .map_err(finalize_error),
+            Err(RunPodError::TooLarge { limit }) => self
+                .observer
+                .report_too_large(job, run, limit, Actor::Webhook)
+                .await
+                .map_err(finalize_error),
             // Gone at RunPod: leave it to the sweeper, which records the expiry.
             Err(err) if err.failure() == Failure::Missing => Ok(Outcome::Unchanged),
             Err(err) => Err(err.to_string()),
@@ -119,7 +125,9 @@ impl WebhookHandler {
     /// meanwhile, it is stopped instead.
     async fn adopt(&self, job: Job, run: &str) -> Result<Outcome, String> {
         let status = match self.runpod.status(run).await {
-            Ok(status) if status.id.as_deref().is_none_or(|id| id == run) => status,
+            Ok(status) if status.id.as_deref().is_none_or(|id| id == run) => Some(status),
+            // RunPod knows it, and it completed with an output too long to read.
+            Err(RunPodError::TooLarge { .. }) => None,
             // RunPod does not know it (forged, or long gone): nothing to adopt.
             Ok(_) => return Ok(Outcome::Unchanged),
             Err(err) if err.failure() == Failure::Missing => return Ok(Outcome::Unchanged),
@@ -135,10 +143,16 @@ impl WebhookHandler {
         match adopted {
             Committed::Written(job) => {
                 tracing::warn!(job_id = %job.id, runpod_id = run, "adopted a run whose /run answer was lost");
-                self.observer
-                    .observe_as(job, &status, Actor::Webhook)
-                    .await
-                    .map_err(finalize_error)
+                let acted = match status {
+                    Some(status) => self.observer.observe_as(job, &status, Actor::Webhook).await,
+                    None => {
+                        let limit = self.observer.settings.max_status_bytes;
+                        self.observer
+                            .report_too_large(job, run, limit, Actor::Webhook)
+                            .await
+                    }
+                };
+                acted.map_err(finalize_error)
             }
             Committed::Refused(job, _) => {
                 self.stop_extra_run(&job, run).await;
@@ -151,9 +165,13 @@ impl WebhookHandler {
     /// A second run of the job (its `/run` answer was lost and the job was dispatched again):
     /// once RunPod confirms it, it is cancelled, and its result is never used.
     async fn stop_extra_run(&self, job: &Job, run: &str) {
-        if let Err(err) = self.runpod.status(run).await {
-            tracing::info!(job_id = %job.id, runpod_id = run, error = %err, "an unconfirmed run was not stopped");
-            return;
+        match self.runpod.status(run).await {
+            // Too long to read is still RunPod's word that the run exists.
+            Ok(_) | Err(RunPodError::TooLarge { .. }) => {}
+            Err(err) => {
+                tracing::info!(job_id = %job.id, runpod_id = run, error = %err, "an unconfirmed run was not stopped");
+                return;
+            }
         }
         let stop = StopRun::new(&job.id, run, StopReason::ExtraRun);
         match self.stops.request_stop(&stop).await {

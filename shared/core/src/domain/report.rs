@@ -269,29 +269,46 @@ pub struct InlineImagePolicy {
 
 /// Where one worker-comfyui image comes from.
 #[derive(Clone, Debug, PartialEq)]
-pub enum ImageSource {
-    /// `type: "base64"`, already decoded and within the size cap.
-    Inline(bytes::Bytes),
+pub enum ImageSource<'a> {
+    /// `type: "base64"`, checked to decode within the size cap; decoded again when stored, so
+    /// that a job's images are never all held decoded at once.
+    Inline(Base64Image<'a>),
     /// `type: "s3_url"`, on an allowed host; the size cap applies while downloading.
     Url(url::Url),
 }
 
+/// A base64 image of the worker's output, as it stands in the output, with its decoded size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Base64Image<'a> {
+    data: &'a str,
+    /// Bytes once decoded.
+    pub size: u64,
+}
+
+impl Base64Image<'_> {
+    /// The image's bytes. It decoded once already, so it decodes again the same way.
+    pub fn decode(&self) -> Result<bytes::Bytes, JobError> {
+        decode_image(self.data, self.size)
+            .map_err(|(code, why)| JobError::new(code, format!("decoding an image: {why}")))
+    }
+}
+
 /// One image of a worker-comfyui output, validated.
 #[derive(Clone, Debug, PartialEq)]
-pub struct InlineImage {
+pub struct InlineImage<'a> {
     /// A safe base name (`[A-Za-z0-9._-]`, no leading dot, unique within the job).
     pub file_name: String,
-    pub source: ImageSource,
+    pub source: ImageSource<'a>,
 }
 
 /// Reads worker-comfyui's output `{"images": [{"filename", "type": "base64" | "s3_url",
 /// "data"}]}`. Every image is checked before anything is accepted: a bad one (undecodable,
 /// oversized, a URL off the allow-list, an unknown type), or too many, fails the whole output.
 /// File names are reduced to a safe base name, so `../../x.png` becomes `x.png`.
-pub fn worker_comfyui_images(
-    output: Option<&Value>,
+pub fn worker_comfyui_images<'a>(
+    output: Option<&'a Value>,
     policy: &InlineImagePolicy,
-) -> Result<Vec<InlineImage>, JobError> {
+) -> Result<Vec<InlineImage<'a>>, JobError> {
     let invalid = |message: String| JobError::new(ErrorCode::InvalidOutput, message);
     let Some(output) = output else {
         return Err(JobError::new(
@@ -330,10 +347,13 @@ pub fn worker_comfyui_images(
         };
         let source = match kind {
             "base64" => {
-                let bytes = decode_image(data, policy.max_image_bytes).map_err(|(code, why)| {
-                    JobError::new(code, format!("image {n} ({}): {why}", shown(filename)))
-                })?;
-                inline_bytes += bytes.len() as u64;
+                // Decoded to check it, then let go: one image decoded at a time.
+                let size = decode_image(data, policy.max_image_bytes)
+                    .map_err(|(code, why)| {
+                        JobError::new(code, format!("image {n} ({}): {why}", shown(filename)))
+                    })?
+                    .len() as u64;
+                inline_bytes += size;
                 if inline_bytes > policy.max_job_bytes {
                     return Err(JobError::new(
                         ErrorCode::OutputTooLarge,
@@ -343,7 +363,7 @@ pub fn worker_comfyui_images(
                         ),
                     ));
                 }
-                ImageSource::Inline(bytes)
+                ImageSource::Inline(Base64Image { data, size })
             }
             "s3_url" => {
                 let url = url::Url::parse(data)
@@ -593,10 +613,11 @@ mod tests {
         let got = worker_comfyui_images(Some(&output), &policy()).unwrap();
         assert_eq!(got.len(), 3);
         assert_eq!(got[0].file_name, "ComfyUI_00001_.png");
-        assert_eq!(
-            got[0].source,
-            ImageSource::Inline(bytes::Bytes::from_static(b"png bytes"))
-        );
+        let ImageSource::Inline(image) = &got[0].source else {
+            panic!("{:?}", got[0].source)
+        };
+        assert_eq!(image.size, 9);
+        assert_eq!(image.decode().unwrap(), &b"png bytes"[..]);
         assert!(matches!(got[1].source, ImageSource::Url(_)));
         assert_eq!(got[2].file_name, "c.png");
     }
@@ -606,10 +627,10 @@ mod tests {
         let data = format!("data:image/png;base64,{}", b64(b"ab").trim_end_matches('='));
         let output = images(json!([{"filename": "a.png", "type": "base64", "data": data}]));
         let got = worker_comfyui_images(Some(&output), &policy()).unwrap();
-        assert_eq!(
-            got[0].source,
-            ImageSource::Inline(bytes::Bytes::from_static(b"ab"))
-        );
+        let ImageSource::Inline(image) = &got[0].source else {
+            panic!("{:?}", got[0].source)
+        };
+        assert_eq!(image.decode().unwrap(), &b"ab"[..]);
     }
 
     #[test]

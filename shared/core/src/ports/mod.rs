@@ -328,6 +328,10 @@ pub enum RunPodError {
     /// Any other refusal; retrying the same request will not help.
     #[error("RunPod refused ({status}): {message}")]
     Permanent { status: u16, message: String },
+    /// RunPod's answer is longer than the gateway reads (`RUNPOD_MAX_STATUS_BYTES`): only a
+    /// completed run's output makes a `/status` answer that long.
+    #[error("RunPod's answer is longer than {limit} bytes")]
+    TooLarge { limit: u64 },
 }
 
 impl Classified for RunPodError {
@@ -335,7 +339,7 @@ impl Classified for RunPodError {
         match self {
             Self::Transient(_) => Failure::Transient,
             Self::NotFound => Failure::Missing,
-            Self::Permanent { .. } => Failure::Permanent,
+            Self::Permanent { .. } | Self::TooLarge { .. } => Failure::Permanent,
             Self::Unknown(_) => Failure::Unknown,
         }
     }
