@@ -221,6 +221,7 @@ pub fn new_job(owner: &str, now: Millis) -> Job {
             deadline_ms: 3_600_000,
             first_check_ms: 120_000,
             retention_secs: 30 * 86_400,
+            tombstone_secs: 7 * 86_400,
             idempotency_window_secs: 86_400,
             cleanup_delay_ms: 120_000,
         },

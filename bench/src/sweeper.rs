@@ -201,6 +201,7 @@ pub async fn measure(
             observer: base.observer.clone(),
             finalize: base.finalize.clone(),
             results: base.results.clone(),
+            uploads: base.uploads.clone(),
             volume: base.volume.clone(),
             settings: base.settings.clone(),
             clock: Arc::new(Later(step * run as Millis)),

@@ -252,6 +252,17 @@ impl Stack {
         read(response).await
     }
 
+    pub async fn delete(&self, token: &str, path: &str) -> (StatusCode, Value) {
+        let response = self
+            .http
+            .delete(self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        read(response).await
+    }
+
     /// Submits a restore job with an inline image; returns the job id.
     pub async fn submit_restore(&self, token: &str, image: &[u8], params: Value) -> String {
         let (status, body) = self
@@ -393,6 +404,7 @@ impl Stack {
             deadline_ms: 600_000,
             first_check_ms,
             retention_secs: 3_600,
+            tombstone_secs: 7 * 86_400,
             idempotency_window_secs: 86_400,
             cleanup_delay_ms: 120_000,
         };

@@ -46,6 +46,7 @@ fn job(owner: &str, now: i64, first_check_ms: i64) -> Job {
             deadline_ms: 3_600_000,
             first_check_ms,
             retention_secs: 3_600,
+            tombstone_secs: 7 * 86_400,
             idempotency_window_secs: 86_400,
             cleanup_delay_ms: 120_000,
         },

@@ -178,6 +178,8 @@ struct Timings {
     run_outcome_grace: Duration,
     queue_visibility: Duration,
     sweep_every: Duration,
+    /// How long finalize may keep trying after RunPod confirmed a run completed.
+    finalize_give_up: Duration,
     poll_interval: Duration,
 }
 
@@ -202,6 +204,7 @@ impl Timings {
             run_outcome_grace: at_least(3, 3),
             queue_visibility: at_least(3, 3),
             sweep_every,
+            finalize_give_up: Duration::ZERO,
             poll_interval,
         };
         let webhook_delay = Duration::from_millis(chaos_config(0).webhook_delay_ms);
@@ -226,6 +229,7 @@ impl Timings {
             + sweep_every * 2;
         timings.deadline =
             Duration::from_secs((longest * 2 + unit * 10).as_secs_f64().ceil() as u64);
+        timings.finalize_give_up = timings.deadline;
         timings
     }
 
@@ -241,6 +245,7 @@ impl Timings {
             ("RUNPOD_RETRY_BUDGET_SECS", secs(self.retry_budget)),
             ("RUN_OUTCOME_GRACE_SECS", secs(self.run_outcome_grace)),
             ("STATUS_POLL_INTERVAL_SECS", secs(self.poll_interval)),
+            ("FINALIZE_GIVE_UP_SECS", secs(self.finalize_give_up)),
         ]
     }
 
@@ -713,9 +718,11 @@ fn check_job(
     driven: &Driven,
     results: &HashMap<String, Vec<u8>>,
     slack: Duration,
+    give_up: Duration,
     violations: &mut Vec<String>,
 ) {
     let slack_ms = slack.as_millis() as i64;
+    let give_up_ms = give_up.as_millis() as i64;
     let id = &job.id;
     let mut violation = |message: String| violations.push(format!("job {id}: {message}"));
     if !job.is_terminal() {
@@ -723,16 +730,29 @@ fn check_job(
         return;
     }
     // Never kept past its deadline: the sweeper enforces it within a sweep, or once a lease
-    // left by a killed invocation runs out.
+    // left by a killed invocation runs out. A run RunPod confirmed completed before that is
+    // handed to finalize, which has until FINALIZE_GIVE_UP_SECS after the hand-off instead.
     let finished = job.timestamps.finished_at.unwrap_or(i64::MAX);
-    if finished > job.deadline_at + slack_ms {
+    let handed = job.handoff.as_ref().map(|h| h.at);
+    let (limit, from) = match handed {
+        Some(at) if at <= job.deadline_at + slack_ms => (at + give_up_ms + slack_ms, "hand-off"),
+        _ => (job.deadline_at + slack_ms, "deadline"),
+    };
+    if finished > limit {
         violation(format!(
-            "kept {} ms past its deadline (allowed: {slack_ms} ms)",
-            finished - job.deadline_at
+            "kept {} ms past its {from}'s limit",
+            finished - limit
         ));
     }
-    if job.lease.is_some() || job.next_check_at.is_some() {
-        violation("terminal but still leased or due for a check".into());
+    if let Some(at) = handed.filter(|at| *at > job.deadline_at + slack_ms) {
+        violation(format!(
+            "handed off {} ms past its deadline",
+            at - job.deadline_at
+        ));
+    }
+    // Cleaned up, it is due again only when its retention ends (to purge its data).
+    if job.lease.is_some() || job.next_check_at != Some(job.retained_until()) {
+        violation("terminal but still leased, or due before its retention ends".into());
     }
 
     // History: strictly forward, exactly one terminal entry, the last, matching the state.
@@ -799,7 +819,9 @@ fn check_job(
                 if status != JobStatus::Cancelled && early > slack_ms {
                     violation(format!(
                         "timed out at its deadline, but RunPod had ended it {status} {early} ms \
-                         before (more than the {slack_ms} ms the gateway may need to notice)"
+                         before (more than the {slack_ms} ms the gateway may need to notice); \
+                         error {:?}, hand-off {:?}, history {:?}",
+                        job.error, job.handoff, job.history
                     ));
                 }
             }
@@ -979,12 +1001,21 @@ async fn chaos_every_job_ends_once_in_the_right_state_with_its_outputs_intact() 
 }
 
 /// Items in the sweep index: jobs in flight, and ended jobs whose leftovers are still there.
+/// Jobs in the sweep index with work due before their retention could end: in flight, or
+/// ended with leftovers still to remove. (An ended, cleaned-up job stays in the index until its
+/// retention ends, days away, when its data is purged.)
 async fn sweep_index_count(stack: &Stack) -> i32 {
+    let soon = gateway::ports::Clock::now_ms(&gateway::ports::SystemClock) + 3_600_000;
     stack
         .dynamodb()
         .scan()
         .table_name(&stack.table)
         .index_name("sweep-index")
+        .filter_expression("next_check_at < :soon")
+        .expression_attribute_values(
+            ":soon",
+            aws_sdk_dynamodb::types::AttributeValue::N(soon.to_string()),
+        )
         .send()
         .await
         .unwrap()
@@ -1105,7 +1136,8 @@ async fn wave(
     );
 
     // Every job must end; the deadline bounds how long that may take.
-    let wait_until = last_submitted + timings.deadline + timings.slack * 2;
+    let wait_until =
+        last_submitted + timings.deadline + timings.finalize_give_up + timings.slack * 2;
     loop {
         let open = open_jobs(stack, &id_set).await;
         if open == 0 {
@@ -1208,11 +1240,12 @@ async fn wave(
             by_id[id.as_str()],
             &results,
             timings.slack,
+            timings.finalize_give_up,
             violations,
         );
     }
 
-    // Nothing in flight: not at RunPod, not in the sweep index, not on the queue.
+    // Nothing in flight: not at RunPod, not due in the sweep index, not on the queue.
     for snapshot in stack.emulator.jobs() {
         if !snapshot.status.is_terminal() {
             violations.push(format!(

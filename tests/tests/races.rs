@@ -384,6 +384,7 @@ async fn a_sweeper_expiring_a_stale_copy_never_leaves_a_gpu_running() {
         observer: std::sync::Arc::new(wiring.observer().unwrap()),
         finalize: wiring.finalize_queue().unwrap(),
         results: wiring.results().unwrap(),
+        uploads: wiring.uploads().unwrap(),
         volume: wiring.volume().unwrap().0,
         settings: wiring.settings.clone(),
         clock: wiring.clock.clone(),

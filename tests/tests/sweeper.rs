@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use gateway_tests::{Stack, StackOptions, ALICE};
+use reqwest::StatusCode;
 use runpod_emulator::Faults;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -91,7 +92,8 @@ async fn left_behind(stack: &Stack, job_id: &str) -> Vec<String> {
         !job.cleanup_pending,
         "the sweeper never cleaned up after {job_id}"
     );
-    // Files only: the emulator's volume keeps emptied folders, as a disk would.
+    // Files, and the folders themselves: RunPod lists empty folders, so the clean-up removes
+    // them too.
     fn files(dir: &std::path::Path, into: &mut Vec<String>) {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let path = entry.path();
@@ -104,10 +106,11 @@ async fn left_behind(stack: &Stack, job_id: &str) -> Vec<String> {
     }
     let mut left = Vec::new();
     for folder in ["inputs", "outputs"] {
-        files(
-            &stack.emulator.volume_dir.join(folder).join(job_id),
-            &mut left,
-        );
+        let path = stack.emulator.volume_dir.join(folder).join(job_id);
+        files(&path, &mut left);
+        if path.exists() {
+            left.push(format!("{}/", path.display()));
+        }
     }
     let outputs: Vec<&str> = job.outputs.iter().map(|o| o.key.as_str()).collect();
     for key in stack
@@ -179,5 +182,80 @@ async fn a_cancelled_job_leaves_nothing_on_the_volume() {
         .await;
     assert_eq!(status, gateway_tests::StatusCode::OK, "{body}");
     assert_eq!(left_behind(&stack, &job_id).await, Vec::<String>::new());
+    stack.stop().await;
+}
+
+// ------------------------------------------------------------------ deletion
+
+/// Every object `job_id` has in either bucket, and every file or folder of its own on the
+/// volume (RunPod lists empty folders too).
+async fn everything_of(stack: &Stack, job_id: &str) -> Vec<String> {
+    let mut left = Vec::new();
+    for (bucket, prefix) in [
+        (&stack.results_bucket, format!("results/alice/{job_id}/")),
+        (&stack.uploads_bucket, format!("inputs/alice/{job_id}/")),
+    ] {
+        left.extend(stack.keys(bucket, &prefix).await);
+    }
+    for folder in ["inputs", "outputs"] {
+        let path = stack.emulator.volume_dir.join(folder).join(job_id);
+        if path.exists() {
+            left.push(path.display().to_string());
+        }
+    }
+    left
+}
+
+#[tokio::test]
+async fn a_deleted_job_leaves_no_object_in_any_bucket_or_on_the_volume() {
+    let stack = cleaning_stack(Faults::default(), vec![]).await;
+    let (job_id, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let url = job["outputs"][0]["url"].as_str().unwrap().to_string();
+    assert!(stack
+        .http
+        .get(&url)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .is_success());
+
+    let (status, body) = stack.delete(ALICE, &format!("/jobs/{job_id}")).await;
+
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "deleted");
+    assert!(
+        !stack
+            .http
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .is_success(),
+        "a URL handed out before no longer works"
+    );
+    let (status, body) = stack.get(ALICE, &format!("/jobs/{job_id}")).await;
+    assert_eq!(status, StatusCode::GONE, "{body}");
+    assert_eq!(body["error"]["code"], "job_deleted");
+    // The sweeper purges the rest.
+    let until = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let purged = stack
+            .stored_job(&job_id)
+            .await
+            .deletion
+            .is_some_and(|d| d.purged);
+        if purged {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "never purged");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(everything_of(&stack, &job_id).await, Vec::<String>::new());
+    // Deleting it again changes nothing.
+    let (again, _) = stack.delete(ALICE, &format!("/jobs/{job_id}")).await;
+    assert_eq!(again, StatusCode::ACCEPTED);
     stack.stop().await;
 }

@@ -297,6 +297,7 @@ impl Wiring {
             observer: Arc::new(self.observer()?),
             finalize: self.finalize_queue()?,
             results: self.results()?,
+            uploads: self.uploads()?,
             volume,
             settings: self.settings.clone(),
             clock: self.clock.clone(),

@@ -159,8 +159,14 @@ pub struct Settings {
     pub run_reserve: Duration,
     /// How long presigned result and upload URLs stay valid.
     pub presign_ttl: Duration,
-    /// How long job records are kept (DynamoDB TTL).
+    /// How long a job's data (input, outputs) is kept when the client does not say
+    /// (`JOB_RETENTION_DAYS`); a client may ask for `retention_min`..=`retention_max`.
     pub record_retention: Duration,
+    pub retention_min: Duration,
+    pub retention_max: Duration,
+    /// How long a deleted or expired job's record stays after its data, so that it answers 410
+    /// rather than 404 (`TOMBSTONE_DAYS`); then DynamoDB's TTL removes it.
+    pub tombstone: Duration,
     /// How long an `Idempotency-Key` stands for the job it created; after it, the same key
     /// creates a new job.
     pub idempotency_window: Duration,
@@ -203,6 +209,9 @@ impl Settings {
             run_reserve: seconds(env, "DISPATCH_RUN_RESERVE_SECS", 20)?,
             presign_ttl: seconds(env, "PRESIGN_TTL_SECS", 3_600)?,
             record_retention: seconds(env, "JOB_RETENTION_DAYS", 30).map(|d| d * 86_400)?,
+            retention_min: seconds(env, "JOB_RETENTION_MIN_SECS", 3_600)?,
+            retention_max: seconds(env, "JOB_RETENTION_MAX_DAYS", 90).map(|d| d * 86_400)?,
+            tombstone: seconds(env, "TOMBSTONE_DAYS", 7).map(|d| d * 86_400)?,
             idempotency_window: seconds(env, "IDEMPOTENCY_WINDOW_HOURS", 24).map(|h| h * 3_600)?,
             sweep_batch: parsed(env, "SWEEP_BATCH", 200)?,
             sweep_concurrency: parsed(env, "SWEEP_CONCURRENCY", 8)?,
@@ -221,6 +230,12 @@ impl Settings {
             max_status_bytes: parsed(env, "RUNPOD_MAX_STATUS_BYTES", DEFAULT_MAX_STATUS_BYTES)?,
             finalize_give_up: seconds(env, "FINALIZE_GIVE_UP_SECS", 3_600)?,
         };
+        if !(settings.retention_min..=settings.retention_max).contains(&settings.record_retention) {
+            return Err(ConfigError::Invalid {
+                name: "JOB_RETENTION_DAYS",
+                reason: "must lie between JOB_RETENTION_MIN_SECS and JOB_RETENTION_MAX_DAYS".into(),
+            });
+        }
         if settings.status_poll_after >= Duration::from_secs(25 * 60)
             || settings.poll_interval >= Duration::from_secs(25 * 60)
         {

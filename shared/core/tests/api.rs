@@ -17,6 +17,7 @@ fn inline(image: &[u8]) -> JobRequest {
             image_base64: Some(base64::engine::general_purpose::STANDARD.encode(image)),
             upload_id: None,
         },
+        retention_secs: None,
     }
 }
 
@@ -28,6 +29,7 @@ fn uploaded(upload_id: &str) -> JobRequest {
             image_base64: None,
             upload_id: Some(upload_id.into()),
         },
+        retention_secs: None,
     }
 }
 
@@ -552,7 +554,7 @@ async fn outputs_get_download_urls_only_once_the_job_succeeded() {
     assert_eq!(detail.job.state, JobState::Succeeded);
     assert_eq!(detail.outputs.len(), 1);
     let (file, url) = &detail.outputs[0];
-    assert!(url.ends_with(&file.key), "{url}");
+    assert!(url.contains(&file.key), "{url}");
 }
 
 #[tokio::test]

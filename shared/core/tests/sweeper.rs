@@ -378,7 +378,11 @@ async fn an_ended_job_leaves_nothing_on_the_volume_and_only_its_outputs_in_the_b
         outputs,
         "only the job's own outputs stay"
     );
-    assert_eq!(stored.next_check_at, None, "out of the sweep index");
+    assert_eq!(
+        stored.next_check_at,
+        Some(stored.retained_until()),
+        "next due when its retention ends"
+    );
     assert!(!stored.cleanup_pending);
 }
 
@@ -394,7 +398,8 @@ async fn a_cancelled_jobs_volume_folders_are_removed_too() {
     kit.sweeper().sweep().await.unwrap();
 
     assert!(kit.volume.keys().iter().all(|k| !k.contains(&job.id)));
-    assert_eq!(kit.stored(&job.id).next_check_at, None);
+    let stored = kit.stored(&job.id);
+    assert_eq!(stored.next_check_at, Some(stored.retained_until()));
 }
 
 #[tokio::test]

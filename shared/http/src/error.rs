@@ -62,6 +62,7 @@ impl From<Refusal> for ApiError {
             Refusal::NotFound => StatusCode::NOT_FOUND,
             Refusal::Conflict { .. } => StatusCode::CONFLICT,
             Refusal::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Refusal::Gone { .. } => StatusCode::GONE,
             Refusal::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         };
         Self::new(status, refusal.code(), refusal.message())

@@ -69,6 +69,11 @@ type SavePredicate = Box<dyn Fn(&Job) -> bool + Send>;
 type SaveHook = Box<dyn FnMut(&MemStore, &Job) -> bool + Send>;
 
 impl MemStore {
+    /// Whether `owner`'s idempotency key `key` is still reserved (by any job).
+    pub fn idempotency_key_taken(&self, owner: &str, key: &str) -> bool {
+        lock(&self.idempotency).contains_key(&keys::idempotency_item(owner, key))
+    }
+
     pub fn job(&self, id: &str) -> Option<Job> {
         lock(&self.jobs).get(id).cloned()
     }
@@ -180,6 +185,19 @@ impl JobStore for MemStore {
         Ok(taken
             .filter(|(_, until)| *until >= now / 1000)
             .and_then(|(id, _)| lock(&self.jobs).get(&id).cloned()))
+    }
+
+    async fn forget_idempotency_key(&self, job: &Job) -> Result<(), StoreError> {
+        yield_once().await;
+        self.available()?;
+        if let Some(key) = &job.idempotency_key {
+            let item = keys::idempotency_item(&job.owner, key);
+            let mut taken = lock(&self.idempotency);
+            if taken.get(&item).is_some_and(|(id, _)| *id == job.id) {
+                taken.remove(&item);
+            }
+        }
+        Ok(())
     }
 
     async fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError> {
@@ -390,12 +408,16 @@ impl ObjectStore for MemObjects {
     async fn presign_get(
         &self,
         key: &str,
-        _: Duration,
+        expires_in: Duration,
         _: Option<&str>,
     ) -> Result<PresignedRequest, ObjectError> {
         Ok(PresignedRequest {
             method: "GET".into(),
-            url: format!("https://objects.test/{key}"),
+            // The validity shows in the URL, as X-Amz-Expires does in S3's.
+            url: format!(
+                "https://objects.test/{key}?expires={}",
+                expires_in.as_secs()
+            ),
             headers: vec![],
         })
     }

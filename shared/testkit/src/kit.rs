@@ -10,7 +10,7 @@ use gateway::app::stop::Stopper;
 use gateway::app::sweeper::Sweeper;
 use gateway::app::webhook::WebhookHandler;
 use gateway::config::Settings;
-use gateway::domain::job::{Job, JobTiming, Millis};
+use gateway::domain::job::{Job, Millis};
 use gateway::domain::paths::VolumeLayout;
 use gateway::domain::token::WebhookSigner;
 use gateway::domain::workflow::WorkflowCatalog;
@@ -186,6 +186,7 @@ impl Kit {
             observer: Arc::new(self.observer()),
             finalize: self.finalize.clone(),
             results: self.results.clone(),
+            uploads: self.uploads.clone(),
             volume: self.volume.clone(),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
@@ -222,13 +223,7 @@ impl Kit {
             owner,
             &key,
             photo.len() as u64,
-            JobTiming {
-                deadline_ms: self.settings.job_deadline.as_millis() as Millis,
-                first_check_ms: self.settings.requeue_after.as_millis() as Millis,
-                retention_secs: self.settings.record_retention.as_secs() as i64,
-                idempotency_window_secs: self.settings.idempotency_window.as_secs() as i64,
-                cleanup_delay_ms: self.settings.finalize_lease.as_millis() as Millis,
-            },
+            gateway::app::api::timing(&self.settings, None),
             self.now(),
         );
         self.store.put(job.clone());

@@ -65,6 +65,9 @@ impl JobStore for ObservedStore {
     ) -> Result<Option<Job>, StoreError> {
         self.inner.find_by_idempotency_key(owner, key, now).await
     }
+    async fn forget_idempotency_key(&self, job: &Job) -> Result<(), StoreError> {
+        self.inner.forget_idempotency_key(job).await
+    }
     async fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError> {
         self.gets.fetch_add(1, Ordering::Relaxed);
         self.inner.get(job_id).await

@@ -217,6 +217,7 @@ fn submitted_job() -> Job {
             deadline_ms: 3_600_000,
             first_check_ms: 60_000,
             retention_secs: 86_400,
+            tombstone_secs: 7 * 86_400,
             idempotency_window_secs: 86_400,
             cleanup_delay_ms: 120_000,
         },

@@ -28,7 +28,13 @@ use gateway::domain::keys::{self, SWEEP_SHARDS};
 use gateway::ports::{CreateOutcome, DueJobs, JobPage, JobStore, StoreError};
 
 /// The DynamoDB operations [`DynamoJobStore`] calls.
-pub const AWS_OPERATIONS: &[&str] = &["GetItem", "PutItem", "Query", "TransactWriteItems"];
+pub const AWS_OPERATIONS: &[&str] = &[
+    "GetItem",
+    "PutItem",
+    "Query",
+    "TransactWriteItems",
+    "DeleteItem",
+];
 /// The operations of [`create_table`], for the local stack only (in AWS the template creates
 /// the table).
 pub const LOCAL_OPERATIONS: &[&str] = &["CreateTable", "UpdateTimeToLive"];
@@ -255,6 +261,33 @@ impl JobStore for DynamoJobStore {
         match item.get("target_job_id").and_then(|v| v.as_s().ok()) {
             Some(target) => self.get(target).await,
             None => Ok(None),
+        }
+    }
+
+    async fn forget_idempotency_key(&self, job: &Job) -> Result<(), StoreError> {
+        let Some(key) = &job.idempotency_key else {
+            return Ok(());
+        };
+        let deleted = self
+            .client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", s(keys::idempotency_item(&job.owner, key)))
+            // Only while it names this job: the key may already stand for a newer one.
+            .condition_expression("target_job_id = :job")
+            .expression_attribute_values(":job", s(&job.id))
+            .send()
+            .await;
+        match deleted {
+            Ok(_) => Ok(()),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(unavailable(err)),
         }
     }
 

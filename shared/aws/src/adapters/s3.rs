@@ -36,6 +36,72 @@ pub struct S3ObjectStore {
 }
 
 impl S3ObjectStore {
+    /// The files under `prefix`, and the folders met, one folder level at a time
+    /// (`Delimiter=/`), as RunPod's own example lists its volume: a recursive listing of a
+    /// large volume repeats continuation tokens. A token seen again ends that folder's listing
+    /// rather than looping on it.
+    async fn walk(
+        &self,
+        prefix: &str,
+        max: usize,
+    ) -> Result<(Vec<String>, Vec<String>), ObjectError> {
+        let mut keys = Vec::new();
+        let mut found = Vec::new();
+        let mut folders = std::collections::VecDeque::from([prefix.to_string()]);
+        let mut seen = std::collections::HashSet::new();
+        while let Some(folder) = folders.pop_front() {
+            if !seen.insert(folder.clone()) {
+                continue;
+            }
+            let mut token: Option<String> = None;
+            let mut exists = false;
+            loop {
+                let out = self
+                    .client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(&folder)
+                    .delimiter("/")
+                    .set_continuation_token(token.clone())
+                    .send()
+                    .await
+                    .map_err(|e| classify(&folder, e))?;
+                for key in out.contents().iter().filter_map(|o| o.key()) {
+                    exists = true;
+                    // An empty folder's own entry, which RunPod's listing includes.
+                    if key.ends_with('/') {
+                        if key != folder {
+                            folders.push_back(key.to_string());
+                        }
+                    } else {
+                        keys.push(key.to_string());
+                    }
+                }
+                for sub in out.common_prefixes().iter().filter_map(|p| p.prefix()) {
+                    exists = true;
+                    folders.push_back(sub.to_string());
+                }
+                let next = out.next_continuation_token().map(str::to_string);
+                if keys.len() >= max || next.is_none() || next == token {
+                    break;
+                }
+                token = next;
+            }
+            if exists && folder.ends_with('/') {
+                found.push(folder);
+            }
+            if keys.len() >= max {
+                break;
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        keys.truncate(max);
+        found.sort();
+        found.dedup();
+        Ok((keys, found))
+    }
+
     pub fn new(client: Client, bucket: impl Into<String>) -> Self {
         Self {
             client,
@@ -452,52 +518,15 @@ impl ObjectStore for S3ObjectStore {
     /// listings are reported to repeat continuation tokens on long recursive walks, and a
     /// level-by-level walk never reads folders outside `prefix`.
     async fn list(&self, prefix: &str, max: usize) -> Result<Vec<String>, ObjectError> {
-        let mut keys = Vec::new();
-        let mut folders = std::collections::VecDeque::from([prefix.to_string()]);
-        let mut seen = std::collections::HashSet::new();
-        while let Some(folder) = folders.pop_front() {
-            if !seen.insert(folder.clone()) {
-                continue;
-            }
-            let mut token: Option<String> = None;
-            loop {
-                let out = self
-                    .client
-                    .list_objects_v2()
-                    .bucket(&self.bucket)
-                    .prefix(&folder)
-                    .delimiter("/")
-                    .set_continuation_token(token.clone())
-                    .send()
-                    .await
-                    .map_err(|e| classify(&folder, e))?;
-                keys.extend(
-                    out.contents()
-                        .iter()
-                        .filter_map(|o| o.key().map(str::to_string))
-                        // An empty folder's own entry, which RunPod's listing includes.
-                        .filter(|k| !k.ends_with('/')),
-                );
-                folders.extend(
-                    out.common_prefixes()
-                        .iter()
-                        .filter_map(|p| p.prefix().map(str::to_string)),
-                );
-                let next = out.next_continuation_token().map(str::to_string);
-                // A token seen again ends this folder's listing rather than looping on it.
-                if keys.len() >= max || next.is_none() || next == token {
-                    break;
-                }
-                token = next;
-            }
-            if keys.len() >= max {
-                break;
-            }
-        }
-        keys.sort();
-        keys.dedup();
-        keys.truncate(max);
-        Ok(keys)
+        Ok(self.walk(prefix, max).await?.0)
+    }
+
+    async fn list_tree(
+        &self,
+        prefix: &str,
+        max: usize,
+    ) -> Result<(Vec<String>, Vec<String>), ObjectError> {
+        self.walk(prefix, max).await
     }
 
     async fn presign_post(

@@ -1,5 +1,5 @@
-//! The public API's use case: submitting, reading, listing and cancelling jobs, and handing out
-//! upload URLs. Every check is made here, before anything is written, so a refused request
+//! The public API's use case: submitting, reading, listing, cancelling and deleting jobs, and
+//! handing out upload URLs. Every check is made here, before anything is written, so a refused request
 //! leaves no trace. The routes, identity and JSON shapes are the HTTP crate's
 //! (`gateway_http::api`); it maps each [`Refusal`] to a status.
 use std::sync::Arc;
@@ -12,7 +12,8 @@ use serde_json::{Map, Value};
 use crate::app::{commit_as, Committed};
 use crate::config::Settings;
 use crate::domain::job::{
-    Actor, ErrorCode, InputRef, Job, JobError, JobTiming, NewJob, OutputFile, TransitionError,
+    Actor, DeletionReason, ErrorCode, InputRef, Job, JobError, JobTiming, NewJob, OutputFile,
+    TransitionError,
 };
 use crate::domain::keys;
 use crate::domain::workflow::WorkflowCatalog;
@@ -65,6 +66,9 @@ pub enum Refusal {
     /// Well-formed, but contradicts an earlier request (an idempotency key reused for another
     /// request).
     Unprocessable { code: &'static str, message: String },
+    /// The job's data was deleted (by its owner, or when its retention ended): the record
+    /// stands as a tombstone until its TTL.
+    Gone { code: &'static str, message: String },
     /// A store or RunPod could not be reached; the same request may succeed later.
     Unavailable { message: String },
 }
@@ -88,7 +92,8 @@ impl Refusal {
         match self {
             Self::Invalid { code, .. }
             | Self::Conflict { code, .. }
-            | Self::Unprocessable { code, .. } => code,
+            | Self::Unprocessable { code, .. }
+            | Self::Gone { code, .. } => code,
             Self::TooLarge { .. } => "input_too_large",
             Self::NotFound => "not_found",
             Self::Unavailable { .. } => "unavailable",
@@ -100,6 +105,7 @@ impl Refusal {
             Self::Invalid { message, .. }
             | Self::Conflict { message, .. }
             | Self::Unprocessable { message, .. }
+            | Self::Gone { message, .. }
             | Self::TooLarge { message }
             | Self::Unavailable { message } => message,
             Self::NotFound => "no such job",
@@ -133,6 +139,11 @@ pub struct JobRequest {
     #[serde(default)]
     pub params: Option<Map<String, Value>>,
     pub input: JobInput,
+    /// How long to keep the job's input and outputs, in seconds (`JOB_RETENTION_MIN_SECS` to
+    /// `JOB_RETENTION_MAX_DAYS`; `JOB_RETENTION_DAYS` when absent). Past it they are deleted
+    /// and the job answers 410.
+    #[serde(default)]
+    pub retention_secs: Option<u64>,
 }
 
 /// Exactly one of the two.
@@ -200,6 +211,7 @@ impl Api {
         let params = workflow
             .validate(&request.params.unwrap_or_default(), &mut rand::rng())
             .map_err(|e| Refusal::invalid("invalid_params", e.to_string()))?;
+        let retention = self.retention(request.retention_secs)?;
 
         let job_id = uuid::Uuid::now_v7().to_string();
         let input = match (request.input.image_base64, request.input.upload_id) {
@@ -225,7 +237,7 @@ impl Api {
                 request_digest: request_digest.clone(),
                 callback_url: None,
             },
-            timing(&self.settings),
+            timing(&self.settings, retention),
             self.clock.now_ms(),
         );
         match self.store.create(&job).await {
@@ -409,24 +421,99 @@ impl Api {
         })
     }
 
-    /// The owner's job, with download URLs for its outputs once it succeeded.
+    /// The client's retention, if it named one, within the configured bounds.
+    fn retention(&self, asked: Option<u64>) -> Result<Option<Duration>, Refusal> {
+        let Some(secs) = asked else {
+            return Ok(None);
+        };
+        let (min, max) = (self.settings.retention_min, self.settings.retention_max);
+        let asked = Duration::from_secs(secs);
+        if !(min..=max).contains(&asked) {
+            return Err(Refusal::invalid(
+                "invalid_retention",
+                format!(
+                    "retention_secs must be between {} and {}",
+                    min.as_secs(),
+                    max.as_secs()
+                ),
+            ));
+        }
+        Ok(Some(asked))
+    }
+
+    /// The owner's job, with download URLs for its outputs once it succeeded. No URL outlives
+    /// the job's retention.
     pub async fn job(&self, owner: &str, id: &str) -> Result<JobDetail, Refusal> {
-        let job = self.owned_job(owner, id).await?;
+        let job = self.live_job(owner, id).await?;
         let mut outputs = Vec::new();
         if job.state == crate::domain::job::JobState::Succeeded {
+            let left = job.retained_until() - self.clock.now_ms();
+            let ttl = self
+                .settings
+                .presign_ttl
+                .min(Duration::from_millis(left.max(1_000) as u64));
             for output in &job.outputs {
                 let url = self
                     .results
-                    .presign_get(
-                        &output.key,
-                        self.settings.presign_ttl,
-                        Some(&output.file_name),
-                    )
+                    .presign_get(&output.key, ttl, Some(&output.file_name))
                     .await?;
                 outputs.push((output.clone(), url.url));
             }
         }
         Ok(JobDetail { job, outputs })
+    }
+
+    /// Deletes the owner's job and everything it left: a job in flight is cancelled first
+    /// (its run stopped), then the job becomes a tombstone that names no output, its outputs
+    /// and input are removed from the buckets at once (no URL handed out works any more), and
+    /// the sweeper purges the rest right away: every copy in its results folder, its folders
+    /// on the RunPod volume, its idempotency record. Deleting it again changes nothing.
+    pub async fn delete(&self, owner: &str, id: &str) -> Result<Job, Refusal> {
+        let job = self.owned_job(owner, id).await?;
+        if job.deletion.is_some() {
+            return Ok(job);
+        }
+        let job = if job.is_terminal() {
+            job
+        } else {
+            match self.cancel(owner, id).await {
+                Ok(cancelled) => cancelled,
+                // Ended meanwhile on its own: delete it as it ended.
+                Err(Refusal::Conflict {
+                    code: "already_finished",
+                    ..
+                }) => self.owned_job(owner, id).await?,
+                Err(other) => return Err(other),
+            }
+        };
+        let outputs: Vec<String> = job.outputs.iter().map(|o| o.key.clone()).collect();
+        let now = self.clock.now_ms();
+        let deleted = match commit_as(self.store.as_ref(), job, Actor::Client, |job| {
+            job.delete(now)
+        })
+        .await?
+        {
+            Committed::Written(job) => job,
+            Committed::Refused(job, _) if job.deletion.is_some() => return Ok(job),
+            Committed::Refused(..) => {
+                return Err(Refusal::conflict(
+                    "busy",
+                    "the job is changing state; try again",
+                ))
+            }
+            Committed::Missing => return Err(Refusal::NotFound),
+        };
+        // Best effort: whatever is left, the sweeper's purge removes.
+        for key in &outputs {
+            if let Err(err) = self.results.delete(key).await {
+                tracing::warn!(job_id = %deleted.id, key, error = %err, "an output stays for the purge");
+            }
+        }
+        if let Err(err) = self.uploads.delete(&deleted.input.key).await {
+            tracing::warn!(job_id = %deleted.id, error = %err, "the input stays for the purge");
+        }
+        tracing::info!(job_id = %deleted.id, outputs = outputs.len(), "job deleted by its owner");
+        Ok(deleted)
     }
 
     /// The owner's jobs, newest first, `limit` (default [`DEFAULT_PAGE`]) at a time.
@@ -443,7 +530,8 @@ impl Api {
                 format!("limit must be between 1 and {MAX_PAGE}"),
             ));
         }
-        self.store
+        let mut page = self
+            .store
             .list_by_owner(owner, limit, cursor)
             .await
             .map_err(|err| match err {
@@ -451,7 +539,12 @@ impl Api {
                     Refusal::invalid("invalid_cursor", "the cursor is not valid")
                 }
                 other => other.into(),
-            })
+            })?;
+        // Deleted and expired jobs are not listed (a page may come back shorter than `limit`;
+        // the cursor still goes on from where the store stopped).
+        let now = self.clock.now_ms();
+        page.jobs.retain(|job| job.gone(now).is_none());
+        Ok(page)
     }
 
     /// Cancels the owner's job at any non-terminal stage. A job RunPod has is only called
@@ -459,7 +552,7 @@ impl Api {
     /// RunPod cannot be reached), including a run dispatch recorded while this cancel was
     /// under way.
     pub async fn cancel(&self, owner: &str, id: &str) -> Result<Job, Refusal> {
-        let mut job = self.owned_job(owner, id).await?;
+        let mut job = self.live_job(owner, id).await?;
         // The run whose stop has been queued, if any.
         let mut stopped: Option<String> = None;
         for _ in 0..CANCEL_ROUNDS {
@@ -504,6 +597,22 @@ impl Api {
             "busy",
             "the job is changing state; try again",
         ))
+    }
+
+    /// The owner's job, unless its data is gone (deleted, or past its retention): then 410.
+    async fn live_job(&self, owner: &str, id: &str) -> Result<Job, Refusal> {
+        let job = self.owned_job(owner, id).await?;
+        match job.gone(self.clock.now_ms()) {
+            None => Ok(job),
+            Some(DeletionReason::Client) => Err(Refusal::Gone {
+                code: "job_deleted",
+                message: "the job was deleted by its owner".into(),
+            }),
+            Some(DeletionReason::Expired) => Err(Refusal::Gone {
+                code: "job_expired",
+                message: "the job's retention has ended; its data is deleted".into(),
+            }),
+        }
     }
 
     /// Loads a job for its owner; anyone else's job is indistinguishable from a missing one.
@@ -590,11 +699,14 @@ fn parse_idempotency_key(raw: &[u8]) -> Result<String, Refusal> {
         })
 }
 
-fn timing(settings: &Settings) -> JobTiming {
+/// The timing policy of a new job under `settings`, kept `retention` (the default when the
+/// client names none).
+pub fn timing(settings: &Settings, retention: Option<Duration>) -> JobTiming {
     JobTiming {
         deadline_ms: settings.job_deadline.as_millis() as i64,
         first_check_ms: settings.requeue_after.as_millis() as i64,
-        retention_secs: settings.record_retention.as_secs() as i64,
+        retention_secs: retention.unwrap_or(settings.record_retention).as_secs() as i64,
+        tombstone_secs: settings.tombstone.as_secs() as i64,
         idempotency_window_secs: settings.idempotency_window.as_secs() as i64,
         cleanup_delay_ms: settings.finalize_lease.as_millis() as i64,
     }

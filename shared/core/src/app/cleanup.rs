@@ -17,7 +17,14 @@ pub const MAX_KEYS_PER_FOLDER: usize = 1_000;
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Removed {
     pub results: usize,
+    pub uploads: usize,
     pub volume: usize,
+}
+
+impl Removed {
+    pub fn total(&self) -> usize {
+        self.results + self.uploads + self.volume
+    }
 }
 
 /// Removes `job`'s leftovers. Any failure stops it with an error, to be retried: whatever was
@@ -38,10 +45,51 @@ pub async fn remove_leftovers(
             removed.results += 1;
         }
     }
+    removed.volume = remove_volume_folders(volume, job).await?;
+    Ok(removed)
+}
+
+/// Removes everything `job` left, whatever its outputs name: the job's data is being deleted
+/// (its owner asked, or its retention ended). Its results folder, its inputs in the uploads
+/// bucket, its folders on the volume. Retried as a whole on any failure.
+pub async fn remove_everything(
+    results: &dyn ObjectStore,
+    uploads: &dyn ObjectStore,
+    volume: &dyn ObjectStore,
+    job: &Job,
+) -> Result<Removed, ObjectError> {
+    let mut removed = Removed::default();
+    for key in results
+        .list(&keys::results_of(&job.owner, &job.id), MAX_KEYS_PER_FOLDER)
+        .await?
+    {
+        results.delete(&key).await?;
+        removed.results += 1;
+    }
+    for key in uploads
+        .list(&keys::job_inputs(&job.owner, &job.id), MAX_KEYS_PER_FOLDER)
+        .await?
+    {
+        uploads.delete(&key).await?;
+        removed.uploads += 1;
+    }
+    removed.volume = remove_volume_folders(volume, job).await?;
+    Ok(removed)
+}
+
+/// The job's folders on the volume, files first, then the folders themselves, deepest first
+/// (RunPod lists empty folders, and a folder left behind is a job's trace on a shared disk).
+async fn remove_volume_folders(volume: &dyn ObjectStore, job: &Job) -> Result<usize, ObjectError> {
+    let mut removed = 0;
     for folder in [keys::volume_inputs(&job.id), keys::volume_outputs(&job.id)] {
-        for key in volume.list(&folder, MAX_KEYS_PER_FOLDER).await? {
+        let (files, mut folders) = volume.list_tree(&folder, MAX_KEYS_PER_FOLDER).await?;
+        for key in files {
             volume.delete(&key).await?;
-            removed.volume += 1;
+            removed += 1;
+        }
+        folders.sort_by_key(|f| std::cmp::Reverse(f.len()));
+        for folder in folders {
+            volume.delete(&folder).await?;
         }
     }
     Ok(removed)

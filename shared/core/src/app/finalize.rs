@@ -43,8 +43,8 @@ const SLOWEST_COPY_RATE: u64 = 4 * 1024 * 1024;
 /// shorter); it doubles with each failure in a row, up to [`MAX_RETRY_WAIT`].
 const RETRY_SOON: Duration = Duration::from_secs(15);
 
-/// The longest wait between two finalize attempts: a job whose outputs cannot be stored yet
-/// is retried within minutes, until `finalize_give_up`.
+/// The longest wait between two finalize attempts (or an eighth of `finalize_give_up`, if
+/// less): a job whose outputs cannot be stored yet is retried within minutes, until then.
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(5 * 60);
 
 #[derive(Debug, thiserror::Error)]
@@ -252,14 +252,12 @@ impl Finalizer {
             Err(Collect::Retry(reason)) => {
                 tracing::warn!(job_id = %leased.id, error = %reason, "output copy failed; releasing the lease");
                 let base = RETRY_SOON.min(self.settings.poll_interval);
+                // Several tries fit in the time finalize is given, however short.
+                let max_wait = MAX_RETRY_WAIT.min(self.settings.finalize_give_up / 8);
                 let released = commit_leased(store, &leased, by, |job| {
                     job.note_check_failure();
-                    let wait = check_backoff(
-                        base,
-                        job.check_failures,
-                        MAX_RETRY_WAIT,
-                        rand::random::<f64>(),
-                    );
+                    let wait =
+                        check_backoff(base, job.check_failures, max_wait, rand::random::<f64>());
                     job.release_lease(now, now + wait.as_millis() as Millis);
                     Ok(())
                 })

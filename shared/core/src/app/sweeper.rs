@@ -8,11 +8,13 @@ use std::sync::Arc;
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::app::cleanup::remove_leftovers;
+use crate::app::cleanup::{remove_everything, remove_leftovers};
 use crate::app::observe::{decide, handoff_recheck, Decision, Observer, Outcome};
 use crate::app::{commit_as, next_check_after_failure, Committed};
 use crate::config::Settings;
-use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, Millis, TransitionError};
+use crate::domain::job::{
+    Actor, DeletionReason, ErrorCode, Job, JobError, JobState, Millis, TransitionError,
+};
 use crate::ports::{
     Classified, Clock, Failure, FinalizeQueue, JobQueue, JobStore, ObjectStore, RunPod,
     RunPodError, RunPodStatus, StopQueue, StopReason, StopRun, StoreError,
@@ -32,9 +34,12 @@ pub struct SweepReport {
     pub refinalized: usize,
     pub timed_out: usize,
     pub skipped: usize,
-    /// Ended jobs whose leftovers were removed, and how many objects that took.
+    /// Ended jobs whose leftovers were removed, and how many objects that took (purges
+    /// included).
     pub cleaned: usize,
     pub removed_objects: usize,
+    /// Deleted or expired jobs whose data was purged for good.
+    pub purged: usize,
     /// Due items that could not be read as jobs, and index parts that could not be read: each
     /// also counts as an error, so the errors alarm sees them.
     pub unreadable: usize,
@@ -45,11 +50,18 @@ pub struct SweepReport {
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Action {
     Requeued,
-    Polled { finished: bool },
+    Polled {
+        finished: bool,
+    },
     HandedOff,
     Refinalized,
     TimedOut,
     Cleaned(usize),
+    /// A purge pass removed this many objects; `done` once nothing can come back.
+    Purged {
+        removed: usize,
+        done: bool,
+    },
     Skipped,
     Error,
 }
@@ -61,8 +73,10 @@ pub struct Sweeper {
     pub stops: Arc<dyn StopQueue>,
     pub observer: Arc<Observer>,
     pub finalize: Arc<dyn FinalizeQueue>,
-    /// The results bucket and the RunPod volume, for removing what ended jobs left behind.
+    /// The results and uploads buckets and the RunPod volume, for removing what ended jobs
+    /// left behind, and all of a deleted or expired job's data.
     pub results: Arc<dyn ObjectStore>,
+    pub uploads: Arc<dyn ObjectStore>,
     pub volume: Arc<dyn ObjectStore>,
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
@@ -111,6 +125,10 @@ impl Sweeper {
                     report.cleaned += 1;
                     report.removed_objects += removed;
                 }
+                Action::Purged { removed, done } => {
+                    report.removed_objects += removed;
+                    report.purged += done as usize;
+                }
                 Action::Skipped => report.skipped += 1,
                 Action::Error => report.errors += 1,
             }
@@ -129,6 +147,7 @@ impl Sweeper {
             skipped = report.skipped,
             cleaned = report.cleaned,
             removed_objects = report.removed_objects,
+            purged = report.purged,
             unreadable = report.unreadable,
             failed_parts = report.failed_parts,
             errors = report.errors,
@@ -152,6 +171,9 @@ impl Sweeper {
 
     async fn check_inner(&self, job: Job, now: Millis) -> Result<Action, StoreError> {
         if job.is_terminal() {
+            if let Some(reason) = job.gone(now) {
+                return self.purge(job, reason, now).await;
+            }
             return self.clean_up(job, now).await;
         }
         if job.active_lease(now).is_some() {
@@ -191,7 +213,7 @@ impl Sweeper {
         }
         match remove_leftovers(self.results.as_ref(), self.volume.as_ref(), &job).await {
             Ok(removed) => {
-                let objects = removed.results + removed.volume;
+                let objects = removed.total();
                 if objects > 0 {
                     tracing::info!(
                         job_id = %job.id,
@@ -257,6 +279,71 @@ impl Sweeper {
         })
         .await?;
         Ok(Action::Refinalized)
+    }
+
+    /// A deleted job, or one past its retention: removes all it left (results folder, inputs,
+    /// volume folders, idempotency record) and leaves a tombstone. While a finalize attempt may
+    /// still be copying (its lease outlives a cancel), the purge runs again once it cannot be.
+    async fn purge(
+        &self,
+        job: Job,
+        reason: DeletionReason,
+        now: Millis,
+    ) -> Result<Action, StoreError> {
+        if job.deletion.as_ref().is_some_and(|d| d.purged) {
+            return Ok(Action::Skipped);
+        }
+        let removed = remove_everything(
+            self.results.as_ref(),
+            self.uploads.as_ref(),
+            self.volume.as_ref(),
+            &job,
+        )
+        .await;
+        let removed = match removed {
+            Ok(removed) => removed,
+            Err(err) => {
+                tracing::warn!(job_id = %job.id, error = %err, "purge failed; retried later");
+                let retry_at = now + self.settings.poll_interval.as_millis() as Millis;
+                commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+                    job.defer_purge(retry_at)
+                })
+                .await?;
+                return Ok(Action::Error);
+            }
+        };
+        if let Err(err) = self.store.forget_idempotency_key(&job).await {
+            tracing::warn!(job_id = %job.id, error = %err, "idempotency record not removed; purge retried later");
+            let retry_at = now + self.settings.poll_interval.as_millis() as Millis;
+            commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+                job.defer_purge(retry_at)
+            })
+            .await?;
+            return Ok(Action::Error);
+        }
+        tracing::info!(
+            job_id = %job.id,
+            reason = ?reason,
+            results = removed.results,
+            uploads = removed.uploads,
+            volume = removed.volume,
+            "purged a job's data"
+        );
+        let lease = self.settings.finalize_lease.as_millis() as Millis;
+        let settled_at = job.timestamps.finished_at.unwrap_or(now) + lease;
+        let done = now >= settled_at;
+        commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
+            if done {
+                job.purged(reason, now)
+            } else {
+                job.defer_purge(settled_at)
+            }
+        })
+        .await?;
+        Ok(Action::Purged {
+            removed: removed.total(),
+            done,
+        })
     }
 
     async fn requeue(&self, job: Job, now: Millis) -> Result<Action, StoreError> {

@@ -254,6 +254,26 @@ pub struct Lease {
     pub until: Millis,
 }
 
+/// Why a job's data was deleted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeletionReason {
+    /// The owner asked (`DELETE /jobs/{id}`).
+    Client,
+    /// Its retention ended (`expires_at`).
+    Expired,
+}
+
+/// A job whose data is deleted, or being deleted: the record stays as a tombstone until its
+/// TTL, so that the job answers 410 rather than 404 meanwhile.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Deletion {
+    pub reason: DeletionReason,
+    pub at: Millis,
+    /// Everything the job left (results, input, volume folders, idempotency record) is gone.
+    pub purged: bool,
+}
+
 /// RunPod confirmed that `run` completed, and its report (the `/status` answer, whose output
 /// RunPod keeps for only 30 minutes) is stored at `report_key`: from here the finalize function
 /// collects the outputs from that copy, without asking RunPod again.
@@ -300,8 +320,17 @@ pub struct Job {
     /// which keeps it out of the sparse sweeper index.
     pub next_check_at: Option<Millis>,
     pub lease: Option<Lease>,
-    /// Epoch seconds after which DynamoDB may delete the record (TTL).
+    /// Epoch seconds after which DynamoDB may delete the record (TTL): the end of its
+    /// retention plus the tombstone period.
     pub expires_at: i64,
+    /// When the job's data stops being served and is deleted (the API's `expires_at`): the
+    /// client's retention, within the configured bounds. 0 in records from before it existed,
+    /// which keep the record's TTL as their retention ([`Job::retained_until`]).
+    #[serde(default)]
+    pub retain_until: Millis,
+    /// Set once the job's data is deleted, or being deleted.
+    #[serde(default)]
+    pub deletion: Option<Deletion>,
     /// Every state change, oldest first (records from before the history existed have none).
     #[serde(default)]
     pub history: Vec<JobEvent>,
@@ -388,8 +417,10 @@ pub struct JobTiming {
     pub deadline_ms: Millis,
     /// First sweeper look after acceptance: a job still queued then is re-enqueued.
     pub first_check_ms: Millis,
-    /// How long the record stays after creation (DynamoDB TTL).
+    /// How long the job's data is kept after creation.
     pub retention_secs: i64,
+    /// How long the record stays after that, as a tombstone (DynamoDB TTL).
+    pub tombstone_secs: i64,
     /// How long an idempotency key stands for the job it created.
     pub idempotency_window_secs: i64,
     /// How long after its end the job's leftovers are removed: no finalize attempt can still
@@ -429,7 +460,9 @@ impl Job {
             deadline_at: now + timing.deadline_ms,
             next_check_at: Some(now + timing.first_check_ms),
             lease: None,
-            expires_at: now / 1000 + timing.retention_secs,
+            expires_at: now / 1000 + timing.retention_secs + timing.tombstone_secs,
+            retain_until: now + timing.retention_secs * 1000,
+            deletion: None,
             history: vec![JobEvent {
                 at: now,
                 from: None,
@@ -702,13 +735,95 @@ impl Job {
         Ok(())
     }
 
-    /// What an ended job left behind is gone: it leaves the sweep index for good.
+    /// What an ended job left behind is gone. The job stays in the sweep index until its
+    /// retention ends, when the sweeper deletes its data.
     pub fn cleaned_up(&mut self) -> Result<(), TransitionError> {
         if !self.is_terminal() || !self.cleanup_pending {
             return Err(TransitionError::Stale);
         }
         self.cleanup_pending = false;
+        self.next_check_at = self.purge_due();
+        Ok(())
+    }
+
+    /// When the job's data stops being served: its retention's end.
+    pub fn retained_until(&self) -> Millis {
+        if self.retain_until > 0 {
+            self.retain_until
+        } else {
+            self.expires_at * 1000
+        }
+    }
+
+    /// The job's data is no longer to be served at `now`: deleted, or past its retention.
+    pub fn gone(&self, now: Millis) -> Option<DeletionReason> {
+        match &self.deletion {
+            Some(deletion) => Some(deletion.reason),
+            None if now >= self.retained_until() => Some(DeletionReason::Expired),
+            None => None,
+        }
+    }
+
+    /// When the sweeper is next to purge the job's data, if it still has any.
+    fn purge_due(&self) -> Option<Millis> {
+        match &self.deletion {
+            Some(deletion) if deletion.purged => None,
+            Some(deletion) => Some(deletion.at),
+            None => Some(self.retained_until()),
+        }
+    }
+
+    /// The owner deleted the job (it has ended: the API cancels one in flight first). Its
+    /// outputs are no longer named, and the sweeper purges everything it left right away.
+    /// Deleting a deleted job changes nothing.
+    pub fn delete(&mut self, now: Millis) -> Result<(), TransitionError> {
+        if !self.is_terminal() {
+            return Err(TransitionError::Backwards {
+                from: self.state,
+                to: self.state,
+            });
+        }
+        if self.deletion.is_some() {
+            return Err(TransitionError::Stale);
+        }
+        self.deletion = Some(Deletion {
+            reason: DeletionReason::Client,
+            at: now,
+            purged: false,
+        });
+        self.outputs.clear();
+        self.next_check_at = Some(now);
+        self.touch(now);
+        Ok(())
+    }
+
+    /// The purge is to run again at `at`: it failed, or a finalize attempt may still be
+    /// copying until then.
+    pub fn defer_purge(&mut self, at: Millis) -> Result<(), TransitionError> {
+        if !self.is_terminal() || self.deletion.as_ref().is_some_and(|d| d.purged) {
+            return Err(TransitionError::Stale);
+        }
+        self.next_check_at = Some(at);
+        Ok(())
+    }
+
+    /// Everything the job left is gone (the sweeper listed and removed it): the job leaves the
+    /// sweep index for good, a tombstone until the record's TTL.
+    pub fn purged(&mut self, reason: DeletionReason, now: Millis) -> Result<(), TransitionError> {
+        if !self.is_terminal() {
+            return Err(TransitionError::Stale);
+        }
+        let at = self.deletion.as_ref().map_or(now, |d| d.at);
+        let reason = self.deletion.as_ref().map_or(reason, |d| d.reason);
+        self.deletion = Some(Deletion {
+            reason,
+            at,
+            purged: true,
+        });
+        self.outputs.clear();
+        self.cleanup_pending = false;
         self.next_check_at = None;
+        self.touch(now);
         Ok(())
     }
 
@@ -755,6 +870,7 @@ mod tests {
         deadline_ms: 3_600_000,
         first_check_ms: 120_000,
         retention_secs: 86_400,
+        tombstone_secs: 7 * 86_400,
         idempotency_window_secs: 86_400,
         cleanup_delay_ms: 5_000,
     };
@@ -832,7 +948,7 @@ mod tests {
     }
 
     #[test]
-    fn an_ended_job_stays_in_the_sweeper_index_until_its_leftovers_are_removed() {
+    fn an_ended_job_stays_in_the_sweeper_index_until_its_data_is_purged() {
         let mut job = job();
         job.mark_submitted("rp".into(), 2_000, 5_000).unwrap();
         job.time_out(JobError::new(ErrorCode::DeadlineExceeded, "late"), 9_000)
@@ -848,9 +964,28 @@ mod tests {
         job.defer_cleanup(20_000).unwrap();
         assert_eq!(job.next_check_at, Some(20_000));
         job.cleaned_up().unwrap();
-        assert_eq!(job.next_check_at, None);
+        assert_eq!(
+            job.next_check_at,
+            Some(job.retained_until()),
+            "due again when its retention ends"
+        );
         assert_eq!(job.cleaned_up(), Err(TransitionError::Stale), "once");
         assert_eq!(job.defer_cleanup(30_000), Err(TransitionError::Stale));
+        job.purged(DeletionReason::Expired, job.retained_until())
+            .unwrap();
+        assert_eq!(job.next_check_at, None, "out of the index for good");
+    }
+
+    #[test]
+    fn only_an_ended_job_can_be_deleted_and_only_once() {
+        let mut job = job();
+        assert!(job.delete(2_000).is_err(), "the API cancels it first");
+        job.cancel(JobError::new(ErrorCode::CancelledByClient, "x"), 2_000)
+            .unwrap();
+        job.delete(3_000).unwrap();
+        assert_eq!(job.next_check_at, Some(3_000), "purged at once");
+        assert_eq!(job.gone(3_000), Some(DeletionReason::Client));
+        assert_eq!(job.delete(4_000), Err(TransitionError::Stale));
     }
 
     #[test]

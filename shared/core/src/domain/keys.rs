@@ -14,6 +14,11 @@ pub fn pinned_upload(owner: &str, job_id: &str) -> String {
     format!("inputs/{owner}/{job_id}/input")
 }
 
+/// Uploads bucket: every input object of a job, `inputs/{owner}/{job_id}/`.
+pub fn job_inputs(owner: &str, job_id: &str) -> String {
+    format!("inputs/{owner}/{job_id}/")
+}
+
 /// Uploads bucket: a client's presigned upload, `uploads/{owner}/{upload_id}`.
 pub fn upload(owner: &str, upload_id: &str) -> String {
     format!("uploads/{owner}/{upload_id}")
@@ -109,6 +114,8 @@ mod tests {
             "inputs/alice/j/input.png"
         );
         assert_eq!(upload("alice", "u"), "uploads/alice/u");
+        assert!(inline_input("alice", "j", "png").starts_with(&job_inputs("alice", "j")));
+        assert!(pinned_upload("alice", "j").starts_with(&job_inputs("alice", "j")));
         assert_eq!(
             result("alice", "j", &finalize_attempt(0xab), "a.png"),
             "results/alice/j/f00000000000000ab/a.png"

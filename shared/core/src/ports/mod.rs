@@ -97,6 +97,9 @@ pub trait JobStore: Send + Sync {
         now: Millis,
     ) -> Result<Option<Job>, StoreError>;
     async fn get(&self, job_id: &str) -> Result<Option<Job>, StoreError>;
+    /// Removes the record that reserves `job`'s idempotency key, if it still names `job` (a
+    /// deleted job's key may then create a new job). Nothing to do is not an error.
+    async fn forget_idempotency_key(&self, job: &Job) -> Result<(), StoreError>;
     /// Writes `job` only if the stored version is still `expected_version`.
     async fn save(&self, job: &Job, expected_version: u64) -> Result<(), StoreError>;
     /// The owner's jobs, newest first.
@@ -271,6 +274,17 @@ pub trait ObjectStore: Send + Sync {
     async fn delete(&self, key: &str) -> Result<(), ObjectError>;
     /// The keys under `prefix`, at most `max` of them (a job's own folders hold a handful).
     async fn list(&self, prefix: &str, max: usize) -> Result<Vec<String>, ObjectError>;
+    /// The files under `prefix` as [`ObjectStore::list`] gives them, and the folders the
+    /// listing met on the way (`prefix` itself included, if it exists), each ending in `/`.
+    /// Only a store with folders of its own has any: RunPod's volume, a filesystem behind an S3
+    /// API, lists empty folders, and they stay after their files are removed.
+    async fn list_tree(
+        &self,
+        prefix: &str,
+        max: usize,
+    ) -> Result<(Vec<String>, Vec<String>), ObjectError> {
+        Ok((self.list(prefix, max).await?, Vec::new()))
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

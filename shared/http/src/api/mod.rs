@@ -6,6 +6,7 @@
 //! - `GET /jobs/{id}`: state, timestamps, error and, once succeeded, presigned output URLs.
 //! - `GET /jobs`: the caller's jobs, newest first, with an opaque cursor.
 //! - `POST /jobs/{id}/cancel`: cancel at any non-terminal stage.
+//! - `DELETE /jobs/{id}`: cancel if in flight, delete the job's data, leave a tombstone (410).
 pub mod identity;
 pub mod views;
 
@@ -15,7 +16,7 @@ use axum::body::Bytes;
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::{delete, get, post, MethodRouter};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -24,7 +25,7 @@ use gateway::app::api::{Api, JobRequest, Submitted};
 
 use crate::error::ApiError;
 use identity::IdentitySource;
-use views::{Health, JobList, JobSummary, JobView, UploadView};
+use views::{DeletedView, Health, JobList, JobSummary, JobView, UploadView};
 
 /// Room for a 4 MB image in base64 plus the JSON around it; API Gateway caps Lambda at 6 MB.
 pub const MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
@@ -56,6 +57,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/jobs"),
     ("GET", "/jobs/{id}"),
     ("POST", "/jobs/{id}/cancel"),
+    ("DELETE", "/jobs/{id}"),
     ("POST", "/uploads"),
     ("GET", "/health"),
 ];
@@ -66,6 +68,7 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<ApiState>> {
         ("GET", "/jobs") => get(list_jobs),
         ("GET", "/jobs/{id}") => get(get_job),
         ("POST", "/jobs/{id}/cancel") => post(cancel_job),
+        ("DELETE", "/jobs/{id}") => delete(delete_job),
         ("POST", "/uploads") => post(create_upload),
         ("GET", "/health") => get(|| async { Json(Health { ok: true }) }),
         _ => unreachable!("{method} {path} is in ROUTES without a handler"),
@@ -167,6 +170,15 @@ async fn list_jobs(
         .list(&owner, query.limit, query.cursor.as_deref())
         .await?;
     Ok(Json(JobList::from(&page)))
+}
+
+async fn delete_job(
+    State(state): State<Arc<ApiState>>,
+    Owner(owner): Owner,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<DeletedView>), ApiError> {
+    let job = state.delete(&owner, &id).await?;
+    Ok((StatusCode::ACCEPTED, Json(DeletedView::from(&job))))
 }
 
 async fn cancel_job(

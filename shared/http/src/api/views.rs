@@ -20,6 +20,8 @@ pub struct JobSummary {
     pub workflow: String,
     pub created_at: String,
     pub updated_at: String,
+    /// When the job's input and outputs are deleted (its retention's end).
+    pub expires_at: String,
 }
 
 impl From<&Job> for JobSummary {
@@ -30,6 +32,30 @@ impl From<&Job> for JobSummary {
             workflow: job.workflow.clone(),
             created_at: time(job.timestamps.created_at),
             updated_at: time(job.timestamps.updated_at),
+            expires_at: time(job.retained_until()),
+        }
+    }
+}
+
+/// `DELETE /jobs/{id}`: the job is a tombstone; its data is removed (what the sweeper purges
+/// within the minute included).
+#[derive(Debug, Serialize)]
+pub struct DeletedView {
+    pub job_id: String,
+    pub status: &'static str,
+    pub deleted_at: String,
+}
+
+impl From<&Job> for DeletedView {
+    fn from(job: &Job) -> Self {
+        Self {
+            job_id: job.id.clone(),
+            status: "deleted",
+            deleted_at: time(
+                job.deletion
+                    .as_ref()
+                    .map_or(job.timestamps.updated_at, |d| d.at),
+            ),
         }
     }
 }
@@ -75,6 +101,8 @@ pub struct JobView {
     pub running_at: Option<String>,
     pub finished_at: Option<String>,
     pub updated_at: String,
+    /// When the job's input and outputs are deleted (its retention's end); no URL outlives it.
+    pub expires_at: String,
     pub error: Option<ErrorView>,
     pub delay_time_ms: Option<u64>,
     pub execution_time_ms: Option<u64>,
@@ -141,6 +169,7 @@ impl From<&JobDetail> for JobView {
             running_at: job.timestamps.running_at.map(time),
             finished_at: job.timestamps.finished_at.map(time),
             updated_at: time(job.timestamps.updated_at),
+            expires_at: time(job.retained_until()),
             error: job.error.as_ref().map(|e| ErrorView {
                 code: e.code.as_str(),
                 message: e.message.clone(),
