@@ -9,8 +9,10 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let sweeper = wiring.sweeper()?;
     let sweeper = &sweeper;
     lambda_runtime::run(service_fn(
-        move |_event: LambdaEvent<serde_json::Value>| async move {
-            let report = sweeper.sweep().await?;
+        move |event: LambdaEvent<serde_json::Value>| async move {
+            // The invocation's end: what is not reached by then stays due for the next sweep.
+            let deadline = i64::try_from(event.context.deadline).ok();
+            let report = sweeper.sweep_before(deadline).await?;
             Ok::<_, lambda_runtime::Error>(report)
         },
     ))

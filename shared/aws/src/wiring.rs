@@ -210,6 +210,15 @@ impl Wiring {
         ))
     }
 
+    /// The sweeper's RunPod client: its `/status` calls keep to `SWEEP_STATUS_PER_SEC`, its
+    /// share of RunPod's limit, however many jobs are due.
+    pub fn sweeper_runpod(&self) -> Result<Arc<HttpRunPod>, BootError> {
+        let runpod = Arc::unwrap_or_clone(self.runpod()?);
+        Ok(Arc::new(
+            runpod.with_status_pace(self.settings.sweep_status_per_sec),
+        ))
+    }
+
     pub fn signer(&self) -> Result<WebhookSigner, BootError> {
         let config = WebhookSecrets::from_env(&self.env)?;
         Ok(WebhookSigner::new(
@@ -292,7 +301,7 @@ impl Wiring {
         Ok(gateway::app::sweeper::Sweeper {
             store: self.job_store()?,
             queue: self.queue()?,
-            runpod: self.runpod()?,
+            runpod: self.sweeper_runpod()?,
             stops: self.stops()?,
             observer: Arc::new(self.observer()?),
             finalize: self.finalize_queue()?,

@@ -170,8 +170,14 @@ pub struct Settings {
     /// How long an `Idempotency-Key` stands for the job it created; after it, the same key
     /// creates a new job.
     pub idempotency_window: Duration,
+    /// Most due jobs one sweep takes (`SWEEP_BATCH`), read from the index a page at a time.
     pub sweep_batch: u32,
+    /// Checks in flight at once within a sweep (`SWEEP_CONCURRENCY`).
     pub sweep_concurrency: usize,
+    /// The sweeper's share of RunPod's `/status` limit (2,000 per 10 s per endpoint), in calls
+    /// per second (`SWEEP_STATUS_PER_SEC`); the webhook's `/status` calls use the rest. The
+    /// sweeper's RunPod client is paced to it.
+    pub sweep_status_per_sec: u32,
     pub max_inline_bytes: usize,
     pub max_upload_bytes: u64,
     /// Hosts a worker's `s3_url` images (worker-comfyui contract) may be fetched from
@@ -213,8 +219,9 @@ impl Settings {
             retention_max: seconds(env, "JOB_RETENTION_MAX_DAYS", 90).map(|d| d * 86_400)?,
             tombstone: seconds(env, "TOMBSTONE_DAYS", 7).map(|d| d * 86_400)?,
             idempotency_window: seconds(env, "IDEMPOTENCY_WINDOW_HOURS", 24).map(|h| h * 3_600)?,
-            sweep_batch: parsed(env, "SWEEP_BATCH", 200)?,
-            sweep_concurrency: parsed(env, "SWEEP_CONCURRENCY", 8)?,
+            sweep_batch: parsed(env, "SWEEP_BATCH", 4_500)?,
+            sweep_concurrency: parsed(env, "SWEEP_CONCURRENCY", 32)?,
+            sweep_status_per_sec: parsed(env, "SWEEP_STATUS_PER_SEC", 100)?,
             max_inline_bytes: 4 * 1024 * 1024,
             max_upload_bytes: 50 * 1024 * 1024,
             output_url_allowed_hosts: UrlAllowList::parse(

@@ -25,11 +25,15 @@ pub struct HttpRunPod {
     retry: RetryPolicy,
     request_timeout: Duration,
     cancels: Arc<CancelPace>,
+    /// Paces `/status` when set: the sweeper's client, which keeps to its share of RunPod's
+    /// limit however many jobs are due.
+    statuses: Option<Arc<CancelPace>>,
     /// The longest answer read; a longer one is [`RunPodError::TooLarge`], and never held.
     max_body: u64,
 }
 
-/// Spaces `/cancel` calls at most `per_second` apart, across every clone of the client.
+/// Spaces calls (`/cancel`, and the sweeper's `/status`) at most `per_second` apart, across
+/// every clone of the client.
 struct CancelPace {
     interval: Duration,
     next: Mutex<Instant>,
@@ -51,7 +55,7 @@ impl CancelPace {
             let at = (*next).max(now);
             if at - now > budget {
                 return Err(RunPodError::Transient(
-                    "RunPod /cancel rate limit: too many cancels queued".into(),
+                    "RunPod rate limit: too many calls queued".into(),
                 ));
             }
             *next = at + self.interval;
@@ -93,7 +97,14 @@ impl HttpRunPod {
             request_timeout: config.request_timeout,
             cancels: Arc::new(CancelPace::new(config.cancels_per_second)),
             max_body: gateway::config::DEFAULT_MAX_STATUS_BYTES,
+            statuses: None,
         }
+    }
+
+    /// Starts no more than `per_second` `/status` calls a second, across every clone.
+    pub fn with_status_pace(mut self, per_second: u32) -> Self {
+        self.statuses = Some(Arc::new(CancelPace::new(per_second)));
+        self
     }
 
     /// Reads no answer longer than `bytes` (`RUNPOD_MAX_STATUS_BYTES`).
@@ -287,6 +298,10 @@ impl RunPod for HttpRunPod {
     }
 
     async fn status(&self, runpod_job_id: &str) -> Result<RunPodStatus, RunPodError> {
+        if let Some(pace) = &self.statuses {
+            // A sweep's own calls queue here; the retry budget bounds the wait, as for cancels.
+            pace.turn(self.retry.budget).await?;
+        }
         let url = format!("{}/status/{}", self.base, urlencode(runpod_job_id));
         let body = self
             .call(Call::Idempotent, "status", || self.http.get(&url))

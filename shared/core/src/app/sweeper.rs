@@ -66,6 +66,33 @@ enum Action {
     Error,
 }
 
+/// Counts one check's outcome in the sweep's report.
+fn tally(report: &mut SweepReport, action: Action) {
+    match action {
+        Action::Requeued => report.requeued += 1,
+        Action::Polled { finished } => {
+            report.polled += 1;
+            report.finished += finished as usize;
+        }
+        Action::HandedOff => {
+            report.polled += 1;
+            report.handed_off += 1;
+        }
+        Action::Refinalized => report.refinalized += 1,
+        Action::TimedOut => report.timed_out += 1,
+        Action::Cleaned(removed) => {
+            report.cleaned += 1;
+            report.removed_objects += removed;
+        }
+        Action::Purged { removed, done } => {
+            report.removed_objects += removed;
+            report.purged += done as usize;
+        }
+        Action::Skipped => report.skipped += 1,
+        Action::Error => report.errors += 1,
+    }
+}
+
 pub struct Sweeper {
     pub store: Arc<dyn JobStore>,
     pub queue: Arc<dyn JobQueue>,
@@ -82,55 +109,80 @@ pub struct Sweeper {
     pub clock: Arc<dyn Clock>,
 }
 
+/// Most due jobs read from the index at once; a page is checked before the next is read, and
+/// the checked jobs have moved on by then, so the next page holds the next ones due.
+pub const SWEEP_PAGE: u32 = 500;
+
+/// No page is begun this close to the invocation's end.
+const SWEEP_RESERVE_MS: Millis = 10_000;
+
 impl Sweeper {
+    /// [`Sweeper::sweep_before`] with no invocation deadline.
     pub async fn sweep(&self) -> Result<SweepReport, StoreError> {
-        let now = self.clock.now_ms();
-        let due = self
-            .store
-            .due_for_check(now, self.settings.sweep_batch)
-            .await?;
-        for key in &due.unreadable {
-            tracing::error!(key = %key, "a due item is not a readable job; skipped");
-        }
-        for part in &due.failed_parts {
-            tracing::error!(error = %part, "part of the sweep index could not be read");
-        }
-        let mut report = SweepReport {
-            items_read: due.items_read,
-            due: due.jobs.len(),
-            unreadable: due.unreadable.len(),
-            failed_parts: due.failed_parts.len(),
-            errors: due.unreadable.len() + due.failed_parts.len(),
-            ..SweepReport::default()
-        };
-        let actions: Vec<Action> = futures::stream::iter(due.jobs)
-            .map(|job| self.check(job))
-            .buffer_unordered(self.settings.sweep_concurrency.max(1))
-            .collect()
-            .await;
-        for action in actions {
-            match action {
-                Action::Requeued => report.requeued += 1,
-                Action::Polled { finished } => {
-                    report.polled += 1;
-                    report.finished += finished as usize;
+        self.sweep_before(None).await
+    }
+
+    /// One sweep: due jobs are read from the index a page at a time, oldest due first, and
+    /// checked `sweep_concurrency` at a time, until none is due, `sweep_batch` were taken, or
+    /// the invocation (ending at `deadline`, epoch ms) is nearly over. What is not reached stays
+    /// due for the next sweep, still first in line.
+    pub async fn sweep_before(&self, deadline: Option<Millis>) -> Result<SweepReport, StoreError> {
+        let mut report = SweepReport::default();
+        let mut seen = std::collections::HashSet::new();
+        let batch = self.settings.sweep_batch.max(1) as usize;
+        let mut pages = 0;
+        loop {
+            let now = self.clock.now_ms();
+            if deadline.is_some_and(|end| now + SWEEP_RESERVE_MS > end) {
+                break;
+            }
+            let page = SWEEP_PAGE.min(batch.saturating_sub(report.due) as u32);
+            if page == 0 {
+                break;
+            }
+            let due = match self.store.due_for_check(now, page).await {
+                Ok(due) => due,
+                Err(err) if pages == 0 => return Err(err),
+                Err(err) => {
+                    tracing::error!(error = %err, "the sweep index could not be read further");
+                    report.errors += 1;
+                    break;
                 }
-                Action::HandedOff => {
-                    report.polled += 1;
-                    report.handed_off += 1;
-                }
-                Action::Refinalized => report.refinalized += 1,
-                Action::TimedOut => report.timed_out += 1,
-                Action::Cleaned(removed) => {
-                    report.cleaned += 1;
-                    report.removed_objects += removed;
-                }
-                Action::Purged { removed, done } => {
-                    report.removed_objects += removed;
-                    report.purged += done as usize;
-                }
-                Action::Skipped => report.skipped += 1,
-                Action::Error => report.errors += 1,
+            };
+            pages += 1;
+            report.items_read += due.items_read;
+            let full = due.jobs.len() + due.unreadable.len() >= page as usize;
+            for key in due.unreadable.iter().filter(|k| seen.insert((*k).clone())) {
+                tracing::error!(key = %key, "a due item is not a readable job; skipped");
+                report.unreadable += 1;
+                report.errors += 1;
+            }
+            for part in &due.failed_parts {
+                tracing::error!(error = %part, "part of the sweep index could not be read");
+                report.failed_parts += 1;
+                report.errors += 1;
+            }
+            // A job checked earlier in this sweep that is still due (leased, or its check
+            // failed) waits for the next sweep.
+            let fresh: Vec<Job> = due
+                .jobs
+                .into_iter()
+                .filter(|job| seen.insert(job.id.clone()))
+                .collect();
+            if fresh.is_empty() {
+                break;
+            }
+            report.due += fresh.len();
+            let actions: Vec<Action> = futures::stream::iter(fresh)
+                .map(|job| self.check(job))
+                .buffer_unordered(self.settings.sweep_concurrency.max(1))
+                .collect()
+                .await;
+            for action in actions {
+                tally(&mut report, action);
+            }
+            if !full {
+                break;
             }
         }
         // One line per sweep with every count as its own JSON field: the template's metric
