@@ -510,15 +510,21 @@ async fn a_hand_off_whose_report_cannot_be_stored_records_nothing() {
     assert!(kit.finalize.sent().is_empty());
 }
 
-#[tokio::test]
-async fn finalize_collects_from_the_stored_report_after_runpod_has_forgotten_the_run() {
-    let kit = Kit::new();
-    let job = submitted(&kit).await;
+/// A job whose run completed with one output, handed to finalize by its webhook.
+async fn handed_off(kit: &Kit) -> Job {
+    let job = submitted(kit).await;
     let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
     kit.observer()
         .observe_as(job.clone(), &status, Actor::Webhook)
         .await
         .unwrap();
+    job
+}
+
+#[tokio::test]
+async fn finalize_collects_from_the_stored_report_after_runpod_has_forgotten_the_run() {
+    let kit = Kit::new();
+    let job = handed_off(&kit).await;
     kit.runpod.fail_status("rp-1", Answer::NotFound);
 
     let outcome = kit.finalize_job(&job.id).await.unwrap();
@@ -561,12 +567,7 @@ async fn a_duplicate_finalize_request_after_the_end_changes_nothing() {
 #[tokio::test]
 async fn a_stored_report_that_is_gone_fails_the_job_output_missing() {
     let kit = Kit::new();
-    let job = submitted(&kit).await;
-    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
-    kit.observer()
-        .observe_as(job.clone(), &status, Actor::Webhook)
-        .await
-        .unwrap();
+    let job = handed_off(&kit).await;
     let report = kit.stored(&job.id).handoff.unwrap().report_key;
     kit.results.delete(&report).await.unwrap();
 
@@ -582,12 +583,7 @@ async fn a_stored_report_that_is_gone_fails_the_job_output_missing() {
 #[tokio::test]
 async fn a_stored_report_over_the_status_cap_fails_the_job_output_too_large() {
     let kit = Kit::new().with_settings(|s| s.max_status_bytes = 64);
-    let job = submitted(&kit).await;
-    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
-    kit.observer()
-        .observe_as(job.clone(), &status, Actor::Webhook)
-        .await
-        .unwrap();
+    let job = handed_off(&kit).await;
 
     let outcome = kit.finalize_job(&job.id).await.unwrap();
 
@@ -602,12 +598,7 @@ async fn a_stored_report_over_the_status_cap_fails_the_job_output_too_large() {
 #[tokio::test]
 async fn a_finalize_lease_lasts_no_longer_than_its_invocation() {
     let kit = Kit::new();
-    let job = submitted(&kit).await;
-    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
-    kit.observer()
-        .observe_as(job.clone(), &status, Actor::Webhook)
-        .await
-        .unwrap();
+    let job = handed_off(&kit).await;
     let leases = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = leases.clone();
     kit.store.before_save(move |_, about_to_write| {
@@ -628,12 +619,7 @@ async fn a_finalize_lease_lasts_no_longer_than_its_invocation() {
 #[tokio::test]
 async fn a_finalize_without_time_left_for_the_next_file_gives_the_job_back_for_a_retry() {
     let kit = Kit::new();
-    let job = submitted(&kit).await;
-    let status = kit.completed_run("rp-1", &[output_key(&job, "restore_00001_.png")]);
-    kit.observer()
-        .observe_as(job.clone(), &status, Actor::Webhook)
-        .await
-        .unwrap();
+    let job = handed_off(&kit).await;
     kit.finalize.take();
     // Less than the reserve kept for the final write.
     let deadline = kit.now() + 1_000;

@@ -383,13 +383,20 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let config = RunPodConfig {
+        let config = test_config(base, 3);
+        let runpod = HttpRunPod::new(http_client(&config).unwrap(), &config);
+        (runpod, seen)
+    }
+
+    /// A client of the RunPod stand-in at `base`, making up to `attempts` attempts a call.
+    fn test_config(base: String, attempts: u32) -> RunPodConfig {
+        RunPodConfig {
             api_base: base,
             endpoint_id: "ep".into(),
             api_key: "k".into(),
             request_timeout: Duration::from_secs(2),
             retry: RetryPolicy {
-                max_attempts: 3,
+                max_attempts: attempts,
                 backoff: Backoff {
                     base: Duration::from_millis(5),
                     cap: Duration::from_millis(20),
@@ -397,9 +404,7 @@ mod tests {
                 budget: Duration::from_secs(10),
             },
             cancels_per_second: 4,
-        };
-        let runpod = HttpRunPod::new(http_client(&config).unwrap(), &config);
-        (runpod, seen)
+        }
     }
 
     #[tokio::test]
@@ -480,21 +485,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
-        let config = RunPodConfig {
-            api_base: base,
-            endpoint_id: "ep".into(),
-            api_key: "k".into(),
-            request_timeout: Duration::from_secs(2),
-            retry: RetryPolicy {
-                max_attempts: 1,
-                backoff: Backoff {
-                    base: Duration::from_millis(5),
-                    cap: Duration::from_millis(20),
-                },
-                budget: Duration::from_secs(10),
-            },
-            cancels_per_second: 4,
-        };
+        let config = test_config(base, 1);
         let runpod = HttpRunPod::new(http_client(&config).unwrap(), &config).with_max_body(4096);
 
         let answer = runpod.status("x").await;
