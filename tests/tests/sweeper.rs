@@ -80,20 +80,9 @@ async fn cleaning_stack(faults: Faults, extra_env: Vec<(&'static str, String)>) 
     .await
 }
 
-/// Waits until the sweeper has cleaned up after the ended job, then lists what of it is left
-/// on the volume (its input and output folders) and in the results bucket beyond its outputs.
-async fn left_behind(stack: &Stack, job_id: &str) -> Vec<String> {
-    let until = std::time::Instant::now() + TIMEOUT;
-    while stack.stored_job(job_id).await.cleanup_pending && std::time::Instant::now() < until {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let job = stack.stored_job(job_id).await;
-    assert!(
-        !job.cleanup_pending,
-        "the sweeper never cleaned up after {job_id}"
-    );
-    // Files, and the folders themselves: RunPod lists empty folders, so the clean-up removes
-    // them too.
+/// Whatever `job_id` has on the volume: every file under its input and output folders, and the
+/// folders themselves (RunPod lists empty folders, so the clean-up removes them too).
+fn on_the_volume(stack: &Stack, job_id: &str) -> Vec<String> {
     fn files(dir: &std::path::Path, into: &mut Vec<String>) {
         for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             let path = entry.path();
@@ -112,6 +101,22 @@ async fn left_behind(stack: &Stack, job_id: &str) -> Vec<String> {
             left.push(format!("{}/", path.display()));
         }
     }
+    left
+}
+
+/// Waits until the sweeper has cleaned up after the ended job, then lists what of it is left
+/// on the volume (its input and output folders) and in the results bucket beyond its outputs.
+async fn left_behind(stack: &Stack, job_id: &str) -> Vec<String> {
+    let until = std::time::Instant::now() + TIMEOUT;
+    while stack.stored_job(job_id).await.cleanup_pending && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let job = stack.stored_job(job_id).await;
+    assert!(
+        !job.cleanup_pending,
+        "the sweeper never cleaned up after {job_id}"
+    );
+    let mut left = on_the_volume(stack, job_id);
     let outputs: Vec<&str> = job.outputs.iter().map(|o| o.key.as_str()).collect();
     for key in stack
         .keys(&stack.results_bucket, &format!("results/alice/{job_id}/"))
@@ -187,8 +192,7 @@ async fn a_cancelled_job_leaves_nothing_on_the_volume() {
 
 // ------------------------------------------------------------------ deletion
 
-/// Every object `job_id` has in either bucket, and every file or folder of its own on the
-/// volume (RunPod lists empty folders too).
+/// Every object `job_id` has in either bucket, and everything of it on the volume.
 async fn everything_of(stack: &Stack, job_id: &str) -> Vec<String> {
     let mut left = Vec::new();
     for (bucket, prefix) in [
@@ -197,12 +201,7 @@ async fn everything_of(stack: &Stack, job_id: &str) -> Vec<String> {
     ] {
         left.extend(stack.keys(bucket, &prefix).await);
     }
-    for folder in ["inputs", "outputs"] {
-        let path = stack.emulator.volume_dir.join(folder).join(job_id);
-        if path.exists() {
-            left.push(path.display().to_string());
-        }
-    }
+    left.extend(on_the_volume(stack, job_id));
     left
 }
 

@@ -108,40 +108,33 @@ pub async fn start_on(
         }
     });
     let mut tasks = vec![server];
-    let batch_size = options.dispatch_batch_size.clamp(1, 10);
-    for _ in 0..options.dispatch_concurrency.max(1) {
-        tasks.push(tokio::spawn(poll_queue(
-            Poller {
-                sqs: sqs.clone(),
-                queue_url: queue_url.clone(),
-                handler: dispatch.clone(),
-                batch_size,
-            },
-            watcher.clone(),
-        )));
-    }
-    // One stop poller: in AWS the stop queue's event source is capped low, so that cancels
-    // stay under RunPod's rate limit.
-    tasks.push(tokio::spawn(poll_queue(
-        Poller {
-            sqs: sqs.clone(),
-            queue_url: stop_queue_url,
-            handler: dispatch.clone(),
-            batch_size: 10,
-        },
-        watcher.clone(),
-    )));
-    // The finalize function's event source takes one message per invocation.
-    for _ in 0..options.dispatch_concurrency.max(1) {
-        tasks.push(tokio::spawn(poll_queue(
-            Poller {
-                sqs: sqs.clone(),
-                queue_url: finalize_queue_url.clone(),
-                handler: finalize.clone(),
-                batch_size: 1,
-            },
-            watcher.clone(),
-        )));
+    let concurrency = options.dispatch_concurrency.max(1);
+    // (queue, handler, batch size, pollers): as each event source is set in the template.
+    let sources = [
+        (
+            queue_url,
+            dispatch.clone(),
+            options.dispatch_batch_size.clamp(1, 10),
+            concurrency,
+        ),
+        // One stop poller: in AWS the stop queue's event source is capped low, so that cancels
+        // stay under RunPod's rate limit.
+        (stop_queue_url, dispatch, 10, 1),
+        // The finalize function's event source takes one message per invocation.
+        (finalize_queue_url, finalize, 1, concurrency),
+    ];
+    for (queue_url, handler, batch_size, pollers) in sources {
+        for _ in 0..pollers {
+            tasks.push(tokio::spawn(poll_queue(
+                Poller {
+                    sqs: sqs.clone(),
+                    queue_url: queue_url.clone(),
+                    handler: handler.clone(),
+                    batch_size,
+                },
+                watcher.clone(),
+            )));
+        }
     }
     tasks.push(tokio::spawn(tick_sweeper(
         sweeper,

@@ -353,6 +353,13 @@ impl Sweeper {
         )
         .await;
         let removed = match removed {
+            Ok(removed) => match self.store.forget_idempotency_key(&job).await {
+                Ok(()) => Ok(removed),
+                Err(err) => Err(format!("idempotency record: {err}")),
+            },
+            Err(err) => Err(err.to_string()),
+        };
+        let removed = match removed {
             Ok(removed) => removed,
             Err(err) => {
                 tracing::warn!(job_id = %job.id, error = %err, "purge failed; retried later");
@@ -364,15 +371,6 @@ impl Sweeper {
                 return Ok(Action::Error);
             }
         };
-        if let Err(err) = self.store.forget_idempotency_key(&job).await {
-            tracing::warn!(job_id = %job.id, error = %err, "idempotency record not removed; purge retried later");
-            let retry_at = now + self.settings.poll_interval.as_millis() as Millis;
-            commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-                job.defer_purge(retry_at)
-            })
-            .await?;
-            return Ok(Action::Error);
-        }
         tracing::info!(
             job_id = %job.id,
             reason = ?reason,
