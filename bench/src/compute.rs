@@ -20,6 +20,7 @@ use gateway::domain::token::WebhookSigner;
 use gateway::ports::JobStore;
 use gateway_http::api::identity::IdentitySource;
 use serde_json::{json, Value};
+use testkit::stack_env::LOCAL_VOLUME_ROOT;
 
 use crate::common::{
     gateway_env, jpeg, ms, now_ms, restore_request, submitted_job, write_file, BoxError, Names,
@@ -350,7 +351,7 @@ pub async fn measure_webhook(
         let runpod_id = format!("bench-wh-{}-e1", uuid::Uuid::new_v4().simple());
         let job = submitted_job(OWNER, &runpod_id, now, now + 60_000);
         store.create(&job).await?;
-        let key = format!("outputs/{}/restore_00001_.png", job.id);
+        let key = format!("{LOCAL_VOLUME_ROOT}/outputs/{}/restore_00001_.png", job.id);
         let path = emulator.volume_dir.join(&key);
         write_file(&path, size_mb * 1_048_576)?;
         // RunPod's webhook body: the /status fields, the echoed input and the webhook URL.

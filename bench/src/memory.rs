@@ -10,6 +10,7 @@ use std::process::Stdio;
 use aws_config::SdkConfig;
 use gateway::ports::JobStore;
 use serde_json::{json, Value};
+use testkit::stack_env::LOCAL_VOLUME_ROOT;
 
 use crate::common::{
     bin_dir, die_with_parent, now_ms, submitted_job, write_file, BoxError, Summary, OWNER,
@@ -59,7 +60,7 @@ pub async fn measure(
                 job.workflow = "restore-comfyui".into();
             }
             store.create(&job).await?;
-            let key = format!("outputs/{}/restore_00001_.png", job.id);
+            let key = format!("{LOCAL_VOLUME_ROOT}/outputs/{}/restore_00001_.png", job.id);
             let path = emulator.volume_dir.join(&key);
             let output = match kind {
                 Output::VolumeFile => {

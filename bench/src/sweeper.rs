@@ -203,6 +203,7 @@ pub async fn measure(
             results: base.results.clone(),
             uploads: base.uploads.clone(),
             volume: base.volume.clone(),
+            volume_root: base.volume_root.clone(),
             settings: base.settings.clone(),
             clock: Arc::new(Later(step * run as Millis)),
         };

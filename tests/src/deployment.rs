@@ -402,6 +402,7 @@ pub async fn boot(
         "webhook" => wiring.webhook().map(|_| ())?,
         "finalize" => wiring.finalizer().map(|_| ())?,
         "sweeper" => wiring.sweeper().map(|_| ())?,
+        "janitor" => wiring.janitor().map(|_| ())?,
         other => panic!("no boot path for function {other}: add it to boot()"),
     }
     Ok(env.names_read())

@@ -208,6 +208,32 @@ impl Stack {
     }
 
     /// The same wiring the runner uses, to call a function's handler directly.
+    /// Whatever `job_id` has on the volume: every file under its input and output folders, and
+    /// the folders themselves (RunPod lists empty folders, so a clean-up removes them too).
+    pub fn on_the_volume(&self, job_id: &str) -> Vec<String> {
+        fn files(dir: &std::path::Path, into: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    files(&path, into);
+                } else {
+                    into.push(path.display().to_string());
+                }
+            }
+        }
+        let root = gateway::domain::keys::VolumeRoot::new(testkit::stack_env::LOCAL_VOLUME_ROOT)
+            .expect("a valid root");
+        let mut left = Vec::new();
+        for folder in [root.inputs(job_id), root.outputs(job_id)] {
+            let path = self.emulator.volume_dir.join(folder);
+            files(&path, &mut left);
+            if path.exists() {
+                left.push(format!("{}/", path.display()));
+            }
+        }
+        left
+    }
+
     pub fn wiring(&self) -> Wiring {
         Wiring::new(self.env.clone(), self.gateway_sdk.clone()).expect("wire the gateway")
     }

@@ -16,6 +16,7 @@ use base64::Engine as _;
 use gateway_tests::{jpeg, Stack, StackOptions, ALICE};
 use runpod_emulator::Faults;
 use serde_json::{json, Value};
+use testkit::stack_env::LOCAL_VOLUME_ROOT;
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 const COMFY: &str = "restore-comfyui";
@@ -151,7 +152,7 @@ async fn restore_comfyui_on_the_builtin_worker_comes_back_as_stored_images() {
     assert!(!stack
         .emulator
         .volume_dir
-        .join(format!("outputs/{job_id}"))
+        .join(format!("{LOCAL_VOLUME_ROOT}/outputs/{job_id}"))
         .exists());
     stack.stop().await;
 }

@@ -11,6 +11,7 @@ use gateway_http::api::identity::IdentitySource;
 use gateway_tests::{Stack, StackOptions};
 use http_body_util::BodyExt;
 use serde_json::Value;
+use testkit::stack_env::LOCAL_VOLUME_ROOT;
 use tower::ServiceExt;
 
 /// The owner the sample API events' JWT names (`requestContext.authorizer.jwt.claims.sub`).
@@ -114,10 +115,9 @@ async fn the_webhook_event_hands_its_job_to_finalize() {
         .unwrap();
     store.save(&submitted, job.version).await.unwrap();
     // The file the sample's output names, on the volume.
-    let output = stack
-        .emulator
-        .volume_dir
-        .join(format!("outputs/{JOB}/restore_00001_.png"));
+    let output = stack.emulator.volume_dir.join(format!(
+        "{LOCAL_VOLUME_ROOT}/outputs/{JOB}/restore_00001_.png"
+    ));
     std::fs::create_dir_all(output.parent().unwrap()).unwrap();
     image::RgbImage::new(8, 6).save(&output).unwrap();
 
@@ -149,7 +149,7 @@ async fn the_finalize_event_collects_its_handed_off_job() {
     let stack = stack().await;
     let job = seed_job(&stack, JOB).await;
     let store = stack.wiring().job_store().unwrap();
-    let output = format!("outputs/{JOB}/restore_00001_.png");
+    let output = format!("{LOCAL_VOLUME_ROOT}/outputs/{JOB}/restore_00001_.png");
     let file = stack.emulator.volume_dir.join(&output);
     std::fs::create_dir_all(file.parent().unwrap()).unwrap();
     image::RgbImage::new(8, 6).save(&file).unwrap();

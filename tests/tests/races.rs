@@ -386,6 +386,7 @@ async fn a_sweeper_expiring_a_stale_copy_never_leaves_a_gpu_running() {
         results: wiring.results().unwrap(),
         uploads: wiring.uploads().unwrap(),
         volume: wiring.volume().unwrap().0,
+        volume_root: wiring.volume().unwrap().1.root().clone(),
         settings: wiring.settings.clone(),
         clock: wiring.clock.clone(),
     };

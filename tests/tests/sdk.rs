@@ -10,6 +10,7 @@ use std::time::Duration;
 use gateway_tests::{jpeg, run_python, SdkWorker, Stack, StackOptions, StatusCode, ALICE};
 use runpod_emulator::{EmulatorConfig, JobStatus};
 use serde_json::{json, Value};
+use testkit::stack_env::LOCAL_VOLUME_ROOT;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -115,7 +116,7 @@ async fn a_real_sdk_worker_restores_the_photo_end_to_end() {
     assert!(runpod.input.get("workflow_api").is_some(), "{input}");
     assert!(input.len() < 16 * 1024, "input is {} bytes", input.len());
     assert!(
-        input.contains(&format!("inputs/{job_id}/input.jpg")),
+        input.contains(&format!("{LOCAL_VOLUME_ROOT}/inputs/{job_id}/input.jpg")),
         "{input}"
     );
     stack.stop().await;
@@ -271,7 +272,7 @@ async fn worker_comfyui_base64_images_from_the_real_sdk_end_to_end() {
     assert!(!stack
         .emulator
         .volume_dir
-        .join(format!("outputs/{job_id}"))
+        .join(format!("{LOCAL_VOLUME_ROOT}/outputs/{job_id}"))
         .exists());
     stack.stop().await;
 }

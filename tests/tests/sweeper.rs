@@ -80,30 +80,6 @@ async fn cleaning_stack(faults: Faults, extra_env: Vec<(&'static str, String)>) 
     .await
 }
 
-/// Whatever `job_id` has on the volume: every file under its input and output folders, and the
-/// folders themselves (RunPod lists empty folders, so the clean-up removes them too).
-fn on_the_volume(stack: &Stack, job_id: &str) -> Vec<String> {
-    fn files(dir: &std::path::Path, into: &mut Vec<String>) {
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                files(&path, into);
-            } else {
-                into.push(path.display().to_string());
-            }
-        }
-    }
-    let mut left = Vec::new();
-    for folder in ["inputs", "outputs"] {
-        let path = stack.emulator.volume_dir.join(folder).join(job_id);
-        files(&path, &mut left);
-        if path.exists() {
-            left.push(format!("{}/", path.display()));
-        }
-    }
-    left
-}
-
 /// Waits until the sweeper has cleaned up after the ended job, then lists what of it is left
 /// on the volume (its input and output folders) and in the results bucket beyond its outputs.
 async fn left_behind(stack: &Stack, job_id: &str) -> Vec<String> {
@@ -116,7 +92,7 @@ async fn left_behind(stack: &Stack, job_id: &str) -> Vec<String> {
         !job.cleanup_pending,
         "the sweeper never cleaned up after {job_id}"
     );
-    let mut left = on_the_volume(stack, job_id);
+    let mut left = stack.on_the_volume(job_id);
     let outputs: Vec<&str> = job.outputs.iter().map(|o| o.key.as_str()).collect();
     for key in stack
         .keys(&stack.results_bucket, &format!("results/alice/{job_id}/"))
@@ -201,7 +177,7 @@ async fn everything_of(stack: &Stack, job_id: &str) -> Vec<String> {
     ] {
         left.extend(stack.keys(bucket, &prefix).await);
     }
-    left.extend(on_the_volume(stack, job_id));
+    left.extend(stack.on_the_volume(job_id));
     left
 }
 

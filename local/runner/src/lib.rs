@@ -6,7 +6,7 @@
 //!   `MaximumConcurrency`), and the finalize queue to the finalize function's, one message at a
 //!   time, deleting what succeeded and leaving failures to come back after the visibility
 //!   timeout, as the Lambda event sources do;
-//! - a sweeper tick standing in for the EventBridge schedule.
+//! - a sweeper tick and a janitor tick standing in for the EventBridge schedules.
 pub mod resources;
 
 use std::future::Future;
@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
-use gateway::app::sweeper::Sweeper;
 use gateway_aws::adapters::sqs::{handle_batch, handle_finalize_batch};
 use gateway_aws::wiring::{BootError, Wiring};
 use gateway_http::api::identity::IdentitySource;
@@ -88,6 +87,7 @@ pub async fn start_on(
         Box::pin(async move { handle_finalize_batch(&finalizer, event, None).await })
     });
     let sweeper = Arc::new(wiring.sweeper()?);
+    let janitor = Arc::new(wiring.janitor()?);
     let sqs = aws_sdk_sqs::Client::new(&wiring.sdk);
     let queue_url = gateway::config::queue_url(&wiring.env).map_err(BootError::from)?;
     let stop_queue_url = gateway::config::stop_queue_url(&wiring.env).map_err(BootError::from)?;
@@ -136,10 +136,27 @@ pub async fn start_on(
             )));
         }
     }
-    tasks.push(tokio::spawn(tick_sweeper(
-        sweeper,
+    tasks.push(tokio::spawn(tick(
         options.sweep_every,
+        watcher.clone(),
+        move || {
+            let sweeper = sweeper.clone();
+            async move {
+                if let Err(err) = sweeper.sweep().await {
+                    tracing::warn!(error = %err, "sweep failed");
+                }
+            }
+        },
+    )));
+    tasks.push(tokio::spawn(tick(
+        options.janitor_every,
         watcher,
+        move || {
+            let janitor = janitor.clone();
+            async move {
+                janitor.run_before(None).await;
+            }
+        },
     )));
     tracing::info!(%addr, "local gateway listening");
     Ok(Runner {
@@ -228,17 +245,18 @@ async fn poll_queue(poller: Poller, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn tick_sweeper(sweeper: Arc<Sweeper>, every: Duration, mut stop: watch::Receiver<bool>) {
+/// Runs `run` every `every`, as a schedule would, until told to stop.
+async fn tick<F, Fut>(every: Duration, mut stop: watch::Receiver<bool>, run: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
     let mut interval = tokio::time::interval(every);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.changed() => return,
-            _ = interval.tick() => {
-                if let Err(err) = sweeper.sweep().await {
-                    tracing::warn!(error = %err, "sweep failed");
-                }
-            }
+            _ = interval.tick() => run().await,
         }
     }
 }

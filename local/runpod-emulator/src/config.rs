@@ -86,6 +86,11 @@ pub struct EmulatorConfig {
     /// emulator defaults to the documented platform, so a recursive walk that would break on
     /// RunPod breaks here too. Tests lower it to reach the bug with a handful of files.
     pub s3_repeat_token_above: Option<usize>,
+    /// UNCONFIRMED: whether the repeat of `s3_repeat_token_above` also hits listings with a
+    /// `Delimiter` (one folder level at a time). RunPod's own example lists that way to get
+    /// past the bug, which suggests not. Default `false`; `true` makes every listing repeat
+    /// past the threshold, for clients that must survive either way.
+    pub s3_repeat_token_delimited: bool,
     /// How long `job-take` and `job-stop` hold an external worker's long-poll before answering
     /// 204 (reference §4.3: about 60 s, under the SDK's 90 s client timeout).
     pub worker_poll_hold: Duration,
@@ -131,6 +136,7 @@ impl Default for EmulatorConfig {
             s3_list_empty_folders: true,
             s3_delete_removes_empty_folder: true,
             s3_repeat_token_above: Some(10_000),
+            s3_repeat_token_delimited: false,
             worker_poll_hold: Duration::from_secs(55),
             job_done_max_bytes: 20 * 1024 * 1024,
             s3_config_job_key: Some("s3Config".to_owned()),

@@ -76,6 +76,10 @@ const SETTINGS: &[(&str, &str)] = &[
         "recursive ListObjectsV2 repeats its page and token past N keys; 'none' never [10000]",
     ),
     (
+        "s3-repeat-token-delimited",
+        "UNCONFIRMED: listings with a Delimiter repeat past N keys too: true|false [false]",
+    ),
+    (
         "worker-poll-hold-ms",
         "job-take/job-stop long-poll hold for external workers [55000]",
     ),
@@ -215,6 +219,10 @@ fn build(settings: &Settings) -> Result<(EmulatorConfig, SocketAddr, SocketAddr)
             "s3-delete-removes-empty-folder",
             &mut c.s3_delete_removes_empty_folder,
         ),
+        (
+            "s3-repeat-token-delimited",
+            &mut c.s3_repeat_token_delimited,
+        ),
     ] {
         if let Some(v) = settings.get(name)? {
             *field = v;
@@ -331,6 +339,7 @@ mod tests {
             "--s3-list-empty-folders=false",
             "--s3-delete-removes-empty-folder=false",
             "--s3-repeat-token-above=none",
+            "--s3-repeat-token-delimited=true",
         ];
         let settings = Settings::parse(args.iter().map(|s| s.to_string())).unwrap();
         let (config, _, _) = build(&settings).unwrap();
@@ -338,6 +347,7 @@ mod tests {
         assert!(!config.s3_list_empty_folders);
         assert!(!config.s3_delete_removes_empty_folder);
         assert_eq!(config.s3_repeat_token_above, None);
+        assert!(config.s3_repeat_token_delimited);
 
         let settings = Settings::parse(
             ["--s3-repeat-token-above", "5"]

@@ -119,6 +119,7 @@ pub(crate) fn service(
         list_empty_folders: config.s3_list_empty_folders,
         delete_removes_empty_folder: config.s3_delete_removes_empty_folder,
         repeat_token_above: config.s3_repeat_token_above,
+        repeat_token_delimited: config.s3_repeat_token_delimited,
     };
     let mut builder = S3ServiceBuilder::new(volume);
     builder.set_auth(SimpleAuth::from_single(
@@ -274,6 +275,7 @@ struct VolumeS3 {
     list_empty_folders: bool,
     delete_removes_empty_folder: bool,
     repeat_token_above: Option<usize>,
+    repeat_token_delimited: bool,
 }
 
 impl VolumeS3 {
@@ -495,7 +497,7 @@ impl S3 for VolumeS3 {
             input.delimiter.as_deref(),
             input.max_keys,
         );
-        let repeat = query.delimiter.is_none()
+        let repeat = (query.delimiter.is_none() || self.repeat_token_delimited)
             && token.as_ref().is_some_and(|token| {
                 self.repeat_token_above
                     .is_some_and(|limit| token.handed_out >= limit)

@@ -18,7 +18,8 @@ use gateway::app::observe::Observer;
 use gateway::app::stop::Stopper;
 use gateway::app::webhook::WebhookHandler;
 use gateway::config::{
-    self, ConfigError, Env, LogConfig, RunPodConfig, Settings, VolumeConfig, WebhookSecrets,
+    self, ConfigError, Env, JanitorSettings, LogConfig, RunPodConfig, Settings, VolumeConfig,
+    WebhookSecrets,
 };
 use gateway::domain::paths::VolumeLayout;
 use gateway::domain::token::WebhookSigner;
@@ -197,7 +198,10 @@ impl Wiring {
             Ok::<_, BootError>(volume_client(&config))
         })?;
         let store = S3ObjectStore::new(client, config.volume_id.clone());
-        Ok((Arc::new(store), VolumeLayout::new(config.mount_prefixes)))
+        Ok((
+            Arc::new(store),
+            VolumeLayout::new(config.mount_prefixes, config.root),
+        ))
     }
 
     pub fn runpod(&self) -> Result<Arc<HttpRunPod>, BootError> {
@@ -243,11 +247,12 @@ impl Wiring {
     }
 
     pub fn dispatcher(&self) -> Result<Dispatcher, BootError> {
-        let (volume, _) = self.volume()?;
+        let (volume, layout) = self.volume()?;
         Ok(Dispatcher {
             store: self.job_store()?,
             uploads: self.uploads()?,
             volume,
+            volume_root: layout.root().clone(),
             runpod: self.runpod()?,
             stops: self.stops()?,
             catalog: self.catalog.clone(),
@@ -297,7 +302,7 @@ impl Wiring {
     }
 
     pub fn sweeper(&self) -> Result<gateway::app::sweeper::Sweeper, BootError> {
-        let (volume, _) = self.volume()?;
+        let (volume, layout) = self.volume()?;
         Ok(gateway::app::sweeper::Sweeper {
             store: self.job_store()?,
             queue: self.queue()?,
@@ -308,7 +313,22 @@ impl Wiring {
             results: self.results()?,
             uploads: self.uploads()?,
             volume,
+            volume_root: layout.root().clone(),
             settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        })
+    }
+
+    /// The volume's janitor: this deployment's folder on it, and the job table to judge what
+    /// may go.
+    pub fn janitor(&self) -> Result<gateway::app::janitor::Janitor, BootError> {
+        let (volume, layout) = self.volume()?;
+        Ok(gateway::app::janitor::Janitor {
+            store: self.job_store()?,
+            volume: volume.clone(),
+            staged: volume,
+            root: layout.root().clone(),
+            settings: JanitorSettings::from_env(&self.env)?,
             clock: self.clock.clone(),
         })
     }

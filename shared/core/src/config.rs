@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::domain::keys::VolumeRoot;
 use crate::domain::report::UrlAllowList;
 use crate::domain::retry::{Backoff, RetryPolicy};
 
@@ -425,6 +426,11 @@ pub struct VolumeConfig {
     pub access_key_id: String,
     pub secret_access_key: String,
     pub mount_prefixes: Vec<String>,
+    /// This deployment's folder on the volume (`VOLUME_ROOT`): every file it writes there lies
+    /// under it, and the janitor removes nothing outside it. Required, and different for each
+    /// stack sharing a volume: a shared root would let one stack's janitor take another's
+    /// files for orphans.
+    pub root: VolumeRoot,
 }
 
 impl std::fmt::Debug for VolumeConfig {
@@ -433,6 +439,7 @@ impl std::fmt::Debug for VolumeConfig {
             .field("volume_id", &self.volume_id)
             .field("region", &self.region)
             .field("endpoint", &self.endpoint)
+            .field("root", &self.root)
             .field("access_key_id", &"<redacted>")
             .finish()
     }
@@ -457,7 +464,71 @@ impl VolumeConfig {
                 .map(|p| p.trim().to_string())
                 .filter(|p| !p.is_empty())
                 .collect(),
+            root: VolumeRoot::new(&env.required("VOLUME_ROOT")?).map_err(|e| {
+                ConfigError::Invalid {
+                    name: "VOLUME_ROOT",
+                    reason: e.to_string(),
+                }
+            })?,
         })
+    }
+}
+
+/// The janitor's rules (`JANITOR_*`): what it may remove from the volume, and how much it does
+/// per run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JanitorSettings {
+    /// A job's volume folders go once the job ended at least this long ago; a folder whose job
+    /// is unknown, once its id is this old (`JANITOR_MIN_AGE_SECS`, at least an hour, so that
+    /// no finalize can still be copying).
+    pub min_age: Duration,
+    /// Most job folders one run looks at (`JANITOR_MAX_FOLDERS`); the rest wait for the next.
+    pub max_folders: usize,
+    /// Abort multipart uploads under the root left unfinished (`JANITOR_ABORT_UPLOADS`). A
+    /// switch: whether RunPod's volume lists them as AWS does is UNCONFIRMED.
+    pub abort_uploads: bool,
+    /// How old an unfinished upload must be to be aborted (`JANITOR_ABORT_UPLOADS_AFTER_SECS`).
+    pub abort_uploads_after: Duration,
+}
+
+/// The shortest `JANITOR_MIN_AGE_SECS`: longer than any finalize attempt (15 minutes at most,
+/// its lease a little more), with room to spare.
+pub const JANITOR_MIN_AGE_FLOOR: Duration = Duration::from_secs(3_600);
+
+impl JanitorSettings {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let settings = Self {
+            min_age: seconds(env, "JANITOR_MIN_AGE_SECS", 6 * 3_600)?,
+            max_folders: parsed(env, "JANITOR_MAX_FOLDERS", 2_000)?,
+            abort_uploads: flag(env, "JANITOR_ABORT_UPLOADS", true)?,
+            abort_uploads_after: seconds(env, "JANITOR_ABORT_UPLOADS_AFTER_SECS", 86_400)?,
+        };
+        if settings.min_age < JANITOR_MIN_AGE_FLOOR {
+            return Err(ConfigError::Invalid {
+                name: "JANITOR_MIN_AGE_SECS",
+                reason: format!(
+                    "must be at least {} s: a finalize may still be copying before that",
+                    JANITOR_MIN_AGE_FLOOR.as_secs()
+                ),
+            });
+        }
+        if settings.abort_uploads_after < JANITOR_MIN_AGE_FLOOR {
+            return Err(ConfigError::Invalid {
+                name: "JANITOR_ABORT_UPLOADS_AFTER_SECS",
+                reason: format!(
+                    "must be at least {} s: an upload in progress must not be cut short",
+                    JANITOR_MIN_AGE_FLOOR.as_secs()
+                ),
+            });
+        }
+        Ok(settings)
+    }
+}
+
+impl Default for JanitorSettings {
+    fn default() -> Self {
+        Self::from_env(&Env::from_pairs(std::iter::empty::<(String, String)>()))
+            .expect("the defaults are valid")
     }
 }
 
@@ -506,6 +577,8 @@ pub struct LocalRunnerConfig {
     pub listen: SocketAddr,
     /// `SWEEP_EVERY_SECS`: the sweeper's tick (in AWS, the schedule's `rate(1 minute)`).
     pub sweep_every: Duration,
+    /// `JANITOR_EVERY_SECS`: the janitor's tick (in AWS, the schedule's `rate(30 minutes)`).
+    pub janitor_every: Duration,
     /// `LOCAL_QUEUE_VISIBILITY_SECS`: how soon a failed dispatch comes back.
     pub queue_visibility_secs: u32,
     /// `LOCAL_CREATE_RESOURCES`: create the table, queue and buckets in moto at start.
@@ -526,6 +599,7 @@ impl LocalRunnerConfig {
                 SocketAddr::from(([127, 0, 0, 1], 3000)),
             )?,
             sweep_every: seconds(env, "SWEEP_EVERY_SECS", 60)?,
+            janitor_every: seconds(env, "JANITOR_EVERY_SECS", 1_800)?,
             queue_visibility_secs: parsed(env, "LOCAL_QUEUE_VISIBILITY_SECS", 30)?,
             create_resources: flag(env, "LOCAL_CREATE_RESOURCES", true)?,
             dispatch_concurrency: parsed(

@@ -536,7 +536,7 @@ async fn outputs_get_download_urls_only_once_the_job_succeeded() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
-    let output = format!("{}restored_00001_.png", keys::volume_outputs(&job.id));
+    let output = format!("{}restored_00001_.png", kit.volume_root().outputs(&job.id));
     assert!(kit
         .api()
         .job("alice", &job.id)

@@ -18,7 +18,7 @@ async fn a_queued_job_is_copied_to_the_volume_and_submitted_with_its_signed_webh
     assert_eq!(stored.runpod_job_id.as_deref(), Some("rp-1"));
     assert_eq!(stored.attempts, 1);
     assert!(stored.lease.is_none(), "the dispatch lease is released");
-    let input = gateway::domain::keys::volume_input(&job.id, "input.jpg");
+    let input = kit.volume_root().input(&job.id, "input.jpg");
     assert_eq!(kit.volume.get(&input), kit.uploads.get(&job.input.key));
     let accepted = kit.runpod.accepted();
     assert_eq!(accepted.len(), 1);
@@ -96,7 +96,7 @@ async fn a_volume_outage_asks_for_the_message_again() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.volume.break_key(
-        &gateway::domain::keys::volume_input(&job.id, "input.jpg"),
+        &kit.volume_root().input(&job.id, "input.jpg"),
         BrokenKey::Transient,
     );
 

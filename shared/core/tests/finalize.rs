@@ -5,7 +5,7 @@ use gateway::app::observe::{decide, Decision, Outcome};
 use gateway::domain::job::{Actor, ErrorCode, Job, JobError, JobState, LeaseKind};
 use gateway::ports::{JobStore, ObjectStore, RunPodStatus};
 use testkit::fakes::{Answer, BrokenKey};
-use testkit::Kit;
+use testkit::{Kit, VOLUME_ROOT};
 
 /// A job dispatched to RunPod as `rp-1`.
 async fn submitted(kit: &Kit) -> Job {
@@ -50,7 +50,7 @@ fn without_reports(keys: Vec<String>) -> Vec<String> {
 }
 
 fn output_key(job: &Job, name: &str) -> String {
-    format!("outputs/{}/{name}", job.id)
+    format!("{VOLUME_ROOT}outputs/{}/{name}", job.id)
 }
 
 #[tokio::test]

@@ -39,7 +39,7 @@ async fn succeeded(kit: &Kit, retention_secs: Option<u64>, key: Option<&str>) ->
     kit.dispatcher().dispatch(&job.id).await.unwrap();
     let status = kit.completed_run(
         "rp-1",
-        &[format!("outputs/{}/a1/restore_00001_.png", job.id)],
+        &[kit.volume_output(&job.id, "a1/restore_00001_.png")],
     );
     kit.observe_then_finalize(
         kit.stored(&job.id),
@@ -212,7 +212,7 @@ async fn a_job_deleted_while_finalize_copies_keeps_nothing() {
     kit.dispatcher().dispatch(&job.id).await.unwrap();
     let status = kit.completed_run(
         "rp-1",
-        &[format!("outputs/{}/a1/restore_00001_.png", job.id)],
+        &[kit.volume_output(&job.id, "a1/restore_00001_.png")],
     );
     kit.observer()
         .observe_as(

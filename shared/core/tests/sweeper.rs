@@ -41,7 +41,7 @@ async fn a_job_whose_webhook_never_came_is_handed_to_finalize_from_runpods_statu
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
-    kit.completed_run("rp-1", &[format!("outputs/{}/restore_00001_.png", job.id)]);
+    kit.completed_run("rp-1", &[kit.volume_output(&job.id, "restore_00001_.png")]);
     kit.clock.advance(kit.settings.status_poll_after);
 
     let report = kit.sweeper().sweep().await.unwrap();
@@ -61,7 +61,7 @@ async fn a_job_whose_webhook_never_came_is_handed_to_finalize_from_runpods_statu
 async fn handed_off_and_request_lost(kit: &Kit) -> gateway::domain::job::Job {
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
-    let status = kit.completed_run("rp-1", &[format!("outputs/{}/restore_00001_.png", job.id)]);
+    let status = kit.completed_run("rp-1", &[kit.volume_output(&job.id, "restore_00001_.png")]);
     kit.observer()
         .observe_as(kit.stored(&job.id), &status, Actor::Webhook)
         .await
@@ -234,7 +234,7 @@ async fn the_webhook_and_the_sweeper_at_once_hand_off_and_finish_the_job_once() 
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
-    let status = kit.completed_run("rp-1", &[format!("outputs/{}/restore_00001_.png", job.id)]);
+    let status = kit.completed_run("rp-1", &[kit.volume_output(&job.id, "restore_00001_.png")]);
     kit.clock.advance(kit.settings.status_poll_after);
     let body = serde_json::to_string(&status).unwrap();
     let token = kit.signer.token(&job.id);
@@ -281,7 +281,7 @@ async fn a_run_that_completed_is_handed_off_at_the_deadline_not_thrown_away() {
     let kit = Kit::new();
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
-    kit.completed_run("rp-1", &[format!("outputs/{}/restore_00001_.png", job.id)]);
+    kit.completed_run("rp-1", &[kit.volume_output(&job.id, "restore_00001_.png")]);
     kit.clock
         .advance(kit.settings.job_deadline + Duration::from_secs(1));
 
@@ -319,7 +319,7 @@ async fn succeeded_with_leftovers(kit: &Kit) -> gateway::domain::job::Job {
     kit.uploads
         .insert(&job.input.key, &testkit::images::jpeg(32, 24));
     kit.dispatcher().dispatch(&job.id).await.unwrap();
-    let file = format!("outputs/{}/a1/restore_00001_.png", job.id);
+    let file = kit.volume_output(&job.id, "a1/restore_00001_.png");
     let status = kit.completed_run("rp-1", std::slice::from_ref(&file));
     kit.observe_then_finalize(kit.stored(&job.id), &status, Actor::Webhook)
         .await

@@ -9,7 +9,7 @@ use testkit::Kit;
 async fn completed(kit: &Kit) -> (Job, String) {
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
-    let status = kit.completed_run("rp-1", &[format!("outputs/{}/restore_00001_.png", job.id)]);
+    let status = kit.completed_run("rp-1", &[kit.volume_output(&job.id, "restore_00001_.png")]);
     (kit.stored(&job.id), serde_json::to_string(&status).unwrap())
 }
 
@@ -48,7 +48,7 @@ async fn a_completed_report_is_handed_off_and_finalize_stores_the_outputs() {
     let copied = kit.results.get(&stored.outputs[0].key).unwrap();
     let written = kit
         .volume
-        .get(&format!("outputs/{}/restore_00001_.png", job.id))
+        .get(&kit.volume_output(&job.id, "restore_00001_.png"))
         .unwrap();
     assert_eq!(copied, written);
     assert_eq!(stored.history.last().unwrap().by, Actor::Finalize);
@@ -181,7 +181,7 @@ async fn a_completed_body_for_a_run_runpod_still_reports_in_progress_changes_not
     let job = kit.queued_job("alice");
     kit.dispatcher().dispatch(&job.id).await.unwrap();
     // The worker has written files, and someone who saw the webhook URL reports them done.
-    let forged = kit.completed_run("rp-1", &[format!("outputs/{}/restore_00001_.png", job.id)]);
+    let forged = kit.completed_run("rp-1", &[kit.volume_output(&job.id, "restore_00001_.png")]);
     kit.running_run("rp-1");
     let running = gateway::ports::RunPodStatus {
         id: Some("rp-1".into()),
@@ -232,7 +232,7 @@ async fn a_run_whose_answer_was_lost_is_adopted_when_it_announces_itself() {
     // The run RunPod did take (rp-1) completes and calls the job's webhook.
     let report = kit.completed_run(
         "rp-1",
-        &[format!("outputs/{}/a1/restore_00001_.png", job.id)],
+        &[kit.volume_output(&job.id, "a1/restore_00001_.png")],
     );
 
     let outcome = deliver(&kit, &job, &report).await;
@@ -273,7 +273,7 @@ async fn an_extra_run_that_announces_itself_is_cancelled_and_its_result_ignored(
     // The first run (rp-1) completes after all, and calls the job's webhook.
     let extra = kit.completed_run(
         "rp-1",
-        &[format!("outputs/{}/a1/restore_00001_.png", job.id)],
+        &[kit.volume_output(&job.id, "a1/restore_00001_.png")],
     );
 
     let outcome = deliver(&kit, &job, &extra).await;

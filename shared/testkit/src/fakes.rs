@@ -10,10 +10,11 @@ use futures::StreamExt;
 use gateway::domain::job::{Job, Millis};
 use gateway::domain::keys;
 use gateway::ports::{
-    ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, FinalizeQueue, ImageKind,
-    ImageProbe, JobPage, JobQueue, JobStore, ObjectError, ObjectMeta, ObjectStore, PresignedPost,
-    PresignedRequest, QueueError, RunPod, RunPodError, RunPodStatus, RunRequest, StopQueue,
-    StopRun, StoreError, UrlFetcher, JPEG, PNG, WEBP,
+    ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, FinalizeQueue, FolderPage,
+    ImageKind, ImageProbe, JobPage, JobQueue, JobStore, ObjectError, ObjectMeta, ObjectStore,
+    PresignedPost, PresignedRequest, QueueError, RunPod, RunPodError, RunPodStatus, RunRequest,
+    StagedPage, StagedUpload, StagedUploads, StopQueue, StopRun, StoreError, UrlFetcher, JPEG, PNG,
+    WEBP,
 };
 
 /// Gives way once to whatever else runs on the task: the fakes answer at once, and without
@@ -308,6 +309,26 @@ pub struct MemObjects {
     touched: Mutex<Vec<String>>,
     /// Keys whose reads and writes fail, and how.
     broken: Mutex<HashMap<String, BrokenKey>>,
+    listing: Mutex<Listing>,
+    /// Multipart uploads in progress: (key, upload id) and when each began.
+    staged: Mutex<BTreeMap<(String, String), Option<Millis>>>,
+}
+
+/// How [`MemObjects::list_folder`] pages.
+struct Listing {
+    page_size: usize,
+    /// Once this many entries were handed out, every next page repeats the one before it,
+    /// token and all, as RunPod's volume is reported to.
+    repeat_after: Option<usize>,
+}
+
+impl Default for Listing {
+    fn default() -> Self {
+        Self {
+            page_size: 1_000,
+            repeat_after: None,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -345,6 +366,22 @@ impl MemObjects {
     /// `key` works again.
     pub fn mend_key(&self, key: &str) {
         lock(&self.broken).remove(key);
+    }
+    /// Folder listings hand out at most `entries` per page.
+    pub fn page_listings_by(&self, entries: usize) {
+        lock(&self.listing).page_size = entries.max(1);
+    }
+    /// Once `entries` were handed out in one listing, each next page repeats the previous one.
+    pub fn repeat_pages_after(&self, entries: usize) {
+        lock(&self.listing).repeat_after = Some(entries);
+    }
+    /// A multipart upload to `key` begun at `initiated` and never finished.
+    pub fn stage_upload(&self, key: &str, upload_id: &str, initiated: Option<Millis>) {
+        lock(&self.staged).insert((key.into(), upload_id.into()), initiated);
+    }
+    /// The unfinished uploads, as (key, upload id).
+    pub fn staged(&self) -> Vec<(String, String)> {
+        lock(&self.staged).keys().cloned().collect()
     }
     fn touch(&self, key: &str) -> Result<(), ObjectError> {
         lock(&self.touched).push(key.to_string());
@@ -458,6 +495,104 @@ impl ObjectStore for MemObjects {
         keys.sort();
         keys.truncate(max);
         Ok(keys)
+    }
+
+    async fn list_folder(
+        &self,
+        folder: &str,
+        token: Option<&str>,
+    ) -> Result<FolderPage, ObjectError> {
+        yield_once().await;
+        self.touch(folder)?;
+        // Entries one level down: a file, or the folder (`…/`) its key passes through.
+        let entries: std::collections::BTreeSet<String> = lock(&self.objects)
+            .keys()
+            .filter_map(|key| key.strip_prefix(folder))
+            .map(|rest| match rest.find('/') {
+                Some(at) => format!("{folder}{}", &rest[..=at]),
+                None => format!("{folder}{rest}"),
+            })
+            .collect();
+        // The token: entries handed out so far, where the previous page began, where this one
+        // begins.
+        let (handed, previous, after) = match token {
+            None => (0, String::new(), String::new()),
+            Some(token) => {
+                let mut parts = token.splitn(3, '\n');
+                let handed = parts.next().and_then(|n| n.parse().ok());
+                match (handed, parts.next(), parts.next()) {
+                    (Some(handed), Some(previous), Some(after)) => {
+                        (handed, previous.to_string(), after.to_string())
+                    }
+                    _ => return Err(ObjectError::Permanent("bad continuation token".into())),
+                }
+            }
+        };
+        let listing = lock(&self.listing);
+        let repeat = listing.repeat_after.is_some_and(|limit| handed >= limit);
+        let start = if repeat { &previous } else { &after };
+        let page: Vec<&String> = entries
+            .iter()
+            .filter(|entry| start.is_empty() || entry.as_str() > start.as_str())
+            .take(listing.page_size)
+            .collect();
+        let more = entries
+            .iter()
+            .filter(|entry| start.is_empty() || entry.as_str() > start.as_str())
+            .nth(listing.page_size)
+            .is_some();
+        let next = if repeat {
+            token.map(str::to_string)
+        } else if more {
+            page.last()
+                .map(|last| format!("{}\n{start}\n{last}", handed + page.len()))
+        } else {
+            None
+        };
+        let (folders, files) = page
+            .into_iter()
+            .cloned()
+            .partition(|entry| entry.ends_with('/'));
+        Ok(FolderPage {
+            folders,
+            files,
+            next,
+        })
+    }
+}
+
+#[async_trait]
+impl StagedUploads for MemObjects {
+    async fn staged_uploads(
+        &self,
+        prefix: &str,
+        after: Option<&(String, String)>,
+    ) -> Result<StagedPage, ObjectError> {
+        yield_once().await;
+        let page_size = lock(&self.listing).page_size;
+        let matching: Vec<StagedUpload> = lock(&self.staged)
+            .iter()
+            .filter(|((key, _), _)| key.starts_with(prefix))
+            .filter(|(upload, _)| after.is_none_or(|after| *upload > after))
+            .map(|((key, upload_id), initiated)| StagedUpload {
+                key: key.clone(),
+                upload_id: upload_id.clone(),
+                initiated: *initiated,
+            })
+            .collect();
+        let more = matching.len() > page_size;
+        let uploads: Vec<StagedUpload> = matching.into_iter().take(page_size).collect();
+        let next = uploads
+            .last()
+            .filter(|_| more)
+            .map(|last| (last.key.clone(), last.upload_id.clone()));
+        Ok(StagedPage { uploads, next })
+    }
+
+    async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), ObjectError> {
+        self.touch(key)?;
+        lock(&self.staged).remove(&(key.to_string(), upload_id.to_string()));
+        Ok(())
     }
 }
 

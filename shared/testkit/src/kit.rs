@@ -5,12 +5,14 @@ use std::sync::Arc;
 use gateway::app::api::Api;
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::{FinalizeError, Finalizer};
+use gateway::app::janitor::Janitor;
 use gateway::app::observe::{Observer, Outcome};
 use gateway::app::stop::Stopper;
 use gateway::app::sweeper::Sweeper;
 use gateway::app::webhook::WebhookHandler;
-use gateway::config::Settings;
+use gateway::config::{JanitorSettings, Settings};
 use gateway::domain::job::{Job, Millis};
+use gateway::domain::keys::VolumeRoot;
 use gateway::domain::paths::VolumeLayout;
 use gateway::domain::token::WebhookSigner;
 use gateway::domain::workflow::WorkflowCatalog;
@@ -25,6 +27,9 @@ use crate::jobs::restore_job;
 
 /// The webhook secret of every kit (a test value, never a real one).
 pub const SECRET: &str = "testkit-webhook-secret-0123456789";
+/// The kit's folder on the volume; everything its use cases write there lies under it.
+pub const VOLUME_ROOT: &str = "gateway/kit/";
+
 /// Where the kit's clock starts: 2027-01-15, a fixed moment so tests read the same every run.
 pub const START: Millis = 1_800_000_000_000;
 
@@ -44,6 +49,7 @@ pub struct Kit {
     pub catalog: Arc<WorkflowCatalog>,
     pub signer: WebhookSigner,
     pub settings: Settings,
+    pub janitor_settings: JanitorSettings,
     next_job: AtomicU64,
 }
 
@@ -69,6 +75,7 @@ impl Kit {
             catalog: Arc::new(WorkflowCatalog::builtin().expect("the built-in workflows")),
             signer: WebhookSigner::new(SECRET.as_bytes(), None),
             settings: Settings::default(),
+            janitor_settings: JanitorSettings::default(),
             next_job: AtomicU64::new(0),
         }
     }
@@ -76,6 +83,16 @@ impl Kit {
     pub fn with_settings(mut self, change: impl FnOnce(&mut Settings)) -> Self {
         change(&mut self.settings);
         self
+    }
+
+    /// The kit's folder on the volume.
+    pub fn volume_root(&self) -> VolumeRoot {
+        VolumeRoot::new(VOLUME_ROOT).expect("a valid root")
+    }
+
+    /// A file a run of `job_id` wrote on the volume: `name` in the job's outputs folder.
+    pub fn volume_output(&self, job_id: &str, name: &str) -> String {
+        format!("{}{name}", self.volume_root().outputs(job_id))
     }
 
     pub fn now(&self) -> Millis {
@@ -102,6 +119,7 @@ impl Kit {
             store: self.store.clone(),
             uploads: self.uploads.clone(),
             volume: self.volume.clone(),
+            volume_root: self.volume_root(),
             runpod: self.runpod.clone(),
             stops: self.stops.clone(),
             catalog: self.catalog.clone(),
@@ -127,7 +145,10 @@ impl Kit {
             store: self.store.clone(),
             volume: self.volume.clone(),
             results: self.results.clone(),
-            layout: VolumeLayout::new(vec!["/runpod-volume".into(), "/workspace".into()]),
+            layout: VolumeLayout::new(
+                vec!["/runpod-volume".into(), "/workspace".into()],
+                self.volume_root(),
+            ),
             catalog: self.catalog.clone(),
             fetcher: Arc::new(NoDownloads),
             queue: self.finalize.clone(),
@@ -188,7 +209,19 @@ impl Kit {
             results: self.results.clone(),
             uploads: self.uploads.clone(),
             volume: self.volume.clone(),
+            volume_root: self.volume_root(),
             settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
+    pub fn janitor(&self) -> Janitor {
+        Janitor {
+            store: self.store.clone(),
+            volume: self.volume.clone(),
+            staged: self.volume.clone(),
+            root: self.volume_root(),
+            settings: self.janitor_settings.clone(),
             clock: self.clock.clone(),
         }
     }
@@ -212,8 +245,10 @@ impl Kit {
     /// A `restore` job as the API stores it: its input photo in the uploads bucket, the job
     /// `queued`, first due for the sweeper after `requeue_after`.
     pub fn queued_job(&self, owner: &str) -> Job {
-        let n = self.next_job.fetch_add(1, Ordering::SeqCst) + 1;
-        let id = format!("0190a1b2-0000-7000-8000-{n:012x}");
+        // Minted at the kit's time, as the API mints them, with a millisecond of its own per
+        // job so that jobs sort in the order they were made.
+        let n = self.next_job.fetch_add(1, Ordering::SeqCst) as Millis;
+        let id = gateway::domain::job::mint_job_id(self.now() + n);
         let key = gateway::domain::keys::inline_input(owner, &id, "jpg");
         let photo = jpeg(120, 90);
         self.uploads.insert(&key, &photo);
@@ -248,7 +283,7 @@ impl Kit {
     }
 
     /// RunPod's report of a completed run whose worker wrote `files` (volume keys such as
-    /// `outputs/<job>/restored_00001_.png`), after putting a PNG at each on the volume.
+    /// `gateway/kit/outputs/<job>/restored_00001_.png`), after putting a PNG at each on the volume.
     pub fn completed_run(&self, runpod_id: &str, files: &[String]) -> RunPodStatus {
         for key in files {
             self.volume.insert(key, &crate::images::png(32, 24));

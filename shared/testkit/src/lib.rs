@@ -17,4 +17,4 @@ pub mod observed;
 #[cfg(feature = "local-aws")]
 pub mod stack_env;
 
-pub use kit::{Kit, SECRET, START};
+pub use kit::{Kit, SECRET, START, VOLUME_ROOT};

@@ -2,6 +2,9 @@
 //! one builder for the tests' stacks and the benchmark's. Every credential is a local fake.
 use runpod_emulator::Emulator;
 
+/// A local stack's folder on the emulator's volume.
+pub const LOCAL_VOLUME_ROOT: &str = "gateway/local";
+
 /// The AWS resources one stack uses.
 #[derive(Clone, Debug)]
 pub struct Resources {
@@ -35,6 +38,7 @@ pub fn gateway_env(
         ("RUNPOD_API_KEY", emulator.api_key.clone()),
         ("VOLUME_ID", emulator.volume_id.clone()),
         ("VOLUME_DATACENTER", "EU-RO-1".into()),
+        ("VOLUME_ROOT", LOCAL_VOLUME_ROOT.into()),
         ("VOLUME_S3_ENDPOINT", emulator.s3_url.clone()),
         ("VOLUME_ACCESS_KEY_ID", emulator.volume_access_key.clone()),
         (

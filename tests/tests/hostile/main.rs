@@ -56,7 +56,15 @@ fn png() -> Vec<u8> {
 }
 
 fn layout() -> VolumeLayout {
-    VolumeLayout::new(vec!["/runpod-volume".into(), "/workspace".into()])
+    VolumeLayout::new(
+        vec!["/runpod-volume".into(), "/workspace".into()],
+        gateway::domain::keys::VolumeRoot::new(testkit::VOLUME_ROOT).unwrap(),
+    )
+}
+
+/// The job's outputs folder on the volume: the only place its outputs may come from.
+fn job_folder() -> String {
+    layout().root().outputs(JOB)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -106,28 +114,43 @@ fn worker_path() -> impl Strategy<Value = String> {
         .prop_map(|(mount, segments)| format!("{mount}/{}", segments.join("/")));
     // Well-formed outputs of this job (most of them exist on the volume), and near misses.
     let own = prop_oneof![
-        Just(format!("/runpod-volume/outputs/{JOB}/restore_00001_.png")),
-        Just(format!("/workspace/outputs/{JOB}/restore_00002_.png")),
         Just(format!(
-            "/runpod-volume/outputs/{JOB}/sub/restore_00001_.png"
+            "/runpod-volume/gateway/kit/outputs/{JOB}/restore_00001_.png"
         )),
-        Just(format!("/runpod-volume/outputs/{JOB}/missing.png")),
         Just(format!(
-            "/runpod-volume/outputs/{JOB}/../{JOB}/restore_00001_.png"
+            "/workspace/gateway/kit/outputs/{JOB}/restore_00002_.png"
         )),
-        Just(format!("/runpod-volume/outputs/{JOB}/./restore_00001_.png")),
-        Just(format!("/runpod-volume/outputs/{JOB}//restore_00001_.png")),
-        Just(format!("/runpod-volume/outputs/{JOB}/%2e%2e/secret.txt")),
-        Just(format!("/runpod-volume/outputs/{JOB}/{}", "a".repeat(300))),
         Just(format!(
-            "/runpod-volume/outputs/{JOB}/{}x.png",
+            "/runpod-volume/gateway/kit/outputs/{JOB}/sub/restore_00001_.png"
+        )),
+        Just(format!(
+            "/runpod-volume/gateway/kit/outputs/{JOB}/missing.png"
+        )),
+        Just(format!(
+            "/runpod-volume/gateway/kit/outputs/{JOB}/../{JOB}/restore_00001_.png"
+        )),
+        Just(format!(
+            "/runpod-volume/gateway/kit/outputs/{JOB}/./restore_00001_.png"
+        )),
+        Just(format!(
+            "/runpod-volume/gateway/kit/outputs/{JOB}//restore_00001_.png"
+        )),
+        Just(format!(
+            "/runpod-volume/gateway/kit/outputs/{JOB}/%2e%2e/secret.txt"
+        )),
+        Just(format!(
+            "/runpod-volume/gateway/kit/outputs/{JOB}/{}",
+            "a".repeat(300)
+        )),
+        Just(format!(
+            "/runpod-volume/gateway/kit/outputs/{JOB}/{}x.png",
             "d/".repeat(600)
         )),
         Just(format!("/runpod-volume/inputs/{JOB}/input.jpg")),
-        Just(format!("/runpod-volume/outputs/{JOB}0/x.png")),
-        Just("/runpod-volume/outputs/other-job/x.png".to_string()),
+        Just(format!("/runpod-volume/gateway/kit/outputs/{JOB}0/x.png")),
+        Just("/runpod-volume/gateway/kit/outputs/other-job/x.png".to_string()),
         Just("/runpod-volume/../secret.txt".to_string()),
-        Just(format!("/runpod-volume/outputs/{JOB}/a\0.png")),
+        Just(format!("/runpod-volume/gateway/kit/outputs/{JOB}/a\0.png")),
     ];
     prop_oneof![3 => own, 2 => plain]
 }
@@ -139,7 +162,7 @@ fn worker_path() -> impl Strategy<Value = String> {
 proptest! {
     #[test]
     fn an_accepted_path_lies_inside_the_jobs_output_folder(path in worker_path()) {
-        let allowed = gateway::domain::keys::volume_outputs(JOB);
+        let allowed = job_folder();
         if let Ok(key) = layout().output_key(&path, &allowed) {
             prop_assert!(key.starts_with(&allowed), "{key}");
             prop_assert!(key.len() > allowed.len());
@@ -163,13 +186,13 @@ proptest! {
             Just(".."), Just("."), Just(""), Just("%2e%2e"), Just("..%2f"), Just("a\0"), Just("..\\")
         ],
     ) {
-        let mut segments = vec!["outputs".to_string(), JOB.to_string()];
+        let mut segments: Vec<String> = ["gateway", "kit", "outputs", JOB].map(String::from).into();
         segments.extend((0..depth).map(|i| format!("d{i}")));
         segments.push("restore_00001_.png".into());
         let at = at.min(segments.len());
         segments.insert(at, hostile.to_string());
         let path = format!("/runpod-volume/{}", segments.join("/"));
-        prop_assert!(layout().output_key(&path, &gateway::domain::keys::volume_outputs(JOB)).is_err(), "{path:?}");
+        prop_assert!(layout().output_key(&path, &job_folder()).is_err(), "{path:?}");
     }
 
     #[test]
@@ -184,7 +207,7 @@ proptest! {
             _ => json!({"files": files, "extra": {"files": ["/runpod-volume/secret.txt"]}}),
         };
         if let Ok(keys) = volume_output_keys(Some(&output), &layout(), JOB) {
-            let allowed = gateway::domain::keys::volume_outputs(JOB);
+            let allowed = job_folder();
             prop_assert!(!keys.is_empty());
             prop_assert!(keys.iter().all(|k| k.starts_with(&allowed)), "{keys:?}");
         }
@@ -232,19 +255,22 @@ fn submitted_job() -> Job {
 fn volume() -> MemObjects {
     MemObjects::with(&[
         (
-            &format!("outputs/{JOB}/restore_00001_.png"),
+            &format!("gateway/kit/outputs/{JOB}/restore_00001_.png"),
             b"first output",
         ),
         (
-            &format!("outputs/{JOB}/restore_00002_.png"),
+            &format!("gateway/kit/outputs/{JOB}/restore_00002_.png"),
             b"second output",
         ),
         (
-            &format!("outputs/{JOB}/sub/restore_00001_.png"),
+            &format!("gateway/kit/outputs/{JOB}/sub/restore_00001_.png"),
             b"nested output, same name",
         ),
         (&format!("inputs/{JOB}/input.jpg"), b"the client's photo"),
-        ("outputs/other-job/x.png", b"someone else's result"),
+        (
+            "gateway/kit/outputs/other-job/x.png",
+            b"someone else's result",
+        ),
         ("secret.txt", b"not for workers"),
     ])
 }
@@ -326,7 +352,7 @@ fn garbage_body() -> impl Strategy<Value = Vec<u8>> {
             json!({
                 "id": RUNPOD_ID,
                 "status": "COMPLETED",
-                "output": {"files": [format!("/runpod-volume/outputs/{JOB}/restore_00001_.png")]},
+                "output": {"files": [format!("/runpod-volume/gateway/kit/outputs/{JOB}/restore_00001_.png")]},
             })
             .to_string()
             .into_bytes()
@@ -398,7 +424,7 @@ proptest! {
         // The webhook hands the completed run over; finalize collects it.
         runtime().block_on(world.run_finalize());
         prop_assert_eq!(status, StatusCode::OK);
-        let allowed = gateway::domain::keys::volume_outputs(JOB);
+        let allowed = job_folder();
         // Nothing outside the job's output folder was even opened.
         for key in world.volume.touched() {
             prop_assert!(key.starts_with(&allowed), "opened {key}");
@@ -475,7 +501,7 @@ fn a_5_mb_webhook_echoing_a_large_input_is_still_handled() {
         "id": RUNPOD_ID,
         "status": "COMPLETED",
         "input": {"workflow_api": {"blob": "y".repeat(5 * 1024 * 1024)}},
-        "output": {"files": [format!("/runpod-volume/outputs/{JOB}/restore_00001_.png")]},
+        "output": {"files": [format!("/runpod-volume/gateway/kit/outputs/{JOB}/restore_00001_.png")]},
     });
     let world = world_where_runpod_reports(&body);
     let (status, _) = runtime().block_on(call(
@@ -794,8 +820,8 @@ fn outputs_sharing_a_name_in_different_folders_are_both_kept() {
         "id": RUNPOD_ID,
         "status": "COMPLETED",
         "output": {"files": [
-            format!("/runpod-volume/outputs/{JOB}/restore_00001_.png"),
-            format!("/runpod-volume/outputs/{JOB}/sub/restore_00001_.png"),
+            format!("/runpod-volume/gateway/kit/outputs/{JOB}/restore_00001_.png"),
+            format!("/runpod-volume/gateway/kit/outputs/{JOB}/sub/restore_00001_.png"),
         ]},
     });
     let world = world_where_runpod_reports(&body);
@@ -826,8 +852,8 @@ fn a_job_failing_on_a_missing_output_leaves_no_partial_outputs() {
         "id": RUNPOD_ID,
         "status": "COMPLETED",
         "output": {"files": [
-            format!("/runpod-volume/outputs/{JOB}/restore_00001_.png"),
-            format!("/runpod-volume/outputs/{JOB}/missing.png"),
+            format!("/runpod-volume/gateway/kit/outputs/{JOB}/restore_00001_.png"),
+            format!("/runpod-volume/gateway/kit/outputs/{JOB}/missing.png"),
         ]},
     });
     let world = world_where_runpod_reports(&body);

@@ -440,6 +440,38 @@ async fn recursive_listing_past_the_threshold_repeats_its_page_and_token() {
 }
 
 #[tokio::test]
+async fn level_listings_repeat_too_when_switched_on() {
+    let h = start_with(|c| {
+        c.s3_repeat_token_above = Some(2);
+        c.s3_repeat_token_delimited = true;
+    })
+    .await;
+    let client = volume_s3(&h.emu);
+    for n in 0..6 {
+        put(&client, &h, &format!("outputs/j{n}/a.png")).await;
+    }
+    let page = |token: Option<String>| {
+        client
+            .list_objects_v2()
+            .bucket(&h.emu.volume_id)
+            .prefix("outputs/")
+            .delimiter("/")
+            .max_keys(2)
+            .set_continuation_token(token)
+            .send()
+    };
+    let first = page(None).await.unwrap();
+    let second = page(first.next_continuation_token().map(str::to_owned))
+        .await
+        .unwrap();
+    let stuck = second.next_continuation_token().map(str::to_owned);
+    let again = page(stuck.clone()).await.unwrap();
+
+    assert_eq!(again.common_prefixes(), second.common_prefixes());
+    assert_eq!(again.next_continuation_token().map(str::to_owned), stuck);
+}
+
+#[tokio::test]
 async fn recursive_listing_never_repeats_when_switched_off() {
     let h = start_with(|c| c.s3_repeat_token_above = None).await;
     let client = volume_s3(&h.emu);

@@ -18,7 +18,8 @@ use futures::StreamExt;
 
 use gateway::config::VolumeConfig;
 use gateway::ports::{
-    ByteChunks, ObjectError, ObjectMeta, ObjectStore, PresignedPost, PresignedRequest,
+    ByteChunks, FolderPage, ObjectError, ObjectMeta, ObjectStore, PresignedPost, PresignedRequest,
+    StagedPage, StagedUpload, StagedUploads,
 };
 
 /// Objects up to this size go up in one PutObject; larger ones as multipart uploads of parts
@@ -30,6 +31,8 @@ pub struct S3ObjectStore {
     client: Client,
     bucket: String,
     part_size: usize,
+    /// Entries per listing page asked for; the store's own default (1,000) when `None`.
+    list_page: Option<i32>,
     /// What POST policies are signed with (the SDK's own credentials chain and region); only
     /// the uploads bucket needs it.
     signing: Option<(SharedCredentialsProvider, String)>,
@@ -56,36 +59,14 @@ impl S3ObjectStore {
             let mut token: Option<String> = None;
             let mut exists = false;
             loop {
-                let out = self
-                    .client
-                    .list_objects_v2()
-                    .bucket(&self.bucket)
-                    .prefix(&folder)
-                    .delimiter("/")
-                    .set_continuation_token(token.clone())
-                    .send()
-                    .await
-                    .map_err(|e| classify(&folder, e))?;
-                for key in out.contents().iter().filter_map(|o| o.key()) {
-                    exists = true;
-                    // An empty folder's own entry, which RunPod's listing includes.
-                    if key.ends_with('/') {
-                        if key != folder {
-                            folders.push_back(key.to_string());
-                        }
-                    } else {
-                        keys.push(key.to_string());
-                    }
-                }
-                for sub in out.common_prefixes().iter().filter_map(|p| p.prefix()) {
-                    exists = true;
-                    folders.push_back(sub.to_string());
-                }
-                let next = out.next_continuation_token().map(str::to_string);
-                if keys.len() >= max || next.is_none() || next == token {
+                let (page, own_entry) = self.folder_page(&folder, token.as_deref()).await?;
+                exists |= own_entry || !page.files.is_empty() || !page.folders.is_empty();
+                keys.extend(page.files);
+                folders.extend(page.folders);
+                if keys.len() >= max || page.next.is_none() || page.next == token {
                     break;
                 }
-                token = next;
+                token = page.next;
             }
             if exists && folder.ends_with('/') {
                 found.push(folder);
@@ -102,13 +83,61 @@ impl S3ObjectStore {
         Ok((keys, found))
     }
 
+    /// One page of `folder`'s listing, and whether it held the folder's own entry (RunPod
+    /// lists a folder as a key `folder/` of its own).
+    async fn folder_page(
+        &self,
+        folder: &str,
+        token: Option<&str>,
+    ) -> Result<(FolderPage, bool), ObjectError> {
+        let out = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(folder)
+            .delimiter("/")
+            .set_max_keys(self.list_page)
+            .set_continuation_token(token.map(str::to_string))
+            .send()
+            .await
+            .map_err(|e| classify(folder, e))?;
+        let mut page = FolderPage::default();
+        let mut own_entry = false;
+        for key in out.contents().iter().filter_map(|o| o.key()) {
+            if key == folder {
+                own_entry = true;
+            } else if key.ends_with('/') {
+                // An empty folder's own entry, which RunPod's listing includes.
+                page.folders.push(key.to_string());
+            } else {
+                page.files.push(key.to_string());
+            }
+        }
+        for sub in out.common_prefixes().iter().filter_map(|p| p.prefix()) {
+            if !page.folders.iter().any(|f| f == sub) {
+                page.folders.push(sub.to_string());
+            }
+        }
+        page.folders.sort();
+        page.next = out.next_continuation_token().map(str::to_string);
+        Ok((page, own_entry))
+    }
+
     pub fn new(client: Client, bucket: impl Into<String>) -> Self {
         Self {
             client,
             bucket: bucket.into(),
             part_size: PART_SIZE,
             signing: None,
+            list_page: None,
         }
+    }
+
+    /// Asks for at most `entries` per listing page: short pages let a test reach a store's
+    /// paging behaviour with a handful of keys.
+    pub fn listing_pages_of(mut self, entries: i32) -> Self {
+        self.list_page = Some(entries);
+        self
     }
 
     /// Signs POST upload policies with the credentials and region of `sdk`.
@@ -152,6 +181,7 @@ pub const AWS_OPERATIONS: &[&str] = &[
     "AbortMultipartUpload",
     "DeleteObject",
     "ListObjectsV2",
+    "ListMultipartUploads",
 ];
 
 fn declared() -> DeclaredOperations {
@@ -529,6 +559,14 @@ impl ObjectStore for S3ObjectStore {
         self.walk(prefix, max).await
     }
 
+    async fn list_folder(
+        &self,
+        folder: &str,
+        token: Option<&str>,
+    ) -> Result<FolderPage, ObjectError> {
+        Ok(self.folder_page(folder, token).await?.0)
+    }
+
     async fn presign_post(
         &self,
         key: &str,
@@ -563,5 +601,62 @@ impl ObjectStore for S3ObjectStore {
             url: self.bucket_url(key).await?,
             fields: post.fields,
         })
+    }
+}
+
+#[async_trait]
+impl StagedUploads for S3ObjectStore {
+    async fn staged_uploads(
+        &self,
+        prefix: &str,
+        after: Option<&(String, String)>,
+    ) -> Result<StagedPage, ObjectError> {
+        let out = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .set_key_marker(after.map(|(key, _)| key.clone()))
+            .set_upload_id_marker(after.map(|(_, id)| id.clone()))
+            .send()
+            .await
+            .map_err(|e| classify(prefix, e))?;
+        let uploads = out
+            .uploads()
+            .iter()
+            .filter_map(|upload| {
+                Some(StagedUpload {
+                    key: upload.key()?.to_string(),
+                    upload_id: upload.upload_id()?.to_string(),
+                    initiated: upload.initiated().and_then(|at| at.to_millis().ok()),
+                })
+            })
+            .collect();
+        let next = match (
+            out.is_truncated(),
+            out.next_key_marker(),
+            out.next_upload_id_marker(),
+        ) {
+            (Some(true), Some(key), Some(id)) => Some((key.to_string(), id.to_string())),
+            _ => None,
+        };
+        Ok(StagedPage { uploads, next })
+    }
+
+    async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), ObjectError> {
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map_err(|e| classify(key, e))
+        {
+            // NoSuchUpload: completed or aborted meanwhile.
+            Ok(_) | Err(ObjectError::NotFound(_)) => Ok(()),
+            Err(err) => Err(err),
+        }
     }
 }

@@ -213,7 +213,7 @@ impl Api {
             .map_err(|e| Refusal::invalid("invalid_params", e.to_string()))?;
         let retention = self.retention(request.retention_secs)?;
 
-        let job_id = uuid::Uuid::now_v7().to_string();
+        let job_id = crate::domain::job::mint_job_id(self.clock.now_ms());
         let input = match (request.input.image_base64, request.input.upload_id) {
             (Some(encoded), None) => self.store_inline_image(owner, &job_id, &encoded).await?,
             (None, Some(upload_id)) => self.uploaded_image(owner, &job_id, &upload_id).await?,

@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 
 use crate::domain::job::Job;
-use crate::domain::keys;
+use crate::domain::keys::{self, VolumeRoot};
 use crate::ports::{ObjectError, ObjectStore};
 
 /// Most keys looked at per folder and clean-up: a job's folders hold a few inputs and outputs
@@ -32,6 +32,7 @@ impl Removed {
 pub async fn remove_leftovers(
     results: &dyn ObjectStore,
     volume: &dyn ObjectStore,
+    root: &VolumeRoot,
     job: &Job,
 ) -> Result<Removed, ObjectError> {
     let mut removed = Removed::default();
@@ -45,7 +46,7 @@ pub async fn remove_leftovers(
             removed.results += 1;
         }
     }
-    removed.volume = remove_volume_folders(volume, job).await?;
+    removed.volume = remove_volume_folders(volume, root, job).await?;
     Ok(removed)
 }
 
@@ -56,6 +57,7 @@ pub async fn remove_everything(
     results: &dyn ObjectStore,
     uploads: &dyn ObjectStore,
     volume: &dyn ObjectStore,
+    root: &VolumeRoot,
     job: &Job,
 ) -> Result<Removed, ObjectError> {
     let mut removed = Removed::default();
@@ -73,24 +75,40 @@ pub async fn remove_everything(
         uploads.delete(&key).await?;
         removed.uploads += 1;
     }
-    removed.volume = remove_volume_folders(volume, job).await?;
+    removed.volume = remove_volume_folders(volume, root, job).await?;
     Ok(removed)
 }
 
-/// The job's folders on the volume, files first, then the folders themselves, deepest first
-/// (RunPod lists empty folders, and a folder left behind is a job's trace on a shared disk).
-async fn remove_volume_folders(volume: &dyn ObjectStore, job: &Job) -> Result<usize, ObjectError> {
+/// The job's folders on the volume (its input, every run's outputs).
+async fn remove_volume_folders(
+    volume: &dyn ObjectStore,
+    root: &VolumeRoot,
+    job: &Job,
+) -> Result<usize, ObjectError> {
     let mut removed = 0;
-    for folder in [keys::volume_inputs(&job.id), keys::volume_outputs(&job.id)] {
-        let (files, mut folders) = volume.list_tree(&folder, MAX_KEYS_PER_FOLDER).await?;
-        for key in files {
-            volume.delete(&key).await?;
-            removed += 1;
-        }
+    for folder in [root.inputs(&job.id), root.outputs(&job.id)] {
+        removed += remove_volume_folder(volume, &folder).await?;
+    }
+    Ok(removed)
+}
+
+/// One folder on the volume: its files first, then the folders themselves, deepest first
+/// (RunPod lists empty folders, and a folder left behind is a job's trace on a shared disk).
+/// Returns how many files went; a folder of more than [`MAX_KEYS_PER_FOLDER`] files is
+/// emptied over several calls.
+pub async fn remove_volume_folder(
+    volume: &dyn ObjectStore,
+    folder: &str,
+) -> Result<usize, ObjectError> {
+    let (files, mut folders) = volume.list_tree(folder, MAX_KEYS_PER_FOLDER).await?;
+    for key in &files {
+        volume.delete(key).await?;
+    }
+    if files.len() < MAX_KEYS_PER_FOLDER {
         folders.sort_by_key(|f| std::cmp::Reverse(f.len()));
         for folder in folders {
             volume.delete(&folder).await?;
         }
     }
-    Ok(removed)
+    Ok(files.len())
 }

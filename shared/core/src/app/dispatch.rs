@@ -8,7 +8,7 @@ use crate::config::Settings;
 use crate::domain::job::{
     Actor, ErrorCode, Job, JobError, JobState, LeaseKind, Millis, TransitionError,
 };
-use crate::domain::keys;
+use crate::domain::keys::VolumeRoot;
 use crate::domain::token::WebhookSigner;
 use crate::domain::workflow::WorkflowCatalog;
 use crate::ports::{
@@ -44,6 +44,9 @@ pub struct Dispatcher {
     pub store: Arc<dyn JobStore>,
     pub uploads: Arc<dyn ObjectStore>,
     pub volume: Arc<dyn ObjectStore>,
+    /// This deployment's folder on the volume: the job's input goes there, and its runs are
+    /// told to write there.
+    pub volume_root: VolumeRoot,
     pub runpod: Arc<dyn RunPod>,
     /// Where runs nobody will read are sent to be stopped.
     pub stops: Arc<dyn StopQueue>,
@@ -188,7 +191,9 @@ impl Dispatcher {
                 format!("workflow {} is no longer available", job.workflow),
             ))
         })?;
-        let input_key = keys::volume_input(&job.id, &format!("input.{}", job.input.extension));
+        let input_key = self
+            .volume_root
+            .input(&job.id, &format!("input.{}", job.input.extension));
         transfer::copy(
             self.uploads.as_ref(),
             &job.input.key,
@@ -212,7 +217,7 @@ impl Dispatcher {
         // and its successor) never overwrite each other's files.
         let output_prefix = format!(
             "{}{}",
-            keys::run_outputs(&job.id, job.attempts),
+            self.volume_root.run_outputs(&job.id, job.attempts),
             workflow.name()
         );
         let graph = workflow.render(&job.params, &input_key, &output_prefix);

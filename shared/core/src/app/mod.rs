@@ -1,9 +1,11 @@
 //! Use cases, written against the ports: the public API, dispatch, observing RunPod's reports
-//! (the webhook and the sweeper share it), finalizing, stopping runs, and the sweeper.
+//! (the webhook and the sweeper share it), finalizing, stopping runs, the sweeper, and the
+//! volume's janitor.
 pub mod api;
 pub mod cleanup;
 pub mod dispatch;
 pub mod finalize;
+pub mod janitor;
 pub mod observe;
 pub mod stop;
 pub mod sweeper;

@@ -15,6 +15,7 @@ use crate::config::Settings;
 use crate::domain::job::{
     Actor, DeletionReason, ErrorCode, Job, JobError, JobState, Millis, TransitionError,
 };
+use crate::domain::keys::VolumeRoot;
 use crate::ports::{
     Classified, Clock, Failure, FinalizeQueue, JobQueue, JobStore, ObjectStore, RunPod,
     RunPodError, RunPodStatus, StopQueue, StopReason, StopRun, StoreError,
@@ -105,6 +106,7 @@ pub struct Sweeper {
     pub results: Arc<dyn ObjectStore>,
     pub uploads: Arc<dyn ObjectStore>,
     pub volume: Arc<dyn ObjectStore>,
+    pub volume_root: VolumeRoot,
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
 }
@@ -263,7 +265,14 @@ impl Sweeper {
             .await?;
             return Ok(Action::Skipped);
         }
-        match remove_leftovers(self.results.as_ref(), self.volume.as_ref(), &job).await {
+        match remove_leftovers(
+            self.results.as_ref(),
+            self.volume.as_ref(),
+            &self.volume_root,
+            &job,
+        )
+        .await
+        {
             Ok(removed) => {
                 let objects = removed.total();
                 if objects > 0 {
@@ -349,6 +358,7 @@ impl Sweeper {
             self.results.as_ref(),
             self.uploads.as_ref(),
             self.volume.as_ref(),
+            &self.volume_root,
             &job,
         )
         .await;

@@ -15,6 +15,29 @@ use super::workflow::ValidatedParams;
 /// Epoch milliseconds. The domain never reads a clock; callers pass `now`.
 pub type Millis = i64;
 
+/// A new job id: a UUIDv7 of `now`, so ids sort by when they were minted (the volume's job
+/// folders list oldest first) and tell their age without a read.
+pub fn mint_job_id(now: Millis) -> String {
+    let millis = now.max(0) as u64;
+    let timestamp = uuid::Timestamp::from_unix(
+        uuid::NoContext,
+        millis / 1000,
+        (millis % 1000) as u32 * 1_000_000,
+    );
+    uuid::Uuid::new_v7(timestamp).to_string()
+}
+
+/// When a job id from [`mint_job_id`] was minted; `None` for anything that is not one, in
+/// its canonical form.
+pub fn job_id_minted_at(id: &str) -> Option<Millis> {
+    let uuid = uuid::Uuid::try_parse(id).ok()?;
+    if uuid.get_version_num() != 7 || uuid.to_string() != id {
+        return None;
+    }
+    let (secs, nanos) = uuid.get_timestamp()?.to_unix();
+    Some((secs * 1000 + u64::from(nanos) / 1_000_000) as Millis)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
@@ -864,6 +887,37 @@ impl Job {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_job_id_tells_when_it_was_minted() {
+        let id = mint_job_id(1_790_000_000_123);
+        assert_eq!(job_id_minted_at(&id), Some(1_790_000_000_123));
+    }
+
+    #[test]
+    fn job_ids_sort_by_when_they_were_minted() {
+        let ids: Vec<String> = [
+            5_000,
+            1_790_000_000_000,
+            1_790_000_000_001,
+            1_890_000_000_000,
+        ]
+        .map(mint_job_id)
+        .into();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(sorted, ids);
+    }
+
+    #[test]
+    fn only_a_canonical_uuid_v7_is_a_job_id() {
+        let id = mint_job_id(1_790_000_000_000);
+        assert_eq!(job_id_minted_at(&id.to_uppercase()), None);
+        assert_eq!(job_id_minted_at(&id.replace('-', "")), None);
+        assert_eq!(job_id_minted_at(&uuid::Uuid::new_v4().to_string()), None);
+        assert_eq!(job_id_minted_at("inputs"), None);
+        assert_eq!(job_id_minted_at(""), None);
+    }
     use std::collections::BTreeMap;
 
     const TIMING: JobTiming = JobTiming {

@@ -52,26 +52,71 @@ pub fn report(owner: &str, job_id: &str, run: &str) -> String {
     format!("results/{owner}/{job_id}/report-{digest}.json")
 }
 
-/// RunPod volume: a job's input as the worker reads it, `inputs/{job_id}/{file_name}`. Both
-/// parts are the gateway's own (a job id it minted, a file name it chose).
-pub fn volume_input(job_id: &str, file_name: &str) -> String {
-    format!("inputs/{job_id}/{file_name}")
-}
+/// RunPod volume: the folder all of this deployment's files live in (`VOLUME_ROOT`), such as
+/// `gateway/prod/`. Other stacks, pods and people may share the volume; the janitor removes
+/// only what lies under this folder, so each deployment needs a root of its own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VolumeRoot(String);
 
-/// RunPod volume: the folder a job's outputs must land in, `outputs/{job_id}/`.
-/// RunPod volume: every input of a job, `inputs/{job_id}/`.
-pub fn volume_inputs(job_id: &str) -> String {
-    format!("inputs/{job_id}/")
-}
+/// Why a `VOLUME_ROOT` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("volume root {0:?} must be 1 to 8 folder names of letters, digits, '.', '_' or '-', not '.' or '..', 200 bytes at most")]
+pub struct InvalidVolumeRoot(pub String);
 
-pub fn volume_outputs(job_id: &str) -> String {
-    format!("outputs/{job_id}/")
-}
+impl VolumeRoot {
+    /// `gateway/prod`, `/gateway/prod/` and `gateway/prod/` are the same root. Only plain folder
+    /// names are accepted: the root is part of every key a worker is told to read or write, and
+    /// of every folder the janitor removes.
+    pub fn new(root: &str) -> Result<Self, InvalidVolumeRoot> {
+        let trimmed = root.trim().trim_matches('/');
+        let valid = !trimmed.is_empty()
+            && trimmed.len() <= 200
+            && trimmed.split('/').count() <= 8
+            && trimmed.split('/').all(|segment| {
+                !segment.is_empty()
+                    && segment != "."
+                    && segment != ".."
+                    && segment
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+            });
+        if !valid {
+            return Err(InvalidVolumeRoot(root.to_owned()));
+        }
+        Ok(Self(format!("{trimmed}/")))
+    }
 
-/// RunPod volume: the folder one dispatch attempt's run writes into,
-/// `outputs/{job_id}/a{attempt}/`, inside the job's folder.
-pub fn run_outputs(job_id: &str, attempt: u32) -> String {
-    format!("outputs/{job_id}/a{attempt}/")
+    /// The root with its trailing `/`.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// A job's input as the worker reads it, `{root}inputs/{job_id}/{file_name}`. Every part
+    /// is the gateway's own (a job id it minted, a file name it chose).
+    pub fn input(&self, job_id: &str, file_name: &str) -> String {
+        format!("{}inputs/{job_id}/{file_name}", self.0)
+    }
+
+    /// Every input of a job, `{root}inputs/{job_id}/`.
+    pub fn inputs(&self, job_id: &str) -> String {
+        format!("{}inputs/{job_id}/", self.0)
+    }
+
+    /// The folder a job's outputs must land in, `{root}outputs/{job_id}/`.
+    pub fn outputs(&self, job_id: &str) -> String {
+        format!("{}outputs/{job_id}/", self.0)
+    }
+
+    /// The folder one dispatch attempt's run writes into, `{root}outputs/{job_id}/a{attempt}/`.
+    pub fn run_outputs(&self, job_id: &str, attempt: u32) -> String {
+        format!("{}outputs/{job_id}/a{attempt}/", self.0)
+    }
+
+    /// The folders holding one folder per job, named by the job's id: `{root}inputs/` and
+    /// `{root}outputs/`.
+    pub fn job_folders(&self) -> [String; 2] {
+        [format!("{}inputs/", self.0), format!("{}outputs/", self.0)]
+    }
 }
 
 /// Job table: the partition key of a job item is its id.
@@ -125,8 +170,39 @@ mod tests {
         assert!(!report("alice", "j", "../../x").contains(".."));
         assert_eq!(report("alice", "j", "r1"), report("alice", "j", "r1"));
         assert_ne!(report("alice", "j", "r1"), report("alice", "j", "r2"));
-        assert_eq!(volume_input("j", "input.jpg"), "inputs/j/input.jpg");
-        assert_eq!(volume_outputs("j"), "outputs/j/");
+    }
+
+    #[test]
+    fn volume_keys_lie_under_the_deployment_root() {
+        let root = VolumeRoot::new("gateway/prod").unwrap();
+        assert_eq!(
+            root.input("j", "input.jpg"),
+            "gateway/prod/inputs/j/input.jpg"
+        );
+        assert_eq!(root.outputs("j"), "gateway/prod/outputs/j/");
+        assert!(root.run_outputs("j", 2).starts_with(&root.outputs("j")));
+        assert!(root.input("j", "a").starts_with(&root.inputs("j")));
+        assert_eq!(
+            root.job_folders(),
+            ["gateway/prod/inputs/", "gateway/prod/outputs/"]
+        );
+    }
+
+    #[test]
+    fn a_volume_root_is_the_same_with_or_without_slashes() {
+        assert_eq!(
+            VolumeRoot::new("/gateway/prod/").unwrap(),
+            VolumeRoot::new("gateway/prod").unwrap()
+        );
+        assert_eq!(VolumeRoot::new("gw").unwrap().as_str(), "gw/");
+    }
+
+    #[test]
+    fn a_volume_root_is_plain_folder_names_only() {
+        for bad in ["", "/", "a//b", "../x", "a/./b", "a b", "a%2e", "a\\b", "ä"] {
+            assert!(VolumeRoot::new(bad).is_err(), "{bad:?}");
+        }
+        assert!(VolumeRoot::new(&"a".repeat(201)).is_err());
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub const MAX_KEY_BYTES: usize = 1024;
 /// The usual filesystem limit (NAME_MAX) on the volume the worker writes to.
 pub const MAX_FILE_NAME_BYTES: usize = 255;
 
+use super::keys::VolumeRoot;
+
 /// Why a worker's path was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
@@ -34,17 +36,19 @@ pub enum PathError {
     FileNameTooLong,
 }
 
-/// Where the network volume is mounted on workers: `/runpod-volume` on serverless, `/workspace`
-/// on pods. A key is the path below the mount point.
+/// Where the network volume is mounted on workers (`/runpod-volume` on serverless, `/workspace`
+/// on pods; a key is the path below the mount point), and the folder on it that is this
+/// deployment's.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VolumeLayout {
     mount_prefixes: Vec<String>,
+    root: VolumeRoot,
 }
 
 impl VolumeLayout {
     /// Trailing slashes are dropped. A prefix that is empty after that (`""`, `"/"`) is ignored:
     /// it would make every absolute path a volume path.
-    pub fn new(mount_prefixes: Vec<String>) -> Self {
+    pub fn new(mount_prefixes: Vec<String>, root: VolumeRoot) -> Self {
         let mut mount_prefixes: Vec<String> = mount_prefixes
             .into_iter()
             .map(|p| p.trim_end_matches('/').to_owned())
@@ -53,7 +57,15 @@ impl VolumeLayout {
         // Longest first, so a mount nested in another strips the whole mount point.
         mount_prefixes.sort_by(|a, b| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
         mount_prefixes.dedup();
-        Self { mount_prefixes }
+        Self {
+            mount_prefixes,
+            root,
+        }
+    }
+
+    /// This deployment's folder on the volume, which every key it uses lies under.
+    pub fn root(&self) -> &VolumeRoot {
+        &self.root
     }
 
     /// The mount points, normalised, longest first.
@@ -137,47 +149,53 @@ mod tests {
 
     const JOB: &str = "0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b";
 
+    fn root() -> VolumeRoot {
+        VolumeRoot::new("gw").unwrap()
+    }
+
     fn layout() -> VolumeLayout {
-        VolumeLayout::new(vec!["/runpod-volume/".into(), "/workspace".into()])
+        VolumeLayout::new(vec!["/runpod-volume/".into(), "/workspace".into()], root())
     }
 
     fn map(path: &str) -> Result<String, PathError> {
-        layout().output_key(path, &crate::domain::keys::volume_outputs(JOB))
+        layout().output_key(path, &root().outputs(JOB))
     }
 
     #[test]
     fn maps_serverless_mount_to_key() {
         assert_eq!(
-            map(&format!("/runpod-volume/outputs/{JOB}/restored_00001_.png")),
-            Ok(format!("outputs/{JOB}/restored_00001_.png"))
+            map(&format!(
+                "/runpod-volume/gw/outputs/{JOB}/restored_00001_.png"
+            )),
+            Ok(format!("gw/outputs/{JOB}/restored_00001_.png"))
         );
     }
 
     #[test]
     fn maps_pod_mount_to_key() {
         assert_eq!(
-            map(&format!("/workspace/outputs/{JOB}/a.png")),
-            Ok(format!("outputs/{JOB}/a.png"))
+            map(&format!("/workspace/gw/outputs/{JOB}/a.png")),
+            Ok(format!("gw/outputs/{JOB}/a.png"))
         );
     }
 
     #[test]
     fn accepts_nested_folders_under_the_allowed_prefix() {
         assert_eq!(
-            map(&format!("/workspace/outputs/{JOB}/sub/a.png")),
-            Ok(format!("outputs/{JOB}/sub/a.png"))
+            map(&format!("/workspace/gw/outputs/{JOB}/sub/a.png")),
+            Ok(format!("gw/outputs/{JOB}/sub/a.png"))
         );
     }
 
     #[test]
     fn new_normalises_trailing_slashes_and_drops_root() {
-        let l = VolumeLayout::new(vec!["/workspace///".into(), "/".into(), "".into()]);
+        let l = VolumeLayout::new(vec!["/workspace///".into(), "/".into(), "".into()], root());
         assert_eq!(l.mount_prefixes(), ["/workspace"]);
     }
 
     #[test]
     fn new_puts_nested_mounts_first() {
-        let l = VolumeLayout::new(vec!["/mnt".into(), "/mnt/vol".into()]);
+        let l = VolumeLayout::new(vec!["/mnt".into(), "/mnt/vol".into()], root());
         assert_eq!(
             l.output_key("/mnt/vol/outputs/j/a.png", "outputs/j/"),
             Ok("outputs/j/a.png".into())
@@ -192,11 +210,11 @@ mod tests {
     #[test]
     fn rejects_path_outside_every_mount() {
         assert_eq!(
-            map(&format!("/tmp/outputs/{JOB}/a.png")),
+            map(&format!("/tmp/gw/outputs/{JOB}/a.png")),
             Err(PathError::NotUnderMount)
         );
         assert_eq!(
-            map(&format!("outputs/{JOB}/a.png")),
+            map(&format!("gw/outputs/{JOB}/a.png")),
             Err(PathError::NotUnderMount)
         );
     }
@@ -205,7 +223,7 @@ mod tests {
     fn rejects_mount_prefix_tricks() {
         for mount in ["/runpod-volume-evil", "/runpod-volumex", "/workspace2"] {
             assert_eq!(
-                map(&format!("{mount}/outputs/{JOB}/a.png")),
+                map(&format!("{mount}/gw/outputs/{JOB}/a.png")),
                 Err(PathError::NotUnderMount),
                 "{mount}"
             );
@@ -221,7 +239,7 @@ mod tests {
     #[test]
     fn rejects_dot_dot_segment() {
         assert_eq!(
-            map(&format!("/runpod-volume/outputs/{JOB}/../other/a.png")),
+            map(&format!("/runpod-volume/gw/outputs/{JOB}/../other/a.png")),
             Err(PathError::Traversal)
         );
         assert_eq!(
@@ -229,7 +247,7 @@ mod tests {
             Err(PathError::Traversal)
         );
         assert_eq!(
-            map(&format!("/runpod-volume/outputs/{JOB}/..")),
+            map(&format!("/runpod-volume/gw/outputs/{JOB}/..")),
             Err(PathError::Traversal)
         );
     }
@@ -245,8 +263,8 @@ mod tests {
     #[test]
     fn accepts_dots_inside_names() {
         assert_eq!(
-            map(&format!("/runpod-volume/outputs/{JOB}/..a.png")),
-            Ok(format!("outputs/{JOB}/..a.png"))
+            map(&format!("/runpod-volume/gw/outputs/{JOB}/..a.png")),
+            Ok(format!("gw/outputs/{JOB}/..a.png"))
         );
     }
 
@@ -254,7 +272,7 @@ mod tests {
     fn rejects_percent_encoding() {
         for p in ["%2e%2e", "%2E%2E", "a%2fb.png", "a%5cb.png", "100%.png"] {
             assert_eq!(
-                map(&format!("/runpod-volume/outputs/{JOB}/{p}")),
+                map(&format!("/runpod-volume/gw/outputs/{JOB}/{p}")),
                 Err(PathError::InvalidCharacter),
                 "{p}"
             );
@@ -264,7 +282,7 @@ mod tests {
     #[test]
     fn rejects_backslash() {
         assert_eq!(
-            map(&format!("/runpod-volume/outputs/{JOB}/..\\..\\a.png")),
+            map(&format!("/runpod-volume/gw/outputs/{JOB}/..\\..\\a.png")),
             Err(PathError::InvalidCharacter)
         );
     }
@@ -276,7 +294,7 @@ mod tests {
             Err(PathError::EmptySegment)
         );
         assert_eq!(
-            map(&format!("/runpod-volume//outputs/{JOB}/a.png")),
+            map(&format!("/runpod-volume//gw/outputs/{JOB}/a.png")),
             Err(PathError::EmptySegment)
         );
     }
@@ -285,7 +303,7 @@ mod tests {
     fn rejects_nul_and_control_characters() {
         for c in ['\0', '\n', '\r', '\t', '\x1b', '\x7f', '\u{85}'] {
             assert_eq!(
-                map(&format!("/runpod-volume/outputs/{JOB}/a{c}.png")),
+                map(&format!("/runpod-volume/gw/outputs/{JOB}/a{c}.png")),
                 Err(PathError::InvalidCharacter),
                 "{c:?}"
             );
@@ -296,14 +314,14 @@ mod tests {
     fn rejects_key_over_1024_bytes() {
         let dirs = "d/".repeat(600);
         assert_eq!(
-            map(&format!("/runpod-volume/outputs/{JOB}/{dirs}a.png")),
+            map(&format!("/runpod-volume/gw/outputs/{JOB}/{dirs}a.png")),
             Err(PathError::TooLong)
         );
     }
 
     #[test]
     fn accepts_key_of_exactly_1024_bytes() {
-        let head = format!("outputs/{JOB}/");
+        let head = format!("gw/outputs/{JOB}/");
         let name = "a".repeat(200);
         let dirs = "d/".repeat((MAX_KEY_BYTES - head.len() - name.len()) / 2);
         let mut key = format!("{head}{dirs}{name}");
@@ -318,21 +336,21 @@ mod tests {
     fn rejects_file_name_over_255_bytes() {
         let name = "é".repeat(128); // 256 bytes, 128 characters
         assert_eq!(
-            map(&format!("/runpod-volume/outputs/{JOB}/{name}")),
+            map(&format!("/runpod-volume/gw/outputs/{JOB}/{name}")),
             Err(PathError::FileNameTooLong)
         );
         let name = "a".repeat(MAX_FILE_NAME_BYTES);
-        assert!(map(&format!("/runpod-volume/outputs/{JOB}/{name}")).is_ok());
+        assert!(map(&format!("/runpod-volume/gw/outputs/{JOB}/{name}")).is_ok());
     }
 
     #[test]
     fn rejects_bare_allowed_prefix() {
         assert_eq!(
-            map(&format!("/runpod-volume/outputs/{JOB}/")),
+            map(&format!("/runpod-volume/gw/outputs/{JOB}/")),
             Err(PathError::MissingFileName)
         );
         assert_eq!(
-            map(&format!("/runpod-volume/outputs/{JOB}")),
+            map(&format!("/runpod-volume/gw/outputs/{JOB}")),
             Err(PathError::MissingFileName)
         );
     }

@@ -123,7 +123,7 @@ pub fn volume_output_keys(
             ),
         ));
     }
-    let allowed = crate::domain::keys::volume_outputs(job_id);
+    let allowed = layout.root().outputs(job_id);
     let mut keys = Vec::with_capacity(files.len());
     for file in files {
         let path = file.as_str().ok_or_else(|| {
@@ -490,7 +490,10 @@ mod tests {
     use serde_json::json;
 
     fn layout() -> VolumeLayout {
-        VolumeLayout::new(vec!["/runpod-volume".into(), "/workspace".into()])
+        VolumeLayout::new(
+            vec!["/runpod-volume".into(), "/workspace".into()],
+            crate::domain::keys::VolumeRoot::new("gw").unwrap(),
+        )
     }
 
     #[test]
@@ -535,21 +538,21 @@ mod tests {
 
     #[test]
     fn files_under_the_jobs_prefix_become_volume_keys() {
-        let output = json!({"prompt_id": "p", "files": ["/runpod-volume/outputs/job-1/a_00001_.png"], "file_count": 1});
+        let output = json!({"prompt_id": "p", "files": ["/runpod-volume/gw/outputs/job-1/a_00001_.png"], "file_count": 1});
         let keys = volume_output_keys(Some(&output), &layout(), "job-1").unwrap();
-        assert_eq!(keys, vec!["outputs/job-1/a_00001_.png"]);
+        assert_eq!(keys, vec!["gw/outputs/job-1/a_00001_.png"]);
     }
 
     #[test]
     fn a_file_of_another_job_fails_the_whole_output() {
-        let output = json!({"files": ["/runpod-volume/outputs/job-1/a.png", "/runpod-volume/outputs/job-2/b.png"]});
+        let output = json!({"files": ["/runpod-volume/gw/outputs/job-1/a.png", "/runpod-volume/gw/outputs/job-2/b.png"]});
         let err = volume_output_keys(Some(&output), &layout(), "job-1").unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidOutputPath);
     }
 
     #[test]
     fn traversal_is_rejected() {
-        let output = json!({"files": ["/runpod-volume/outputs/job-1/../../etc/passwd"]});
+        let output = json!({"files": ["/runpod-volume/gw/outputs/job-1/../../etc/passwd"]});
         let err = volume_output_keys(Some(&output), &layout(), "job-1").unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidOutputPath);
     }
@@ -784,7 +787,7 @@ mod tests {
             ErrorCode::EmptyOutput
         );
         for output in [
-            json!({"files": ["/runpod-volume/outputs/j/a.png"]}),
+            json!({"files": ["/runpod-volume/gw/outputs/j/a.png"]}),
             json!({"images": "x"}),
             json!({"images": [{"filename": "a.png", "type": "base64"}]}),
             json!({"images": [{"filename": "a.png", "type": "png", "data": "AA=="}]}),

@@ -285,6 +285,57 @@ pub trait ObjectStore: Send + Sync {
     ) -> Result<(Vec<String>, Vec<String>), ObjectError> {
         Ok((self.list(prefix, max).await?, Vec::new()))
     }
+    /// One page of what lies directly under `folder` (one level, as S3's `Delimiter=/` gives
+    /// it), from where `token` (a previous page's `next`) left off. A store may hand out a
+    /// token it handed out before (RunPod's volume is reported to): callers must not loop on
+    /// one.
+    async fn list_folder(
+        &self,
+        folder: &str,
+        token: Option<&str>,
+    ) -> Result<FolderPage, ObjectError>;
+}
+
+/// One page of a folder's listing, one level deep.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FolderPage {
+    /// The sub-folders, each ending in `/`, in key order.
+    pub folders: Vec<String>,
+    /// The files, in key order.
+    pub files: Vec<String>,
+    /// Where the next page starts; `None` after the last.
+    pub next: Option<String>,
+}
+
+/// A multipart upload begun and neither completed nor aborted. Its parts take space on the
+/// store (on RunPod's volume, in a hidden `.s3compat_uploads/` folder) until one of the two.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StagedUpload {
+    pub key: String,
+    pub upload_id: String,
+    /// When it began, if the store says.
+    pub initiated: Option<Millis>,
+}
+
+/// One page of the multipart uploads in progress.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StagedPage {
+    pub uploads: Vec<StagedUpload>,
+    /// The last upload of this page, where the next page starts; `None` after the last.
+    pub next: Option<(String, String)>,
+}
+
+/// The multipart uploads in progress on a store, for the janitor to abort the abandoned ones.
+#[async_trait]
+pub trait StagedUploads: Send + Sync {
+    /// Uploads to keys under `prefix`, after the `(key, upload_id)` a previous page ended with.
+    async fn staged_uploads(
+        &self,
+        prefix: &str,
+        after: Option<&(String, String)>,
+    ) -> Result<StagedPage, ObjectError>;
+    /// Aborts one upload, dropping its parts; aborting one already gone is not an error.
+    async fn abort_upload(&self, key: &str, upload_id: &str) -> Result<(), ObjectError>;
 }
 
 // ---------------------------------------------------------------------------------------------
