@@ -1,7 +1,7 @@
 //! Every sample event in `events/` runs through its function's handler against the local stack,
 //! exactly as the Lambda runtime would hand it over: API Gateway v2 payloads through
 //! `lambda_http` into the axum routers, the SQS batches into the dispatcher and the finalizer, the
-//! schedule's input into the sweeper.
+//! schedules' inputs into the sweeper and the janitor.
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -217,6 +217,20 @@ async fn the_sqs_event_dispatches_both_jobs() {
         let runpod_id = job.runpod_job_id.expect("submitted to RunPod");
         assert!(stack.emulator.job(&runpod_id).is_some());
     }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_janitors_schedule_event_runs_the_janitor() {
+    let stack = stack().await;
+    let input: Value = serde_json::from_str(&event("janitor-schedule.json")).unwrap();
+    assert_eq!(input["source"], "gateway.janitor");
+    let report = stack.wiring().janitor().unwrap().run_before(None).await;
+    assert_eq!(report.errors, 0);
+    assert_eq!(
+        report.folders_seen, 0,
+        "a fresh stack's volume folder is empty"
+    );
     stack.stop().await;
 }
 
