@@ -11,6 +11,8 @@ Environment:
 - ``RUNPOD_VOLUME_DIR``: the real directory that plays ``/runpod-volume`` (required);
 - ``RUNPOD_VOLUME_MOUNT``: the mount path reported in ``files`` (default ``/runpod-volume``);
 - ``HANDLER_DELAY_SECS``: GPU time to pretend, awaited so that a stop from ``job-stop`` lands;
+- ``HANDLER_GATE``: a file path; the handler reports progress, then waits until the file exists
+  (a test opens the gate once it has seen the progress, whatever the machine's speed);
 - ``HANDLER_RAISE``: raise ``RuntimeError`` with this message instead of working.
 
 Plus the SDK's own variables (``RUNPOD_WEBHOOK_GET_JOB`` …), set by the test harness.
@@ -35,6 +37,11 @@ async def handler(job):
     delay = float(os.environ.get("HANDLER_DELAY_SECS", "0") or 0)
     if delay > 0:
         await asyncio.sleep(delay)
+    gate = os.environ.get("HANDLER_GATE")
+    if gate:
+        runpod.serverless.progress_update(job, {"percent": 40, "message": "restoring"})
+        while not os.path.exists(gate):
+            await asyncio.sleep(0.05)
     message = os.environ.get("HANDLER_RAISE")
     if message:
         raise RuntimeError(message)

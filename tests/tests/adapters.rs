@@ -75,6 +75,81 @@ async fn a_write_based_on_a_stale_version_is_refused() {
     assert_eq!(store.get(&original.id).await.unwrap().unwrap(), first);
 }
 
+/// `job` ended as `commit_as` ends it: the next version, carrying its usage.
+fn ended(job: &Job, gpu_ms: u64, at: i64) -> Job {
+    let mut ended = job.clone();
+    ended.execution_time_ms = Some(gpu_ms);
+    ended
+        .fail(JobError::new(ErrorCode::WorkerFailed, "boom"), at)
+        .unwrap();
+    ended.version = job.version + 1;
+    ended.count_usage(ended.version);
+    ended
+}
+
+#[tokio::test]
+async fn the_write_that_ends_a_job_adds_it_to_its_owners_usage_once() {
+    let store = store().await;
+    let original = job("alice", 1_800_000_000_000, 60_000);
+    store.create(&original).await.unwrap();
+    let day = gateway::domain::job::utc_day(1_800_000_000_000);
+
+    let end = ended(&original, 1_500, 1_800_000_001_000);
+    store.save(&end, original.version).await.unwrap();
+    // A later write of the ended job (its clean-up) adds nothing.
+    let mut later = end.clone();
+    later.cleanup_pending = false;
+    later.version += 1;
+    store.save(&later, end.version).await.unwrap();
+
+    let usage = store
+        .usage("alice", std::slice::from_ref(&day))
+        .await
+        .unwrap();
+    assert_eq!(usage.len(), 1);
+    assert_eq!((usage[0].failed, usage[0].gpu_ms), (1, 1_500));
+    assert!(store.usage("bob", &[day]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn an_ending_write_that_loses_its_race_adds_nothing() {
+    let store = store().await;
+    let original = job("alice", 1_800_000_000_000, 60_000);
+    store.create(&original).await.unwrap();
+    let mut first = original.clone();
+    first.mark_running(1_800_000_000_500).unwrap();
+    first.version += 1;
+    store.save(&first, original.version).await.unwrap();
+
+    let stale = ended(&original, 900, 1_800_000_001_000);
+    let refused = store.save(&stale, original.version).await;
+
+    assert!(matches!(refused, Err(StoreError::Conflict)), "{refused:?}");
+    let day = gateway::domain::job::utc_day(1_800_000_000_000);
+    assert!(store.usage("alice", &[day]).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn usage_is_read_for_many_days_at_once_and_only_days_with_jobs_come_back() {
+    let store = store().await;
+    let days: Vec<String> = (0..150)
+        .map(|d| gateway::domain::job::utc_day(1_800_000_000_000 + d * 86_400_000))
+        .collect();
+    for at in [1_800_000_000_000, 1_800_000_000_000 + 120 * 86_400_000] {
+        let original = job("alice", at, 60_000);
+        store.create(&original).await.unwrap();
+        store
+            .save(&ended(&original, 10, at + 1_000), original.version)
+            .await
+            .unwrap();
+    }
+
+    let usage = store.usage("alice", &days).await.unwrap();
+
+    let found: Vec<&str> = usage.iter().map(|u| u.day.as_str()).collect();
+    assert_eq!(found, [days[0].as_str(), days[120].as_str()]);
+}
+
 #[tokio::test]
 async fn creating_a_job_whose_id_another_job_holds_is_refused() {
     let store = store().await;

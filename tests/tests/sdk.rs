@@ -153,6 +153,65 @@ async fn a_raising_handler_fails_the_job_with_its_message_and_no_traceback() {
 }
 
 #[tokio::test]
+async fn progress_and_cost_from_a_real_sdk_worker_show_on_the_job() {
+    let stack = Stack::start_with(StackOptions {
+        sweep_every: Duration::from_millis(200),
+        extra_env: vec![
+            ("STATUS_POLL_AFTER_SECS", "1".into()),
+            ("STATUS_POLL_INTERVAL_SECS", "1".into()),
+            ("GPU_PRICE_USD_PER_SECOND", "0.00031".into()),
+        ],
+        ..sdk_stack_options()
+    })
+    .await;
+    let gate = std::env::temp_dir().join(format!("gateway-gate-{}", uuid::Uuid::new_v4()));
+    let worker = stack.sdk_worker(
+        "seed_handler.py",
+        &[("HANDLER_GATE", gate.display().to_string())],
+    );
+    let job_id = stack
+        .submit_restore(ALICE, &jpeg(200, 150), json!({}))
+        .await;
+
+    // The handler holds the job open until it is told to go on: the sweeper's polls carry its
+    // progress_update to the job meanwhile.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let running = loop {
+        let (_, job) = stack.get(ALICE, &format!("/jobs/{job_id}")).await;
+        if job["progress"]["message"] == "restoring" {
+            break job;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{job}\n{}",
+            worker.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    std::fs::write(&gate, b"go").unwrap();
+    let done = stack.wait_terminal(ALICE, &job_id, TIMEOUT).await;
+    let _ = std::fs::remove_file(&gate);
+
+    assert_eq!(running["status"], "running");
+    assert_eq!(running["progress"]["fraction"], 0.4);
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let gpu_seconds = done["gpu_seconds"].as_f64().unwrap();
+    let runpod = stack.runpod_job(&job_id).await;
+    assert_eq!(gpu_seconds, runpod.execution_time_ms as f64 / 1000.0);
+    let cost = done["cost_usd"].as_f64().unwrap();
+    assert!((cost - gpu_seconds * 0.00031).abs() < 1e-9, "{done}");
+    assert!(done["queue_seconds"].as_f64().is_some(), "{done}");
+    let today = done["finished_at"].as_str().unwrap()[..10].to_string();
+    let (status, usage) = stack
+        .get(ALICE, &format!("/usage?from={today}&to={today}"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{usage}");
+    assert_eq!(usage["total"]["succeeded"], 1, "{usage}");
+    assert!((usage["total"]["cost_usd"].as_f64().unwrap() - cost).abs() < 1e-9);
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn cancelling_mid_run_stops_the_sdk_worker_through_job_stop() {
     let stack = Stack::start_with(sdk_stack_options()).await;
     let worker = stack.sdk_worker("seed_handler.py", &[("HANDLER_DELAY_SECS", "30".into())]);

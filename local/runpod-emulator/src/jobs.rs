@@ -473,6 +473,8 @@ impl Store {
         }
         job.signal_stop(&mut inner.stops);
         job.status = JobStatus::Cancelled;
+        // A progress report is no output: an ended run without a result shows none.
+        job.output = None;
         job.finished_at = Some(now);
         self.record_end(job, now);
         self.send_webhook(job, now);
@@ -680,6 +682,19 @@ impl Store {
         Finish::Accepted
     }
 
+    /// The built-in worker's `progress_update` for attempt `attempt` of the job: `/status`
+    /// shows IN_PROGRESS with this value as `output`. Ignored once that attempt is over.
+    pub fn progress(&self, job_id: &str, attempt: u32, output: Value) {
+        let (mut inner, _) = self.lock_current();
+        if let Some(job) = inner.jobs.get_mut(job_id) {
+            if job.status == JobStatus::InProgress && job.attempt == attempt {
+                job.output = Some(output);
+            }
+        }
+        drop(inner);
+        self.bump();
+    }
+
     /// A `progress_update`: `/status` shows IN_PROGRESS with this value as `output`.
     pub fn progress_external(&self, pod: &str, job_id: &str, output: Option<Value>) -> Finish {
         self.touch(pod);
@@ -744,6 +759,7 @@ impl Store {
                     if now >= deadline && now < job.submitted_at + job.ttl {
                         job.signal_stop(stops);
                         job.status = JobStatus::TimedOut;
+                        job.output = None;
                         job.finished_at = Some(deadline);
                         *failed += 1;
                         if job.plan.worker == WorkerPlan::Hang {

@@ -67,6 +67,16 @@ async fn run(ctx: &WorkerContext, lease: Lease) {
 }
 
 async fn execute(ctx: &WorkerContext, lease: &Lease) -> Outcome {
+    // What a ComfyUI worker reports as it goes (runpod's progress_update): `/status` shows it
+    // while the job is IN_PROGRESS.
+    let progress = |fraction: f64, message: &str| {
+        ctx.store.progress(
+            &lease.job_id,
+            lease.attempt,
+            serde_json::json!({"fraction": fraction, "message": message}),
+        )
+    };
+    progress(0.1, "loading workflow");
     let faults = ctx.faults.get();
     if faults.worker_delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(faults.worker_delay_ms)).await;
@@ -98,6 +108,7 @@ async fn execute(ctx: &WorkerContext, lease: &Lease) -> Outcome {
     if let Some(output) = faults.worker_output_override {
         return Outcome::Completed(Some(output));
     }
+    progress(0.5, "running the workflow");
     let input = lease.input.clone();
     let volume_dir = ctx.volume_dir.clone();
     let mount_prefix = ctx.mount_prefix.clone();

@@ -198,6 +198,10 @@ pub struct Settings {
     /// How long after RunPod confirmed a run completed finalize may keep trying to collect
     /// its outputs (`FINALIZE_GIVE_UP_SECS`); then the job fails `deadline_exceeded`.
     pub finalize_give_up: Duration,
+    /// The price of a GPU-second (`GPU_PRICE_USD_PER_SECOND`, in USD, such as `0.00031`), in
+    /// nano-USD: each job is priced at what is set when it is accepted. Unset: jobs show no
+    /// cost.
+    pub gpu_price_nano_usd: Option<u64>,
 }
 
 impl Settings {
@@ -237,6 +241,7 @@ impl Settings {
             max_output_job_bytes: parsed(env, "OUTPUT_MAX_JOB_BYTES", 2 * 1024 * 1024 * 1024)?,
             max_status_bytes: parsed(env, "RUNPOD_MAX_STATUS_BYTES", DEFAULT_MAX_STATUS_BYTES)?,
             finalize_give_up: seconds(env, "FINALIZE_GIVE_UP_SECS", 3_600)?,
+            gpu_price_nano_usd: gpu_price(env)?,
         };
         if !(settings.retention_min..=settings.retention_max).contains(&settings.record_retention) {
             return Err(ConfigError::Invalid {
@@ -254,6 +259,43 @@ impl Settings {
         }
         Ok(settings)
     }
+}
+
+/// `GPU_PRICE_USD_PER_SECOND` in nano-USD: a decimal number of dollars, at most $1 a second
+/// (RunPod's dearest GPUs cost a fraction of a cent), with no more than nine decimals.
+fn gpu_price(env: &Env) -> Result<Option<u64>, ConfigError> {
+    let Some(raw) = env.get("GPU_PRICE_USD_PER_SECOND") else {
+        return Ok(None);
+    };
+    let invalid = |reason: &str| ConfigError::Invalid {
+        name: "GPU_PRICE_USD_PER_SECOND",
+        reason: reason.to_string(),
+    };
+    let raw = raw.trim();
+    let (units, decimals) = raw.split_once('.').unwrap_or((raw, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if units.is_empty() && decimals.is_empty() || !digits(units) || !digits(decimals) {
+        return Err(invalid(
+            "expected a decimal number of US dollars, such as 0.00031",
+        ));
+    }
+    if decimals.len() > 9 {
+        return Err(invalid("at most nine decimals (a nano-dollar)"));
+    }
+    let units: u64 = if units.is_empty() {
+        0
+    } else {
+        units.parse().map_err(|_| invalid("too large"))?
+    };
+    let nanos: u64 = format!("{decimals:0<9}")
+        .parse()
+        .map_err(|_| invalid("not a number"))?;
+    let price = units
+        .checked_mul(1_000_000_000)
+        .and_then(|u| u.checked_add(nanos))
+        .filter(|p| *p <= 1_000_000_000)
+        .ok_or_else(|| invalid("at most 1 US dollar a second"))?;
+    Ok(Some(price))
 }
 
 impl Default for Settings {
@@ -643,5 +685,26 @@ mod default_tests {
         assert_eq!(settings.max_output_image_bytes, 50 * 1024 * 1024);
         assert_eq!(settings.max_output_file_bytes, 1024 * 1024 * 1024);
         assert_eq!(settings.max_output_job_bytes, 2 * 1024 * 1024 * 1024);
+        assert_eq!(settings.gpu_price_nano_usd, None);
+    }
+
+    fn price(raw: &str) -> Result<Option<u64>, ConfigError> {
+        gpu_price(&Env::from_pairs([("GPU_PRICE_USD_PER_SECOND", raw)]))
+    }
+
+    #[test]
+    fn a_gpu_price_is_read_exactly_in_nano_dollars() {
+        assert_eq!(price("0.00031").unwrap(), Some(310_000));
+        assert_eq!(price(".5").unwrap(), Some(500_000_000));
+        assert_eq!(price("1").unwrap(), Some(1_000_000_000));
+        assert_eq!(price("0").unwrap(), Some(0));
+        assert_eq!(price("0.000000001").unwrap(), Some(1));
+    }
+
+    #[test]
+    fn a_gpu_price_that_is_no_plain_small_number_is_refused() {
+        for bad in [".", "abc", "-0.1", "1e-4", "0.0000000001", "1.5", "0,5"] {
+            assert!(price(bad).is_err(), "{bad:?}");
+        }
     }
 }

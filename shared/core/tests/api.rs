@@ -1,6 +1,5 @@
 //! The public API: every request is checked before anything is written, a job is created once
 //! per idempotency key, only its owner sees it, and a cancel stops the GPU before it says so.
-use base64::Engine as _;
 use gateway::app::api::{JobInput, JobRequest, Refusal, Submitted};
 use gateway::domain::job::{Actor, ErrorCode, JobState};
 use gateway::domain::keys;
@@ -9,17 +8,7 @@ use serde_json::{json, Map, Value};
 use testkit::images::{jpeg, png};
 use testkit::Kit;
 
-fn inline(image: &[u8]) -> JobRequest {
-    JobRequest {
-        workflow: "restore".into(),
-        params: None,
-        input: JobInput {
-            image_base64: Some(base64::engine::general_purpose::STANDARD.encode(image)),
-            upload_id: None,
-        },
-        retention_secs: None,
-    }
-}
+use testkit::jobs::inline_request as inline;
 
 fn uploaded(upload_id: &str) -> JobRequest {
     JobRequest {

@@ -238,7 +238,10 @@ fn each_status_is_decided_from_the_report_alone() {
     assert_eq!(decide(&status(None)), Decision::AskStatus);
     assert_eq!(decide(&status(Some("SOMETHING_NEW"))), Decision::AskStatus);
     assert_eq!(decide(&status(Some("IN_QUEUE"))), Decision::Wait);
-    assert_eq!(decide(&status(Some("IN_PROGRESS"))), Decision::MarkRunning);
+    assert_eq!(
+        decide(&status(Some("IN_PROGRESS"))),
+        Decision::MarkRunning(None)
+    );
     assert_eq!(decide(&status(Some("COMPLETED"))), Decision::Collect(None));
     for (reported, state) in [
         ("FAILED", JobState::Failed),

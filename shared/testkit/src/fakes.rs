@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use gateway::domain::job::{Job, Millis};
 use gateway::domain::keys;
+use gateway::domain::usage::DailyUsage;
 use gateway::ports::{
     ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, FinalizeQueue, FolderPage,
     ImageKind, ImageProbe, JobPage, JobQueue, JobStore, ObjectError, ObjectMeta, ObjectStore,
@@ -63,6 +64,8 @@ pub struct MemStore {
     /// Saves that land but answer `Conflict`, as DynamoDB's retried conditional write does
     /// after the first attempt committed and its answer was lost.
     lost_answers: AtomicU64,
+    /// Usage totals by (owner, day), added to by the writes that end jobs.
+    usage: Mutex<BTreeMap<(String, String), DailyUsage>>,
 }
 
 type SavePredicate = Box<dyn Fn(&Job) -> bool + Send>;
@@ -230,6 +233,13 @@ impl JobStore for MemStore {
         match jobs.get(&job.id) {
             Some(stored) if stored.version == expected_version => {
                 jobs.insert(job.id.clone(), job.clone());
+                // In the same critical section as the job: one transaction.
+                if let Some(entry) = job.usage_to_count() {
+                    lock(&self.usage)
+                        .entry((job.owner.clone(), entry.day.clone()))
+                        .or_insert_with(|| DailyUsage::new(&entry.day))
+                        .add(entry);
+                }
                 self.writes.fetch_add(1, Ordering::SeqCst);
                 let lost = self.lost_answers.load(Ordering::SeqCst);
                 if lost > 0 {
@@ -240,6 +250,16 @@ impl JobStore for MemStore {
             }
             _ => Err(StoreError::Conflict),
         }
+    }
+
+    async fn usage(&self, owner: &str, days: &[String]) -> Result<Vec<DailyUsage>, StoreError> {
+        yield_once().await;
+        self.available()?;
+        let usage = lock(&self.usage);
+        Ok(days
+            .iter()
+            .filter_map(|day| usage.get(&(owner.to_string(), day.clone())).cloned())
+            .collect())
     }
 
     async fn list_by_owner(

@@ -44,3 +44,17 @@ pub fn restore_job(
         now,
     )
 }
+
+/// `POST /jobs` of a `restore` job with `image` inline, and nothing else.
+pub fn inline_request(image: &[u8]) -> gateway::app::api::JobRequest {
+    use base64::Engine as _;
+    gateway::app::api::JobRequest {
+        workflow: "restore".into(),
+        params: None,
+        input: gateway::app::api::JobInput {
+            image_base64: Some(base64::engine::general_purpose::STANDARD.encode(image)),
+            upload_id: None,
+        },
+        retention_secs: None,
+    }
+}

@@ -76,6 +76,13 @@ impl JobStore for ObservedStore {
         self.saves.fetch_add(1, Ordering::Relaxed);
         self.inner.save(job, expected_version).await
     }
+    async fn usage(
+        &self,
+        owner: &str,
+        days: &[String],
+    ) -> Result<Vec<gateway::domain::usage::DailyUsage>, StoreError> {
+        self.inner.usage(owner, days).await
+    }
     async fn list_by_owner(
         &self,
         owner: &str,

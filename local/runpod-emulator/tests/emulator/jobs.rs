@@ -42,6 +42,20 @@ async fn cancel_stops_a_running_job_for_good() {
 }
 
 #[tokio::test]
+async fn the_builtin_worker_reports_progress_while_in_progress() {
+    let h = start().await;
+    h.emu.set_faults(slow(2_000));
+    let id = h.run(trivial_job(&h.dir)).await;
+    h.wait_status(&id, "IN_PROGRESS").await;
+
+    let (_, body) = h.status(&id).await;
+
+    assert_eq!(body["status"], "IN_PROGRESS");
+    assert_eq!(body["output"]["message"], "loading workflow", "{body}");
+    assert!(body["output"]["fraction"].as_f64().unwrap() < 1.0);
+}
+
+#[tokio::test]
 async fn cancel_of_a_terminal_job_keeps_its_status() {
     let h = start().await;
     let id = h.run(trivial_job(&h.dir)).await;

@@ -13,18 +13,24 @@
 //! Idempotency keys are separate items (`pk = idem#<owner>#<key>`; every key format is in
 //! `gateway::domain::keys`) written in the same
 //! transaction as the job, so two requests with one key can never both create a job.
+//!
+//! Usage totals are items too (`pk = usage#<owner>#<day>`, counters only, no `owner` or
+//! `next_check_at`, so in neither index): the write that ends a job adds to its owner's day in
+//! the same transaction, so the totals count each ended job once and never a write that lost.
 use std::collections::HashMap;
 
 use async_trait::async_trait;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
+use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
+use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, Put, TransactWriteItem, Update};
 use aws_sdk_dynamodb::Client;
 
 use crate::adapters::declared::DeclaredOperations;
 use base64::Engine as _;
 
-use gateway::domain::job::{Job, Millis};
+use gateway::domain::job::{Job, JobState, Millis, UsageEntry};
 use gateway::domain::keys::{self, SWEEP_SHARDS};
+use gateway::domain::usage::DailyUsage;
 use gateway::ports::{CreateOutcome, DueJobs, JobPage, JobStore, StoreError};
 
 /// The DynamoDB operations [`DynamoJobStore`] calls.
@@ -34,6 +40,7 @@ pub const AWS_OPERATIONS: &[&str] = &[
     "Query",
     "TransactWriteItems",
     "DeleteItem",
+    "BatchGetItem",
 ];
 /// The operations of [`create_table`], for the local stack only (in AWS the template creates
 /// the table).
@@ -109,6 +116,49 @@ fn from_item(item: &HashMap<String, AttributeValue>) -> Result<Job, StoreError> 
     serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
+/// The counter of `state` in a usage item.
+fn usage_counter(state: JobState) -> &'static str {
+    match state {
+        JobState::Succeeded => "succeeded",
+        JobState::Failed => "failed",
+        JobState::Cancelled => "cancelled",
+        JobState::TimedOut => "timed_out",
+        JobState::Queued | JobState::Submitted | JobState::Running => "not_ended",
+    }
+}
+
+fn usage_from_item(
+    owner: &str,
+    item: &HashMap<String, AttributeValue>,
+) -> Result<DailyUsage, StoreError> {
+    let pk = item
+        .get("pk")
+        .and_then(|v| v.as_s().ok())
+        .ok_or_else(|| StoreError::Corrupt("usage item without pk".into()))?;
+    let day = pk
+        .strip_prefix(&keys::usage_item(owner, ""))
+        .ok_or_else(|| StoreError::Corrupt(format!("{pk} is not this owner's usage")))?;
+    let count = |name: &str| -> Result<u64, StoreError> {
+        match item.get(name) {
+            None => Ok(0),
+            Some(value) => value
+                .as_n()
+                .ok()
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| StoreError::Corrupt(format!("{pk}: {name} is not a count"))),
+        }
+    };
+    Ok(DailyUsage {
+        day: day.to_string(),
+        succeeded: count("succeeded")?,
+        failed: count("failed")?,
+        cancelled: count("cancelled")?,
+        timed_out: count("timed_out")?,
+        gpu_ms: count("gpu_ms")?,
+        cost_nano_usd: count("cost_nano_usd")?,
+    })
+}
+
 fn unavailable<E: ProvideErrorMetadata + std::fmt::Debug>(err: SdkError<E>) -> StoreError {
     let detail = match err.as_service_error() {
         Some(service) => format!(
@@ -153,6 +203,77 @@ fn same_job(stored: &Job, job: &Job) -> bool {
         && stored.owner == job.owner
         && stored.timestamps.created_at == job.timestamps.created_at
         && stored.input.key == job.input.key
+}
+
+impl DynamoJobStore {
+    /// The write that ends `job`, and its owner's usage for the day, in one transaction. Two
+    /// jobs of one owner ending at once contend for the usage item (DynamoDB cancels one
+    /// transaction with `TransactionConflict`): that one is tried again, since its version
+    /// condition still decides whether it may land.
+    async fn save_ending(
+        &self,
+        job: &Job,
+        expected_version: u64,
+        entry: &UsageEntry,
+    ) -> Result<(), StoreError> {
+        let put = Put::builder()
+            .table_name(&self.table)
+            .set_item(Some(to_item(job)?))
+            .condition_expression("version = :expected")
+            .expression_attribute_values(":expected", n(expected_version))
+            .build()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let add = Update::builder()
+            .table_name(&self.table)
+            .key("pk", s(keys::usage_item(&job.owner, &entry.day)))
+            .update_expression("ADD #state :one, gpu_ms :gpu, cost_nano_usd :cost")
+            .expression_attribute_names("#state", usage_counter(entry.state))
+            .expression_attribute_values(":one", n(1))
+            .expression_attribute_values(":gpu", n(entry.gpu_ms))
+            .expression_attribute_values(":cost", n(entry.cost_nano_usd))
+            .build()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let mut last = String::new();
+        for attempt in 0..4u32 {
+            if attempt > 0 {
+                let wait = 20u64 * 2u64.pow(attempt) + rand::random::<u64>() % 40;
+                tokio::time::sleep(std::time::Duration::from_millis(wait)).await;
+            }
+            let result = self
+                .client
+                .transact_write_items()
+                .transact_items(TransactWriteItem::builder().put(put.clone()).build())
+                .transact_items(TransactWriteItem::builder().update(add.clone()).build())
+                .send()
+                .await;
+            let err = match result {
+                Ok(_) => return Ok(()),
+                Err(err) => err,
+            };
+            let reasons: Vec<String> = err
+                .as_service_error()
+                .filter(|e| e.is_transaction_canceled_exception())
+                .map(|e| match e {
+                    TransactWriteItemsError::TransactionCanceledException(cancelled) => cancelled
+                        .cancellation_reasons()
+                        .iter()
+                        .filter_map(|r| r.code().map(str::to_string))
+                        .collect(),
+                    _ => Vec::new(),
+                })
+                .unwrap_or_default();
+            if reasons.iter().any(|r| r == "ConditionalCheckFailed") {
+                return Err(StoreError::Conflict);
+            }
+            if !reasons.iter().any(|r| r == "TransactionConflict") {
+                return Err(unavailable(err));
+            }
+            last = format!("{reasons:?}");
+        }
+        Err(StoreError::Unavailable(format!(
+            "the usage total stayed contended: {last}"
+        )))
+    }
 }
 
 #[async_trait]
@@ -309,6 +430,9 @@ impl JobStore for DynamoJobStore {
     }
 
     async fn save(&self, job: &Job, expected_version: u64) -> Result<(), StoreError> {
+        if let Some(entry) = job.usage_to_count() {
+            return self.save_ending(job, expected_version, entry).await;
+        }
         let result = self
             .client
             .put_item()
@@ -330,6 +454,54 @@ impl JobStore for DynamoJobStore {
             }
             Err(err) => Err(unavailable(err)),
         }
+    }
+
+    async fn usage(&self, owner: &str, days: &[String]) -> Result<Vec<DailyUsage>, StoreError> {
+        let mut found: HashMap<String, DailyUsage> = HashMap::new();
+        // BatchGetItem takes 100 keys; it may answer with some unprocessed, asked again.
+        for chunk in days.chunks(100) {
+            let mut keys: Vec<HashMap<String, AttributeValue>> = chunk
+                .iter()
+                .map(|day| HashMap::from([("pk".to_string(), s(keys::usage_item(owner, day)))]))
+                .collect();
+            for _ in 0..5 {
+                if keys.is_empty() {
+                    break;
+                }
+                let request = KeysAndAttributes::builder()
+                    .set_keys(Some(std::mem::take(&mut keys)))
+                    .consistent_read(true)
+                    .build()
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                let out = self
+                    .client
+                    .batch_get_item()
+                    .request_items(&self.table, request)
+                    .send()
+                    .await
+                    .map_err(unavailable)?;
+                for item in out
+                    .responses()
+                    .and_then(|r| r.get(&self.table))
+                    .into_iter()
+                    .flatten()
+                {
+                    let usage = usage_from_item(owner, item)?;
+                    found.insert(usage.day.clone(), usage);
+                }
+                keys = out
+                    .unprocessed_keys()
+                    .and_then(|u| u.get(&self.table))
+                    .map(|k| k.keys().to_vec())
+                    .unwrap_or_default();
+            }
+            if !keys.is_empty() {
+                return Err(StoreError::Unavailable(
+                    "usage totals still unprocessed after retries".into(),
+                ));
+            }
+        }
+        Ok(days.iter().filter_map(|day| found.remove(day)).collect())
     }
 
     async fn list_by_owner(

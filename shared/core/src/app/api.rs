@@ -2,6 +2,7 @@
 //! handing out upload URLs. Every check is made here, before anything is written, so a refused request
 //! leaves no trace. The routes, identity and JSON shapes are the HTTP crate's
 //! (`gateway_http::api`); it maps each [`Refusal`] to a status.
+use crate::domain::usage::{days_between, DailyUsage};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -225,7 +226,7 @@ impl Api {
             }
         };
 
-        let job = Job::new(
+        let mut job = Job::new(
             NewJob {
                 id: job_id,
                 owner: owner.to_string(),
@@ -240,6 +241,8 @@ impl Api {
             timing(&self.settings, retention),
             self.clock.now_ms(),
         );
+        // Priced at acceptance: a later change of price does not reprice jobs already taken.
+        job.gpu_price_nano_usd = self.settings.gpu_price_nano_usd;
         match self.store.create(&job).await {
             Ok(CreateOutcome::Created) => {}
             // Another request with the key got there between the lookup and the create: what
@@ -517,6 +520,27 @@ impl Api {
     }
 
     /// The owner's jobs, newest first, `limit` (default [`DEFAULT_PAGE`]) at a time.
+    /// The owner's usage for each day from `from` to `to` (UTC, `YYYY-MM-DD`, both included):
+    /// every day of the range, those without ended jobs at zero. Read from the counters the
+    /// terminal writes keep, a handful of reads whatever the number of jobs.
+    pub async fn usage(
+        &self,
+        owner: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<Vec<DailyUsage>, Refusal> {
+        let days =
+            days_between(from, to).map_err(|e| Refusal::invalid("invalid_range", e.to_string()))?;
+        let mut found = self.store.usage(owner, &days).await?.into_iter().peekable();
+        Ok(days
+            .iter()
+            .map(|day| match found.next_if(|usage| usage.day == *day) {
+                Some(usage) => usage,
+                None => DailyUsage::new(day),
+            })
+            .collect())
+    }
+
     pub async fn list(
         &self,
         owner: &str,

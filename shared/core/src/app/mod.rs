@@ -71,6 +71,11 @@ where
         // Every write takes the next version, whatever the change touched: a write that kept
         // the version read would let a second writer on the same read overwrite it.
         next.version = read_version + 1;
+        // The write that ends the job carries what it adds to its owner's usage, so that the
+        // store counts it in the same transaction, and only if this write wins.
+        if next.is_terminal() && !job.is_terminal() {
+            next.count_usage(next.version);
+        }
         next.write_id = Some(rand::random());
         match store.save(&next, read_version).await {
             Ok(()) => return Ok(Committed::Written(next)),

@@ -15,7 +15,7 @@ use crate::app::{commit_as, Committed};
 use crate::config::Settings;
 use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, Millis, TransitionError};
 use crate::domain::keys;
-use crate::domain::report::Reported;
+use crate::domain::report::{ProgressReport, Reported};
 use crate::ports::{Clock, FinalizeQueue, JobStore, ObjectStore, RunPodStatus};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -44,7 +44,7 @@ pub enum Decision {
     /// Still queued at RunPod: nothing to record.
     Wait,
     /// A worker has it.
-    MarkRunning,
+    MarkRunning(Option<ProgressReport>),
     /// It ended without outputs: failed, timed out or cancelled at RunPod.
     End(JobState, JobError),
     /// It completed: hand it to finalize, which collects its outputs.
@@ -61,7 +61,7 @@ pub fn decide(status: &RunPodStatus) -> Decision {
     match report {
         Reported::Unknown => Decision::AskStatus,
         Reported::Queued => Decision::Wait,
-        Reported::Running => Decision::MarkRunning,
+        Reported::Running(progress) => Decision::MarkRunning(progress),
         Reported::Completed(output) => Decision::Collect(output),
         Reported::Failed(message) => Decision::End(
             JobState::Failed,
@@ -144,16 +144,31 @@ impl Observer {
         let committed = match decide(status) {
             Decision::AskStatus => return Ok(Outcome::NeedsStatus),
             Decision::Wait => return Ok(Outcome::Unchanged),
-            Decision::MarkRunning if job.state == JobState::Running => {
-                return Ok(Outcome::Unchanged)
-            }
-            Decision::MarkRunning => {
+            Decision::MarkRunning(progress) => {
+                let (fraction, message) = progress
+                    .map(|p| (p.fraction, p.message))
+                    .unwrap_or_default();
+                // Nothing new: a job already running, with this progress or none reported.
+                let unchanged = job.state == JobState::Running
+                    && (fraction.is_none() && message.is_none()
+                        || job
+                            .progress
+                            .as_ref()
+                            .is_some_and(|p| p.fraction == fraction && p.message == message));
+                if unchanged {
+                    return Ok(Outcome::Unchanged);
+                }
                 let next_check = now + self.settings.poll_interval.as_millis() as Millis;
                 commit_as(self.store.as_ref(), job, by, |job| {
                     same_run.check(job)?;
                     job.ensure_unleased(now)?;
-                    job.mark_running(now)?;
-                    job.next_check_at = Some(next_check);
+                    if job.state != JobState::Running {
+                        job.mark_running(now)?;
+                        job.next_check_at = Some(next_check);
+                    }
+                    if fraction.is_some() || message.is_some() {
+                        job.report_progress(fraction, message.clone(), now)?;
+                    }
                     Ok(())
                 })
                 .await?

@@ -297,6 +297,39 @@ pub struct Deletion {
     pub purged: bool,
 }
 
+/// The latest progress a running job's worker reported.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Done so far, from 0 to 1.
+    pub fraction: Option<f64>,
+    pub message: Option<String>,
+    /// When the gateway learnt it.
+    pub at: Millis,
+}
+
+/// What one ended job adds to its owner's usage totals for a day. The store adds it in the
+/// same transaction as the write that ends the job, the one whose version is `version`: once,
+/// whatever writes follow, and never for a write that lost its race.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageEntry {
+    /// The UTC day the job ended, `YYYY-MM-DD`.
+    pub day: String,
+    pub state: JobState,
+    /// GPU time RunPod reported (its `executionTime`).
+    pub gpu_ms: u64,
+    /// What that cost at the job's price; 0 without a price.
+    pub cost_nano_usd: u64,
+    pub version: u64,
+}
+
+/// The UTC calendar day of `at`, `YYYY-MM-DD`.
+pub fn utc_day(at: Millis) -> String {
+    let date = time::OffsetDateTime::from_unix_timestamp(at.div_euclid(1000))
+        .map(|t| t.date())
+        .unwrap_or(time::Date::MIN);
+    super::usage::format_date(date)
+}
+
 /// RunPod confirmed that `run` completed, and its report (the `/status` answer, whose output
 /// RunPod keeps for only 30 minutes) is stored at `report_key`: from here the finalize function
 /// collects the outputs from that copy, without asking RunPod again.
@@ -385,6 +418,17 @@ pub struct Job {
     /// shows as running until finalize ends it.
     #[serde(default)]
     pub handoff: Option<Handoff>,
+    /// The latest progress the worker reported while running. Only the latest: an entry per
+    /// update would grow the record towards DynamoDB's 400 KB item limit.
+    #[serde(default)]
+    pub progress: Option<Progress>,
+    /// The price of a GPU-second when the job was accepted, in nano-USD: its cost is priced at
+    /// what was in effect then. `None`: no price configured, no cost shown.
+    #[serde(default)]
+    pub gpu_price_nano_usd: Option<u64>,
+    /// What the job adds to its owner's usage totals, set by the write that ends it.
+    #[serde(default)]
+    pub usage: Option<UsageEntry>,
     /// Who is changing the job in this process; recorded in the history, never stored.
     #[serde(skip)]
     acting: Acting,
@@ -498,6 +542,9 @@ impl Job {
             cleanup_pending: false,
             cleanup_delay_ms: timing.cleanup_delay_ms,
             handoff: None,
+            progress: None,
+            gpu_price_nano_usd: None,
+            usage: None,
             acting: Acting::default(),
         }
     }
@@ -724,6 +771,69 @@ impl Job {
 
     pub fn time_out(&mut self, error: JobError, now: Millis) -> Result<(), TransitionError> {
         self.finish(JobState::TimedOut, Some(error), now)
+    }
+
+    /// Records what the worker last reported of its progress, making a submitted job running
+    /// (a worker reporting progress has the job). Returns whether anything changed: a report
+    /// repeating the last one is no reason to write.
+    pub fn report_progress(
+        &mut self,
+        fraction: Option<f64>,
+        message: Option<String>,
+        now: Millis,
+    ) -> Result<bool, TransitionError> {
+        self.ensure_open()?;
+        let mut changed = false;
+        if self.state != JobState::Running {
+            self.mark_running(now)?;
+            changed = true;
+        }
+        let same = self
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.fraction == fraction && p.message == message);
+        if !same {
+            self.progress = Some(Progress {
+                fraction,
+                message,
+                at: now,
+            });
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// GPU-seconds RunPod reported for the job (its `executionTime`).
+    pub fn gpu_seconds(&self) -> Option<f64> {
+        self.execution_time_ms.map(|ms| ms as f64 / 1000.0)
+    }
+
+    /// What the job's GPU time cost at its price, in nano-USD; `None` without a price.
+    pub fn cost_nano_usd(&self) -> Option<u64> {
+        let price = self.gpu_price_nano_usd?;
+        let gpu_ms = u128::from(self.execution_time_ms.unwrap_or(0));
+        u64::try_from(gpu_ms * u128::from(price) / 1000).ok()
+    }
+
+    /// Records what the job adds to its owner's usage, as the write of `version` ends it.
+    pub fn count_usage(&mut self, version: u64) {
+        let ended = self
+            .timestamps
+            .finished_at
+            .unwrap_or(self.timestamps.updated_at);
+        self.usage = Some(UsageEntry {
+            day: utc_day(ended),
+            state: self.state,
+            gpu_ms: self.execution_time_ms.unwrap_or(0),
+            cost_nano_usd: self.cost_nano_usd().unwrap_or(0),
+            version,
+        });
+    }
+
+    /// The usage entry the write of this version must add to its owner's totals, if this
+    /// version is the one that ended the job.
+    pub fn usage_to_count(&self) -> Option<&UsageEntry> {
+        self.usage.as_ref().filter(|u| u.version == self.version)
     }
 
     /// Records RunPod's timings when it reports them.

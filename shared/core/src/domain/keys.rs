@@ -130,6 +130,11 @@ pub fn idempotency_item(owner: &str, key: &str) -> String {
     format!("idem#{owner}#{key}")
 }
 
+/// Job table: an owner's usage totals for one UTC day, `usage#{owner}#{day}`.
+pub fn usage_item(owner: &str, day: &str) -> String {
+    format!("usage#{owner}#{day}")
+}
+
 /// How many partition values the sweeper index is spread over, so that no single hot key takes
 /// all writes of jobs in flight; a sweep queries each.
 pub const SWEEP_SHARDS: u32 = 4;

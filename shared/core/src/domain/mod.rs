@@ -5,4 +5,5 @@ pub mod paths;
 pub mod report;
 pub mod retry;
 pub mod token;
+pub mod usage;
 pub mod workflow;

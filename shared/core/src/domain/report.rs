@@ -14,7 +14,8 @@ pub const MAX_OUTPUT_FILES: usize = 64;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reported {
     Queued,
-    Running,
+    /// In progress, with what the worker last reported of its progress, if anything readable.
+    Running(Option<ProgressReport>),
     Completed(Option<Value>),
     Failed(String),
     TimedOut,
@@ -32,7 +33,7 @@ impl Reported {
         match status.map(str::to_ascii_uppercase).as_deref() {
             Some("IN_QUEUE") => Self::Queued,
             // The docs list RUNNING too; treat it as IN_PROGRESS.
-            Some("IN_PROGRESS" | "RUNNING") => Self::Running,
+            Some("IN_PROGRESS" | "RUNNING") => Self::Running(progress_of(output)),
             Some("COMPLETED") => Self::Completed(output.filter(|v| !v.is_null()).cloned()),
             Some("FAILED") => Self::Failed(worker_error_message(error)),
             Some("TIMED_OUT") => Self::TimedOut,
@@ -47,6 +48,72 @@ impl Reported {
             Self::Completed(_) | Self::Failed(_) | Self::TimedOut | Self::Cancelled
         )
     }
+}
+
+/// Longest progress message kept; a worker's status line, not its log.
+pub const MAX_PROGRESS_MESSAGE_CHARS: usize = 200;
+
+/// What a worker's `progress_update` said, as far as it reads as progress: a fraction done
+/// (0 to 1) and/or a message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProgressReport {
+    pub fraction: Option<f64>,
+    pub message: Option<String>,
+}
+
+/// Reads the `output` RunPod shows for a run in progress: whatever the worker last passed to
+/// `progress_update`, any JSON. Understood:
+/// - a number: a fraction from 0 to 1, or a percentage above 1 up to 100;
+/// - a string: a message;
+/// - an object: a fraction from `fraction` or `progress` (read as a number is), or from
+///   `percent` or `pct`; a message from `message`, `status`, `stage` or `text`.
+///
+/// Anything else, or values out of range, read as no progress: the worker's output is
+/// untrusted, and a client must never see a fraction outside 0..=1 or a message of any size.
+pub fn progress_of(output: Option<&Value>) -> Option<ProgressReport> {
+    fn fraction(value: &Value, percent: bool) -> Option<f64> {
+        let n = value.as_f64().filter(|n| n.is_finite() && *n >= 0.0)?;
+        match (percent, n) {
+            (false, n) if n <= 1.0 => Some(n),
+            (_, n) if n <= 100.0 => Some(n / 100.0),
+            _ => None,
+        }
+    }
+    fn message(value: &Value) -> Option<String> {
+        let text: String = value
+            .as_str()?
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(MAX_PROGRESS_MESSAGE_CHARS)
+            .collect();
+        let text = text.trim();
+        (!text.is_empty()).then(|| text.to_string())
+    }
+    let report = match output? {
+        Value::Number(_) => ProgressReport {
+            fraction: fraction(output?, false),
+            message: None,
+        },
+        Value::String(_) => ProgressReport {
+            fraction: None,
+            message: message(output?),
+        },
+        Value::Object(fields) => ProgressReport {
+            fraction: ["fraction", "progress"]
+                .iter()
+                .find_map(|k| fields.get(*k).and_then(|v| fraction(v, false)))
+                .or_else(|| {
+                    ["percent", "pct"]
+                        .iter()
+                        .find_map(|k| fields.get(*k).and_then(|v| fraction(v, true)))
+                }),
+            message: ["message", "status", "stage", "text"]
+                .iter()
+                .find_map(|k| fields.get(*k).and_then(message)),
+        },
+        _ => return None,
+    };
+    (report.fraction.is_some() || report.message.is_some()).then_some(report)
 }
 
 /// The message a client may see for a failed worker. The runpod SDK sends a raised exception as
@@ -496,6 +563,58 @@ mod tests {
         )
     }
 
+    fn progress(output: Value) -> Option<(Option<f64>, Option<String>)> {
+        progress_of(Some(&output)).map(|p| (p.fraction, p.message))
+    }
+
+    #[test]
+    fn a_running_report_carries_the_workers_progress() {
+        assert_eq!(
+            Reported::from_status(Some("IN_PROGRESS"), Some(&json!("step 2")), None),
+            Reported::Running(Some(ProgressReport {
+                fraction: None,
+                message: Some("step 2".into())
+            }))
+        );
+    }
+
+    #[test]
+    fn progress_reads_numbers_as_fractions_or_percentages() {
+        assert_eq!(progress(json!(0.25)), Some((Some(0.25), None)));
+        assert_eq!(progress(json!(40)), Some((Some(0.4), None)));
+        assert_eq!(progress(json!(1)), Some((Some(1.0), None)));
+        assert_eq!(progress(json!(-1)), None);
+        assert_eq!(progress(json!(250)), None);
+    }
+
+    #[test]
+    fn progress_reads_the_usual_fields_of_an_object() {
+        assert_eq!(
+            progress(json!({"percent": 50, "message": "restoring"})),
+            Some((Some(0.5), Some("restoring".into())))
+        );
+        assert_eq!(
+            progress(json!({"progress": 0.75, "stage": "upscale"})),
+            Some((Some(0.75), Some("upscale".into())))
+        );
+        assert_eq!(progress(json!({"pct": 12.5})), Some((Some(0.125), None)));
+        assert_eq!(progress(json!({"other": 1})), None);
+    }
+
+    #[test]
+    fn a_progress_message_is_one_short_clean_line() {
+        let long = "x".repeat(5_000);
+        let (_, message) = progress(json!(long)).unwrap();
+        assert_eq!(message.unwrap().len(), MAX_PROGRESS_MESSAGE_CHARS);
+        assert_eq!(
+            progress(json!(" a\u{7}b\n ")),
+            Some((None, Some("ab".into())))
+        );
+        assert_eq!(progress(json!("   ")), None);
+        assert_eq!(progress(json!([1, 2])), None);
+        assert_eq!(progress(json!(null)), None);
+    }
+
     #[test]
     fn statuses_map_to_reports() {
         assert_eq!(
@@ -504,7 +623,7 @@ mod tests {
         );
         assert_eq!(
             Reported::from_status(Some("RUNNING"), None, None),
-            Reported::Running
+            Reported::Running(None)
         );
         assert_eq!(
             Reported::from_status(Some("TIMED_OUT"), None, None),

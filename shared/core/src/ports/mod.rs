@@ -8,6 +8,7 @@ use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::job::{Job, Millis};
+use crate::domain::usage::DailyUsage;
 
 // ---------------------------------------------------------------------------------------------
 // Failures
@@ -100,8 +101,12 @@ pub trait JobStore: Send + Sync {
     /// Removes the record that reserves `job`'s idempotency key, if it still names `job` (a
     /// deleted job's key may then create a new job). Nothing to do is not an error.
     async fn forget_idempotency_key(&self, job: &Job) -> Result<(), StoreError>;
-    /// Writes `job` only if the stored version is still `expected_version`.
+    /// Writes `job` only if the stored version is still `expected_version`. The write that
+    /// ends the job ([`Job::usage_to_count`]) adds the job to its owner's usage totals in the
+    /// same transaction: counted once, and only if the write lands.
     async fn save(&self, job: &Job, expected_version: u64) -> Result<(), StoreError>;
+    /// The owner's usage totals for those of `days` (`YYYY-MM-DD`) that have any.
+    async fn usage(&self, owner: &str, days: &[String]) -> Result<Vec<DailyUsage>, StoreError>;
     /// The owner's jobs, newest first.
     async fn list_by_owner(
         &self,

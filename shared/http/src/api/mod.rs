@@ -25,7 +25,7 @@ use gateway::app::api::{Api, JobRequest, Submitted};
 
 use crate::error::ApiError;
 use identity::IdentitySource;
-use views::{DeletedView, Health, JobList, JobSummary, JobView, UploadView};
+use views::{DeletedView, Health, JobList, JobSummary, JobView, UploadView, UsageView};
 
 /// Room for a 4 MB image in base64 plus the JSON around it; API Gateway caps Lambda at 6 MB.
 pub const MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
@@ -59,6 +59,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/jobs/{id}/cancel"),
     ("DELETE", "/jobs/{id}"),
     ("POST", "/uploads"),
+    ("GET", "/usage"),
     ("GET", "/health"),
 ];
 
@@ -70,6 +71,7 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<ApiState>> {
         ("POST", "/jobs/{id}/cancel") => post(cancel_job),
         ("DELETE", "/jobs/{id}") => delete(delete_job),
         ("POST", "/uploads") => post(create_upload),
+        ("GET", "/usage") => get(usage),
         ("GET", "/health") => get(|| async { Json(Health { ok: true }) }),
         _ => unreachable!("{method} {path} is in ROUTES without a handler"),
     }
@@ -170,6 +172,27 @@ async fn list_jobs(
         .list(&owner, query.limit, query.cursor.as_deref())
         .await?;
     Ok(Json(JobList::from(&page)))
+}
+
+#[derive(Deserialize)]
+struct UsageQuery {
+    from: Option<String>,
+    to: Option<String>,
+}
+
+async fn usage(
+    State(state): State<Arc<ApiState>>,
+    Owner(owner): Owner,
+    Query(query): Query<UsageQuery>,
+) -> Result<Json<UsageView>, ApiError> {
+    let (Some(from), Some(to)) = (query.from, query.to) else {
+        return Err(ApiError::bad_request(
+            "invalid_range",
+            "from and to (YYYY-MM-DD, UTC, both included) are required",
+        ));
+    };
+    let days = state.usage(&owner, &from, &to).await?;
+    Ok(Json(UsageView::new(&from, &to, &days)))
 }
 
 async fn delete_job(

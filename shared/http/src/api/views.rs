@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use gateway::app::api::{JobDetail, UploadTicket};
 use gateway::domain::job::{Job, JobEvent, Millis, OutputFile};
+use gateway::domain::usage::DailyUsage;
 use gateway::domain::workflow::ValidatedParams;
 use gateway::ports::JobPage;
 
@@ -106,8 +107,96 @@ pub struct JobView {
     pub error: Option<ErrorView>,
     pub delay_time_ms: Option<u64>,
     pub execution_time_ms: Option<u64>,
+    /// What the worker last reported of its progress, while running and after.
+    pub progress: Option<ProgressView>,
+    /// Time in RunPod's queue, and GPU time (RunPod's `delayTime` and `executionTime`).
+    pub queue_seconds: Option<f64>,
+    pub gpu_seconds: Option<f64>,
+    /// The GPU time at the price per GPU-second in effect when the job was accepted; absent
+    /// when no price is configured.
+    pub cost_usd: Option<f64>,
     pub outputs: Vec<OutputView>,
     pub events: Vec<EventView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProgressView {
+    /// Done so far, from 0 to 1.
+    pub fraction: Option<f64>,
+    pub message: Option<String>,
+    pub updated_at: String,
+}
+
+/// `GET /usage`: an owner's totals per UTC day, every day of the range.
+#[derive(Debug, Serialize)]
+pub struct UsageView {
+    pub from: String,
+    pub to: String,
+    pub days: Vec<DayView>,
+    pub total: UsageTotals,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DayView {
+    pub day: String,
+    #[serde(flatten)]
+    pub totals: UsageTotals,
+}
+
+/// Jobs that ended, by state, and what they used.
+#[derive(Debug, Default, Serialize)]
+pub struct UsageTotals {
+    pub jobs: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    pub timed_out: u64,
+    pub gpu_seconds: f64,
+    pub cost_usd: f64,
+}
+
+impl UsageTotals {
+    fn of(days: &[DailyUsage]) -> Self {
+        let mut sum = DailyUsage::default();
+        for day in days {
+            sum.succeeded += day.succeeded;
+            sum.failed += day.failed;
+            sum.cancelled += day.cancelled;
+            sum.timed_out += day.timed_out;
+            sum.gpu_ms += day.gpu_ms;
+            sum.cost_nano_usd += day.cost_nano_usd;
+        }
+        Self {
+            jobs: sum.jobs(),
+            succeeded: sum.succeeded,
+            failed: sum.failed,
+            cancelled: sum.cancelled,
+            timed_out: sum.timed_out,
+            gpu_seconds: sum.gpu_ms as f64 / 1000.0,
+            cost_usd: usd(sum.cost_nano_usd),
+        }
+    }
+}
+
+impl UsageView {
+    pub fn new(from: &str, to: &str, days: &[DailyUsage]) -> Self {
+        Self {
+            from: from.to_string(),
+            to: to.to_string(),
+            days: days
+                .iter()
+                .map(|day| DayView {
+                    day: day.day.clone(),
+                    totals: UsageTotals::of(std::slice::from_ref(day)),
+                })
+                .collect(),
+            total: UsageTotals::of(days),
+        }
+    }
+}
+
+fn usd(nanos: u64) -> f64 {
+    nanos as f64 / 1e9
 }
 
 #[derive(Debug, Serialize)]
@@ -177,6 +266,14 @@ impl From<&JobDetail> for JobView {
             }),
             delay_time_ms: job.delay_time_ms,
             execution_time_ms: job.execution_time_ms,
+            progress: job.progress.as_ref().map(|p| ProgressView {
+                fraction: p.fraction,
+                message: p.message.clone(),
+                updated_at: time(p.at),
+            }),
+            queue_seconds: job.delay_time_ms.map(|ms| ms as f64 / 1000.0),
+            gpu_seconds: job.gpu_seconds(),
+            cost_usd: job.cost_nano_usd().map(usd),
             outputs: detail
                 .outputs
                 .iter()
