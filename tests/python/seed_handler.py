@@ -11,7 +11,8 @@ Environment:
 - ``RUNPOD_VOLUME_DIR``: the real directory that plays ``/runpod-volume`` (required);
 - ``RUNPOD_VOLUME_MOUNT``: the mount path reported in ``files`` (default ``/runpod-volume``);
 - ``HANDLER_DELAY_SECS``: GPU time to pretend, awaited so that a stop from ``job-stop`` lands;
-- ``HANDLER_GATE``: a file path; the handler reports progress, then waits until the file exists
+- ``HANDLER_GATE``: a file path; the handler reports its progress as an object instead of a
+  string, then waits until the file exists
   (a test opens the gate once it has seen the progress, whatever the machine's speed);
 - ``HANDLER_RAISE``: raise ``RuntimeError`` with this message instead of working.
 
@@ -33,13 +34,17 @@ async def handler(job):
     workflow = job["input"].get("workflow_api")
     if not isinstance(workflow, dict):
         raise ValueError("Missing 'workflow_api' parameter")
-    runpod.serverless.progress_update(job, "loading workflow")
+    gate = os.environ.get("HANDLER_GATE")
+    # Each progress_update is sent from a thread of its own, so two in a row may land in either
+    # order: a gated run sends its one update only.
+    if gate:
+        runpod.serverless.progress_update(job, {"percent": 40, "message": "restoring"})
+    else:
+        runpod.serverless.progress_update(job, "loading workflow")
     delay = float(os.environ.get("HANDLER_DELAY_SECS", "0") or 0)
     if delay > 0:
         await asyncio.sleep(delay)
-    gate = os.environ.get("HANDLER_GATE")
     if gate:
-        runpod.serverless.progress_update(job, {"percent": 40, "message": "restoring"})
         while not os.path.exists(gate):
             await asyncio.sleep(0.05)
     message = os.environ.get("HANDLER_RAISE")

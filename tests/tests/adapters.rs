@@ -209,10 +209,10 @@ async fn listing_pages_stay_within_one_owner() {
     for owner in ["alice", "bob", "alice", "alice"] {
         store.create(&job(owner, 1_000, 60_000)).await.unwrap();
     }
-    let page = store.list_by_owner("alice", 2, None).await.unwrap();
+    let page = store.list_by_owner("alice", None, 2, None).await.unwrap();
     assert_eq!(page.jobs.len(), 2);
     let rest = store
-        .list_by_owner("alice", 2, page.cursor.as_deref())
+        .list_by_owner("alice", None, 2, page.cursor.as_deref())
         .await
         .unwrap();
     assert_eq!(rest.jobs.len(), 1);
@@ -222,7 +222,54 @@ async fn listing_pages_stay_within_one_owner() {
         .chain(&page.jobs)
         .all(|j| j.owner == "alice"));
     assert!(matches!(
-        store.list_by_owner("bob", 2, page.cursor.as_deref()).await,
+        store
+            .list_by_owner("bob", None, 2, page.cursor.as_deref())
+            .await,
+        Err(StoreError::Corrupt(_))
+    ));
+}
+
+#[tokio::test]
+async fn a_status_listing_reads_only_that_status_and_its_cursor_only_goes_on_it() {
+    let store = store().await;
+    let mut running = Vec::new();
+    for n in 0..5 {
+        let queued = job("alice", 1_000 + n, 60_000);
+        store.create(&queued).await.unwrap();
+        if n % 2 == 0 {
+            let mut moved = queued.clone();
+            moved.mark_running(2_000).unwrap();
+            moved.version += 1;
+            store.save(&moved, queued.version).await.unwrap();
+            running.push(moved.id);
+        }
+    }
+    store.create(&job("bob", 1_000, 60_000)).await.unwrap();
+    let running_state = Some(gateway::domain::job::JobState::Running);
+
+    let first = store
+        .list_by_owner("alice", running_state, 2, None)
+        .await
+        .unwrap();
+    let rest = store
+        .list_by_owner("alice", running_state, 2, first.cursor.as_deref())
+        .await
+        .unwrap();
+
+    let mut listed: Vec<String> = first
+        .jobs
+        .iter()
+        .chain(&rest.jobs)
+        .map(|j| j.id.clone())
+        .collect();
+    listed.sort();
+    running.sort();
+    assert_eq!(listed, running);
+    assert!(rest.cursor.is_none() || rest.jobs.len() == 1);
+    assert!(matches!(
+        store
+            .list_by_owner("alice", None, 2, first.cursor.as_deref())
+            .await,
         Err(StoreError::Corrupt(_))
     ));
 }

@@ -186,6 +186,60 @@ async fn listing_is_newest_first_and_paginated() {
 }
 
 #[tokio::test]
+async fn a_status_filter_lists_only_jobs_in_that_state() {
+    let stack = Stack::start().await;
+    let (done, _) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
+    let cancelled = stack
+        .submit_restore(ALICE, &jpeg(64, 48), json!({"megapixels": 0.01}))
+        .await;
+    stack
+        .post_json(ALICE, &format!("/jobs/{cancelled}/cancel"), &json!({}))
+        .await;
+    let ids = |page: &Value| -> Vec<String> {
+        page["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["job_id"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let (_, succeeded) = stack.get(ALICE, "/jobs?status=succeeded").await;
+    let (_, cancelled_page) = stack.get(ALICE, "/jobs?status=cancelled").await;
+    let (_, bobs) = stack.get(BOB, "/jobs?status=succeeded").await;
+    let (status, bad) = stack.get(ALICE, "/jobs?status=finished").await;
+
+    assert_eq!(ids(&succeeded), [done]);
+    assert_eq!(ids(&cancelled_page), [cancelled]);
+    assert!(ids(&bobs).is_empty());
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad["error"]["code"], "invalid_status");
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn the_workflows_are_listed_with_their_params_as_json_schema() {
+    let stack = Stack::start().await;
+
+    let (status, body) = stack.get(ALICE, "/workflows").await;
+
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let restore = body["workflows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == "restore")
+        .expect("restore is listed");
+    assert_eq!(restore["params"]["type"], "object");
+    assert_eq!(
+        restore["params"]["properties"]["megapixels"]["maximum"],
+        4.0
+    );
+    assert_eq!(restore["params"]["additionalProperties"], false);
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn an_idempotency_key_returns_the_first_job_instead_of_a_second() {
     let stack = Stack::start().await;
     let request = restore_request(&jpeg(64, 48), json!({"megapixels": 0.01}));

@@ -553,9 +553,9 @@ async fn a_list_shows_only_the_owners_jobs_newest_first_in_pages() {
     kit.queued_job("bob");
     let api = kit.api();
 
-    let first = api.list("alice", Some(2), None).await.unwrap();
+    let first = api.list("alice", None, Some(2), None).await.unwrap();
     let second = api
-        .list("alice", Some(2), first.cursor.as_deref())
+        .list("alice", None, Some(2), first.cursor.as_deref())
         .await
         .unwrap();
 
@@ -572,10 +572,56 @@ async fn a_list_limit_outside_1_to_100_is_refused() {
     let kit = Kit::new();
     for limit in [0, 101] {
         assert_eq!(
-            code(kit.api().list("alice", Some(limit), None).await),
+            code(kit.api().list("alice", None, Some(limit), None).await),
             "invalid_limit"
         );
     }
+}
+
+#[tokio::test]
+async fn a_status_filter_lists_only_the_owners_jobs_in_that_state() {
+    let kit = Kit::new();
+    let cancelled = kit.queued_job("alice");
+    kit.api().cancel("alice", &cancelled.id).await.unwrap();
+    kit.queued_job("alice");
+    let bobs = kit.queued_job("bob");
+    kit.api().cancel("bob", &bobs.id).await.unwrap();
+
+    let page = kit
+        .api()
+        .list("alice", Some("cancelled"), None, None)
+        .await
+        .unwrap();
+
+    let ids: Vec<&str> = page.jobs.iter().map(|j| j.id.as_str()).collect();
+    assert_eq!(ids, [cancelled.id.as_str()]);
+}
+
+#[tokio::test]
+async fn a_status_that_is_no_status_is_refused() {
+    let kit = Kit::new();
+    for status in ["done", "Running", ""] {
+        assert_eq!(
+            code(kit.api().list("alice", Some(status), None, None).await),
+            "invalid_status"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_cursor_goes_on_only_the_listing_it_came_from() {
+    let kit = Kit::new();
+    for _ in 0..3 {
+        kit.queued_job("alice");
+    }
+    let all = kit.api().list("alice", None, Some(1), None).await.unwrap();
+
+    let result = kit
+        .api()
+        .list("alice", Some("queued"), Some(1), all.cursor.as_deref())
+        .await;
+
+    assert_eq!(code(result), "invalid_cursor");
 }
 
 #[tokio::test]
@@ -584,11 +630,11 @@ async fn another_owners_cursor_is_invalid() {
     for _ in 0..3 {
         kit.queued_job("bob");
     }
-    let bobs = kit.api().list("bob", Some(1), None).await.unwrap();
+    let bobs = kit.api().list("bob", None, Some(1), None).await.unwrap();
 
     let result = kit
         .api()
-        .list("alice", Some(1), bobs.cursor.as_deref())
+        .list("alice", None, Some(1), bobs.cursor.as_deref())
         .await;
 
     assert_eq!(code(result), "invalid_cursor");

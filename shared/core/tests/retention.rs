@@ -129,7 +129,7 @@ async fn past_its_retention_a_job_answers_gone_before_the_sweeper_has_purged_it(
     let refused = kit.api().job("alice", &job.id).await.unwrap_err();
 
     assert_eq!(gone_code(refused), "job_expired");
-    let listed = kit.api().list("alice", None, None).await.unwrap();
+    let listed = kit.api().list("alice", None, None, None).await.unwrap();
     assert!(listed.jobs.iter().all(|j| j.id != job.id), "not listed");
 }
 
@@ -280,7 +280,7 @@ async fn a_deleted_job_cannot_be_cancelled_or_listed() {
         gone_code(kit.api().cancel("alice", &job.id).await.unwrap_err()),
         "job_deleted"
     );
-    let listed = kit.api().list("alice", None, None).await.unwrap();
+    let listed = kit.api().list("alice", None, None, None).await.unwrap();
     assert!(listed.jobs.is_empty());
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use gateway::domain::job::{Job, Millis};
+use gateway::domain::job::{Job, JobState, Millis};
 use gateway::domain::keys;
 use gateway::domain::usage::DailyUsage;
 use gateway::ports::{
@@ -265,24 +265,28 @@ impl JobStore for MemStore {
     async fn list_by_owner(
         &self,
         owner: &str,
+        status: Option<JobState>,
         limit: u32,
         cursor: Option<&str>,
     ) -> Result<JobPage, StoreError> {
         self.available()?;
-        // Like the DynamoDB store's, a cursor is bound to its owner: `{owner}/{last job id}`.
+        // Like the DynamoDB store's, a cursor is bound to its listing:
+        // `{owner}#{status}/{last job id}`.
+        let listing = format!("{owner}#{}", status.map_or("", JobState::as_str));
         let after = match cursor {
             None => None,
             Some(cursor) => Some(
                 cursor
-                    .strip_prefix(owner)
+                    .strip_prefix(&listing)
                     .and_then(|rest| rest.strip_prefix('/'))
-                    .ok_or_else(|| StoreError::Corrupt("not this owner's cursor".into()))?
+                    .ok_or_else(|| StoreError::Corrupt("not this listing's cursor".into()))?
                     .to_string(),
             ),
         };
         let mut jobs: Vec<Job> = lock(&self.jobs)
             .values()
             .filter(|j| j.owner == owner)
+            .filter(|j| status.is_none_or(|s| j.state == s))
             .filter(|j| after.as_ref().is_none_or(|last| j.id < *last))
             .cloned()
             .collect();
@@ -291,7 +295,7 @@ impl JobStore for MemStore {
         let more = jobs.len() > limit as usize;
         jobs.truncate(limit as usize);
         let cursor = more
-            .then(|| jobs.last().map(|last| format!("{owner}/{}", last.id)))
+            .then(|| jobs.last().map(|last| format!("{listing}/{}", last.id)))
             .flatten();
         Ok(JobPage { jobs, cursor })
     }

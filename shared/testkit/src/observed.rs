@@ -86,10 +86,11 @@ impl JobStore for ObservedStore {
     async fn list_by_owner(
         &self,
         owner: &str,
+        status: Option<gateway::domain::job::JobState>,
         limit: u32,
         cursor: Option<&str>,
     ) -> Result<JobPage, StoreError> {
-        self.inner.list_by_owner(owner, limit, cursor).await
+        self.inner.list_by_owner(owner, status, limit, cursor).await
     }
     async fn due_for_check(&self, now: Millis, limit: u32) -> Result<DueJobs, StoreError> {
         self.index_calls.fetch_add(1, Ordering::Relaxed);

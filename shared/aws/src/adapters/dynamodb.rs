@@ -4,6 +4,8 @@
 //! attributes that keys, indexes, conditions and the console need as real attributes:
 //! - `owner` + `job_id`: the owner index (`owner-index`), newest first because job ids are
 //!   UUIDv7 and sort by time;
+//! - `owner_status` (`{owner}#{status}`) + `job_id`: the same, one partition per status
+//!   (`owner-status-index`), for `GET /jobs?status=`;
 //! - `sweep_shard` + `next_check_at`: the sparse sweeper index (`sweep-index`). Both are removed
 //!   when a job turns terminal, so the index holds only jobs in flight and a sweep reads only
 //!   what is due, however many finished jobs the table keeps;
@@ -57,6 +59,7 @@ pub fn client(sdk: &aws_config::SdkConfig) -> Client {
 
 pub const OWNER_INDEX: &str = "owner-index";
 pub const SWEEP_INDEX: &str = "sweep-index";
+pub const OWNER_STATUS_INDEX: &str = "owner-status-index";
 
 #[derive(Clone)]
 pub struct DynamoJobStore {
@@ -92,6 +95,10 @@ fn to_item(job: &Job) -> Result<HashMap<String, AttributeValue>, StoreError> {
         ("job_id".to_string(), s(&job.id)),
         ("owner".to_string(), s(&job.owner)),
         ("state".to_string(), s(job.state.as_str())),
+        (
+            "owner_status".to_string(),
+            s(keys::owner_status(&job.owner, job.state.as_str())),
+        ),
         ("workflow".to_string(), s(&job.workflow)),
         ("created_at".to_string(), n(job.timestamps.created_at)),
         ("version".to_string(), n(job.version)),
@@ -171,29 +178,42 @@ fn unavailable<E: ProvideErrorMetadata + std::fmt::Debug>(err: SdkError<E>) -> S
     StoreError::Unavailable(detail)
 }
 
-fn encode_cursor(key: &HashMap<String, AttributeValue>) -> Option<String> {
+/// A listing's cursor: the last job read, and which listing it belongs to (owner, status).
+fn encode_cursor(
+    key: &HashMap<String, AttributeValue>,
+    owner: &str,
+    status: Option<&str>,
+) -> Option<String> {
     let pk = key.get("pk")?.as_s().ok()?;
-    let owner = key.get("owner")?.as_s().ok()?;
-    let raw = serde_json::json!({ "pk": pk, "owner": owner });
+    let raw = serde_json::json!({ "pk": pk, "owner": owner, "status": status });
     Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw.to_string()))
 }
 
-fn decode_cursor(cursor: &str, owner: &str) -> Result<HashMap<String, AttributeValue>, StoreError> {
+fn decode_cursor(
+    cursor: &str,
+    owner: &str,
+    status: Option<&str>,
+) -> Result<HashMap<String, AttributeValue>, StoreError> {
     let invalid = || StoreError::Corrupt("invalid cursor".into());
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(cursor)
         .map_err(|_| invalid())?;
     let value: serde_json::Value = serde_json::from_slice(&raw).map_err(|_| invalid())?;
     let pk = value["pk"].as_str().ok_or_else(invalid)?;
-    // A cursor names a position in one owner's list; it must not open another's.
-    if value["owner"].as_str() != Some(owner) {
+    // A cursor names a position in one owner's listing; it must not open another's, nor go on
+    // a listing of another status.
+    if value["owner"].as_str() != Some(owner) || value["status"].as_str() != status {
         return Err(invalid());
     }
-    Ok(HashMap::from([
-        ("pk".to_string(), s(pk)),
-        ("job_id".to_string(), s(pk)),
-        ("owner".to_string(), s(owner)),
-    ]))
+    let mut key = HashMap::from([("pk".to_string(), s(pk)), ("job_id".to_string(), s(pk))]);
+    match status {
+        None => key.insert("owner".to_string(), s(owner)),
+        Some(status) => key.insert(
+            "owner_status".to_string(),
+            s(keys::owner_status(owner, status)),
+        ),
+    };
+    Ok(key)
 }
 
 /// Whether `stored` is the record `job` created: the same new id, owner, creation time and
@@ -507,18 +527,30 @@ impl JobStore for DynamoJobStore {
     async fn list_by_owner(
         &self,
         owner: &str,
+        status: Option<JobState>,
         limit: u32,
         cursor: Option<&str>,
     ) -> Result<JobPage, StoreError> {
-        let start = cursor.map(|c| decode_cursor(c, owner)).transpose()?;
+        let status = status.map(JobState::as_str);
+        let start = cursor
+            .map(|c| decode_cursor(c, owner, status))
+            .transpose()?;
+        let (index, attribute, value) = match status {
+            None => (OWNER_INDEX, "owner", owner.to_string()),
+            Some(status) => (
+                OWNER_STATUS_INDEX,
+                "owner_status",
+                keys::owner_status(owner, status),
+            ),
+        };
         let out = self
             .client
             .query()
             .table_name(&self.table)
-            .index_name(OWNER_INDEX)
-            .key_condition_expression("#owner = :owner")
-            .expression_attribute_names("#owner", "owner")
-            .expression_attribute_values(":owner", s(owner))
+            .index_name(index)
+            .key_condition_expression("#partition = :value")
+            .expression_attribute_names("#partition", attribute)
+            .expression_attribute_values(":value", s(value))
             .scan_index_forward(false)
             .limit(limit.clamp(1, 100) as i32)
             .set_exclusive_start_key(start)
@@ -532,7 +564,9 @@ impl JobStore for DynamoJobStore {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(JobPage {
             jobs,
-            cursor: out.last_evaluated_key().and_then(encode_cursor),
+            cursor: out
+                .last_evaluated_key()
+                .and_then(|key| encode_cursor(key, owner, status)),
         })
     }
 
@@ -631,11 +665,13 @@ pub const TABLE: TableSchema = TableSchema {
         ("job_id", "S"),
         ("sweep_shard", "S"),
         ("next_check_at", "N"),
+        ("owner_status", "S"),
     ],
     key: "pk",
     indexes: &[
         (OWNER_INDEX, "owner", "job_id"),
         (SWEEP_INDEX, "sweep_shard", "next_check_at"),
+        (OWNER_STATUS_INDEX, "owner_status", "job_id"),
     ],
     ttl: "expires_at",
 };
@@ -757,9 +793,19 @@ mod tests {
             ("pk".to_string(), s("job-1")),
             ("owner".to_string(), s("alice")),
         ]);
-        let cursor = encode_cursor(&key).unwrap();
-        assert!(decode_cursor(&cursor, "alice").is_ok());
-        assert!(decode_cursor(&cursor, "mallory").is_err());
-        assert!(decode_cursor("not-base64!", "alice").is_err());
+        let cursor = encode_cursor(&key, "alice", None).unwrap();
+        assert!(decode_cursor(&cursor, "alice", None).is_ok());
+        assert!(decode_cursor(&cursor, "mallory", None).is_err());
+        assert!(decode_cursor("not-base64!", "alice", None).is_err());
+    }
+
+    #[test]
+    fn a_cursor_goes_on_only_the_status_listing_it_came_from() {
+        let key = HashMap::from([("pk".to_string(), s("job-1"))]);
+        let cursor = encode_cursor(&key, "alice", Some("running")).unwrap();
+        let resumed = decode_cursor(&cursor, "alice", Some("running")).unwrap();
+        assert_eq!(resumed["owner_status"], s("alice#running"));
+        assert!(decode_cursor(&cursor, "alice", Some("failed")).is_err());
+        assert!(decode_cursor(&cursor, "alice", None).is_err());
     }
 }

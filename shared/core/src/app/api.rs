@@ -2,6 +2,7 @@
 //! handing out upload URLs. Every check is made here, before anything is written, so a refused request
 //! leaves no trace. The routes, identity and JSON shapes are the HTTP crate's
 //! (`gateway_http::api`); it maps each [`Refusal`] to a status.
+use crate::domain::job::JobState;
 use crate::domain::usage::{days_between, DailyUsage};
 use std::sync::Arc;
 use std::time::Duration;
@@ -449,7 +450,7 @@ impl Api {
     pub async fn job(&self, owner: &str, id: &str) -> Result<JobDetail, Refusal> {
         let job = self.live_job(owner, id).await?;
         let mut outputs = Vec::new();
-        if job.state == crate::domain::job::JobState::Succeeded {
+        if job.state == JobState::Succeeded {
             let left = job.retained_until() - self.clock.now_ms();
             let ttl = self
                 .settings
@@ -541,12 +542,24 @@ impl Api {
             .collect())
     }
 
+    /// The owner's jobs, newest first; with `status` (a public status name), only those in it.
     pub async fn list(
         &self,
         owner: &str,
+        status: Option<&str>,
         limit: Option<u32>,
         cursor: Option<&str>,
     ) -> Result<JobPage, Refusal> {
+        let status = status
+            .map(|name| {
+                JobState::parse(name).ok_or_else(|| {
+                    Refusal::invalid(
+                        "invalid_status",
+                        "status must be one of queued, submitted, running, succeeded, failed, cancelled, timed_out",
+                    )
+                })
+            })
+            .transpose()?;
         let limit = limit.unwrap_or(DEFAULT_PAGE);
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(Refusal::invalid(
@@ -556,7 +569,7 @@ impl Api {
         }
         let mut page = self
             .store
-            .list_by_owner(owner, limit, cursor)
+            .list_by_owner(owner, status, limit, cursor)
             .await
             .map_err(|err| match err {
                 StoreError::Corrupt(_) => {

@@ -130,6 +130,12 @@ pub fn idempotency_item(owner: &str, key: &str) -> String {
     format!("idem#{owner}#{key}")
 }
 
+/// Job table: the partition of the owner-and-status index a job is listed under,
+/// `{owner}#{status}` (the public status name).
+pub fn owner_status(owner: &str, status: &str) -> String {
+    format!("{owner}#{status}")
+}
+
 /// Job table: an owner's usage totals for one UTC day, `usage#{owner}#{day}`.
 pub fn usage_item(owner: &str, day: &str) -> String {
     format!("usage#{owner}#{day}")

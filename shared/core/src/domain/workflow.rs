@@ -231,6 +231,11 @@ impl WorkflowCatalog {
     pub fn names(&self) -> Vec<&str> {
         self.workflows.keys().map(String::as_str).collect()
     }
+
+    /// Every workflow, by name.
+    pub fn workflows(&self) -> impl Iterator<Item = &Workflow> {
+        self.workflows.values()
+    }
 }
 
 /// A workflow graph with its checked manifest.
@@ -266,6 +271,55 @@ impl Workflow {
     /// The public parameters, sorted by name.
     pub fn params(&self) -> &BTreeMap<String, ParamSpec> {
         &self.params
+    }
+
+    /// The `params` a job of this workflow accepts, as a JSON Schema (2020-12, the dialect of
+    /// OpenAPI 3.1): what [`Workflow::validate`] checks, bounds and choices included. A
+    /// parameter drawn at random when left out has no `default` and says so.
+    pub fn params_schema(&self) -> Value {
+        let mut properties = Map::new();
+        let mut required = Vec::new();
+        for (name, spec) in &self.params {
+            let mut schema = match &spec.kind {
+                ParamKind::Number { min, max } => {
+                    serde_json::json!({"type": "number", "minimum": min, "maximum": max})
+                }
+                ParamKind::Integer { min, max } => {
+                    serde_json::json!({"type": "integer", "minimum": min, "maximum": max})
+                }
+                ParamKind::String { choices } => {
+                    serde_json::json!({"type": "string", "enum": choices})
+                }
+            };
+            let fields = schema.as_object_mut().expect("an object");
+            let mut description = spec.description.clone();
+            match &spec.default {
+                Some(ParamDefault::Value(value)) => {
+                    fields.insert("default".into(), value.clone());
+                }
+                Some(ParamDefault::Random) => {
+                    if !description.is_empty() {
+                        description.push(' ');
+                    }
+                    description
+                        .push_str("Drawn at random when left out; the job shows the value drawn.");
+                }
+                None => required.push(Value::from(name.as_str())),
+            }
+            if !description.is_empty() {
+                fields.insert("description".into(), Value::from(description));
+            }
+            properties.insert(name.clone(), schema);
+        }
+        let mut schema = serde_json::json!({
+            "type": "object",
+            "additionalProperties": false,
+            "properties": properties,
+        });
+        if !required.is_empty() {
+            schema["required"] = Value::from(required);
+        }
+        schema
     }
 
     /// Checks client params: rejects unknown names, wrong JSON types, non-whole integers,
@@ -698,6 +752,42 @@ mod tests {
         edit(&mut manifest);
         let manifest = manifest.to_string();
         WorkflowCatalog::from_sources(&[(&manifest, GRAPH)])
+    }
+
+    #[test]
+    fn the_params_schema_states_each_bound_default_and_description() {
+        let schema = restore().params_schema();
+        assert_eq!(schema["type"], "object");
+        assert_eq!(schema["additionalProperties"], false);
+        let megapixels = &schema["properties"]["megapixels"];
+        assert_eq!(megapixels["type"], "number");
+        assert_eq!(megapixels["minimum"], 0.01);
+        assert_eq!(megapixels["maximum"], 4.0);
+        assert_eq!(megapixels["default"], 1.0);
+        let seed = &schema["properties"]["seed"];
+        assert_eq!(seed["type"], "integer");
+        assert!(
+            seed.get("default").is_none(),
+            "a random default is no default"
+        );
+        assert!(seed["description"].as_str().unwrap().contains("random"));
+        assert!(
+            schema.get("required").is_none(),
+            "every parameter has a default"
+        );
+    }
+
+    #[test]
+    fn a_parameter_without_a_default_is_required_in_the_schema() {
+        let catalog = load_edited(|m| {
+            m["params"]["denoise"]
+                .as_object_mut()
+                .unwrap()
+                .remove("default");
+        })
+        .unwrap();
+        let schema = catalog.get("restore").unwrap().params_schema();
+        assert_eq!(schema["required"], serde_json::json!(["denoise"]));
     }
 
     #[test]

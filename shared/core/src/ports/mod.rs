@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::job::{Job, Millis};
+use crate::domain::job::{Job, JobState, Millis};
 use crate::domain::usage::DailyUsage;
 
 // ---------------------------------------------------------------------------------------------
@@ -107,10 +107,13 @@ pub trait JobStore: Send + Sync {
     async fn save(&self, job: &Job, expected_version: u64) -> Result<(), StoreError>;
     /// The owner's usage totals for those of `days` (`YYYY-MM-DD`) that have any.
     async fn usage(&self, owner: &str, days: &[String]) -> Result<Vec<DailyUsage>, StoreError>;
-    /// The owner's jobs, newest first.
+    /// The owner's jobs, newest first; with `status`, only the jobs in that state, read from
+    /// an index of their own, so that a page reads about `limit` items whatever the owner's
+    /// other jobs. A cursor goes on only the listing it came from (same owner, same status).
     async fn list_by_owner(
         &self,
         owner: &str,
+        status: Option<JobState>,
         limit: u32,
         cursor: Option<&str>,
     ) -> Result<JobPage, StoreError>;

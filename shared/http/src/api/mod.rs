@@ -25,7 +25,9 @@ use gateway::app::api::{Api, JobRequest, Submitted};
 
 use crate::error::ApiError;
 use identity::IdentitySource;
-use views::{DeletedView, Health, JobList, JobSummary, JobView, UploadView, UsageView};
+use views::{
+    DeletedView, Health, JobList, JobSummary, JobView, UploadView, UsageView, WorkflowList,
+};
 
 /// Room for a 4 MB image in base64 plus the JSON around it; API Gateway caps Lambda at 6 MB.
 pub const MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
@@ -60,6 +62,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/jobs/{id}"),
     ("POST", "/uploads"),
     ("GET", "/usage"),
+    ("GET", "/workflows"),
     ("GET", "/health"),
 ];
 
@@ -72,6 +75,7 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<ApiState>> {
         ("DELETE", "/jobs/{id}") => delete(delete_job),
         ("POST", "/uploads") => post(create_upload),
         ("GET", "/usage") => get(usage),
+        ("GET", "/workflows") => get(workflows),
         ("GET", "/health") => get(|| async { Json(Health { ok: true }) }),
         _ => unreachable!("{method} {path} is in ROUTES without a handler"),
     }
@@ -159,6 +163,7 @@ async fn get_job(
 
 #[derive(Deserialize)]
 struct ListQuery {
+    status: Option<String>,
     limit: Option<u32>,
     cursor: Option<String>,
 }
@@ -169,9 +174,18 @@ async fn list_jobs(
     Query(query): Query<ListQuery>,
 ) -> Result<Json<JobList>, ApiError> {
     let page = state
-        .list(&owner, query.limit, query.cursor.as_deref())
+        .list(
+            &owner,
+            query.status.as_deref(),
+            query.limit,
+            query.cursor.as_deref(),
+        )
         .await?;
     Ok(Json(JobList::from(&page)))
+}
+
+async fn workflows(State(state): State<Arc<ApiState>>, Owner(_): Owner) -> Json<WorkflowList> {
+    Json(WorkflowList::from(state.catalog.as_ref()))
 }
 
 #[derive(Deserialize)]

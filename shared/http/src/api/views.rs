@@ -5,7 +5,7 @@ use serde::Serialize;
 use gateway::app::api::{JobDetail, UploadTicket};
 use gateway::domain::job::{Job, JobEvent, Millis, OutputFile};
 use gateway::domain::usage::DailyUsage;
-use gateway::domain::workflow::ValidatedParams;
+use gateway::domain::workflow::{ValidatedParams, WorkflowCatalog};
 use gateway::ports::JobPage;
 
 fn time(ms: Millis) -> String {
@@ -317,6 +317,37 @@ impl From<UploadTicket> for UploadView {
                 .collect(),
             max_bytes: ticket.max_bytes,
             expires_in_seconds: ticket.expires_in.as_secs(),
+        }
+    }
+}
+
+/// `GET /workflows`: what a job may run, and the `params` each accepts.
+#[derive(Debug, Serialize)]
+pub struct WorkflowList {
+    pub workflows: Vec<WorkflowView>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct WorkflowView {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    /// A JSON Schema (2020-12) of the job's `params`.
+    pub params: serde_json::Value,
+}
+
+impl From<&WorkflowCatalog> for WorkflowList {
+    fn from(catalog: &WorkflowCatalog) -> Self {
+        Self {
+            workflows: catalog
+                .workflows()
+                .map(|w| WorkflowView {
+                    name: w.name().to_string(),
+                    version: w.version().to_string(),
+                    description: w.description().to_string(),
+                    params: w.params_schema(),
+                })
+                .collect(),
         }
     }
 }
