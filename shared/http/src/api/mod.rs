@@ -8,6 +8,8 @@
 //! - `POST /jobs/{id}/cancel`: cancel at any non-terminal stage.
 //! - `DELETE /jobs/{id}`: cancel if in flight, delete the job's data, leave a tombstone (410).
 pub mod identity;
+pub mod openapi;
+pub mod requests;
 pub mod views;
 
 use std::sync::Arc;
@@ -19,12 +21,13 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{delete, get, post, MethodRouter};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 
-use gateway::app::api::{Api, JobRequest, Submitted};
+use gateway::app::api::{Api, Submitted};
 
 use crate::error::ApiError;
 use identity::IdentitySource;
+use openapi::ErrorResponse;
+use requests::{JobRequestBody, ListQuery, UploadRequest, UsageQuery};
 use views::{
     DeletedView, Health, JobList, JobSummary, JobView, UploadView, UsageView, WorkflowList,
 };
@@ -64,6 +67,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/usage"),
     ("GET", "/workflows"),
     ("GET", "/health"),
+    ("GET", "/openapi.json"),
 ];
 
 fn handler(method: &str, path: &str) -> MethodRouter<Arc<ApiState>> {
@@ -76,7 +80,8 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<ApiState>> {
         ("POST", "/uploads") => post(create_upload),
         ("GET", "/usage") => get(usage),
         ("GET", "/workflows") => get(workflows),
-        ("GET", "/health") => get(|| async { Json(Health { ok: true }) }),
+        ("GET", "/health") => get(health),
+        ("GET", "/openapi.json") => get(openapi::serve),
         _ => unreachable!("{method} {path} is in ROUTES without a handler"),
     }
 }
@@ -116,26 +121,74 @@ fn json_body<T: DeserializeOwned>(body: &[u8], what: &str) -> Result<T, ApiError
         .map_err(|e| ApiError::bad_request("invalid_json", format!("the body is not {what}: {e}")))
 }
 
+/// A query string, or a 400 in the API's error shape that says what is wrong with it.
+fn query<T: DeserializeOwned>(uri: &axum::http::Uri) -> Result<T, ApiError> {
+    Query::<T>::try_from_uri(uri)
+        .map(|Query(query)| query)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+}
+
+/// A path segment, or a 400 in the API's error shape.
+struct JobId(String);
+
+impl FromRequestParts<Arc<ApiState>> for JobId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<ApiState>,
+    ) -> Result<Self, ApiError> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| JobId(id))
+            .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+    }
+}
+
+/// Submits a job.
+#[utoipa::path(
+    post,
+    path = "/jobs",
+    tag = "jobs",
+    request_body = JobRequestBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "1 to 128 visible characters: the same key with the same request answers what the first got")),
+    responses(
+        (status = 202, description = "Accepted (or a replay of an accepted request)", body = JobSummary),
+        (status = 400, description = "Invalid request; nothing was stored", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 413, description = "The image is too large", body = ErrorResponse),
+        (status = 422, description = "The idempotency key was used for another request", body = ErrorResponse),
+        (status = 503, description = "A store could not be reached; try again", body = ErrorResponse),
+    )
+)]
 async fn create_job(
     State(state): State<Arc<ApiState>>,
     Owner(owner): Owner,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<JobSummary>), ApiError> {
-    let request: JobRequest = json_body(&body, "a valid job request")?;
+    let request: JobRequestBody = json_body(&body, "a valid job request")?;
     let key = headers.get("idempotency-key").map(|v| v.as_bytes());
     // A replay gets what the first request got: 202 and the job as it was accepted.
-    let job = match state.submit(&owner, request, key).await? {
+    let job = match state.submit(&owner, request.into(), key).await? {
         Submitted::Accepted(job) | Submitted::Existing(job) => job,
     };
     Ok((StatusCode::ACCEPTED, Json(JobSummary::accepted(&job))))
 }
 
-#[derive(Deserialize, Default)]
-struct UploadRequest {
-    content_type: Option<String>,
-}
-
+/// A presigned POST to upload a photo too large to send inline.
+#[utoipa::path(
+    post,
+    path = "/uploads",
+    tag = "jobs",
+    request_body(content = Option<UploadRequest>, description = "May be empty"),
+    responses(
+        (status = 201, description = "Where and how to upload", body = UploadView),
+        (status = 400, description = "Invalid request", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 503, description = "Try again", body = ErrorResponse),
+    )
+)]
 async fn create_upload(
     State(state): State<Arc<ApiState>>,
     Owner(owner): Owner,
@@ -152,27 +205,49 @@ async fn create_upload(
     Ok((StatusCode::CREATED, Json(UploadView::from(ticket))))
 }
 
+/// A job: its state, progress, cost, history and, once succeeded, its outputs.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "OK", body = JobView),
+        (status = 400, description = "Invalid path", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 404, description = "No such job of the caller's", body = ErrorResponse),
+        (status = 410, description = "Deleted, or past its expires_at", body = ErrorResponse),
+        (status = 503, description = "Try again", body = ErrorResponse),
+    )
+)]
 async fn get_job(
     State(state): State<Arc<ApiState>>,
     Owner(owner): Owner,
-    Path(id): Path<String>,
+    JobId(id): JobId,
 ) -> Result<Json<JobView>, ApiError> {
     let detail = state.job(&owner, &id).await?;
     Ok(Json(JobView::from(&detail)))
 }
 
-#[derive(Deserialize)]
-struct ListQuery {
-    status: Option<String>,
-    limit: Option<u32>,
-    cursor: Option<String>,
-}
-
+/// The caller's jobs, newest first.
+#[utoipa::path(
+    get,
+    path = "/jobs",
+    tag = "jobs",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "OK", body = JobList),
+        (status = 400, description = "Invalid status, limit or cursor", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 503, description = "Try again", body = ErrorResponse),
+    )
+)]
 async fn list_jobs(
     State(state): State<Arc<ApiState>>,
     Owner(owner): Owner,
-    Query(query): Query<ListQuery>,
+    uri: axum::http::Uri,
 ) -> Result<Json<JobList>, ApiError> {
+    let query: ListQuery = query(&uri)?;
     let page = state
         .list(
             &owner,
@@ -184,21 +259,39 @@ async fn list_jobs(
     Ok(Json(JobList::from(&page)))
 }
 
+/// The workflows a job may run, with their parameters as JSON Schema.
+#[utoipa::path(
+    get,
+    path = "/workflows",
+    tag = "workflows",
+    responses(
+        (status = 200, description = "OK", body = WorkflowList),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+    )
+)]
 async fn workflows(State(state): State<Arc<ApiState>>, Owner(_): Owner) -> Json<WorkflowList> {
     Json(WorkflowList::from(state.catalog.as_ref()))
 }
 
-#[derive(Deserialize)]
-struct UsageQuery {
-    from: Option<String>,
-    to: Option<String>,
-}
-
+/// The caller's totals per UTC day.
+#[utoipa::path(
+    get,
+    path = "/usage",
+    tag = "usage",
+    params(UsageQuery),
+    responses(
+        (status = 200, description = "OK", body = UsageView),
+        (status = 400, description = "Not a range of at most 92 days", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 503, description = "Try again", body = ErrorResponse),
+    )
+)]
 async fn usage(
     State(state): State<Arc<ApiState>>,
     Owner(owner): Owner,
-    Query(query): Query<UsageQuery>,
+    uri: axum::http::Uri,
 ) -> Result<Json<UsageView>, ApiError> {
+    let query: UsageQuery = query(&uri)?;
     let (Some(from), Some(to)) = (query.from, query.to) else {
         return Err(ApiError::bad_request(
             "invalid_range",
@@ -209,20 +302,57 @@ async fn usage(
     Ok(Json(UsageView::new(&from, &to, &days)))
 }
 
+/// Deletes the job and everything it left; a job in flight is cancelled first.
+#[utoipa::path(
+    delete,
+    path = "/jobs/{id}",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 202, description = "Deleted (again, for a job already deleted)", body = DeletedView),
+        (status = 400, description = "Invalid path", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 404, description = "No such job of the caller's", body = ErrorResponse),
+        (status = 410, description = "Past its expires_at", body = ErrorResponse),
+        (status = 503, description = "Try again", body = ErrorResponse),
+    )
+)]
 async fn delete_job(
     State(state): State<Arc<ApiState>>,
     Owner(owner): Owner,
-    Path(id): Path<String>,
+    JobId(id): JobId,
 ) -> Result<(StatusCode, Json<DeletedView>), ApiError> {
     let job = state.delete(&owner, &id).await?;
     Ok((StatusCode::ACCEPTED, Json(DeletedView::from(&job))))
 }
 
+/// Cancels the job at any stage before it ends.
+#[utoipa::path(
+    post,
+    path = "/jobs/{id}/cancel",
+    tag = "jobs",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "OK", body = JobSummary),
+        (status = 400, description = "Invalid path", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 404, description = "No such job of the caller's", body = ErrorResponse),
+        (status = 409, description = "Already ended", body = ErrorResponse),
+        (status = 410, description = "Deleted, or past its expires_at", body = ErrorResponse),
+        (status = 503, description = "The run's stop could not be queued; try again", body = ErrorResponse),
+    )
+)]
 async fn cancel_job(
     State(state): State<Arc<ApiState>>,
     Owner(owner): Owner,
-    Path(id): Path<String>,
+    JobId(id): JobId,
 ) -> Result<Json<JobSummary>, ApiError> {
     let job = state.cancel(&owner, &id).await?;
     Ok(Json(JobSummary::from(&job)))
+}
+
+/// Whether the API answers.
+#[utoipa::path(get, path = "/health", tag = "meta", security(()), responses((status = 200, description = "OK", body = Health)))]
+async fn health() -> Json<Health> {
+    Json(Health { ok: true })
 }

@@ -1,6 +1,7 @@
 //! The JSON clients see, as types. Internal steps (leases, versions, sweeper bookkeeping,
 //! RunPod's id) never appear; times are RFC 3339.
 use serde::Serialize;
+use utoipa::ToSchema;
 
 use gateway::app::api::{JobDetail, UploadTicket};
 use gateway::domain::job::{Job, JobEvent, Millis, OutputFile};
@@ -14,7 +15,7 @@ fn time(ms: Millis) -> String {
 }
 
 /// What `POST /jobs`, `POST /jobs/{id}/cancel` and `GET /jobs` say about a job.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct JobSummary {
     pub job_id: String,
     pub status: &'static str,
@@ -40,7 +41,7 @@ impl From<&Job> for JobSummary {
 
 /// `DELETE /jobs/{id}`: the job is a tombstone; its data is removed (what the sweeper purges
 /// within the minute included).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DeletedView {
     pub job_id: String,
     pub status: &'static str,
@@ -74,7 +75,7 @@ impl JobSummary {
 }
 
 /// `GET /jobs`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct JobList {
     pub jobs: Vec<JobSummary>,
     pub next_cursor: Option<String>,
@@ -90,12 +91,14 @@ impl From<&JobPage> for JobList {
 }
 
 /// `GET /jobs/{id}`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct JobView {
     pub job_id: String,
     pub status: &'static str,
     pub workflow: String,
     pub workflow_version: String,
+    /// The parameters the job runs with: the client's, defaults filled in, random ones drawn.
+    #[schema(value_type = Object)]
     pub params: ValidatedParams,
     pub created_at: String,
     pub submitted_at: Option<String>,
@@ -119,7 +122,7 @@ pub struct JobView {
     pub events: Vec<EventView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ProgressView {
     /// Done so far, from 0 to 1.
     pub fraction: Option<f64>,
@@ -128,7 +131,7 @@ pub struct ProgressView {
 }
 
 /// `GET /usage`: an owner's totals per UTC day, every day of the range.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct UsageView {
     pub from: String,
     pub to: String,
@@ -136,7 +139,7 @@ pub struct UsageView {
     pub total: UsageTotals,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct DayView {
     pub day: String,
     #[serde(flatten)]
@@ -144,7 +147,7 @@ pub struct DayView {
 }
 
 /// Jobs that ended, by state, and what they used.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct UsageTotals {
     pub jobs: u64,
     pub succeeded: u64,
@@ -199,7 +202,7 @@ fn usd(nanos: u64) -> f64 {
     nanos as f64 / 1e9
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorView {
     pub code: &'static str,
     pub message: String,
@@ -207,7 +210,7 @@ pub struct ErrorView {
 }
 
 /// One output file and a presigned URL to download it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct OutputView {
     pub file_name: String,
     pub content_type: String,
@@ -216,7 +219,7 @@ pub struct OutputView {
 }
 
 /// One state change of the job: `from` is null for its creation; states are the public ones.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct EventView {
     pub at: String,
     pub from: Option<&'static str>,
@@ -285,7 +288,7 @@ impl From<&JobDetail> for JobView {
 }
 
 /// `POST /uploads`: where to POST the file, with the signed form fields to send before it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct UploadView {
     pub upload_id: String,
     pub method: &'static str,
@@ -297,7 +300,7 @@ pub struct UploadView {
     pub expires_in_seconds: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct UploadField {
     pub name: String,
     pub value: String,
@@ -322,17 +325,18 @@ impl From<UploadTicket> for UploadView {
 }
 
 /// `GET /workflows`: what a job may run, and the `params` each accepts.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct WorkflowList {
     pub workflows: Vec<WorkflowView>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct WorkflowView {
     pub name: String,
     pub version: String,
     pub description: String,
     /// A JSON Schema (2020-12) of the job's `params`.
+    #[schema(value_type = Object)]
     pub params: serde_json::Value,
 }
 
@@ -353,7 +357,7 @@ impl From<&WorkflowCatalog> for WorkflowList {
 }
 
 /// `GET /health`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     pub ok: bool,
 }

@@ -1,0 +1,86 @@
+//! What clients send, as types: the bodies and query strings of the public API, parsed here and
+//! handed to the use case as its own types.
+use serde::Deserialize;
+use serde_json::{Map, Value};
+use utoipa::{IntoParams, ToSchema};
+
+use gateway::app::api::{JobInput, JobRequest};
+
+/// The body of `POST /jobs`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobRequestBody {
+    /// A workflow's name, from `GET /workflows`.
+    pub workflow: String,
+    /// The workflow's parameters; `GET /workflows` gives their JSON Schema. Left out, the
+    /// defaults.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub params: Option<Map<String, Value>>,
+    pub input: JobInputBody,
+    /// How long to keep the job's input and outputs, in seconds, within the gateway's bounds
+    /// (an hour to 90 days by default); its default retention when left out.
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub retention_secs: Option<u64>,
+}
+
+/// The input photo: exactly one of the two.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JobInputBody {
+    /// The image itself, base64 (JPEG, PNG or WebP, at most 4 MB decoded).
+    #[serde(default)]
+    pub image_base64: Option<String>,
+    /// An upload made with `POST /uploads`.
+    #[serde(default)]
+    pub upload_id: Option<String>,
+}
+
+impl From<JobRequestBody> for JobRequest {
+    fn from(body: JobRequestBody) -> Self {
+        Self {
+            workflow: body.workflow,
+            params: body.params,
+            input: JobInput {
+                image_base64: body.input.image_base64,
+                upload_id: body.input.upload_id,
+            },
+            retention_secs: body.retention_secs,
+        }
+    }
+}
+
+/// The body of `POST /uploads` (it may be empty).
+#[derive(Debug, Deserialize, Default, ToSchema)]
+pub struct UploadRequest {
+    /// The type of the file to upload: `image/jpeg` (the default), `image/png` or `image/webp`.
+    #[serde(default)]
+    pub content_type: Option<String>,
+}
+
+/// `GET /jobs`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only jobs in this state.
+    #[param(value_type = Option<String>, pattern = "^(queued|submitted|running|succeeded|failed|cancelled|timed_out)$")]
+    pub status: Option<String>,
+    /// Jobs per page (default 20).
+    #[param(minimum = 1, maximum = 100)]
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the page before.
+    pub cursor: Option<String>,
+}
+
+/// `GET /usage`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UsageQuery {
+    /// First day, `YYYY-MM-DD` (UTC). Required.
+    #[param(pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
+    pub from: Option<String>,
+    /// Last day, `YYYY-MM-DD` (UTC), at most 91 days after `from`. Required.
+    #[param(pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
+    pub to: Option<String>,
+}
