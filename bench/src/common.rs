@@ -207,6 +207,7 @@ pub fn new_job(owner: &str, now: Millis) -> Job {
                 content_type: "image/jpeg".into(),
                 size: 48_213,
                 extension: "jpg".into(),
+                source_url: None,
             },
             id,
             owner: owner.to_string(),

@@ -37,6 +37,7 @@ fn job(owner: &str, now: i64, first_check_ms: i64) -> Job {
                 content_type: "image/jpeg".into(),
                 size: 1,
                 extension: "jpg".into(),
+                source_url: None,
             },
             idempotency_key: None,
             request_digest: None,

@@ -349,3 +349,75 @@ async fn a_large_photo_goes_through_a_presigned_upload() {
     assert_eq!(body["error"]["code"], "unknown_upload");
     stack.stop().await;
 }
+
+// ------------------------------------------------------------------ inputs given by URL
+
+/// A web server on loopback serving `photo` at `/photo.jpg`, and counting its requests.
+async fn photo_host(photo: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().route(
+        "/photo.jpg",
+        axum::routing::get(move || {
+            let photo = photo.clone();
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move { ([("content-type", "image/jpeg")], photo) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{address}/photo.jpg"), hits)
+}
+
+#[tokio::test]
+async fn a_photo_from_an_allowed_local_host_is_restored() {
+    let stack = Stack::start_with(gateway_tests::StackOptions {
+        extra_env: vec![("OUTBOUND_ALLOW_LOOPBACK", "true".into())],
+        ..gateway_tests::StackOptions::default()
+    })
+    .await;
+    let (url, hits) = photo_host(jpeg(120, 90)).await;
+
+    let (status, accepted) = stack
+        .post_json(
+            ALICE,
+            "/jobs",
+            &json!({"workflow": "restore", "params": {"megapixels": 0.01}, "input": {"url": url}}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{accepted}");
+    let job_id = accepted["job_id"].as_str().unwrap();
+    let done = stack.wait_terminal(ALICE, job_id, TIMEOUT).await;
+
+    assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_url_to_a_private_or_loopback_address_is_refused_and_never_fetched() {
+    let stack = Stack::start().await;
+    let (local, hits) = photo_host(jpeg(120, 90)).await;
+    for url in [
+        local.as_str(),
+        "https://127.0.0.1/photo.jpg",
+        "https://10.0.0.1/photo.jpg",
+        "https://169.254.169.254/latest/meta-data/",
+        "https://[::1]/photo.jpg",
+    ] {
+        let (status, body) = stack
+            .post_json(
+                ALICE,
+                "/jobs",
+                &json!({"workflow": "restore", "input": {"url": url}}),
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{url}: {body}");
+        assert_eq!(body["error"]["code"], "input_url_refused", "{url}: {body}");
+    }
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(stack.table_items().await, 0);
+    stack.stop().await;
+}

@@ -41,6 +41,7 @@ async fn main() -> Result<(), lambda_http::Error> {
         results: Arc::new(S3ObjectStore::new(s3, config::results_bucket(env)?)),
         stops: wiring.stops()?,
         images: Arc::new(gateway_aws::adapters::images::ImageHeaders),
+        resolver: Arc::new(gateway_aws::adapters::http_fetch::SystemResolver),
         catalog: wiring.catalog.clone(),
         settings: wiring.settings.clone(),
         clock: wiring.clock.clone(),

@@ -6,7 +6,7 @@ use std::sync::{Arc, OnceLock};
 use aws_config::{BehaviorVersion, SdkConfig};
 
 use crate::adapters::dynamodb::DynamoJobStore;
-use crate::adapters::http_fetch::HttpFetcher;
+use crate::adapters::http_fetch::{HttpFetcher, SystemResolver};
 use crate::adapters::runpod::{http_client, HttpRunPod};
 use crate::adapters::s3::{aws_client, volume_client, S3ObjectStore};
 #[cfg(feature = "secrets")]
@@ -154,7 +154,7 @@ impl Wiring {
     }
 
     /// What the dispatch function runs on both its queues' batches.
-    #[cfg(feature = "sqs-events")]
+    #[cfg(all(feature = "sqs-events", feature = "images"))]
     pub fn consumer(&self) -> Result<crate::adapters::sqs::Consumer, BootError> {
         Ok(crate::adapters::sqs::Consumer {
             dispatcher: self.dispatcher()?,
@@ -240,18 +240,25 @@ impl Wiring {
             results: self.results()?,
             stops: self.stops()?,
             images: Arc::new(crate::adapters::images::ImageHeaders),
+            resolver: Arc::new(SystemResolver),
             catalog: self.catalog.clone(),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         })
     }
 
+    #[cfg(feature = "images")]
     pub fn dispatcher(&self) -> Result<Dispatcher, BootError> {
         let (volume, layout) = self.volume()?;
         Ok(Dispatcher {
             store: self.job_store()?,
             uploads: self.uploads()?,
             volume,
+            resolver: Arc::new(SystemResolver),
+            fetcher: Arc::new(HttpFetcher::new(
+                HttpFetcher::client().map_err(|e| BootError::Http(e.to_string()))?,
+            )),
+            images: Arc::new(crate::adapters::images::ImageHeaders),
             volume_root: layout.root().clone(),
             runpod: self.runpod()?,
             stops: self.stops()?,

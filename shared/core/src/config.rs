@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::domain::egress::EgressPolicy;
 use crate::domain::keys::VolumeRoot;
 use crate::domain::report::UrlAllowList;
 use crate::domain::retry::{Backoff, RetryPolicy};
@@ -202,6 +203,9 @@ pub struct Settings {
     /// nano-USD: each job is priced at what is set when it is accepted. Unset: jobs show no
     /// cost.
     pub gpu_price_nano_usd: Option<u64>,
+    /// Where the gateway may connect on a client's word (input URLs): public https only, and
+    /// loopback too when `OUTBOUND_ALLOW_LOOPBACK` is set (the local stack's test hosts).
+    pub egress: EgressPolicy,
 }
 
 impl Settings {
@@ -242,6 +246,9 @@ impl Settings {
             max_status_bytes: parsed(env, "RUNPOD_MAX_STATUS_BYTES", DEFAULT_MAX_STATUS_BYTES)?,
             finalize_give_up: seconds(env, "FINALIZE_GIVE_UP_SECS", 3_600)?,
             gpu_price_nano_usd: gpu_price(env)?,
+            egress: EgressPolicy {
+                allow_loopback: flag(env, "OUTBOUND_ALLOW_LOOPBACK", false)?,
+            },
         };
         if !(settings.retention_min..=settings.retention_max).contains(&settings.record_retention) {
             return Err(ConfigError::Invalid {

@@ -17,6 +17,7 @@ fn uploaded(upload_id: &str) -> JobRequest {
         input: JobInput {
             image_base64: None,
             upload_id: Some(upload_id.into()),
+            url: None,
         },
         retention_secs: None,
     }

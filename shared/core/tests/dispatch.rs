@@ -309,3 +309,175 @@ async fn a_recorded_run_whose_save_answer_was_lost_is_the_jobs_run_not_an_extra_
         kit.stops.requested()
     );
 }
+
+// ------------------------------------------------------------------ inputs given by URL
+
+mod url_inputs {
+    use gateway::app::api::{JobInput, JobRequest, Refusal, Submitted};
+    use gateway::app::dispatch::DispatchOutcome;
+    use gateway::domain::job::{ErrorCode, Job, JobState};
+    use testkit::images::jpeg;
+    use testkit::Kit;
+
+    const URL: &str = "https://photos.example/grandma.jpg";
+
+    fn by_url(url: &str) -> JobRequest {
+        JobRequest {
+            workflow: "restore".into(),
+            params: None,
+            input: JobInput {
+                image_base64: None,
+                upload_id: None,
+                url: Some(url.into()),
+            },
+            retention_secs: None,
+        }
+    }
+
+    async fn submit(kit: &Kit, url: &str) -> Result<Job, Refusal> {
+        match kit.api().submit("alice", by_url(url), None).await? {
+            Submitted::Accepted(job) => Ok(job),
+            Submitted::Existing(job) => Ok(job),
+        }
+    }
+
+    fn public_host(kit: &Kit) {
+        kit.resolver.set("photos.example", &["93.184.216.34"]);
+    }
+
+    #[tokio::test]
+    async fn a_photo_given_by_url_is_fetched_at_dispatch_checked_and_sent_to_runpod() {
+        let kit = Kit::new();
+        public_host(&kit);
+        kit.urls.serve(URL, &jpeg(64, 48));
+        let job = submit(&kit, URL).await.unwrap();
+        assert!(kit.urls.opened().is_empty(), "nothing is fetched at submit");
+
+        let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+        assert!(
+            matches!(outcome, DispatchOutcome::Submitted(_)),
+            "{outcome:?}"
+        );
+        let stored = kit.stored(&job.id);
+        assert_eq!(stored.input.content_type, "image/jpeg");
+        assert_eq!(stored.input.size, jpeg(64, 48).len() as u64);
+        assert_eq!(kit.uploads.get(&stored.input.key).unwrap(), jpeg(64, 48));
+        let on_volume = kit.volume_root().input(&job.id, "input.jpg");
+        assert!(kit.volume.get(&on_volume).is_some());
+        assert_eq!(
+            kit.urls.opened(),
+            [(URL.to_string(), "93.184.216.34:443".parse().unwrap())],
+            "connected to the address checked"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_url_whose_host_resolves_inside_is_refused_at_submit_and_nothing_is_stored() {
+        let kit = Kit::new();
+        for (host, ip) in [
+            ("metadata.example", "169.254.169.254"),
+            ("intranet.example", "10.0.0.8"),
+            ("self.example", "127.0.0.1"),
+        ] {
+            kit.resolver.set(host, &[ip]);
+            let refused = submit(&kit, &format!("https://{host}/a.jpg")).await;
+            assert!(
+                matches!(
+                    refused,
+                    Err(Refusal::Invalid {
+                        code: "input_url_refused",
+                        ..
+                    })
+                ),
+                "{host}: {refused:?}"
+            );
+        }
+        for url in [
+            "http://photos.example/a.jpg",
+            "https://10.1.2.3/a.jpg",
+            "https://u:p@photos.example/",
+        ] {
+            assert!(submit(&kit, url).await.is_err(), "{url}");
+        }
+        assert!(kit.store.jobs().is_empty());
+        assert!(kit.urls.opened().is_empty(), "no traffic for a refused URL");
+    }
+
+    #[tokio::test]
+    async fn a_host_that_turns_to_an_internal_address_after_submit_is_refused_at_dispatch() {
+        let kit = Kit::new();
+        public_host(&kit);
+        let job = submit(&kit, URL).await.unwrap();
+        kit.resolver
+            .set("photos.example", &["93.184.216.34", "10.0.0.5"]);
+
+        let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+        assert!(matches!(
+            outcome,
+            DispatchOutcome::Failed(ErrorCode::InputUnavailable)
+        ));
+        assert!(kit.urls.opened().is_empty(), "never connected");
+        assert_eq!(kit.stored(&job.id).state, JobState::Failed);
+    }
+
+    #[tokio::test]
+    async fn what_is_not_an_accepted_image_fails_the_job_as_input_rejected() {
+        let kit = Kit::new();
+        public_host(&kit);
+        kit.urls.serve(URL, b"<html>not a photo</html>");
+        let job = submit(&kit, URL).await.unwrap();
+
+        let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+        assert!(matches!(
+            outcome,
+            DispatchOutcome::Failed(ErrorCode::InputRejected)
+        ));
+        let stored = kit.stored(&job.id);
+        assert!(
+            kit.uploads.get(&stored.input.key).is_none(),
+            "nothing stored"
+        );
+        assert!(kit.runpod.accepted().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_photo_over_the_upload_cap_fails_as_input_rejected() {
+        let kit = Kit::new().with_settings(|s| s.max_upload_bytes = 100);
+        public_host(&kit);
+        kit.urls.serve(URL, &jpeg(64, 48));
+        let job = submit(&kit, URL).await.unwrap();
+
+        let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+        assert!(matches!(
+            outcome,
+            DispatchOutcome::Failed(ErrorCode::InputRejected)
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_missing_photo_fails_as_input_unavailable_and_an_outage_is_retried() {
+        let kit = Kit::new();
+        public_host(&kit);
+        let gone = "https://photos.example/gone.jpg";
+        kit.urls.answer(gone, 404);
+        let job = submit(&kit, gone).await.unwrap();
+        let outcome = kit.dispatcher().dispatch(&job.id).await.unwrap();
+        assert!(matches!(
+            outcome,
+            DispatchOutcome::Failed(ErrorCode::InputUnavailable)
+        ));
+
+        let down = "https://photos.example/later.jpg";
+        kit.urls.answer(down, 503);
+        let job = submit(&kit, down).await.unwrap();
+        assert!(
+            kit.dispatcher().dispatch(&job.id).await.is_err(),
+            "retried later"
+        );
+        assert_eq!(kit.stored(&job.id).state, JobState::Queued);
+    }
+}

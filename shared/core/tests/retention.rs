@@ -16,6 +16,7 @@ fn request(retention_secs: Option<u64>) -> JobRequest {
         input: JobInput {
             image_base64: Some(base64::engine::general_purpose::STANDARD.encode(jpeg(64, 48))),
             upload_id: None,
+            url: None,
         },
         retention_secs,
     }

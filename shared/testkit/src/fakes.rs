@@ -7,15 +7,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use gateway::domain::egress::Destination;
 use gateway::domain::job::{Job, JobState, Millis};
 use gateway::domain::keys;
 use gateway::domain::usage::DailyUsage;
 use gateway::ports::{
     ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, FinalizeQueue, FolderPage,
     ImageKind, ImageProbe, JobPage, JobQueue, JobStore, ObjectError, ObjectMeta, ObjectStore,
-    PresignedPost, PresignedRequest, QueueError, RunPod, RunPodError, RunPodStatus, RunRequest,
-    StagedPage, StagedUpload, StagedUploads, StopQueue, StopRun, StoreError, UrlFetcher, JPEG, PNG,
-    WEBP,
+    PresignedPost, PresignedRequest, QueueError, Resolver, RunPod, RunPodError, RunPodStatus,
+    RunRequest, StagedPage, StagedUpload, StagedUploads, StopQueue, StopRun, StoreError,
+    UrlFetcher, JPEG, PNG, WEBP,
 };
 
 /// Gives way once to whatever else runs on the task: the fakes answer at once, and without
@@ -857,6 +858,89 @@ pub struct NoDownloads;
 impl UrlFetcher for NoDownloads {
     async fn open(&self, _: &url::Url) -> Result<Fetched, FetchError> {
         Err(FetchError::Status(403))
+    }
+    async fn open_at(&self, _: &url::Url, _: &Destination) -> Result<Fetched, FetchError> {
+        Err(FetchError::Status(403))
+    }
+}
+
+/// Names resolved from a table, as a test sets it: nothing here ever reaches a network, and a
+/// name not in the table resolves to no address.
+#[derive(Default)]
+pub struct TableResolver {
+    hosts: Mutex<HashMap<String, Vec<std::net::IpAddr>>>,
+}
+
+impl TableResolver {
+    /// `host` resolves to `addresses` from now on.
+    pub fn set(&self, host: &str, addresses: &[&str]) {
+        let parsed = addresses
+            .iter()
+            .map(|a| a.parse().expect("an IP address"))
+            .collect();
+        lock(&self.hosts).insert(host.to_string(), parsed);
+    }
+}
+
+#[async_trait]
+impl Resolver for TableResolver {
+    async fn resolve(&self, host: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, String> {
+        yield_once().await;
+        // An IP literal resolves to itself, as a real resolver's does.
+        if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+            return Ok(vec![std::net::SocketAddr::new(ip, port)]);
+        }
+        Ok(lock(&self.hosts)
+            .get(host)
+            .map(|ips| {
+                ips.iter()
+                    .map(|ip| std::net::SocketAddr::new(*ip, port))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+}
+
+/// Web servers by URL, for inputs given by URL: what each answers, and every address the
+/// gateway connected to for them.
+#[derive(Default)]
+pub struct ServedUrls {
+    answers: Mutex<HashMap<String, Result<Bytes, u16>>>,
+    opened: Mutex<Vec<(String, std::net::SocketAddr)>>,
+}
+
+impl ServedUrls {
+    /// `url` answers 200 with `body`.
+    pub fn serve(&self, url: &str, body: &[u8]) {
+        lock(&self.answers).insert(url.to_string(), Ok(Bytes::copy_from_slice(body)));
+    }
+    /// `url` answers `status`.
+    pub fn answer(&self, url: &str, status: u16) {
+        lock(&self.answers).insert(url.to_string(), Err(status));
+    }
+    /// Every (URL, address) fetched, in order.
+    pub fn opened(&self) -> Vec<(String, std::net::SocketAddr)> {
+        lock(&self.opened).clone()
+    }
+}
+
+#[async_trait]
+impl UrlFetcher for ServedUrls {
+    async fn open(&self, _: &url::Url) -> Result<Fetched, FetchError> {
+        panic!("an input URL is fetched only from the address checked (open_at)")
+    }
+    async fn open_at(&self, url: &url::Url, to: &Destination) -> Result<Fetched, FetchError> {
+        yield_once().await;
+        lock(&self.opened).push((url.to_string(), to.address));
+        match lock(&self.answers).get(url.as_str()).cloned() {
+            Some(Ok(body)) => Ok(Fetched {
+                size: Some(body.len() as u64),
+                body: futures::stream::iter([Ok(body)]).boxed(),
+            }),
+            Some(Err(503)) => Err(FetchError::Transient("HTTP 503".into())),
+            Some(Err(status)) => Err(FetchError::Status(status)),
+            None => Err(FetchError::Status(404)),
+        }
     }
 }
 

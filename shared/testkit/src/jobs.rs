@@ -35,6 +35,7 @@ pub fn restore_job(
                 content_type: "image/jpeg".into(),
                 size: input_size,
                 extension: "jpg".into(),
+                source_url: None,
             },
             idempotency_key: None,
             request_digest: None,
@@ -54,6 +55,7 @@ pub fn inline_request(image: &[u8]) -> gateway::app::api::JobRequest {
         input: gateway::app::api::JobInput {
             image_base64: Some(base64::engine::general_purpose::STANDARD.encode(image)),
             upload_id: None,
+            url: None,
         },
         retention_secs: None,
     }

@@ -20,7 +20,7 @@ use gateway::ports::RunPodStatus;
 
 use crate::fakes::{
     MagicBytes, ManualClock, MemFinalize, MemObjects, MemQueue, MemStops, MemStore, NoDownloads,
-    ScriptedRunPod,
+    ScriptedRunPod, ServedUrls, TableResolver,
 };
 use crate::images::jpeg;
 use crate::jobs::restore_job;
@@ -45,6 +45,9 @@ pub struct Kit {
     pub volume: Arc<MemObjects>,
     pub runpod: Arc<ScriptedRunPod>,
     pub images: Arc<MagicBytes>,
+    /// DNS and the web, for inputs given by URL.
+    pub resolver: Arc<TableResolver>,
+    pub urls: Arc<ServedUrls>,
     pub clock: Arc<ManualClock>,
     pub catalog: Arc<WorkflowCatalog>,
     pub signer: WebhookSigner,
@@ -71,6 +74,8 @@ impl Kit {
             volume: Arc::default(),
             runpod: Arc::default(),
             images: Arc::default(),
+            resolver: Arc::default(),
+            urls: Arc::default(),
             clock: Arc::new(ManualClock::at(START)),
             catalog: Arc::new(WorkflowCatalog::builtin().expect("the built-in workflows")),
             signer: WebhookSigner::new(SECRET.as_bytes(), None),
@@ -108,6 +113,7 @@ impl Kit {
             results: self.results.clone(),
             stops: self.stops.clone(),
             images: self.images.clone(),
+            resolver: self.resolver.clone(),
             catalog: self.catalog.clone(),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
@@ -119,6 +125,9 @@ impl Kit {
             store: self.store.clone(),
             uploads: self.uploads.clone(),
             volume: self.volume.clone(),
+            resolver: self.resolver.clone(),
+            fetcher: self.urls.clone(),
+            images: self.images.clone(),
             volume_root: self.volume_root(),
             runpod: self.runpod.clone(),
             stops: self.stops.clone(),

@@ -231,6 +231,7 @@ fn submitted_job() -> Job {
                 content_type: "image/png".into(),
                 size: 10,
                 extension: "png".into(),
+                source_url: None,
             },
             idempotency_key: None,
             request_digest: None,

@@ -2,7 +2,7 @@
 pub mod declared;
 pub mod dynamodb;
 pub mod http_fetch;
-#[cfg(feature = "api")]
+#[cfg(feature = "images")]
 pub mod images;
 pub mod runpod;
 pub mod s3;

@@ -2,6 +2,7 @@
 //! handing out upload URLs. Every check is made here, before anything is written, so a refused request
 //! leaves no trace. The routes, identity and JSON shapes are the HTTP crate's
 //! (`gateway_http::api`); it maps each [`Refusal`] to a status.
+use crate::app::inputs::{InputRefusal, MAX_URL_BYTES};
 use crate::domain::job::JobState;
 use crate::domain::usage::{days_between, DailyUsage};
 use std::sync::Arc;
@@ -21,14 +22,13 @@ use crate::domain::keys;
 use crate::domain::workflow::WorkflowCatalog;
 use crate::ports::{
     Classified, Clock, CreateOutcome, Failure, ImageKind, ImageProbe, JobPage, JobQueue, JobStore,
-    ObjectError, ObjectStore, PresignedPost, StopQueue, StopReason, StopRun, StoreError, JPEG, PNG,
-    WEBP,
+    ObjectError, ObjectStore, PresignedPost, Resolver, StopQueue, StopReason, StopRun, StoreError,
+    JPEG,
 };
 
 /// Longest `Idempotency-Key` accepted; it becomes part of a DynamoDB key.
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
-/// Larger pictures are not photos to restore; they would only exhaust a worker.
-pub const MAX_PIXELS: u64 = 100_000_000;
+pub use crate::app::inputs::{INPUT_KINDS, MAX_PIXELS};
 /// What `GET /jobs` returns when the client names no limit, and the most it may name.
 pub const DEFAULT_PAGE: u32 = 20;
 pub const MAX_PAGE: u32 = 100;
@@ -38,8 +38,6 @@ const CANCEL_ROUNDS: usize = 3;
 /// How much of an uploaded image is read to check its format and dimensions: headers (EXIF
 /// included) come first.
 const PROBE_BYTES: u64 = 256 * 1024;
-/// The formats a client may upload or send inline.
-pub const INPUT_KINDS: [ImageKind; 3] = [JPEG, PNG, WEBP];
 
 pub struct Api {
     pub store: Arc<dyn JobStore>,
@@ -49,6 +47,8 @@ pub struct Api {
     /// Runs to stop at RunPod: the API holds no RunPod key, and the stopper keeps to RunPod's pace.
     pub stops: Arc<dyn StopQueue>,
     pub images: Arc<dyn ImageProbe>,
+    /// Resolves the host of an input URL, to refuse one that leads inside before it is stored.
+    pub resolver: Arc<dyn Resolver>,
     pub catalog: Arc<WorkflowCatalog>,
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
@@ -148,12 +148,15 @@ pub struct JobRequest {
     pub retention_secs: Option<u64>,
 }
 
-/// Exactly one of the two.
+/// Exactly one of the three.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JobInput {
     pub image_base64: Option<String>,
     pub upload_id: Option<String>,
+    /// An https URL the photo is fetched from at dispatch.
+    #[serde(default)]
+    pub url: Option<String>,
 }
 
 #[derive(Debug)]
@@ -216,13 +219,22 @@ impl Api {
         let retention = self.retention(request.retention_secs)?;
 
         let job_id = crate::domain::job::mint_job_id(self.clock.now_ms());
-        let input = match (request.input.image_base64, request.input.upload_id) {
-            (Some(encoded), None) => self.store_inline_image(owner, &job_id, &encoded).await?,
-            (None, Some(upload_id)) => self.uploaded_image(owner, &job_id, &upload_id).await?,
+        let input = match (
+            request.input.image_base64,
+            request.input.upload_id,
+            request.input.url,
+        ) {
+            (Some(encoded), None, None) => {
+                self.store_inline_image(owner, &job_id, &encoded).await?
+            }
+            (None, Some(upload_id), None) => {
+                self.uploaded_image(owner, &job_id, &upload_id).await?
+            }
+            (None, None, Some(url)) => self.url_input(owner, &job_id, &url).await?,
             _ => {
                 return Err(Refusal::invalid(
                     "invalid_input",
-                    "input needs exactly one of image_base64 or upload_id",
+                    "input needs exactly one of image_base64, upload_id or url",
                 ))
             }
         };
@@ -309,18 +321,37 @@ impl Api {
 
     /// The format, and that the header decodes to sane dimensions (inline images are held whole).
     fn check_image(&self, bytes: &[u8]) -> Result<ImageKind, Refusal> {
-        let (kind, width, height) = self
-            .images
-            .dimensions(bytes)
-            .filter(|(kind, width, height)| INPUT_KINDS.contains(kind) && *width > 0 && *height > 0)
-            .ok_or_else(not_an_image)?;
-        if u64::from(width) * u64::from(height) > MAX_PIXELS {
-            return Err(Refusal::invalid(
-                "input_too_large",
-                format!("the image is {width}x{height}; at most {MAX_PIXELS} pixels are accepted"),
-            ));
+        crate::app::inputs::check_image(self.images.as_ref(), bytes).map_err(
+            |refusal| match refusal {
+                InputRefusal::NotAnImage => not_an_image(),
+                too_many @ InputRefusal::TooManyPixels { .. } => {
+                    Refusal::invalid("input_too_large", too_many.to_string())
+                }
+            },
+        )
+    }
+
+    /// An input given by URL: checked now against the egress rules (an https URL whose host
+    /// resolves only to public addresses), fetched and checked as an image at dispatch, when
+    /// the rules are applied again to the address then connected to.
+    async fn url_input(&self, owner: &str, job_id: &str, url: &str) -> Result<InputRef, Refusal> {
+        let refused = |message: String| Refusal::invalid("input_url_refused", message);
+        if url.len() > MAX_URL_BYTES {
+            return Err(refused(format!(
+                "the URL is longer than {MAX_URL_BYTES} bytes"
+            )));
         }
-        Ok(kind)
+        let parsed = url::Url::parse(url).map_err(|_| refused("the URL is not valid".into()))?;
+        crate::app::inputs::destination(self.settings.egress, self.resolver.as_ref(), &parsed)
+            .await
+            .map_err(|refusal| refused(refusal.to_string()))?;
+        Ok(InputRef {
+            key: keys::pinned_upload(owner, job_id),
+            content_type: String::new(),
+            size: 0,
+            extension: String::new(),
+            source_url: Some(parsed.to_string()),
+        })
     }
 
     /// Removes the input stored for a job that was not created (always the job's own copy,
@@ -681,10 +712,15 @@ fn replay(existing: Job, digest: &str) -> Result<Submitted, Refusal> {
 /// text, an upload by its id.
 fn digest(request: &JobRequest) -> String {
     use sha2::{Digest, Sha256};
-    let input = match (&request.input.image_base64, &request.input.upload_id) {
-        (Some(image), _) => format!("inline:{}", hex::encode(Sha256::digest(image.trim()))),
-        (None, Some(upload)) => format!("upload:{upload}"),
-        (None, None) => String::new(),
+    let input = match (
+        &request.input.image_base64,
+        &request.input.upload_id,
+        &request.input.url,
+    ) {
+        (Some(image), _, _) => format!("inline:{}", hex::encode(Sha256::digest(image.trim()))),
+        (None, Some(upload), _) => format!("upload:{upload}"),
+        (None, None, Some(url)) => format!("url:{url}"),
+        (None, None, None) => String::new(),
     };
     let params = request
         .params
@@ -755,6 +791,7 @@ fn input_ref(key: String, kind: ImageKind, size: u64) -> InputRef {
         content_type: kind.content_type.to_string(),
         size,
         extension: kind.extension.to_string(),
+        source_url: None,
     }
 }
 

@@ -3,17 +3,20 @@
 //! what (if anything) to do, so redelivered and duplicated messages are harmless.
 use std::sync::Arc;
 
-use crate::app::{commit_as, transfer, Committed};
+use crate::app::{commit_as, commit_leased, inputs, transfer, Committed};
 use crate::config::Settings;
+use crate::domain::egress::EgressRefusal;
 use crate::domain::job::{
     Actor, ErrorCode, Job, JobError, JobState, LeaseKind, Millis, TransitionError,
 };
 use crate::domain::keys::VolumeRoot;
 use crate::domain::token::WebhookSigner;
 use crate::domain::workflow::WorkflowCatalog;
+use futures::StreamExt;
+
 use crate::ports::{
-    Classified, Clock, Failure, JobStore, ObjectStore, RunPod, RunPolicy, RunRequest, StopQueue,
-    StopReason, StopRun, StoreError,
+    Classified, Clock, Failure, ImageProbe, JobStore, ObjectStore, Resolver, RunPod, RunPolicy,
+    RunRequest, StopQueue, StopReason, StopRun, StoreError, UrlFetcher,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -44,6 +47,11 @@ pub struct Dispatcher {
     pub store: Arc<dyn JobStore>,
     pub uploads: Arc<dyn ObjectStore>,
     pub volume: Arc<dyn ObjectStore>,
+    /// An input given by URL: where its host resolves, how it is fetched (connecting only to
+    /// the address checked), and how it is recognised as an image.
+    pub resolver: Arc<dyn Resolver>,
+    pub fetcher: Arc<dyn UrlFetcher>,
+    pub images: Arc<dyn ImageProbe>,
     /// This deployment's folder on the volume: the job's input goes there, and its runs are
     /// told to write there.
     pub volume_root: VolumeRoot,
@@ -132,7 +140,16 @@ impl Dispatcher {
             }
         };
 
-        match self.submit(&leased, deadline).await {
+        let mut leased = leased;
+        let submitted = match self.fetch_input(&leased).await {
+            Ok(Some(fetched)) => {
+                leased = fetched;
+                self.submit(&leased, deadline).await
+            }
+            Ok(None) => self.submit(&leased, deadline).await,
+            Err(step) => Err(step),
+        };
+        match submitted {
             Ok(runpod_id) => self.record_submission(leased, runpod_id).await,
             Err(Step::Unknown(reason)) => {
                 tracing::warn!(job_id = %leased.id, reason, "run outcome unknown; waiting for the run to announce itself");
@@ -181,6 +198,82 @@ impl Dispatcher {
                 let _ = self.store.save(&released, leased.version).await;
                 Err(RetryLater(reason))
             }
+        }
+    }
+
+    /// An input given by URL, fetched into the job's own key in the uploads bucket on the
+    /// first dispatch: the egress rules applied again (DNS may have changed since the job was
+    /// accepted) and the connection made to the address checked, the body capped, the image
+    /// checked as an upload is. The job then records what it got. Nothing to do for another
+    /// input, or one fetched by an earlier attempt.
+    async fn fetch_input(&self, leased: &Job) -> Result<Option<Job>, Step> {
+        let Some(source) = leased
+            .input
+            .source_url
+            .as_deref()
+            .filter(|_| leased.input.awaits_fetch())
+        else {
+            return Ok(None);
+        };
+        let unavailable =
+            |message: String| Step::Permanent(JobError::new(ErrorCode::InputUnavailable, message));
+        let rejected =
+            |message: String| Step::Permanent(JobError::new(ErrorCode::InputRejected, message));
+        let url = url::Url::parse(source)
+            .map_err(|_| unavailable("the input URL is not valid".into()))?;
+        let destination = inputs::destination(self.settings.egress, self.resolver.as_ref(), &url)
+            .await
+            .map_err(|refusal| match refusal {
+                // DNS may be back later; the attempt budget bounds the wait.
+                EgressRefusal::Unresolved { .. } => Step::Transient(refusal.to_string()),
+                refused => unavailable(format!("the input URL is refused: {refused}")),
+            })?;
+        let fetched = self
+            .fetcher
+            .open_at(&url, &destination)
+            .await
+            .map_err(|err| match err.failure() {
+                Failure::Transient | Failure::Unknown => {
+                    Step::Transient(format!("fetching the input: {err}"))
+                }
+                Failure::Missing | Failure::Permanent => {
+                    unavailable(format!("fetching the input: {err}"))
+                }
+            })?;
+        let cap = self.settings.max_upload_bytes;
+        let too_large = || rejected(format!("the input is larger than {cap} bytes"));
+        if fetched.size.is_some_and(|size| size > cap) {
+            return Err(too_large());
+        }
+        let mut bytes = Vec::with_capacity(fetched.size.unwrap_or(0).min(cap) as usize);
+        let mut body = fetched.body;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| Step::Transient(format!("reading the input: {e}")))?;
+            if (bytes.len() + chunk.len()) as u64 > cap {
+                return Err(too_large());
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        let kind = inputs::check_image(self.images.as_ref(), &bytes)
+            .map_err(|refusal| rejected(refusal.to_string()))?;
+        let size = bytes.len() as u64;
+        self.uploads
+            .put_bytes(&leased.input.key, bytes.into(), kind.content_type)
+            .await
+            .map_err(|e| Step::Transient(format!("storing the input: {e}")))?;
+        let committed = commit_leased(self.store.as_ref(), leased, Actor::Dispatch, |job| {
+            job.input.content_type = kind.content_type.to_string();
+            job.input.extension = kind.extension.to_string();
+            job.input.size = size;
+            Ok(())
+        })
+        .await
+        .map_err(|e| Step::Transient(e.to_string()))?;
+        match committed {
+            Committed::Written(job) => Ok(Some(job)),
+            _ => Err(Step::Transient(
+                "the job changed while its input was fetched".into(),
+            )),
         }
     }
 

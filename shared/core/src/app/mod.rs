@@ -5,6 +5,7 @@ pub mod api;
 pub mod cleanup;
 pub mod dispatch;
 pub mod finalize;
+pub mod inputs;
 pub mod janitor;
 pub mod observe;
 pub mod stop;

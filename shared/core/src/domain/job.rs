@@ -110,6 +110,11 @@ impl std::fmt::Display for JobState {
 pub enum ErrorCode {
     /// The input file was gone when the job was dispatched.
     InputMissing,
+    /// The input's URL could not be fetched: refused by the egress rules at dispatch, or
+    /// answered with an error that will not pass.
+    InputUnavailable,
+    /// What the input's URL served is not an accepted image, or is too large.
+    InputRejected,
     /// RunPod refused the job permanently (4xx on /run).
     RunpodRejected,
     /// Dispatch kept hitting transient errors until the job's attempt budget ran out.
@@ -143,6 +148,8 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InputMissing => "input_missing",
+            Self::InputUnavailable => "input_unavailable",
+            Self::InputRejected => "input_rejected",
             Self::RunpodRejected => "runpod_rejected",
             Self::DispatchAttemptsExhausted => "dispatch_attempts_exhausted",
             Self::WorkerFailed => "worker_failed",
@@ -241,6 +248,17 @@ pub struct InputRef {
     pub size: u64,
     /// Extension used for the copy on the volume (`jpg`, `png`, `webp`).
     pub extension: String,
+    /// An input given by URL: fetched (and checked) at dispatch into `key`; until then
+    /// `size` is 0 and the type unknown.
+    #[serde(default)]
+    pub source_url: Option<String>,
+}
+
+impl InputRef {
+    /// An input given by URL that dispatch has not fetched yet.
+    pub fn awaits_fetch(&self) -> bool {
+        self.source_url.is_some() && self.size == 0
+    }
 }
 
 /// One output copied into the results bucket.
@@ -1052,6 +1070,7 @@ mod tests {
                     content_type: "image/jpeg".into(),
                     size: 10,
                     extension: "jpg".into(),
+                    source_url: None,
                 },
                 idempotency_key: None,
                 request_digest: None,

@@ -358,6 +358,9 @@ pub enum FetchError {
     /// Any other non-2xx answer, redirects included (they are not followed).
     #[error("the server answered {0}")]
     Status(u16),
+    /// The egress rules refuse the URL (see `domain::egress`): nothing was sent.
+    #[error("refused: {0}")]
+    Refused(String),
 }
 
 impl Classified for FetchError {
@@ -365,7 +368,7 @@ impl Classified for FetchError {
         match self {
             Self::Transient(_) => Failure::Transient,
             Self::Status(404 | 410) => Failure::Missing,
-            Self::Status(_) => Failure::Permanent,
+            Self::Status(_) | Self::Refused(_) => Failure::Permanent,
         }
     }
 }
@@ -377,10 +380,25 @@ pub struct Fetched {
     pub body: ByteChunks,
 }
 
+/// Names to addresses, for the egress checks: DNS in AWS, a table in tests (which must never
+/// send traffic to a private address).
+#[async_trait]
+pub trait Resolver: Send + Sync {
+    /// Every address `host` resolves to, with `port`; an empty list when it resolves to none.
+    async fn resolve(&self, host: &str, port: u16) -> Result<Vec<std::net::SocketAddr>, String>;
+}
+
 #[async_trait]
 pub trait UrlFetcher: Send + Sync {
     /// GETs `url` without following redirects; the body is not read yet.
     async fn open(&self, url: &url::Url) -> Result<Fetched, FetchError>;
+    /// The same, connecting to `destination.address` only: the address the egress rules
+    /// checked, whatever a second resolution of the host would say.
+    async fn open_at(
+        &self,
+        url: &url::Url,
+        destination: &crate::domain::egress::Destination,
+    ) -> Result<Fetched, FetchError>;
 }
 
 // ---------------------------------------------------------------------------------------------

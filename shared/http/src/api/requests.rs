@@ -25,7 +25,7 @@ pub struct JobRequestBody {
     pub retention_secs: Option<u64>,
 }
 
-/// The input photo: exactly one of the two.
+/// The input photo: exactly one of the three.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobInputBody {
@@ -35,6 +35,10 @@ pub struct JobInputBody {
     /// An upload made with `POST /uploads`.
     #[serde(default)]
     pub upload_id: Option<String>,
+    /// An https URL the photo is fetched from when the job is dispatched; its host must
+    /// resolve to public addresses only, and redirects are not followed.
+    #[serde(default)]
+    pub url: Option<String>,
 }
 
 impl From<JobRequestBody> for JobRequest {
@@ -45,6 +49,7 @@ impl From<JobRequestBody> for JobRequest {
             input: JobInput {
                 image_base64: body.input.image_base64,
                 upload_id: body.input.upload_id,
+                url: body.input.url,
             },
             retention_secs: body.retention_secs,
         }
