@@ -1,4 +1,5 @@
 //! Pure domain code: no I/O, no clocks read directly, unit-tested.
+pub mod callback;
 pub mod egress;
 pub mod job;
 pub mod keys;

@@ -1,0 +1,88 @@
+//! Client callbacks are signed so that the official Standard Webhooks verifier (the
+//! `standardwebhooks` package from PyPI, a client nobody here wrote) accepts them: in real time,
+//! since it checks the timestamp against its own clock.
+use std::time::Duration;
+
+use gateway::domain::callback::{signature_headers, SigningSecret};
+use gateway::ports::{Clock, SystemClock};
+use gateway_tests::run_python;
+use rand::SeedableRng;
+
+const BODY: &str = r#"{"type":"job.succeeded","data":{"job_id":"0190a1b2-0000-7000-8000-000000000001","status":"succeeded"}}"#;
+
+/// Whether the official library accepts `body` with these headers, for `secret`.
+async fn verifies(
+    secret: &SigningSecret,
+    headers: &[(&'static str, String); 3],
+    body: &str,
+) -> bool {
+    let env = [
+        ("SECRET", secret.expose()),
+        ("WEBHOOK_ID", headers[0].1.clone()),
+        ("WEBHOOK_TIMESTAMP", headers[1].1.clone()),
+        ("WEBHOOK_SIGNATURE", headers[2].1.clone()),
+        ("BODY", body.to_string()),
+    ];
+    let (ok, stdout, stderr) =
+        run_python("verify_standard_webhook.py", &env, Duration::from_secs(120)).await;
+    assert!(
+        ok || stdout.contains("refused"),
+        "the verifier did not run: {stdout}{stderr}"
+    );
+    ok
+}
+
+fn secret(seed: u64) -> SigningSecret {
+    SigningSecret::generate(&mut rand::rngs::StdRng::seed_from_u64(seed))
+}
+
+#[tokio::test]
+async fn a_callback_signed_now_verifies_with_the_official_library() {
+    let secret = secret(1);
+    let headers = signature_headers(
+        std::slice::from_ref(&secret),
+        "msg_2x7",
+        SystemClock.now_ms(),
+        BODY.as_bytes(),
+    );
+    assert!(verifies(&secret, &headers, BODY).await);
+}
+
+#[tokio::test]
+async fn a_changed_body_or_another_secret_does_not_verify() {
+    let secret = secret(2);
+    let headers = signature_headers(
+        std::slice::from_ref(&secret),
+        "msg_2x8",
+        SystemClock.now_ms(),
+        BODY.as_bytes(),
+    );
+    assert!(!verifies(&secret, &headers, &BODY.replace("succeeded", "failed")).await);
+    assert!(!verifies(&self::secret(3), &headers, BODY).await);
+}
+
+#[tokio::test]
+async fn during_a_rotation_either_secret_verifies_the_same_message() {
+    let (old, new) = (secret(4), secret(5));
+    let headers = signature_headers(
+        &[new.clone(), old.clone()],
+        "msg_2x9",
+        SystemClock.now_ms(),
+        BODY.as_bytes(),
+    );
+    assert!(verifies(&new, &headers, BODY).await);
+    assert!(verifies(&old, &headers, BODY).await);
+}
+
+#[tokio::test]
+async fn a_signature_from_ten_minutes_ago_is_refused_so_each_retry_is_signed_anew() {
+    let secret = secret(6);
+    let stale = SystemClock.now_ms() - 10 * 60 * 1000;
+    let headers = signature_headers(
+        std::slice::from_ref(&secret),
+        "msg_2xa",
+        stale,
+        BODY.as_bytes(),
+    );
+    assert!(!verifies(&secret, &headers, BODY).await);
+}
