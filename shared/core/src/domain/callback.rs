@@ -186,6 +186,213 @@ pub fn next_attempt_at(
     Some(last_at + (wait_secs + spread).max(asked) * 1000)
 }
 
+/// Most messages one job's delivery log keeps: its events are few (running, the end, progress
+/// at most once a minute); the oldest delivered progress messages make room first.
+pub const MAX_MESSAGES: usize = 50;
+/// Largest callback body: links and the job's summary, never bytes.
+pub const MAX_BODY_BYTES: usize = 20 * 1024;
+
+/// Where one message stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MessageState {
+    /// Waiting for its next attempt (`next_attempt_at`).
+    Pending,
+    Delivered,
+    /// The schedule is spent without a 2xx.
+    Failed,
+    /// The endpoint answered 410: nothing more goes to that URL for this job.
+    Disabled,
+}
+
+/// One attempt at sending a message.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Attempt {
+    pub at: Millis,
+    /// The endpoint's status, if it answered.
+    pub status: Option<u16>,
+    /// Why there was no answer (a timeout, a refused address), if there was none.
+    pub error: Option<String>,
+    /// Asked for by the owner (`redeliver`), not by the schedule.
+    pub manual: bool,
+}
+
+/// One callback message: one event of one job, to one URL, with every attempt at it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Message {
+    /// `msg_…`: the `webhook-id` of every attempt.
+    pub id: String,
+    pub event_type: String,
+    pub url: String,
+    pub body: String,
+    pub created_at: Millis,
+    pub state: MessageState,
+    pub next_attempt_at: Option<Millis>,
+    pub attempts: Vec<Attempt>,
+}
+
+/// Why the log refused a change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryRefusal {
+    #[error("the callback body is {0} bytes; at most {MAX_BODY_BYTES} are sent")]
+    TooLarge(usize),
+    #[error("{0} answered 410 for this job; nothing more is sent there")]
+    Disabled(String),
+    #[error("no message {0} in this job's log")]
+    UnknownMessage(String),
+}
+
+/// A job's callbacks: every message, its attempts, and the URLs that answered 410. One record
+/// per job, so that the job's delivery log is one read.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DeliveryLog {
+    pub job_id: String,
+    pub owner: String,
+    pub messages: Vec<Message>,
+    pub disabled_urls: Vec<String>,
+}
+
+impl DeliveryLog {
+    pub fn new(job_id: &str, owner: &str) -> Self {
+        Self {
+            job_id: job_id.to_string(),
+            owner: owner.to_string(),
+            ..Self::default()
+        }
+    }
+
+    /// Adds a message due at once. A URL that answered 410 for this job gets nothing more; when
+    /// the log is full, the oldest message no longer pending makes room.
+    pub fn add(
+        &mut self,
+        id: &str,
+        event_type: &str,
+        url: &str,
+        body: String,
+        now: Millis,
+    ) -> Result<(), DeliveryRefusal> {
+        if body.len() > MAX_BODY_BYTES {
+            return Err(DeliveryRefusal::TooLarge(body.len()));
+        }
+        if self.disabled_urls.iter().any(|u| u == url) {
+            return Err(DeliveryRefusal::Disabled(url.to_string()));
+        }
+        if self.messages.iter().any(|m| m.id == id) {
+            // The same event queued twice (a retried write): one message.
+            return Ok(());
+        }
+        while self.messages.len() >= MAX_MESSAGES {
+            match self
+                .messages
+                .iter()
+                .position(|m| m.state != MessageState::Pending)
+            {
+                Some(oldest) => drop(self.messages.remove(oldest)),
+                None => break,
+            }
+        }
+        self.messages.push(Message {
+            id: id.to_string(),
+            event_type: event_type.to_string(),
+            url: url.to_string(),
+            body,
+            created_at: now,
+            state: MessageState::Pending,
+            next_attempt_at: Some(now),
+            attempts: Vec::new(),
+        });
+        Ok(())
+    }
+
+    pub fn message(&self, id: &str) -> Option<&Message> {
+        self.messages.iter().find(|m| m.id == id)
+    }
+
+    /// Records how an attempt at `id` went, and when the next comes (the spec's schedule,
+    /// counted from this attempt; manual attempts do not count against it). Returns that time,
+    /// if there is one.
+    pub fn record(
+        &mut self,
+        id: &str,
+        result: &AttemptResult,
+        at: Millis,
+        manual: bool,
+        jitter: f64,
+    ) -> Result<Option<Millis>, DeliveryRefusal> {
+        let message = self
+            .messages
+            .iter_mut()
+            .find(|m| m.id == id)
+            .ok_or_else(|| DeliveryRefusal::UnknownMessage(id.to_string()))?;
+        let (status, error) = match result {
+            AttemptResult::Delivered(status) => (Some(*status), None),
+            AttemptResult::Gone => (Some(410), None),
+            AttemptResult::Refused { status, .. } => (Some(*status), None),
+            AttemptResult::NoAnswer(reason) => (None, Some(reason.chars().take(200).collect())),
+        };
+        message.attempts.push(Attempt {
+            at,
+            status,
+            error,
+            manual,
+        });
+        let scheduled = message.attempts.iter().filter(|a| !a.manual).count();
+        let (state, next) = match result {
+            AttemptResult::Delivered(_) => (MessageState::Delivered, None),
+            AttemptResult::Gone => (MessageState::Disabled, None),
+            AttemptResult::Refused {
+                retry_after_secs, ..
+            } => match next_attempt_at(scheduled.max(1), at, *retry_after_secs, jitter) {
+                Some(next) => (MessageState::Pending, Some(next)),
+                None => (MessageState::Failed, None),
+            },
+            AttemptResult::NoAnswer(_) => match next_attempt_at(scheduled.max(1), at, None, jitter)
+            {
+                Some(next) => (MessageState::Pending, Some(next)),
+                None => (MessageState::Failed, None),
+            },
+        };
+        message.state = state;
+        message.next_attempt_at = next;
+        if state == MessageState::Disabled {
+            let url = message.url.clone();
+            if !self.disabled_urls.contains(&url) {
+                self.disabled_urls.push(url.clone());
+            }
+            // Nothing more goes there: other messages to that URL stop too.
+            for other in self.messages.iter_mut().filter(|m| m.url == url) {
+                if other.state == MessageState::Pending {
+                    other.state = MessageState::Disabled;
+                    other.next_attempt_at = None;
+                }
+            }
+        }
+        Ok(next)
+    }
+
+    /// The owner asks for `id` again: due at once, whatever its state, unless its URL answered
+    /// 410 (a redelivery is no way round an endpoint that said it is gone).
+    pub fn redeliver(&mut self, id: &str, now: Millis) -> Result<(), DeliveryRefusal> {
+        let disabled = self.disabled_urls.clone();
+        let message = self
+            .messages
+            .iter_mut()
+            .find(|m| m.id == id)
+            .ok_or_else(|| DeliveryRefusal::UnknownMessage(id.to_string()))?;
+        if disabled.contains(&message.url) {
+            return Err(DeliveryRefusal::Disabled(message.url.clone()));
+        }
+        message.state = MessageState::Pending;
+        message.next_attempt_at = Some(now);
+        Ok(())
+    }
+
+    /// The earliest attempt due, if any message is pending.
+    pub fn next_due(&self) -> Option<Millis> {
+        self.messages.iter().filter_map(|m| m.next_attempt_at).min()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -289,6 +496,175 @@ mod tests {
             next_attempt_at(1, 0, Some(10_000_000), 0.0),
             Some(86_400_000)
         );
+    }
+
+    fn log_with_one() -> DeliveryLog {
+        let mut log = DeliveryLog::new("job-1", "alice");
+        log.add(
+            "msg_1",
+            "job.succeeded",
+            "https://client.example/hook",
+            "{}".into(),
+            1_000,
+        )
+        .unwrap();
+        log
+    }
+
+    fn refused(status: u16) -> AttemptResult {
+        AttemptResult::Refused {
+            status,
+            retry_after_secs: None,
+        }
+    }
+
+    #[test]
+    fn a_new_message_is_due_at_once() {
+        let log = log_with_one();
+        assert_eq!(log.next_due(), Some(1_000));
+        assert_eq!(log.message("msg_1").unwrap().state, MessageState::Pending);
+    }
+
+    #[test]
+    fn a_2xx_delivers_and_nothing_more_is_due() {
+        let mut log = log_with_one();
+        let next = log
+            .record("msg_1", &AttemptResult::Delivered(204), 1_500, false, 0.0)
+            .unwrap();
+        assert_eq!(next, None);
+        assert_eq!(log.message("msg_1").unwrap().state, MessageState::Delivered);
+        assert_eq!(log.next_due(), None);
+    }
+
+    #[test]
+    fn failures_follow_the_schedule_until_it_is_spent() {
+        let mut log = log_with_one();
+        let mut at = 1_000;
+        for attempt in 0..10 {
+            let next = log.record("msg_1", &refused(500), at, false, 0.0).unwrap();
+            if attempt < 9 {
+                at = next.expect("another attempt");
+            } else {
+                assert_eq!(next, None);
+            }
+        }
+        let message = log.message("msg_1").unwrap();
+        assert_eq!(message.state, MessageState::Failed);
+        assert_eq!(message.attempts.len(), 10);
+    }
+
+    #[test]
+    fn a_410_disables_the_url_for_the_job_and_stops_its_other_messages() {
+        let mut log = log_with_one();
+        log.add(
+            "msg_2",
+            "job.progress",
+            "https://client.example/hook",
+            "{}".into(),
+            1_100,
+        )
+        .unwrap();
+        log.record("msg_1", &AttemptResult::Gone, 1_200, false, 0.0)
+            .unwrap();
+        assert_eq!(log.message("msg_2").unwrap().state, MessageState::Disabled);
+        assert_eq!(log.next_due(), None);
+        assert_eq!(
+            log.add(
+                "msg_3",
+                "job.running",
+                "https://client.example/hook",
+                "{}".into(),
+                1_300
+            ),
+            Err(DeliveryRefusal::Disabled(
+                "https://client.example/hook".into()
+            ))
+        );
+        assert!(log.redeliver("msg_1", 2_000).is_err());
+    }
+
+    #[test]
+    fn a_redelivery_is_due_at_once_and_does_not_spend_the_schedule() {
+        let mut log = log_with_one();
+        for at in [1_000, 10_000] {
+            log.record("msg_1", &refused(500), at, false, 0.0).unwrap();
+        }
+        log.redeliver("msg_1", 20_000).unwrap();
+        assert_eq!(log.next_due(), Some(20_000));
+        let next = log
+            .record("msg_1", &refused(502), 20_000, true, 0.0)
+            .unwrap();
+        // Two scheduled attempts so far: the wait after the second (5 min) comes next.
+        assert_eq!(next, Some(20_000 + 5 * 60 * 1000));
+    }
+
+    #[test]
+    fn no_answer_is_retried_like_a_refusal() {
+        let mut log = log_with_one();
+        let next = log
+            .record(
+                "msg_1",
+                &AttemptResult::NoAnswer("timed out".into()),
+                1_000,
+                false,
+                0.0,
+            )
+            .unwrap();
+        assert_eq!(next, Some(6_000));
+        assert_eq!(log.message("msg_1").unwrap().attempts[0].status, None);
+    }
+
+    #[test]
+    fn a_body_over_20_kb_is_never_queued() {
+        let mut log = DeliveryLog::new("job-1", "alice");
+        let big = "x".repeat(MAX_BODY_BYTES + 1);
+        assert!(matches!(
+            log.add("msg_1", "job.succeeded", "https://c.example/", big, 0),
+            Err(DeliveryRefusal::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn a_full_log_makes_room_from_its_oldest_settled_message() {
+        let mut log = DeliveryLog::new("job-1", "alice");
+        for n in 0..MAX_MESSAGES {
+            let id = format!("msg_{n}");
+            log.add(
+                &id,
+                "job.progress",
+                "https://c.example/",
+                "{}".into(),
+                n as i64,
+            )
+            .unwrap();
+            log.record(&id, &AttemptResult::Delivered(200), n as i64, false, 0.0)
+                .unwrap();
+        }
+        log.add(
+            "msg_last",
+            "job.succeeded",
+            "https://c.example/",
+            "{}".into(),
+            99,
+        )
+        .unwrap();
+        assert_eq!(log.messages.len(), MAX_MESSAGES);
+        assert!(log.message("msg_0").is_none());
+        assert!(log.message("msg_last").is_some());
+    }
+
+    #[test]
+    fn the_same_message_added_twice_is_one_message() {
+        let mut log = log_with_one();
+        log.add(
+            "msg_1",
+            "job.succeeded",
+            "https://client.example/hook",
+            "{}".into(),
+            5_000,
+        )
+        .unwrap();
+        assert_eq!(log.messages.len(), 1);
     }
 
     #[test]
