@@ -198,13 +198,13 @@ async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> Result<T, B
 
 /// Whether `function` is told of the secret named by `arn_var`, as in `template.yaml`: the
 /// public submit function of none, the webhook of all but the volume's, the sweeper of all but
-/// the webhook's, finalize of the volume's alone.
+/// the webhook's, finalize and the janitor of the volume's alone.
 pub fn told_of(function: &str, arn_var: &str) -> bool {
     match function {
         "dispatch" => true,
         "webhook" => arn_var != "VOLUME_SECRET_ARN",
         "sweeper" => arn_var != "WEBHOOK_SECRET_ARN",
-        "finalize" => arn_var == "VOLUME_SECRET_ARN",
+        "finalize" | "janitor" => arn_var == "VOLUME_SECRET_ARN",
         _ => false,
     }
 }
@@ -505,6 +505,7 @@ pub fn subjects(memory: &crate::template::MemorySizes) -> Vec<Subject> {
             finalize_event(&missing()),
         ),
         rust("sweeper", schedule_event(), schedule_event()),
+        rust("janitor", schedule_event(), schedule_event()),
         Subject {
             name: "submit-warmed",
             program: bins.join("bench-submit-warmed"),

@@ -135,7 +135,9 @@ async fn main() -> Result<(), BoxError> {
         };
         let hello = find("hello-world");
         let python = find("python-submit");
-        for name in ["submit", "dispatch", "webhook", "finalize", "sweeper"] {
+        for name in [
+            "submit", "dispatch", "webhook", "finalize", "sweeper", "janitor",
+        ] {
             let f = find(name);
             let _ = writeln!(
                 summary,
