@@ -7,16 +7,17 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
+use gateway::domain::callback::{AttemptResult, DeliveryLog, SigningSecret};
 use gateway::domain::egress::Destination;
 use gateway::domain::job::{Job, JobState, Millis};
 use gateway::domain::keys;
 use gateway::domain::usage::DailyUsage;
 use gateway::ports::{
-    ByteChunks, Clock, CreateOutcome, DueJobs, FetchError, Fetched, FinalizeQueue, FolderPage,
-    ImageKind, ImageProbe, JobPage, JobQueue, JobStore, ObjectError, ObjectMeta, ObjectStore,
-    PresignedPost, PresignedRequest, QueueError, Resolver, RunPod, RunPodError, RunPodStatus,
-    RunRequest, StagedPage, StagedUpload, StagedUploads, StopQueue, StopRun, StoreError,
-    UrlFetcher, JPEG, PNG, WEBP,
+    ByteChunks, CallbackQueue, CallbackSender, Clock, CreateOutcome, DeliveryLogs, DueJobs,
+    FetchError, Fetched, FinalizeQueue, FolderPage, ImageKind, ImageProbe, JobPage, JobQueue,
+    JobStore, ObjectError, ObjectMeta, ObjectStore, PresignedPost, PresignedRequest, QueueError,
+    Resolver, RunPod, RunPodError, RunPodStatus, RunRequest, SigningKeys, StagedPage, StagedUpload,
+    StagedUploads, StopQueue, StopRun, StoreError, UrlFetcher, JPEG, PNG, WEBP,
 };
 
 /// Gives way once to whatever else runs on the task: the fakes answer at once, and without
@@ -995,5 +996,161 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now_ms(&self) -> Millis {
         self.0.load(Ordering::SeqCst)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client callbacks
+// ---------------------------------------------------------------------------------------------
+
+/// Delivery logs by job, each with its version, written conditionally as DynamoDB would.
+#[derive(Default)]
+pub struct MemDeliveryLogs {
+    logs: Mutex<HashMap<String, (DeliveryLog, u64)>>,
+}
+
+impl MemDeliveryLogs {
+    pub fn log(&self, job_id: &str) -> Option<DeliveryLog> {
+        lock(&self.logs).get(job_id).map(|(log, _)| log.clone())
+    }
+}
+
+#[async_trait]
+impl DeliveryLogs for MemDeliveryLogs {
+    async fn get(&self, job_id: &str) -> Result<Option<(DeliveryLog, u64)>, StoreError> {
+        yield_once().await;
+        Ok(lock(&self.logs).get(job_id).cloned())
+    }
+    async fn save(&self, log: &DeliveryLog, expected: u64) -> Result<(), StoreError> {
+        yield_once().await;
+        let mut logs = lock(&self.logs);
+        let stored = logs.get(&log.job_id).map_or(0, |(_, version)| *version);
+        if stored != expected {
+            return Err(StoreError::Conflict);
+        }
+        logs.insert(log.job_id.clone(), (log.clone(), expected + 1));
+        Ok(())
+    }
+}
+
+/// The delivery queue: every request, with its delay.
+#[derive(Default)]
+pub struct MemCallbackQueue {
+    requests: Mutex<Vec<(String, String, Duration)>>,
+}
+
+impl MemCallbackQueue {
+    /// Takes the requests waiting, oldest first.
+    pub fn take(&self) -> Vec<(String, String, Duration)> {
+        std::mem::take(&mut *lock(&self.requests))
+    }
+}
+
+#[async_trait]
+impl CallbackQueue for MemCallbackQueue {
+    async fn request_delivery(
+        &self,
+        job_id: &str,
+        message_id: &str,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        lock(&self.requests).push((job_id.into(), message_id.into(), delay));
+        Ok(())
+    }
+}
+
+/// One callback as the receiver got it.
+#[derive(Clone, Debug)]
+pub struct Posted {
+    pub url: String,
+    pub address: std::net::SocketAddr,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Posted {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A receiver that answers from a script (a 2xx once it runs out), and keeps every callback.
+#[derive(Default)]
+pub struct ScriptedReceiver {
+    answers: Mutex<VecDeque<AttemptResult>>,
+    posted: Mutex<Vec<Posted>>,
+}
+
+impl ScriptedReceiver {
+    /// The next attempts get these answers, in order.
+    pub fn answer(&self, answers: &[AttemptResult]) {
+        lock(&self.answers).extend(answers.iter().cloned());
+    }
+    pub fn posted(&self) -> Vec<Posted> {
+        lock(&self.posted).clone()
+    }
+}
+
+#[async_trait]
+impl CallbackSender for ScriptedReceiver {
+    async fn post(
+        &self,
+        url: &url::Url,
+        to: &Destination,
+        headers: &[(&'static str, String)],
+        body: &[u8],
+    ) -> AttemptResult {
+        yield_once().await;
+        lock(&self.posted).push(Posted {
+            url: url.to_string(),
+            address: to.address,
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.clone()))
+                .collect(),
+            body: String::from_utf8_lossy(body).into_owned(),
+        });
+        lock(&self.answers)
+            .pop_front()
+            .unwrap_or(AttemptResult::Delivered(200))
+    }
+}
+
+/// Each owner's secrets: one made on first use from the owner's name (so tests can verify),
+/// and a rotation on demand.
+#[derive(Default)]
+pub struct MemSigningKeys {
+    secrets: Mutex<HashMap<String, Vec<SigningSecret>>>,
+}
+
+impl MemSigningKeys {
+    /// Puts a new secret before the owner's current one.
+    pub fn rotate(&self, owner: &str, seed: u64) {
+        use rand::SeedableRng;
+        let new = SigningSecret::generate(&mut rand::rngs::StdRng::seed_from_u64(seed));
+        let mut secrets = lock(&self.secrets);
+        let list = secrets.entry(owner.to_string()).or_default();
+        list.insert(0, new);
+        list.truncate(2);
+    }
+}
+
+#[async_trait]
+impl SigningKeys for MemSigningKeys {
+    async fn secrets(&self, owner: &str) -> Result<Vec<SigningSecret>, StoreError> {
+        use rand::SeedableRng;
+        let mut secrets = lock(&self.secrets);
+        let list = secrets.entry(owner.to_string()).or_insert_with(|| {
+            let seed = owner
+                .bytes()
+                .fold(7u64, |a, b| a.wrapping_mul(31) + u64::from(b));
+            vec![SigningSecret::generate(
+                &mut rand::rngs::StdRng::seed_from_u64(seed),
+            )]
+        });
+        Ok(list.clone())
     }
 }

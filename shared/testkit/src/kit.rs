@@ -3,6 +3,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use gateway::app::api::Api;
+use gateway::app::callbacks::Callbacks;
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::{FinalizeError, Finalizer};
 use gateway::app::janitor::Janitor;
@@ -19,8 +20,9 @@ use gateway::domain::workflow::WorkflowCatalog;
 use gateway::ports::RunPodStatus;
 
 use crate::fakes::{
-    MagicBytes, ManualClock, MemFinalize, MemObjects, MemQueue, MemStops, MemStore, NoDownloads,
-    ScriptedRunPod, ServedUrls, TableResolver,
+    MagicBytes, ManualClock, MemCallbackQueue, MemDeliveryLogs, MemFinalize, MemObjects, MemQueue,
+    MemSigningKeys, MemStops, MemStore, NoDownloads, ScriptedReceiver, ScriptedRunPod, ServedUrls,
+    TableResolver,
 };
 use crate::images::jpeg;
 use crate::jobs::restore_job;
@@ -48,6 +50,12 @@ pub struct Kit {
     /// DNS and the web, for inputs given by URL.
     pub resolver: Arc<TableResolver>,
     pub urls: Arc<ServedUrls>,
+    /// Client callbacks: the delivery logs, the delivery queue, the receivers, the owners'
+    /// secrets.
+    pub delivery_logs: Arc<MemDeliveryLogs>,
+    pub callback_queue: Arc<MemCallbackQueue>,
+    pub receiver: Arc<ScriptedReceiver>,
+    pub signing_keys: Arc<MemSigningKeys>,
     pub clock: Arc<ManualClock>,
     pub catalog: Arc<WorkflowCatalog>,
     pub signer: WebhookSigner,
@@ -76,6 +84,10 @@ impl Kit {
             images: Arc::default(),
             resolver: Arc::default(),
             urls: Arc::default(),
+            delivery_logs: Arc::default(),
+            callback_queue: Arc::default(),
+            receiver: Arc::default(),
+            signing_keys: Arc::default(),
             clock: Arc::new(ManualClock::at(START)),
             catalog: Arc::new(WorkflowCatalog::builtin().expect("the built-in workflows")),
             signer: WebhookSigner::new(SECRET.as_bytes(), None),
@@ -222,6 +234,36 @@ impl Kit {
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         }
+    }
+
+    pub fn callbacks(&self) -> Callbacks {
+        Callbacks {
+            store: self.store.clone(),
+            logs: self.delivery_logs.clone(),
+            queue: self.callback_queue.clone(),
+            sender: self.receiver.clone(),
+            keys: self.signing_keys.clone(),
+            resolver: self.resolver.clone(),
+            results: self.results.clone(),
+            settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
+    /// Runs the delivery function on every request waiting, as the queue would hand them
+    /// over (delays ignored: the clock is the test's); returns the outcomes.
+    pub async fn deliver_waiting(&self) -> Vec<gateway::app::callbacks::Delivery> {
+        let callbacks = self.callbacks();
+        let mut outcomes = Vec::new();
+        for (job_id, message_id, _) in self.callback_queue.take() {
+            outcomes.push(
+                callbacks
+                    .deliver(&job_id, &message_id)
+                    .await
+                    .expect("a delivery"),
+            );
+        }
+        outcomes
     }
 
     pub fn janitor(&self) -> Janitor {

@@ -229,6 +229,9 @@ pub struct Message {
     pub state: MessageState,
     pub next_attempt_at: Option<Millis>,
     pub attempts: Vec<Attempt>,
+    /// Due because its owner asked again: the next attempt is a manual one.
+    #[serde(default)]
+    pub manual: bool,
 }
 
 /// Why the log refused a change.
@@ -300,6 +303,7 @@ impl DeliveryLog {
             state: MessageState::Pending,
             next_attempt_at: Some(now),
             attempts: Vec::new(),
+            manual: false,
         });
         Ok(())
     }
@@ -309,14 +313,13 @@ impl DeliveryLog {
     }
 
     /// Records how an attempt at `id` went, and when the next comes (the spec's schedule,
-    /// counted from this attempt; manual attempts do not count against it). Returns that time,
-    /// if there is one.
+    /// counted from this attempt; attempts its owner asked for do not count against it).
+    /// Returns that time, if there is one.
     pub fn record(
         &mut self,
         id: &str,
         result: &AttemptResult,
         at: Millis,
-        manual: bool,
         jitter: f64,
     ) -> Result<Option<Millis>, DeliveryRefusal> {
         let message = self
@@ -324,6 +327,7 @@ impl DeliveryLog {
             .iter_mut()
             .find(|m| m.id == id)
             .ok_or_else(|| DeliveryRefusal::UnknownMessage(id.to_string()))?;
+        let manual = std::mem::take(&mut message.manual);
         let (status, error) = match result {
             AttemptResult::Delivered(status) => (Some(*status), None),
             AttemptResult::Gone => (Some(410), None),
@@ -384,6 +388,7 @@ impl DeliveryLog {
         }
         message.state = MessageState::Pending;
         message.next_attempt_at = Some(now);
+        message.manual = true;
         Ok(())
     }
 
@@ -529,7 +534,7 @@ mod tests {
     fn a_2xx_delivers_and_nothing_more_is_due() {
         let mut log = log_with_one();
         let next = log
-            .record("msg_1", &AttemptResult::Delivered(204), 1_500, false, 0.0)
+            .record("msg_1", &AttemptResult::Delivered(204), 1_500, 0.0)
             .unwrap();
         assert_eq!(next, None);
         assert_eq!(log.message("msg_1").unwrap().state, MessageState::Delivered);
@@ -541,7 +546,7 @@ mod tests {
         let mut log = log_with_one();
         let mut at = 1_000;
         for attempt in 0..10 {
-            let next = log.record("msg_1", &refused(500), at, false, 0.0).unwrap();
+            let next = log.record("msg_1", &refused(500), at, 0.0).unwrap();
             if attempt < 9 {
                 at = next.expect("another attempt");
             } else {
@@ -564,7 +569,7 @@ mod tests {
             1_100,
         )
         .unwrap();
-        log.record("msg_1", &AttemptResult::Gone, 1_200, false, 0.0)
+        log.record("msg_1", &AttemptResult::Gone, 1_200, 0.0)
             .unwrap();
         assert_eq!(log.message("msg_2").unwrap().state, MessageState::Disabled);
         assert_eq!(log.next_due(), None);
@@ -587,13 +592,11 @@ mod tests {
     fn a_redelivery_is_due_at_once_and_does_not_spend_the_schedule() {
         let mut log = log_with_one();
         for at in [1_000, 10_000] {
-            log.record("msg_1", &refused(500), at, false, 0.0).unwrap();
+            log.record("msg_1", &refused(500), at, 0.0).unwrap();
         }
         log.redeliver("msg_1", 20_000).unwrap();
         assert_eq!(log.next_due(), Some(20_000));
-        let next = log
-            .record("msg_1", &refused(502), 20_000, true, 0.0)
-            .unwrap();
+        let next = log.record("msg_1", &refused(502), 20_000, 0.0).unwrap();
         // Two scheduled attempts so far: the wait after the second (5 min) comes next.
         assert_eq!(next, Some(20_000 + 5 * 60 * 1000));
     }
@@ -606,7 +609,6 @@ mod tests {
                 "msg_1",
                 &AttemptResult::NoAnswer("timed out".into()),
                 1_000,
-                false,
                 0.0,
             )
             .unwrap();
@@ -637,7 +639,7 @@ mod tests {
                 n as i64,
             )
             .unwrap();
-            log.record(&id, &AttemptResult::Delivered(200), n as i64, false, 0.0)
+            log.record(&id, &AttemptResult::Delivered(200), n as i64, 0.0)
                 .unwrap();
         }
         log.add(

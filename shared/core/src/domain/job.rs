@@ -386,6 +386,10 @@ pub struct Job {
     #[serde(default)]
     pub idempotency_expires_at: Option<i64>,
     pub callback_url: Option<String>,
+    /// The events beyond the job's end its callback asked for (`job.running`,
+    /// `job.progress`); the end is always sent.
+    #[serde(default)]
+    pub callback_events: Vec<String>,
     /// Bumped by every change; the store writes only if the stored version is the one read.
     pub version: u64,
     /// When the job must be terminal; past it the sweeper cancels it as `timed_out`.
@@ -541,6 +545,7 @@ impl Job {
             idempotency_key: new.idempotency_key,
             request_digest: new.request_digest,
             callback_url: new.callback_url,
+            callback_events: Vec::new(),
             version: 1,
             deadline_at: now + timing.deadline_ms,
             next_check_at: Some(now + timing.first_check_ms),

@@ -529,6 +529,63 @@ impl Clock for SystemClock {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Client callbacks
+// ---------------------------------------------------------------------------------------------
+
+/// Each job's delivery log, written conditionally like the job itself.
+#[async_trait]
+pub trait DeliveryLogs: Send + Sync {
+    /// The log and the version to save it against; `None` before the job's first callback.
+    async fn get(
+        &self,
+        job_id: &str,
+    ) -> Result<Option<(crate::domain::callback::DeliveryLog, u64)>, StoreError>;
+    /// Writes `log` as version `expected + 1` only if the stored one is still `expected`
+    /// (0: none stored yet); `StoreError::Conflict` otherwise.
+    async fn save(
+        &self,
+        log: &crate::domain::callback::DeliveryLog,
+        expected: u64,
+    ) -> Result<(), StoreError>;
+}
+
+/// The delivery function's queue: one message per attempt due, delayed at most 15 minutes
+/// (SQS's limit), so a longer wait is a chain of delayed messages.
+#[async_trait]
+pub trait CallbackQueue: Send + Sync {
+    async fn request_delivery(
+        &self,
+        job_id: &str,
+        message_id: &str,
+        delay: Duration,
+    ) -> Result<(), QueueError>;
+}
+
+/// Sends one signed callback: a POST to `destination.address` only (the address checked), no
+/// redirect followed, bounded in time.
+#[async_trait]
+pub trait CallbackSender: Send + Sync {
+    async fn post(
+        &self,
+        url: &url::Url,
+        destination: &crate::domain::egress::Destination,
+        headers: &[(&'static str, String)],
+        body: &[u8],
+    ) -> crate::domain::callback::AttemptResult;
+}
+
+/// Each owner's signing secrets: the current one first, and the one before it while a
+/// rotation settles. They are the owners', kept encrypted; the gateway only signs with them.
+#[async_trait]
+pub trait SigningKeys: Send + Sync {
+    /// The owner's secrets, creating the first one if they have none.
+    async fn secrets(
+        &self,
+        owner: &str,
+    ) -> Result<Vec<crate::domain::callback::SigningSecret>, StoreError>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
