@@ -86,3 +86,111 @@ async fn a_signature_from_ten_minutes_ago_is_refused_so_each_retry_is_signed_ane
     );
     assert!(!verifies(&secret, &headers, BODY).await);
 }
+
+// ------------------------------------------------------------------ the HTTP sender
+
+mod sender {
+    use std::net::SocketAddr;
+    use std::time::Duration;
+
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    use axum::routing::post;
+    use gateway::domain::callback::AttemptResult;
+    use gateway::domain::egress::Destination;
+    use gateway::ports::CallbackSender;
+    use gateway_aws::adapters::callback_http::HttpCallbackSender;
+
+    /// A receiver on loopback.
+    async fn receiver(app: axum::Router) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app).await.unwrap();
+        });
+        (address, task)
+    }
+
+    async fn send(address: SocketAddr, path: &str, sender: &HttpCallbackSender) -> AttemptResult {
+        // A name, pinned to the receiver's address: nothing resolves it.
+        let url =
+            url::Url::parse(&format!("http://receiver.test:{}{path}", address.port())).unwrap();
+        let to = Destination {
+            host: "receiver.test".into(),
+            address,
+        };
+        let headers = [
+            ("webhook-id", "msg_1".to_string()),
+            ("content-type", "application/json".to_string()),
+        ];
+        sender.post(&url, &to, &headers, b"{}").await
+    }
+
+    #[tokio::test]
+    async fn answers_map_to_delivered_gone_refused_with_retry_after_and_redirects_are_not_followed()
+    {
+        let app = axum::Router::new()
+            .route(
+                "/ok",
+                post(|headers: HeaderMap| async move {
+                    assert_eq!(headers["webhook-id"], "msg_1");
+                    // The name the URL gave, though the connection went to the pinned address.
+                    assert!(headers["host"]
+                        .to_str()
+                        .unwrap()
+                        .starts_with("receiver.test:"));
+                    StatusCode::NO_CONTENT
+                }),
+            )
+            .route("/gone", post(|| async { StatusCode::GONE }))
+            .route(
+                "/busy",
+                post(|| async {
+                    (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "120")]).into_response()
+                }),
+            )
+            .route(
+                "/moved",
+                post(|| async { (StatusCode::FOUND, [("location", "/ok")]).into_response() }),
+            );
+        let (address, _server) = receiver(app).await;
+        let sender = HttpCallbackSender::default();
+
+        assert_eq!(
+            send(address, "/ok", &sender).await,
+            AttemptResult::Delivered(204)
+        );
+        assert_eq!(send(address, "/gone", &sender).await, AttemptResult::Gone);
+        assert_eq!(
+            send(address, "/busy", &sender).await,
+            AttemptResult::Refused {
+                status: 503,
+                retry_after_secs: Some(120)
+            }
+        );
+        assert_eq!(
+            send(address, "/moved", &sender).await,
+            AttemptResult::Refused {
+                status: 302,
+                retry_after_secs: None
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_that_never_answers_is_given_up_after_the_timeout() {
+        let app = axum::Router::new().route(
+            "/slow",
+            post(|| async {
+                std::future::pending::<()>().await;
+                StatusCode::OK
+            }),
+        );
+        let (address, _server) = receiver(app).await;
+        let sender = HttpCallbackSender::with_timeout(Duration::from_millis(500));
+
+        let result = send(address, "/slow", &sender).await;
+
+        assert!(matches!(result, AttemptResult::NoAnswer(_)), "{result:?}");
+    }
+}

@@ -6,12 +6,15 @@ use std::sync::{Arc, OnceLock};
 use aws_config::{BehaviorVersion, SdkConfig};
 
 use crate::adapters::dynamodb::DynamoJobStore;
-use crate::adapters::http_fetch::{HttpFetcher, SystemResolver};
+use crate::adapters::http_fetch::HttpFetcher;
+#[cfg(feature = "images")]
+use crate::adapters::http_fetch::SystemResolver;
 use crate::adapters::runpod::{http_client, HttpRunPod};
 use crate::adapters::s3::{aws_client, volume_client, S3ObjectStore};
 #[cfg(feature = "secrets")]
 use crate::adapters::secrets;
 use crate::adapters::sqs::{SqsFinalizeQueue, SqsJobQueue, SqsStopQueue};
+#[cfg(feature = "images")]
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
 use gateway::app::observe::Observer;

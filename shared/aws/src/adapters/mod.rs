@@ -1,4 +1,5 @@
 //! Implementations of the ports against real services.
+pub mod callback_http;
 pub mod declared;
 pub mod dynamodb;
 pub mod http_fetch;
