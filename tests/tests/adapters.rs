@@ -494,3 +494,39 @@ async fn a_stream_that_dies_mid_copy_leaves_no_multipart_upload_behind() {
         .unwrap();
     assert!(listed.contents().is_empty(), "no object either");
 }
+
+#[tokio::test]
+async fn a_delivery_log_is_written_on_the_version_read_and_reads_back() {
+    use gateway::domain::callback::{AttemptResult, DeliveryLog};
+    use gateway::ports::DeliveryLogs;
+    let store = store().await;
+    assert!(store.delivery_log("job-1").await.unwrap().is_none());
+    let mut log = DeliveryLog::new("job-1", "alice");
+    log.add(
+        "msg_1",
+        "job.succeeded",
+        "https://c.example/",
+        "{}".into(),
+        1_000,
+    )
+    .unwrap();
+
+    store.save_delivery_log(&log, 0).await.unwrap();
+    assert!(matches!(
+        store.save_delivery_log(&log, 0).await,
+        Err(StoreError::Conflict)
+    ));
+    let (mut read, version) = store.delivery_log("job-1").await.unwrap().unwrap();
+    assert_eq!((read.clone(), version), (log, 1));
+    read.record("msg_1", &AttemptResult::Delivered(200), 2_000, 0.0)
+        .unwrap();
+    store.save_delivery_log(&read, 1).await.unwrap();
+    assert!(matches!(
+        store.save_delivery_log(&read, 1).await,
+        Err(StoreError::Conflict)
+    ));
+    assert_eq!(
+        store.delivery_log("job-1").await.unwrap().unwrap(),
+        (read, 2)
+    );
+}

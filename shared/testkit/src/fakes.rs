@@ -1017,11 +1017,11 @@ impl MemDeliveryLogs {
 
 #[async_trait]
 impl DeliveryLogs for MemDeliveryLogs {
-    async fn get(&self, job_id: &str) -> Result<Option<(DeliveryLog, u64)>, StoreError> {
+    async fn delivery_log(&self, job_id: &str) -> Result<Option<(DeliveryLog, u64)>, StoreError> {
         yield_once().await;
         Ok(lock(&self.logs).get(job_id).cloned())
     }
-    async fn save(&self, log: &DeliveryLog, expected: u64) -> Result<(), StoreError> {
+    async fn save_delivery_log(&self, log: &DeliveryLog, expected: u64) -> Result<(), StoreError> {
         yield_once().await;
         let mut logs = lock(&self.logs);
         let stored = logs.get(&log.job_id).map_or(0, |(_, version)| *version);

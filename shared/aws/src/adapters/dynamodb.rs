@@ -30,10 +30,11 @@ use aws_sdk_dynamodb::Client;
 use crate::adapters::declared::DeclaredOperations;
 use base64::Engine as _;
 
+use gateway::domain::callback::DeliveryLog;
 use gateway::domain::job::{Job, JobState, Millis, UsageEntry};
 use gateway::domain::keys::{self, SWEEP_SHARDS};
 use gateway::domain::usage::DailyUsage;
-use gateway::ports::{CreateOutcome, DueJobs, JobPage, JobStore, StoreError};
+use gateway::ports::{CreateOutcome, DeliveryLogs, DueJobs, JobPage, JobStore, StoreError};
 
 /// The DynamoDB operations [`DynamoJobStore`] calls.
 pub const AWS_OPERATIONS: &[&str] = &[
@@ -745,6 +746,67 @@ pub async fn create_table(client: &Client, table: &str) -> Result<(), String> {
         .await
         .map_err(|e| format!("{e:?}"))?;
     Ok(())
+}
+
+/// Delivery logs share the table: one item per job, `pk = deliveries#<job>`, the log as JSON
+/// in `doc`, written on the same version rule as jobs, and removed by DynamoDB's TTL with the
+/// job's record at the latest.
+#[async_trait]
+impl DeliveryLogs for DynamoJobStore {
+    async fn delivery_log(&self, job_id: &str) -> Result<Option<(DeliveryLog, u64)>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(keys::delivery_log(job_id)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let Some(item) = out.item() else {
+            return Ok(None);
+        };
+        let doc = item
+            .get("doc")
+            .and_then(|v| v.as_s().ok())
+            .ok_or_else(|| StoreError::Corrupt("delivery log without doc".into()))?;
+        let version = item
+            .get("version")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| StoreError::Corrupt("delivery log without version".into()))?;
+        let log = serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(Some((log, version)))
+    }
+
+    async fn save_delivery_log(&self, log: &DeliveryLog, expected: u64) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(log).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let mut request = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(keys::delivery_log(&log.job_id)))
+            .item("doc", s(doc))
+            .item("version", n(expected + 1));
+        request = if expected == 0 {
+            request.condition_expression("attribute_not_exists(pk)")
+        } else {
+            request
+                .condition_expression("version = :expected")
+                .expression_attribute_values(":expected", n(expected))
+        };
+        match request.send().await {
+            Ok(_) => Ok(()),
+            Err(err)
+                if err
+                    .as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Err(StoreError::Conflict)
+            }
+            Err(err) => Err(unavailable(err)),
+        }
+    }
 }
 
 #[cfg(test)]

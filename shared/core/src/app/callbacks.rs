@@ -111,7 +111,7 @@ impl Callbacks {
 
     /// One attempt at message `message_id` of job `job_id`, if it is due.
     pub async fn deliver(&self, job_id: &str, message_id: &str) -> Result<Delivery, CallbackError> {
-        let Some((log, _)) = self.logs.get(job_id).await? else {
+        let Some((log, _)) = self.logs.delivery_log(job_id).await? else {
             return Ok(Delivery::Unknown);
         };
         let Some(message) = log.message(message_id).cloned() else {
@@ -178,7 +178,7 @@ impl Callbacks {
     ) -> Result<Option<DeliveryLog>, CallbackError> {
         Ok(self
             .logs
-            .get(job_id)
+            .delivery_log(job_id)
             .await?
             .map(|(log, _)| log)
             .filter(|log| log.owner == owner))
@@ -217,11 +217,11 @@ impl Callbacks {
         for _ in 0..LOG_RETRIES {
             let (mut log, version) = self
                 .logs
-                .get(job_id)
+                .delivery_log(job_id)
                 .await?
                 .unwrap_or_else(|| (DeliveryLog::new(job_id, owner), 0));
             change(&mut log)?;
-            match self.logs.save(&log, version).await {
+            match self.logs.save_delivery_log(&log, version).await {
                 Ok(()) => return Ok(()),
                 Err(StoreError::Conflict) => continue,
                 Err(other) => return Err(other.into()),

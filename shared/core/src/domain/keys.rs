@@ -136,6 +136,11 @@ pub fn owner_status(owner: &str, status: &str) -> String {
     format!("{owner}#{status}")
 }
 
+/// Job table: a job's callback delivery log, `deliveries#{job_id}`.
+pub fn delivery_log(job_id: &str) -> String {
+    format!("deliveries#{job_id}")
+}
+
 /// Job table: an owner's usage totals for one UTC day, `usage#{owner}#{day}`.
 pub fn usage_item(owner: &str, day: &str) -> String {
     format!("usage#{owner}#{day}")

@@ -537,13 +537,13 @@ impl Clock for SystemClock {
 #[async_trait]
 pub trait DeliveryLogs: Send + Sync {
     /// The log and the version to save it against; `None` before the job's first callback.
-    async fn get(
+    async fn delivery_log(
         &self,
         job_id: &str,
     ) -> Result<Option<(crate::domain::callback::DeliveryLog, u64)>, StoreError>;
     /// Writes `log` as version `expected + 1` only if the stored one is still `expected`
     /// (0: none stored yet); `StoreError::Conflict` otherwise.
-    async fn save(
+    async fn save_delivery_log(
         &self,
         log: &crate::domain::callback::DeliveryLog,
         expected: u64,
