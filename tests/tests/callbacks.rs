@@ -194,3 +194,51 @@ mod sender {
         assert!(matches!(result, AttemptResult::NoAnswer(_)), "{result:?}");
     }
 }
+
+// ------------------------------------------------------------------ the delivery queue's consumer
+
+#[tokio::test]
+async fn the_callback_consumer_attempts_each_request_and_returns_only_what_it_cannot_read() {
+    use aws_lambda_events::event::sqs::{SqsEvent, SqsMessage};
+    use gateway::domain::callback::CallbackEvent;
+    use gateway_aws::adapters::sqs::{handle_callback_batch, CallbackMessage, CallbackTarget};
+    use testkit::Kit;
+
+    let kit = Kit::new();
+    kit.resolver.set("client.example", &["93.184.216.34"]);
+    let mut job = kit.queued_job("alice");
+    job.callback_url = Some("https://client.example/hook".into());
+    kit.store.put(job.clone());
+    let job = kit.api().cancel("alice", &job.id).await.unwrap();
+    kit.callbacks()
+        .notify(&job, CallbackEvent::Ended)
+        .await
+        .unwrap();
+    let (job_id, message_id, _) = kit.callback_queue.take().remove(0);
+    let mut event = SqsEvent::default();
+    for (id, body) in [
+        (
+            "m-1",
+            serde_json::to_string(&CallbackMessage {
+                deliver: CallbackTarget { job_id, message_id },
+            })
+            .unwrap(),
+        ),
+        ("m-2", r#"{"finalize":"x"}"#.to_string()),
+    ] {
+        let mut record = SqsMessage::default();
+        record.message_id = Some(id.into());
+        record.body = Some(body);
+        event.records.push(record);
+    }
+
+    let response = handle_callback_batch(&kit.callbacks(), event).await;
+
+    let failed: Vec<&str> = response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect();
+    assert_eq!(failed, ["m-2"]);
+    assert_eq!(kit.receiver.posted().len(), 1);
+}

@@ -29,6 +29,20 @@ pub struct FinalizeMessage {
     pub finalize: String,
 }
 
+/// A request for one attempt at a client callback: `{"deliver": {"job_id", "message_id"}}`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackMessage {
+    pub deliver: CallbackTarget,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CallbackTarget {
+    pub job_id: String,
+    pub message_id: String,
+}
+
 /// The longest delay SQS allows on a message.
 pub const MAX_DELAY_SECS: u64 = 900;
 
@@ -52,8 +66,10 @@ impl Message {
 }
 
 #[cfg(feature = "sqs-events")]
-pub use events::{handle_batch, handle_batch_before, handle_finalize_batch, Consumer};
-pub use queue::{client, SqsFinalizeQueue, SqsJobQueue, SqsStopQueue};
+pub use events::{
+    handle_batch, handle_batch_before, handle_callback_batch, handle_finalize_batch, Consumer,
+};
+pub use queue::{client, SqsCallbackQueue, SqsFinalizeQueue, SqsJobQueue, SqsStopQueue};
 
 /// The SQS operation the queues call.
 pub const AWS_OPERATIONS: &[&str] = &["SendMessage"];
@@ -63,9 +79,12 @@ mod queue {
     use aws_sdk_sqs::Client;
     use std::time::Duration;
 
-    use gateway::ports::{FinalizeQueue, JobQueue, QueueError, StopQueue, StopRun};
+    use gateway::ports::{CallbackQueue, FinalizeQueue, JobQueue, QueueError, StopQueue, StopRun};
 
-    use super::{DispatchMessage, FinalizeMessage, AWS_OPERATIONS, MAX_DELAY_SECS};
+    use super::{
+        CallbackMessage, CallbackTarget, DispatchMessage, FinalizeMessage, AWS_OPERATIONS,
+        MAX_DELAY_SECS,
+    };
     use crate::adapters::declared::DeclaredOperations;
 
     /// An SQS client that makes only the queues' call.
@@ -87,7 +106,8 @@ mod queue {
         body: String,
         delay: Duration,
     ) -> Result<(), QueueError> {
-        let delay = delay.as_secs().min(MAX_DELAY_SECS) as i32;
+        // Rounded up: a message that arrives before its time is only asked for again.
+        let delay = (delay.as_millis().div_ceil(1000) as u64).min(MAX_DELAY_SECS) as i32;
         client
             .send_message()
             .queue_url(queue_url)
@@ -144,6 +164,40 @@ mod queue {
         async fn request_finalize(&self, job_id: &str, delay: Duration) -> Result<(), QueueError> {
             let body = serde_json::to_string(&FinalizeMessage {
                 finalize: job_id.to_string(),
+            })
+            .map_err(|e| QueueError(e.to_string()))?;
+            send_after(&self.client, &self.queue_url, body, delay).await
+        }
+    }
+
+    /// The callback queue: one message per attempt due at a client callback.
+    pub struct SqsCallbackQueue {
+        client: Client,
+        queue_url: String,
+    }
+
+    impl SqsCallbackQueue {
+        pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
+            Self {
+                client,
+                queue_url: queue_url.into(),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl CallbackQueue for SqsCallbackQueue {
+        async fn request_delivery(
+            &self,
+            job_id: &str,
+            message_id: &str,
+            delay: Duration,
+        ) -> Result<(), QueueError> {
+            let body = serde_json::to_string(&CallbackMessage {
+                deliver: CallbackTarget {
+                    job_id: job_id.to_string(),
+                    message_id: message_id.to_string(),
+                },
             })
             .map_err(|e| QueueError(e.to_string()))?;
             send_after(&self.client, &self.queue_url, body, delay).await
@@ -256,6 +310,50 @@ mod events {
         response
     }
 
+    /// Handles a batch of the callback queue: one attempt per message, a few at once (each
+    /// waits on a client's endpoint, up to its timeout). A message is reported failed only
+    /// when its attempt could not be recorded or the next one not queued; SQS then returns it.
+    pub async fn handle_callback_batch(
+        callbacks: &gateway::app::callbacks::Callbacks,
+        event: SqsEvent,
+    ) -> SqsBatchResponse {
+        let failures = futures::stream::iter(event.records)
+            .map(|record| async move {
+                let message_id = record.message_id.clone().unwrap_or_default();
+                let failed = || {
+                    let mut failure = BatchItemFailure::default();
+                    failure.item_identifier = message_id.clone();
+                    Some(failure)
+                };
+                let Some(message) = record
+                    .body
+                    .as_deref()
+                    .and_then(|body| serde_json::from_str::<super::CallbackMessage>(body).ok())
+                else {
+                    tracing::error!(message_id, "unreadable callback message; left for the DLQ");
+                    return failed();
+                };
+                let target = message.deliver;
+                match callbacks.deliver(&target.job_id, &target.message_id).await {
+                    Ok(outcome) => {
+                        tracing::info!(job_id = %target.job_id, callback = %target.message_id, ?outcome, "callback attempt");
+                        None
+                    }
+                    Err(err) => {
+                        tracing::warn!(job_id = %target.job_id, callback = %target.message_id, error = %err, "callback attempt not recorded");
+                        failed()
+                    }
+                }
+            })
+            .buffer_unordered(4)
+            .filter_map(|failure| async move { failure })
+            .collect::<Vec<_>>()
+            .await;
+        let mut response = SqsBatchResponse::default();
+        response.batch_item_failures = failures;
+        response
+    }
+
     /// Handles a batch of the finalize queue within an invocation that ends at `deadline`
     /// (epoch ms), one job at a time: the function's memory is sized for one job's largest
     /// output, and each job's copy gets what is left of the invocation. A message is reported
@@ -331,6 +429,21 @@ mod tests {
         assert_eq!(body, r#"{"finalize":"j"}"#);
         assert_eq!(Message::parse(&body), None, "refused on the dispatch queue");
         assert!(serde_json::from_str::<FinalizeMessage>(r#"{"job_id":"j"}"#).is_err());
+    }
+
+    #[test]
+    fn a_callback_request_is_no_other_queues_message() {
+        let body = serde_json::to_string(&CallbackMessage {
+            deliver: CallbackTarget {
+                job_id: "j".into(),
+                message_id: "msg_1".into(),
+            },
+        })
+        .unwrap();
+        assert_eq!(body, r#"{"deliver":{"job_id":"j","message_id":"msg_1"}}"#);
+        assert_eq!(Message::parse(&body), None);
+        assert!(serde_json::from_str::<FinalizeMessage>(&body).is_err());
+        assert!(serde_json::from_str::<CallbackMessage>(r#"{"finalize":"j"}"#).is_err());
     }
 
     #[test]
