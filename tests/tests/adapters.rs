@@ -530,3 +530,57 @@ async fn a_delivery_log_is_written_on_the_version_read_and_reads_back() {
         (read, 2)
     );
 }
+
+#[tokio::test]
+async fn an_owners_signing_secrets_are_kept_sealed_by_kms_and_rotate_keeping_the_previous_one() {
+    use gateway::ports::SigningKeys;
+    use gateway_aws::adapters::signing_keys::{kms_client, KmsSigningKeys};
+    let sdk = aws_sdk_config().await;
+    let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
+    let table = unique("jobs");
+    create_table(&dynamodb, &table).await.unwrap();
+    let kms = kms_client(&sdk);
+    let key = aws_sdk_kms::Client::new(&sdk)
+        .create_key()
+        .send()
+        .await
+        .unwrap()
+        .key_metadata()
+        .unwrap()
+        .key_id()
+        .to_string();
+    let keys = KmsSigningKeys::new(dynamodb.clone(), &table, kms, &key);
+
+    let first = keys.secrets("alice").await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(
+        keys.secrets("alice").await.unwrap(),
+        first,
+        "the same on every read"
+    );
+    assert_ne!(keys.secrets("bob").await.unwrap(), first);
+    // What the table holds is not the secret.
+    let item = dynamodb
+        .get_item()
+        .table_name(&table)
+        .key(
+            "pk",
+            aws_sdk_dynamodb::types::AttributeValue::S("signing#alice".into()),
+        )
+        .send()
+        .await
+        .unwrap();
+    let stored = format!("{:?}", item.item().unwrap());
+    assert!(!stored.contains(first[0].expose().trim_start_matches("whsec_")));
+
+    let rotated = keys.rotate("alice").await.unwrap();
+    assert_eq!(rotated.len(), 2);
+    assert_eq!(rotated[1], first[0]);
+    let again = keys.rotate("alice").await.unwrap();
+    assert_eq!(
+        (again.len(), &again[1]),
+        (2, &rotated[0]),
+        "only one previous secret is kept"
+    );
+    assert_eq!(keys.secrets("alice").await.unwrap(), again);
+}

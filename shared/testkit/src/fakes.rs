@@ -1153,4 +1153,9 @@ impl SigningKeys for MemSigningKeys {
         });
         Ok(list.clone())
     }
+    async fn rotate(&self, owner: &str) -> Result<Vec<SigningSecret>, StoreError> {
+        let seed = lock(&self.secrets).get(owner).map_or(0, |s| s.len() as u64) + 1_000;
+        MemSigningKeys::rotate(self, owner, seed);
+        self.secrets(owner).await
+    }
 }

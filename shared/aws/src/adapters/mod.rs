@@ -10,4 +10,6 @@ pub mod s3;
 pub mod s3_post;
 #[cfg(feature = "secrets")]
 pub mod secrets;
+#[cfg(feature = "callbacks")]
+pub mod signing_keys;
 pub mod sqs;

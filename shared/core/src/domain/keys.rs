@@ -141,6 +141,11 @@ pub fn delivery_log(job_id: &str) -> String {
     format!("deliveries#{job_id}")
 }
 
+/// Job table: an owner's callback signing secrets (encrypted), `signing#{owner}`.
+pub fn signing_keys(owner: &str) -> String {
+    format!("signing#{owner}")
+}
+
 /// Job table: an owner's usage totals for one UTC day, `usage#{owner}#{day}`.
 pub fn usage_item(owner: &str, day: &str) -> String {
     format!("usage#{owner}#{day}")

@@ -584,6 +584,12 @@ pub trait SigningKeys: Send + Sync {
         &self,
         owner: &str,
     ) -> Result<Vec<crate::domain::callback::SigningSecret>, StoreError>;
+    /// Puts a new secret first and keeps the current one second, so that receivers can
+    /// switch over; returns the owner's secrets.
+    async fn rotate(
+        &self,
+        owner: &str,
+    ) -> Result<Vec<crate::domain::callback::SigningSecret>, StoreError>;
 }
 
 #[cfg(test)]
