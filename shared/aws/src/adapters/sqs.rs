@@ -239,6 +239,20 @@ mod events {
     use gateway::app::finalize::Finalizer;
     use gateway::app::stop::Stopper;
 
+    /// A message of the batch that SQS must hand out again (or, in the end, to the DLQ).
+    fn failure(message_id: &str) -> BatchItemFailure {
+        let mut failure = BatchItemFailure::default();
+        failure.item_identifier = message_id.to_string();
+        failure
+    }
+
+    /// The partial-batch answer: only the failures come back.
+    fn response(failures: Vec<BatchItemFailure>) -> SqsBatchResponse {
+        let mut response = SqsBatchResponse::default();
+        response.batch_item_failures = failures;
+        response
+    }
+
     use super::{FinalizeMessage, Message};
 
     /// What consumes the two queues: dispatch, and the stopper (the RunPod key's holder).
@@ -263,11 +277,7 @@ mod events {
         let failures = futures::stream::iter(event.records)
             .map(|record| async move {
                 let message_id = record.message_id.clone().unwrap_or_default();
-                let failed = || {
-                    let mut failure = BatchItemFailure::default();
-                    failure.item_identifier = message_id.clone();
-                    Some(failure)
-                };
+                let failed = || Some(failure(&message_id));
                 match record.body.as_deref().and_then(Message::parse) {
                     // A poison message: nothing can be read from it, and no retry will change
                     // that. Report it failed so that SQS moves it to the dead-letter queue
@@ -305,9 +315,7 @@ mod events {
             .filter_map(|failure| async move { failure })
             .collect::<Vec<_>>()
             .await;
-        let mut response = SqsBatchResponse::default();
-        response.batch_item_failures = failures;
-        response
+        response(failures)
     }
 
     /// Handles a batch of the callback queue: one attempt per message, a few at once (each
@@ -320,11 +328,7 @@ mod events {
         let failures = futures::stream::iter(event.records)
             .map(|record| async move {
                 let message_id = record.message_id.clone().unwrap_or_default();
-                let failed = || {
-                    let mut failure = BatchItemFailure::default();
-                    failure.item_identifier = message_id.clone();
-                    Some(failure)
-                };
+                let failed = || Some(failure(&message_id));
                 let Some(message) = record
                     .body
                     .as_deref()
@@ -349,9 +353,7 @@ mod events {
             .filter_map(|failure| async move { failure })
             .collect::<Vec<_>>()
             .await;
-        let mut response = SqsBatchResponse::default();
-        response.batch_item_failures = failures;
-        response
+        response(failures)
     }
 
     /// Handles a batch of the finalize queue within an invocation that ends at `deadline`
@@ -388,14 +390,10 @@ mod events {
                 },
             };
             if failed {
-                let mut failure = BatchItemFailure::default();
-                failure.item_identifier = message_id;
-                failures.push(failure);
+                failures.push(failure(&message_id));
             }
         }
-        let mut response = SqsBatchResponse::default();
-        response.batch_item_failures = failures;
-        response
+        response(failures)
     }
 }
 
