@@ -781,31 +781,41 @@ impl DeliveryLogs for DynamoJobStore {
 
     async fn save_delivery_log(&self, log: &DeliveryLog, expected: u64) -> Result<(), StoreError> {
         let doc = serde_json::to_string(log).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let mut request = self
+        let request = self
             .client
             .put_item()
             .table_name(&self.table)
             .item("pk", s(keys::delivery_log(&log.job_id)))
-            .item("doc", s(doc))
-            .item("version", n(expected + 1));
-        request = if expected == 0 {
-            request.condition_expression("attribute_not_exists(pk)")
-        } else {
-            request
-                .condition_expression("version = :expected")
-                .expression_attribute_values(":expected", n(expected))
-        };
-        match request.send().await {
-            Ok(_) => Ok(()),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Err(StoreError::Conflict)
-            }
-            Err(err) => Err(unavailable(err)),
+            .item("doc", s(doc));
+        put_versioned(request, expected).await
+    }
+}
+
+/// Writes a record of the table's own items (delivery logs, signing keys) as version
+/// `expected + 1`, only if the stored one is still `expected` (0: none stored yet); a lost race
+/// is `StoreError::Conflict`.
+pub(crate) async fn put_versioned(
+    request: aws_sdk_dynamodb::operation::put_item::builders::PutItemFluentBuilder,
+    expected: u64,
+) -> Result<(), StoreError> {
+    let request = request.item("version", n(expected + 1));
+    let request = if expected == 0 {
+        request.condition_expression("attribute_not_exists(pk)")
+    } else {
+        request
+            .condition_expression("version = :expected")
+            .expression_attribute_values(":expected", n(expected))
+    };
+    match request.send().await {
+        Ok(_) => Ok(()),
+        Err(err)
+            if err
+                .as_service_error()
+                .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+        {
+            Err(StoreError::Conflict)
         }
+        Err(err) => Err(unavailable(err)),
     }
 }
 

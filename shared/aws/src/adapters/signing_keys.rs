@@ -12,6 +12,7 @@ use gateway::domain::keys;
 use gateway::ports::{SigningKeys, StoreError};
 
 use crate::adapters::declared::DeclaredOperations;
+use crate::adapters::dynamodb::put_versioned;
 
 /// The KMS operations [`KmsSigningKeys`] calls.
 pub const AWS_OPERATIONS: &[&str] = &["Encrypt", "Decrypt"];
@@ -131,31 +132,13 @@ impl KmsSigningKeys {
         for secret in secrets {
             sealed.push(AttributeValue::S(self.seal(owner, secret).await?));
         }
-        let mut request = self
+        let request = self
             .dynamodb
             .put_item()
             .table_name(&self.table)
             .item("pk", AttributeValue::S(keys::signing_keys(owner)))
-            .item("secrets", AttributeValue::L(sealed))
-            .item("version", AttributeValue::N((expected + 1).to_string()));
-        request = if expected == 0 {
-            request.condition_expression("attribute_not_exists(pk)")
-        } else {
-            request
-                .condition_expression("version = :expected")
-                .expression_attribute_values(":expected", AttributeValue::N(expected.to_string()))
-        };
-        match request.send().await {
-            Ok(_) => Ok(()),
-            Err(err)
-                if err
-                    .as_service_error()
-                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
-            {
-                Err(StoreError::Conflict)
-            }
-            Err(err) => Err(StoreError::Unavailable(format!("{err:?}"))),
-        }
+            .item("secrets", AttributeValue::L(sealed));
+        put_versioned(request, expected).await
     }
 
     /// Applies `change` to the owner's secrets on the version read, again after losing a race.
