@@ -95,6 +95,8 @@ pub struct Names {
     pub queue_url: String,
     pub stop_queue_url: String,
     pub finalize_queue_url: String,
+    pub callback_queue_url: String,
+    pub callback_key: String,
     pub uploads: String,
     pub results: String,
 }
@@ -107,6 +109,8 @@ impl Names {
             queue_url: format!("{moto}/123456789012/bench-{label}-{id}"),
             stop_queue_url: format!("{moto}/123456789012/bench-{label}-stops-{id}"),
             finalize_queue_url: format!("{moto}/123456789012/bench-{label}-finalize-{id}"),
+            callback_queue_url: format!("{moto}/123456789012/bench-{label}-callbacks-{id}"),
+            callback_key: format!("alias/bench-{label}-callbacks-{id}"),
             uploads: format!("bench-{label}-uploads-{id}"),
             results: format!("bench-{label}-results-{id}"),
         }
@@ -133,6 +137,8 @@ pub fn gateway_env(
         queue_url: names.queue_url.clone(),
         stop_queue_url: names.stop_queue_url.clone(),
         finalize_queue_url: names.finalize_queue_url.clone(),
+        callback_queue_url: names.callback_queue_url.clone(),
+        callback_key: names.callback_key.clone(),
         uploads: names.uploads.clone(),
         results: names.results.clone(),
     };
@@ -217,6 +223,7 @@ pub fn new_job(owner: &str, now: Millis) -> Job {
             idempotency_key: None,
             request_digest: None,
             callback_url: None,
+            callback_events: Vec::new(),
         },
         JobTiming {
             deadline_ms: 3_600_000,

@@ -86,7 +86,11 @@ pub async fn measure_compute(
     let vars = gateway_env(moto, &emulator, &names, &base);
     let wiring = crate::common::wiring(sdk, &vars).await?;
     let identity = IdentitySource::dev_tokens_from_env(&wiring.env)?;
-    let api = Arc::new(gateway_http::api::ApiState::new(wiring.api()?, identity));
+    let api = Arc::new(gateway_http::api::ApiState::new(
+        wiring.api()?,
+        wiring.callbacks()?,
+        identity,
+    ));
     let webhook = Arc::new(wiring.webhook()?);
     let consumer = wiring.consumer()?;
     let finalizer = wiring.finalizer()?;

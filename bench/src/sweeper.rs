@@ -195,11 +195,13 @@ pub async fn measure(
         let counting = Arc::new(ObservedStore::new(base.store.clone()));
         let sweeper = Sweeper {
             store: counting.clone(),
+            callbacks: base.callbacks.clone(),
             queue: base.queue.clone(),
             runpod: base.runpod.clone(),
             stops: base.stops.clone(),
             observer: base.observer.clone(),
             finalize: base.finalize.clone(),
+            delivery_logs: base.delivery_logs.clone(),
             results: base.results.clone(),
             uploads: base.uploads.clone(),
             volume: base.volume.clone(),

@@ -105,6 +105,7 @@ pub async fn measure(
     let identity = IdentitySource::dev_tokens_from_env(&api_wiring.env)?;
     let app = gateway_http::api::router(Arc::new(gateway_http::api::ApiState::new(
         api_wiring.api()?,
+        api_wiring.callbacks()?,
         identity,
     )));
     let api_server = tokio::spawn(async move {

@@ -394,10 +394,14 @@ pub async fn boot(
     let env = Env::from_pairs(vars.clone());
     let wiring = Wiring::with_secrets(env.clone(), sdk.clone()).await?;
     match function {
-        "submit" => wiring
-            .api()
-            .map(|api| ApiState::new(api, IdentitySource::JwtClaims))
-            .map(|_| ())?,
+        "submit" => {
+            ApiState::new(
+                wiring.api()?,
+                wiring.callbacks()?,
+                IdentitySource::JwtClaims,
+            );
+        }
+        "callbacks" => wiring.callbacks().map(|_| ())?,
         "dispatch" => wiring.dispatcher().map(|_| ())?,
         "webhook" => wiring.webhook().map(|_| ())?,
         "finalize" => wiring.finalizer().map(|_| ())?,

@@ -158,6 +158,8 @@ impl Stack {
             queue_url: queue_url.clone(),
             stop_queue_url: format!("{}/123456789012/stops-{id}", aws.sqs()),
             finalize_queue_url: format!("{}/123456789012/finalize-{id}", aws.sqs()),
+            callback_queue_url: format!("{}/123456789012/callbacks-{id}", aws.sqs()),
+            callback_key: format!("alias/callbacks-{id}"),
             uploads: uploads_bucket.clone(),
             results: results_bucket.clone(),
         };

@@ -42,6 +42,7 @@ fn job(owner: &str, now: i64, first_check_ms: i64) -> Job {
             idempotency_key: None,
             request_digest: None,
             callback_url: None,
+            callback_events: Vec::new(),
         },
         JobTiming {
             deadline_ms: 3_600_000,

@@ -396,12 +396,11 @@ async fn api_refusals_print_their_code_and_message_and_exit_1() {
     );
     assert!(run.stdout.is_empty(), "{run:#?}");
 
-    // A route this gateway does not serve yet answers the router's own 404.
     let run = gateway(&stack, &["deliveries", &unknown]).await;
     assert_eq!(run.code, Some(1), "{run:#?}");
     assert_eq!(
         run.stderr.trim(),
-        "error: not_found: no such route",
+        "error: not_found: no such job",
         "{run:#?}"
     );
 
@@ -524,6 +523,66 @@ async fn list_cancel_delete_and_usage_act_on_the_callers_jobs() {
         stack
             .post_json(ALICE, &format!("/jobs/{id}/cancel"), &json!({}))
             .await;
+    }
+    stack.stop().await;
+}
+
+#[tokio::test]
+async fn a_callback_asked_for_at_submit_shows_in_deliveries_and_redelivers() {
+    let stack = Stack::start_with(StackOptions {
+        extra_env: vec![("OUTBOUND_ALLOW_LOOPBACK", "true".into())],
+        ..StackOptions::default()
+    })
+    .await;
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { StatusCode::NO_CONTENT }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let dir = TempDir::new();
+    let photo = dir.file("old.jpg", &jpeg(200, 150));
+
+    let run = gateway(
+        &stack,
+        &["submit", &photo, "--wait", "--callback-url", &hook],
+    )
+    .await;
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let job_id = job_id_in(&run.stderr);
+    let deadline = std::time::Instant::now() + HANG;
+    let delivery = loop {
+        let run = gateway(&stack, &["deliveries", &job_id, "--json"]).await;
+        assert_eq!(run.code, Some(0), "{run:#?}");
+        let log: Value = serde_json::from_str(&run.stdout).unwrap();
+        if log["deliveries"][0]["status"] == "delivered" {
+            break log["deliveries"][0]["delivery_id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        }
+        assert!(std::time::Instant::now() < deadline, "{log}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let table = gateway(&stack, &["deliveries", &job_id]).await;
+    assert!(
+        table.stdout.contains(&delivery) && table.stdout.contains("job.succeeded"),
+        "{table:#?}"
+    );
+    assert!(table.stdout.contains("delivered"), "{table:#?}");
+
+    let run = gateway(&stack, &["redeliver", &job_id, &delivery]).await;
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    assert!(run.stdout.contains("queued again"), "{run:#?}");
+    while hits.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+        assert!(std::time::Instant::now() < deadline, "never redelivered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stack.stop().await;
 }

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use gateway::config::{dev_tokens, Env, LocalRunnerConfig};
-use gateway_aws::adapters::{dynamodb, s3, secrets, sqs};
+use gateway_aws::adapters::{dynamodb, s3, secrets, signing_keys, sqs};
 use gateway_tests::deployment::*;
 use serde_json::Value;
 
@@ -354,11 +354,12 @@ fn every_aws_operation_an_adapter_declares_is_in_the_contract_and_granted() {
         .iter()
         .flat_map(|f| f.calls.iter().map(|(a, _)| a.clone()).collect::<Vec<_>>())
         .collect();
-    let declared: [(&str, &[&str]); 4] = [
+    let declared: [(&str, &[&str]); 5] = [
         ("dynamodb", dynamodb::AWS_OPERATIONS),
         ("s3", s3::AWS_OPERATIONS),
         ("sqs", sqs::AWS_OPERATIONS),
         ("secrets", secrets::AWS_OPERATIONS),
+        ("signing_keys", signing_keys::AWS_OPERATIONS),
     ];
     let mut problems = Vec::new();
     for (adapter, operations) in declared {
@@ -764,6 +765,20 @@ fn timeouts_leases_and_the_queue_fit_together() {
     }
     let jobs = &resource("DispatchFunction")["Properties"]["Events"]["Jobs"];
     assert!(jobs["Properties"]["ScalingConfig"]["MaximumConcurrency"].is_object());
+    // The callbacks function: the same SQS guidance, and partial batch failures.
+    let callbacks = function_timeout("CallbacksFunction");
+    let queue = &resource("CallbackQueue")["Properties"];
+    assert!(number(&queue["VisibilityTimeout"]) >= 6 * callbacks);
+    assert_eq!(
+        symbol(&queue["RedrivePolicy"]["deadLetterTargetArn"]),
+        "CallbackDeadLetterQueue"
+    );
+    let source = &resource("CallbacksFunction")["Properties"]["Events"]["Callbacks"];
+    assert_eq!(symbol(&source["Properties"]["Queue"]), "CallbackQueue");
+    assert_eq!(
+        source["Properties"]["FunctionResponseTypes"],
+        serde_json::json!(["ReportBatchItemFailures"])
+    );
 }
 
 #[test]
@@ -860,20 +875,37 @@ fn the_core_links_no_aws_lambda_or_http_crate() {
 #[test]
 fn each_function_links_only_the_clients_and_frameworks_it_uses() {
     // What each function does not use, and must therefore not link.
-    let not_used: [(&str, &[&str]); 6] = [
+    let not_used: [(&str, &[&str]); 7] = [
         // The public function holds no secret: it cannot even ask for one.
         ("submit", &["aws-sdk-secretsmanager"]),
-        ("webhook", &["image", "humantime"]),
+        ("webhook", &["image", "humantime", "aws-sdk-kms"]),
         // Dispatch reads the headers of photos it fetches from a client's URL.
-        ("dispatch", &["axum", "lambda_http"]),
-        ("finalize", &["axum", "lambda_http", "image"]),
+        ("dispatch", &["axum", "lambda_http", "aws-sdk-kms"]),
+        ("finalize", &["axum", "lambda_http", "image", "aws-sdk-kms"]),
         (
             "sweeper",
-            &["aws_lambda_events", "axum", "lambda_http", "image"],
+            &[
+                "aws_lambda_events",
+                "axum",
+                "lambda_http",
+                "image",
+                "aws-sdk-kms",
+            ],
         ),
         (
             "janitor",
-            &["aws_lambda_events", "axum", "lambda_http", "image"],
+            &[
+                "aws_lambda_events",
+                "axum",
+                "lambda_http",
+                "image",
+                "aws-sdk-kms",
+            ],
+        ),
+        // The owners' secrets are sealed by KMS; the gateway's own credentials are not its.
+        (
+            "callbacks",
+            &["axum", "lambda_http", "image", "aws-sdk-secretsmanager"],
         ),
     ];
     let mut wrong = Vec::new();

@@ -57,8 +57,11 @@ async fn call(router: axum::Router, event: &str) -> (u16, Value) {
 }
 
 fn submit_router(stack: &Stack) -> axum::Router {
-    let state =
-        gateway_http::api::ApiState::new(stack.wiring().api().unwrap(), IdentitySource::JwtClaims);
+    let state = gateway_http::api::ApiState::new(
+        stack.wiring().api().unwrap(),
+        stack.wiring().callbacks().unwrap(),
+        IdentitySource::JwtClaims,
+    );
     gateway_http::api::router(std::sync::Arc::new(state))
 }
 

@@ -386,11 +386,13 @@ async fn a_sweeper_expiring_a_stale_copy_never_leaves_a_gpu_running() {
             )))
             .lag_index(stale),
         ),
+        callbacks: wiring.callback_queue().unwrap(),
         queue: wiring.queue().unwrap(),
         runpod: wiring.runpod().unwrap(),
         stops: wiring.stops().unwrap(),
         observer: std::sync::Arc::new(wiring.observer().unwrap()),
         finalize: wiring.finalize_queue().unwrap(),
+        delivery_logs: wiring.job_store().unwrap(),
         results: wiring.results().unwrap(),
         uploads: wiring.uploads().unwrap(),
         volume: wiring.volume().unwrap().0,

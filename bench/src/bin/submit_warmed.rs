@@ -40,12 +40,13 @@ async fn main() -> Result<(), lambda_http::Error> {
         uploads: Arc::new(S3ObjectStore::new(s3.clone(), uploads_bucket).signing_with(&wiring.sdk)),
         results: Arc::new(S3ObjectStore::new(s3, config::results_bucket(env)?)),
         stops: wiring.stops()?,
+        callbacks: wiring.callback_queue()?,
         images: Arc::new(gateway_aws::adapters::images::ImageHeaders),
         resolver: Arc::new(gateway_aws::adapters::http_fetch::SystemResolver),
         catalog: wiring.catalog.clone(),
         settings: wiring.settings.clone(),
         clock: wiring.clock.clone(),
     };
-    let state = ApiState::new(api, IdentitySource::JwtClaims);
+    let state = ApiState::new(api, wiring.callbacks()?, IdentitySource::JwtClaims);
     lambda_http::run(router(Arc::new(state))).await
 }

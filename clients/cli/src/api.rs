@@ -134,6 +134,14 @@ impl Client {
             .await
     }
 
+    pub async fn redeliver(&self, id: &str, delivery: &str) -> Result<Value, Failure> {
+        self.call(
+            self.http
+                .post(self.url(&["jobs", id, "deliveries", delivery, "redeliver"])),
+        )
+        .await
+    }
+
     /// Sends the file to a `POST /uploads` answer's URL as S3's browser form expects: every
     /// signed field in the order given, then the file as the last field, `file`. No bearer
     /// token: the signature is the authorization, and S3 refuses a request carrying both.

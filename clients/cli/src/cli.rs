@@ -69,8 +69,10 @@ pub enum Command {
     },
     /// The workflows a job may run, and each one's parameters.
     Workflows,
-    /// The webhook deliveries of a job (GET /jobs/{id}/deliveries).
+    /// A job's callbacks: each delivery, its attempts and when the next is due.
     Deliveries { id: String },
+    /// Send one of a job's callbacks again, now (DELIVERY: a `msg_…` id from `deliveries`).
+    Redeliver { id: String, delivery: String },
 }
 
 #[derive(Debug, Args)]
@@ -86,6 +88,19 @@ pub struct SubmitArgs {
     /// otherwise text. `gateway workflows` lists the parameters.
     #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
     pub params: Vec<(String, Value)>,
+
+    /// Where the gateway POSTs the job's signed callbacks (its end always).
+    #[arg(long, value_name = "URL")]
+    pub callback_url: Option<String>,
+
+    /// With --callback-url: an event beyond the end to be told of (repeatable):
+    /// job.running, job.progress.
+    #[arg(
+        long = "callback-event",
+        value_name = "EVENT",
+        requires = "callback_url"
+    )]
+    pub callback_events: Vec<String>,
 
     /// How long the gateway keeps the job's input and outputs.
     #[arg(long, value_name = "SECONDS")]

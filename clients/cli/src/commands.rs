@@ -54,9 +54,20 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Command::Deliveries { id } => {
-            let deliveries = client.deliveries(&id).await?;
-            // No human layout yet for a route this new: the JSON is the clearest text.
-            crate::output::json(&deliveries);
+            let log = client.deliveries(&id).await?;
+            let table = render::deliveries_table(&log).ok_or_else(|| no_field("deliveries"))?;
+            print(json, &log, || table);
+            Ok(())
+        }
+        Command::Redeliver { id, delivery } => {
+            let again = client.redeliver(&id, &delivery).await?;
+            print(json, &again, || {
+                format!(
+                    "{} {} queued again",
+                    render::text(&again["delivery_id"]),
+                    render::text(&again["type"])
+                )
+            });
             Ok(())
         }
     }
@@ -207,6 +218,10 @@ async fn submit(client: &Client, args: SubmitArgs, json: bool) -> Result<(), Fai
     let photo = open_photo(&args.photo).await?;
     let input = job_input(client, &photo, json).await?;
     let mut request = json!({ "workflow": args.workflow, "params": params, "input": input });
+    if let Some(url) = &args.callback_url {
+        request["callback_url"] = json!(url);
+        request["callback_events"] = json!(args.callback_events);
+    }
     if let Some(retention) = args.retention_secs {
         request["retention_secs"] = json!(retention);
     }

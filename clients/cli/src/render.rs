@@ -47,7 +47,8 @@ fn plain(value: &Value) -> String {
     }
 }
 
-fn text(value: &Value) -> String {
+/// A string field as it reads, `-` when absent.
+pub fn text(value: &Value) -> String {
     value.as_str().unwrap_or("-").to_string()
 }
 
@@ -264,6 +265,39 @@ pub fn jobs_table(jobs: &[Value]) -> String {
         ]);
     }
     table(&rows, "")
+}
+
+/// `GET /jobs/{id}/deliveries`: a line per callback, with its last answer.
+pub fn deliveries_table(log: &Value) -> Option<String> {
+    let deliveries = log["deliveries"].as_array()?;
+    if deliveries.is_empty() {
+        return Some("no callbacks\n".into());
+    }
+    let mut rows = vec![[
+        "DELIVERY", "TYPE", "STATUS", "ATTEMPTS", "LAST", "NEXT", "URL",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for delivery in deliveries {
+        let attempts = delivery["attempts"].as_array().cloned().unwrap_or_default();
+        let last = attempts.last().map_or("-".to_string(), |a| {
+            a["status_code"]
+                .as_u64()
+                .map(|code| code.to_string())
+                .or_else(|| a["error"].as_str().map(str::to_string))
+                .unwrap_or_else(|| "-".into())
+        });
+        rows.push(vec![
+            text(&delivery["delivery_id"]),
+            text(&delivery["type"]),
+            text(&delivery["status"]),
+            attempts.len().to_string(),
+            last,
+            text(&delivery["next_attempt_at"]),
+            text(&delivery["url"]),
+        ]);
+    }
+    Some(table(&rows, ""))
 }
 
 /// `GET /usage`: a line per day, then the totals.

@@ -7,6 +7,10 @@ use gateway_http::api::{identity::IdentitySource, router, ApiState};
 #[tokio::main]
 async fn main() -> Result<(), lambda_http::Error> {
     let wiring = Wiring::from_env().await?;
-    let state = ApiState::new(wiring.api()?, IdentitySource::JwtClaims);
+    let state = ApiState::new(
+        wiring.api()?,
+        wiring.callbacks()?,
+        IdentitySource::JwtClaims,
+    );
     lambda_http::run(router(Arc::new(state))).await
 }

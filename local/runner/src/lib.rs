@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
-use gateway_aws::adapters::sqs::{handle_batch, handle_finalize_batch};
+use gateway_aws::adapters::sqs::{handle_batch, handle_callback_batch, handle_finalize_batch};
 use gateway_aws::wiring::{BootError, Wiring};
 use gateway_http::api::identity::IdentitySource;
 use gateway_http::api::ApiState;
@@ -74,7 +74,7 @@ pub async fn start_on(
             .map_err(RunnerError::Setup)?;
     }
     let identity = IdentitySource::dev_tokens_from_env(&wiring.env).map_err(BootError::from)?;
-    let api = Arc::new(ApiState::new(wiring.api()?, identity));
+    let api = Arc::new(ApiState::new(wiring.api()?, wiring.callbacks()?, identity));
     let webhook = Arc::new(wiring.webhook()?);
     let consumer = Arc::new(wiring.consumer()?);
     let dispatch: Handler = Arc::new(move |event| {
@@ -86,6 +86,11 @@ pub async fn start_on(
         let finalizer = finalizer.clone();
         Box::pin(async move { handle_finalize_batch(&finalizer, event, None).await })
     });
+    let callbacks = Arc::new(wiring.callbacks()?);
+    let deliver: Handler = Arc::new(move |event| {
+        let callbacks = callbacks.clone();
+        Box::pin(async move { handle_callback_batch(&callbacks, event).await })
+    });
     let sweeper = Arc::new(wiring.sweeper()?);
     let janitor = Arc::new(wiring.janitor()?);
     let sqs = aws_sdk_sqs::Client::new(&wiring.sdk);
@@ -93,6 +98,8 @@ pub async fn start_on(
     let stop_queue_url = gateway::config::stop_queue_url(&wiring.env).map_err(BootError::from)?;
     let finalize_queue_url =
         gateway::config::finalize_queue_url(&wiring.env).map_err(BootError::from)?;
+    let callback_queue_url =
+        gateway::config::callback_queue_url(&wiring.env).map_err(BootError::from)?;
 
     let app = gateway_http::api::router(api).merge(gateway_http::webhook::router(webhook));
     let addr = listener.local_addr()?;
@@ -122,6 +129,10 @@ pub async fn start_on(
         (stop_queue_url, dispatch, 10, 1),
         // The finalize function's event source takes one message per invocation.
         (finalize_queue_url, finalize, 1, concurrency),
+        // The callbacks function's event source: batches of ten, each attempt bounded by the
+        // sender's timeout. Two pollers: local receivers are few, and each idle poller costs
+        // moto a receive a second.
+        (callback_queue_url, deliver, 10, 2),
     ];
     for (queue_url, handler, batch_size, pollers) in sources {
         for _ in 0..pollers {

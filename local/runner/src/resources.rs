@@ -1,6 +1,6 @@
 //! Creates the AWS resources the SAM template would create, in the local stack (moto): the jobs
-//! table with its indexes, the dispatch, stop and finalize queues with their dead-letter queues,
-//! the two buckets.
+//! table with its indexes, the dispatch, stop, finalize and callback queues with their
+//! dead-letter queues, the two buckets, and the KMS key of the callback signing secrets.
 //! Idempotent, so every start of the stack can call it.
 use aws_sdk_sqs::types::QueueAttributeName;
 use gateway::config;
@@ -20,10 +20,14 @@ pub async fn ensure(wiring: &Wiring, visibility_secs: u32) -> Result<(), String>
         config::queue_url(env),
         config::stop_queue_url(env),
         config::finalize_queue_url(env),
+        config::callback_queue_url(env),
     ] {
         let queue_url = queue_url.map_err(|e| e.to_string())?;
         create_queue(&sqs, &queue_url, visibility_secs).await?;
     }
+
+    let key = config::callback_key_id(env).map_err(|e| e.to_string())?;
+    ensure_key(&aws_sdk_kms::Client::new(&wiring.sdk), &key).await?;
 
     let s3 = aws_sdk_s3::Client::from_conf(
         aws_sdk_s3::config::Builder::from(&wiring.sdk)
@@ -42,6 +46,46 @@ pub async fn ensure(wiring: &Wiring, visibility_secs: u32) -> Result<(), String>
         }
     }
     Ok(())
+}
+
+/// A symmetric KMS key under `alias` (`alias/…`), made when the alias names none: the
+/// template makes the key in AWS and passes its id.
+async fn ensure_key(kms: &aws_sdk_kms::Client, alias: &str) -> Result<(), String> {
+    let Some(name) = alias.strip_prefix("alias/") else {
+        return Err(format!(
+            "CALLBACK_KEY_ID {alias:?}: the local stack takes an alias/… name"
+        ));
+    };
+    if kms.describe_key().key_id(alias).send().await.is_ok() {
+        return Ok(());
+    }
+    let key = kms
+        .create_key()
+        .description("local stack: callback signing secrets")
+        .send()
+        .await
+        .map_err(|e| format!("create KMS key: {e:?}"))?;
+    let key_id = key
+        .key_metadata()
+        .map(|m| m.key_id().to_string())
+        .unwrap_or_default();
+    match kms
+        .create_alias()
+        .alias_name(format!("alias/{name}"))
+        .target_key_id(key_id)
+        .send()
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Another start of the stack made it meanwhile.
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_already_exists_exception()) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(format!("create KMS alias {alias}: {e:?}")),
+    }
 }
 
 /// The queue named by `queue_url`'s last segment, with a dead-letter queue beside it.

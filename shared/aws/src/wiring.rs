@@ -7,13 +7,13 @@ use aws_config::{BehaviorVersion, SdkConfig};
 
 use crate::adapters::dynamodb::DynamoJobStore;
 use crate::adapters::http_fetch::HttpFetcher;
-#[cfg(feature = "images")]
+#[cfg(any(feature = "images", feature = "callbacks"))]
 use crate::adapters::http_fetch::SystemResolver;
 use crate::adapters::runpod::{http_client, HttpRunPod};
 use crate::adapters::s3::{aws_client, volume_client, S3ObjectStore};
 #[cfg(feature = "secrets")]
 use crate::adapters::secrets;
-use crate::adapters::sqs::{SqsFinalizeQueue, SqsJobQueue, SqsStopQueue};
+use crate::adapters::sqs::{SqsCallbackQueue, SqsFinalizeQueue, SqsJobQueue, SqsStopQueue};
 #[cfg(feature = "images")]
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
@@ -156,6 +156,41 @@ impl Wiring {
         )))
     }
 
+    pub fn callback_queue(&self) -> Result<Arc<SqsCallbackQueue>, BootError> {
+        Ok(Arc::new(SqsCallbackQueue::new(
+            self.sqs(),
+            config::callback_queue_url(&self.env)?,
+        )))
+    }
+
+    /// The callbacks function's use case (and the API's, for the owners' secrets and test
+    /// events): the job table for the delivery logs and the encrypted secrets, KMS, the
+    /// results bucket for the outputs' links.
+    #[cfg(feature = "callbacks")]
+    pub fn callbacks(&self) -> Result<gateway::app::callbacks::Callbacks, BootError> {
+        use crate::adapters::signing_keys::{kms_client, KmsSigningKeys};
+        let store = self.job_store()?;
+        let dynamodb = once(&self.clients.dynamodb, || {
+            Ok::<_, BootError>(crate::adapters::dynamodb::client(&self.sdk))
+        })?;
+        Ok(gateway::app::callbacks::Callbacks {
+            logs: store.clone(),
+            store,
+            queue: self.callback_queue()?,
+            sender: Arc::new(crate::adapters::callback_http::HttpCallbackSender::default()),
+            keys: Arc::new(KmsSigningKeys::new(
+                dynamodb,
+                config::jobs_table(&self.env)?,
+                kms_client(&self.sdk),
+                config::callback_key_id(&self.env)?,
+            )),
+            resolver: Arc::new(SystemResolver),
+            results: self.results()?,
+            settings: self.settings.clone(),
+            clock: self.clock.clone(),
+        })
+    }
+
     /// What the dispatch function runs on both its queues' batches.
     #[cfg(all(feature = "sqs-events", feature = "images"))]
     pub fn consumer(&self) -> Result<crate::adapters::sqs::Consumer, BootError> {
@@ -238,6 +273,7 @@ impl Wiring {
     pub fn api(&self) -> Result<gateway::app::api::Api, BootError> {
         Ok(gateway::app::api::Api {
             store: self.job_store()?,
+            callbacks: self.callback_queue()?,
             queue: self.queue()?,
             uploads: self.uploads()?,
             results: self.results()?,
@@ -255,6 +291,7 @@ impl Wiring {
         let (volume, layout) = self.volume()?;
         Ok(Dispatcher {
             store: self.job_store()?,
+            callbacks: self.callback_queue()?,
             uploads: self.uploads()?,
             volume,
             resolver: Arc::new(SystemResolver),
@@ -278,6 +315,7 @@ impl Wiring {
         let http = HttpFetcher::client().map_err(|e| BootError::Http(e.to_string()))?;
         Ok(Finalizer {
             store: self.job_store()?,
+            callbacks: self.callback_queue()?,
             volume,
             results: self.results()?,
             layout,
@@ -294,6 +332,7 @@ impl Wiring {
     pub fn observer(&self) -> Result<Observer, BootError> {
         Ok(Observer {
             store: self.job_store()?,
+            callbacks: self.callback_queue()?,
             reports: self.results()?,
             finalize: self.finalize_queue()?,
             settings: self.settings.clone(),
@@ -315,11 +354,13 @@ impl Wiring {
         let (volume, layout) = self.volume()?;
         Ok(gateway::app::sweeper::Sweeper {
             store: self.job_store()?,
+            callbacks: self.callback_queue()?,
             queue: self.queue()?,
             runpod: self.sweeper_runpod()?,
             stops: self.stops()?,
             observer: Arc::new(self.observer()?),
             finalize: self.finalize_queue()?,
+            delivery_logs: self.job_store()?,
             results: self.results()?,
             uploads: self.uploads()?,
             volume,

@@ -352,6 +352,18 @@ pub fn finalize_queue_url(env: &Env) -> Result<String, ConfigError> {
     env.required("FINALIZE_QUEUE_URL")
 }
 
+/// The callback queue (`CALLBACK_QUEUE_URL`): events to tell clients, and delivery attempts.
+/// Every function that may end a job or start it running asks for its callbacks there.
+pub fn callback_queue_url(env: &Env) -> Result<String, ConfigError> {
+    env.required("CALLBACK_QUEUE_URL")
+}
+
+/// The KMS key the owners' signing secrets are encrypted with (`CALLBACK_KEY_ID`: a key id,
+/// ARN or alias).
+pub fn callback_key_id(env: &Env) -> Result<String, ConfigError> {
+    env.required("CALLBACK_KEY_ID")
+}
+
 /// A Secrets Manager secret: a JSON object of some of the gateway's secret variables, laid over
 /// the environment at start-up. One secret per kind of credential, so that each function's
 /// role can be allowed exactly the ones it uses.

@@ -20,6 +20,8 @@ fn uploaded(upload_id: &str) -> JobRequest {
             url: None,
         },
         retention_secs: None,
+        callback_url: None,
+        callback_events: None,
     }
 }
 

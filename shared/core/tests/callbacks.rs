@@ -11,13 +11,28 @@ use testkit::Kit;
 
 const HOOK: &str = "https://client.example/hooks/gateway";
 
-/// A job of alice's with a callback to [`HOOK`], cancelled: ended, so its end is due.
+/// A job of alice's with a callback to [`HOOK`], cancelled: ended, so its end is due. The
+/// notice the cancel queued is taken, so that each test notifies as it needs.
 async fn ended_job(kit: &Kit) -> Job {
+    let job = kit
+        .api()
+        .cancel("alice", &callback_job(kit).id)
+        .await
+        .unwrap();
+    assert_eq!(
+        kit.callback_queue.take_notices(),
+        [(job.id.clone(), CallbackEvent::Ended)]
+    );
+    job
+}
+
+/// A queued job of alice's with a callback to [`HOOK`].
+fn callback_job(kit: &Kit) -> Job {
     kit.resolver.set("client.example", &["93.184.216.34"]);
     let mut job = kit.queued_job("alice");
     job.callback_url = Some(HOOK.into());
     kit.store.put(job.clone());
-    kit.api().cancel("alice", &job.id).await.unwrap()
+    job
 }
 
 fn body(posted: &testkit::fakes::Posted) -> Value {

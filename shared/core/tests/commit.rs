@@ -82,10 +82,16 @@ async fn a_change_decided_under_a_lease_is_refused_once_the_lease_is_gone() {
     released.release_lease(kit.now(), kit.now());
     kit.store.save(&released, leased.version).await.unwrap();
 
-    let committed = commit_leased(kit.store.as_ref(), &leased, Actor::Sweeper, |job| {
-        job.note_check_failure();
-        Ok(())
-    })
+    let committed = commit_leased(
+        kit.store.as_ref(),
+        kit.callback_queue.as_ref(),
+        &leased,
+        Actor::Sweeper,
+        |job| {
+            job.note_check_failure();
+            Ok(())
+        },
+    )
     .await
     .unwrap();
 

@@ -331,6 +331,8 @@ mod url_inputs {
                 url: Some(url.into()),
             },
             retention_secs: None,
+            callback_url: None,
+            callback_events: None,
         }
     }
 

@@ -19,6 +19,8 @@ fn request(retention_secs: Option<u64>) -> JobRequest {
             url: None,
         },
         retention_secs,
+        callback_url: None,
+        callback_events: None,
     }
 }
 

@@ -1,13 +1,13 @@
 //! In-memory fakes of every port.
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use gateway::domain::callback::{AttemptResult, DeliveryLog, SigningSecret};
+use gateway::domain::callback::{AttemptResult, CallbackEvent, DeliveryLog, SigningSecret};
 use gateway::domain::egress::Destination;
 use gateway::domain::job::{Job, JobState, Millis};
 use gateway::domain::keys;
@@ -1031,29 +1031,65 @@ impl DeliveryLogs for MemDeliveryLogs {
         logs.insert(log.job_id.clone(), (log.clone(), expected + 1));
         Ok(())
     }
+    async fn forget_delivery_log(&self, job_id: &str) -> Result<(), StoreError> {
+        yield_once().await;
+        lock(&self.logs).remove(job_id);
+        Ok(())
+    }
 }
 
-/// The delivery queue: every request, with its delay.
+/// The delivery queue: every notice, and every delivery request with its delay.
 #[derive(Default)]
 pub struct MemCallbackQueue {
+    notices: Mutex<Vec<(String, CallbackEvent)>>,
     requests: Mutex<Vec<(String, String, Duration)>>,
+    /// Sends that fail from now on, as a queue that is down.
+    down: AtomicBool,
 }
 
 impl MemCallbackQueue {
-    /// Takes the requests waiting, oldest first.
+    /// Takes the delivery requests waiting, oldest first.
     pub fn take(&self) -> Vec<(String, String, Duration)> {
         std::mem::take(&mut *lock(&self.requests))
+    }
+
+    /// Takes the notices waiting (events to tell), oldest first.
+    pub fn take_notices(&self) -> Vec<(String, CallbackEvent)> {
+        std::mem::take(&mut *lock(&self.notices))
+    }
+
+    /// The notices waiting, left in place.
+    pub fn notices(&self) -> Vec<(String, CallbackEvent)> {
+        lock(&self.notices).clone()
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    fn up(&self) -> Result<(), QueueError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(QueueError("the callback queue is down".into()));
+        }
+        Ok(())
     }
 }
 
 #[async_trait]
 impl CallbackQueue for MemCallbackQueue {
+    async fn request_notice(&self, job_id: &str, event: CallbackEvent) -> Result<(), QueueError> {
+        self.up()?;
+        lock(&self.notices).push((job_id.into(), event));
+        Ok(())
+    }
+
     async fn request_delivery(
         &self,
         job_id: &str,
         message_id: &str,
         delay: Duration,
     ) -> Result<(), QueueError> {
+        self.up()?;
         lock(&self.requests).push((job_id.into(), message_id.into(), delay));
         Ok(())
     }

@@ -40,6 +40,7 @@ pub fn restore_job(
             idempotency_key: None,
             request_digest: None,
             callback_url: None,
+            callback_events: Vec::new(),
         },
         timing,
         now,
@@ -58,5 +59,7 @@ pub fn inline_request(image: &[u8]) -> gateway::app::api::JobRequest {
             url: None,
         },
         retention_secs: None,
+        callback_url: None,
+        callback_events: None,
     }
 }

@@ -120,6 +120,7 @@ impl Kit {
     pub fn api(&self) -> Api {
         Api {
             store: self.store.clone(),
+            callbacks: self.callback_queue.clone(),
             queue: self.queue.clone(),
             uploads: self.uploads.clone(),
             results: self.results.clone(),
@@ -135,6 +136,7 @@ impl Kit {
     pub fn dispatcher(&self) -> Dispatcher {
         Dispatcher {
             store: self.store.clone(),
+            callbacks: self.callback_queue.clone(),
             uploads: self.uploads.clone(),
             volume: self.volume.clone(),
             resolver: self.resolver.clone(),
@@ -154,6 +156,7 @@ impl Kit {
     pub fn observer(&self) -> Observer {
         Observer {
             store: self.store.clone(),
+            callbacks: self.callback_queue.clone(),
             reports: self.results.clone(),
             finalize: self.finalize.clone(),
             settings: self.settings.clone(),
@@ -164,6 +167,7 @@ impl Kit {
     pub fn finalizer(&self) -> Finalizer {
         Finalizer {
             store: self.store.clone(),
+            callbacks: self.callback_queue.clone(),
             volume: self.volume.clone(),
             results: self.results.clone(),
             layout: VolumeLayout::new(
@@ -222,11 +226,13 @@ impl Kit {
     pub fn sweeper(&self) -> Sweeper {
         Sweeper {
             store: self.store.clone(),
+            callbacks: self.callback_queue.clone(),
             queue: self.queue.clone(),
             runpod: self.runpod.clone(),
             stops: self.stops.clone(),
             observer: Arc::new(self.observer()),
             finalize: self.finalize.clone(),
+            delivery_logs: self.delivery_logs.clone(),
             results: self.results.clone(),
             uploads: self.uploads.clone(),
             volume: self.volume.clone(),
@@ -250,11 +256,18 @@ impl Kit {
         }
     }
 
-    /// Runs the delivery function on every request waiting, as the queue would hand them
-    /// over (delays ignored: the clock is the test's); returns the outcomes.
+    /// Runs the delivery function on every notice and request waiting, as the queue would
+    /// hand them over (delays ignored: the clock is the test's), until none is left that is
+    /// due now; returns the delivery outcomes.
     pub async fn deliver_waiting(&self) -> Vec<gateway::app::callbacks::Delivery> {
         let callbacks = self.callbacks();
         let mut outcomes = Vec::new();
+        for (job_id, event) in self.callback_queue.take_notices() {
+            callbacks
+                .on_notice(&job_id, event)
+                .await
+                .expect("a notice handled");
+        }
         for (job_id, message_id, _) in self.callback_queue.take() {
             outcomes.push(
                 callbacks

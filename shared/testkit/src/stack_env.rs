@@ -12,6 +12,10 @@ pub struct Resources {
     pub queue_url: String,
     pub stop_queue_url: String,
     pub finalize_queue_url: String,
+    pub callback_queue_url: String,
+    /// The KMS key (an alias) the owners' signing secrets are encrypted with; the local runner
+    /// makes it when it is missing.
+    pub callback_key: String,
     pub uploads: String,
     pub results: String,
 }
@@ -30,6 +34,8 @@ pub fn gateway_env(
         ("JOBS_QUEUE_URL", resources.queue_url.clone()),
         ("STOP_QUEUE_URL", resources.stop_queue_url.clone()),
         ("FINALIZE_QUEUE_URL", resources.finalize_queue_url.clone()),
+        ("CALLBACK_QUEUE_URL", resources.callback_queue_url.clone()),
+        ("CALLBACK_KEY_ID", resources.callback_key.clone()),
         ("UPLOADS_BUCKET", resources.uploads.clone()),
         ("RESULTS_BUCKET", resources.results.clone()),
         ("S3_FORCE_PATH_STYLE", "true".into()),

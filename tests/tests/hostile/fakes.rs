@@ -42,7 +42,7 @@ impl World {
         // The real image probe: what a hostile body claims to be is the point of these tests.
         let mut api = self.0.api();
         api.images = Arc::new(gateway_aws::adapters::images::ImageHeaders);
-        gateway_http::api::router(Arc::new(ApiState::new(api, identity)))
+        gateway_http::api::router(Arc::new(ApiState::new(api, self.0.callbacks(), identity)))
     }
 
     pub fn webhook(&self) -> axum::Router {

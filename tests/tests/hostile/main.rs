@@ -236,6 +236,7 @@ fn submitted_job() -> Job {
             idempotency_key: None,
             request_digest: None,
             callback_url: None,
+            callback_events: Vec::new(),
         },
         JobTiming {
             deadline_ms: 3_600_000,

@@ -789,6 +789,17 @@ impl DeliveryLogs for DynamoJobStore {
             .item("doc", s(doc));
         put_versioned(request, expected).await
     }
+
+    async fn forget_delivery_log(&self, job_id: &str) -> Result<(), StoreError> {
+        self.client
+            .delete_item()
+            .table_name(&self.table)
+            .key("pk", s(keys::delivery_log(job_id)))
+            .send()
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
 }
 
 /// Writes a record of the table's own items (delivery logs, signing keys) as version

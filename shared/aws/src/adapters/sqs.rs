@@ -29,11 +29,21 @@ pub struct FinalizeMessage {
     pub finalize: String,
 }
 
-/// A request for one attempt at a client callback: `{"deliver": {"job_id", "message_id"}}`.
+/// A message of the callback queue: an event to tell a client
+/// (`{"notice": {"job_id", "event"}}`), or one attempt at a message already in a job's log
+/// (`{"deliver": {"job_id", "message_id"}}`).
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum CallbackMessage {
+    Notice(CallbackNotice),
+    Deliver(CallbackTarget),
+}
+
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
-pub struct CallbackMessage {
-    pub deliver: CallbackTarget,
+pub struct CallbackNotice {
+    pub job_id: String,
+    pub event: gateway::domain::callback::CallbackEvent,
 }
 
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
@@ -82,8 +92,8 @@ mod queue {
     use gateway::ports::{CallbackQueue, FinalizeQueue, JobQueue, QueueError, StopQueue, StopRun};
 
     use super::{
-        CallbackMessage, CallbackTarget, DispatchMessage, FinalizeMessage, AWS_OPERATIONS,
-        MAX_DELAY_SECS,
+        CallbackMessage, CallbackNotice, CallbackTarget, DispatchMessage, FinalizeMessage,
+        AWS_OPERATIONS, MAX_DELAY_SECS,
     };
     use crate::adapters::declared::DeclaredOperations;
 
@@ -170,7 +180,8 @@ mod queue {
         }
     }
 
-    /// The callback queue: one message per attempt due at a client callback.
+    /// The callback queue: one message per event to tell, and per attempt due at a client
+    /// callback.
     pub struct SqsCallbackQueue {
         client: Client,
         queue_url: String,
@@ -187,19 +198,41 @@ mod queue {
 
     #[async_trait]
     impl CallbackQueue for SqsCallbackQueue {
+        async fn request_notice(
+            &self,
+            job_id: &str,
+            event: gateway::domain::callback::CallbackEvent,
+        ) -> Result<(), QueueError> {
+            self.send(
+                CallbackMessage::Notice(CallbackNotice {
+                    job_id: job_id.to_string(),
+                    event,
+                }),
+                Duration::ZERO,
+            )
+            .await
+        }
+
         async fn request_delivery(
             &self,
             job_id: &str,
             message_id: &str,
             delay: Duration,
         ) -> Result<(), QueueError> {
-            let body = serde_json::to_string(&CallbackMessage {
-                deliver: CallbackTarget {
+            self.send(
+                CallbackMessage::Deliver(CallbackTarget {
                     job_id: job_id.to_string(),
                     message_id: message_id.to_string(),
-                },
-            })
-            .map_err(|e| QueueError(e.to_string()))?;
+                }),
+                delay,
+            )
+            .await
+        }
+    }
+
+    impl SqsCallbackQueue {
+        async fn send(&self, message: CallbackMessage, delay: Duration) -> Result<(), QueueError> {
+            let body = serde_json::to_string(&message).map_err(|e| QueueError(e.to_string()))?;
             send_after(&self.client, &self.queue_url, body, delay).await
         }
     }
@@ -337,14 +370,29 @@ mod events {
                     tracing::error!(message_id, "unreadable callback message; left for the DLQ");
                     return failed();
                 };
-                let target = message.deliver;
-                match callbacks.deliver(&target.job_id, &target.message_id).await {
+                let (job_id, outcome) = match message {
+                    super::CallbackMessage::Notice(notice) => (
+                        notice.job_id.clone(),
+                        callbacks
+                            .on_notice(&notice.job_id, notice.event)
+                            .await
+                            .map(|told| format!("notice {:?}: {told:?}", notice.event)),
+                    ),
+                    super::CallbackMessage::Deliver(target) => (
+                        target.job_id.clone(),
+                        callbacks
+                            .deliver(&target.job_id, &target.message_id)
+                            .await
+                            .map(|outcome| format!("{}: {outcome:?}", target.message_id)),
+                    ),
+                };
+                match outcome {
                     Ok(outcome) => {
-                        tracing::info!(job_id = %target.job_id, callback = %target.message_id, ?outcome, "callback attempt");
+                        tracing::info!(job_id = %job_id, %outcome, "callback handled");
                         None
                     }
                     Err(err) => {
-                        tracing::warn!(job_id = %target.job_id, callback = %target.message_id, error = %err, "callback attempt not recorded");
+                        tracing::warn!(job_id = %job_id, error = %err, "callback not handled; SQS returns it");
                         failed()
                     }
                 }
@@ -431,14 +479,19 @@ mod tests {
 
     #[test]
     fn a_callback_request_is_no_other_queues_message() {
-        let body = serde_json::to_string(&CallbackMessage {
-            deliver: CallbackTarget {
-                job_id: "j".into(),
-                message_id: "msg_1".into(),
-            },
-        })
+        let body = serde_json::to_string(&CallbackMessage::Deliver(CallbackTarget {
+            job_id: "j".into(),
+            message_id: "msg_1".into(),
+        }))
         .unwrap();
         assert_eq!(body, r#"{"deliver":{"job_id":"j","message_id":"msg_1"}}"#);
+        let notice = serde_json::to_string(&CallbackMessage::Notice(CallbackNotice {
+            job_id: "j".into(),
+            event: gateway::domain::callback::CallbackEvent::Ended,
+        }))
+        .unwrap();
+        assert_eq!(notice, r#"{"notice":{"job_id":"j","event":"ended"}}"#);
+        assert_eq!(Message::parse(&notice), None);
         assert_eq!(Message::parse(&body), None);
         assert!(serde_json::from_str::<FinalizeMessage>(&body).is_err());
         assert!(serde_json::from_str::<CallbackMessage>(r#"{"finalize":"j"}"#).is_err());

@@ -2,8 +2,9 @@
 //! handing out upload URLs. Every check is made here, before anything is written, so a refused request
 //! leaves no trace. The routes, identity and JSON shapes are the HTTP crate's
 //! (`gateway_http::api`); it maps each [`Refusal`] to a status.
-use crate::app::inputs::{InputRefusal, MAX_URL_BYTES};
-use crate::domain::job::JobState;
+use crate::app::inputs::InputRefusal;
+use crate::domain::callback::{CallbackEvent, EVENT_NAMES};
+use crate::domain::job::{JobState, Millis};
 use crate::domain::usage::{days_between, DailyUsage};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
-use crate::app::{commit_as, Committed};
+use crate::app::{Committed, Writer};
 use crate::config::Settings;
 use crate::domain::job::{
     Actor, DeletionReason, ErrorCode, InputRef, Job, JobError, JobTiming, NewJob, OutputFile,
@@ -21,9 +22,9 @@ use crate::domain::job::{
 use crate::domain::keys;
 use crate::domain::workflow::WorkflowCatalog;
 use crate::ports::{
-    Classified, Clock, CreateOutcome, Failure, ImageKind, ImageProbe, JobPage, JobQueue, JobStore,
-    ObjectError, ObjectStore, PresignedPost, Resolver, StopQueue, StopReason, StopRun, StoreError,
-    JPEG,
+    CallbackQueue, Classified, Clock, CreateOutcome, Failure, ImageKind, ImageProbe, JobPage,
+    JobQueue, JobStore, ObjectError, ObjectStore, PresignedPost, Resolver, StopQueue, StopReason,
+    StopRun, StoreError, JPEG,
 };
 
 /// Longest `Idempotency-Key` accepted; it becomes part of a DynamoDB key.
@@ -41,6 +42,8 @@ const PROBE_BYTES: u64 = 256 * 1024;
 
 pub struct Api {
     pub store: Arc<dyn JobStore>,
+    /// Where the callbacks the job's client asked for are requested.
+    pub callbacks: Arc<dyn CallbackQueue>,
     pub queue: Arc<dyn JobQueue>,
     pub uploads: Arc<dyn ObjectStore>,
     pub results: Arc<dyn ObjectStore>,
@@ -146,6 +149,12 @@ pub struct JobRequest {
     /// and the job answers 410.
     #[serde(default)]
     pub retention_secs: Option<u64>,
+    /// Where to send the job's signed callbacks (its end always).
+    #[serde(default)]
+    pub callback_url: Option<String>,
+    /// The events beyond the end to send there: `job.running`, `job.progress`.
+    #[serde(default)]
+    pub callback_events: Option<Vec<String>>,
 }
 
 /// Exactly one of the three.
@@ -185,6 +194,11 @@ pub struct JobDetail {
 }
 
 impl Api {
+    /// How this use case writes jobs, as `by`.
+    fn writer(&self, by: Actor) -> Writer<'_> {
+        Writer::new(&*self.store, &*self.callbacks, by)
+    }
+
     /// Validates `request`, stores its input, creates the job and queues it. `idempotency_key`
     /// is the raw header value, if the client sent one.
     pub async fn submit(
@@ -217,6 +231,12 @@ impl Api {
             .validate(&request.params.unwrap_or_default(), &mut rand::rng())
             .map_err(|e| Refusal::invalid("invalid_params", e.to_string()))?;
         let retention = self.retention(request.retention_secs)?;
+        let (callback_url, callback_events) = self
+            .callback(
+                request.callback_url.as_deref(),
+                request.callback_events.as_deref(),
+            )
+            .await?;
 
         let job_id = crate::domain::job::mint_job_id(self.clock.now_ms());
         let input = match (
@@ -249,7 +269,8 @@ impl Api {
                 input,
                 idempotency_key,
                 request_digest: request_digest.clone(),
-                callback_url: None,
+                callback_url,
+                callback_events,
             },
             timing(&self.settings, retention),
             self.clock.now_ms(),
@@ -335,16 +356,10 @@ impl Api {
     /// resolves only to public addresses), fetched and checked as an image at dispatch, when
     /// the rules are applied again to the address then connected to.
     async fn url_input(&self, owner: &str, job_id: &str, url: &str) -> Result<InputRef, Refusal> {
-        let refused = |message: String| Refusal::invalid("input_url_refused", message);
-        if url.len() > MAX_URL_BYTES {
-            return Err(refused(format!(
-                "the URL is longer than {MAX_URL_BYTES} bytes"
-            )));
-        }
-        let parsed = url::Url::parse(url).map_err(|_| refused("the URL is not valid".into()))?;
-        crate::app::inputs::destination(self.settings.egress, self.resolver.as_ref(), &parsed)
-            .await
-            .map_err(|refusal| refused(refusal.to_string()))?;
+        let (parsed, _) =
+            crate::app::inputs::checked_url(self.settings.egress, self.resolver.as_ref(), url)
+                .await
+                .map_err(|message| Refusal::invalid("input_url_refused", message))?;
         Ok(InputRef {
             key: keys::pinned_upload(owner, job_id),
             content_type: String::new(),
@@ -352,6 +367,51 @@ impl Api {
             extension: String::new(),
             source_url: Some(parsed.to_string()),
         })
+    }
+
+    /// The job's callback, checked: a URL the egress rules allow, now (it is checked again at
+    /// each attempt), and the events it asks for, each named once.
+    async fn callback(
+        &self,
+        url: Option<&str>,
+        events: Option<&[String]>,
+    ) -> Result<(Option<String>, Vec<String>), Refusal> {
+        let events = events.unwrap_or_default();
+        let Some(url) = url else {
+            if events.is_empty() {
+                return Ok((None, Vec::new()));
+            }
+            return Err(Refusal::invalid(
+                "invalid_callback",
+                "callback_events needs a callback_url",
+            ));
+        };
+        let (url, _) =
+            crate::app::inputs::checked_url(self.settings.egress, self.resolver.as_ref(), url)
+                .await
+                .map_err(|message| Refusal::invalid("callback_url_refused", message))?;
+        if events.len() > EVENT_NAMES.len() {
+            return Err(Refusal::invalid(
+                "invalid_callback",
+                format!("at most {} callback events", EVENT_NAMES.len()),
+            ));
+        }
+        let mut names = Vec::new();
+        for name in events {
+            if CallbackEvent::parse(name).is_none() {
+                return Err(Refusal::invalid(
+                    "invalid_callback",
+                    format!(
+                        "unknown callback event {name:?}; known: {}",
+                        EVENT_NAMES.join(", ")
+                    ),
+                ));
+            }
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        Ok((Some(url.to_string()), names))
     }
 
     /// Removes the input stored for a job that was not created (always the job's own copy,
@@ -480,21 +540,13 @@ impl Api {
     /// the job's retention.
     pub async fn job(&self, owner: &str, id: &str) -> Result<JobDetail, Refusal> {
         let job = self.live_job(owner, id).await?;
-        let mut outputs = Vec::new();
-        if job.state == JobState::Succeeded {
-            let left = job.retained_until() - self.clock.now_ms();
-            let ttl = self
-                .settings
-                .presign_ttl
-                .min(Duration::from_millis(left.max(1_000) as u64));
-            for output in &job.outputs {
-                let url = self
-                    .results
-                    .presign_get(&output.key, ttl, Some(&output.file_name))
-                    .await?;
-                outputs.push((output.clone(), url.url));
-            }
-        }
+        let outputs = output_links(
+            self.results.as_ref(),
+            &self.settings,
+            &job,
+            self.clock.now_ms(),
+        )
+        .await?;
         Ok(JobDetail { job, outputs })
     }
 
@@ -523,10 +575,10 @@ impl Api {
         };
         let outputs: Vec<String> = job.outputs.iter().map(|o| o.key.clone()).collect();
         let now = self.clock.now_ms();
-        let deleted = match commit_as(self.store.as_ref(), job, Actor::Client, |job| {
-            job.delete(now)
-        })
-        .await?
+        let deleted = match self
+            .writer(Actor::Client)
+            .commit(job, |job| job.delete(now))
+            .await?
         {
             Committed::Written(job) => job,
             Committed::Refused(job, _) if job.deletion.is_some() => return Ok(job),
@@ -643,14 +695,16 @@ impl Api {
             }
             let now = self.clock.now_ms();
             let error = JobError::new(ErrorCode::CancelledByClient, "cancelled by the client");
-            let committed = commit_as(self.store.as_ref(), job, Actor::Client, |job| {
-                // RunPod got a run since it was told to stop: stop that one first.
-                if job.runpod_job_id.is_some() && job.runpod_job_id != stopped {
-                    return Err(TransitionError::Stale);
-                }
-                job.cancel(error.clone(), now)
-            })
-            .await?;
+            let committed = self
+                .writer(Actor::Client)
+                .commit(job, |job| {
+                    // RunPod got a run since it was told to stop: stop that one first.
+                    if job.runpod_job_id.is_some() && job.runpod_job_id != stopped {
+                        return Err(TransitionError::Stale);
+                    }
+                    job.cancel(error.clone(), now)
+                })
+                .await?;
             match committed {
                 Committed::Written(job) => return Ok(job),
                 Committed::Refused(fresh, TransitionError::Stale) => job = fresh,
@@ -668,7 +722,7 @@ impl Api {
     }
 
     /// The owner's job, unless its data is gone (deleted, or past its retention): then 410.
-    async fn live_job(&self, owner: &str, id: &str) -> Result<Job, Refusal> {
+    pub async fn live_job(&self, owner: &str, id: &str) -> Result<Job, Refusal> {
         let job = self.owned_job(owner, id).await?;
         match job.gone(self.clock.now_ms()) {
             None => Ok(job),
@@ -727,8 +781,42 @@ fn digest(request: &JobRequest) -> String {
         .as_ref()
         .map(|p| canonical(&Value::Object(p.clone())))
         .unwrap_or_default();
-    let text = format!("{}\n{params}\n{input}", request.workflow);
+    let mut text = format!("{}\n{params}\n{input}", request.workflow);
+    // Only with a callback, so that the digests of requests without one stay as they were.
+    if let Some(url) = &request.callback_url {
+        let events = request
+            .callback_events
+            .clone()
+            .unwrap_or_default()
+            .join(",");
+        text.push_str(&format!("\ncallback:{url}\n{events}"));
+    }
     hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+/// A download link for each output of a succeeded job (none otherwise), valid for
+/// `PRESIGN_TTL_SECS` and never past the job's retention.
+pub(crate) async fn output_links(
+    results: &dyn ObjectStore,
+    settings: &Settings,
+    job: &Job,
+    now: Millis,
+) -> Result<Vec<(OutputFile, String)>, ObjectError> {
+    let mut outputs = Vec::new();
+    if job.state != JobState::Succeeded {
+        return Ok(outputs);
+    }
+    let left = job.retained_until() - now;
+    let ttl = settings
+        .presign_ttl
+        .min(Duration::from_millis(left.max(1_000) as u64));
+    for output in &job.outputs {
+        let url = results
+            .presign_get(&output.key, ttl, Some(&output.file_name))
+            .await?;
+        outputs.push((output.clone(), url.url));
+    }
+    Ok(outputs)
 }
 
 /// JSON text with every object's keys sorted.

@@ -18,13 +18,14 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::app::api::output_links;
 use crate::app::inputs;
 use crate::config::Settings;
 use crate::domain::callback::{
     signature_headers, AttemptResult, CallbackEvent, DeliveryLog, DeliveryRefusal, MessageState,
-    MAX_BODY_BYTES,
+    SigningSecret, MAX_BODY_BYTES,
 };
-use crate::domain::job::{Job, JobState, Millis};
+use crate::domain::job::{rfc3339, Job, JobState, Millis};
 use crate::ports::{
     CallbackQueue, CallbackSender, Clock, DeliveryLogs, JobStore, ObjectError, ObjectStore,
     QueueError, Resolver, SigningKeys, StoreError,
@@ -85,7 +86,7 @@ impl Callbacks {
         let Some(url) = job.callback_url.clone() else {
             return Ok(None);
         };
-        if !wanted(job, event) {
+        if !job.wants_callback(event) {
             return Ok(None);
         }
         let now = self.clock.now_ms();
@@ -107,6 +108,29 @@ impl Callbacks {
             .request_delivery(&job.id, &id, Duration::ZERO)
             .await?;
         Ok(Some(id))
+    }
+
+    /// A request to tell `event` about job `job_id`: the event as the job stands now, if it
+    /// still applies (a job ended meanwhile is not said to be running, and a deleted one is
+    /// told nothing more).
+    pub async fn on_notice(
+        &self,
+        job_id: &str,
+        event: CallbackEvent,
+    ) -> Result<Option<String>, CallbackError> {
+        let Some(job) = self.store.get(job_id).await? else {
+            return Ok(None);
+        };
+        let applies = job.deletion.is_none()
+            && match event {
+                CallbackEvent::Ended => job.is_terminal(),
+                CallbackEvent::Running => job.state == JobState::Running,
+                CallbackEvent::Progress => job.state == JobState::Running && job.progress.is_some(),
+            };
+        if !applies {
+            return Ok(None);
+        }
+        self.notify(&job, event).await
     }
 
     /// One attempt at message `message_id` of job `job_id`, if it is due.
@@ -137,19 +161,8 @@ impl Callbacks {
                     // when the job was accepted: a refusal is logged like a failed attempt.
                     Err(refusal) => AttemptResult::NoAnswer(format!("refused: {refusal}")),
                     Ok(destination) => {
-                        let secrets = self.keys.secrets(&log.owner).await?;
-                        let sent_at = self.clock.now_ms();
-                        let headers = signature_headers(
-                            &secrets,
-                            &message.id,
-                            sent_at,
-                            message.body.as_bytes(),
-                        );
-                        let mut all = vec![("content-type", "application/json".to_string())];
-                        all.extend(headers);
-                        self.sender
-                            .post(&url, &destination, &all, message.body.as_bytes())
-                            .await
+                        self.send(&log.owner, &url, &destination, &message.id, &message.body)
+                            .await?
                     }
                 }
             }
@@ -201,6 +214,60 @@ impl Callbacks {
             .request_delivery(job_id, message_id, Duration::ZERO)
             .await?;
         Ok(true)
+    }
+
+    /// Sends a signed `test` event to `url` now, as a job's callback would be sent (the same
+    /// egress rules, the owner's current secrets, no redirect followed), so an owner can check
+    /// their receiver before a job depends on it. `Ok(Err(why))`: the URL is refused.
+    pub async fn test_event(
+        &self,
+        owner: &str,
+        url: &str,
+    ) -> Result<Result<AttemptResult, String>, CallbackError> {
+        let (url, destination) =
+            match inputs::checked_url(self.settings.egress, self.resolver.as_ref(), url).await {
+                Ok(checked) => checked,
+                Err(why) => return Ok(Err(why)),
+            };
+        let now = self.clock.now_ms();
+        let id = format!("msg_test_{}", uuid::Uuid::new_v4().simple());
+        let body = json!({
+            "type": "test",
+            "timestamp": rfc3339(now),
+            "data": {"message": "a test event from the job gateway"},
+        })
+        .to_string();
+        Ok(Ok(self.send(owner, &url, &destination, &id, &body).await?))
+    }
+
+    /// Signs `body` as message `id` with the owner's current secrets, at this moment, and
+    /// posts it to the address checked.
+    async fn send(
+        &self,
+        owner: &str,
+        url: &url::Url,
+        destination: &crate::domain::egress::Destination,
+        id: &str,
+        body: &str,
+    ) -> Result<AttemptResult, CallbackError> {
+        let secrets = self.keys.secrets(owner).await?;
+        let sent_at = self.clock.now_ms();
+        let mut headers = vec![("content-type", "application/json".to_string())];
+        headers.extend(signature_headers(&secrets, id, sent_at, body.as_bytes()));
+        Ok(self
+            .sender
+            .post(url, destination, &headers, body.as_bytes())
+            .await)
+    }
+
+    /// The owner's signing secrets, current first (their first is made on first ask).
+    pub async fn secrets(&self, owner: &str) -> Result<Vec<SigningSecret>, CallbackError> {
+        Ok(self.keys.secrets(owner).await?)
+    }
+
+    /// Starts a rotation: a new secret signs first, the one before it beside it.
+    pub async fn rotate(&self, owner: &str) -> Result<Vec<SigningSecret>, CallbackError> {
+        Ok(self.keys.rotate(owner).await?)
     }
 
     /// Applies `change` to the job's log (a new one if it has none) and saves it
@@ -255,24 +322,18 @@ impl Callbacks {
             json!({"type": event_type, "timestamp": rfc3339(now), "data": data}).to_string()
         };
         if job.state == JobState::Succeeded {
-            let left = job.retained_until() - now;
-            let ttl = self
-                .settings
-                .presign_ttl
-                .min(Duration::from_millis(left.max(1_000) as u64));
-            let mut outputs = Vec::new();
-            for output in &job.outputs {
-                let url = self
-                    .results
-                    .presign_get(&output.key, ttl, Some(&output.file_name))
-                    .await?;
-                outputs.push(json!({
-                    "file_name": output.file_name,
-                    "content_type": output.content_type,
-                    "size": output.size,
-                    "url": url.url,
-                }));
-            }
+            let links = output_links(self.results.as_ref(), &self.settings, job, now).await?;
+            let outputs: Vec<Value> = links
+                .iter()
+                .map(|(output, url)| {
+                    json!({
+                        "file_name": output.file_name,
+                        "content_type": output.content_type,
+                        "size": output.size,
+                        "url": url,
+                    })
+                })
+                .collect();
             data["outputs"] = Value::from(outputs);
             let body = envelope(&data);
             if body.len() <= MAX_BODY_BYTES {
@@ -289,13 +350,28 @@ impl Callbacks {
     }
 }
 
-/// Whether the job's callback asked for `event`: its end always, the rest on request.
-fn wanted(job: &Job, event: CallbackEvent) -> bool {
-    event == CallbackEvent::Ended
-        || job
-            .callback_events
-            .iter()
-            .any(|name| CallbackEvent::parse(name) == Some(event))
+/// Asks the delivery function to tell the job's client what a write brought, when the client
+/// asked to be told: the job's end, or a worker taking it (`before`: its state before the
+/// write). Never fails its caller: a lost request for the end is made again by the sweeper
+/// (the job's `callback_pending`), and the others are informational.
+pub async fn announce(queue: &dyn CallbackQueue, before: JobState, job: &Job) {
+    let event = if job.is_terminal() && job.callback_pending {
+        CallbackEvent::Ended
+    } else if job.state == JobState::Running && before != JobState::Running {
+        CallbackEvent::Running
+    } else {
+        return;
+    };
+    if job.wants_callback(event) {
+        tell(queue, job, event).await;
+    }
+}
+
+/// Asks for `event` about `job` to be told, logging a failure rather than returning it.
+pub async fn tell(queue: &dyn CallbackQueue, job: &Job, event: CallbackEvent) {
+    if let Err(err) = queue.request_notice(&job.id, event).await {
+        tracing::warn!(job_id = %job.id, ?event, error = %err, "could not ask for a callback");
+    }
 }
 
 /// A message's id, from the job and the event alone: the same event notified twice is one
@@ -315,14 +391,4 @@ pub fn message_id(job: &Job, event: CallbackEvent) -> String {
 
 fn delay_until(at: Millis, now: Millis) -> Duration {
     Duration::from_millis((at - now).max(0) as u64).min(MAX_QUEUE_DELAY)
-}
-
-fn rfc3339(at: Millis) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(at) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
 }

@@ -3,7 +3,7 @@
 //! what (if anything) to do, so redelivered and duplicated messages are harmless.
 use std::sync::Arc;
 
-use crate::app::{commit_as, commit_leased, inputs, transfer, Committed};
+use crate::app::{commit_leased, inputs, transfer, Committed, Writer};
 use crate::config::Settings;
 use crate::domain::egress::EgressRefusal;
 use crate::domain::job::{
@@ -15,8 +15,8 @@ use crate::domain::workflow::WorkflowCatalog;
 use futures::StreamExt;
 
 use crate::ports::{
-    Classified, Clock, Failure, ImageProbe, JobStore, ObjectStore, Resolver, RunPod, RunPolicy,
-    RunRequest, StopQueue, StopReason, StopRun, StoreError, UrlFetcher,
+    CallbackQueue, Classified, Clock, Failure, ImageProbe, JobStore, ObjectStore, Resolver, RunPod,
+    RunPolicy, RunRequest, StopQueue, StopReason, StopRun, StoreError, UrlFetcher,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +45,8 @@ impl From<StoreError> for RetryLater {
 
 pub struct Dispatcher {
     pub store: Arc<dyn JobStore>,
+    /// Where the callbacks the job's client asked for are requested.
+    pub callbacks: Arc<dyn CallbackQueue>,
     pub uploads: Arc<dyn ObjectStore>,
     pub volume: Arc<dyn ObjectStore>,
     /// An input given by URL: where its host resolves, how it is fetched (connecting only to
@@ -67,6 +69,11 @@ pub struct Dispatcher {
 }
 
 impl Dispatcher {
+    /// How dispatch writes jobs.
+    fn writer(&self) -> Writer<'_> {
+        Writer::new(&*self.store, &*self.callbacks, Actor::Dispatch)
+    }
+
     /// The webhook URL RunPod will call for this job: per-job HMAC token in the query.
     pub fn webhook_url(&self, job_id: &str) -> String {
         format!(
@@ -110,25 +117,26 @@ impl Dispatcher {
                 ErrorCode::DispatchAttemptsExhausted,
                 format!("gave up after {} dispatch attempts", job.attempts),
             );
-            commit_as(self.store.as_ref(), job, Actor::Dispatch, |job| {
-                job.fail(error.clone(), now)
-            })
-            .await?;
+            self.writer()
+                .commit(job, |job| job.fail(error.clone(), now))
+                .await?;
             return Ok(DispatchOutcome::Failed(
                 ErrorCode::DispatchAttemptsExhausted,
             ));
         }
         let lease_ms = self.settings.dispatch_lease.as_millis() as i64;
-        let leased = match commit_as(self.store.as_ref(), job, Actor::Dispatch, |job| {
-            if job.state != JobState::Queued {
-                return Err(crate::domain::job::TransitionError::Backwards {
-                    from: job.state,
-                    to: JobState::Queued,
-                });
-            }
-            job.acquire_lease(LeaseKind::Dispatch, now, lease_ms)
-        })
-        .await?
+        let leased = match self
+            .writer()
+            .commit(job, |job| {
+                if job.state != JobState::Queued {
+                    return Err(crate::domain::job::TransitionError::Backwards {
+                        from: job.state,
+                        to: JobState::Queued,
+                    });
+                }
+                job.acquire_lease(LeaseKind::Dispatch, now, lease_ms)
+            })
+            .await?
         {
             Committed::Written(job) => job,
             Committed::Refused(_, crate::domain::job::TransitionError::Leased(..)) => {
@@ -154,20 +162,20 @@ impl Dispatcher {
             Err(Step::Unknown(reason)) => {
                 tracing::warn!(job_id = %leased.id, reason, "run outcome unknown; waiting for the run to announce itself");
                 let now = self.clock.now_ms();
-                commit_as(self.store.as_ref(), leased, Actor::Dispatch, |job| {
-                    job.note_unconfirmed_run(now, now + grace);
-                    Ok(())
-                })
-                .await?;
+                self.writer()
+                    .commit(leased, |job| {
+                        job.note_unconfirmed_run(now, now + grace);
+                        Ok(())
+                    })
+                    .await?;
                 Ok(DispatchOutcome::Unconfirmed(reason))
             }
             Err(Step::Permanent(error)) => {
                 let code = error.code;
                 let now = self.clock.now_ms();
-                commit_as(self.store.as_ref(), leased, Actor::Dispatch, |job| {
-                    job.fail(error.clone(), now)
-                })
-                .await?;
+                self.writer()
+                    .commit(leased, |job| job.fail(error.clone(), now))
+                    .await?;
                 Ok(DispatchOutcome::Failed(code))
             }
             // The job's last attempt: fail it now rather than send the message round again
@@ -183,10 +191,9 @@ impl Dispatcher {
                         leased.attempts
                     ),
                 );
-                commit_as(self.store.as_ref(), leased, Actor::Dispatch, |job| {
-                    job.fail(error.clone(), now)
-                })
-                .await?;
+                self.writer()
+                    .commit(leased, |job| job.fail(error.clone(), now))
+                    .await?;
                 Ok(DispatchOutcome::Failed(
                     ErrorCode::DispatchAttemptsExhausted,
                 ))
@@ -261,12 +268,18 @@ impl Dispatcher {
             .put_bytes(&leased.input.key, bytes.into(), kind.content_type)
             .await
             .map_err(|e| Step::Transient(format!("storing the input: {e}")))?;
-        let committed = commit_leased(self.store.as_ref(), leased, Actor::Dispatch, |job| {
-            job.input.content_type = kind.content_type.to_string();
-            job.input.extension = kind.extension.to_string();
-            job.input.size = size;
-            Ok(())
-        })
+        let committed = commit_leased(
+            self.store.as_ref(),
+            self.callbacks.as_ref(),
+            leased,
+            Actor::Dispatch,
+            |job| {
+                job.input.content_type = kind.content_type.to_string();
+                job.input.extension = kind.extension.to_string();
+                job.input.size = size;
+                Ok(())
+            },
+        )
         .await
         .map_err(|e| Step::Transient(e.to_string()))?;
         match committed {
@@ -398,10 +411,12 @@ impl Dispatcher {
                 .await;
             return Ok(DispatchOutcome::Skipped("finished while dispatching"));
         }
-        match commit_as(self.store.as_ref(), current, Actor::Dispatch, |job| {
-            job.mark_submitted(runpod_id.clone(), now, next_check)
-        })
-        .await?
+        match self
+            .writer()
+            .commit(current, |job| {
+                job.mark_submitted(runpod_id.clone(), now, next_check)
+            })
+            .await?
         {
             Committed::Written(_) => Ok(DispatchOutcome::Submitted(runpod_id)),
             Committed::Refused(job, TransitionError::Stale) => {

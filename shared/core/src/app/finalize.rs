@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 
 use crate::app::observe::{Outcome, SameRun};
-use crate::app::{commit_as, commit_leased, transfer, Committed};
+use crate::app::{commit_leased, transfer, Committed, Writer};
 use crate::config::Settings;
 use crate::domain::job::{
     Actor, ErrorCode, Job, JobError, JobState, LeaseKind, Millis, OutputFile, TransitionError,
@@ -24,8 +24,8 @@ use crate::domain::report::{
 use crate::domain::retry::check_backoff;
 use crate::domain::workflow::{OutputContract, WorkflowCatalog};
 use crate::ports::{
-    ByteChunks, Classified, Clock, Failure, Fetched, FinalizeQueue, JobStore, ObjectError,
-    ObjectMeta, ObjectStore, RunPodStatus, StoreError, UrlFetcher,
+    ByteChunks, CallbackQueue, Classified, Clock, Failure, Fetched, FinalizeQueue, JobStore,
+    ObjectError, ObjectMeta, ObjectStore, RunPodStatus, StoreError, UrlFetcher,
 };
 
 /// How long a finalize lease outlives the invocation that holds it: the writers' clocks differ
@@ -58,6 +58,8 @@ pub enum FinalizeError {
 
 pub struct Finalizer {
     pub store: Arc<dyn JobStore>,
+    /// Where the callbacks the job's client asked for are requested.
+    pub callbacks: Arc<dyn CallbackQueue>,
     pub volume: Arc<dyn ObjectStore>,
     pub results: Arc<dyn ObjectStore>,
     pub layout: VolumeLayout,
@@ -88,6 +90,11 @@ enum ReportError {
 }
 
 impl Finalizer {
+    /// How this use case writes jobs, as `by`.
+    fn writer(&self, by: Actor) -> Writer<'_> {
+        Writer::new(&*self.store, &*self.callbacks, by)
+    }
+
     /// The finalize function's work for one request: collects the outputs of `job_id`'s
     /// handed-off run from its stored report. `deadline` is when the invocation ends (epoch
     /// ms), if known: the lease then lasts no longer than the invocation can, so that a killed
@@ -118,11 +125,13 @@ impl Finalizer {
             Err(ReportError::Retry(reason)) => return self.retry_at(job_id, None, reason).await,
             Err(ReportError::Unusable(error)) => {
                 tracing::error!(job_id, code = error.code.as_str(), message = %error.message, "the stored report cannot be used");
-                let committed = commit_as(self.store.as_ref(), job, Actor::Finalize, |job| {
-                    job.ensure_unleased(now)?;
-                    job.fail(error.clone(), now)
-                })
-                .await?;
+                let committed = self
+                    .writer(Actor::Finalize)
+                    .commit(job, |job| {
+                        job.ensure_unleased(now)?;
+                        job.fail(error.clone(), now)
+                    })
+                    .await?;
                 return Ok(match committed {
                     Committed::Written(failed) => {
                         self.drop_report(&failed).await;
@@ -211,11 +220,13 @@ impl Finalizer {
             lease_ms = lease_ms.min((deadline - now).max(0) + LEASE_MARGIN_MS);
         }
         // Only the holder of the finalize lease copies outputs; everyone else backs off.
-        let leased = match commit_as(self.store.as_ref(), job, by, |job| {
-            same_run.check(job)?;
-            job.acquire_lease(LeaseKind::Finalize, now, lease_ms)
-        })
-        .await?
+        let leased = match self
+            .writer(by)
+            .commit(job, |job| {
+                same_run.check(job)?;
+                job.acquire_lease(LeaseKind::Finalize, now, lease_ms)
+            })
+            .await?
         {
             Committed::Written(job) => job,
             Committed::Refused(job, _) if job.is_terminal() => return Ok(Outcome::Unchanged),
@@ -233,7 +244,7 @@ impl Finalizer {
         let store = self.store.as_ref();
         let (committed, outcome) = match collected {
             Ok(outputs) => {
-                let committed = commit_leased(store, &leased, by, |job| {
+                let committed = commit_leased(store, self.callbacks.as_ref(), &leased, by, |job| {
                     job.record_runpod_times(delay, execution);
                     job.succeed(outputs.clone(), now)
                 })
@@ -242,7 +253,7 @@ impl Finalizer {
             }
             Err(Collect::Fail(error)) => {
                 tracing::warn!(job_id = %leased.id, code = error.code.as_str(), message = %error.message, "job failed while finalizing");
-                let committed = commit_leased(store, &leased, by, |job| {
+                let committed = commit_leased(store, self.callbacks.as_ref(), &leased, by, |job| {
                     job.record_runpod_times(delay, execution);
                     job.fail(error.clone(), now)
                 })
@@ -254,7 +265,7 @@ impl Finalizer {
                 let base = RETRY_SOON.min(self.settings.poll_interval);
                 // Several tries fit in the time finalize is given, however short.
                 let max_wait = MAX_RETRY_WAIT.min(self.settings.finalize_give_up / 8);
-                let released = commit_leased(store, &leased, by, |job| {
+                let released = commit_leased(store, self.callbacks.as_ref(), &leased, by, |job| {
                     job.note_check_failure();
                     let wait =
                         check_backoff(base, job.check_failures, max_wait, rand::random::<f64>());

@@ -45,3 +45,21 @@ pub async fn destination(
         .map_err(|_| EgressRefusal::Unresolved { host: host.clone() })?;
     policy.pick(url, &host, &addresses)
 }
+
+/// `text` as a URL the gateway may go to (an input to fetch, a callback to send), with the
+/// address it leads to now; why not, in words for the client, otherwise. A URL kept for later
+/// is checked again, and pinned, each time the gateway connects.
+pub async fn checked_url(
+    policy: EgressPolicy,
+    resolver: &dyn Resolver,
+    text: &str,
+) -> Result<(url::Url, Destination), String> {
+    if text.len() > MAX_URL_BYTES {
+        return Err(format!("the URL is longer than {MAX_URL_BYTES} bytes"));
+    }
+    let url = url::Url::parse(text).map_err(|_| "the URL is not valid".to_string())?;
+    let destination = destination(policy, resolver, &url)
+        .await
+        .map_err(|refusal| refusal.to_string())?;
+    Ok((url, destination))
+}

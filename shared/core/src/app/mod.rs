@@ -16,9 +16,10 @@ pub mod webhook;
 
 use std::time::Duration;
 
+use crate::domain::job::JobState;
 use crate::domain::job::{Actor, Job, Millis, TransitionError};
 use crate::domain::retry::check_backoff;
-use crate::ports::{JobStore, StoreError};
+use crate::ports::{CallbackQueue, JobStore, StoreError};
 
 /// How many times a change is re-applied to a freshly read job after losing a version race.
 const CONFLICT_RETRIES: usize = 3;
@@ -97,13 +98,61 @@ where
     Err(StoreError::Conflict)
 }
 
-/// [`commit_as`] for a change decided while holding the lease `leased` carries. Writes that
+/// [`commit_as`], then asks for the callback the write calls for, if the job's client asked
+/// for one: its end, or a worker taking it ([`callbacks::announce`]). Every use case that may
+/// end a job or start it running writes through this.
+pub async fn commit_told<F>(
+    store: &dyn JobStore,
+    callbacks: &dyn CallbackQueue,
+    job: Job,
+    by: Actor,
+    change: F,
+) -> Result<Committed, StoreError>
+where
+    F: Fn(&mut Job) -> Result<(), TransitionError>,
+{
+    let before: JobState = job.state;
+    let committed = commit_as(store, job, by, change).await?;
+    if let Committed::Written(job) = &committed {
+        callbacks::announce(callbacks, before, job).await;
+    }
+    Ok(committed)
+}
+
+/// A use case's writes: the store, the queue the callbacks its writes call for are asked on,
+/// and who it is, held once for [`commit_told`].
+#[derive(Clone, Copy)]
+pub struct Writer<'a> {
+    pub store: &'a dyn JobStore,
+    pub callbacks: &'a dyn CallbackQueue,
+    pub by: Actor,
+}
+
+impl<'a> Writer<'a> {
+    pub fn new(store: &'a dyn JobStore, callbacks: &'a dyn CallbackQueue, by: Actor) -> Self {
+        Self {
+            store,
+            callbacks,
+            by,
+        }
+    }
+
+    pub async fn commit<F>(&self, job: Job, change: F) -> Result<Committed, StoreError>
+    where
+        F: Fn(&mut Job) -> Result<(), TransitionError>,
+    {
+        commit_told(self.store, self.callbacks, job, self.by, change).await
+    }
+}
+
+/// [`commit_told`] for a change decided while holding the lease `leased` carries. Writes that
 /// slipped in meanwhile without taking the job away (a reschedule, a progress report) do not
 /// cost the change: it is re-applied as long as the stored job still carries that lease, and
 /// refused with [`TransitionError::LeaseLost`] once it does not (the lease ran out and another
 /// caller took the job, or the job ended).
 pub async fn commit_leased<F>(
     store: &dyn JobStore,
+    callbacks: &dyn CallbackQueue,
     leased: &Job,
     by: Actor,
     change: F,
@@ -112,7 +161,7 @@ where
     F: Fn(&mut Job) -> Result<(), TransitionError>,
 {
     let lease = leased.lease.clone();
-    commit_as(store, leased.clone(), by, |job| {
+    commit_told(store, callbacks, leased.clone(), by, |job| {
         job.ensure_holds(lease.as_ref())?;
         change(job)
     })

@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::app::finalize::FinalizeError;
-use crate::app::{commit_as, Committed};
+use crate::app::{callbacks, Committed, Writer};
 use crate::config::Settings;
+use crate::domain::callback::CallbackEvent;
 use crate::domain::job::{Actor, ErrorCode, Job, JobError, JobState, Millis, TransitionError};
 use crate::domain::keys;
 use crate::domain::report::{ProgressReport, Reported};
-use crate::ports::{Clock, FinalizeQueue, JobStore, ObjectStore, RunPodStatus};
+use crate::ports::{CallbackQueue, Clock, FinalizeQueue, JobStore, ObjectStore, RunPodStatus};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -103,6 +104,8 @@ pub fn handoff_recheck(settings: &Settings) -> Duration {
 
 pub struct Observer {
     pub store: Arc<dyn JobStore>,
+    /// Where the callbacks the job's client asked for are requested.
+    pub callbacks: Arc<dyn CallbackQueue>,
     /// Where a completed run's report is kept for finalize: the results bucket, in the job's
     /// own folder.
     pub reports: Arc<dyn ObjectStore>,
@@ -112,6 +115,11 @@ pub struct Observer {
 }
 
 impl Observer {
+    /// How this use case writes jobs, as `by`.
+    fn writer(&self, by: Actor) -> Writer<'_> {
+        Writer::new(&*self.store, &*self.callbacks, by)
+    }
+
     /// [`Observer::observe_as`] for a caller that does not say who it is.
     pub async fn observe(&self, job: Job, status: &RunPodStatus) -> Result<Outcome, FinalizeError> {
         self.observe_as(job, status, Actor::Gateway).await
@@ -159,28 +167,40 @@ impl Observer {
                     return Ok(Outcome::Unchanged);
                 }
                 let next_check = now + self.settings.poll_interval.as_millis() as Millis;
-                commit_as(self.store.as_ref(), job, by, |job| {
-                    same_run.check(job)?;
-                    job.ensure_unleased(now)?;
-                    if job.state != JobState::Running {
-                        job.mark_running(now)?;
-                        job.next_check_at = Some(next_check);
+                let committed = self
+                    .writer(by)
+                    .commit(job, |job| {
+                        same_run.check(job)?;
+                        job.ensure_unleased(now)?;
+                        if job.state != JobState::Running {
+                            job.mark_running(now)?;
+                            job.next_check_at = Some(next_check);
+                        }
+                        if fraction.is_some() || message.is_some() {
+                            job.report_progress(fraction, message.clone(), now)?;
+                            // Rate-limited: this write notes the turn it takes.
+                            job.take_progress_turn(now);
+                        }
+                        Ok(())
+                    })
+                    .await?;
+                if let Committed::Written(job) = &committed {
+                    if job.progress_told_at == Some(now) {
+                        callbacks::tell(self.callbacks.as_ref(), job, CallbackEvent::Progress)
+                            .await;
                     }
-                    if fraction.is_some() || message.is_some() {
-                        job.report_progress(fraction, message.clone(), now)?;
-                    }
-                    Ok(())
-                })
-                .await?
+                }
+                committed
             }
             Decision::End(state, error) => {
-                commit_as(self.store.as_ref(), job, by, |job| {
-                    same_run.check(job)?;
-                    job.ensure_unleased(now)?;
-                    job.record_runpod_times(delay, execution);
-                    job.end(state, error.clone(), now)
-                })
-                .await?
+                self.writer(by)
+                    .commit(job, |job| {
+                        same_run.check(job)?;
+                        job.ensure_unleased(now)?;
+                        job.record_runpod_times(delay, execution);
+                        job.end(state, error.clone(), now)
+                    })
+                    .await?
             }
             Decision::Collect(_) => return self.hand_off(job, status, by).await,
         };
@@ -220,12 +240,14 @@ impl Observer {
         // If finalize has not taken the job by then (the request was lost, or every attempt
         // failed), the sweeper asks again.
         let recheck = now + handoff_recheck(&self.settings).as_millis() as Millis;
-        let committed = commit_as(self.store.as_ref(), job, by, |job| {
-            job.ensure_unleased(now)?;
-            job.record_runpod_times(delay, execution);
-            job.hand_off(&run, report_key.clone(), now, recheck)
-        })
-        .await?;
+        let committed = self
+            .writer(by)
+            .commit(job, |job| {
+                job.ensure_unleased(now)?;
+                job.record_runpod_times(delay, execution);
+                job.hand_off(&run, report_key.clone(), now, recheck)
+            })
+            .await?;
         match committed {
             Committed::Written(job) => {
                 tracing::info!(job_id = %job.id, runpod_id = %run, "run completed; handed to finalize");
@@ -261,15 +283,17 @@ impl Observer {
             ErrorCode::OutputTooLarge,
             format!("RunPod's report of the run is longer than {limit} bytes"),
         );
-        let committed = commit_as(self.store.as_ref(), job, by, |job| {
-            same_run.check(job)?;
-            if job.current_handoff().is_some() {
-                return Err(TransitionError::Stale);
-            }
-            job.ensure_unleased(now)?;
-            job.fail(error.clone(), now)
-        })
-        .await?;
+        let committed = self
+            .writer(by)
+            .commit(job, |job| {
+                same_run.check(job)?;
+                if job.current_handoff().is_some() {
+                    return Err(TransitionError::Stale);
+                }
+                job.ensure_unleased(now)?;
+                job.fail(error.clone(), now)
+            })
+            .await?;
         Ok(match committed {
             Committed::Written(job) => {
                 tracing::warn!(job_id = %job.id, runpod_id = run, limit, "RunPod's report is too long; the job failed");

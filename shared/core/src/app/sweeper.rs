@@ -10,15 +10,16 @@ use serde::Serialize;
 
 use crate::app::cleanup::{remove_everything, remove_leftovers};
 use crate::app::observe::{decide, handoff_recheck, Decision, Observer, Outcome};
-use crate::app::{commit_as, next_check_after_failure, Committed};
+use crate::app::{next_check_after_failure, Committed, Writer};
 use crate::config::Settings;
+use crate::domain::callback::CallbackEvent;
 use crate::domain::job::{
     Actor, DeletionReason, ErrorCode, Job, JobError, JobState, Millis, TransitionError,
 };
 use crate::domain::keys::VolumeRoot;
 use crate::ports::{
-    Classified, Clock, Failure, FinalizeQueue, JobQueue, JobStore, ObjectStore, RunPod,
-    RunPodError, RunPodStatus, StopQueue, StopReason, StopRun, StoreError,
+    CallbackQueue, Classified, Clock, DeliveryLogs, Failure, FinalizeQueue, JobQueue, JobStore,
+    ObjectStore, RunPod, RunPodError, RunPodStatus, StopQueue, StopReason, StopRun, StoreError,
 };
 
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
@@ -96,11 +97,15 @@ fn tally(report: &mut SweepReport, action: Action) {
 
 pub struct Sweeper {
     pub store: Arc<dyn JobStore>,
+    /// Where the callbacks the job's client asked for are requested.
+    pub callbacks: Arc<dyn CallbackQueue>,
     pub queue: Arc<dyn JobQueue>,
     pub runpod: Arc<dyn RunPod>,
     pub stops: Arc<dyn StopQueue>,
     pub observer: Arc<Observer>,
     pub finalize: Arc<dyn FinalizeQueue>,
+    /// A purged job's callback log goes with the rest of its data.
+    pub delivery_logs: Arc<dyn DeliveryLogs>,
     /// The results and uploads buckets and the RunPod volume, for removing what ended jobs
     /// left behind, and all of a deleted or expired job's data.
     pub results: Arc<dyn ObjectStore>,
@@ -119,6 +124,11 @@ pub const SWEEP_PAGE: u32 = 500;
 const SWEEP_RESERVE_MS: Millis = 10_000;
 
 impl Sweeper {
+    /// How the sweeper writes jobs.
+    fn writer(&self) -> Writer<'_> {
+        Writer::new(&*self.store, &*self.callbacks, Actor::Sweeper)
+    }
+
     /// [`Sweeper::sweep_before`] with no invocation deadline.
     pub async fn sweep(&self) -> Result<SweepReport, StoreError> {
         self.sweep_before(None).await
@@ -259,11 +269,26 @@ impl Sweeper {
         let lease = self.settings.finalize_lease.as_millis() as Millis;
         let ready_at = job.timestamps.finished_at.unwrap_or(now) + lease;
         if now < ready_at {
-            commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-                job.defer_cleanup(ready_at)
-            })
-            .await?;
+            self.writer()
+                .commit(job, |job| job.defer_cleanup(ready_at))
+                .await?;
             return Ok(Action::Skipped);
+        }
+        // The end's callback, asked for again in case the request made when the job ended was
+        // lost; the write below clears the flag only once this one is queued.
+        if job.callback_pending {
+            if let Err(err) = self
+                .callbacks
+                .request_notice(&job.id, CallbackEvent::Ended)
+                .await
+            {
+                tracing::warn!(job_id = %job.id, error = %err, "could not ask for the end's callback; retried later");
+                let retry_at = now + self.settings.poll_interval.as_millis() as Millis;
+                self.writer()
+                    .commit(job, |job| job.defer_cleanup(retry_at))
+                    .await?;
+                return Ok(Action::Error);
+            }
         }
         match remove_leftovers(
             self.results.as_ref(),
@@ -283,19 +308,15 @@ impl Sweeper {
                         "removed what an ended job left behind"
                     );
                 }
-                commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-                    job.cleaned_up()
-                })
-                .await?;
+                self.writer().commit(job, |job| job.cleaned_up()).await?;
                 Ok(Action::Cleaned(objects))
             }
             Err(err) => {
                 tracing::warn!(job_id = %job.id, error = %err, "clean-up of an ended job failed; retried later");
                 let retry_at = now + self.settings.poll_interval.as_millis() as Millis;
-                commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-                    job.defer_cleanup(retry_at)
-                })
-                .await?;
+                self.writer()
+                    .commit(job, |job| job.defer_cleanup(retry_at))
+                    .await?;
                 Ok(Action::Error)
             }
         }
@@ -315,11 +336,13 @@ impl Sweeper {
                 ErrorCode::DeadlineExceeded,
                 "the run completed but its outputs could not be collected in time",
             );
-            let done = commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-                job.ensure_unleased(now)?;
-                job.time_out(error.clone(), now)
-            })
-            .await?;
+            let done = self
+                .writer()
+                .commit(job, |job| {
+                    job.ensure_unleased(now)?;
+                    job.time_out(error.clone(), now)
+                })
+                .await?;
             return Ok(match done {
                 Committed::Written(_) => Action::TimedOut,
                 _ => Action::Skipped,
@@ -335,10 +358,9 @@ impl Sweeper {
             return Ok(Action::Error);
         }
         let next = now + handoff_recheck(&self.settings).as_millis() as Millis;
-        commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-            job.reschedule(now, next)
-        })
-        .await?;
+        self.writer()
+            .commit(job, |job| job.reschedule(now, next))
+            .await?;
         Ok(Action::Refinalized)
     }
 
@@ -364,7 +386,10 @@ impl Sweeper {
         .await;
         let removed = match removed {
             Ok(removed) => match self.store.forget_idempotency_key(&job).await {
-                Ok(()) => Ok(removed),
+                Ok(()) => match self.delivery_logs.forget_delivery_log(&job.id).await {
+                    Ok(()) => Ok(removed),
+                    Err(err) => Err(format!("delivery log: {err}")),
+                },
                 Err(err) => Err(format!("idempotency record: {err}")),
             },
             Err(err) => Err(err.to_string()),
@@ -374,10 +399,9 @@ impl Sweeper {
             Err(err) => {
                 tracing::warn!(job_id = %job.id, error = %err, "purge failed; retried later");
                 let retry_at = now + self.settings.poll_interval.as_millis() as Millis;
-                commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-                    job.defer_purge(retry_at)
-                })
-                .await?;
+                self.writer()
+                    .commit(job, |job| job.defer_purge(retry_at))
+                    .await?;
                 return Ok(Action::Error);
             }
         };
@@ -392,14 +416,15 @@ impl Sweeper {
         let lease = self.settings.finalize_lease.as_millis() as Millis;
         let settled_at = job.timestamps.finished_at.unwrap_or(now) + lease;
         let done = now >= settled_at;
-        commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-            if done {
-                job.purged(reason, now)
-            } else {
-                job.defer_purge(settled_at)
-            }
-        })
-        .await?;
+        self.writer()
+            .commit(job, |job| {
+                if done {
+                    job.purged(reason, now)
+                } else {
+                    job.defer_purge(settled_at)
+                }
+            })
+            .await?;
         Ok(Action::Purged {
             removed: removed.total(),
             done,
@@ -412,10 +437,9 @@ impl Sweeper {
             return Ok(Action::Error);
         }
         let next = now + self.settings.requeue_after.as_millis() as i64;
-        commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-            job.reschedule(now, next)
-        })
-        .await?;
+        self.writer()
+            .commit(job, |job| job.reschedule(now, next))
+            .await?;
         Ok(Action::Requeued)
     }
 
@@ -433,15 +457,17 @@ impl Sweeper {
                 // Unless a webhook took the job meanwhile: it holds a report from before the
                 // result went away, and finishes the job from it.
                 let now = self.clock.now_ms();
-                let done = commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-                    // Only the run we asked about is gone; the job may track another by now.
-                    if job.runpod_job_id.as_deref() != Some(runpod_id) {
-                        return Err(TransitionError::Stale);
-                    }
-                    job.ensure_unleased(now)?;
-                    job.fail(error.clone(), now)
-                })
-                .await?;
+                let done = self
+                    .writer()
+                    .commit(job, |job| {
+                        // Only the run we asked about is gone; the job may track another by now.
+                        if job.runpod_job_id.as_deref() != Some(runpod_id) {
+                            return Err(TransitionError::Stale);
+                        }
+                        job.ensure_unleased(now)?;
+                        job.fail(error.clone(), now)
+                    })
+                    .await?;
                 return Ok(Action::Polled {
                     finished: matches!(done, Committed::Written(_)),
                 });
@@ -548,17 +574,19 @@ impl Sweeper {
             "the job did not finish before its deadline",
         );
         let now = self.clock.now_ms();
-        let done = commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-            // The copy came from the index, which lags: if RunPod got the job since (or got
-            // another run of it), what was cancelled is not what runs. Leave the job due; the
-            // next sweep cancels what runs and times the job out.
-            if job.runpod_job_id != cancelled {
-                return Err(TransitionError::Stale);
-            }
-            job.ensure_unleased(now)?;
-            job.time_out(error.clone(), now)
-        })
-        .await?;
+        let done = self
+            .writer()
+            .commit(job, |job| {
+                // The copy came from the index, which lags: if RunPod got the job since (or got
+                // another run of it), what was cancelled is not what runs. Leave the job due; the
+                // next sweep cancels what runs and times the job out.
+                if job.runpod_job_id != cancelled {
+                    return Err(TransitionError::Stale);
+                }
+                job.ensure_unleased(now)?;
+                job.time_out(error.clone(), now)
+            })
+            .await?;
         Ok(match done {
             Committed::Written(_) => Action::TimedOut,
             _ => Action::Skipped,
@@ -570,16 +598,17 @@ impl Sweeper {
             return Ok(());
         }
         let next = (now + self.settings.poll_interval.as_millis() as i64).min(job.deadline_at);
-        commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-            // Handed off or taken since this sweep read it (a webhook won the race): its
-            // schedule is the hand-off's or the lease's, not a poll's.
-            if job.current_handoff().is_some() {
-                return Err(TransitionError::Stale);
-            }
-            job.ensure_unleased(now)?;
-            job.reschedule(now, next)
-        })
-        .await?;
+        self.writer()
+            .commit(job, |job| {
+                // Handed off or taken since this sweep read it (a webhook won the race): its
+                // schedule is the hand-off's or the lease's, not a poll's.
+                if job.current_handoff().is_some() {
+                    return Err(TransitionError::Stale);
+                }
+                job.ensure_unleased(now)?;
+                job.reschedule(now, next)
+            })
+            .await?;
         Ok(())
     }
 
@@ -591,12 +620,13 @@ impl Sweeper {
             return Ok(());
         }
         let base = self.settings.poll_interval;
-        commit_as(self.store.as_ref(), job, Actor::Sweeper, |job| {
-            job.note_check_failure();
-            let next = next_check_after_failure(base, job, now);
-            job.reschedule(now, next)
-        })
-        .await?;
+        self.writer()
+            .commit(job, |job| {
+                job.note_check_failure();
+                let next = next_check_after_failure(base, job, now);
+                job.reschedule(now, next)
+            })
+            .await?;
         Ok(())
     }
 }

@@ -14,7 +14,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::job::{JobState, Millis};
+use super::job::{Job, JobState, Millis};
 
 /// How a secret is written for its owner (and read back).
 pub const SECRET_PREFIX: &str = "whsec_";
@@ -101,7 +101,10 @@ pub fn signature_headers(
 }
 
 /// What a callback may be sent for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
 pub enum CallbackEvent {
     /// The job ended: succeeded, failed, cancelled or timed out. Always sent.
     Ended,
@@ -136,9 +139,38 @@ impl CallbackEvent {
     }
 }
 
-/// The longest a progress callback waits behind the previous one: at most one a minute per
-/// job, so a chatty worker cannot flood the client.
-pub const PROGRESS_EVERY_MS: Millis = 60_000;
+/// The names a client may list in `callback_events`.
+pub const EVENT_NAMES: [&str; 3] = ["job.ended", "job.running", "job.progress"];
+
+/// The longest a progress callback waits behind the previous one: at most one every ten
+/// seconds per job, so a chatty worker cannot flood the client (nor the job's delivery log).
+pub const PROGRESS_EVERY_MS: Millis = 10_000;
+
+impl Job {
+    /// Whether the job's client is to be told of `event`: its end always, when it gave a
+    /// callback URL; the rest when it asked for them too.
+    pub fn wants_callback(&self, event: CallbackEvent) -> bool {
+        self.callback_url.is_some()
+            && (event == CallbackEvent::Ended
+                || self
+                    .callback_events
+                    .iter()
+                    .any(|name| CallbackEvent::parse(name) == Some(event)))
+    }
+
+    /// Whether progress reported at `now` is to be told the client, at most one every
+    /// [`PROGRESS_EVERY_MS`]; if so, notes that it was.
+    pub fn take_progress_turn(&mut self, now: Millis) -> bool {
+        let due = self.wants_callback(CallbackEvent::Progress)
+            && self
+                .progress_told_at
+                .is_none_or(|at| now - at >= PROGRESS_EVERY_MS);
+        if due {
+            self.progress_told_at = Some(now);
+        }
+        due
+    }
+}
 
 /// How long after the first attempt each retry comes, as the spec's example schedule: 5 s,
 /// 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h and 24 h, about three days in all.
@@ -187,7 +219,7 @@ pub fn next_attempt_at(
 }
 
 /// Most messages one job's delivery log keeps: its events are few (running, the end, progress
-/// at most once a minute); the oldest delivered progress messages make room first.
+/// at most once every ten seconds); the oldest delivered progress messages make room first.
 pub const MAX_MESSAGES: usize = 50;
 /// Largest callback body: links and the job's summary, never bytes.
 pub const MAX_BODY_BYTES: usize = 20 * 1024;

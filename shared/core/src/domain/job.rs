@@ -348,6 +348,24 @@ pub fn utc_day(at: Millis) -> String {
     super::usage::format_date(date)
 }
 
+/// `at` as the API and the callbacks show times: RFC 3339 in UTC, to the millisecond
+/// (`2027-01-15T08:00:00.000Z`); times before 1970 show as its start.
+pub fn rfc3339(at: Millis) -> String {
+    let at = at.max(0);
+    let t = time::OffsetDateTime::from_unix_timestamp(at / 1000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        at % 1000
+    )
+}
+
 /// RunPod confirmed that `run` completed, and its report (the `/status` answer, whose output
 /// RunPod keeps for only 30 minutes) is stored at `report_key`: from here the finalize function
 /// collects the outputs from that copy, without asking RunPod again.
@@ -444,6 +462,15 @@ pub struct Job {
     /// update would grow the record towards DynamoDB's 400 KB item limit.
     #[serde(default)]
     pub progress: Option<Progress>,
+    /// Ended with a callback URL, and the callback about its end not yet known to be queued:
+    /// the write that ends the job sets it, so the sweeper, which visits every ended job for
+    /// its clean-up, asks for the callback again before clearing it. A callback lost between
+    /// the job's end and the delivery queue is sent late, never not at all.
+    #[serde(default)]
+    pub callback_pending: bool,
+    /// When a `job.progress` callback was last asked for, which rate-limits them.
+    #[serde(default)]
+    pub progress_told_at: Option<Millis>,
     /// The price of a GPU-second when the job was accepted, in nano-USD: its cost is priced at
     /// what was in effect then. `None`: no price configured, no cost shown.
     #[serde(default)]
@@ -497,6 +524,7 @@ pub struct NewJob {
     /// A digest of the request, kept with an idempotency key.
     pub request_digest: Option<String>,
     pub callback_url: Option<String>,
+    pub callback_events: Vec<String>,
 }
 
 /// The timing policy a job is created with.
@@ -545,7 +573,7 @@ impl Job {
             idempotency_key: new.idempotency_key,
             request_digest: new.request_digest,
             callback_url: new.callback_url,
-            callback_events: Vec::new(),
+            callback_events: new.callback_events,
             version: 1,
             deadline_at: now + timing.deadline_ms,
             next_check_at: Some(now + timing.first_check_ms),
@@ -566,6 +594,8 @@ impl Job {
             cleanup_delay_ms: timing.cleanup_delay_ms,
             handoff: None,
             progress: None,
+            callback_pending: false,
+            progress_told_at: None,
             gpu_price_nano_usd: None,
             usage: None,
             acting: Acting::default(),
@@ -878,6 +908,7 @@ impl Job {
         // the job left behind.
         self.next_check_at = Some(now + self.cleanup_delay_ms);
         self.cleanup_pending = true;
+        self.callback_pending = self.callback_url.is_some();
         self.timestamps.finished_at = Some(now);
         Ok(())
     }
@@ -898,6 +929,8 @@ impl Job {
             return Err(TransitionError::Stale);
         }
         self.cleanup_pending = false;
+        // The sweeper asked for the job's end callback before this write.
+        self.callback_pending = false;
         self.next_check_at = self.purge_due();
         Ok(())
     }
@@ -978,6 +1011,8 @@ impl Job {
         });
         self.outputs.clear();
         self.cleanup_pending = false;
+        // Its delivery log is gone with the rest: a deleted job is told of no more.
+        self.callback_pending = false;
         self.next_check_at = None;
         self.touch(now);
         Ok(())
@@ -1080,6 +1115,7 @@ mod tests {
                 idempotency_key: None,
                 request_digest: None,
                 callback_url: None,
+                callback_events: Vec::new(),
             },
             TIMING,
             1_000,

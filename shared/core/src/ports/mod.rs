@@ -548,12 +548,23 @@ pub trait DeliveryLogs: Send + Sync {
         log: &crate::domain::callback::DeliveryLog,
         expected: u64,
     ) -> Result<(), StoreError>;
+    /// Removes the job's log (its job's data is purged); nothing to remove is no error.
+    async fn forget_delivery_log(&self, job_id: &str) -> Result<(), StoreError>;
 }
 
-/// The delivery function's queue: one message per attempt due, delayed at most 15 minutes
-/// (SQS's limit), so a longer wait is a chain of delayed messages.
+/// The delivery function's queue: one message per event to tell a client of, and one per
+/// attempt due, delayed at most 15 minutes (SQS's limit), so a longer wait is a chain of
+/// delayed messages.
 #[async_trait]
 pub trait CallbackQueue: Send + Sync {
+    /// Asks for `event` about the job to be told its client: the delivery function reads the
+    /// job, adds the message to its log and makes the first attempt. Off the path of the use
+    /// case that asks, which only pays for one send.
+    async fn request_notice(
+        &self,
+        job_id: &str,
+        event: crate::domain::callback::CallbackEvent,
+    ) -> Result<(), QueueError>;
     async fn request_delivery(
         &self,
         job_id: &str,

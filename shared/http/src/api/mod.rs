@@ -7,6 +7,10 @@
 //! - `GET /jobs`: the caller's jobs, newest first, with an opaque cursor.
 //! - `POST /jobs/{id}/cancel`: cancel at any non-terminal stage.
 //! - `DELETE /jobs/{id}`: cancel if in flight, delete the job's data, leave a tombstone (410).
+//! - `GET /jobs/{id}/deliveries`, `POST /jobs/{id}/deliveries/{delivery_id}/redeliver`: the
+//!   job's callbacks, and one sent again.
+//! - `GET /callbacks/secret`, `POST /callbacks/secret/rotate`, `POST /callbacks/test`: the
+//!   caller's signing secrets, and a signed test event.
 pub mod identity;
 pub mod openapi;
 pub mod requests;
@@ -23,13 +27,16 @@ use axum::{Json, Router};
 use serde::de::DeserializeOwned;
 
 use gateway::app::api::{Api, Submitted};
+use gateway::app::callbacks::{CallbackError, Callbacks};
+use gateway::domain::callback::DeliveryRefusal;
 
 use crate::error::ApiError;
 use identity::IdentitySource;
 use openapi::ErrorResponse;
-use requests::{JobRequestBody, ListQuery, UploadRequest, UsageQuery};
+use requests::{JobRequestBody, ListQuery, TestEventRequest, UploadRequest, UsageQuery};
 use views::{
-    DeletedView, Health, JobList, JobSummary, JobView, UploadView, UsageView, WorkflowList,
+    DeletedView, DeliveryLogView, DeliveryView, Health, JobList, JobSummary, JobView, SecretsView,
+    TestEventView, UploadView, UsageView, WorkflowList,
 };
 
 /// Room for a 4 MB image in base64 plus the JSON around it; API Gateway caps Lambda at 6 MB.
@@ -39,6 +46,8 @@ pub const MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
 /// (`state.store`, `state.settings`, …).
 pub struct ApiState {
     pub api: Api,
+    /// The owners' callbacks: delivery logs, redelivery, signing secrets, test events.
+    pub callbacks: Callbacks,
     pub identity: IdentitySource,
 }
 
@@ -50,8 +59,12 @@ impl std::ops::Deref for ApiState {
 }
 
 impl ApiState {
-    pub fn new(api: Api, identity: IdentitySource) -> Self {
-        Self { api, identity }
+    pub fn new(api: Api, callbacks: Callbacks, identity: IdentitySource) -> Self {
+        Self {
+            api,
+            callbacks,
+            identity,
+        }
     }
 }
 
@@ -63,6 +76,11 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/jobs/{id}"),
     ("POST", "/jobs/{id}/cancel"),
     ("DELETE", "/jobs/{id}"),
+    ("GET", "/jobs/{id}/deliveries"),
+    ("POST", "/jobs/{id}/deliveries/{delivery_id}/redeliver"),
+    ("GET", "/callbacks/secret"),
+    ("POST", "/callbacks/secret/rotate"),
+    ("POST", "/callbacks/test"),
     ("POST", "/uploads"),
     ("GET", "/usage"),
     ("GET", "/workflows"),
@@ -77,6 +95,11 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<ApiState>> {
         ("GET", "/jobs/{id}") => get(get_job),
         ("POST", "/jobs/{id}/cancel") => post(cancel_job),
         ("DELETE", "/jobs/{id}") => delete(delete_job),
+        ("GET", "/jobs/{id}/deliveries") => get(deliveries),
+        ("POST", "/jobs/{id}/deliveries/{delivery_id}/redeliver") => post(redeliver),
+        ("GET", "/callbacks/secret") => get(signing_secret),
+        ("POST", "/callbacks/secret/rotate") => post(rotate_signing_secret),
+        ("POST", "/callbacks/test") => post(test_event),
         ("POST", "/uploads") => post(create_upload),
         ("GET", "/usage") => get(usage),
         ("GET", "/workflows") => get(workflows),
@@ -349,6 +372,190 @@ async fn cancel_job(
 ) -> Result<Json<JobSummary>, ApiError> {
     let job = state.cancel(&owner, &id).await?;
     Ok(Json(JobSummary::from(&job)))
+}
+
+/// A callback use case's failure as the API answers it.
+fn callback_error(err: CallbackError) -> ApiError {
+    match err {
+        CallbackError::Refused(DeliveryRefusal::UnknownMessage(_)) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such delivery of this job",
+        ),
+        CallbackError::Refused(refusal) => ApiError::new(
+            StatusCode::CONFLICT,
+            "delivery_refused",
+            refusal.to_string(),
+        ),
+        CallbackError::Store(_) | CallbackError::Queue(_) | CallbackError::Objects(_) => {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "storage is unavailable; try again",
+            )
+        }
+    }
+}
+
+/// The job's callbacks: every message, every attempt, and when the next is due.
+#[utoipa::path(
+    get,
+    path = "/jobs/{id}/deliveries",
+    tag = "callbacks",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "OK (no deliveries for a job without callbacks)", body = DeliveryLogView),
+        (status = 400, description = "Invalid path", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 404, description = "No such job of the caller's", body = ErrorResponse),
+        (status = 410, description = "Deleted, or past its expires_at", body = ErrorResponse),
+        (status = 503, description = "Try again", body = ErrorResponse),
+    )
+)]
+async fn deliveries(
+    State(state): State<Arc<ApiState>>,
+    Owner(owner): Owner,
+    JobId(id): JobId,
+) -> Result<Json<DeliveryLogView>, ApiError> {
+    let job = state.live_job(&owner, &id).await?;
+    let log = state
+        .callbacks
+        .log(&owner, &job.id)
+        .await
+        .map_err(callback_error)?;
+    Ok(Json(DeliveryLogView::new(&job.id, log.as_ref())))
+}
+
+/// Sends one of the job's callbacks again, now, whatever became of it (not to a URL that
+/// answered 410). It keeps its `webhook-id`.
+#[utoipa::path(
+    post,
+    path = "/jobs/{id}/deliveries/{delivery_id}/redeliver",
+    tag = "callbacks",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("delivery_id" = String, Path, description = "The delivery's id (`msg_…`)"),
+    ),
+    responses(
+        (status = 202, description = "Queued; the delivery as it stands", body = DeliveryView),
+        (status = 400, description = "Invalid path", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 404, description = "No such job of the caller's, or no such delivery", body = ErrorResponse),
+        (status = 409, description = "Its URL answered 410 for this job", body = ErrorResponse),
+        (status = 410, description = "Deleted, or past its expires_at", body = ErrorResponse),
+        (status = 503, description = "Try again", body = ErrorResponse),
+    )
+)]
+async fn redeliver(
+    State(state): State<Arc<ApiState>>,
+    Owner(owner): Owner,
+    path: Result<Path<(String, String)>, axum::extract::rejection::PathRejection>,
+) -> Result<(StatusCode, Json<DeliveryView>), ApiError> {
+    let Path((id, delivery_id)) =
+        path.map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
+    let job = state.live_job(&owner, &id).await?;
+    let not_found = || {
+        callback_error(CallbackError::Refused(DeliveryRefusal::UnknownMessage(
+            delivery_id.clone(),
+        )))
+    };
+    let queued = state
+        .callbacks
+        .redeliver(&owner, &job.id, &delivery_id)
+        .await
+        .map_err(callback_error)?;
+    if !queued {
+        return Err(not_found());
+    }
+    let log = state
+        .callbacks
+        .log(&owner, &job.id)
+        .await
+        .map_err(callback_error)?;
+    let message = log
+        .as_ref()
+        .and_then(|log| log.message(&delivery_id))
+        .ok_or_else(not_found)?;
+    Ok((StatusCode::ACCEPTED, Json(DeliveryView::from(message))))
+}
+
+/// The caller's signing secrets (their first is made on first ask): what their Standard
+/// Webhooks verifier checks callbacks with.
+#[utoipa::path(
+    get,
+    path = "/callbacks/secret",
+    tag = "callbacks",
+    responses(
+        (status = 200, description = "OK", body = SecretsView),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 503, description = "Try again", body = ErrorResponse),
+    )
+)]
+async fn signing_secret(
+    State(state): State<Arc<ApiState>>,
+    Owner(owner): Owner,
+) -> Result<Json<SecretsView>, ApiError> {
+    let secrets = state
+        .callbacks
+        .secrets(&owner)
+        .await
+        .map_err(callback_error)?;
+    Ok(Json(SecretsView::from(secrets.as_slice())))
+}
+
+/// Starts a rotation: a new secret signs from now on, and the one before it keeps signing
+/// beside it until the next rotation, so receivers can switch over.
+#[utoipa::path(
+    post,
+    path = "/callbacks/secret/rotate",
+    tag = "callbacks",
+    responses(
+        (status = 200, description = "The new secret, and the one before it", body = SecretsView),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 503, description = "Try again", body = ErrorResponse),
+    )
+)]
+async fn rotate_signing_secret(
+    State(state): State<Arc<ApiState>>,
+    Owner(owner): Owner,
+) -> Result<Json<SecretsView>, ApiError> {
+    let secrets = state
+        .callbacks
+        .rotate(&owner)
+        .await
+        .map_err(callback_error)?;
+    Ok(Json(SecretsView::from(secrets.as_slice())))
+}
+
+/// Sends a signed `test` event to a URL now, under the rules of a job's callbacks, and says
+/// how the receiver answered.
+#[utoipa::path(
+    post,
+    path = "/callbacks/test",
+    tag = "callbacks",
+    request_body = TestEventRequest,
+    responses(
+        (status = 200, description = "Sent (or tried): how the receiver answered", body = TestEventView),
+        (status = 400, description = "Invalid body, or a URL the egress rules refuse", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 503, description = "Try again", body = ErrorResponse),
+    )
+)]
+async fn test_event(
+    State(state): State<Arc<ApiState>>,
+    Owner(owner): Owner,
+    body: Bytes,
+) -> Result<Json<TestEventView>, ApiError> {
+    let request: TestEventRequest = json_body(&body, "a test event request")?;
+    match state
+        .callbacks
+        .test_event(&owner, &request.url)
+        .await
+        .map_err(callback_error)?
+    {
+        Ok(result) => Ok(Json(TestEventView::from(&result))),
+        Err(why) => Err(ApiError::bad_request("callback_url_refused", why)),
+    }
 }
 
 /// Whether the API answers.

@@ -7,7 +7,7 @@ use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::requests::{JobInputBody, JobRequestBody, UploadRequest};
+use super::requests::{JobInputBody, JobRequestBody, TestEventRequest, UploadRequest};
 use super::views;
 
 /// Every error: `{"error": {"code", "message"}}`.
@@ -101,6 +101,11 @@ impl Modify for BearerAuth {
         super::get_job,
         super::cancel_job,
         super::delete_job,
+        super::deliveries,
+        super::redeliver,
+        super::signing_secret,
+        super::rotate_signing_secret,
+        super::test_event,
         super::create_upload,
         super::usage,
         super::workflows,
@@ -112,6 +117,7 @@ impl Modify for BearerAuth {
         JobRequestBody,
         JobInputBody,
         UploadRequest,
+        TestEventRequest,
         ErrorResponse,
         ErrorDetail,
         WebhookReceived,
@@ -131,6 +137,11 @@ impl Modify for BearerAuth {
         views::WorkflowList,
         views::WorkflowView,
         views::Health,
+        views::DeliveryLogView,
+        views::DeliveryView,
+        views::AttemptView,
+        views::TestEventView,
+        views::SecretsView,
     )),
     modifiers(&BearerAuth),
     security(("bearer" = [])),

@@ -23,6 +23,26 @@ pub struct JobRequestBody {
     #[serde(default)]
     #[schema(minimum = 0)]
     pub retention_secs: Option<u64>,
+    /// Where to POST the job's signed callbacks (Standard Webhooks): https, to a host that
+    /// resolves to public addresses only; redirects are not followed. The job's end is always
+    /// sent.
+    #[serde(default)]
+    #[schema(max_length = 2048)]
+    pub callback_url: Option<String>,
+    /// Events beyond the end to send: `job.running`, `job.progress` (at most one every ten
+    /// seconds). Needs `callback_url`.
+    #[serde(default)]
+    #[schema(max_items = 3)]
+    pub callback_events: Option<Vec<String>>,
+}
+
+/// The body of `POST /callbacks/test`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TestEventRequest {
+    /// Where to send a signed `test` event, under the same rules as a job's `callback_url`.
+    #[schema(max_length = 2048)]
+    pub url: String,
 }
 
 /// The input photo: exactly one of the three.
@@ -52,6 +72,8 @@ impl From<JobRequestBody> for JobRequest {
                 url: body.input.url,
             },
             retention_secs: body.retention_secs,
+            callback_url: body.callback_url,
+            callback_events: body.callback_events,
         }
     }
 }

@@ -4,15 +4,13 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use gateway::app::api::{JobDetail, UploadTicket};
-use gateway::domain::job::{Job, JobEvent, Millis, OutputFile};
+use gateway::domain::callback::{AttemptResult, DeliveryLog, Message, SigningSecret};
+use gateway::domain::job::{Job, JobEvent, OutputFile};
 use gateway::domain::usage::DailyUsage;
 use gateway::domain::workflow::{ValidatedParams, WorkflowCatalog};
 use gateway::ports::JobPage;
 
-fn time(ms: Millis) -> String {
-    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(at).to_string()
-}
+use gateway::domain::job::rfc3339 as time;
 
 /// What `POST /jobs`, `POST /jobs/{id}/cancel` and `GET /jobs` say about a job.
 #[derive(Debug, Serialize, ToSchema)]
@@ -360,4 +358,133 @@ impl From<&WorkflowCatalog> for WorkflowList {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Health {
     pub ok: bool,
+}
+
+/// `GET /jobs/{id}/deliveries`: every callback message of the job, with every attempt.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryLogView {
+    pub job_id: String,
+    /// Oldest first.
+    pub deliveries: Vec<DeliveryView>,
+    /// URLs that answered 410 for this job: nothing more is sent to them.
+    pub disabled_urls: Vec<String>,
+}
+
+/// One callback message: one event of the job, to one URL.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeliveryView {
+    /// `msg_…`: the `webhook-id` header of every attempt, and the id to redeliver it by.
+    pub delivery_id: String,
+    /// `job.succeeded`, `job.failed`, `job.cancelled`, `job.timed_out`, `job.running` or
+    /// `job.progress`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub url: String,
+    /// `pending` (waiting for `next_attempt_at`), `delivered`, `failed` (the schedule is spent)
+    /// or `disabled` (the URL answered 410).
+    #[schema(pattern = "^(pending|delivered|failed|disabled)$")]
+    pub status: String,
+    pub created_at: String,
+    pub next_attempt_at: Option<String>,
+    pub attempts: Vec<AttemptView>,
+    /// The body every attempt carried (signed with that attempt's timestamp).
+    pub payload: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AttemptView {
+    pub at: String,
+    /// The receiver's status code, if it answered.
+    pub status_code: Option<u16>,
+    /// Why there was no answer (a timeout, a refused connection or address).
+    pub error: Option<String>,
+    /// Asked for with `redeliver`, not by the schedule.
+    pub manual: bool,
+}
+
+impl DeliveryLogView {
+    pub fn new(job_id: &str, log: Option<&DeliveryLog>) -> Self {
+        Self {
+            job_id: job_id.to_string(),
+            deliveries: log
+                .map(|log| log.messages.iter().map(DeliveryView::from).collect())
+                .unwrap_or_default(),
+            disabled_urls: log.map(|log| log.disabled_urls.clone()).unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&Message> for DeliveryView {
+    fn from(message: &Message) -> Self {
+        let status = serde_json::to_value(message.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        Self {
+            delivery_id: message.id.clone(),
+            event_type: message.event_type.clone(),
+            url: message.url.clone(),
+            status,
+            created_at: time(message.created_at),
+            next_attempt_at: message.next_attempt_at.map(time),
+            attempts: message
+                .attempts
+                .iter()
+                .map(|a| AttemptView {
+                    at: time(a.at),
+                    status_code: a.status,
+                    error: a.error.clone(),
+                    manual: a.manual,
+                })
+                .collect(),
+            payload: message.body.clone(),
+        }
+    }
+}
+
+/// `POST /callbacks/test`: how the signed test event went.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TestEventView {
+    /// The receiver answered 2xx.
+    pub delivered: bool,
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+}
+
+impl From<&AttemptResult> for TestEventView {
+    fn from(result: &AttemptResult) -> Self {
+        let (status_code, error) = match result {
+            AttemptResult::Delivered(status) => (Some(*status), None),
+            AttemptResult::Gone => (Some(410), None),
+            AttemptResult::Refused { status, .. } => (Some(*status), None),
+            AttemptResult::NoAnswer(why) => (None, Some(why.clone())),
+        };
+        Self {
+            delivered: matches!(result, AttemptResult::Delivered(_)),
+            status_code,
+            error,
+        }
+    }
+}
+
+/// `GET /callbacks/secret` and `POST /callbacks/secret/rotate`: the caller's signing secrets,
+/// for their Standard Webhooks verifier.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SecretsView {
+    /// The secret that signs first (`whsec_…`).
+    pub secret: String,
+    /// During a rotation, the secret before it: every callback carries a signature by each.
+    pub previous_secret: Option<String>,
+}
+
+impl From<&[SigningSecret]> for SecretsView {
+    fn from(secrets: &[SigningSecret]) -> Self {
+        Self {
+            secret: secrets
+                .first()
+                .map(SigningSecret::expose)
+                .unwrap_or_default(),
+            previous_secret: secrets.get(1).map(SigningSecret::expose),
+        }
+    }
 }
