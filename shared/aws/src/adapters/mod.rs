@@ -1,5 +1,6 @@
 //! Implementations of the ports against real services.
 pub mod callback_http;
+pub mod comfy_http;
 pub mod declared;
 pub mod dynamodb;
 pub mod http_fetch;

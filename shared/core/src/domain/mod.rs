@@ -1,5 +1,6 @@
 //! Pure domain code: no I/O, no clocks read directly, unit-tested.
 pub mod callback;
+pub mod comfy;
 pub mod egress;
 pub mod job;
 pub mod keys;

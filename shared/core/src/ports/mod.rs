@@ -603,6 +603,68 @@ pub trait SigningKeys: Send + Sync {
     ) -> Result<Vec<crate::domain::callback::SigningSecret>, StoreError>;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The pod backend: a ComfyUI server over HTTP
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+pub enum ComfyError {
+    /// The server refused the prompt (400: validation, an unknown node type): why, in its words.
+    #[error("the server refused the prompt: {0}")]
+    Refused(String),
+    /// Timeouts, connection errors, 5xx, a proxy's 524: worth trying again later.
+    #[error("the ComfyUI server is unreachable or failing: {0}")]
+    Unavailable(String),
+    /// No such file (`/view` 404).
+    #[error("no such file on the ComfyUI server")]
+    NotFound,
+    /// An answer that is not what ComfyUI answers (not JSON, a missing field, another 4xx).
+    #[error("the ComfyUI server answered {0}")]
+    BadAnswer(String),
+}
+
+impl Classified for ComfyError {
+    fn failure(&self) -> Failure {
+        match self {
+            Self::Unavailable(_) => Failure::Transient,
+            Self::NotFound => Failure::Missing,
+            Self::Refused(_) | Self::BadAnswer(_) => Failure::Permanent,
+        }
+    }
+}
+
+/// A ComfyUI server (on a RunPod pod, behind its proxy, or anywhere): ComfyUI's own HTTP API.
+/// It has no webhooks, so its prompts are polled; none of these calls waits on the GPU.
+#[async_trait]
+pub trait ComfyServer: Send + Sync {
+    /// Uploads an input image (`POST /upload/image`, never overwriting): the name the server
+    /// stored it under, which the graph's LoadImage must name.
+    async fn upload_image(
+        &self,
+        name: &str,
+        content_type: &str,
+        body: Bytes,
+    ) -> Result<String, ComfyError>;
+    /// Queues `graph` as prompt `prompt_id` (`POST /prompt`, our own lowercase UUID); the id
+    /// the server answered with (another one: it ignores the field).
+    async fn queue_prompt(
+        &self,
+        prompt_id: &str,
+        graph: &serde_json::Value,
+    ) -> Result<String, ComfyError>;
+    /// Where the prompt stands: the queue read first, then the history, in that order so that a
+    /// prompt finishing between the two reads is still seen (`domain::comfy`).
+    async fn prompt_state(
+        &self,
+        prompt_id: &str,
+    ) -> Result<crate::domain::comfy::PromptState, ComfyError>;
+    /// One output file (`GET /view`), as it arrives.
+    async fn view(&self, file: &crate::domain::comfy::ComfyFile) -> Result<Fetched, ComfyError>;
+    /// Stops the prompt: removed from the queue while pending (`POST /queue {"delete"}`), and
+    /// interrupted if it runs (`POST /interrupt {"prompt_id"}`, which touches no other prompt).
+    async fn cancel(&self, prompt_id: &str) -> Result<(), ComfyError>;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -635,5 +697,14 @@ mod tests {
             message: "bad input".into(),
         };
         assert_eq!(refused.failure(), Failure::Permanent);
+        assert_eq!(
+            ComfyError::Unavailable("524".into()).failure(),
+            Failure::Transient
+        );
+        assert_eq!(ComfyError::NotFound.failure(), Failure::Missing);
+        assert_eq!(
+            ComfyError::Refused("missing_node_type".into()).failure(),
+            Failure::Permanent
+        );
     }
 }
