@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use runpod_emulator::comfy::{run_graph, GraphError, SavedImage};
 use serde_json::{json, Map, Value};
@@ -28,13 +29,22 @@ pub(crate) async fn run(app: Arc<App>, mut shutdown: watch::Receiver<bool>) {
                 if fail {
                     state.faults.fail_execution -= 1;
                 }
-                (item, interrupt, state.epoch, started_ms, fail)
+                let run_time = app
+                    .config
+                    .min_run_time
+                    .max(Duration::from_millis(state.faults.slow_run_ms));
+                let run = Run {
+                    interrupt,
+                    epoch: state.epoch,
+                    started_ms,
+                    fail,
+                    run_time,
+                };
+                (item, run)
             })
         };
         match next {
-            Some((item, interrupt, epoch, started_ms, fail)) => {
-                execute(&app, item, &interrupt, epoch, started_ms, fail).await;
-            }
+            Some((item, run)) => execute(&app, item, run).await,
             None => {
                 tokio::select! {
                     () = app.wake.notified() => {}
@@ -51,16 +61,25 @@ enum Ended {
     Interrupted,
 }
 
-async fn execute(
-    app: &App,
-    item: QueueItem,
-    interrupt: &Notify,
+/// How one prompt is to run, fixed when it starts.
+struct Run {
+    interrupt: Arc<Notify>,
     epoch: u64,
     started_ms: u64,
     fail: bool,
-) {
+    run_time: Duration,
+}
+
+async fn execute(app: &App, item: QueueItem, run: Run) {
+    let Run {
+        interrupt,
+        epoch,
+        started_ms,
+        fail,
+        run_time,
+    } = run;
     let work = async {
-        tokio::time::sleep(app.config.min_run_time).await;
+        tokio::time::sleep(run_time).await;
         if fail {
             return Ended::Error(
                 GraphError {

@@ -97,6 +97,8 @@ pub struct Faults {
     pub delay_ms: u64,
     /// The server mints its own prompt id whatever the client sent, as older servers did.
     pub ignore_prompt_id: bool,
+    /// Each run takes at least this long (a slow GPU); 0: the configured `min_run_time`.
+    pub slow_run_ms: u64,
 }
 
 /// Partial update of [`Faults`]: only the fields present change.
@@ -109,6 +111,7 @@ pub struct FaultsPatch {
     pub view_not_found: Option<bool>,
     pub delay_ms: Option<u64>,
     pub ignore_prompt_id: Option<bool>,
+    pub slow_run_ms: Option<u64>,
 }
 
 impl Faults {
@@ -120,6 +123,7 @@ impl Faults {
             view_not_found,
             delay_ms,
             ignore_prompt_id,
+            slow_run_ms,
         } = patch;
         if let Some(v) = stall_queue {
             self.stall_queue = v;
@@ -138,6 +142,9 @@ impl Faults {
         }
         if let Some(v) = ignore_prompt_id {
             self.ignore_prompt_id = v;
+        }
+        if let Some(v) = slow_run_ms {
+            self.slow_run_ms = v;
         }
     }
 }
@@ -226,6 +233,12 @@ impl ComfyEmulator {
     /// The server mints its own prompt ids while on.
     pub fn ignore_prompt_id(&self, on: bool) {
         self.app.update_faults(|f| f.ignore_prompt_id = on);
+    }
+
+    /// Each run starting from now takes at least `run_time` (zero: the configured minimum).
+    pub fn slow_runs(&self, run_time: Duration) {
+        let ms = u64::try_from(run_time.as_millis()).unwrap_or(u64::MAX);
+        self.app.update_faults(|f| f.slow_run_ms = ms);
     }
 
     /// A server restart: queue, running prompt and history are lost (a prompt running now never
