@@ -103,18 +103,16 @@ async fn post_prompt(State(app): Shared, body: Bytes) -> Response {
     let prompt_id = match body.get("prompt_id") {
         Some(_) if faults.ignore_prompt_id => uuid::Uuid::new_v4().to_string(),
         Some(Value::String(id)) if canonical_uuid(id) => id.clone(),
-        Some(other) => {
-            let shown = other
-                .as_str()
-                .map_or_else(|| other.to_string(), str::to_owned);
+        Some(Value::Null) | None => uuid::Uuid::new_v4().to_string(),
+        Some(_) => {
             let error = nodes::error(
                 "invalid_prompt_id",
-                "Invalid prompt_id format",
-                &format!("prompt_id must be a canonical UUID, got '{shown}'"),
+                "prompt_id must be a valid UUID",
+                "prompt_id must be a UUID string in canonical lowercase hyphenated form; \
+                 omit it to let the server generate one",
             );
             return bad_request(error, json!({}));
         }
-        None => uuid::Uuid::new_v4().to_string(),
     };
     let inject = {
         let mut state = app.state();
