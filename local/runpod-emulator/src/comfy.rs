@@ -57,34 +57,14 @@ pub(crate) fn execute(
         (None, Some(workflow)) => (workflow, true),
         (None, None) => return Err("Missing 'workflow_api' parameter".to_owned()),
     };
-    let nodes = workflow
-        .as_object()
-        .ok_or("the workflow must be an object of nodes in ComfyUI API format")?;
-    for (id, node) in nodes {
-        if node.get("class_type").and_then(Value::as_str).is_none() {
-            return Err(format!("node {id}: missing 'class_type'"));
-        }
-        if node.get("inputs").is_some_and(|i| !i.is_object()) {
-            return Err(format!("node {id}: 'inputs' must be an object"));
-        }
-    }
-    let mut outputs: Vec<&String> = nodes
-        .iter()
-        .filter(|(_, node)| class_type(node) == "SaveImage")
-        .map(|(id, _)| id)
-        .collect();
-    if outputs.is_empty() {
-        return Err("Prompt has no outputs (no SaveImage node)".to_owned());
-    }
-    // Numeric ids in numeric order, like ComfyUI's usual execution of independent outputs.
-    outputs.sort_by_key(|id| (id.parse::<u64>().unwrap_or(u64::MAX), (*id).clone()));
-
-    let order = execution_order(nodes, &outputs)?;
+    let (nodes, order) = plan(workflow)?;
     let mut run = Run {
-        volume_dir,
+        input_dir: volume_dir,
+        output_dir: volume_dir,
         mount_prefix: mount_prefix.trim_end_matches('/'),
         images: HashMap::new(),
         files: Vec::new(),
+        saved: Vec::new(),
         inline: inline.then(Vec::new),
     };
     for id in &order {
@@ -111,6 +91,81 @@ pub(crate) fn execute(
         "file_count": files.len(),
         "files": files,
     }))
+}
+
+/// The nodes of an API-format graph and the order to run them in (outputs = SaveImage nodes).
+fn plan(workflow: &Value) -> Result<(&Nodes, Vec<String>), String> {
+    let nodes = workflow
+        .as_object()
+        .ok_or("the workflow must be an object of nodes in ComfyUI API format")?;
+    for (id, node) in nodes {
+        if node.get("class_type").and_then(Value::as_str).is_none() {
+            return Err(format!("node {id}: missing 'class_type'"));
+        }
+        if node.get("inputs").is_some_and(|i| !i.is_object()) {
+            return Err(format!("node {id}: 'inputs' must be an object"));
+        }
+    }
+    let mut outputs: Vec<&String> = nodes
+        .iter()
+        .filter(|(_, node)| class_type(node) == "SaveImage")
+        .map(|(id, _)| id)
+        .collect();
+    if outputs.is_empty() {
+        return Err("Prompt has no outputs (no SaveImage node)".to_owned());
+    }
+    // Numeric ids in numeric order, like ComfyUI's usual execution of independent outputs.
+    outputs.sort_by_key(|id| (id.parse::<u64>().unwrap_or(u64::MAX), (*id).clone()));
+
+    let order = execution_order(nodes, &outputs)?;
+    Ok((nodes, order))
+}
+
+/// One image a SaveImage node wrote, named as ComfyUI reports it in a history entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedImage {
+    pub node_id: String,
+    pub filename: String,
+    /// Relative to the output directory, `/`-separated; empty for the directory itself.
+    pub subfolder: String,
+}
+
+/// Why a graph did not run to the end; `node_id` names the failing node, if one did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GraphError {
+    pub node_id: Option<String>,
+    pub message: String,
+}
+
+/// Runs an API-format graph as ComfyUI would on its own folders: LoadImage reads paths relative
+/// to `input_dir`, SaveImage writes `{prefix}_{counter:05}_.png` under `output_dir`.
+/// Blocking, like [`execute`].
+pub fn run_graph(
+    workflow: &Value,
+    input_dir: &Path,
+    output_dir: &Path,
+) -> Result<Vec<SavedImage>, GraphError> {
+    let (nodes, order) = plan(workflow).map_err(|message| GraphError {
+        node_id: None,
+        message,
+    })?;
+    let mut run = Run {
+        input_dir,
+        output_dir,
+        mount_prefix: "",
+        images: HashMap::new(),
+        files: Vec::new(),
+        saved: Vec::new(),
+        inline: None,
+    };
+    for id in &order {
+        let image = run.node(nodes, id).map_err(|message| GraphError {
+            node_id: Some(id.clone()),
+            message,
+        })?;
+        run.images.insert(id.clone(), image);
+    }
+    Ok(run.saved)
 }
 
 /// Dependencies-first order of every node reachable from the outputs. Iterative, so a long
@@ -171,10 +226,12 @@ fn execution_order(nodes: &Nodes, outputs: &[&String]) -> Result<Vec<String>, St
 }
 
 struct Run<'a> {
-    volume_dir: &'a Path,
+    input_dir: &'a Path,
+    output_dir: &'a Path,
     mount_prefix: &'a str,
     images: HashMap<String, Option<Rc<DynamicImage>>>,
     files: Vec<String>,
+    saved: Vec<SavedImage>,
     /// worker-comfyui mode: saved images as (file name, PNG bytes), kept off the volume.
     inline: Option<Vec<(String, Vec<u8>)>>,
 }
@@ -191,7 +248,7 @@ impl Run<'_> {
                     format!("node {id} (LoadImage): 'image' must be a path string")
                 })?;
                 let path = self
-                    .volume_path(name)
+                    .input_path(name)
                     .map_err(|e| format!("node {id} (LoadImage): {e}"))?;
                 let image = load_image(&path)
                     .map_err(|e| format!("node {id} (LoadImage): cannot load '{name}': {e}"))?;
@@ -234,7 +291,7 @@ impl Run<'_> {
                     .and_then(Value::as_str)
                     .unwrap_or("ComfyUI");
                 let file = self
-                    .save(&image, prefix)
+                    .save(&image, prefix, id)
                     .map_err(|e| format!("node {id} (SaveImage): {e}"))?;
                 self.files.push(file);
                 Ok(None)
@@ -262,17 +319,17 @@ impl Run<'_> {
         })
     }
 
-    /// A path relative to the volume root, refusing anything that could leave it.
-    fn volume_path(&self, relative: &str) -> Result<PathBuf, String> {
+    /// A path relative to the input root, refusing anything that could leave it.
+    fn input_path(&self, relative: &str) -> Result<PathBuf, String> {
         let parts = relative_parts(relative)?;
-        let mut path = self.volume_dir.to_path_buf();
+        let mut path = self.input_dir.to_path_buf();
         path.extend(&parts);
         Ok(path)
     }
 
     /// ComfyUI's SaveImage naming: `<prefix>_<counter:05>_.png`, the counter one above the
     /// highest already present for that prefix.
-    fn save(&mut self, image: &DynamicImage, prefix: &str) -> Result<String, String> {
+    fn save(&mut self, image: &DynamicImage, prefix: &str, id: &str) -> Result<String, String> {
         let mut parts = relative_parts(prefix)?;
         let base = parts.pop().ok_or("empty filename_prefix")?;
         if let Some(saved) = self.inline.as_mut() {
@@ -284,7 +341,7 @@ impl Run<'_> {
             saved.push((file_name.clone(), png.into_inner()));
             return Ok(file_name);
         }
-        let mut dir = self.volume_dir.to_path_buf();
+        let mut dir = self.output_dir.to_path_buf();
         dir.extend(&parts);
         std::fs::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
@@ -295,6 +352,11 @@ impl Run<'_> {
         DynamicImage::ImageRgb8(image.to_rgb8())
             .save_with_format(&path, ImageFormat::Png)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        self.saved.push(SavedImage {
+            node_id: id.to_owned(),
+            filename: file_name.clone(),
+            subfolder: parts.join("/"),
+        });
         let mut mount_path = self.mount_prefix.to_owned();
         for part in parts.iter().chain(std::iter::once(&file_name)) {
             mount_path.push('/');

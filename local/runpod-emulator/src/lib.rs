@@ -15,7 +15,7 @@
 mod admin;
 mod api;
 mod chaos;
-mod comfy;
+pub mod comfy;
 mod config;
 mod faults;
 mod jobs;
