@@ -171,6 +171,21 @@ fn cut(text: &str) -> String {
     text.chars().take(500).collect()
 }
 
+/// The `prompt_id` of a job's dispatch attempt: a canonical lowercase UUID (ComfyUI refuses any
+/// other form), the same every time it is computed. So a dispatch that lost the answer to its
+/// `POST /prompt` can look the prompt up before posting again (ComfyUI does not refuse a
+/// duplicate id), with nothing recorded first.
+pub fn prompt_id(job_id: &str, attempt: u32) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("comfy-prompt:{job_id}:{attempt}").as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes)
+        .into_uuid()
+        .hyphenated()
+        .to_string()
+}
+
 /// Whether the server took our `prompt_id`: one that answers with another id ignores the
 /// field (servers from before it existed), and then a lost answer cannot be looked up by id.
 pub fn honours_prompt_id(answer: &Value, sent: &str) -> bool {
@@ -285,6 +300,16 @@ mod tests {
             &json!({"prompt_id": "minted-by-the-server"}),
             ID
         ));
+    }
+
+    #[test]
+    fn a_prompt_id_is_a_canonical_uuid_fixed_by_the_job_and_its_attempt() {
+        let id = prompt_id("0190a1b2-0000-7000-8000-000000000001", 1);
+        let parsed = uuid::Uuid::parse_str(&id).unwrap();
+        assert_eq!(parsed.hyphenated().to_string(), id, "canonical, lowercase");
+        assert_eq!(id, prompt_id("0190a1b2-0000-7000-8000-000000000001", 1));
+        assert_ne!(id, prompt_id("0190a1b2-0000-7000-8000-000000000001", 2));
+        assert_ne!(id, prompt_id("0190a1b2-0000-7000-8000-000000000002", 1));
     }
 
     #[test]
