@@ -812,7 +812,15 @@ fn cancels_stay_under_runpods_limit_of_100_per_10_seconds() {
 
 #[test]
 fn each_function_builds_its_own_binary_for_arm64_al2023() {
+    // scripts/build-lambdas builds what `sam build` would, every function of the template.
+    let build = read("scripts/build-lambdas");
     for f in functions() {
+        assert!(
+            build.contains(&format!("-p {} ", f.name))
+                || build.contains(&format!("-p {}\n", f.name)),
+            "scripts/build-lambdas does not build {}",
+            f.name
+        );
         let res = resource(&f.resource);
         assert_eq!(res["Metadata"]["BuildMethod"], "rust-cargolambda");
         assert_eq!(

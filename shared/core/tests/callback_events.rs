@@ -312,3 +312,72 @@ async fn a_test_event_is_signed_with_the_owners_secret_and_reports_the_answer() 
         "nothing sent to a refused host"
     );
 }
+
+// ------------------------------------------------------------------ what each attempt carries
+
+/// The link of the first output in a callback's body.
+fn first_link(body: &str) -> String {
+    let body: Value = serde_json::from_str(body).unwrap();
+    body["data"]["outputs"][0]["url"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test]
+async fn a_retried_success_carries_links_signed_when_it_is_sent() {
+    use gateway::domain::callback::AttemptResult;
+    let kit = Kit::new();
+    let job = submitted(&kit, &[]).await;
+    let completed = kit.completed_run("rp-1", &[kit.volume_output(&job.id, "out_00001_.png")]);
+    kit.runpod.set_status("rp-1", completed.clone());
+    kit.receiver.answer(&[AttemptResult::Refused {
+        status: 503,
+        retry_after_secs: None,
+    }]);
+    kit.observe_then_finalize(kit.stored(&job.id), &completed, Actor::Webhook)
+        .await
+        .unwrap();
+    kit.deliver_waiting().await;
+
+    // The retry comes ten minutes before the job's data expires: its link may not outlive that.
+    let done = kit.stored(&job.id);
+    let now = kit.now();
+    kit.clock.advance(Duration::from_millis(
+        (done.retained_until() - 600_000 - now) as u64,
+    ));
+    kit.deliver_waiting().await;
+
+    let posted = kit.receiver.posted();
+    assert_eq!(posted.len(), 2);
+    assert!(first_link(&posted[0].body).ends_with("expires=3600"));
+    assert!(
+        first_link(&posted[1].body).ends_with("expires=600"),
+        "signed anew"
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&posted[0].body).unwrap()["timestamp"],
+        serde_json::from_str::<Value>(&posted[1].body).unwrap()["timestamp"],
+        "the event's time, not the attempt's"
+    );
+}
+
+#[tokio::test]
+async fn a_pending_callback_of_a_deleted_job_is_not_sent() {
+    use gateway::app::callbacks::Delivery;
+    use gateway::domain::callback::AttemptResult;
+    let kit = Kit::new();
+    let job = submitted(&kit, &[]).await;
+    kit.receiver
+        .answer(&[AttemptResult::NoAnswer("timed out".into())]);
+    kit.api().cancel("alice", &job.id).await.unwrap();
+    kit.deliver_waiting().await;
+    assert_eq!(kit.receiver.posted().len(), 1);
+
+    kit.api().delete("alice", &job.id).await.unwrap();
+    kit.clock.advance(Duration::from_secs(10));
+    let outcomes = kit.deliver_waiting().await;
+
+    assert_eq!(outcomes, [Delivery::Unknown]);
+    assert_eq!(kit.receiver.posted().len(), 1, "nothing more sent");
+}

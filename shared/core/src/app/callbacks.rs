@@ -31,6 +31,9 @@ use crate::ports::{
     QueueError, Resolver, SigningKeys, StoreError,
 };
 
+/// The event whose body carries download links.
+const SUCCEEDED: &str = "job.succeeded";
+
 /// The longest delay the delivery queue takes (SQS: 15 minutes).
 pub const MAX_QUEUE_DELAY: Duration = Duration::from_secs(900);
 
@@ -92,7 +95,7 @@ impl Callbacks {
         let now = self.clock.now_ms();
         let id = message_id(job, event);
         let event_type = event.event_type(job.state);
-        let body = self.body(job, event_type, now).await?;
+        let body = self.body(job, event_type, now, now).await?;
         let added = self
             .change_log(&job.id, &job.owner, |log| {
                 log.add(&id, event_type, &url, body.clone(), now)
@@ -152,6 +155,21 @@ impl Callbacks {
                 .await?;
             return Ok(Delivery::NotDue(due));
         }
+        // A job deleted or past its retention is told nothing more: its data is gone, and its
+        // log goes with it at the purge.
+        let Some(job) = self.store.get(job_id).await? else {
+            return Ok(Delivery::Unknown);
+        };
+        if job.gone(now).is_some() {
+            return Ok(Delivery::Unknown);
+        }
+        // A success's download links are signed anew for each attempt: a retry hours later
+        // carries links that work, valid from when it is sent.
+        let body = if message.event_type == SUCCEEDED {
+            self.body(&job, SUCCEEDED, message.created_at, now).await?
+        } else {
+            message.body.clone()
+        };
         let result = match url::Url::parse(&message.url) {
             Err(_) => AttemptResult::NoAnswer("the callback URL is not valid".into()),
             Ok(url) => {
@@ -161,7 +179,7 @@ impl Callbacks {
                     // when the job was accepted: a refusal is logged like a failed attempt.
                     Err(refusal) => AttemptResult::NoAnswer(format!("refused: {refusal}")),
                     Ok(destination) => {
-                        self.send(&log.owner, &url, &destination, &message.id, &message.body)
+                        self.send(&log.owner, &url, &destination, &message.id, &body)
                             .await?
                     }
                 }
@@ -172,6 +190,10 @@ impl Callbacks {
         let mut next = None;
         self.change_log(job_id, &log.owner, |log| {
             next = log.record(message_id, &result, at, jitter)?;
+            // The log shows what this attempt carried.
+            if let Some(sent) = log.messages.iter_mut().find(|m| m.id == message_id) {
+                sent.body = body.clone();
+            }
             Ok(())
         })
         .await?;
@@ -304,6 +326,7 @@ impl Callbacks {
         &self,
         job: &Job,
         event_type: &str,
+        event_at: Millis,
         now: Millis,
     ) -> Result<String, CallbackError> {
         let mut data = json!({
@@ -319,7 +342,7 @@ impl Callbacks {
             "cost_usd": job.cost_nano_usd().map(|n| n as f64 / 1e9),
         });
         let envelope = |data: &Value| {
-            json!({"type": event_type, "timestamp": rfc3339(now), "data": data}).to_string()
+            json!({"type": event_type, "timestamp": rfc3339(event_at), "data": data}).to_string()
         };
         if job.state == JobState::Succeeded {
             let links = output_links(self.results.as_ref(), &self.settings, job, now).await?;
