@@ -54,6 +54,16 @@ fn graph(image: &str) -> Value {
     })
 }
 
+/// A prompt of the photo uploaded, queued under a new id of ours: its id.
+async fn queued(server: &HttpComfyServer) -> String {
+    let id = new_id();
+    server
+        .queue_prompt(&id, &graph(&uploaded(server).await))
+        .await
+        .unwrap();
+    id
+}
+
 async fn uploaded(server: &HttpComfyServer) -> String {
     server
         .upload_image("photo.jpg", "image/jpeg", Bytes::from(jpeg(64, 48)))
@@ -139,12 +149,8 @@ async fn an_execution_error_reads_as_failed_with_its_node() {
     let pod = pod(|_| {}).await;
     pod.emulator.fail_next_executions(1);
     let server = server(&pod, None);
-    let id = new_id();
 
-    server
-        .queue_prompt(&id, &graph(&uploaded(&server).await))
-        .await
-        .unwrap();
+    let id = queued(&server).await;
 
     let state = until(&server, &id, finished).await;
     assert!(matches!(state, PromptState::Failed(_)), "{state:?}");
@@ -170,11 +176,7 @@ async fn a_restart_leaves_a_queued_prompt_in_neither_queue_nor_history() {
     let pod = pod(|_| {}).await;
     pod.emulator.stall_queue(true);
     let server = server(&pod, None);
-    let id = new_id();
-    server
-        .queue_prompt(&id, &graph(&uploaded(&server).await))
-        .await
-        .unwrap();
+    let id = queued(&server).await;
     assert_eq!(server.prompt_state(&id).await.unwrap(), PromptState::Queued);
 
     pod.emulator.restart();
@@ -187,11 +189,7 @@ async fn cancel_removes_a_pending_prompt_before_it_runs() {
     let pod = pod(|_| {}).await;
     pod.emulator.stall_queue(true);
     let server = server(&pod, None);
-    let id = new_id();
-    server
-        .queue_prompt(&id, &graph(&uploaded(&server).await))
-        .await
-        .unwrap();
+    let id = queued(&server).await;
 
     server.cancel(&id).await.unwrap();
     pod.emulator.stall_queue(false);

@@ -118,27 +118,17 @@ impl Server {
     }
 
     async fn upload(&self, name: &str, bytes: &[u8], fields: &[(&str, &str)]) -> reqwest::Response {
-        let boundary = "comfy-emulator-test-boundary";
-        let mut body = Vec::new();
+        let mut form = reqwest::multipart::Form::new();
         for (field, value) in fields {
-            body.extend_from_slice(
-                format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"\r\n\r\n{value}\r\n")
-                    .as_bytes(),
-            );
+            form = form.text(field.to_string(), value.to_string());
         }
-        body.extend_from_slice(
-            format!("--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"{name}\"\r\nContent-Type: image/png\r\n\r\n")
-                .as_bytes(),
-        );
-        body.extend_from_slice(bytes);
-        body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+        let image = reqwest::multipart::Part::bytes(bytes.to_vec())
+            .file_name(name.to_string())
+            .mime_str("image/png")
+            .unwrap();
         self.http
             .post(self.url("/upload/image"))
-            .header(
-                "content-type",
-                format!("multipart/form-data; boundary={boundary}"),
-            )
-            .body(body)
+            .multipart(form.part("image", image))
             .send()
             .await
             .unwrap()

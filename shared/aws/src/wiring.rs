@@ -119,13 +119,17 @@ impl Wiring {
     }
 
     pub fn job_store(&self) -> Result<Arc<DynamoJobStore>, BootError> {
-        let client = once(&self.clients.dynamodb, || {
-            Ok::<_, BootError>(crate::adapters::dynamodb::client(&self.sdk))
-        })?;
         Ok(Arc::new(DynamoJobStore::new(
-            client,
+            self.dynamodb(),
             config::jobs_table(&self.env)?,
         )))
+    }
+
+    fn dynamodb(&self) -> aws_sdk_dynamodb::Client {
+        self.clients
+            .dynamodb
+            .get_or_init(|| crate::adapters::dynamodb::client(&self.sdk))
+            .clone()
     }
 
     fn sqs(&self) -> aws_sdk_sqs::Client {
@@ -170,16 +174,13 @@ impl Wiring {
     pub fn callbacks(&self) -> Result<gateway::app::callbacks::Callbacks, BootError> {
         use crate::adapters::signing_keys::{kms_client, KmsSigningKeys};
         let store = self.job_store()?;
-        let dynamodb = once(&self.clients.dynamodb, || {
-            Ok::<_, BootError>(crate::adapters::dynamodb::client(&self.sdk))
-        })?;
         Ok(gateway::app::callbacks::Callbacks {
             logs: store.clone(),
             store,
             queue: self.callback_queue()?,
             sender: Arc::new(crate::adapters::callback_http::HttpCallbackSender::default()),
             keys: Arc::new(KmsSigningKeys::new(
-                dynamodb,
+                self.dynamodb(),
                 config::jobs_table(&self.env)?,
                 kms_client(&self.sdk),
                 config::callback_key_id(&self.env)?,
