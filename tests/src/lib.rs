@@ -557,6 +557,27 @@ async fn read(response: reqwest::Response) -> (StatusCode, Value) {
     (status, body)
 }
 
+/// Serves `app` on a free loopback port until the test ends: a photo host, a callback receiver,
+/// an output server. Its address.
+pub async fn serve_on_loopback(app: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    address
+}
+
+/// A child process of the tests: everything it calls is on loopback (an ambient proxy must not
+/// capture it), its output is captured, and it dies with the test.
+pub fn loopback_child(command: &mut tokio::process::Command) -> &mut tokio::process::Command {
+    command
+        .env("NO_PROXY", "*")
+        .env("no_proxy", "*")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+}
+
 pub fn restore_request(image: &[u8], params: Value) -> Value {
     use base64::Engine as _;
     serde_json::json!({
@@ -717,14 +738,8 @@ pub async fn run_python(
     command
         .arg(python_dir().join(script))
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        // Everything it calls is on loopback; an ambient proxy must not capture it.
-        .env("NO_PROXY", "*")
-        .env("no_proxy", "*")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+    loopback_child(&mut command);
     let child = command.spawn().expect("start python");
     match tokio::time::timeout(timeout, child.wait_with_output()).await {
         Ok(output) => {

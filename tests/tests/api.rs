@@ -365,9 +365,7 @@ async fn photo_host(photo: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic
             async move { ([("content-type", "image/jpeg")], photo) }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let address = gateway_tests::serve_on_loopback(app).await;
     (format!("http://{address}/photo.jpg"), hits)
 }
 

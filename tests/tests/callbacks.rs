@@ -317,9 +317,7 @@ mod end_to_end {
                     (StatusCode::TEMPORARY_REDIRECT, [("location", "/hook")]).into_response()
                 }),
             );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let address = gateway_tests::serve_on_loopback(app).await;
         (format!("http://{address}"), got)
     }
 

@@ -4,7 +4,6 @@
 //! Deadlines here are upper bounds against a hang, never a verdict on speed: each test waits
 //! for what it expects to see (a line, an exit), however long the machine takes, up to them.
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime};
 
@@ -20,6 +19,14 @@ const HANG: Duration = Duration::from_secs(300);
 /// workspace build (`cargo test --workspace`) builds it next to the test binaries, for
 /// `clients/cli/tests`; a run of this test alone (`-p gateway-tests`) does not, so the test
 /// builds it itself, once.
+/// The built-in worker holds each job an hour: jobs stay running until the test ends them.
+fn worker_holds_jobs() -> Faults {
+    Faults {
+        worker_delay_ms: 3_600_000,
+        ..Faults::default()
+    }
+}
+
 fn gateway_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -114,14 +121,8 @@ fn command(url: &str, args: &[&str]) -> tokio::process::Command {
     command
         .args(args)
         .env("GATEWAY_URL", url)
-        .env("GATEWAY_TOKEN", ALICE)
-        // Everything is on loopback; an ambient proxy must not capture it.
-        .env("NO_PROXY", "*")
-        .env("no_proxy", "*")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .env("GATEWAY_TOKEN", ALICE);
+    gateway_tests::loopback_child(&mut command);
     command
 }
 
@@ -273,10 +274,7 @@ async fn wait_shows_the_workers_progress_and_exits_3_when_the_job_is_cancelled()
     // the test lasts; the sweeper's polls (every 200 ms, each job every second) carry the
     // progress to the job. The test ends the job itself, by cancelling it.
     let stack = Stack::start_with(StackOptions {
-        faults: Faults {
-            worker_delay_ms: 3_600_000,
-            ..Faults::default()
-        },
+        faults: worker_holds_jobs(),
         sweep_every: Duration::from_millis(200),
         extra_env: vec![
             ("STATUS_POLL_AFTER_SECS", "1".into()),
@@ -452,10 +450,7 @@ async fn workflows_prints_each_parameter_with_its_type_bounds_and_default() {
 async fn list_cancel_delete_and_usage_act_on_the_callers_jobs() {
     // Jobs stay running (the worker holds them) until the test cancels them.
     let stack = Stack::start_with(StackOptions {
-        faults: Faults {
-            worker_delay_ms: 3_600_000,
-            ..Faults::default()
-        },
+        faults: worker_holds_jobs(),
         ..StackOptions::default()
     })
     .await;
@@ -543,9 +538,10 @@ async fn a_callback_asked_for_at_submit_shows_in_deliveries_and_redelivers() {
             async { StatusCode::NO_CONTENT }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let hook = format!(
+        "http://{}/hook",
+        gateway_tests::serve_on_loopback(app).await
+    );
     let dir = TempDir::new();
     let photo = dir.file("old.jpg", &jpeg(200, 150));
 

@@ -74,9 +74,7 @@ impl Files {
                 },
             ))
             .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let origin = format!("http://{}", listener.local_addr().unwrap());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let origin = format!("http://{}", gateway_tests::serve_on_loopback(app).await);
         Self { origin, hits, ok }
     }
 

@@ -10,11 +10,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::StreamExt;
 use serde_json::{json, Value};
 
 use gateway::domain::comfy::{self, ComfyFile, PromptState};
-use gateway::ports::{ComfyError, ComfyServer, Fetched, ObjectError};
+use gateway::ports::{ComfyError, ComfyServer, Fetched};
 
 /// Each call's bound, well under the RunPod proxy's 100 s.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -154,12 +153,7 @@ impl ComfyServer for HttpComfyServer {
         if status != 200 {
             return Err(status_error(status));
         }
-        let size = response.content_length();
-        let body = response
-            .bytes_stream()
-            .map(|chunk| chunk.map_err(|e| ObjectError::Transient(e.without_url().to_string())))
-            .boxed();
-        Ok(Fetched { size, body })
+        Ok(crate::adapters::http_fetch::fetched(response))
     }
 
     async fn cancel(&self, prompt_id: &str) -> Result<(), ComfyError> {

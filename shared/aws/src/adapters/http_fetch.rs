@@ -82,10 +82,16 @@ async fn get(http: &reqwest::Client, url: &url::Url) -> Result<Fetched, FetchErr
     if !status.is_success() {
         return Err(FetchError::Status(status.as_u16()));
     }
+    Ok(fetched(response))
+}
+
+/// A 2xx answer's body as it arrives, with its declared length. A broken stream is transient,
+/// and its error names no URL (it may carry a presigned signature).
+pub fn fetched(response: reqwest::Response) -> Fetched {
     let size = response.content_length();
     let body = response
         .bytes_stream()
         .map(|chunk| chunk.map_err(|e| ObjectError::Transient(e.without_url().to_string())))
         .boxed();
-    Ok(Fetched { size, body })
+    Fetched { size, body }
 }
