@@ -14,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use aws_config::SdkConfig;
+use comfyui_emulator::{ComfyConfig, ComfyEmulator};
 use gateway::config::Env;
 pub use gateway::domain::job::Job;
 use gateway_aws::wiring::Wiring;
@@ -66,6 +67,9 @@ pub async fn post_upload(
         .expect("the upload request is sent")
 }
 
+/// Where ComfyUI's folders are on a stack's volume.
+pub const POD_VOLUME_COMFYUI_ROOT: &str = "ComfyUI";
+
 pub const ALICE: &str = "alice-token";
 pub const BOB: &str = "bob-token";
 pub const WEBHOOK_SECRET: &str = "test-webhook-secret-not-real-0001";
@@ -83,6 +87,8 @@ pub struct StackOptions {
     pub aws: Option<std::sync::Arc<LocalAws>>,
     /// Dispatch batches the runner keeps in flight (the event source's MaximumConcurrency).
     pub dispatch_concurrency: Option<usize>,
+    /// Adjusts the ComfyUI server's configuration (faults, run time) before it starts.
+    pub configure_comfy: fn(&mut ComfyConfig),
 }
 
 impl Default for StackOptions {
@@ -95,6 +101,7 @@ impl Default for StackOptions {
             queue_visibility_secs: 2,
             aws: None,
             dispatch_concurrency: None,
+            configure_comfy: |_| {},
         }
     }
 }
@@ -103,6 +110,8 @@ pub struct Stack {
     /// The gateway's configuration, as the runner got it.
     pub env: Env,
     pub emulator: Emulator,
+    /// The pod backend's ComfyUI server.
+    pub comfy: ComfyEmulator,
     pub runner: Runner,
     /// The test's own view of AWS, past any proxy.
     pub sdk: SdkConfig,
@@ -146,6 +155,16 @@ impl Stack {
         )
         .await
         .expect("start the RunPod emulator");
+        // The pod backend's ComfyUI server, its folders on the same volume, as on a pod that
+        // mounts the network volume at /workspace with ComfyUI in /workspace/ComfyUI.
+        let comfy_root = volume_tmp.join(POD_VOLUME_COMFYUI_ROOT);
+        let mut comfy_config =
+            ComfyConfig::new(comfy_root.join("input"), comfy_root.join("output"));
+        comfy_config.temp_dir = volume_tmp.join("comfyui-temp");
+        (options.configure_comfy)(&mut comfy_config);
+        let comfy = comfyui_emulator::spawn(comfy_config, SocketAddr::from(([127, 0, 0, 1], 0)))
+            .await
+            .expect("start the ComfyUI emulator");
 
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let gateway_url = format!("http://{}", listener.local_addr().unwrap());
@@ -159,6 +178,7 @@ impl Stack {
             stop_queue_url: format!("{}/123456789012/stops-{id}", aws.sqs()),
             finalize_queue_url: format!("{}/123456789012/finalize-{id}", aws.sqs()),
             callback_queue_url: format!("{}/123456789012/callbacks-{id}", aws.sqs()),
+            poll_queue_url: format!("{}/123456789012/polls-{id}", aws.sqs()),
             callback_key: format!("alias/callbacks-{id}"),
             uploads: uploads_bucket.clone(),
             results: results_bucket.clone(),
@@ -176,6 +196,11 @@ impl Stack {
             ("JOB_REQUEUE_AFTER_SECS", "5".into()),
             // A lost /run answer's wait for its run to announce itself, short enough for tests.
             ("RUN_OUTCOME_GRACE_SECS", "1".into()),
+            // Both backends; jobs that do not ask run on serverless.
+            ("BACKENDS", "serverless,pod".into()),
+            ("POD_COMFYUI_URL", comfy.url.clone()),
+            ("POD_POLL_SECS", "1".into()),
+            ("POD_VOLUME_COMFYUI_ROOT", POD_VOLUME_COMFYUI_ROOT.into()),
         ]);
         vars.extend(options.extra_env);
         let env = Env::from_pairs(vars);
@@ -197,6 +222,7 @@ impl Stack {
         Self {
             env,
             emulator,
+            comfy,
             runner,
             sdk,
             gateway_sdk,
@@ -298,6 +324,27 @@ impl Stack {
             .await;
         assert_eq!(status, StatusCode::ACCEPTED, "submit failed: {body}");
         body["job_id"].as_str().unwrap().to_string()
+    }
+
+    /// Submits a restore job with an inline image to the pod backend; returns the job id.
+    pub async fn submit_restore_on_pod(&self, token: &str, image: &[u8], params: Value) -> String {
+        let mut request = restore_request(image, params);
+        request["backend"] = Value::from("pod");
+        let (status, body) = self.post_json(token, "/jobs", &request).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "submit failed: {body}");
+        body["job_id"].as_str().unwrap().to_string()
+    }
+
+    /// What the pod backend's ComfyUI server left of `job_id` on the volume: its input and
+    /// output folders and everything in them.
+    pub fn pod_files_on_the_volume(&self, job_id: &str) -> Vec<String> {
+        let root = self.emulator.volume_dir.join(POD_VOLUME_COMFYUI_ROOT);
+        ["input", "output"]
+            .iter()
+            .map(|kind| root.join(kind).join("gateway").join(job_id))
+            .filter(|path| path.exists())
+            .map(|path| path.display().to_string())
+            .collect()
     }
 
     /// Submits a small photo with the workflow's defaults and waits until the job is terminal:
@@ -546,6 +593,7 @@ impl Stack {
     pub async fn stop(self) {
         self.runner.stop().await;
         self.emulator.shutdown().await;
+        self.comfy.shutdown().await;
         let _ = std::fs::remove_dir_all(&self.volume_tmp);
     }
 }

@@ -269,6 +269,39 @@ async fn a_small_photo_goes_inline_and_json_prints_the_apis_body() {
 }
 
 #[tokio::test]
+async fn backend_pod_runs_the_job_on_the_comfyui_server_and_saves_its_output() {
+    let stack = Stack::start().await;
+    let dir = TempDir::new();
+    let photo = dir.file("old.jpg", &jpeg(200, 150));
+    let out = dir.0.join("out");
+
+    let run = gateway(
+        &stack,
+        &[
+            "submit",
+            &photo,
+            "--backend",
+            "pod",
+            "--param",
+            "megapixels=0.05",
+            "--wait",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    )
+    .await;
+
+    assert_eq!(run.code, Some(0), "{run:#?}");
+    let job_id = job_id_in(&run.stderr);
+    let (_, job) = stack.get(ALICE, &format!("/jobs/{job_id}")).await;
+    assert_eq!(job["backend"], "pod", "{job}");
+    let saved: Vec<_> = std::fs::read_dir(&out).unwrap().flatten().collect();
+    assert_eq!(saved.len(), 1, "{run:#?}");
+    image::open(saved[0].path()).expect("the saved output is an image");
+    stack.stop().await;
+}
+
+#[tokio::test]
 async fn wait_shows_the_workers_progress_and_exits_3_when_the_job_is_cancelled() {
     // The built-in worker reports 0.1 "loading workflow", then holds the job far longer than
     // the test lasts; the sweeper's polls (every 200 ms, each job every second) carry the

@@ -66,7 +66,7 @@ async fn queued(server: &HttpComfyServer) -> String {
 
 async fn uploaded(server: &HttpComfyServer) -> String {
     server
-        .upload_image("photo.jpg", "image/jpeg", Bytes::from(jpeg(64, 48)))
+        .upload_image("", "photo.jpg", "image/jpeg", Bytes::from(jpeg(64, 48)))
         .await
         .unwrap()
 }
@@ -121,7 +121,7 @@ async fn the_same_name_with_other_bytes_is_stored_under_another_name() {
     let first = uploaded(&server).await;
     let again = uploaded(&server).await;
     let other = server
-        .upload_image("photo.jpg", "image/jpeg", Bytes::from(jpeg(32, 32)))
+        .upload_image("", "photo.jpg", "image/jpeg", Bytes::from(jpeg(32, 32)))
         .await
         .unwrap();
 

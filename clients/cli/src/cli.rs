@@ -89,6 +89,11 @@ pub struct SubmitArgs {
     #[arg(long = "param", value_name = "NAME=VALUE", value_parser = parse_param)]
     pub params: Vec<(String, Value)>,
 
+    /// Where to run the job: serverless or pod (a ComfyUI server on a pod). The gateway's
+    /// default when left out.
+    #[arg(long, value_name = "BACKEND", value_parser = ["serverless", "pod"])]
+    pub backend: Option<String>,
+
     /// Where the gateway POSTs the job's signed callbacks (its end always).
     #[arg(long, value_name = "URL")]
     pub callback_url: Option<String>,

@@ -225,6 +225,9 @@ async fn submit(client: &Client, args: SubmitArgs, json: bool) -> Result<(), Fai
     if let Some(retention) = args.retention_secs {
         request["retention_secs"] = json!(retention);
     }
+    if let Some(backend) = &args.backend {
+        request["backend"] = json!(backend);
+    }
     let accepted = client
         .create_job(&request, args.idempotency_key.as_deref())
         .await?;

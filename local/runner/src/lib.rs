@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent, SqsMessage};
-use gateway_aws::adapters::sqs::{handle_batch, handle_callback_batch, handle_finalize_batch};
+use gateway_aws::adapters::sqs::{
+    handle_batch, handle_callback_batch, handle_finalize_batch, handle_poll_batch,
+};
 use gateway_aws::wiring::{BootError, Wiring};
 use gateway_http::api::identity::IdentitySource;
 use gateway_http::api::ApiState;
@@ -92,6 +94,12 @@ pub async fn start_on(
         Box::pin(async move { handle_callback_batch(&callbacks, event).await })
     });
     let sweeper = Arc::new(wiring.sweeper()?);
+    let polled = sweeper.clone();
+    let poll: Handler = Arc::new(move |event| {
+        let sweeper = polled.clone();
+        Box::pin(async move { handle_poll_batch(&sweeper, event).await })
+    });
+    let poll_queue_url = gateway::config::poll_queue_url(&wiring.env).map_err(BootError::from)?;
     let janitor = Arc::new(wiring.janitor()?);
     let sqs = aws_sdk_sqs::Client::new(&wiring.sdk);
     let queue_url = gateway::config::queue_url(&wiring.env).map_err(BootError::from)?;
@@ -133,6 +141,8 @@ pub async fn start_on(
         // sender's timeout. Two pollers: local receivers are few, and each idle poller costs
         // moto a receive a second.
         (callback_queue_url, deliver, 10, 2),
+        // The sweeper function's second event source: single checks of pod jobs.
+        (poll_queue_url, poll, 10, 2),
     ];
     for (queue_url, handler, batch_size, pollers) in sources {
         for _ in 0..pollers {

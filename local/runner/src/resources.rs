@@ -1,5 +1,5 @@
 //! Creates the AWS resources the SAM template would create, in the local stack (moto): the jobs
-//! table with its indexes, the dispatch, stop, finalize and callback queues with their
+//! table with its indexes, the dispatch, stop, finalize, callback and poll queues with their
 //! dead-letter queues, the two buckets, and the KMS key of the callback signing secrets.
 //! Idempotent, so every start of the stack can call it.
 use aws_sdk_sqs::types::QueueAttributeName;
@@ -21,6 +21,7 @@ pub async fn ensure(wiring: &Wiring, visibility_secs: u32) -> Result<(), String>
         config::stop_queue_url(env),
         config::finalize_queue_url(env),
         config::callback_queue_url(env),
+        config::poll_queue_url(env),
     ] {
         let queue_url = queue_url.map_err(|e| e.to_string())?;
         create_queue(&sqs, &queue_url, visibility_secs).await?;

@@ -13,7 +13,10 @@ use crate::adapters::runpod::{http_client, HttpRunPod};
 use crate::adapters::s3::{aws_client, volume_client, S3ObjectStore};
 #[cfg(feature = "secrets")]
 use crate::adapters::secrets;
-use crate::adapters::sqs::{SqsCallbackQueue, SqsFinalizeQueue, SqsJobQueue, SqsStopQueue};
+use crate::adapters::sqs::{
+    SqsCallbackQueue, SqsFinalizeQueue, SqsJobQueue, SqsPollQueue, SqsStopQueue,
+};
+use gateway::app::backends::{Backends, Pod, Serverless};
 #[cfg(feature = "images")]
 use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
@@ -21,12 +24,14 @@ use gateway::app::observe::Observer;
 use gateway::app::stop::Stopper;
 use gateway::app::webhook::WebhookHandler;
 use gateway::config::{
-    self, ConfigError, Env, JanitorSettings, LogConfig, RunPodConfig, Settings, VolumeConfig,
-    WebhookSecrets,
+    self, ConfigError, Env, JanitorSettings, LogConfig, PodConfig, RunPodConfig, Settings,
+    VolumeConfig, WebhookSecrets,
 };
+use gateway::domain::job::BackendKind;
 use gateway::domain::paths::VolumeLayout;
 use gateway::domain::token::WebhookSigner;
 use gateway::domain::workflow::WorkflowCatalog;
+use gateway::ports::RunPod;
 use gateway::ports::{Clock, SystemClock};
 
 #[derive(Debug, thiserror::Error)]
@@ -201,11 +206,78 @@ impl Wiring {
         })
     }
 
-    /// The stop queue's consumer: the one caller of RunPod's `/cancel`.
+    /// The stop queue's consumer: the one caller of RunPod's `/cancel`, and of a ComfyUI
+    /// server's queue delete and interrupt.
     pub fn stopper(&self) -> Result<Stopper, BootError> {
         Ok(Stopper {
-            runpod: self.runpod()?,
+            backends: self.backends(self.runpod_if_deployed()?)?,
         })
+    }
+
+    pub fn polls(&self) -> Result<Arc<SqsPollQueue>, BootError> {
+        Ok(Arc::new(SqsPollQueue::new(
+            self.sqs(),
+            config::poll_queue_url(&self.env)?,
+        )))
+    }
+
+    /// The RunPod client, if this deployment runs the serverless backend (`BACKENDS`): a
+    /// pod-only deployment needs no RunPod key.
+    fn runpod_if_deployed(&self) -> Result<Option<Arc<dyn RunPod>>, BootError> {
+        if !self.settings.backends.contains(&BackendKind::Serverless) {
+            return Ok(None);
+        }
+        Ok(Some(self.runpod()?))
+    }
+
+    /// The backends this deployment runs (`BACKENDS`), `runpod` the serverless one's client
+    /// (the sweeper's is paced).
+    pub fn backends(&self, runpod: Option<Arc<dyn RunPod>>) -> Result<Backends, BootError> {
+        let mut backends = Backends::new();
+        let (volume, layout) = self.volume()?;
+        // Read whatever the backends, so that each function reads the same variables.
+        let pod = PodConfig::from_env(&self.env)?;
+        if let Some(runpod) = runpod {
+            backends = backends.with(
+                BackendKind::Serverless,
+                Arc::new(Serverless {
+                    runpod,
+                    uploads: self.uploads()?,
+                    volume,
+                    volume_root: layout.root().clone(),
+                    execution_timeout: self.settings.execution_timeout,
+                    ttl: self.settings.runpod_ttl,
+                }),
+            );
+        }
+        if self.settings.backends.contains(&BackendKind::Pod) {
+            let config = pod;
+            let url = config.url.clone().ok_or(ConfigError::Invalid {
+                name: "POD_COMFYUI_URL",
+                reason: "must be set when BACKENDS names pod".into(),
+            })?;
+            let base = url::Url::parse(&url).map_err(|e| ConfigError::Invalid {
+                name: "POD_COMFYUI_URL",
+                reason: e.to_string(),
+            })?;
+            let comfy = crate::adapters::comfy_http::HttpComfyServer::with_timeout(
+                base,
+                config.token.clone(),
+                config.request_timeout,
+            )
+            .map_err(|e| BootError::Http(e.to_string()))?;
+            backends = backends.with(
+                BackendKind::Pod,
+                Arc::new(Pod {
+                    comfy: Arc::new(comfy),
+                    uploads: self.uploads()?,
+                    max_input_bytes: self.settings.max_upload_bytes,
+                    poll_every: config.poll_every,
+                    volume_comfyui_root: config.volume_comfyui_root,
+                }),
+            );
+        }
+        Ok(backends)
     }
 
     fn s3(&self) -> Result<aws_sdk_s3::Client, BootError> {
@@ -301,7 +373,8 @@ impl Wiring {
             )),
             images: Arc::new(crate::adapters::images::ImageHeaders),
             volume_root: layout.root().clone(),
-            runpod: self.runpod()?,
+            backends: self.backends(self.runpod_if_deployed()?)?,
+            polls: self.polls()?,
             stops: self.stops()?,
             catalog: self.catalog.clone(),
             signer: self.signer()?,
@@ -322,6 +395,9 @@ impl Wiring {
             layout,
             catalog: self.catalog.clone(),
             fetcher: Arc::new(HttpFetcher::new(http)),
+            // Only a backend that serves outputs back (the pod's `/view`); a serverless job's
+            // contract is its workflow's, and finalize holds no RunPod key.
+            backends: self.backends(None)?,
             queue: self.finalize_queue()?,
             settings: self.settings.clone(),
             clock: self.clock.clone(),
@@ -357,7 +433,11 @@ impl Wiring {
             store: self.job_store()?,
             callbacks: self.callback_queue()?,
             queue: self.queue()?,
-            runpod: self.sweeper_runpod()?,
+            backends: self.backends(match self.runpod_if_deployed()? {
+                Some(_) => Some(self.sweeper_runpod()? as Arc<dyn RunPod>),
+                None => None,
+            })?,
+            polls: self.polls()?,
             stops: self.stops()?,
             observer: Arc::new(self.observer()?),
             finalize: self.finalize_queue()?,

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::domain::egress::EgressPolicy;
+use crate::domain::job::BackendKind;
 use crate::domain::keys::VolumeRoot;
 use crate::domain::report::UrlAllowList;
 use crate::domain::retry::{Backoff, RetryPolicy};
@@ -206,10 +207,55 @@ pub struct Settings {
     /// Where the gateway may connect on a client's word (input URLs): public https only, and
     /// loopback too when `OUTBOUND_ALLOW_LOOPBACK` is set (the local stack's test hosts).
     pub egress: EgressPolicy,
+    /// The backends this deployment runs jobs on (`BACKENDS`, comma-separated: `serverless`,
+    /// `pod`); a job may ask for one of them.
+    pub backends: Vec<BackendKind>,
+    /// The backend of a job that does not ask (`DEFAULT_BACKEND`; the first of `BACKENDS`).
+    pub default_backend: BackendKind,
+}
+
+fn backends(env: &Env) -> Result<(Vec<BackendKind>, BackendKind), ConfigError> {
+    let invalid = |name, reason: String| ConfigError::Invalid { name, reason };
+    let mut kinds = Vec::new();
+    for name in env
+        .get("BACKENDS")
+        .unwrap_or_else(|| "serverless".into())
+        .split(',')
+    {
+        let name = name.trim();
+        if name.is_empty() {
+            continue;
+        }
+        let kind = BackendKind::parse(name).ok_or_else(|| {
+            invalid(
+                "BACKENDS",
+                format!("unknown backend {name:?}; known: serverless, pod"),
+            )
+        })?;
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    let Some(first) = kinds.first().copied() else {
+        return Err(invalid("BACKENDS", "names no backend".into()));
+    };
+    let default = match env.get("DEFAULT_BACKEND") {
+        None => first,
+        Some(name) => BackendKind::parse(name.trim())
+            .filter(|kind| kinds.contains(kind))
+            .ok_or_else(|| {
+                invalid(
+                    "DEFAULT_BACKEND",
+                    format!("{name:?} is not one of BACKENDS"),
+                )
+            })?,
+    };
+    Ok((kinds, default))
 }
 
 impl Settings {
     pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let (backends, default_backend) = backends(env)?;
         let settings = Self {
             execution_timeout: seconds(env, "JOB_EXECUTION_TIMEOUT_SECS", 600)?,
             runpod_ttl: seconds(env, "RUNPOD_JOB_TTL_SECS", 86_400)?,
@@ -249,6 +295,8 @@ impl Settings {
             egress: EgressPolicy {
                 allow_loopback: flag(env, "OUTBOUND_ALLOW_LOOPBACK", false)?,
             },
+            backends,
+            default_backend,
         };
         if !(settings.retention_min..=settings.retention_max).contains(&settings.record_retention) {
             return Err(ConfigError::Invalid {
@@ -352,6 +400,12 @@ pub fn finalize_queue_url(env: &Env) -> Result<String, ConfigError> {
     env.required("FINALIZE_QUEUE_URL")
 }
 
+/// The poll queue (`POLL_QUEUE_URL`): single checks of jobs on a backend that is polled (the
+/// pod), for the sweeper function, every `POD_POLL_SECS`.
+pub fn poll_queue_url(env: &Env) -> Result<String, ConfigError> {
+    env.required("POLL_QUEUE_URL")
+}
+
 /// The callback queue (`CALLBACK_QUEUE_URL`): events to tell clients, and delivery attempts.
 /// Every function that may end a job or start it running asks for its callbacks there.
 pub fn callback_queue_url(env: &Env) -> Result<String, ConfigError> {
@@ -389,6 +443,10 @@ pub const SECRET_SOURCES: &[SecretSource] = &[
         arn_var: "WEBHOOK_SECRET_ARN",
         keys: &["WEBHOOK_SECRET", "WEBHOOK_SECRET_PREVIOUS"],
     },
+    SecretSource {
+        arn_var: "POD_SECRET_ARN",
+        keys: &["POD_COMFYUI_TOKEN"],
+    },
 ];
 
 /// The secrets this function is told to read, with their ARNs; none locally.
@@ -413,6 +471,55 @@ impl LogConfig {
             json: env.get("GATEWAY_LOG_FORMAT").as_deref() != Some("text"),
             filter: env.get("RUST_LOG").unwrap_or_else(|| "info".into()),
         }
+    }
+}
+
+/// A ComfyUI server, the pod backend: read only by the functions that talk to it (dispatch,
+/// finalize, the sweeper and the stopper).
+#[derive(Clone)]
+pub struct PodConfig {
+    /// The server's base URL (`POD_COMFYUI_URL`): on a RunPod pod, its proxy URL
+    /// `https://{pod_id}-8188.proxy.runpod.net`. Required once `BACKENDS` names `pod`.
+    pub url: Option<String>,
+    /// Sent as `Authorization: Bearer …` when set (`POD_COMFYUI_TOKEN`, a secret): ComfyUI has
+    /// no authentication of its own, so a reverse proxy on the pod checks it.
+    pub token: Option<String>,
+    /// One request's limit (`POD_REQUEST_TIMEOUT_SECS`); RunPod's proxy cuts at 100 s.
+    pub request_timeout: Duration,
+    /// How often a pod job is checked (`POD_POLL_SECS`).
+    pub poll_every: Duration,
+    /// Where ComfyUI's folders are on the RunPod volume (`POD_VOLUME_COMFYUI_ROOT`; empty: not
+    /// on the volume, nothing cleaned there).
+    pub volume_comfyui_root: Option<String>,
+}
+
+impl PodConfig {
+    pub fn from_env(env: &Env) -> Result<Self, ConfigError> {
+        let request_timeout = seconds(env, "POD_REQUEST_TIMEOUT_SECS", 30)?;
+        if request_timeout >= Duration::from_secs(90) || request_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                name: "POD_REQUEST_TIMEOUT_SECS",
+                reason: "must be between 1 and 89 s: RunPod's proxy cuts requests at 100 s".into(),
+            });
+        }
+        let poll_every = seconds(env, "POD_POLL_SECS", 10)?;
+        if poll_every.is_zero() || poll_every > Duration::from_secs(15 * 60) {
+            return Err(ConfigError::Invalid {
+                name: "POD_POLL_SECS",
+                reason: "must be between 1 s and 15 minutes (SQS's longest delay)".into(),
+            });
+        }
+        Ok(Self {
+            url: env.get("POD_COMFYUI_URL").filter(|url| !url.is_empty()),
+            token: env.get("POD_COMFYUI_TOKEN").filter(|t| !t.is_empty()),
+            request_timeout,
+            poll_every,
+            volume_comfyui_root: match env.get("POD_VOLUME_COMFYUI_ROOT") {
+                None => Some("ComfyUI".into()),
+                Some(root) if root.trim_matches('/').is_empty() => None,
+                Some(root) => Some(root.trim_matches('/').to_string()),
+            },
+        })
     }
 }
 

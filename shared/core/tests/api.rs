@@ -22,6 +22,7 @@ fn uploaded(upload_id: &str) -> JobRequest {
         retention_secs: None,
         callback_url: None,
         callback_events: None,
+        backend: None,
     }
 }
 
@@ -673,6 +674,7 @@ async fn a_submitted_job_is_cancelled_at_once_with_its_run_queued_to_stop() {
             job_id: job.id.clone(),
             runpod_id: "rp-1".into(),
             reason: StopReason::ClientCancel,
+            backend: Default::default(),
         }]
     );
     // The API itself never talks to RunPod: it holds no RunPod key.

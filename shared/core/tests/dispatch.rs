@@ -333,6 +333,7 @@ mod url_inputs {
             retention_secs: None,
             callback_url: None,
             callback_events: None,
+            backend: None,
         }
     }
 

@@ -21,6 +21,7 @@ fn request(retention_secs: Option<u64>) -> JobRequest {
         retention_secs,
         callback_url: None,
         callback_events: None,
+        backend: None,
     }
 }
 

@@ -1195,3 +1195,194 @@ impl SigningKeys for MemSigningKeys {
         self.secrets(owner).await
     }
 }
+
+/// The poll queue: every check asked for, with its due time and delay, in order.
+#[derive(Default)]
+pub struct MemPolls {
+    waiting: Mutex<VecDeque<(String, Millis, Duration)>>,
+    outage: Outage,
+}
+
+impl MemPolls {
+    /// The checks not taken yet, oldest first, and takes them.
+    pub fn take(&self) -> Vec<(String, Millis, Duration)> {
+        lock(&self.waiting).drain(..).collect()
+    }
+    pub fn waiting(&self) -> usize {
+        lock(&self.waiting).len()
+    }
+    /// The next `sends` fail.
+    pub fn fail_next(&self, sends: u64) {
+        self.outage.set(sends);
+    }
+}
+
+#[async_trait]
+impl gateway::ports::PollQueue for MemPolls {
+    async fn request_check(
+        &self,
+        job_id: &str,
+        due: Millis,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        self.outage.check()?;
+        lock(&self.waiting).push_back((job_id.to_string(), due, delay));
+        Ok(())
+    }
+}
+
+/// A ComfyUI server in memory: the uploads it took, the prompts it queued (each in the state
+/// the test sets), the files it serves back. A restart forgets the queue and the history, as
+/// ComfyUI's does.
+#[derive(Default)]
+pub struct MemComfy {
+    uploads: Mutex<Vec<(String, String)>>,
+    prompts: Mutex<BTreeMap<String, gateway::domain::comfy::PromptState>>,
+    graphs: Mutex<Vec<(String, serde_json::Value)>>,
+    files: Mutex<HashMap<(String, String), Bytes>>,
+    cancelled: Mutex<Vec<String>>,
+    /// The next `/prompt` answers this refusal.
+    refuse: Mutex<Option<String>>,
+    /// The next `/prompt` queues the prompt but its answer is lost.
+    lose_answer: AtomicBool,
+    /// `/prompt` answers ids of its own (a server that ignores `prompt_id`).
+    ignores_prompt_id: AtomicBool,
+    down: AtomicBool,
+    next_id: AtomicU64,
+}
+
+impl MemComfy {
+    /// The `(subfolder, name)` of every upload, in order.
+    pub fn uploads(&self) -> Vec<(String, String)> {
+        lock(&self.uploads).clone()
+    }
+    /// Every graph queued, with its prompt id, in order.
+    pub fn graphs(&self) -> Vec<(String, serde_json::Value)> {
+        lock(&self.graphs).clone()
+    }
+    pub fn state(&self, prompt_id: &str) -> Option<gateway::domain::comfy::PromptState> {
+        lock(&self.prompts).get(prompt_id).cloned()
+    }
+    pub fn set_state(&self, prompt_id: &str, state: gateway::domain::comfy::PromptState) {
+        lock(&self.prompts).insert(prompt_id.to_string(), state);
+    }
+    /// The prompt ran and saved `files` (`(subfolder, filename, bytes)`) in ComfyUI's output.
+    pub fn succeed(&self, prompt_id: &str, files: &[(&str, &str, &[u8])]) {
+        let mut listed = Vec::new();
+        for (subfolder, name, bytes) in files {
+            lock(&self.files).insert(
+                (subfolder.to_string(), name.to_string()),
+                Bytes::copy_from_slice(bytes),
+            );
+            listed.push(gateway::domain::comfy::ComfyFile {
+                filename: name.to_string(),
+                subfolder: subfolder.to_string(),
+                kind: "output".into(),
+            });
+        }
+        self.set_state(
+            prompt_id,
+            gateway::domain::comfy::PromptState::Succeeded(listed),
+        );
+    }
+    /// ComfyUI restarted: queue and history are gone (its files stay on disk).
+    pub fn restart(&self) {
+        lock(&self.prompts).clear();
+    }
+    pub fn cancelled(&self) -> Vec<String> {
+        lock(&self.cancelled).clone()
+    }
+    pub fn refuse_next(&self, message: &str) {
+        *lock(&self.refuse) = Some(message.to_string());
+    }
+    pub fn lose_next_answer(&self) {
+        self.lose_answer.store(true, Ordering::SeqCst);
+    }
+    pub fn ignore_prompt_ids(&self) {
+        self.ignores_prompt_id.store(true, Ordering::SeqCst);
+    }
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+    fn up(&self) -> Result<(), gateway::ports::ComfyError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(gateway::ports::ComfyError::Unavailable(
+                "connection refused (test)".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl gateway::ports::ComfyServer for MemComfy {
+    async fn upload_image(
+        &self,
+        subfolder: &str,
+        name: &str,
+        _content_type: &str,
+        _body: Bytes,
+    ) -> Result<String, gateway::ports::ComfyError> {
+        self.up()?;
+        lock(&self.uploads).push((subfolder.to_string(), name.to_string()));
+        Ok(format!("{subfolder}/{name}"))
+    }
+
+    async fn queue_prompt(
+        &self,
+        prompt_id: &str,
+        graph: &serde_json::Value,
+    ) -> Result<String, gateway::ports::ComfyError> {
+        self.up()?;
+        if let Some(message) = lock(&self.refuse).take() {
+            return Err(gateway::ports::ComfyError::Refused(message));
+        }
+        let id = if self.ignores_prompt_id.load(Ordering::SeqCst) {
+            format!("server-{}", self.next_id.fetch_add(1, Ordering::SeqCst))
+        } else {
+            prompt_id.to_string()
+        };
+        lock(&self.graphs).push((id.clone(), graph.clone()));
+        self.set_state(&id, gateway::domain::comfy::PromptState::Queued);
+        if self.lose_answer.swap(false, Ordering::SeqCst) {
+            return Err(gateway::ports::ComfyError::Unavailable(
+                "the answer was lost (test)".into(),
+            ));
+        }
+        Ok(id)
+    }
+
+    async fn prompt_state(
+        &self,
+        prompt_id: &str,
+    ) -> Result<gateway::domain::comfy::PromptState, gateway::ports::ComfyError> {
+        self.up()?;
+        Ok(self
+            .state(prompt_id)
+            .unwrap_or(gateway::domain::comfy::PromptState::Unseen))
+    }
+
+    async fn view(
+        &self,
+        file: &gateway::domain::comfy::ComfyFile,
+    ) -> Result<Fetched, gateway::ports::ComfyError> {
+        self.up()?;
+        let bytes = lock(&self.files)
+            .get(&(file.subfolder.clone(), file.filename.clone()))
+            .cloned()
+            .ok_or(gateway::ports::ComfyError::NotFound)?;
+        Ok(Fetched {
+            size: Some(bytes.len() as u64),
+            body: futures::stream::iter([Ok(bytes)]).boxed(),
+        })
+    }
+
+    async fn cancel(&self, prompt_id: &str) -> Result<(), gateway::ports::ComfyError> {
+        self.up()?;
+        lock(&self.cancelled).push(prompt_id.to_string());
+        if self.state(prompt_id).is_some() {
+            self.set_state(prompt_id, gateway::domain::comfy::PromptState::Interrupted);
+        }
+        Ok(())
+    }
+}

@@ -41,6 +41,7 @@ pub fn restore_job(
             request_digest: None,
             callback_url: None,
             callback_events: Vec::new(),
+            backend: Default::default(),
         },
         timing,
         now,
@@ -61,5 +62,6 @@ pub fn inline_request(image: &[u8]) -> gateway::app::api::JobRequest {
         retention_secs: None,
         callback_url: None,
         callback_events: None,
+        backend: None,
     }
 }

@@ -20,10 +20,17 @@ use gateway::domain::workflow::WorkflowCatalog;
 use gateway::ports::RunPodStatus;
 
 use crate::fakes::{
-    MagicBytes, ManualClock, MemCallbackQueue, MemDeliveryLogs, MemFinalize, MemObjects, MemQueue,
-    MemSigningKeys, MemStops, MemStore, NoDownloads, ScriptedReceiver, ScriptedRunPod, ServedUrls,
-    TableResolver,
+    MagicBytes, ManualClock, MemCallbackQueue, MemComfy, MemDeliveryLogs, MemFinalize, MemObjects,
+    MemPolls, MemQueue, MemSigningKeys, MemStops, MemStore, NoDownloads, ScriptedReceiver,
+    ScriptedRunPod, ServedUrls, TableResolver,
 };
+use gateway::app::backends::{Backends, Pod, Serverless};
+use gateway::domain::job::BackendKind;
+
+/// How often the kit's pod backend is polled.
+pub const POD_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+/// Where ComfyUI's folders are on the kit's volume.
+pub const POD_VOLUME_ROOT: &str = "ComfyUI";
 use crate::images::jpeg;
 use crate::jobs::restore_job;
 
@@ -46,6 +53,9 @@ pub struct Kit {
     pub results: Arc<MemObjects>,
     pub volume: Arc<MemObjects>,
     pub runpod: Arc<ScriptedRunPod>,
+    /// The pod backend's ComfyUI server, and the queue of its jobs' checks.
+    pub comfy: Arc<MemComfy>,
+    pub polls: Arc<MemPolls>,
     pub images: Arc<MagicBytes>,
     /// DNS and the web, for inputs given by URL.
     pub resolver: Arc<TableResolver>,
@@ -81,6 +91,8 @@ impl Kit {
             results: Arc::default(),
             volume: Arc::default(),
             runpod: Arc::default(),
+            comfy: Arc::default(),
+            polls: Arc::default(),
             images: Arc::default(),
             resolver: Arc::default(),
             urls: Arc::default(),
@@ -91,7 +103,11 @@ impl Kit {
             clock: Arc::new(ManualClock::at(START)),
             catalog: Arc::new(WorkflowCatalog::builtin().expect("the built-in workflows")),
             signer: WebhookSigner::new(SECRET.as_bytes(), None),
-            settings: Settings::default(),
+            // Both backends, so that a test may ask for either.
+            settings: Settings {
+                backends: vec![BackendKind::Serverless, BackendKind::Pod],
+                ..Settings::default()
+            },
             janitor_settings: JanitorSettings::default(),
             next_job: AtomicU64::new(0),
         }
@@ -115,6 +131,32 @@ impl Kit {
     pub fn now(&self) -> Millis {
         use gateway::ports::Clock;
         self.clock.now_ms()
+    }
+
+    /// Both backends over the kit's fakes, as the wiring builds them over HTTP.
+    pub fn backends(&self) -> Backends {
+        Backends::new()
+            .with(
+                BackendKind::Serverless,
+                Arc::new(Serverless {
+                    runpod: self.runpod.clone(),
+                    uploads: self.uploads.clone(),
+                    volume: self.volume.clone(),
+                    volume_root: self.volume_root(),
+                    execution_timeout: self.settings.execution_timeout,
+                    ttl: self.settings.runpod_ttl,
+                }),
+            )
+            .with(
+                BackendKind::Pod,
+                Arc::new(Pod {
+                    comfy: self.comfy.clone(),
+                    uploads: self.uploads.clone(),
+                    max_input_bytes: self.settings.max_upload_bytes,
+                    poll_every: POD_POLL,
+                    volume_comfyui_root: Some(POD_VOLUME_ROOT.into()),
+                }),
+            )
     }
 
     pub fn api(&self) -> Api {
@@ -143,7 +185,8 @@ impl Kit {
             fetcher: self.urls.clone(),
             images: self.images.clone(),
             volume_root: self.volume_root(),
-            runpod: self.runpod.clone(),
+            backends: self.backends(),
+            polls: self.polls.clone(),
             stops: self.stops.clone(),
             catalog: self.catalog.clone(),
             signer: self.signer.clone(),
@@ -176,6 +219,7 @@ impl Kit {
             ),
             catalog: self.catalog.clone(),
             fetcher: Arc::new(NoDownloads),
+            backends: self.backends(),
             queue: self.finalize.clone(),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
@@ -228,7 +272,8 @@ impl Kit {
             store: self.store.clone(),
             callbacks: self.callback_queue.clone(),
             queue: self.queue.clone(),
-            runpod: self.runpod.clone(),
+            backends: self.backends(),
+            polls: self.polls.clone(),
             stops: self.stops.clone(),
             observer: Arc::new(self.observer()),
             finalize: self.finalize.clone(),
@@ -302,7 +347,7 @@ impl Kit {
 
     pub fn stopper(&self) -> Stopper {
         Stopper {
-            runpod: self.runpod.clone(),
+            backends: self.backends(),
         }
     }
 
@@ -325,6 +370,14 @@ impl Kit {
             gateway::app::api::timing(&self.settings, None),
             self.now(),
         );
+        self.store.put(job.clone());
+        job
+    }
+
+    /// [`Kit::queued_job`], on the pod backend.
+    pub fn queued_pod_job(&self, owner: &str) -> Job {
+        let mut job = self.queued_job(owner);
+        job.backend = BackendKind::Pod;
         self.store.put(job.clone());
         job
     }

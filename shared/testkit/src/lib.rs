@@ -17,4 +17,4 @@ pub mod observed;
 #[cfg(feature = "local-aws")]
 pub mod stack_env;
 
-pub use kit::{Kit, SECRET, START, VOLUME_ROOT};
+pub use kit::{Kit, POD_POLL, POD_VOLUME_ROOT, SECRET, START, VOLUME_ROOT};

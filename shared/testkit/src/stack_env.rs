@@ -13,6 +13,7 @@ pub struct Resources {
     pub stop_queue_url: String,
     pub finalize_queue_url: String,
     pub callback_queue_url: String,
+    pub poll_queue_url: String,
     /// The KMS key (an alias) the owners' signing secrets are encrypted with; the local runner
     /// makes it when it is missing.
     pub callback_key: String,
@@ -35,6 +36,7 @@ pub fn gateway_env(
         ("STOP_QUEUE_URL", resources.stop_queue_url.clone()),
         ("FINALIZE_QUEUE_URL", resources.finalize_queue_url.clone()),
         ("CALLBACK_QUEUE_URL", resources.callback_queue_url.clone()),
+        ("POLL_QUEUE_URL", resources.poll_queue_url.clone()),
         ("CALLBACK_KEY_ID", resources.callback_key.clone()),
         ("UPLOADS_BUCKET", resources.uploads.clone()),
         ("RESULTS_BUCKET", resources.results.clone()),

@@ -237,6 +237,7 @@ fn submitted_job() -> Job {
             request_digest: None,
             callback_url: None,
             callback_events: Vec::new(),
+            backend: Default::default(),
         },
         JobTiming {
             deadline_ms: 3_600_000,

@@ -33,10 +33,20 @@ impl HttpComfyServer {
     /// A server at `base` (no path: ComfyUI's routes sit at the root), with the bearer token a
     /// proxy in front of it checks, if any.
     pub fn new(base: url::Url, token: Option<String>) -> Result<Self, ComfyError> {
+        Self::with_timeout(base, token, REQUEST_TIMEOUT)
+    }
+
+    /// [`HttpComfyServer::new`] with each request bounded by `timeout` (keep it well under the
+    /// 100 s at which RunPod's proxy cuts a request).
+    pub fn with_timeout(
+        base: url::Url,
+        token: Option<String>,
+        timeout: Duration,
+    ) -> Result<Self, ComfyError> {
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
-            .timeout(REQUEST_TIMEOUT)
+            .timeout(timeout)
             .build()
             .map_err(|e| ComfyError::Unavailable(e.to_string()))?;
         Ok(Self { http, base, token })
@@ -90,6 +100,7 @@ fn status_error(status: u16) -> ComfyError {
 impl ComfyServer for HttpComfyServer {
     async fn upload_image(
         &self,
+        subfolder: &str,
         name: &str,
         content_type: &str,
         body: Bytes,
@@ -101,7 +112,8 @@ impl ComfyServer for HttpComfyServer {
         // No `overwrite`: a name already taken by other bytes is renamed, never replaced.
         let form = reqwest::multipart::Form::new()
             .part("image", part)
-            .text("type", "input");
+            .text("type", "input")
+            .text("subfolder", subfolder.to_string());
         let answer = self
             .json(self.http.post(self.url("/upload/image")).multipart(form))
             .await?;

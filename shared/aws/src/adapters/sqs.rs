@@ -53,6 +53,21 @@ pub struct CallbackTarget {
     pub message_id: String,
 }
 
+/// A check of one job asked for by the poll chain of a polled backend:
+/// `{"check": {"job_id", "due"}}`, acted on only if the job is still due at `due`.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PollMessage {
+    pub check: PollCheck,
+}
+
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PollCheck {
+    pub job_id: String,
+    pub due: i64,
+}
+
 /// The longest delay SQS allows on a message.
 pub const MAX_DELAY_SECS: u64 = 900;
 
@@ -77,9 +92,12 @@ impl Message {
 
 #[cfg(feature = "sqs-events")]
 pub use events::{
-    handle_batch, handle_batch_before, handle_callback_batch, handle_finalize_batch, Consumer,
+    handle_batch, handle_batch_before, handle_callback_batch, handle_finalize_batch,
+    handle_poll_batch, Consumer,
 };
-pub use queue::{client, SqsCallbackQueue, SqsFinalizeQueue, SqsJobQueue, SqsStopQueue};
+pub use queue::{
+    client, SqsCallbackQueue, SqsFinalizeQueue, SqsJobQueue, SqsPollQueue, SqsStopQueue,
+};
 
 /// The SQS operation the queues call.
 pub const AWS_OPERATIONS: &[&str] = &["SendMessage"];
@@ -89,11 +107,13 @@ mod queue {
     use aws_sdk_sqs::Client;
     use std::time::Duration;
 
-    use gateway::ports::{CallbackQueue, FinalizeQueue, JobQueue, QueueError, StopQueue, StopRun};
+    use gateway::ports::{
+        CallbackQueue, FinalizeQueue, JobQueue, PollQueue, QueueError, StopQueue, StopRun,
+    };
 
     use super::{
         CallbackMessage, CallbackNotice, CallbackTarget, DispatchMessage, FinalizeMessage,
-        AWS_OPERATIONS, MAX_DELAY_SECS,
+        PollCheck, PollMessage, AWS_OPERATIONS, MAX_DELAY_SECS,
     };
     use crate::adapters::declared::DeclaredOperations;
 
@@ -174,6 +194,41 @@ mod queue {
         async fn request_finalize(&self, job_id: &str, delay: Duration) -> Result<(), QueueError> {
             let body = serde_json::to_string(&FinalizeMessage {
                 finalize: job_id.to_string(),
+            })
+            .map_err(|e| QueueError(e.to_string()))?;
+            send_after(&self.client, &self.queue_url, body, delay).await
+        }
+    }
+
+    /// The poll queue: single checks of a polled backend's jobs, each delayed to its time.
+    #[derive(Clone)]
+    pub struct SqsPollQueue {
+        client: Client,
+        queue_url: String,
+    }
+
+    impl SqsPollQueue {
+        pub fn new(client: Client, queue_url: impl Into<String>) -> Self {
+            Self {
+                client,
+                queue_url: queue_url.into(),
+            }
+        }
+    }
+
+    #[async_trait]
+    impl PollQueue for SqsPollQueue {
+        async fn request_check(
+            &self,
+            job_id: &str,
+            due: i64,
+            delay: Duration,
+        ) -> Result<(), QueueError> {
+            let body = serde_json::to_string(&PollMessage {
+                check: PollCheck {
+                    job_id: job_id.to_string(),
+                    due,
+                },
             })
             .map_err(|e| QueueError(e.to_string()))?;
             send_after(&self.client, &self.queue_url, body, delay).await
@@ -404,6 +459,45 @@ mod events {
         response(failures)
     }
 
+    /// Handles a batch of the poll queue: each message one job's check, if still due at its
+    /// time. A check that could not even read the job comes back after the visibility timeout;
+    /// one that ran is done whatever it found (the check itself asks for the next).
+    pub async fn handle_poll_batch(
+        sweeper: &gateway::app::sweeper::Sweeper,
+        event: SqsEvent,
+    ) -> SqsBatchResponse {
+        let mut failures = Vec::new();
+        for record in event.records {
+            let message_id = record.message_id.clone().unwrap_or_default();
+            let message = record
+                .body
+                .as_deref()
+                .and_then(|body| serde_json::from_str::<super::PollMessage>(body).ok());
+            let failed = match message {
+                None => {
+                    tracing::error!(message_id, "unreadable poll message; left for the DLQ");
+                    true
+                }
+                Some(super::PollMessage { check }) => {
+                    match sweeper.check_polled(&check.job_id, check.due).await {
+                        Ok(action) => {
+                            tracing::debug!(job_id = %check.job_id, ?action, "polled");
+                            false
+                        }
+                        Err(err) => {
+                            tracing::warn!(job_id = %check.job_id, error = %err, "poll deferred");
+                            true
+                        }
+                    }
+                }
+            };
+            if failed {
+                failures.push(failure(&message_id));
+            }
+        }
+        response(failures)
+    }
+
     /// Handles a batch of the finalize queue within an invocation that ends at `deadline`
     /// (epoch ms), one job at a time: the function's memory is sized for one job's largest
     /// output, and each job's copy gets what is left of the invocation. A message is reported
@@ -457,6 +551,7 @@ mod tests {
             job_id: "j".into(),
             runpod_id: "r".into(),
             reason: StopReason::Deadline,
+            backend: Default::default(),
         };
         let body = serde_json::to_string(&stop).unwrap();
         assert_eq!(Message::parse(&body), Some(Message::Stop(stop)));

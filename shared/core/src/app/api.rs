@@ -4,7 +4,7 @@
 //! (`gateway_http::api`); it maps each [`Refusal`] to a status.
 use crate::app::inputs::InputRefusal;
 use crate::domain::callback::{CallbackEvent, EVENT_NAMES};
-use crate::domain::job::{JobState, Millis};
+use crate::domain::job::{BackendKind, JobState, Millis};
 use crate::domain::usage::{days_between, DailyUsage};
 use std::sync::Arc;
 use std::time::Duration;
@@ -155,6 +155,10 @@ pub struct JobRequest {
     /// The events beyond the end to send there: `job.running`, `job.progress`.
     #[serde(default)]
     pub callback_events: Option<Vec<String>>,
+    /// Where to run it: `serverless` or `pod`, among those the deployment runs and the
+    /// workflow supports; the deployment's default otherwise.
+    #[serde(default)]
+    pub backend: Option<String>,
 }
 
 /// Exactly one of the three.
@@ -199,6 +203,46 @@ impl Api {
         Writer::new(&*self.store, &*self.callbacks, by)
     }
 
+    /// The backend a job of `workflow` runs on: the one asked for, or the deployment's default
+    /// (or, if the workflow does not run there, the first backend of the deployment it does
+    /// run on).
+    fn backend_for(
+        &self,
+        workflow: &crate::domain::workflow::Workflow,
+        asked: Option<&str>,
+    ) -> Result<BackendKind, Refusal> {
+        let deployed = &self.settings.backends;
+        let supported = workflow.backends();
+        let unavailable = |message: String| Refusal::invalid("backend_unavailable", message);
+        let Some(asked) = asked else {
+            let default = self.settings.default_backend;
+            return std::iter::once(default)
+                .chain(deployed.iter().copied())
+                .find(|kind| supported.contains(kind) && deployed.contains(kind))
+                .ok_or_else(|| {
+                    unavailable(format!(
+                        "workflow {} runs on no backend this deployment has",
+                        workflow.name()
+                    ))
+                });
+        };
+        let kind = BackendKind::parse(asked).ok_or_else(|| {
+            unavailable(format!("unknown backend {asked:?}; known: serverless, pod"))
+        })?;
+        if !deployed.contains(&kind) {
+            return Err(unavailable(format!(
+                "this deployment does not run the {asked} backend"
+            )));
+        }
+        if !supported.contains(&kind) {
+            return Err(unavailable(format!(
+                "workflow {} does not run on the {asked} backend",
+                workflow.name()
+            )));
+        }
+        Ok(kind)
+    }
+
     /// Validates `request`, stores its input, creates the job and queues it. `idempotency_key`
     /// is the raw header value, if the client sent one.
     pub async fn submit(
@@ -231,6 +275,7 @@ impl Api {
             .validate(&request.params.unwrap_or_default(), &mut rand::rng())
             .map_err(|e| Refusal::invalid("invalid_params", e.to_string()))?;
         let retention = self.retention(request.retention_secs)?;
+        let backend = self.backend_for(workflow, request.backend.as_deref())?;
         let (callback_url, callback_events) = self
             .callback(
                 request.callback_url.as_deref(),
@@ -271,6 +316,7 @@ impl Api {
                 request_digest: request_digest.clone(),
                 callback_url,
                 callback_events,
+                backend,
             },
             timing(&self.settings, retention),
             self.clock.now_ms(),
@@ -684,7 +730,7 @@ impl Api {
                 .clone()
                 .filter(|run| stopped.as_ref() != Some(run))
             {
-                let stop = StopRun::new(&job.id, &run, StopReason::ClientCancel);
+                let stop = StopRun::new(&job, &run, StopReason::ClientCancel);
                 if let Err(err) = self.stops.request_stop(&stop).await {
                     tracing::warn!(job_id = %job.id, error = %err, "could not queue the run's stop");
                     return Err(Refusal::Unavailable {
@@ -782,6 +828,10 @@ fn digest(request: &JobRequest) -> String {
         .map(|p| canonical(&Value::Object(p.clone())))
         .unwrap_or_default();
     let mut text = format!("{}\n{params}\n{input}", request.workflow);
+    // Only when asked for, so that the digests of requests without one stay as they were.
+    if let Some(backend) = &request.backend {
+        text.push_str(&format!("\nbackend:{backend}"));
+    }
     // Only with a callback, so that the digests of requests without one stay as they were.
     if let Some(url) = &request.callback_url {
         let events = request

@@ -29,11 +29,14 @@ impl Removed {
 
 /// Removes `job`'s leftovers. Any failure stops it with an error, to be retried: whatever was
 /// removed already stays removed, and the rest is found again next time.
+/// `backend_folders` are the folders the job's backend left on the volume besides the gateway's
+/// own (`Backend::volume_leftovers`).
 pub async fn remove_leftovers(
     results: &dyn ObjectStore,
     volume: &dyn ObjectStore,
     root: &VolumeRoot,
     job: &Job,
+    backend_folders: &[String],
 ) -> Result<Removed, ObjectError> {
     let mut removed = Removed::default();
     let kept: HashSet<&str> = job.outputs.iter().map(|o| o.key.as_str()).collect();
@@ -46,7 +49,7 @@ pub async fn remove_leftovers(
             removed.results += 1;
         }
     }
-    removed.volume = remove_volume_folders(volume, root, job).await?;
+    removed.volume = remove_volume_folders(volume, root, job, backend_folders).await?;
     Ok(removed)
 }
 
@@ -59,6 +62,7 @@ pub async fn remove_everything(
     volume: &dyn ObjectStore,
     root: &VolumeRoot,
     job: &Job,
+    backend_folders: &[String],
 ) -> Result<Removed, ObjectError> {
     let mut removed = Removed::default();
     for key in results
@@ -75,19 +79,21 @@ pub async fn remove_everything(
         uploads.delete(&key).await?;
         removed.uploads += 1;
     }
-    removed.volume = remove_volume_folders(volume, root, job).await?;
+    removed.volume = remove_volume_folders(volume, root, job, backend_folders).await?;
     Ok(removed)
 }
 
-/// The job's folders on the volume (its input, every run's outputs).
+/// The job's folders on the volume (its input, every run's outputs), and its backend's.
 async fn remove_volume_folders(
     volume: &dyn ObjectStore,
     root: &VolumeRoot,
     job: &Job,
+    backend_folders: &[String],
 ) -> Result<usize, ObjectError> {
     let mut removed = 0;
-    for folder in [root.inputs(&job.id), root.outputs(&job.id)] {
-        removed += remove_volume_folder(volume, &folder).await?;
+    let own = [root.inputs(&job.id), root.outputs(&job.id)];
+    for folder in own.iter().chain(backend_folders) {
+        removed += remove_volume_folder(volume, folder).await?;
     }
     Ok(removed)
 }

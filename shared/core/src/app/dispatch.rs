@@ -3,7 +3,7 @@
 //! what (if anything) to do, so redelivered and duplicated messages are harmless.
 use std::sync::Arc;
 
-use crate::app::{commit_leased, inputs, transfer, Committed, Writer};
+use crate::app::{commit_leased, inputs, Committed, Writer};
 use crate::config::Settings;
 use crate::domain::egress::EgressRefusal;
 use crate::domain::job::{
@@ -14,9 +14,10 @@ use crate::domain::token::WebhookSigner;
 use crate::domain::workflow::WorkflowCatalog;
 use futures::StreamExt;
 
+use crate::app::backends::Backends;
 use crate::ports::{
-    CallbackQueue, Classified, Clock, Failure, ImageProbe, JobStore, ObjectStore, Resolver, RunPod,
-    RunPolicy, RunRequest, StopQueue, StopReason, StopRun, StoreError, UrlFetcher,
+    BackendError, CallbackQueue, Classified, Clock, Failure, ImageProbe, JobStore, ObjectStore,
+    PollQueue, Resolver, StopQueue, StopReason, StopRun, StoreError, UrlFetcher,
 };
 
 #[derive(Debug, Clone, PartialEq)]
@@ -57,7 +58,10 @@ pub struct Dispatcher {
     /// This deployment's folder on the volume: the job's input goes there, and its runs are
     /// told to write there.
     pub volume_root: VolumeRoot,
-    pub runpod: Arc<dyn RunPod>,
+    /// Where runs start: the job's backend.
+    pub backends: Backends,
+    /// A polled backend's first check is asked for here.
+    pub polls: Arc<dyn PollQueue>,
     /// Where runs nobody will read are sent to be stopped.
     pub stops: Arc<dyn StopQueue>,
     pub catalog: Arc<WorkflowCatalog>,
@@ -100,7 +104,7 @@ impl Dispatcher {
         let Some(job) = self.store.get(job_id).await? else {
             return Ok(DispatchOutcome::Skipped("no such job"));
         };
-        if job.state != JobState::Queued {
+        if !job.awaits_dispatch() {
             return Ok(DispatchOutcome::Skipped("already dispatched or finished"));
         }
         let now = self.clock.now_ms();
@@ -128,7 +132,7 @@ impl Dispatcher {
         let leased = match self
             .writer()
             .commit(job, |job| {
-                if job.state != JobState::Queued {
+                if !job.awaits_dispatch() {
                     return Err(crate::domain::job::TransitionError::Backwards {
                         from: job.state,
                         to: JobState::Queued,
@@ -297,68 +301,23 @@ impl Dispatcher {
                 format!("workflow {} is no longer available", job.workflow),
             ))
         })?;
-        let input_key = self
-            .volume_root
-            .input(&job.id, &format!("input.{}", job.input.extension));
-        transfer::copy(
-            self.uploads.as_ref(),
-            &job.input.key,
-            self.volume.as_ref(),
-            &input_key,
-            Some(&job.input.content_type),
-        )
-        .await
-        .map_err(|err| match err.failure() {
-            Failure::Missing => Step::Permanent(JobError::new(
-                ErrorCode::InputMissing,
-                "the input image is no longer in the uploads bucket",
-            )),
-            // A bucket or the volume refusing us is the gateway's configuration, not the job's
-            // fault: retried within the attempt budget, so a fixed key saves the job.
-            Failure::Transient | Failure::Permanent | Failure::Unknown => {
-                Step::Transient(err.to_string())
-            }
-        })?;
-        // Each attempt writes into its own folder, so two runs of one job (a lost first run
-        // and its successor) never overwrite each other's files.
-        let output_prefix = format!(
-            "{}{}",
-            self.volume_root.run_outputs(&job.id, job.attempts),
-            workflow.name()
-        );
-        let graph = workflow.render(&job.params, &input_key, &output_prefix);
-        // The graph under the key the workflow's worker reads; the input image stays on the
-        // volume (LoadImage names its key), so RunPod's echoed input stays small.
-        let mut input = serde_json::Map::new();
-        input.insert(workflow.output_contract().input_key().to_string(), graph);
-        let request = RunRequest {
-            input: serde_json::Value::Object(input),
-            webhook: Some(self.webhook_url(&job.id)),
-            policy: RunPolicy {
-                execution_timeout: self.settings.execution_timeout.as_millis() as u64,
-                ttl: self.settings.runpod_ttl.as_millis() as u64,
-            },
-        };
         let reserve = self.settings.run_reserve.as_millis() as Millis;
         if deadline.is_some_and(|deadline| deadline - self.clock.now_ms() < reserve) {
             return Err(Step::Transient(
                 "too little of the invocation left to record a run".into(),
             ));
         }
-        self.runpod
-            .run(&request)
+        let backend = self
+            .backends
+            .of(job)
+            .map_err(|err| Step::Transient(err.to_string()))?;
+        backend
+            .start(job, workflow, &self.webhook_url(&job.id))
             .await
-            .map_err(|err| match err.failure() {
-                Failure::Transient => Step::Transient(err.to_string()),
-                Failure::Unknown => Step::Unknown(err.to_string()),
-                Failure::Missing => Step::Permanent(JobError::new(
-                    ErrorCode::RunpodRejected,
-                    "RunPod does not know the configured endpoint",
-                )),
-                Failure::Permanent => Step::Permanent(JobError::new(
-                    ErrorCode::RunpodRejected,
-                    format!("RunPod refused the job: {err}"),
-                )),
+            .map_err(|err| match err {
+                BackendError::Refused(error) => Step::Permanent(error),
+                BackendError::Unknown(reason) => Step::Unknown(reason),
+                other => Step::Transient(other.to_string()),
             })
     }
 
@@ -368,7 +327,30 @@ impl Dispatcher {
         runpod_id: String,
     ) -> Result<DispatchOutcome, RetryLater> {
         let now = self.clock.now_ms();
-        let next_check = now + self.settings.status_poll_after.as_millis() as i64;
+        // A backend that calls nobody back is checked at its own pace from the start.
+        let polled = self.backends.polled_every(&leased);
+        let first_check = polled.unwrap_or(self.settings.status_poll_after);
+        let next_check = now + first_check.as_millis() as i64;
+        let job_id = leased.id.clone();
+        let recorded = self
+            .record_run(leased, runpod_id.clone(), now, next_check)
+            .await;
+        if let (Ok(DispatchOutcome::Submitted(_)), Some(delay)) = (&recorded, polled) {
+            if let Err(err) = self.polls.request_check(&job_id, next_check, delay).await {
+                // The sweeper checks the job when it comes due, and asks again then.
+                tracing::warn!(job_id, runpod_id, error = %err, "could not ask for the run's first check");
+            }
+        }
+        recorded
+    }
+
+    async fn record_run(
+        &self,
+        leased: Job,
+        runpod_id: String,
+        now: Millis,
+        next_check: Millis,
+    ) -> Result<DispatchOutcome, RetryLater> {
         let mut submitted = leased.clone();
         if submitted
             .acting_as(Actor::Dispatch)
@@ -400,14 +382,14 @@ impl Dispatcher {
         // Someone changed the job while we submitted: the client cancelled it, RunPod's first
         // report beat us, or a lost earlier run announced itself and was adopted.
         let Some(current) = self.store.get(&leased.id).await? else {
-            self.stop_run(&leased.id, &runpod_id, StopReason::EndedWhileDispatching)
+            self.stop_run(&leased, &runpod_id, StopReason::EndedWhileDispatching)
                 .await;
             return Ok(DispatchOutcome::Skipped("job vanished while dispatching"));
         };
         if current.is_terminal() {
             // Cancelled by the client, or timed out by the sweeper, while RunPod was taking the
             // job: nobody will ever read its result, so stop the GPU.
-            self.stop_run(&current.id, &runpod_id, StopReason::EndedWhileDispatching)
+            self.stop_run(&current, &runpod_id, StopReason::EndedWhileDispatching)
                 .await;
             return Ok(DispatchOutcome::Skipped("finished while dispatching"));
         }
@@ -421,8 +403,7 @@ impl Dispatcher {
             Committed::Written(_) => Ok(DispatchOutcome::Submitted(runpod_id)),
             Committed::Refused(job, TransitionError::Stale) => {
                 // The job already has another run: ours is the extra one.
-                self.stop_run(&job.id, &runpod_id, StopReason::ExtraRun)
-                    .await;
+                self.stop_run(&job, &runpod_id, StopReason::ExtraRun).await;
                 Ok(DispatchOutcome::Skipped("the job already has a run"))
             }
             _ => Ok(DispatchOutcome::Skipped("job changed while dispatching")),
@@ -432,8 +413,9 @@ impl Dispatcher {
     /// Has a run nobody will read stopped; if the stop cannot even be queued, its result is
     /// still never used (only the job's own run is ever asked about), and its webhook, when
     /// it announces itself, asks for the stop again.
-    async fn stop_run(&self, job_id: &str, runpod_id: &str, reason: StopReason) {
-        let stop = StopRun::new(job_id, runpod_id, reason);
+    async fn stop_run(&self, job: &Job, runpod_id: &str, reason: StopReason) {
+        let job_id = job.id.as_str();
+        let stop = StopRun::new(job, runpod_id, reason);
         if let Err(err) = self.stops.request_stop(&stop).await {
             tracing::warn!(job_id, runpod_id, error = %err, "could not queue an extra run's stop");
         }

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 
+use crate::app::backends::{comfy_files, Backends};
 use crate::app::observe::{Outcome, SameRun};
 use crate::app::{commit_leased, transfer, Committed, Writer};
 use crate::config::Settings;
@@ -18,8 +19,8 @@ use crate::domain::job::{
 use crate::domain::keys;
 use crate::domain::paths::{file_name, VolumeLayout};
 use crate::domain::report::{
-    unique_name, volume_output_keys, worker_comfyui_images, Base64Image, ImageSource,
-    InlineImagePolicy, MAX_OUTPUT_FILES,
+    safe_file_name, unique_name, volume_output_keys, worker_comfyui_images, Base64Image,
+    ImageSource, InlineImagePolicy, MAX_OUTPUT_FILES,
 };
 use crate::domain::retry::check_backoff;
 use crate::domain::workflow::{OutputContract, WorkflowCatalog};
@@ -67,6 +68,8 @@ pub struct Finalizer {
     pub catalog: Arc<WorkflowCatalog>,
     /// Downloads `s3_url` images of the worker-comfyui contract.
     pub fetcher: Arc<dyn UrlFetcher>,
+    /// The job's backend says how its outputs come back, and serves those it keeps.
+    pub backends: Backends,
     /// Its own queue, to retry a job later after a transient failure.
     pub queue: Arc<dyn FinalizeQueue>,
     pub settings: Settings,
@@ -333,6 +336,7 @@ impl Finalizer {
                 self.copy_volume_files(job, output, deadline, written).await
             }
             OutputContract::WorkerComfyui => self.store_inline_images(job, output, written).await,
+            OutputContract::ComfyView => self.store_viewed_files(job, output, written).await,
         }
     }
 
@@ -369,7 +373,12 @@ impl Finalizer {
     /// The contract of the job's workflow. A workflow no longer in the catalog (a job from
     /// before a deploy) is judged by the shape of its output.
     fn contract_of(&self, job: &Job, output: Option<&serde_json::Value>) -> OutputContract {
-        match self.catalog.get(&job.workflow) {
+        let workflow = self.catalog.get(&job.workflow);
+        let backend = self.backends.of(job).ok();
+        if let Some(contract) = backend.and_then(|b| b.output_contract(workflow)) {
+            return contract;
+        }
+        match workflow {
             Some(workflow) => workflow.output_contract(),
             None if output.is_some_and(|o| o.get("images").is_some()) => {
                 OutputContract::WorkerComfyui
@@ -556,6 +565,58 @@ impl Finalizer {
             };
             sources.push((image.file_name, source));
         }
+        self.store_sources(job, sources, written).await
+    }
+
+    /// `comfy_view`: the files the server's history lists for the prompt, each in the job's
+    /// own output folder, fetched through the backend (`/view`), streamed into the results
+    /// bucket with the size caps. Every file is opened before anything is written.
+    async fn store_viewed_files(
+        &self,
+        job: &Job,
+        output: Option<&serde_json::Value>,
+        written: &mut Vec<String>,
+    ) -> Result<Vec<OutputFile>, Collect> {
+        let files = comfy_files(output, &job.id, MAX_OUTPUT_FILES).map_err(Collect::Fail)?;
+        let backend = self
+            .backends
+            .of(job)
+            .map_err(|err| Collect::Retry(err.to_string()))?;
+        let cap = self.settings.max_output_image_bytes;
+        let mut sources = Vec::with_capacity(files.len());
+        for file in &files {
+            let fetched = backend
+                .open_output(file)
+                .await
+                .map_err(|err| match err.failure() {
+                    Failure::Missing => Collect::Fail(JobError::new(
+                        ErrorCode::OutputMissing,
+                        format!("the server no longer has {}: {err}", file.filename),
+                    )),
+                    _ => Collect::Retry(format!("fetching {}: {err}", file.filename)),
+                })?;
+            if fetched.size.is_some_and(|size| size > cap) {
+                return Err(Collect::Fail(too_large(&file.filename, cap)));
+            }
+            let taken: Vec<&str> = sources
+                .iter()
+                .map(|(n, _): &(String, Source)| n.as_str())
+                .collect();
+            let name = unique_name(&safe_file_name(&file.filename, sources.len()), &taken);
+            sources.push((name, Source::Download(fetched)));
+        }
+        self.store_sources(job, sources, written).await
+    }
+
+    /// Stores opened outputs under the job's result keys, within the job's byte cap; what was
+    /// written is in `written`.
+    async fn store_sources(
+        &self,
+        job: &Job,
+        sources: Vec<(String, Source<'_>)>,
+        written: &mut Vec<String>,
+    ) -> Result<Vec<OutputFile>, Collect> {
+        let cap = self.settings.max_output_image_bytes;
         // All of the job's images together, as far as known before any write.
         let job_cap = self.settings.max_output_job_bytes;
         let known: u64 = sources

@@ -2,6 +2,7 @@
 //! (the webhook and the sweeper share it), finalizing, stopping runs, the sweeper, and the
 //! volume's janitor.
 pub mod api;
+pub mod backends;
 pub mod callbacks;
 pub mod cleanup;
 pub mod dispatch;

@@ -1,13 +1,14 @@
-//! The stopper: the one place that calls RunPod's `/cancel`. Client cancels, deadlines and
+//! The stopper: the one place that stops runs (RunPod's `/cancel`, a ComfyUI server's queue
+//! delete and interrupt). Client cancels, deadlines and
 //! extra runs all reach it through the stop queue, so one consumer, paced, keeps the gateway
 //! under RunPod's limit on cancels however many jobs end at once, and the public API holds no
 //! RunPod key.
-use std::sync::Arc;
 
-use crate::ports::{Classified, Failure, RunPod, RunPodError, StopRun};
+use crate::app::backends::Backends;
+use crate::ports::{BackendError, Classified, Failure, StopRun};
 
 pub struct Stopper {
-    pub runpod: Arc<dyn RunPod>,
+    pub backends: Backends,
 }
 
 /// What became of a stop request.
@@ -23,8 +24,9 @@ impl Stopper {
     /// Tells RunPod to stop the run. An error means the request must be tried again: the GPU
     /// may still be running, so a stop is never dropped, only retried and, in the end,
     /// dead-lettered where the alarm shows it.
-    pub async fn stop(&self, request: &StopRun) -> Result<Stopped, RunPodError> {
-        match self.runpod.cancel(&request.runpod_id).await {
+    pub async fn stop(&self, request: &StopRun) -> Result<Stopped, BackendError> {
+        let backend = self.backends.get(request.backend)?;
+        match backend.cancel(&request.runpod_id).await {
             Ok(()) => {
                 tracing::info!(
                     job_id = %request.job_id,

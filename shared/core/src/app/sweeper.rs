@@ -8,6 +8,7 @@ use std::sync::Arc;
 use futures::StreamExt;
 use serde::Serialize;
 
+use crate::app::backends::Backends;
 use crate::app::cleanup::{remove_everything, remove_leftovers};
 use crate::app::observe::{decide, handoff_recheck, Decision, Observer, Outcome};
 use crate::app::{next_check_after_failure, Committed, Writer};
@@ -18,8 +19,8 @@ use crate::domain::job::{
 };
 use crate::domain::keys::VolumeRoot;
 use crate::ports::{
-    CallbackQueue, Classified, Clock, DeliveryLogs, Failure, FinalizeQueue, JobQueue, JobStore,
-    ObjectStore, RunPod, RunPodError, RunPodStatus, StopQueue, StopReason, StopRun, StoreError,
+    BackendError, CallbackQueue, Classified, Clock, DeliveryLogs, Failure, FinalizeQueue, JobQueue,
+    JobStore, ObjectStore, PollQueue, RunPodStatus, StopQueue, StopReason, StopRun, StoreError,
 };
 
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
@@ -49,8 +50,9 @@ pub struct SweepReport {
     pub errors: usize,
 }
 
+/// What one check of one job did.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Action {
+pub enum Action {
     Requeued,
     Polled {
         finished: bool,
@@ -100,7 +102,10 @@ pub struct Sweeper {
     /// Where the callbacks the job's client asked for are requested.
     pub callbacks: Arc<dyn CallbackQueue>,
     pub queue: Arc<dyn JobQueue>,
-    pub runpod: Arc<dyn RunPod>,
+    /// Where the jobs' runs are asked about.
+    pub backends: Backends,
+    /// A polled backend's next check of a job is asked for here.
+    pub polls: Arc<dyn PollQueue>,
     pub stops: Arc<dyn StopQueue>,
     pub observer: Arc<Observer>,
     pub finalize: Arc<dyn FinalizeQueue>,
@@ -220,6 +225,19 @@ impl Sweeper {
         Ok(report)
     }
 
+    /// One job's check at the time a [`PollQueue`] message asked for: done only if the job is
+    /// still due at `due`, so that of two messages for one check, and of a message the sweep
+    /// overtook, only one acts. Each check of a polled backend's job asks for the next.
+    pub async fn check_polled(&self, job_id: &str, due: Millis) -> Result<Action, StoreError> {
+        let Some(job) = self.store.get(job_id).await? else {
+            return Ok(Action::Skipped);
+        };
+        if job.next_check_at != Some(due) {
+            return Ok(Action::Skipped);
+        }
+        Ok(self.check(job).await)
+    }
+
     async fn check(&self, job: Job) -> Action {
         let job_id = job.id.clone();
         // Not the sweep's start: that may be a while ago by the time this job's turn comes.
@@ -252,6 +270,8 @@ impl Sweeper {
             return self.expire(job, now).await;
         }
         match (job.state, job.runpod_job_id.clone()) {
+            // Its run was lost; dispatch starts it again.
+            _ if job.rerun_pending => self.requeue(job, now).await,
             (_, Some(runpod_id)) => self.poll(job, &runpod_id, now).await,
             (JobState::Queued, None) => self.requeue(job, now).await,
             // Submitted without a RunPod id cannot happen; look again later rather than guess.
@@ -295,6 +315,7 @@ impl Sweeper {
             self.volume.as_ref(),
             &self.volume_root,
             &job,
+            &self.backends.volume_leftovers(&job),
         )
         .await
         {
@@ -382,6 +403,7 @@ impl Sweeper {
             self.volume.as_ref(),
             &self.volume_root,
             &job,
+            &self.backends.volume_leftovers(&job),
         )
         .await;
         let removed = match removed {
@@ -444,11 +466,12 @@ impl Sweeper {
     }
 
     async fn poll(&self, job: Job, runpod_id: &str, now: Millis) -> Result<Action, StoreError> {
-        let status = match self.runpod.status(runpod_id).await {
+        let status = match self.status(&job, runpod_id).await {
             Ok(status) => status,
-            Err(RunPodError::TooLarge { limit }) => {
+            Err(BackendError::TooLarge { limit }) => {
                 return self.too_large(job, runpod_id, limit).await
             }
+            Err(BackendError::Unseen) => return self.unseen(job, runpod_id, now).await,
             Err(err) if err.failure() == Failure::Missing => {
                 let error = JobError::new(
                     ErrorCode::RunpodJobExpired,
@@ -543,14 +566,14 @@ impl Sweeper {
         if let Some(runpod_id) = &job.runpod_job_id {
             // A run that already ended is the job's result, deadline or not: throwing it away
             // here while a late webhook would have kept it would make the outcome a race.
-            match self.runpod.status(runpod_id).await {
+            match self.status(&job, runpod_id).await {
                 Ok(status)
                     if matches!(decide(&status), Decision::Collect(_) | Decision::End(..)) =>
                 {
                     return self.finalize(job, &status, now).await;
                 }
                 Ok(_) => {}
-                Err(RunPodError::TooLarge { limit }) => {
+                Err(BackendError::TooLarge { limit }) => {
                     let run = runpod_id.clone();
                     return self.too_large(job, &run, limit).await;
                 }
@@ -561,7 +584,7 @@ impl Sweeper {
                     return Ok(Action::Error);
                 }
             }
-            let stop = StopRun::new(&job.id, runpod_id, StopReason::Deadline);
+            let stop = StopRun::new(&job, runpod_id, StopReason::Deadline);
             if let Err(err) = self.stops.request_stop(&stop).await {
                 // Do not record a timeout while nothing is set to stop the GPU.
                 tracing::warn!(job_id = %job.id, error = %err, "could not queue the stop at deadline");
@@ -597,8 +620,11 @@ impl Sweeper {
         if job.is_terminal() {
             return Ok(());
         }
-        let next = (now + self.settings.poll_interval.as_millis() as i64).min(job.deadline_at);
-        self.writer()
+        let polled = self.backends.polled_every(&job);
+        let every = polled.unwrap_or(self.settings.poll_interval);
+        let next = (now + every.as_millis() as i64).min(job.deadline_at);
+        let committed = self
+            .writer()
             .commit(job, |job| {
                 // Handed off or taken since this sweep read it (a webhook won the race): its
                 // schedule is the hand-off's or the lease's, not a poll's.
@@ -606,10 +632,95 @@ impl Sweeper {
                     return Err(TransitionError::Stale);
                 }
                 job.ensure_unleased(now)?;
+                // The run was found where it should be.
+                job.unseen_at = None;
                 job.reschedule(now, next)
             })
             .await?;
+        self.ask_next_check(&committed, next, now).await;
         Ok(())
+    }
+
+    /// Asks for the next check of a polled backend's job, at `next`, once the write that
+    /// scheduled it landed. If the request is lost, the sweep finds the job due at `next` and
+    /// asks again then: a chain of checks is never lost for longer than a sweep's period.
+    async fn ask_next_check(&self, committed: &Committed, next: Millis, now: Millis) {
+        let Committed::Written(job) = committed else {
+            return;
+        };
+        if job.is_terminal() || self.backends.polled_every(job).is_none() {
+            return;
+        }
+        let delay = std::time::Duration::from_millis((next - now).max(0) as u64);
+        if let Err(err) = self.polls.request_check(&job.id, next, delay).await {
+            tracing::warn!(job_id = %job.id, error = %err, "could not ask for the job's next check; the sweep will");
+        }
+    }
+
+    /// Where the job's run stands, from its backend.
+    async fn status(&self, job: &Job, run: &str) -> Result<RunPodStatus, BackendError> {
+        self.backends.of(job)?.status(job, run).await
+    }
+
+    /// The backend has the job's run in neither its queue nor its history. Once is no proof
+    /// (history forgets, and a prompt may move from the queue to the history between two
+    /// reads); seen so again a poll period later, the run is lost: started again once with the
+    /// same input, and the job failed `backend_lost` if that run is lost too.
+    async fn unseen(&self, job: Job, run: &str, now: Millis) -> Result<Action, StoreError> {
+        let apart = self
+            .backends
+            .polled_every(&job)
+            .unwrap_or(self.settings.poll_interval)
+            .as_millis() as Millis;
+        let lost = job.unseen_at.is_some_and(|first| now - first >= apart);
+        if !lost {
+            let next = (now + apart).min(job.deadline_at);
+            let committed = self
+                .writer()
+                .commit(job, |job| {
+                    if job.runpod_job_id.as_deref() != Some(run) {
+                        return Err(TransitionError::Stale);
+                    }
+                    job.ensure_unleased(now)?;
+                    job.note_unseen(now)?;
+                    job.reschedule(now, next)
+                })
+                .await?;
+            self.ask_next_check(&committed, next, now).await;
+            return Ok(Action::Polled { finished: false });
+        }
+        if job.may_rerun() {
+            tracing::warn!(job_id = %job.id, run, "the backend lost the run; it is started again");
+            let next = now + self.settings.requeue_after.as_millis() as Millis;
+            let committed = self
+                .writer()
+                .commit(job, |job| {
+                    job.ensure_unleased(now)?;
+                    job.rerun_lost(run, now, next)
+                })
+                .await?;
+            return match committed {
+                Committed::Written(job) => self.requeue(job, now).await,
+                _ => Ok(Action::Skipped),
+            };
+        }
+        let error = JobError::new(
+            ErrorCode::BackendLost,
+            "the backend lost the run twice (a restart loses its queue and history)",
+        );
+        let done = self
+            .writer()
+            .commit(job, |job| {
+                if job.runpod_job_id.as_deref() != Some(run) {
+                    return Err(TransitionError::Stale);
+                }
+                job.ensure_unleased(now)?;
+                job.fail(error.clone(), now)
+            })
+            .await?;
+        Ok(Action::Polled {
+            finished: matches!(done, Committed::Written(_)),
+        })
     }
 
     /// After a check failed transiently (RunPod unreachable): count the failure and look again
@@ -619,14 +730,23 @@ impl Sweeper {
         if job.is_terminal() {
             return Ok(());
         }
-        let base = self.settings.poll_interval;
-        self.writer()
+        let base = self
+            .backends
+            .polled_every(&job)
+            .unwrap_or(self.settings.poll_interval);
+        let committed = self
+            .writer()
             .commit(job, |job| {
                 job.note_check_failure();
                 let next = next_check_after_failure(base, job, now);
                 job.reschedule(now, next)
             })
             .await?;
+        if let Committed::Written(job) = &committed {
+            if let Some(next) = job.next_check_at {
+                self.ask_next_check(&committed, next, now).await;
+            }
+        }
         Ok(())
     }
 }

@@ -173,7 +173,7 @@ impl WebhookHandler {
                 return;
             }
         }
-        let stop = StopRun::new(&job.id, run, StopReason::ExtraRun);
+        let stop = StopRun::new(job, run, StopReason::ExtraRun);
         match self.stops.request_stop(&stop).await {
             Ok(()) => {
                 tracing::warn!(job_id = %job.id, runpod_id = run, "an extra run is being stopped")

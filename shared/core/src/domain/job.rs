@@ -15,6 +15,33 @@ use super::workflow::ValidatedParams;
 /// Epoch milliseconds. The domain never reads a clock; callers pass `now`.
 pub type Millis = i64;
 
+/// Where a job's runs go: RunPod serverless (webhooks), or a ComfyUI server on a pod (polled).
+/// The use cases reach either through the `Backend` port and never branch on this.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    /// A RunPod serverless endpoint; every job before the pod backend existed ran here.
+    #[default]
+    Serverless,
+    /// A ComfyUI server reached over its own HTTP API (on a RunPod pod, through its proxy).
+    Pod,
+}
+
+impl BackendKind {
+    pub const ALL: [BackendKind; 2] = [Self::Serverless, Self::Pod];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Serverless => "serverless",
+            Self::Pod => "pod",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.as_str() == s)
+    }
+}
+
 /// A new job id: a UUIDv7 of `now`, so ids sort by when they were minted (the volume's job
 /// folders list oldest first) and tell their age without a read.
 pub fn mint_job_id(now: Millis) -> String {
@@ -142,6 +169,12 @@ pub enum ErrorCode {
     CancelledByClient,
     /// RunPod reported the job cancelled without the client asking.
     CancelledByRunpod,
+    /// The backend refused the workflow: a node type it does not have, or a node's input
+    /// that fails its validation (the server's own message is kept).
+    InvalidWorkflow,
+    /// The backend lost the run (a ComfyUI restart drops its queue and history), and the one
+    /// re-submission it was allowed was lost too.
+    BackendLost,
 }
 
 impl ErrorCode {
@@ -163,6 +196,8 @@ impl ErrorCode {
             Self::ExecutionTimedOut => "execution_timed_out",
             Self::CancelledByClient => "cancelled_by_client",
             Self::CancelledByRunpod => "cancelled_by_runpod",
+            Self::InvalidWorkflow => "invalid_workflow",
+            Self::BackendLost => "backend_lost",
         }
     }
 
@@ -175,6 +210,7 @@ impl ErrorCode {
                 | Self::DeadlineExceeded
                 | Self::ExecutionTimedOut
                 | Self::WorkerFailed
+                | Self::BackendLost
         )
     }
 }
@@ -478,6 +514,21 @@ pub struct Job {
     /// What the job adds to its owner's usage totals, set by the write that ends it.
     #[serde(default)]
     pub usage: Option<UsageEntry>,
+    /// Where the job's runs go; records from before there was a choice ran on serverless.
+    #[serde(default)]
+    pub backend: BackendKind,
+    /// When a check first found the job's run nowhere at its backend (a polled backend's
+    /// queue and history both without it). Alone it proves nothing; seen so again some
+    /// seconds later, the run is lost. Cleared by any check that finds it.
+    #[serde(default)]
+    pub unseen_at: Option<Millis>,
+    /// The run was lost and the job waits for dispatch to start it again (the state stays
+    /// what it was: states only move forward).
+    #[serde(default)]
+    pub rerun_pending: bool,
+    /// How many lost runs were started again; one is allowed.
+    #[serde(default)]
+    pub reruns: u32,
     /// Who is changing the job in this process; recorded in the history, never stored.
     #[serde(skip)]
     acting: Acting,
@@ -512,6 +563,9 @@ pub enum TransitionError {
     LeaseLost,
 }
 
+/// How many times a job's lost run is started again before the job fails `backend_lost`.
+pub const MAX_RERUNS: u32 = 1;
+
 /// Everything a new job needs; the rest starts empty.
 pub struct NewJob {
     pub id: String,
@@ -525,6 +579,7 @@ pub struct NewJob {
     pub request_digest: Option<String>,
     pub callback_url: Option<String>,
     pub callback_events: Vec<String>,
+    pub backend: BackendKind,
 }
 
 /// The timing policy a job is created with.
@@ -598,6 +653,10 @@ impl Job {
             progress_told_at: None,
             gpu_price_nano_usd: None,
             usage: None,
+            backend: new.backend,
+            unseen_at: None,
+            rerun_pending: false,
+            reruns: 0,
             acting: Acting::default(),
         }
     }
@@ -698,14 +757,18 @@ impl Job {
         now: Millis,
         next_check_at: Millis,
     ) -> Result<(), TransitionError> {
-        // The first run recorded is the job's run; any other is an extra to cancel.
-        if self
-            .runpod_job_id
-            .as_ref()
-            .is_some_and(|tracked| *tracked != runpod_job_id)
+        // The first run recorded is the job's run; any other is an extra to cancel, unless
+        // the job's run was lost and this is the run that replaces it.
+        if !self.rerun_pending
+            && self
+                .runpod_job_id
+                .as_ref()
+                .is_some_and(|tracked| *tracked != runpod_job_id)
         {
             return Err(TransitionError::Stale);
         }
+        self.rerun_pending = false;
+        self.unseen_at = None;
         if self.state == JobState::Queued {
             self.advance(JobState::Submitted, now)?;
         } else {
@@ -733,6 +796,53 @@ impl Job {
     pub fn note_unconfirmed_run(&mut self, now: Millis, recheck_at: Millis) {
         self.unconfirmed_run_at = Some(now);
         self.release_lease(now, recheck_at);
+    }
+
+    /// A check found the job's run at neither its backend's queue nor its history: noted the
+    /// first time only, so that the time between two such checks can be told.
+    pub fn note_unseen(&mut self, now: Millis) -> Result<(), TransitionError> {
+        self.ensure_open()?;
+        if self.unseen_at.is_none() {
+            self.unseen_at = Some(now);
+        }
+        self.touch(now);
+        Ok(())
+    }
+
+    /// The job's run is lost (unseen twice, some seconds apart): the job waits for dispatch
+    /// to start it again with the same input, once. Refused if the job has moved on since the
+    /// run was found missing (another run, a hand-off), or if its one re-run was spent.
+    pub fn rerun_lost(
+        &mut self,
+        run: &str,
+        now: Millis,
+        next_check_at: Millis,
+    ) -> Result<(), TransitionError> {
+        self.ensure_open()?;
+        if self.runpod_job_id.as_deref() != Some(run) || self.current_handoff().is_some() {
+            return Err(TransitionError::Stale);
+        }
+        if self.reruns >= MAX_RERUNS {
+            return Err(TransitionError::Stale);
+        }
+        self.reruns += 1;
+        self.rerun_pending = true;
+        self.unseen_at = None;
+        self.progress = None;
+        self.next_check_at = Some(next_check_at);
+        self.touch(now);
+        Ok(())
+    }
+
+    /// Whether the job's one re-run of a lost run is still to be had.
+    pub fn may_rerun(&self) -> bool {
+        self.reruns < MAX_RERUNS
+    }
+
+    /// Whether dispatch has a run to start: the job is queued, or its run was lost and waits
+    /// to be started again.
+    pub fn awaits_dispatch(&self) -> bool {
+        self.state == JobState::Queued || (self.rerun_pending && !self.is_terminal())
     }
 
     /// A worker took the job.
@@ -1116,6 +1226,7 @@ mod tests {
                 request_digest: None,
                 callback_url: None,
                 callback_events: Vec::new(),
+                backend: Default::default(),
             },
             TIMING,
             1_000,

@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use serde::{Deserialize, Serialize, Serializer};
+
+use super::job::BackendKind;
 use serde_json::{Map, Number, Value};
 
 /// The workflows shipped in `workflows/`: (label, manifest, workflow). Adding one is a data change
@@ -40,6 +42,9 @@ pub enum OutputContract {
     /// the images in the job output, `{"images": [{"filename", "type": "base64" | "s3_url",
     /// "data"}]}` (base64 bytes, or a URL to fetch).
     WorkerComfyui,
+    /// A ComfyUI server's own: the files its history lists for the prompt, fetched back
+    /// through its `/view` (the pod backend's, whatever the workflow's serverless contract).
+    ComfyView,
 }
 
 impl OutputContract {
@@ -48,7 +53,7 @@ impl OutputContract {
     pub fn input_key(self) -> &'static str {
         match self {
             Self::VolumeFiles => "workflow_api",
-            Self::WorkerComfyui => "workflow",
+            Self::WorkerComfyui | Self::ComfyView => "workflow",
         }
     }
 }
@@ -245,6 +250,7 @@ pub struct Workflow {
     version: String,
     description: String,
     output_contract: OutputContract,
+    backends: Vec<BackendKind>,
     input_image: Binding,
     output: Binding,
     params: BTreeMap<String, ParamSpec>,
@@ -266,6 +272,11 @@ impl Workflow {
 
     pub fn output_contract(&self) -> OutputContract {
         self.output_contract
+    }
+
+    /// The backends its manifest says the graph runs on.
+    pub fn backends(&self) -> &[BackendKind] {
+        &self.backends
     }
 
     /// The public parameters, sorted by name.
@@ -400,6 +411,16 @@ impl Workflow {
         if raw.version.trim().is_empty() {
             return Err(field_error("version must not be empty"));
         }
+        // How a serverless worker hands its outputs back; a ComfyUI server's own way is the
+        // pod backend's, never a manifest's to claim.
+        if raw.output_contract == OutputContract::ComfyView {
+            return Err(field_error(
+                "output_contract must be volume_files or worker_comfyui",
+            ));
+        }
+        if raw.backends.is_empty() {
+            return Err(field_error("backends must name at least one backend"));
+        }
         let template = parse_graph(&name, graph)?;
 
         let mut bound = BTreeSet::new();
@@ -434,6 +455,7 @@ impl Workflow {
             version: raw.version,
             description: raw.description,
             output_contract: raw.output_contract,
+            backends: raw.backends,
             input_image: raw.input_image,
             output: raw.output,
             params,
@@ -599,10 +621,17 @@ struct RawManifest {
     #[serde(default)]
     description: String,
     output_contract: OutputContract,
+    /// The backends the graph runs on; serverless alone when left out.
+    #[serde(default = "serverless_only")]
+    backends: Vec<BackendKind>,
     input_image: Binding,
     output: Binding,
     #[serde(default)]
     params: BTreeMap<String, RawParam>,
+}
+
+fn serverless_only() -> Vec<BackendKind> {
+    vec![BackendKind::Serverless]
 }
 
 #[derive(Deserialize)]

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use serde::{Deserialize, Serialize};
 
-use crate::domain::job::{Job, JobState, Millis};
+use crate::domain::job::{BackendKind, Job, JobError, JobState, Millis};
 use crate::domain::usage::DailyUsage;
 
 // ---------------------------------------------------------------------------------------------
@@ -173,16 +173,22 @@ pub enum StopReason {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StopRun {
     pub job_id: String,
+    /// The run's id at its backend (RunPod's job id, or a ComfyUI prompt id).
     pub runpod_id: String,
     pub reason: StopReason,
+    /// Where the run is; requests from before the pod backend are serverless runs.
+    #[serde(default)]
+    pub backend: BackendKind,
 }
 
 impl StopRun {
-    pub fn new(job_id: &str, runpod_id: &str, reason: StopReason) -> Self {
+    /// A stop of `run`, a run of `job` on the job's backend.
+    pub fn new(job: &Job, run: &str, reason: StopReason) -> Self {
         Self {
-            job_id: job_id.to_string(),
-            runpod_id: runpod_id.to_string(),
+            job_id: job.id.clone(),
+            runpod_id: run.to_string(),
             reason,
+            backend: job.backend,
         }
     }
 }
@@ -192,6 +198,23 @@ impl StopRun {
 #[async_trait]
 pub trait StopQueue: Send + Sync {
     async fn request_stop(&self, stop: &StopRun) -> Result<(), QueueError>;
+}
+
+/// Checks of single jobs, at a time of their own: a polled backend's runs are looked at every
+/// few seconds, more often than the scheduled sweep can run (EventBridge: once a minute), by
+/// delayed messages that each ask for the next.
+#[async_trait]
+pub trait PollQueue: Send + Sync {
+    /// Asks for `job_id` to be checked after `delay` (at most 15 minutes, as SQS allows), if
+    /// it is then still due at `due` (its `next_check_at`): a check that finds the job
+    /// rescheduled since (by another check) does nothing, so a duplicate message never starts
+    /// a second chain.
+    async fn request_check(
+        &self,
+        job_id: &str,
+        due: Millis,
+        delay: Duration,
+    ) -> Result<(), QueueError>;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -641,6 +664,7 @@ pub trait ComfyServer: Send + Sync {
     /// stored it under, which the graph's LoadImage must name.
     async fn upload_image(
         &self,
+        subfolder: &str,
         name: &str,
         content_type: &str,
         body: Bytes,
@@ -663,6 +687,81 @@ pub trait ComfyServer: Send + Sync {
     /// Stops the prompt: removed from the queue while pending (`POST /queue {"delete"}`), and
     /// interrupted if it runs (`POST /interrupt {"prompt_id"}`, which touches no other prompt).
     async fn cancel(&self, prompt_id: &str) -> Result<(), ComfyError>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backends: where a job's runs go
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// Unreachable, throttled, failing: try again later.
+    #[error("backend unavailable: {0}")]
+    Transient(String),
+    /// The backend does not know the run (RunPod's result expired).
+    #[error("the backend does not know the run")]
+    NotFound,
+    /// The backend is not where the run is: a polled backend whose queue and history both
+    /// lack it. Not proof of loss alone (see `domain::comfy`).
+    #[error("the run is in neither the backend's queue nor its history")]
+    Unseen,
+    /// Starting only: the run may have started, but the answer was lost.
+    #[error("the backend may have taken the run; its answer was lost: {0}")]
+    Unknown(String),
+    /// Refused for good; the job fails with this error.
+    #[error("{}", .0.message)]
+    Refused(JobError),
+    /// The backend's answer is longer than the gateway reads.
+    #[error("the backend's answer is longer than {limit} bytes")]
+    TooLarge { limit: u64 },
+}
+
+impl Classified for BackendError {
+    fn failure(&self) -> Failure {
+        match self {
+            Self::Transient(_) => Failure::Transient,
+            Self::NotFound | Self::Unseen => Failure::Missing,
+            Self::Unknown(_) => Failure::Unknown,
+            Self::Refused(_) | Self::TooLarge { .. } => Failure::Permanent,
+        }
+    }
+}
+
+/// Where a job's runs go. The use cases start, check, stop and collect runs through this, and
+/// never ask which backend a job has: RunPod serverless (`app::backends::Serverless`) or a
+/// ComfyUI server (`app::backends::Pod`).
+#[async_trait]
+pub trait Backend: Send + Sync {
+    /// Puts the job's input where the run reads it, renders the workflow for it and starts a
+    /// run (attempt `job.attempts`); the run's id. `webhook` is where a backend that calls
+    /// back reports the run.
+    async fn start(
+        &self,
+        job: &Job,
+        workflow: &crate::domain::workflow::Workflow,
+        webhook: &str,
+    ) -> Result<String, BackendError>;
+    /// Where `run`, a run of `job`, stands, in RunPod's status vocabulary (the one the
+    /// observer reads).
+    async fn status(&self, job: &Job, run: &str) -> Result<RunPodStatus, BackendError>;
+    /// Stops the run.
+    async fn cancel(&self, run: &str) -> Result<(), BackendError>;
+    /// How its runs' outputs come back, for `workflow` (`None`: no longer in the catalog).
+    fn output_contract(
+        &self,
+        workflow: Option<&crate::domain::workflow::Workflow>,
+    ) -> Option<crate::domain::workflow::OutputContract>;
+    /// One output file a run's report names, for a contract that fetches them back from the
+    /// backend ([`crate::domain::workflow::OutputContract::ComfyView`]).
+    async fn open_output(
+        &self,
+        file: &crate::domain::comfy::ComfyFile,
+    ) -> Result<Fetched, BackendError>;
+    /// How often its runs must be checked, for a backend that sends no webhooks.
+    fn polled_every(&self) -> Option<Duration>;
+    /// Folders (ending in `/`) on the RunPod volume that the job's runs leave behind, beside
+    /// the gateway's own folders for the job.
+    fn volume_leftovers(&self, job: &Job) -> Vec<String>;
 }
 
 #[cfg(test)]

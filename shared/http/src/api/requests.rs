@@ -34,6 +34,13 @@ pub struct JobRequestBody {
     #[serde(default)]
     #[schema(max_items = 3)]
     pub callback_events: Option<Vec<String>>,
+    /// Where to run the job: `serverless` (a RunPod serverless endpoint) or `pod` (a ComfyUI
+    /// server on a RunPod pod), among the backends this deployment runs and the workflow
+    /// lists (`GET /workflows`). Left out, the deployment's default. Otherwise
+    /// `400 backend_unavailable`.
+    #[serde(default)]
+    #[schema(pattern = "^(serverless|pod)$")]
+    pub backend: Option<String>,
 }
 
 /// The body of `POST /callbacks/test`.
@@ -74,6 +81,7 @@ impl From<JobRequestBody> for JobRequest {
             retention_secs: body.retention_secs,
             callback_url: body.callback_url,
             callback_events: body.callback_events,
+            backend: body.backend,
         }
     }
 }

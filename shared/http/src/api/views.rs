@@ -95,6 +95,8 @@ pub struct JobView {
     pub status: &'static str,
     pub workflow: String,
     pub workflow_version: String,
+    /// Where it runs: `serverless` or `pod`.
+    pub backend: &'static str,
     /// The parameters the job runs with: the client's, defaults filled in, random ones drawn.
     #[schema(value_type = Object)]
     pub params: ValidatedParams,
@@ -253,6 +255,7 @@ impl From<&JobDetail> for JobView {
             status: job.state.as_str(),
             workflow: job.workflow.clone(),
             workflow_version: job.workflow_version.clone(),
+            backend: job.backend.as_str(),
             params: job.params.clone(),
             created_at: time(job.timestamps.created_at),
             submitted_at: job.timestamps.submitted_at.map(time),
@@ -333,6 +336,9 @@ pub struct WorkflowView {
     pub name: String,
     pub version: String,
     pub description: String,
+    /// The backends its graph runs on (`serverless`, `pod`); a job may ask for one of them
+    /// that the deployment runs.
+    pub backends: Vec<&'static str>,
     /// A JSON Schema (2020-12) of the job's `params`.
     #[schema(value_type = Object)]
     pub params: serde_json::Value,
@@ -347,6 +353,7 @@ impl From<&WorkflowCatalog> for WorkflowList {
                     name: w.name().to_string(),
                     version: w.version().to_string(),
                     description: w.description().to_string(),
+                    backends: w.backends().iter().map(|b| b.as_str()).collect(),
                     params: w.params_schema(),
                 })
                 .collect(),
