@@ -11,6 +11,11 @@
 //!   `RequestThrottled`, 500/503 in each service's wire format, slow answers, dropped
 //!   connections, and writes that committed but whose answer was lost; only the gateway's own
 //!   calls go through it, while jobs are in flight;
+//! - the pod backend (a share of the jobs, `CHAOS_POD_SHARE`, 0.2, run on the ComfyUI emulator):
+//!   the server restarts (its queue, running prompt and history lost), executions fail, answers
+//!   slow down; a pod job's end and outputs are checked against the emulator's own record of
+//!   its prompt (`ComfyEmulator::ended`), and no prompt may be left queued nor any file of a
+//!   job left in ComfyUI's folders;
 //! - the client and AWS (this test): cancels at random moments, duplicate SQS messages,
 //!   unparseable (poison) messages, dispatch and finalize invocations killed midway, as a
 //!   Lambda timing out mid-copy would be (its work stops at an await; its lease stays), and
@@ -61,7 +66,7 @@ use gateway::app::dispatch::Dispatcher;
 use gateway::app::finalize::Finalizer;
 use gateway::app::observe::Observer;
 use gateway::app::sweeper::Sweeper;
-use gateway::domain::job::{Actor, ErrorCode, Job, JobState};
+use gateway::domain::job::{Actor, BackendKind, ErrorCode, Job, JobState};
 use gateway::ports::RunPodStatus;
 use gateway_tests::{jpeg, restore_request, LocalAws, Stack, StackOptions, StatusCode, ALICE};
 use rand::{Rng, SeedableRng};
@@ -359,6 +364,8 @@ struct Plan {
     /// all at once and from the same copy of the job; `Some(true)`: a client's cancel lands
     /// after that copy was read and before they start.
     race_finalizers: Option<bool>,
+    /// Runs on the pod backend (the ComfyUI emulator), not on serverless.
+    pod: bool,
 }
 
 /// How often the client side does each thing to a job.
@@ -368,6 +375,7 @@ struct PlanProbabilities {
     kill_dispatch: f64,
     kill_finalize: f64,
     race_finalizers: f64,
+    pod: f64,
 }
 
 fn plan_probabilities() -> PlanProbabilities {
@@ -377,6 +385,7 @@ fn plan_probabilities() -> PlanProbabilities {
         kill_dispatch: 0.03,
         kill_finalize: 0.03,
         race_finalizers: 0.10,
+        pod: env_or("CHAOS_POD_SHARE", 0.2),
     }
 }
 
@@ -396,6 +405,8 @@ fn plan(seed: u64, index: usize) -> Plan {
         kill_dispatch_after: maybe(p.kill_dispatch, 2, 120),
         kill_finalize_after: maybe(p.kill_finalize, 1, 40),
         race_finalizers: maybe(p.race_finalizers, 0, 1).map(|d| d.as_millis() == 1),
+        // Drawn last, so that the draws above are what they were before pod jobs existed.
+        pod: maybe(p.pod, 0, 0).is_some(),
     }
 }
 
@@ -432,7 +443,10 @@ struct World {
 async fn drive(world: Arc<World>, index: usize, image: Arc<Vec<u8>>, plan: Plan) -> Driven {
     let stack = &world.stack;
     let mut driven = Driven::default();
-    let request = restore_request(&image, json!({"megapixels": 0.01, "seed": index}));
+    let mut request = restore_request(&image, json!({"megapixels": 0.01, "seed": index}));
+    if plan.pod {
+        request["backend"] = json!("pod");
+    }
     // As a careful client does: a 503 (the job store throttled past the SDK's retries) is
     // retried with the same Idempotency-Key, so it never makes two jobs.
     let key = format!("chaos-{index}");
@@ -780,6 +794,10 @@ fn check_job(
         violation("succeeded with an error".into());
     }
     let code = job.error.as_ref().map(|e| e.code);
+    if job.backend == BackendKind::Pod {
+        check_pod_job(stack, job, driven, code, results, slack_ms, &mut violation);
+        return;
+    }
 
     // The right end, given what the client did and what RunPod recorded.
     let runpod = job.runpod_job_id.as_deref();
@@ -880,6 +898,127 @@ fn check_job(
     }
 }
 
+/// A pod job's end and outputs against the ComfyUI emulator's own record of its prompt.
+fn check_pod_job(
+    stack: &Stack,
+    job: &Job,
+    driven: &Driven,
+    code: Option<ErrorCode>,
+    results: &HashMap<String, Vec<u8>>,
+    slack_ms: i64,
+    violation: &mut dyn FnMut(String),
+) {
+    let prompt = job.runpod_job_id.as_deref();
+    let ended = prompt.and_then(|p| stack.comfy.ended(p));
+    let outcome = ended.as_ref().map(|e| e.outcome);
+    let finished = job.timestamps.finished_at.unwrap_or(i64::MAX);
+    match (driven.cancel, job.state, code) {
+        (Some(Cancel::Accepted), JobState::Cancelled, Some(ErrorCode::CancelledByClient)) => {}
+        (Some(Cancel::Accepted), state, _) => violation(format!(
+            "the client's cancel was accepted, yet it ended {state}"
+        )),
+        (_, JobState::Cancelled, _) => {
+            violation(format!("cancelled ({code:?}) without the client asking"))
+        }
+        (_, JobState::Succeeded, _) if outcome == Some("completed") => {}
+        (_, JobState::Failed, Some(ErrorCode::WorkerFailed)) if outcome == Some("failed") => {}
+        // Lost twice: its second prompt never ended at the server either.
+        (_, JobState::Failed, Some(ErrorCode::BackendLost)) => {
+            if job.reruns != 1 || ended.is_some() {
+                violation(format!(
+                    "failed backend_lost after {} re-runs, its prompt ended {outcome:?}",
+                    job.reruns
+                ));
+            }
+        }
+        (_, JobState::Failed, Some(ErrorCode::DispatchAttemptsExhausted)) if prompt.is_none() => {}
+        (_, JobState::TimedOut, Some(ErrorCode::DeadlineExceeded)) => {
+            if finished < job.deadline_at {
+                violation(format!(
+                    "timed out {} ms before its deadline",
+                    job.deadline_at - finished
+                ));
+            }
+            if let Some(ended) = ended.as_ref().filter(|e| e.outcome != "cancelled") {
+                let early = job.deadline_at - ended.ended_at_ms as i64;
+                if early > slack_ms {
+                    violation(format!(
+                        "timed out at its deadline, but its prompt ended {} {early} ms before",
+                        ended.outcome
+                    ));
+                }
+            }
+        }
+        (_, state, code) => violation(format!(
+            "ended {state} ({code:?}) but the pod recorded its prompt {prompt:?} as {outcome:?}"
+        )),
+    }
+    if job.state != JobState::Succeeded {
+        if !job.outputs.is_empty() {
+            violation(format!("{} but has outputs", job.state));
+        }
+        return;
+    }
+    let files = ended.map(|e| e.files).unwrap_or_default();
+    if files.is_empty() || files.len() != job.outputs.len() {
+        violation(format!(
+            "{} outputs stored for {} files the prompt saved",
+            job.outputs.len(),
+            files.len()
+        ));
+    }
+    for (_, name, written) in &files {
+        let Some(output) = job.outputs.iter().find(|o| o.file_name == *name) else {
+            violation(format!("{name} is missing from the job's outputs"));
+            continue;
+        };
+        match results.get(&output.key) {
+            Some(stored) if stored == written && output.size == written.len() as u64 => {}
+            Some(stored) => violation(format!(
+                "{name}: {} bytes stored, the prompt saved {}, or they differ",
+                stored.len(),
+                written.len()
+            )),
+            None => violation(format!("{name} is not in the results bucket")),
+        }
+    }
+}
+
+/// What the pod's ComfyUI server suffers during a wave, drawn from the seed: restarts (its
+/// queue, running prompt and history lost), failed executions and slow answers.
+#[derive(Default)]
+struct PodFaults {
+    restarts: std::sync::atomic::AtomicU64,
+    failed_executions: std::sync::atomic::AtomicU64,
+    slow_spells: std::sync::atomic::AtomicU64,
+}
+
+async fn pod_chaos(world: Arc<World>, seed: u64, counts: Arc<PodFaults>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let comfy = &world.stack.comfy;
+    loop {
+        let wait = Duration::from_millis(rng.random_range(1_500..=4_000));
+        tokio::time::sleep(wait).await;
+        match rng.random_range(0..10) {
+            0..=2 => {
+                comfy.restart();
+                counts.restarts.fetch_add(1, Relaxed);
+            }
+            3..=6 => {
+                comfy.fail_next_executions(1);
+                counts.failed_executions.fetch_add(1, Relaxed);
+            }
+            _ => {
+                comfy.slow_answers(Duration::from_millis(300));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                comfy.slow_answers(Duration::ZERO);
+                counts.slow_spells.fetch_add(1, Relaxed);
+            }
+        }
+    }
+}
+
 fn rank(state: JobState) -> u8 {
     match state {
         JobState::Queued => 0,
@@ -924,7 +1063,18 @@ struct Tally {
     moto_wall: Duration,
     aws_faults: BTreeMap<&'static str, FaultCounts>,
     floor: usize,
+    pod: PodTally,
     violations: Vec<String>,
+}
+
+/// The pod backend's share of a run.
+#[derive(Default)]
+struct PodTally {
+    jobs: usize,
+    reruns: usize,
+    restarts: u64,
+    failed_executions: u64,
+    slow_spells: u64,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1087,6 +1237,12 @@ async fn wave(
     // The gateway meets AWS faults while its jobs are in flight; the test's own setup and
     // checks go straight to moto.
     aws.set_faults(Some(&aws_faults(seed.wrapping_add(first as u64))));
+    let pod_counts = Arc::new(PodFaults::default());
+    let pod_faults = tokio::spawn(pod_chaos(
+        world.clone(),
+        seed ^ (first as u64).wrapping_mul(0x2545_f491_4f6c_dd1d),
+        pod_counts.clone(),
+    ));
 
     for poison in POISON {
         stack
@@ -1125,6 +1281,11 @@ async fn wave(
     for task in tasks {
         driven.push(task.await.unwrap());
     }
+    // The pod's faults stop with the client's actions; what they left must still end right.
+    pod_faults.abort();
+    let _ = pod_faults.await;
+    stack.comfy.slow_answers(Duration::ZERO);
+    stack.comfy.fail_next_executions(0);
     let submitted_in = wave_started.elapsed();
     let ids: Vec<String> = driven.iter().filter_map(|d| d.id.clone()).collect();
     let id_set: HashSet<String> = ids.iter().cloned().collect();
@@ -1254,6 +1415,12 @@ async fn wave(
             ));
         }
     }
+    let on_the_pod = stack.comfy.in_queue();
+    if on_the_pod > 0 {
+        violations.push(format!(
+            "{on_the_pod} prompts still queued or running on the pod"
+        ));
+    }
     let sweep_index = sweep_index_count(stack).await;
     if sweep_index > 0 {
         violations.push(format!("{sweep_index} jobs still in the sweep index"));
@@ -1274,7 +1441,10 @@ async fn wave(
     }
 
     // Nothing of a job stays on the volume once it has ended.
-    let (left_bytes, left_files) = volume_bytes_left(stack, &ids);
+    let (left_bytes, mut left_files) = volume_bytes_left(stack, &ids);
+    for id in &ids {
+        left_files.extend(stack.pod_files_on_the_volume(id));
+    }
     if left_bytes > 0 || !left_files.is_empty() {
         violations.push(format!(
             "{left_bytes} bytes left on the volume by ended jobs: {:?}",
@@ -1284,6 +1454,18 @@ async fn wave(
 
     // Counts for the table.
     tally.volume_bytes_left += left_bytes;
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        let pod = &mut tally.pod;
+        pod.jobs += after
+            .values()
+            .filter(|j| j.backend == BackendKind::Pod)
+            .count();
+        pod.reruns += after.values().map(|j| j.reruns as usize).sum::<usize>();
+        pod.restarts += pod_counts.restarts.load(Relaxed);
+        pod.failed_executions += pod_counts.failed_executions.load(Relaxed);
+        pod.slow_spells += pod_counts.slow_spells.load(Relaxed);
+    }
     tally.waves += 1;
     tally.jobs += count;
     for (kind, n) in stack.emulator.fault_counts() {
@@ -1443,6 +1625,14 @@ fn print_table(seed: u64, elapsed: Duration, tally: &mut Tally) {
             n.throttle, n.error5xx, n.slow, n.drop, n.lost_response
         ));
     }
+    line(format!(
+        "pod backend: {} jobs; ComfyUI restarts {}, failed executions {}, slow spells {}; lost prompts run again {}",
+        tally.pod.jobs,
+        tally.pod.restarts,
+        tally.pod.failed_executions,
+        tally.pod.slow_spells,
+        tally.pod.reruns
+    ));
     line("faults injected (client and AWS side):".into());
     line(format!("  {:<24}{:>7}", "client_cancel", tally.cancels));
     line(format!(

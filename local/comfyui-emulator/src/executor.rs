@@ -114,6 +114,21 @@ async fn execute(app: &App, item: QueueItem, run: Run) {
         () = interrupt.notified() => Ended::Interrupted,
     };
 
+    // What it saved, read back as written, for the emulator's own record.
+    let files: Vec<(String, String, Vec<u8>)> = match &ended {
+        Ended::Saved(saved) => saved
+            .iter()
+            .map(|image| {
+                let path = app
+                    .output_dir()
+                    .join(&image.subfolder)
+                    .join(&image.filename);
+                let bytes = std::fs::read(path).unwrap_or_default();
+                (image.subfolder.clone(), image.filename.clone(), bytes)
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
     let mut state = app.state();
     if state.epoch != epoch {
         return;
@@ -121,6 +136,14 @@ async fn execute(app: &App, item: QueueItem, run: Run) {
     state.running = None;
     let ended_ms = now_ms();
     let (entry_body, outcome) = history_body(&item, ended, started_ms, ended_ms);
+    app.ledger().insert(
+        item.prompt_id.clone(),
+        crate::EndedPrompt {
+            outcome: outcome.job_status(),
+            files,
+            ended_at_ms: ended_ms,
+        },
+    );
     state.record(
         item.prompt_id.clone(),
         HistoryEntry {

@@ -156,11 +156,35 @@ pub(crate) struct App {
     state: Mutex<State>,
     /// Tells the executor that the queue or the stall switch changed.
     wake: Notify,
+    /// Every prompt that ran to an end, and what it saved: the tests' record, which no restart
+    /// clears (ComfyUI has none; it is not served over HTTP).
+    ledger: Mutex<std::collections::HashMap<String, EndedPrompt>>,
+}
+
+/// A prompt that ran to an end, as the emulator's own record keeps it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndedPrompt {
+    /// `completed`, `failed` or `cancelled`.
+    pub outcome: &'static str,
+    /// Each image it saved: `(subfolder, filename, bytes as written)`.
+    pub files: Vec<(String, String, Vec<u8>)>,
+    /// When it ended, epoch ms.
+    pub ended_at_ms: u64,
 }
 
 impl App {
     pub(crate) fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn ledger(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, EndedPrompt>> {
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn output_dir(&self) -> &std::path::Path {
+        &self.config.output_dir
     }
 
     fn faults(&self) -> Faults {
@@ -241,6 +265,17 @@ impl ComfyEmulator {
         self.app.update_faults(|f| f.slow_run_ms = ms);
     }
 
+    /// How `prompt_id` ended, if it ran to an end (a prompt a restart cut off did not).
+    pub fn ended(&self, prompt_id: &str) -> Option<EndedPrompt> {
+        self.app.ledger().get(prompt_id).cloned()
+    }
+
+    /// How many prompts are queued or running now.
+    pub fn in_queue(&self) -> usize {
+        let state = self.app.state();
+        state.pending.len() + usize::from(state.running.is_some())
+    }
+
     /// A server restart: queue, running prompt and history are lost (a prompt running now never
     /// gets a history entry); files on disk stay. Faults stay as set.
     pub fn restart(&self) {
@@ -293,6 +328,7 @@ pub async fn spawn(config: ComfyConfig, addr: SocketAddr) -> Result<ComfyEmulato
         state: Mutex::new(State::new(config.faults.clone())),
         config,
         wake: Notify::new(),
+        ledger: Mutex::default(),
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let router = api::router(app.clone()).merge(admin::router(app.clone()));
