@@ -726,6 +726,7 @@ fn expected_from_runpod(status: JobStatus) -> Option<(JobState, ErrorCode)> {
 }
 
 /// Checks one terminal job against its history, RunPod's record and the stored outputs.
+#[allow(clippy::too_many_arguments)]
 fn check_job(
     stack: &Stack,
     job: &Job,
@@ -733,6 +734,7 @@ fn check_job(
     results: &HashMap<String, Vec<u8>>,
     slack: Duration,
     give_up: Duration,
+    pod_restarts: &[u64],
     violations: &mut Vec<String>,
 ) {
     let slack_ms = slack.as_millis() as i64;
@@ -795,7 +797,16 @@ fn check_job(
     }
     let code = job.error.as_ref().map(|e| e.code);
     if job.backend == BackendKind::Pod {
-        check_pod_job(stack, job, driven, code, results, slack_ms, &mut violation);
+        check_pod_job(
+            stack,
+            job,
+            driven,
+            code,
+            results,
+            slack_ms,
+            pod_restarts,
+            &mut violation,
+        );
         return;
     }
 
@@ -899,6 +910,7 @@ fn check_job(
 }
 
 /// A pod job's end and outputs against the ComfyUI emulator's own record of its prompt.
+#[allow(clippy::too_many_arguments)]
 fn check_pod_job(
     stack: &Stack,
     job: &Job,
@@ -906,6 +918,7 @@ fn check_pod_job(
     code: Option<ErrorCode>,
     results: &HashMap<String, Vec<u8>>,
     slack_ms: i64,
+    pod_restarts: &[u64],
     violation: &mut dyn FnMut(String),
 ) {
     let prompt = job.runpod_job_id.as_deref();
@@ -922,11 +935,19 @@ fn check_pod_job(
         }
         (_, JobState::Succeeded, _) if outcome == Some("completed") => {}
         (_, JobState::Failed, Some(ErrorCode::WorkerFailed)) if outcome == Some("failed") => {}
-        // Lost twice: its second prompt never ended at the server either.
+        // Lost twice: its second prompt never ended at the server, or its end was wiped
+        // from the history by a restart before a check could see it (ComfyUI keeps no
+        // history across a restart, so such a prompt is lost to the gateway).
         (_, JobState::Failed, Some(ErrorCode::BackendLost)) => {
-            if job.reruns != 1 || ended.is_some() {
+            let wiped = ended.as_ref().is_none_or(|e| {
+                pod_restarts
+                    .iter()
+                    .any(|at| *at >= e.ended_at_ms && (*at as i64) <= finished)
+            });
+            if job.reruns != 1 || !wiped {
                 violation(format!(
-                    "failed backend_lost after {} re-runs, its prompt ended {outcome:?}",
+                    "failed backend_lost after {} re-runs, its prompt ended {outcome:?} with no \
+                     restart after it",
                     job.reruns
                 ));
             }
@@ -989,6 +1010,8 @@ fn check_pod_job(
 #[derive(Default)]
 struct PodFaults {
     restarts: std::sync::atomic::AtomicU64,
+    /// When each restart happened, epoch ms.
+    restart_times: std::sync::Mutex<Vec<u64>>,
     failed_executions: std::sync::atomic::AtomicU64,
     slow_spells: std::sync::atomic::AtomicU64,
 }
@@ -1004,6 +1027,7 @@ async fn pod_chaos(world: Arc<World>, seed: u64, counts: Arc<PodFaults>) {
             0..=2 => {
                 comfy.restart();
                 counts.restarts.fetch_add(1, Relaxed);
+                counts.restart_times.lock().unwrap().push(now_ms() as u64);
             }
             3..=6 => {
                 comfy.fail_next_executions(1);
@@ -1387,6 +1411,7 @@ async fn wave(
         }
     }
 
+    let pod_restart_times = pod_counts.restart_times.lock().unwrap().clone();
     let by_id: HashMap<&str, &Driven> = driven
         .iter()
         .filter_map(|d| d.id.as_deref().map(|id| (id, d)))
@@ -1402,6 +1427,7 @@ async fn wave(
             &results,
             timings.slack,
             timings.finalize_give_up,
+            &pod_restart_times,
             violations,
         );
     }

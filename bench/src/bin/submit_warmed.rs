@@ -34,8 +34,11 @@ async fn main() -> Result<(), lambda_http::Error> {
             .send(),
     );
 
+    let store = Arc::new(DynamoJobStore::new(dynamodb, table));
     let api = Api {
-        store: Arc::new(DynamoJobStore::new(dynamodb, table)),
+        batches: store.clone(),
+        turns: wiring.turns()?,
+        store,
         queue: Arc::new(SqsJobQueue::new(sqs, queue_url)),
         uploads: Arc::new(S3ObjectStore::new(s3.clone(), uploads_bucket).signing_with(&wiring.sdk)),
         results: Arc::new(S3ObjectStore::new(s3, config::results_bucket(env)?)),

@@ -192,9 +192,18 @@ impl Wiring {
             )),
             resolver: Arc::new(SystemResolver),
             results: self.results()?,
+            turns: self.turns()?,
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         })
+    }
+
+    /// The hold-back slots (in the job table), and the dispatch queue a woken job is sent to.
+    pub fn turns(&self) -> Result<Arc<gateway::app::holds::Turns>, BootError> {
+        Ok(Arc::new(gateway::app::holds::Turns {
+            slots: self.job_store()?,
+            queue: self.queue()?,
+        }))
     }
 
     /// What the dispatch function runs on both its queues' batches.
@@ -354,6 +363,8 @@ impl Wiring {
             images: Arc::new(crate::adapters::images::ImageHeaders),
             resolver: Arc::new(SystemResolver),
             catalog: self.catalog.clone(),
+            batches: self.job_store()?,
+            turns: self.turns()?,
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         })
@@ -375,6 +386,7 @@ impl Wiring {
             volume_root: layout.root().clone(),
             backends: self.backends(self.runpod_if_deployed()?)?,
             polls: self.polls()?,
+            turns: self.turns()?,
             stops: self.stops()?,
             catalog: self.catalog.clone(),
             signer: self.signer()?,

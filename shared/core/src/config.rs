@@ -212,6 +212,12 @@ pub struct Settings {
     pub backends: Vec<BackendKind>,
     /// The backend of a job that does not ask (`DEFAULT_BACKEND`; the first of `BACKENDS`).
     pub default_backend: BackendKind,
+    /// The backend of a batch that does not ask (`BATCH_BACKEND`): the pod when the deployment
+    /// runs one (the seed's intent: batches on a warm pod), else the default.
+    pub batch_backend: Option<BackendKind>,
+    /// Most jobs of one batch dispatched at once, when the batch does not say
+    /// (`BATCH_MAX_IN_FLIGHT`): a pod's queue stays this short.
+    pub batch_max_in_flight: u32,
 }
 
 fn backends(env: &Env) -> Result<(Vec<BackendKind>, BackendKind), ConfigError> {
@@ -295,9 +301,29 @@ impl Settings {
             egress: EgressPolicy {
                 allow_loopback: flag(env, "OUTBOUND_ALLOW_LOOPBACK", false)?,
             },
+            batch_backend: match env.get("BATCH_BACKEND") {
+                Some(name) => Some(
+                    BackendKind::parse(name.trim())
+                        .filter(|kind| backends.contains(kind))
+                        .ok_or_else(|| ConfigError::Invalid {
+                            name: "BATCH_BACKEND",
+                            reason: format!("{name:?} is not one of BACKENDS"),
+                        })?,
+                ),
+                None => backends
+                    .contains(&BackendKind::Pod)
+                    .then_some(BackendKind::Pod),
+            },
+            batch_max_in_flight: parsed(env, "BATCH_MAX_IN_FLIGHT", 4)?,
             backends,
             default_backend,
         };
+        if !(1..=64).contains(&settings.batch_max_in_flight) {
+            return Err(ConfigError::Invalid {
+                name: "BATCH_MAX_IN_FLIGHT",
+                reason: "must be between 1 and 64".into(),
+            });
+        }
         if !(settings.retention_min..=settings.retention_max).contains(&settings.record_retention) {
             return Err(ConfigError::Invalid {
                 name: "JOB_RETENTION_DAYS",

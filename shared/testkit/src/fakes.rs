@@ -646,12 +646,22 @@ impl Outage {
 #[derive(Default)]
 pub struct MemQueue {
     sent: Mutex<Vec<String>>,
+    /// How many of `sent` [`MemQueue::take`] has handed out.
+    taken: Mutex<usize>,
     outage: Outage,
 }
 
 impl MemQueue {
     pub fn sent(&self) -> Vec<String> {
         lock(&self.sent).clone()
+    }
+    /// The messages sent since the last take, in order, as a consumer would receive them.
+    pub fn take(&self) -> Vec<String> {
+        let sent = lock(&self.sent);
+        let mut taken = lock(&self.taken);
+        let new = sent[*taken..].to_vec();
+        *taken = sent.len();
+        new
     }
     /// The next `sends` enqueues fail.
     pub fn fail_next(&self, sends: u64) {
@@ -1384,5 +1394,81 @@ impl gateway::ports::ComfyServer for MemComfy {
             self.set_state(prompt_id, gateway::domain::comfy::PromptState::Interrupted);
         }
         Ok(())
+    }
+}
+
+/// Hold-back slots: every write conditional on the version read, as DynamoDB's is.
+#[derive(Default)]
+pub struct MemSlots {
+    records: Mutex<HashMap<String, (gateway::domain::hold::Slots, u64)>>,
+}
+
+impl MemSlots {
+    /// The key's record as stored now.
+    pub fn get(&self, key: &str) -> Option<gateway::domain::hold::Slots> {
+        lock(&self.records).get(key).map(|(slots, _)| slots.clone())
+    }
+}
+
+#[async_trait]
+impl gateway::ports::SlotStore for MemSlots {
+    async fn slots(
+        &self,
+        key: &str,
+    ) -> Result<Option<(gateway::domain::hold::Slots, u64)>, StoreError> {
+        yield_once().await;
+        Ok(lock(&self.records).get(key).cloned())
+    }
+
+    async fn save_slots(
+        &self,
+        slots: &gateway::domain::hold::Slots,
+        expected: u64,
+    ) -> Result<(), StoreError> {
+        yield_once().await;
+        let mut records = lock(&self.records);
+        let stored = records.get(&slots.key).map_or(0, |(_, version)| *version);
+        if stored != expected {
+            return Err(StoreError::Conflict);
+        }
+        records.insert(slots.key.clone(), (slots.clone(), expected + 1));
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+pub struct MemBatches {
+    batches: Mutex<HashMap<String, gateway::domain::batch::Batch>>,
+    /// Answer the next this many creates with `Unavailable`.
+    outage: AtomicU64,
+}
+
+impl MemBatches {
+    pub fn fail_next(&self, calls: u64) {
+        self.outage.store(calls, Ordering::SeqCst);
+    }
+    pub fn count(&self) -> usize {
+        lock(&self.batches).len()
+    }
+}
+
+#[async_trait]
+impl gateway::ports::BatchStore for MemBatches {
+    async fn create_batch(&self, batch: &gateway::domain::batch::Batch) -> Result<(), StoreError> {
+        let left = self.outage.load(Ordering::SeqCst);
+        if left > 0 {
+            self.outage.store(left - 1, Ordering::SeqCst);
+            return Err(StoreError::Unavailable("down (test)".into()));
+        }
+        let mut batches = lock(&self.batches);
+        if batches.contains_key(&batch.id) {
+            return Err(StoreError::Conflict);
+        }
+        batches.insert(batch.id.clone(), batch.clone());
+        Ok(())
+    }
+
+    async fn batch(&self, id: &str) -> Result<Option<gateway::domain::batch::Batch>, StoreError> {
+        Ok(lock(&self.batches).get(id).cloned())
     }
 }

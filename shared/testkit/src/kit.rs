@@ -20,9 +20,9 @@ use gateway::domain::workflow::WorkflowCatalog;
 use gateway::ports::RunPodStatus;
 
 use crate::fakes::{
-    MagicBytes, ManualClock, MemCallbackQueue, MemComfy, MemDeliveryLogs, MemFinalize, MemObjects,
-    MemPolls, MemQueue, MemSigningKeys, MemStops, MemStore, NoDownloads, ScriptedReceiver,
-    ScriptedRunPod, ServedUrls, TableResolver,
+    MagicBytes, ManualClock, MemBatches, MemCallbackQueue, MemComfy, MemDeliveryLogs, MemFinalize,
+    MemObjects, MemPolls, MemQueue, MemSigningKeys, MemSlots, MemStops, MemStore, NoDownloads,
+    ScriptedReceiver, ScriptedRunPod, ServedUrls, TableResolver,
 };
 use gateway::app::backends::{Backends, Pod, Serverless};
 use gateway::domain::job::BackendKind;
@@ -56,6 +56,9 @@ pub struct Kit {
     /// The pod backend's ComfyUI server, and the queue of its jobs' checks.
     pub comfy: Arc<MemComfy>,
     pub polls: Arc<MemPolls>,
+    /// Batches, and the hold-back slots of their jobs.
+    pub batches: Arc<MemBatches>,
+    pub slots: Arc<MemSlots>,
     pub images: Arc<MagicBytes>,
     /// DNS and the web, for inputs given by URL.
     pub resolver: Arc<TableResolver>,
@@ -93,6 +96,8 @@ impl Kit {
             runpod: Arc::default(),
             comfy: Arc::default(),
             polls: Arc::default(),
+            batches: Arc::default(),
+            slots: Arc::default(),
             images: Arc::default(),
             resolver: Arc::default(),
             urls: Arc::default(),
@@ -106,6 +111,7 @@ impl Kit {
             // Both backends, so that a test may ask for either.
             settings: Settings {
                 backends: vec![BackendKind::Serverless, BackendKind::Pod],
+                batch_backend: Some(BackendKind::Pod),
                 ..Settings::default()
             },
             janitor_settings: JanitorSettings::default(),
@@ -170,9 +176,19 @@ impl Kit {
             images: self.images.clone(),
             resolver: self.resolver.clone(),
             catalog: self.catalog.clone(),
+            batches: self.batches.clone(),
+            turns: self.turns(),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         }
+    }
+
+    /// The hold-back slots, and the dispatch queue a woken job is sent to.
+    pub fn turns(&self) -> Arc<gateway::app::holds::Turns> {
+        Arc::new(gateway::app::holds::Turns {
+            slots: self.slots.clone(),
+            queue: self.queue.clone(),
+        })
     }
 
     pub fn dispatcher(&self) -> Dispatcher {
@@ -187,6 +203,7 @@ impl Kit {
             volume_root: self.volume_root(),
             backends: self.backends(),
             polls: self.polls.clone(),
+            turns: self.turns(),
             stops: self.stops.clone(),
             catalog: self.catalog.clone(),
             signer: self.signer.clone(),
@@ -296,6 +313,7 @@ impl Kit {
             keys: self.signing_keys.clone(),
             resolver: self.resolver.clone(),
             results: self.results.clone(),
+            turns: self.turns(),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         }

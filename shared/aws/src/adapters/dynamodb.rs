@@ -802,6 +802,91 @@ impl DeliveryLogs for DynamoJobStore {
     }
 }
 
+impl DynamoJobStore {
+    /// A JSON record of the table's own items and its version (`doc`, `version`).
+    async fn doc_item(&self, pk: String) -> Result<Option<(String, u64)>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(pk))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let Some(item) = out.item() else {
+            return Ok(None);
+        };
+        let doc = item
+            .get("doc")
+            .and_then(|v| v.as_s().ok())
+            .ok_or_else(|| StoreError::Corrupt("a record without doc".into()))?;
+        let version = item
+            .get("version")
+            .and_then(|v| v.as_n().ok())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        Ok(Some((doc.clone(), version)))
+    }
+}
+
+/// Hold-back slots share the table: one item per key, `pk = slots#<key>`, the record as JSON in
+/// `doc`, written on the same version rule as jobs.
+#[async_trait]
+impl gateway::ports::SlotStore for DynamoJobStore {
+    async fn slots(
+        &self,
+        key: &str,
+    ) -> Result<Option<(gateway::domain::hold::Slots, u64)>, StoreError> {
+        let Some((doc, version)) = self.doc_item(keys::slots_item(key)).await? else {
+            return Ok(None);
+        };
+        let slots = serde_json::from_str(&doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok(Some((slots, version)))
+    }
+
+    async fn save_slots(
+        &self,
+        slots: &gateway::domain::hold::Slots,
+        expected: u64,
+    ) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(slots).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let request = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(keys::slots_item(&slots.key)))
+            .item("doc", s(doc));
+        put_versioned(request, expected).await
+    }
+}
+
+/// Batches share the table: `pk = batch#<id>`, the batch as JSON in `doc`, removed by
+/// DynamoDB's TTL with its jobs' records.
+#[async_trait]
+impl gateway::ports::BatchStore for DynamoJobStore {
+    async fn create_batch(&self, batch: &gateway::domain::batch::Batch) -> Result<(), StoreError> {
+        let doc = serde_json::to_string(batch).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let request = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(keys::batch_item(&batch.id)))
+            .item("doc", s(doc))
+            .item("expires_at", n(batch.expires_at));
+        put_versioned(request, 0).await
+    }
+
+    async fn batch(&self, id: &str) -> Result<Option<gateway::domain::batch::Batch>, StoreError> {
+        let Some((doc, _)) = self.doc_item(keys::batch_item(id)).await? else {
+            return Ok(None);
+        };
+        serde_json::from_str(&doc)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+}
+
 /// Writes a record of the table's own items (delivery logs, signing keys) as version
 /// `expected + 1`, only if the stored one is still `expected` (0: none stored yet); a lost race
 /// is `StoreError::Conflict`.

@@ -38,7 +38,7 @@ pub const MAX_PAGE: u32 = 100;
 const CANCEL_ROUNDS: usize = 3;
 /// How much of an uploaded image is read to check its format and dimensions: headers (EXIF
 /// included) come first.
-const PROBE_BYTES: u64 = 256 * 1024;
+pub(crate) const PROBE_BYTES: u64 = 256 * 1024;
 
 pub struct Api {
     pub store: Arc<dyn JobStore>,
@@ -53,6 +53,9 @@ pub struct Api {
     /// Resolves the host of an input URL, to refuse one that leads inside before it is stored.
     pub resolver: Arc<dyn Resolver>,
     pub catalog: Arc<WorkflowCatalog>,
+    /// Batches, and the slots that hold their jobs back.
+    pub batches: Arc<dyn crate::ports::BatchStore>,
+    pub turns: Arc<crate::app::holds::Turns>,
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
 }
@@ -206,7 +209,7 @@ impl Api {
     /// The backend a job of `workflow` runs on: the one asked for, or the deployment's default
     /// (or, if the workflow does not run there, the first backend of the deployment it does
     /// run on).
-    fn backend_for(
+    pub(crate) fn backend_for(
         &self,
         workflow: &crate::domain::workflow::Workflow,
         asked: Option<&str>,
@@ -354,6 +357,28 @@ impl Api {
         job_id: &str,
         encoded: &str,
     ) -> Result<InputRef, Refusal> {
+        let (bytes, kind) = self.decode_inline(encoded)?;
+        self.put_inline(owner, job_id, bytes, kind).await
+    }
+
+    /// Stores an inline image already decoded and checked as the job's input.
+    pub(crate) async fn put_inline(
+        &self,
+        owner: &str,
+        job_id: &str,
+        bytes: Vec<u8>,
+        kind: ImageKind,
+    ) -> Result<InputRef, Refusal> {
+        let key = keys::inline_input(owner, job_id, kind.extension);
+        let size = bytes.len() as u64;
+        self.uploads
+            .put_bytes(&key, bytes.into(), kind.content_type)
+            .await?;
+        Ok(input_ref(key, kind, size))
+    }
+
+    /// An inline image, decoded and checked (size, format, dimensions); nothing is stored.
+    pub(crate) fn decode_inline(&self, encoded: &str) -> Result<(Vec<u8>, ImageKind), Refusal> {
         let limit = self.settings.max_inline_bytes;
         let too_large = || Refusal::TooLarge {
             message: format!(
@@ -378,16 +403,11 @@ impl Api {
             return Err(too_large());
         }
         let kind = self.check_image(&bytes)?;
-        let key = keys::inline_input(owner, job_id, kind.extension);
-        let size = bytes.len() as u64;
-        self.uploads
-            .put_bytes(&key, bytes.into(), kind.content_type)
-            .await?;
-        Ok(input_ref(key, kind, size))
+        Ok((bytes, kind))
     }
 
     /// The format, and that the header decodes to sane dimensions (inline images are held whole).
-    fn check_image(&self, bytes: &[u8]) -> Result<ImageKind, Refusal> {
+    pub(crate) fn check_image(&self, bytes: &[u8]) -> Result<ImageKind, Refusal> {
         crate::app::inputs::check_image(self.images.as_ref(), bytes).map_err(
             |refusal| match refusal {
                 InputRefusal::NotAnImage => not_an_image(),
@@ -401,7 +421,12 @@ impl Api {
     /// An input given by URL: checked now against the egress rules (an https URL whose host
     /// resolves only to public addresses), fetched and checked as an image at dispatch, when
     /// the rules are applied again to the address then connected to.
-    async fn url_input(&self, owner: &str, job_id: &str, url: &str) -> Result<InputRef, Refusal> {
+    pub(crate) async fn url_input(
+        &self,
+        owner: &str,
+        job_id: &str,
+        url: &str,
+    ) -> Result<InputRef, Refusal> {
         let (parsed, _) =
             crate::app::inputs::checked_url(self.settings.egress, self.resolver.as_ref(), url)
                 .await
@@ -417,7 +442,7 @@ impl Api {
 
     /// The job's callback, checked: a URL the egress rules allow, now (it is checked again at
     /// each attempt), and the events it asks for, each named once.
-    async fn callback(
+    pub(crate) async fn callback(
         &self,
         url: Option<&str>,
         events: Option<&[String]>,
@@ -462,7 +487,7 @@ impl Api {
 
     /// Removes the input stored for a job that was not created (always the job's own copy,
     /// inline or pinned: never the client's upload). Best effort.
-    async fn remove_input(&self, job: &Job) {
+    pub(crate) async fn remove_input(&self, job: &Job) {
         if let Err(err) = self.uploads.delete(&job.input.key).await {
             tracing::warn!(key = %job.input.key, error = %err, "could not remove the input of a job not created");
         }
@@ -472,7 +497,7 @@ impl Api {
     /// presigned URL reaches, then checks the copy (size, format, dimensions), so what the GPU
     /// receives is what was checked, whatever is PUT to the upload URL later. A refused copy
     /// is removed.
-    async fn uploaded_image(
+    pub(crate) async fn uploaded_image(
         &self,
         owner: &str,
         job_id: &str,
@@ -563,7 +588,7 @@ impl Api {
     }
 
     /// The client's retention, if it named one, within the configured bounds.
-    fn retention(&self, asked: Option<u64>) -> Result<Option<Duration>, Refusal> {
+    pub(crate) fn retention(&self, asked: Option<u64>) -> Result<Option<Duration>, Refusal> {
         let Some(secs) = asked else {
             return Ok(None);
         };
@@ -784,7 +809,7 @@ impl Api {
     }
 
     /// Loads a job for its owner; anyone else's job is indistinguishable from a missing one.
-    async fn owned_job(&self, owner: &str, id: &str) -> Result<Job, Refusal> {
+    pub(crate) async fn owned_job(&self, owner: &str, id: &str) -> Result<Job, Refusal> {
         if uuid::Uuid::parse_str(id).is_err() {
             return Err(Refusal::NotFound);
         }
@@ -923,7 +948,7 @@ pub fn timing(settings: &Settings, retention: Option<Duration>) -> JobTiming {
     }
 }
 
-fn input_ref(key: String, kind: ImageKind, size: u64) -> InputRef {
+pub(crate) fn input_ref(key: String, kind: ImageKind, size: u64) -> InputRef {
     InputRef {
         key,
         content_type: kind.content_type.to_string(),

@@ -46,6 +46,8 @@ pub struct Callbacks {
     pub resolver: Arc<dyn Resolver>,
     /// For the outputs' download links in a succeeded job's message.
     pub results: Arc<dyn ObjectStore>,
+    /// A held job's end gives its slot back and wakes the next in line.
+    pub turns: Arc<crate::app::holds::Turns>,
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
 }
@@ -124,6 +126,14 @@ impl Callbacks {
         let Some(job) = self.store.get(job_id).await? else {
             return Ok(None);
         };
+        // The end of a held job frees its slot, whatever else it is told (a deleted job too);
+        // a failure comes back with the notice.
+        if event == CallbackEvent::Ended && job.is_terminal() {
+            self.turns.release(&job).await?;
+        }
+        if !job.wants_callback(event) {
+            return Ok(None);
+        }
         let applies = job.deletion.is_none()
             && match event {
                 CallbackEvent::Ended => job.is_terminal(),
@@ -385,7 +395,9 @@ pub async fn announce(queue: &dyn CallbackQueue, before: JobState, job: &Job) {
     } else {
         return;
     };
-    if job.wants_callback(event) {
+    // A held job's end is announced even without a callback: its slot is freed on it.
+    let frees_a_slot = event == CallbackEvent::Ended && job.hold.is_some();
+    if job.wants_callback(event) || frees_a_slot {
         tell(queue, job, event).await;
     }
 }

@@ -62,6 +62,8 @@ pub struct Dispatcher {
     pub backends: Backends,
     /// A polled backend's first check is asked for here.
     pub polls: Arc<dyn PollQueue>,
+    /// A held job (a batch's) starts only with a slot of its key.
+    pub turns: Arc<crate::app::holds::Turns>,
     /// Where runs nobody will read are sent to be stopped.
     pub stops: Arc<dyn StopQueue>,
     pub catalog: Arc<WorkflowCatalog>,
@@ -115,6 +117,11 @@ impl Dispatcher {
             return Ok(DispatchOutcome::Skipped(
                 "an unconfirmed run may still announce itself",
             ));
+        }
+        // Held back until a slot of its key frees; the job then is woken with a message of its
+        // own (and the sweeper sends it again meanwhile, should that be lost).
+        if !self.turns.take(&job).await? {
+            return Ok(DispatchOutcome::Skipped("held back until a slot frees"));
         }
         if job.attempts >= self.settings.max_dispatch_attempts {
             let error = JobError::new(

@@ -3,10 +3,12 @@
 //! volume's janitor.
 pub mod api;
 pub mod backends;
+pub mod batches;
 pub mod callbacks;
 pub mod cleanup;
 pub mod dispatch;
 pub mod finalize;
+pub mod holds;
 pub mod inputs;
 pub mod janitor;
 pub mod observe;

@@ -498,10 +498,12 @@ pub struct Job {
     /// update would grow the record towards DynamoDB's 400 KB item limit.
     #[serde(default)]
     pub progress: Option<Progress>,
-    /// Ended with a callback URL, and the callback about its end not yet known to be queued:
-    /// the write that ends the job sets it, so the sweeper, which visits every ended job for
-    /// its clean-up, asks for the callback again before clearing it. A callback lost between
-    /// the job's end and the delivery queue is sent late, never not at all.
+    /// Ended with a callback URL or a held slot, and the notice of its end (which the
+    /// callbacks function turns into the client's callback and the slot's release) not yet
+    /// known to be queued: the write that ends the job sets it, so the sweeper, which visits
+    /// every ended job for its clean-up, asks for the notice again before clearing it. A
+    /// callback or a release lost between the job's end and the queue happens late, never not
+    /// at all.
     #[serde(default)]
     pub callback_pending: bool,
     /// When a `job.progress` callback was last asked for, which rate-limits them.
@@ -529,6 +531,13 @@ pub struct Job {
     /// How many lost runs were started again; one is allowed.
     #[serde(default)]
     pub reruns: u32,
+    /// The batch it belongs to, if any.
+    #[serde(default)]
+    pub batch_id: Option<String>,
+    /// What holds it back (a slot of its batch's): dispatched only with a slot, which it gives
+    /// back when it ends.
+    #[serde(default)]
+    pub hold: Option<super::hold::Hold>,
     /// Who is changing the job in this process; recorded in the history, never stored.
     #[serde(skip)]
     acting: Acting,
@@ -657,6 +666,8 @@ impl Job {
             unseen_at: None,
             rerun_pending: false,
             reruns: 0,
+            batch_id: None,
+            hold: None,
             acting: Acting::default(),
         }
     }
@@ -1018,7 +1029,8 @@ impl Job {
         // the job left behind.
         self.next_check_at = Some(now + self.cleanup_delay_ms);
         self.cleanup_pending = true;
-        self.callback_pending = self.callback_url.is_some();
+        // The end's follow-ups: the client's callback, and the slot it held for the next job.
+        self.callback_pending = self.callback_url.is_some() || self.hold.is_some();
         self.timestamps.finished_at = Some(now);
         Ok(())
     }

@@ -141,6 +141,16 @@ pub fn delivery_log(job_id: &str) -> String {
     format!("deliveries#{job_id}")
 }
 
+/// Job table: a hold-back key's slots and line, `slots#{key}`.
+pub fn slots_item(key: &str) -> String {
+    format!("slots#{key}")
+}
+
+/// Job table: a batch, `batch#{id}`.
+pub fn batch_item(id: &str) -> String {
+    format!("batch#{id}")
+}
+
 /// Job table: an owner's callback signing secrets (encrypted), `signing#{owner}`.
 pub fn signing_keys(owner: &str) -> String {
     format!("signing#{owner}")

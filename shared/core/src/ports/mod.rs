@@ -690,6 +690,34 @@ pub trait ComfyServer: Send + Sync {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Holding jobs back, and batches
+// ---------------------------------------------------------------------------------------------
+
+/// Each hold-back key's slots and line (`domain::hold`), written conditionally like jobs.
+#[async_trait]
+pub trait SlotStore: Send + Sync {
+    /// The key's record and the version to save it against; `None` before its first use.
+    async fn slots(
+        &self,
+        key: &str,
+    ) -> Result<Option<(crate::domain::hold::Slots, u64)>, StoreError>;
+    /// Writes `slots` as version `expected + 1` only if the stored one is still `expected`
+    /// (0: none stored yet); `StoreError::Conflict` otherwise.
+    async fn save_slots(
+        &self,
+        slots: &crate::domain::hold::Slots,
+        expected: u64,
+    ) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+pub trait BatchStore: Send + Sync {
+    /// Stores a new batch; one with the same id is `StoreError::Conflict`.
+    async fn create_batch(&self, batch: &crate::domain::batch::Batch) -> Result<(), StoreError>;
+    async fn batch(&self, id: &str) -> Result<Option<crate::domain::batch::Batch>, StoreError>;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Backends: where a job's runs go
 // ---------------------------------------------------------------------------------------------
 

@@ -33,10 +33,12 @@ use gateway::domain::callback::DeliveryRefusal;
 use crate::error::ApiError;
 use identity::IdentitySource;
 use openapi::ErrorResponse;
-use requests::{JobRequestBody, ListQuery, TestEventRequest, UploadRequest, UsageQuery};
+use requests::{
+    BatchRequestBody, JobRequestBody, ListQuery, TestEventRequest, UploadRequest, UsageQuery,
+};
 use views::{
-    DeletedView, DeliveryLogView, DeliveryView, Health, JobList, JobSummary, JobView, SecretsView,
-    TestEventView, UploadView, UsageView, WorkflowList,
+    BatchView, DeletedView, DeliveryLogView, DeliveryView, Health, JobList, JobSummary, JobView,
+    SecretsView, TestEventView, UploadView, UsageView, WorkflowList,
 };
 
 /// Room for a 4 MB image in base64 plus the JSON around it; API Gateway caps Lambda at 6 MB.
@@ -78,6 +80,9 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/jobs/{id}"),
     ("GET", "/jobs/{id}/deliveries"),
     ("POST", "/jobs/{id}/deliveries/{delivery_id}/redeliver"),
+    ("POST", "/batches"),
+    ("GET", "/batches/{id}"),
+    ("POST", "/batches/{id}/cancel"),
     ("GET", "/callbacks/secret"),
     ("POST", "/callbacks/secret/rotate"),
     ("POST", "/callbacks/test"),
@@ -97,6 +102,9 @@ fn handler(method: &str, path: &str) -> MethodRouter<Arc<ApiState>> {
         ("DELETE", "/jobs/{id}") => delete(delete_job),
         ("GET", "/jobs/{id}/deliveries") => get(deliveries),
         ("POST", "/jobs/{id}/deliveries/{delivery_id}/redeliver") => post(redeliver),
+        ("POST", "/batches") => post(create_batch),
+        ("GET", "/batches/{id}") => get(get_batch),
+        ("POST", "/batches/{id}/cancel") => post(cancel_batch),
         ("GET", "/callbacks/secret") => get(signing_secret),
         ("POST", "/callbacks/secret/rotate") => post(rotate_signing_secret),
         ("POST", "/callbacks/test") => post(test_event),
@@ -197,6 +205,76 @@ async fn create_job(
         Submitted::Accepted(job) | Submitted::Existing(job) => job,
     };
     Ok((StatusCode::ACCEPTED, Json(JobSummary::accepted(&job))))
+}
+
+/// Submits a batch: one job per input, all checked before anything is stored.
+#[utoipa::path(
+    post,
+    path = "/batches",
+    tag = "batches",
+    request_body = BatchRequestBody,
+    responses(
+        (status = 202, description = "Accepted: the batch and its jobs, queued", body = BatchView),
+        (status = 400, description = "Invalid request (an input's refusal names it, `inputs[i]`); nothing was stored", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 413, description = "An image is too large", body = ErrorResponse),
+        (status = 503, description = "A store could not be reached; nothing of the batch is left; try again", body = ErrorResponse),
+    )
+)]
+async fn create_batch(
+    State(state): State<Arc<ApiState>>,
+    Owner(owner): Owner,
+    body: Bytes,
+) -> Result<(StatusCode, Json<BatchView>), ApiError> {
+    let request: BatchRequestBody = json_body(&body, "a valid batch request")?;
+    let (batch, jobs) = state.submit_batch(&owner, request.into()).await?;
+    Ok((StatusCode::ACCEPTED, Json(BatchView::new(&batch, &jobs))))
+}
+
+/// A batch: its jobs counted by state, and each job.
+#[utoipa::path(
+    get,
+    path = "/batches/{id}",
+    tag = "batches",
+    params(("id" = String, Path, description = "The batch's id")),
+    responses(
+        (status = 200, description = "OK", body = BatchView),
+        (status = 400, description = "Invalid path", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 404, description = "No such batch of the caller's", body = ErrorResponse),
+        (status = 503, description = "Try again", body = ErrorResponse),
+    )
+)]
+async fn get_batch(
+    State(state): State<Arc<ApiState>>,
+    Owner(owner): Owner,
+    JobId(id): JobId,
+) -> Result<Json<BatchView>, ApiError> {
+    let (batch, jobs) = state.batch(&owner, &id).await?;
+    Ok(Json(BatchView::new(&batch, &jobs)))
+}
+
+/// Cancels every job of the batch that has not ended.
+#[utoipa::path(
+    post,
+    path = "/batches/{id}/cancel",
+    tag = "batches",
+    params(("id" = String, Path, description = "The batch's id")),
+    responses(
+        (status = 200, description = "The batch after the cancels", body = BatchView),
+        (status = 400, description = "Invalid path", body = ErrorResponse),
+        (status = 401, description = "No valid bearer token", body = ErrorResponse),
+        (status = 404, description = "No such batch of the caller's", body = ErrorResponse),
+        (status = 503, description = "A run's stop could not be queued; the jobs not cancelled yet are as they were; try again", body = ErrorResponse),
+    )
+)]
+async fn cancel_batch(
+    State(state): State<Arc<ApiState>>,
+    Owner(owner): Owner,
+    JobId(id): JobId,
+) -> Result<Json<BatchView>, ApiError> {
+    let (batch, jobs) = state.cancel_batch(&owner, &id).await?;
+    Ok(Json(BatchView::new(&batch, &jobs)))
 }
 
 /// A presigned POST to upload a photo too large to send inline.

@@ -7,7 +7,9 @@ use serde::Serialize;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
-use super::requests::{JobInputBody, JobRequestBody, TestEventRequest, UploadRequest};
+use super::requests::{
+    BatchRequestBody, JobInputBody, JobRequestBody, TestEventRequest, UploadRequest,
+};
 use super::views;
 
 /// Every error: `{"error": {"code", "message"}}`.
@@ -107,6 +109,9 @@ impl Modify for BearerAuth {
         super::rotate_signing_secret,
         super::test_event,
         super::create_upload,
+        super::create_batch,
+        super::get_batch,
+        super::cancel_batch,
         super::usage,
         super::workflows,
         super::health,
@@ -116,6 +121,9 @@ impl Modify for BearerAuth {
     components(schemas(
         JobRequestBody,
         JobInputBody,
+        BatchRequestBody,
+        views::BatchView,
+        views::BatchJobView,
         UploadRequest,
         TestEventRequest,
         ErrorResponse,

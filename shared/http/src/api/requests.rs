@@ -5,6 +5,7 @@ use serde_json::{Map, Value};
 use utoipa::{IntoParams, ToSchema};
 
 use gateway::app::api::{JobInput, JobRequest};
+use gateway::app::batches::BatchRequest;
 
 /// The body of `POST /jobs`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -43,6 +44,70 @@ pub struct JobRequestBody {
     pub backend: Option<String>,
 }
 
+/// The body of `POST /batches`: one job per input, with one workflow and its params.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequestBody {
+    /// A workflow's name, from `GET /workflows`.
+    pub workflow: String,
+    /// The workflow's parameters, the same for every job (a parameter drawn at random is
+    /// drawn per job). Left out, the defaults.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub params: Option<Map<String, Value>>,
+    /// One job per input, in this order: each an upload, a small inline image or a URL, as
+    /// for `POST /jobs` (1 to 500; the request body is limited to 6 MB, so large photos go
+    /// through `POST /uploads`).
+    #[schema(min_items = 1, max_items = 500)]
+    pub inputs: Vec<JobInputBody>,
+    #[serde(default)]
+    #[schema(minimum = 0)]
+    pub retention_secs: Option<u64>,
+    /// Where to POST each job's signed callbacks, as for `POST /jobs`.
+    #[serde(default)]
+    #[schema(max_length = 2048)]
+    pub callback_url: Option<String>,
+    #[serde(default)]
+    #[schema(max_items = 3)]
+    pub callback_events: Option<Vec<String>>,
+    /// `serverless` or `pod`; left out, the deployment's batch backend (the pod, when it runs
+    /// one and the workflow does).
+    #[serde(default)]
+    #[schema(pattern = "^(serverless|pod)$")]
+    pub backend: Option<String>,
+    /// Most of its jobs dispatched at once (1 to 64; the deployment's `BATCH_MAX_IN_FLIGHT`,
+    /// 4, when left out): the others wait queued, and start in the order of the inputs as
+    /// those end.
+    #[serde(default)]
+    #[schema(minimum = 1, maximum = 64)]
+    pub max_in_flight: Option<u32>,
+}
+
+impl From<JobInputBody> for JobInput {
+    fn from(input: JobInputBody) -> Self {
+        Self {
+            image_base64: input.image_base64,
+            upload_id: input.upload_id,
+            url: input.url,
+        }
+    }
+}
+
+impl From<BatchRequestBody> for BatchRequest {
+    fn from(body: BatchRequestBody) -> Self {
+        Self {
+            workflow: body.workflow,
+            params: body.params,
+            inputs: body.inputs.into_iter().map(JobInput::from).collect(),
+            retention_secs: body.retention_secs,
+            callback_url: body.callback_url,
+            callback_events: body.callback_events,
+            backend: body.backend,
+            max_in_flight: body.max_in_flight,
+        }
+    }
+}
+
 /// The body of `POST /callbacks/test`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -73,11 +138,7 @@ impl From<JobRequestBody> for JobRequest {
         Self {
             workflow: body.workflow,
             params: body.params,
-            input: JobInput {
-                image_base64: body.input.image_base64,
-                upload_id: body.input.upload_id,
-                url: body.input.url,
-            },
+            input: body.input.into(),
             retention_secs: body.retention_secs,
             callback_url: body.callback_url,
             callback_events: body.callback_events,

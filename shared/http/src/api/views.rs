@@ -37,6 +37,56 @@ impl From<&Job> for JobSummary {
     }
 }
 
+/// `POST /batches`, `GET /batches/{id}`, `POST /batches/{id}/cancel`: the batch, its jobs
+/// counted by state, and each job (in the order of the inputs).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchView {
+    pub batch_id: String,
+    pub workflow: String,
+    pub backend: &'static str,
+    pub max_in_flight: u32,
+    pub created_at: String,
+    /// How many jobs are in each state (every state named).
+    #[schema(value_type = Object)]
+    pub counts: std::collections::BTreeMap<&'static str, usize>,
+    pub jobs: Vec<BatchJobView>,
+}
+
+/// One job of a batch; `GET /jobs/{id}` has the rest (its outputs' links included).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchJobView {
+    pub job_id: String,
+    pub status: &'static str,
+    pub error: Option<ErrorView>,
+    /// How many outputs it stored, once succeeded.
+    pub outputs: usize,
+}
+
+impl BatchView {
+    pub fn new(batch: &gateway::domain::batch::Batch, jobs: &[Job]) -> Self {
+        Self {
+            batch_id: batch.id.clone(),
+            workflow: batch.workflow.clone(),
+            backend: batch.backend.as_str(),
+            max_in_flight: batch.max_in_flight,
+            created_at: time(batch.created_at),
+            counts: gateway::domain::batch::counts(jobs)
+                .into_iter()
+                .map(|(state, n)| (state.as_str(), n))
+                .collect(),
+            jobs: jobs
+                .iter()
+                .map(|job| BatchJobView {
+                    job_id: job.id.clone(),
+                    status: job.state.as_str(),
+                    error: job.error.as_ref().map(ErrorView::from),
+                    outputs: job.outputs.len(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// `DELETE /jobs/{id}`: the job is a tombstone; its data is removed (what the sweeper purges
 /// within the minute included).
 #[derive(Debug, Serialize, ToSchema)]
@@ -97,6 +147,8 @@ pub struct JobView {
     pub workflow_version: String,
     /// Where it runs: `serverless` or `pod`.
     pub backend: &'static str,
+    /// The batch it belongs to, if any (`GET /batches/{id}`).
+    pub batch_id: Option<String>,
     /// The parameters the job runs with: the client's, defaults filled in, random ones drawn.
     #[schema(value_type = Object)]
     pub params: ValidatedParams,
@@ -209,6 +261,16 @@ pub struct ErrorView {
     pub retryable: bool,
 }
 
+impl From<&gateway::domain::job::JobError> for ErrorView {
+    fn from(error: &gateway::domain::job::JobError) -> Self {
+        Self {
+            code: error.code.as_str(),
+            message: error.message.clone(),
+            retryable: error.retryable,
+        }
+    }
+}
+
 /// One output file and a presigned URL to download it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct OutputView {
@@ -256,6 +318,7 @@ impl From<&JobDetail> for JobView {
             workflow: job.workflow.clone(),
             workflow_version: job.workflow_version.clone(),
             backend: job.backend.as_str(),
+            batch_id: job.batch_id.clone(),
             params: job.params.clone(),
             created_at: time(job.timestamps.created_at),
             submitted_at: job.timestamps.submitted_at.map(time),
@@ -263,11 +326,7 @@ impl From<&JobDetail> for JobView {
             finished_at: job.timestamps.finished_at.map(time),
             updated_at: time(job.timestamps.updated_at),
             expires_at: time(job.retained_until()),
-            error: job.error.as_ref().map(|e| ErrorView {
-                code: e.code.as_str(),
-                message: e.message.clone(),
-                retryable: e.retryable,
-            }),
+            error: job.error.as_ref().map(ErrorView::from),
             delay_time_ms: job.delay_time_ms,
             execution_time_ms: job.execution_time_ms,
             progress: job.progress.as_ref().map(|p| ProgressView {
