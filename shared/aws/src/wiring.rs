@@ -472,6 +472,13 @@ impl Wiring {
             volume: volume.clone(),
             staged: volume,
             root: layout.root().clone(),
+            // The pod's job folders, when the deployment runs a pod whose ComfyUI writes on the
+            // volume.
+            backend_folders: gateway::app::backends::comfy_job_parents(
+                config::pod_volume_comfyui_root(&self.env)
+                    .filter(|_| self.settings.backends.contains(&BackendKind::Pod))
+                    .as_deref(),
+            ),
             settings: JanitorSettings::from_env(&self.env)?,
             clock: self.clock.clone(),
         })

@@ -540,12 +540,18 @@ impl PodConfig {
             token: env.get("POD_COMFYUI_TOKEN").filter(|t| !t.is_empty()),
             request_timeout,
             poll_every,
-            volume_comfyui_root: match env.get("POD_VOLUME_COMFYUI_ROOT") {
-                None => Some("ComfyUI".into()),
-                Some(root) if root.trim_matches('/').is_empty() => None,
-                Some(root) => Some(root.trim_matches('/').to_string()),
-            },
+            volume_comfyui_root: pod_volume_comfyui_root(env),
         })
+    }
+}
+
+/// Where the pod's ComfyUI folders are on the RunPod volume (`POD_VOLUME_COMFYUI_ROOT`,
+/// `ComfyUI`; empty: not on the volume). The janitor reads it alone.
+pub fn pod_volume_comfyui_root(env: &Env) -> Option<String> {
+    match env.get("POD_VOLUME_COMFYUI_ROOT") {
+        None => Some("ComfyUI".into()),
+        Some(root) if root.trim_matches('/').is_empty() => None,
+        Some(root) => Some(root.trim_matches('/').to_string()),
     }
 }
 

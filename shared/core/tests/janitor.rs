@@ -344,3 +344,43 @@ async fn a_job_the_sweeper_cleans_up_leaves_nothing_for_the_janitor() {
     assert_eq!((report.folders_seen, report.folders_removed), (0, 0));
     assert!(kit.volume.list("", 10).await.unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_pod_jobs_comfyui_folders_left_after_its_clean_up_are_removed_in_time() {
+    let kit = Kit::new();
+    let job = ended_job(&kit).await;
+    // A prompt nobody tracked any more wrote there after the job's own clean-up.
+    let late = format!("ComfyUI/output/gateway/{}/a2/restore_00001_.png", job.id);
+    kit.volume.insert(&late, b"png");
+    past_min_age(&kit);
+
+    kit.janitor().run_before(None).await;
+
+    assert!(
+        on_volume(&kit, &job.id).is_empty(),
+        "{:?}",
+        kit.volume.keys()
+    );
+}
+
+#[tokio::test]
+async fn what_is_in_comfyuis_folders_outside_the_gateways_own_stays() {
+    let kit = Kit::new();
+    let theirs = "ComfyUI/output/ComfyUI_00001_.png";
+    let old_id = mint_job_id(kit.now());
+    let not_a_job = "ComfyUI/input/gateway/someones-folder/photo.png";
+    kit.volume.insert(theirs, b"png");
+    kit.volume.insert(not_a_job, b"png");
+    // A job id's folder, but not in the gateway's own folder of ComfyUI's.
+    let beside = format!("ComfyUI/input/{old_id}/photo.png");
+    kit.volume.insert(&beside, b"png");
+    past_min_age(&kit);
+
+    let report = kit.janitor().run_before(None).await;
+
+    let left = kit.volume.keys();
+    for key in [theirs, not_a_job, beside.as_str()] {
+        assert!(left.contains(&key.to_string()), "{key} was removed");
+    }
+    assert_eq!(report.foreign, 1);
+}

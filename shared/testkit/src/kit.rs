@@ -348,6 +348,7 @@ impl Kit {
             volume: self.volume.clone(),
             staged: self.volume.clone(),
             root: self.volume_root(),
+            backend_folders: gateway::app::backends::comfy_job_parents(Some(POD_VOLUME_ROOT)),
             settings: self.janitor_settings.clone(),
             clock: self.clock.clone(),
         }

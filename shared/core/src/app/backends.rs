@@ -221,7 +221,26 @@ pub struct Pod {
 /// The folder (under ComfyUI's input and output folders) that holds one job's files: the
 /// gateway's own, so the clean-up removes exactly what the job put there.
 fn job_folder(job_id: &str) -> String {
-    format!("gateway/{job_id}")
+    format!("{JOB_FOLDERS}/{job_id}")
+}
+
+/// Where, under ComfyUI's input and output folders, the jobs' folders are.
+const JOB_FOLDERS: &str = "gateway";
+
+/// The volume folders that hold the pod's job folders, for ComfyUI at `root` on the volume
+/// (`POD_VOLUME_COMFYUI_ROOT`): `{root}/input/gateway/` and `{root}/output/gateway/`. None when
+/// ComfyUI's folders are not on the volume.
+pub fn comfy_job_parents(root: Option<&str>) -> Vec<String> {
+    let Some(root) = root.map(|r| r.trim_matches('/')) else {
+        return Vec::new();
+    };
+    ["input", "output"]
+        .iter()
+        .map(|kind| match root {
+            "" => format!("{kind}/{JOB_FOLDERS}/"),
+            root => format!("{root}/{kind}/{JOB_FOLDERS}/"),
+        })
+        .collect()
 }
 
 fn from_comfy(err: ComfyError) -> BackendError {
@@ -377,17 +396,9 @@ impl Backend for Pod {
     }
 
     fn volume_leftovers(&self, job: &Job) -> Vec<String> {
-        let Some(root) = self.volume_comfyui_root.as_deref() else {
-            return Vec::new();
-        };
-        let root = root.trim_matches('/');
-        let folder = job_folder(&job.id);
-        ["input", "output"]
-            .iter()
-            .map(|kind| match root {
-                "" => format!("{kind}/{folder}/"),
-                root => format!("{root}/{kind}/{folder}/"),
-            })
+        comfy_job_parents(self.volume_comfyui_root.as_deref())
+            .into_iter()
+            .map(|parent| format!("{parent}{}/", job.id))
             .collect()
     }
 }

@@ -3,8 +3,10 @@
 //! what came after or slipped past it: a run that wrote after its job ended, a clean-up that
 //! kept failing, a job whose record is gone, and multipart uploads nobody finished.
 //!
-//! It touches only this deployment's folder on the volume ([`VolumeRoot`]): other stacks, pods
-//! and people may share the disk. Under it, a folder is removed only when its name is a job id
+//! It touches only this deployment's folder on the volume ([`VolumeRoot`]), and the folders a
+//! backend keeps its jobs' files in there (`backend_folders`: the pod's ComfyUI writes under
+//! `ComfyUI/{input,output}/gateway/`, where a prompt nobody tracks any more may write after its
+//! job's clean-up): other stacks, pods and people may share the disk. Under it, a folder is removed only when its name is a job id
 //! this gateway minted and either the job ended at least `min_age` ago, or the job is unknown
 //! and its id is at least that old. Anything else is left alone and counted.
 //!
@@ -29,6 +31,9 @@ pub struct Janitor {
     pub volume: Arc<dyn ObjectStore>,
     pub staged: Arc<dyn StagedUploads>,
     pub root: VolumeRoot,
+    /// Folders of job folders a backend writes on the volume, beside the root's own (each
+    /// ending in `/`): the same rules apply to the job folders under them.
+    pub backend_folders: Vec<String>,
     pub settings: JanitorSettings,
     pub clock: Arc<dyn Clock>,
 }
@@ -75,9 +80,10 @@ impl Janitor {
     pub async fn run_before(&self, deadline: Option<Millis>) -> JanitorReport {
         let mut report = JanitorReport::default();
         let mut verdicts = HashMap::new();
-        for folder in self.root.job_folders() {
+        let folders = self.root.job_folders();
+        for folder in folders.iter().chain(&self.backend_folders) {
             if !self
-                .clear_folder(&folder, deadline, &mut verdicts, &mut report)
+                .clear_folder(folder, deadline, &mut verdicts, &mut report)
                 .await
             {
                 report.stopped_early = true;
