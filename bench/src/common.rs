@@ -228,6 +228,7 @@ pub fn new_job(owner: &str, now: Millis) -> Job {
             callback_url: None,
             callback_events: Vec::new(),
             backend: Default::default(),
+            priority: Default::default(),
         },
         JobTiming {
             deadline_ms: 3_600_000,

@@ -169,6 +169,7 @@ pub async fn measure(
                 policy: RunPolicy {
                     execution_timeout: 600_000,
                     ttl: 86_400_000,
+                    low_priority: false,
                 },
             })
             .await?;

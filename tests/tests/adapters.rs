@@ -44,6 +44,7 @@ fn job(owner: &str, now: i64, first_check_ms: i64) -> Job {
             callback_url: None,
             callback_events: Vec::new(),
             backend: Default::default(),
+            priority: Default::default(),
         },
         JobTiming {
             deadline_ms: 3_600_000,

@@ -318,3 +318,29 @@ async fn a_poison_message_is_left_for_the_dlq_and_a_stale_one_is_consumed() {
     assert_eq!(failed, ["poison-1", "poison-2"]);
     stack.stop().await;
 }
+
+#[tokio::test]
+async fn a_low_priority_job_reaches_runpod_with_low_priority_set() {
+    let stack = Stack::start().await;
+    let mut request = gateway_tests::restore_request(&jpeg(200, 150), json!({}));
+    request["priority"] = json!("low");
+    let (status, body) = stack.post_json(ALICE, "/jobs", &request).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    let job_id = body["job_id"].as_str().unwrap();
+
+    let job = stack.wait_terminal(ALICE, job_id, TIMEOUT).await;
+
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["priority"], "low");
+    let run = stack.stored_job(job_id).await.runpod_job_id.unwrap();
+    let at_runpod = stack
+        .emulator
+        .ended_job(&run)
+        .or_else(|| stack.emulator.job(&run))
+        .unwrap();
+    assert!(
+        at_runpod.low_priority,
+        "the emulator got lowPriority: false"
+    );
+    stack.stop().await;
+}

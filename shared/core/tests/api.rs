@@ -23,6 +23,7 @@ fn uploaded(upload_id: &str) -> JobRequest {
         callback_url: None,
         callback_events: None,
         backend: None,
+        priority: None,
     }
 }
 

@@ -334,6 +334,7 @@ mod url_inputs {
             callback_url: None,
             callback_events: None,
             backend: None,
+            priority: None,
         }
     }
 
@@ -482,5 +483,56 @@ mod url_inputs {
             "retried later"
         );
         assert_eq!(kit.stored(&job.id).state, JobState::Queued);
+    }
+}
+
+mod priority {
+    use gateway::app::api::Submitted;
+    use gateway::domain::job::Priority;
+    use testkit::images::jpeg;
+    use testkit::jobs::inline_request;
+    use testkit::Kit;
+
+    async fn submitted(kit: &Kit, priority: Option<&str>) -> gateway::domain::job::Job {
+        let mut request = inline_request(&jpeg(64, 48));
+        request.priority = priority.map(str::to_string);
+        match kit.api().submit("alice", request, None).await.unwrap() {
+            Submitted::Accepted(job) => job,
+            Submitted::Existing(job) => job,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_low_priority_job_asks_runpod_not_to_scale_up_for_it() {
+        let kit = Kit::new();
+        let job = submitted(&kit, Some("low")).await;
+        assert_eq!(job.priority, Priority::Low);
+
+        kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+        assert!(kit.runpod.accepted()[0].policy.low_priority);
+    }
+
+    #[tokio::test]
+    async fn a_job_that_does_not_say_is_normal_and_may_scale_runpod_up() {
+        let kit = Kit::new();
+        let job = submitted(&kit, None).await;
+
+        kit.dispatcher().dispatch(&job.id).await.unwrap();
+
+        assert_eq!(job.priority, Priority::Normal);
+        assert!(!kit.runpod.accepted()[0].policy.low_priority);
+    }
+
+    #[tokio::test]
+    async fn an_unknown_priority_is_refused() {
+        let kit = Kit::new();
+        let mut request = inline_request(&jpeg(64, 48));
+        request.priority = Some("urgent".into());
+
+        let refusal = kit.api().submit("alice", request, None).await.unwrap_err();
+
+        assert_eq!(refusal.code(), "invalid_priority");
+        assert!(kit.store.jobs().is_empty());
     }
 }

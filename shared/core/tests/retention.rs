@@ -22,6 +22,7 @@ fn request(retention_secs: Option<u64>) -> JobRequest {
         callback_url: None,
         callback_events: None,
         backend: None,
+        priority: None,
     }
 }
 

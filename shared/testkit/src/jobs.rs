@@ -42,6 +42,7 @@ pub fn restore_job(
             callback_url: None,
             callback_events: Vec::new(),
             backend: Default::default(),
+            priority: Default::default(),
         },
         timing,
         now,
@@ -63,5 +64,6 @@ pub fn inline_request(image: &[u8]) -> gateway::app::api::JobRequest {
         callback_url: None,
         callback_events: None,
         backend: None,
+        priority: None,
     }
 }

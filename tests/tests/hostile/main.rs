@@ -238,6 +238,7 @@ fn submitted_job() -> Job {
             callback_url: None,
             callback_events: Vec::new(),
             backend: Default::default(),
+            priority: Default::default(),
         },
         JobTiming {
             deadline_ms: 3_600_000,

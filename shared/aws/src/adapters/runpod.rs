@@ -444,6 +444,7 @@ mod tests {
             policy: gateway::ports::RunPolicy {
                 execution_timeout: 1,
                 ttl: 1,
+                low_priority: false,
             },
         }
     }

@@ -4,7 +4,7 @@
 //! (`gateway_http::api`); it maps each [`Refusal`] to a status.
 use crate::app::inputs::InputRefusal;
 use crate::domain::callback::{CallbackEvent, EVENT_NAMES};
-use crate::domain::job::{BackendKind, JobState, Millis};
+use crate::domain::job::{BackendKind, JobState, Millis, Priority};
 use crate::domain::usage::{days_between, DailyUsage};
 use std::sync::Arc;
 use std::time::Duration;
@@ -162,6 +162,9 @@ pub struct JobRequest {
     /// workflow supports; the deployment's default otherwise.
     #[serde(default)]
     pub backend: Option<String>,
+    /// `normal` (the default) or `low`: a low job does not make RunPod start workers.
+    #[serde(default)]
+    pub priority: Option<String>,
 }
 
 /// Exactly one of the three.
@@ -279,6 +282,7 @@ impl Api {
             .map_err(|e| Refusal::invalid("invalid_params", e.to_string()))?;
         let retention = self.retention(request.retention_secs)?;
         let backend = self.backend_for(workflow, request.backend.as_deref())?;
+        let priority = priority_of(request.priority.as_deref())?;
         let (callback_url, callback_events) = self
             .callback(
                 request.callback_url.as_deref(),
@@ -320,6 +324,7 @@ impl Api {
                 callback_url,
                 callback_events,
                 backend,
+                priority,
             },
             timing(&self.settings, retention),
             self.clock.now_ms(),
@@ -857,6 +862,9 @@ fn digest(request: &JobRequest) -> String {
     if let Some(backend) = &request.backend {
         text.push_str(&format!("\nbackend:{backend}"));
     }
+    if let Some(priority) = &request.priority {
+        text.push_str(&format!("\npriority:{priority}"));
+    }
     // Only with a callback, so that the digests of requests without one stay as they were.
     if let Some(url) = &request.callback_url {
         let events = request
@@ -945,6 +953,19 @@ pub fn timing(settings: &Settings, retention: Option<Duration>) -> JobTiming {
         tombstone_secs: settings.tombstone.as_secs() as i64,
         idempotency_window_secs: settings.idempotency_window.as_secs() as i64,
         cleanup_delay_ms: settings.finalize_lease.as_millis() as i64,
+    }
+}
+
+/// The priority a request asks for: `normal` when it does not say.
+pub(crate) fn priority_of(asked: Option<&str>) -> Result<Priority, Refusal> {
+    match asked {
+        None => Ok(Priority::Normal),
+        Some(name) => Priority::parse(name).ok_or_else(|| {
+            Refusal::invalid(
+                "invalid_priority",
+                format!("unknown priority {name:?}; known: normal, low"),
+            )
+        }),
     }
 }
 

@@ -157,6 +157,7 @@ impl Backend for Serverless {
             policy: RunPolicy {
                 execution_timeout: self.execution_timeout.as_millis() as u64,
                 ttl: self.ttl.as_millis() as u64,
+                low_priority: job.priority == crate::domain::job::Priority::Low,
             },
         };
         self.runpod.run(&request).await.map_err(|err| match err {

@@ -29,6 +29,8 @@ pub struct BatchRequest {
     pub backend: Option<String>,
     /// Most of its jobs dispatched at once; `BATCH_MAX_IN_FLIGHT` when left out.
     pub max_in_flight: Option<u32>,
+    /// `normal` or `low`, for every job of the batch.
+    pub priority: Option<String>,
 }
 
 /// An input checked, and not stored yet.
@@ -95,6 +97,7 @@ impl Api {
             .map(|kind| kind.as_str());
         let asked = request.backend.as_deref().or(batch_default);
         let backend = self.backend_for(workflow, asked)?;
+        let priority = crate::app::api::priority_of(request.priority.as_deref())?;
         let (callback_url, callback_events) = self
             .callback(
                 request.callback_url.as_deref(),
@@ -163,6 +166,7 @@ impl Api {
                     callback_url: callback_url.clone(),
                     callback_events: callback_events.clone(),
                     backend,
+                    priority,
                 },
                 job_timing,
                 now,

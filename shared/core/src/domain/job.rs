@@ -15,6 +15,31 @@ use super::workflow::ValidatedParams;
 /// Epoch milliseconds. The domain never reads a clock; callers pass `now`.
 pub type Millis = i64;
 
+/// How urgent a job is. A low one asks RunPod not to scale workers up for it
+/// (`policy.lowPriority`): it runs on workers already up, when they are free.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Normal => "normal",
+            Self::Low => "low",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Normal, Self::Low]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+    }
+}
+
 /// Where a job's runs go: RunPod serverless (webhooks), or a ComfyUI server on a pod (polled).
 /// The use cases reach either through the `Backend` port and never branch on this.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -519,6 +544,9 @@ pub struct Job {
     /// Where the job's runs go; records from before there was a choice ran on serverless.
     #[serde(default)]
     pub backend: BackendKind,
+    /// Records from before priorities are normal.
+    #[serde(default)]
+    pub priority: Priority,
     /// When a check first found the job's run nowhere at its backend (a polled backend's
     /// queue and history both without it). Alone it proves nothing; seen so again some
     /// seconds later, the run is lost. Cleared by any check that finds it.
@@ -589,6 +617,7 @@ pub struct NewJob {
     pub callback_url: Option<String>,
     pub callback_events: Vec<String>,
     pub backend: BackendKind,
+    pub priority: Priority,
 }
 
 /// The timing policy a job is created with.
@@ -663,6 +692,7 @@ impl Job {
             gpu_price_nano_usd: None,
             usage: None,
             backend: new.backend,
+            priority: new.priority,
             unseen_at: None,
             rerun_pending: false,
             reruns: 0,
@@ -1239,6 +1269,7 @@ mod tests {
                 callback_url: None,
                 callback_events: Vec::new(),
                 backend: Default::default(),
+                priority: Default::default(),
             },
             TIMING,
             1_000,

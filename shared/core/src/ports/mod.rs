@@ -472,6 +472,8 @@ pub struct RunRequest {
 pub struct RunPolicy {
     pub execution_timeout: u64,
     pub ttl: u64,
+    /// The job does not make RunPod scale workers up.
+    pub low_priority: bool,
 }
 
 /// RunPod's job status, as `/status` returns it and as the webhook echoes it. Every field is

@@ -42,6 +42,12 @@ pub struct JobRequestBody {
     #[serde(default)]
     #[schema(pattern = "^(serverless|pod)$")]
     pub backend: Option<String>,
+    /// `normal` (the default) or `low`: a low job does not make RunPod start workers for it
+    /// (RunPod's `policy.lowPriority`); it runs on workers already up. Otherwise
+    /// `400 invalid_priority`.
+    #[serde(default)]
+    #[schema(pattern = "^(normal|low)$")]
+    pub priority: Option<String>,
 }
 
 /// The body of `POST /batches`: one job per input, with one workflow and its params.
@@ -81,6 +87,10 @@ pub struct BatchRequestBody {
     #[serde(default)]
     #[schema(minimum = 1, maximum = 64)]
     pub max_in_flight: Option<u32>,
+    /// `normal` or `low`, for every job, as for `POST /jobs`.
+    #[serde(default)]
+    #[schema(pattern = "^(normal|low)$")]
+    pub priority: Option<String>,
 }
 
 impl From<JobInputBody> for JobInput {
@@ -104,6 +114,7 @@ impl From<BatchRequestBody> for BatchRequest {
             callback_events: body.callback_events,
             backend: body.backend,
             max_in_flight: body.max_in_flight,
+            priority: body.priority,
         }
     }
 }
@@ -143,6 +154,7 @@ impl From<JobRequestBody> for JobRequest {
             callback_url: body.callback_url,
             callback_events: body.callback_events,
             backend: body.backend,
+            priority: body.priority,
         }
     }
 }

@@ -149,6 +149,8 @@ pub struct JobView {
     pub backend: &'static str,
     /// The batch it belongs to, if any (`GET /batches/{id}`).
     pub batch_id: Option<String>,
+    /// `normal` or `low`.
+    pub priority: &'static str,
     /// The parameters the job runs with: the client's, defaults filled in, random ones drawn.
     #[schema(value_type = Object)]
     pub params: ValidatedParams,
@@ -319,6 +321,7 @@ impl From<&JobDetail> for JobView {
             workflow_version: job.workflow_version.clone(),
             backend: job.backend.as_str(),
             batch_id: job.batch_id.clone(),
+            priority: job.priority.as_str(),
             params: job.params.clone(),
             created_at: time(job.timestamps.created_at),
             submitted_at: job.timestamps.submitted_at.map(time),
