@@ -754,28 +754,10 @@ pub async fn create_table(client: &Client, table: &str) -> Result<(), String> {
 #[async_trait]
 impl DeliveryLogs for DynamoJobStore {
     async fn delivery_log(&self, job_id: &str) -> Result<Option<(DeliveryLog, u64)>, StoreError> {
-        let out = self
-            .client
-            .get_item()
-            .table_name(&self.table)
-            .key("pk", s(keys::delivery_log(job_id)))
-            .consistent_read(true)
-            .send()
-            .await
-            .map_err(unavailable)?;
-        let Some(item) = out.item() else {
+        let Some((doc, version)) = self.doc_item(keys::delivery_log(job_id)).await? else {
             return Ok(None);
         };
-        let doc = item
-            .get("doc")
-            .and_then(|v| v.as_s().ok())
-            .ok_or_else(|| StoreError::Corrupt("delivery log without doc".into()))?;
-        let version = item
-            .get("version")
-            .and_then(|v| v.as_n().ok())
-            .and_then(|n| n.parse().ok())
-            .ok_or_else(|| StoreError::Corrupt("delivery log without version".into()))?;
-        let log = serde_json::from_str(doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let log = serde_json::from_str(&doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         Ok(Some((log, version)))
     }
 

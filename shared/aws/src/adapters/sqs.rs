@@ -466,36 +466,19 @@ mod events {
         sweeper: &gateway::app::sweeper::Sweeper,
         event: SqsEvent,
     ) -> SqsBatchResponse {
-        let mut failures = Vec::new();
-        for record in event.records {
-            let message_id = record.message_id.clone().unwrap_or_default();
-            let message = record
-                .body
-                .as_deref()
-                .and_then(|body| serde_json::from_str::<super::PollMessage>(body).ok());
-            let failed = match message {
-                None => {
-                    tracing::error!(message_id, "unreadable poll message; left for the DLQ");
+        each_message(event, "poll", |super::PollMessage { check }| async move {
+            match sweeper.check_polled(&check.job_id, check.due).await {
+                Ok(action) => {
+                    tracing::debug!(job_id = %check.job_id, ?action, "polled");
                     true
                 }
-                Some(super::PollMessage { check }) => {
-                    match sweeper.check_polled(&check.job_id, check.due).await {
-                        Ok(action) => {
-                            tracing::debug!(job_id = %check.job_id, ?action, "polled");
-                            false
-                        }
-                        Err(err) => {
-                            tracing::warn!(job_id = %check.job_id, error = %err, "poll deferred");
-                            true
-                        }
-                    }
+                Err(err) => {
+                    tracing::warn!(job_id = %check.job_id, error = %err, "poll deferred");
+                    false
                 }
-            };
-            if failed {
-                failures.push(failure(&message_id));
             }
-        }
-        response(failures)
+        })
+        .await
     }
 
     /// Handles a batch of the finalize queue within an invocation that ends at `deadline`
@@ -508,30 +491,45 @@ mod events {
         event: SqsEvent,
         deadline: Option<i64>,
     ) -> SqsBatchResponse {
+        each_message(event, "finalize", |message: FinalizeMessage| async move {
+            match finalizer.finalize(&message.finalize, deadline).await {
+                Ok(outcome) => {
+                    tracing::info!(job_id = %message.finalize, ?outcome, "finalize done");
+                    true
+                }
+                Err(err) => {
+                    tracing::warn!(job_id = %message.finalize, error = %err, "finalize deferred");
+                    false
+                }
+            }
+        })
+        .await
+    }
+
+    /// Handles each message of `event` in turn with `handle` (true: done), and reports the
+    /// messages it could not read, or whose handling failed, for SQS to return: an unreadable
+    /// one ends in the dead-letter queue after its last receive.
+    async fn each_message<M, F, Fut>(event: SqsEvent, kind: &str, mut handle: F) -> SqsBatchResponse
+    where
+        M: serde::de::DeserializeOwned,
+        F: FnMut(M) -> Fut,
+        Fut: std::future::Future<Output = bool>,
+    {
         let mut failures = Vec::new();
         for record in event.records {
             let message_id = record.message_id.clone().unwrap_or_default();
             let message = record
                 .body
                 .as_deref()
-                .and_then(|body| serde_json::from_str::<FinalizeMessage>(body).ok());
-            let failed = match message {
+                .and_then(|body| serde_json::from_str::<M>(body).ok());
+            let done = match message {
                 None => {
-                    tracing::error!(message_id, "unreadable finalize message; left for the DLQ");
-                    true
+                    tracing::error!(message_id, kind, "unreadable message; left for the DLQ");
+                    false
                 }
-                Some(message) => match finalizer.finalize(&message.finalize, deadline).await {
-                    Ok(outcome) => {
-                        tracing::info!(job_id = %message.finalize, ?outcome, "finalize done");
-                        false
-                    }
-                    Err(err) => {
-                        tracing::warn!(job_id = %message.finalize, error = %err, "finalize deferred");
-                        true
-                    }
-                },
+                Some(message) => handle(message).await,
             };
-            if failed {
+            if !done {
                 failures.push(failure(&message_id));
             }
         }

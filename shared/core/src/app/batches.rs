@@ -54,6 +54,13 @@ fn at_input(index: usize, refusal: Refusal) -> Refusal {
     }
 }
 
+fn invalid_params(err: impl std::fmt::Display) -> Refusal {
+    Refusal::Invalid {
+        code: "invalid_params",
+        message: err.to_string(),
+    }
+}
+
 fn invalid(message: impl Into<String>) -> Refusal {
     Refusal::Invalid {
         code: "invalid_batch",
@@ -84,10 +91,7 @@ impl Api {
         let params = request.params.unwrap_or_default();
         workflow
             .validate(&params, &mut rand::rng())
-            .map_err(|e| Refusal::Invalid {
-                code: "invalid_params",
-                message: e.to_string(),
-            })?;
+            .map_err(invalid_params)?;
         let retention = self.retention(request.retention_secs)?;
         // A batch that does not ask goes to the batch backend, if its workflow runs there.
         let batch_default = self
