@@ -816,13 +816,7 @@ fn check_job(
     let removed = runpod.and_then(|rp| stack.emulator.removal(rp));
     let ended_at = runpod.and_then(|rp| stack.emulator.ended_at_ms(rp));
     match (driven.cancel, job.state, code) {
-        (Some(Cancel::Accepted), JobState::Cancelled, Some(ErrorCode::CancelledByClient)) => {}
-        (Some(Cancel::Accepted), state, _) => violation(format!(
-            "the client's cancel was accepted, yet it ended {state}"
-        )),
-        (_, JobState::Cancelled, _) => {
-            violation(format!("cancelled ({code:?}) without the client asking"))
-        }
+        _ if client_cancel_decides(driven, job.state, code, &mut violation) => {}
         (_, JobState::Failed, Some(ErrorCode::DispatchAttemptsExhausted)) => {
             if runpod.is_some() {
                 violation("dispatch exhausted although RunPod has the job".into());
@@ -926,13 +920,7 @@ fn check_pod_job(
     let outcome = ended.as_ref().map(|e| e.outcome);
     let finished = job.timestamps.finished_at.unwrap_or(i64::MAX);
     match (driven.cancel, job.state, code) {
-        (Some(Cancel::Accepted), JobState::Cancelled, Some(ErrorCode::CancelledByClient)) => {}
-        (Some(Cancel::Accepted), state, _) => violation(format!(
-            "the client's cancel was accepted, yet it ended {state}"
-        )),
-        (_, JobState::Cancelled, _) => {
-            violation(format!("cancelled ({code:?}) without the client asking"))
-        }
+        _ if client_cancel_decides(driven, job.state, code, violation) => {}
         (_, JobState::Succeeded, _) if outcome == Some("completed") => {}
         (_, JobState::Failed, Some(ErrorCode::WorkerFailed)) if outcome == Some("failed") => {}
         // Lost twice: its second prompt never ended at the server, or its end was wiped
@@ -1041,6 +1029,27 @@ async fn pod_chaos(world: Arc<World>, seed: u64, counts: Arc<PodFaults>) {
             }
         }
     }
+}
+
+/// The end a client's cancel calls for, whatever the backend: an accepted cancel must end the
+/// job cancelled, and nothing else may. Whether it decided the job's end (then checked).
+fn client_cancel_decides(
+    driven: &Driven,
+    state: JobState,
+    code: Option<ErrorCode>,
+    violation: &mut dyn FnMut(String),
+) -> bool {
+    match (driven.cancel, state, code) {
+        (Some(Cancel::Accepted), JobState::Cancelled, Some(ErrorCode::CancelledByClient)) => {}
+        (Some(Cancel::Accepted), state, _) => violation(format!(
+            "the client's cancel was accepted, yet it ended {state}"
+        )),
+        (_, JobState::Cancelled, _) => {
+            violation(format!("cancelled ({code:?}) without the client asking"))
+        }
+        _ => return false,
+    }
+    true
 }
 
 fn rank(state: JobState) -> u8 {
