@@ -24,6 +24,7 @@ pub(crate) fn router(app: Arc<App>) -> Router {
         .route("/_emulator/jobs", get(jobs))
         .route("/_emulator/jobs/{job_id}", get(job))
         .route("/_emulator/worker-calls", get(worker_calls))
+        .route("/_emulator/workers", get(workers))
         .route("/_emulator/volume", get(volume))
         .with_state(app)
 }
@@ -38,6 +39,11 @@ async fn worker_calls(
         calls.retain(|call| &call.pod == pod);
     }
     Json(calls).into_response()
+}
+
+/// The built-in worker's workers: up, idle, running, the most ever up, min and max.
+async fn workers(State(app): State<Arc<App>>) -> Response {
+    Json(app.store.workers()).into_response()
 }
 
 /// What the volume holds: all its bytes, and the multipart uploads in progress with theirs.

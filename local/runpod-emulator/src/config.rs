@@ -56,8 +56,27 @@ pub struct EmulatorConfig {
     /// is terminal only the result retention applies. `true`: the result also disappears at
     /// submission + ttl if that comes first.
     pub ttl_covers_results: bool,
-    /// Built-in worker slots (jobs run at the same time).
+    /// Built-in workers when `workers_min`/`workers_max` are unset: that many, always up, each
+    /// running one job at a time (the emulator's behaviour before it modelled scaling).
     pub worker_concurrency: usize,
+    /// RunPod's "max workers": the most built-in workers up at once. `None`: `worker_concurrency`.
+    pub workers_max: Option<usize>,
+    /// RunPod's "active workers" (min workers): built-in workers that are always up and never
+    /// idle out. `None`: the resolved `workers_max`, i.e. every worker always up, no scaling.
+    ///
+    /// Between min and max, workers come up only for normal-priority jobs: one starts when a
+    /// queued job without `policy.lowPriority` has no free worker up and fewer than max are up.
+    /// A low-priority job never starts one (RunPod: "the job does not trigger worker scaling");
+    /// it waits for a worker already up. Starting takes no time here (no cold start).
+    pub workers_min: Option<usize>,
+    /// RunPod's idle timeout (default 5 s): a worker above `workers_min` that has had no job for
+    /// this long goes down.
+    pub worker_idle_timeout: Duration,
+    /// UNCONFIRMED whether RunPod serves low-priority jobs after normal ones (only "does not
+    /// trigger worker scaling" is documented). `true`: a free worker takes the oldest
+    /// normal-priority queued job before any low-priority one. `false` (default): the queue is
+    /// FIFO whatever the priority. Applies to external (SDK) workers' `job-take` too.
+    pub low_priority_last: bool,
     /// Run the built-in ComfyUI-subset worker. Turn it off to leave jobs queued (or, later, to
     /// let an external worker take them).
     pub builtin_worker: bool,
@@ -130,6 +149,10 @@ impl Default for EmulatorConfig {
             min_ttl: Duration::from_secs(10),
             ttl_covers_results: false,
             worker_concurrency: 2,
+            workers_max: None,
+            workers_min: None,
+            worker_idle_timeout: Duration::from_secs(5),
+            low_priority_last: false,
             builtin_worker: true,
             s3_reject_presigned: true,
             s3_list_staging_folder: false,
@@ -143,6 +166,15 @@ impl Default for EmulatorConfig {
             job_id_suffix: "-e1".to_owned(),
             job_not_found_body: serde_json::json!({ "error": "job not found" }),
         }
+    }
+}
+
+impl EmulatorConfig {
+    /// The built-in worker's `(min, max)` workers up, unset values resolved (see
+    /// [`workers_min`](Self::workers_min), [`workers_max`](Self::workers_max)).
+    pub fn worker_bounds(&self) -> (usize, usize) {
+        let max = self.workers_max.unwrap_or(self.worker_concurrency);
+        (self.workers_min.unwrap_or(max), max)
     }
 }
 

@@ -3,12 +3,15 @@
 //! Workers never touch jobs directly: they take a [`Lease`] and hand back an [`Outcome`]. The
 //! lease carries the job's attempt number, so a result that arrives after the job was cancelled,
 //! timed out, expired or retried is recognised as stale and dropped. The built-in worker uses
-//! [`Store::take`]/[`Store::finish`] and watches [`Lease::stop`]; external workers (RunPod's
-//! `job-take`/`job-done`/`job-stop` protocol, see `worker_api`) use the `*_external` variants and
-//! learn about stops from [`Store::take_stops`].
+//! [`Store::builtin_turn`]/[`Store::finish`] and watches [`Lease::stop`]; external workers
+//! (RunPod's `job-take`/`job-done`/`job-stop` protocol, see `worker_api`) use the `*_external`
+//! variants and learn about stops from [`Store::take_stops`].
+//!
+//! The built-in worker's scaling lives here too (see [`Pool`]), so that a scale-up is decided
+//! under the same lock as the queue change that calls for it: once `/run` has answered, whether
+//! the job started a worker is settled.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -279,13 +282,138 @@ struct Inner {
     completed: u64,
     failed: u64,
     retried: u64,
+    pool: Pool,
 }
 
-/// Busy/idle accounting for `/health`'s `workers` block.
+impl Inner {
+    /// Starts built-in workers while more normal-priority jobs are queued than workers are idle,
+    /// up to the maximum. Low-priority jobs do not count: RunPod documents that they do not
+    /// trigger worker scaling. Called wherever the balance can tip: a job queued, a worker
+    /// taking one (it may take a low-priority job, leaving a normal one without a free worker).
+    fn scale_up(&mut self, now: Instant) {
+        let waiting = self
+            .queue
+            .iter()
+            .filter(|id| {
+                self.jobs
+                    .get(*id)
+                    .is_some_and(|job| job.status == JobStatus::InQueue && !job.low_priority)
+            })
+            .count();
+        while waiting > self.pool.idle() {
+            let Some(slot) = self.pool.slots.iter_mut().find(|slot| **slot == Slot::Down) else {
+                break;
+            };
+            *slot = Slot::Idle { since: now };
+        }
+        self.pool.peak = self.pool.peak.max(self.pool.up());
+    }
+
+    /// Removes and returns the id of the job a free worker takes next: the queue's head, or with
+    /// `low_priority_last` the oldest normal-priority job if there is one.
+    fn next_queued(&mut self, low_priority_last: bool) -> Option<String> {
+        let Inner { queue, jobs, .. } = self;
+        queue.retain(|id| {
+            jobs.get(id)
+                .is_some_and(|job| job.status == JobStatus::InQueue)
+        });
+        let normal = || queue.iter().position(|id| !jobs[id].low_priority);
+        let at = if low_priority_last {
+            normal().unwrap_or(0)
+        } else {
+            0
+        };
+        queue.remove(at)
+    }
+}
+
+/// The built-in worker's workers, for tests (`Emulator::workers`, `GET /_emulator/workers`).
+/// External (SDK) workers are not counted here; `/health` adds them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerCounts {
+    /// Workers up now: `idle + running`.
+    pub up: usize,
+    pub idle: usize,
+    pub running: usize,
+    /// The most ever up at once since the emulator started.
+    pub peak: usize,
+    /// `workers_min` and `workers_max`, resolved (0 and 0 without the built-in worker).
+    pub min: usize,
+    pub max: usize,
+}
+
+/// One built-in worker, by slot index (`builtin-{index}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Down,
+    /// Up with no job since `since` (when it came up or ended its last job).
+    Idle {
+        since: Instant,
+    },
+    Busy,
+}
+
+/// The built-in worker as RunPod's autoscaler runs an endpoint's workers: `max` slots, `min` of
+/// them up from the start and never idling out; the others come up only for normal-priority jobs
+/// ([`Inner::scale_up`]) and go down after the idle timeout ([`Store::builtin_turn`]).
 #[derive(Debug, Default)]
-pub(crate) struct WorkerStats {
-    pub total: AtomicUsize,
-    pub running: AtomicUsize,
+struct Pool {
+    slots: Vec<Slot>,
+    min: usize,
+    peak: usize,
+}
+
+impl Pool {
+    fn new(min: usize, max: usize, now: Instant) -> Self {
+        let slots = (0..max)
+            .map(|i| {
+                if i < min {
+                    Slot::Idle { since: now }
+                } else {
+                    Slot::Down
+                }
+            })
+            .collect();
+        Self {
+            slots,
+            min,
+            peak: min,
+        }
+    }
+
+    fn count(&self, wanted: impl Fn(&Slot) -> bool) -> usize {
+        self.slots.iter().filter(|slot| wanted(slot)).count()
+    }
+
+    fn idle(&self) -> usize {
+        self.count(|slot| matches!(slot, Slot::Idle { .. }))
+    }
+
+    fn up(&self) -> usize {
+        self.count(|slot| *slot != Slot::Down)
+    }
+
+    fn counts(&self) -> WorkerCounts {
+        let idle = self.idle();
+        let running = self.count(|slot| *slot == Slot::Busy);
+        WorkerCounts {
+            up: idle + running,
+            idle,
+            running,
+            peak: self.peak,
+            min: self.min,
+            max: self.slots.len(),
+        }
+    }
+}
+
+/// What a built-in worker slot does next.
+#[derive(Debug)]
+pub(crate) enum Turn {
+    Run(Lease),
+    /// Nothing to run: wait for a change, or until the deadline, when an idle worker above the
+    /// minimum is due to go down.
+    Wait(Option<Instant>),
 }
 
 #[derive(Debug)]
@@ -296,7 +424,6 @@ pub(crate) struct Store {
     config: Arc<EmulatorConfig>,
     faults: Arc<FaultState>,
     hooks: Arc<WebhookDispatcher>,
-    pub(crate) workers: WorkerStats,
     /// What the built-in worker wrote, by volume key: the truth a test compares stored outputs
     /// with after the gateway has cleaned the volume.
     written: Mutex<std::collections::HashMap<String, Vec<u8>>>,
@@ -323,13 +450,17 @@ impl Store {
         faults: Arc<FaultState>,
         hooks: Arc<WebhookDispatcher>,
     ) -> Self {
+        let mut inner = Inner::default();
+        if config.builtin_worker {
+            let (min, max) = config.worker_bounds();
+            inner.pool = Pool::new(min, max, Instant::now());
+        }
         Self {
-            inner: Mutex::new(Inner::default()),
+            inner: Mutex::new(inner),
             changes: watch::Sender::new(0),
             config,
             faults,
             hooks,
-            workers: WorkerStats::default(),
             written: Mutex::default(),
         }
     }
@@ -399,6 +530,7 @@ impl Store {
         let snapshot = job.snapshot(now);
         inner.jobs.insert(id.clone(), job);
         inner.queue.push_back(id);
+        inner.scale_up(now);
         drop(inner);
         self.bump();
         snapshot
@@ -501,6 +633,7 @@ impl Store {
         job.attempt += 1;
         inner.queue.push_back(id.to_owned());
         inner.retried += 1;
+        inner.scale_up(now);
         self.bump();
         Ok(JobStatus::InQueue)
     }
@@ -544,10 +677,9 @@ impl Store {
                 _ => {}
             }
         }
-        let total = self.workers.total.load(Ordering::SeqCst) as u64;
-        let running = self.workers.running.load(Ordering::SeqCst) as u64;
-        health.workers_running = running;
-        health.workers_idle = total.saturating_sub(running);
+        let builtin = inner.pool.counts();
+        health.workers_running = builtin.running as u64;
+        health.workers_idle = builtin.idle as u64;
         let now = Instant::now();
         for (pod, seen) in &inner.pods {
             if now.saturating_duration_since(*seen) > EXTERNAL_WORKER_LIVENESS {
@@ -567,74 +699,98 @@ impl Store {
         health
     }
 
-    /// Hands the oldest queued job to the built-in worker `worker_id`, if any.
-    pub fn take(&self, worker_id: &str) -> Option<Lease> {
-        self.take_as(worker_id, false)
+    /// Slots of the built-in worker (`workers_max`; 0 without it).
+    pub(crate) fn builtin_slots(&self) -> usize {
+        self.lock().pool.slots.len()
+    }
+
+    /// The built-in worker's counts now.
+    pub(crate) fn workers(&self) -> WorkerCounts {
+        self.lock().pool.counts()
+    }
+
+    /// The next step of built-in worker slot `slot`: a job if it is up and one is queued;
+    /// otherwise it waits, and an idle worker above the minimum goes down once it has been idle
+    /// for the idle timeout. Taking a job comes first, so a worker never goes down with work
+    /// queued that it could run.
+    pub(crate) fn builtin_turn(&self, slot: usize) -> Turn {
+        let (mut inner, now) = self.lock_current();
+        let Some(Slot::Idle { since }) = inner.pool.slots.get(slot).copied() else {
+            return Turn::Wait(None);
+        };
+        let worker_id = format!("builtin-{slot}");
+        if let Some(lease) = self.start_next(&mut inner, &worker_id, false, now) {
+            inner.pool.slots[slot] = Slot::Busy;
+            inner.scale_up(now);
+            drop(inner);
+            self.bump();
+            return Turn::Run(lease);
+        }
+        if inner.pool.up() <= inner.pool.min {
+            // Any change that could lift the count above the minimum wakes the slot again.
+            return Turn::Wait(None);
+        }
+        let due = since + self.config.worker_idle_timeout;
+        if now < due {
+            return Turn::Wait(Some(due));
+        }
+        inner.pool.slots[slot] = Slot::Down;
+        tracing::info!(worker_id, "worker idle timeout: down");
+        drop(inner);
+        self.bump();
+        Turn::Wait(None)
+    }
+
+    /// Built-in worker slot `slot` is done with its job (ended, stopped or dropped): idle again.
+    pub(crate) fn builtin_done(&self, slot: usize) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if let Some(state) = inner.pool.slots.get_mut(slot) {
+            *state = Slot::Idle { since: now };
+        }
+        drop(inner);
+        self.bump();
     }
 
     /// Hands up to `max` queued jobs to the external worker `pod`.
     pub fn take_external(&self, pod: &str, max: usize) -> Vec<Lease> {
         self.touch(pod);
-        std::iter::from_fn(|| self.take_as(pod, true))
-            .take(max)
-            .collect()
-    }
-
-    fn take_as(&self, worker_id: &str, external: bool) -> Option<Lease> {
-        let (mut inner, now) = self.lock_current();
-        let inner = &mut *inner;
-        while let Some(id) = inner.queue.pop_front() {
-            let Some(job) = inner.jobs.get_mut(&id) else {
-                continue;
-            };
-            if job.status != JobStatus::InQueue {
-                continue;
-            }
-            let (stop_tx, stop_rx) = watch::channel(false);
-            job.status = JobStatus::InProgress;
-            job.started_at = Some(now);
-            job.worker_id = Some(worker_id.to_owned());
-            job.external = external;
-            job.stop_tx = Some(stop_tx);
-            let lease = Lease {
-                job_id: id,
-                attempt: job.attempt,
-                input: job.input.clone(),
-                webhook: job.webhook.clone(),
-                s3_config: job.s3_config.clone(),
-                stop: stop_rx,
-                plan: job.plan.clone(),
-            };
+        std::iter::from_fn(|| {
+            let (mut inner, now) = self.lock_current();
+            let lease = self.start_next(&mut inner, pod, true, now)?;
+            drop(inner);
             self.bump();
-            return Some(lease);
-        }
-        None
+            Some(lease)
+        })
+        .take(max)
+        .collect()
     }
 
-    /// Waits for a queued job; `None` once `shutdown` turns true.
-    pub(crate) async fn take_wait(
+    /// Moves the next queued job (see [`Inner::next_queued`]) to IN_PROGRESS under `worker_id`.
+    fn start_next(
         &self,
+        inner: &mut Inner,
         worker_id: &str,
-        shutdown: &mut watch::Receiver<bool>,
+        external: bool,
+        now: Instant,
     ) -> Option<Lease> {
-        let mut changes = self.subscribe();
-        loop {
-            changes.borrow_and_update();
-            if *shutdown.borrow() {
-                return None;
-            }
-            if let Some(lease) = self.take(worker_id) {
-                return Some(lease);
-            }
-            tokio::select! {
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        return None;
-                    }
-                }
-                _ = shutdown.changed() => {}
-            }
-        }
+        let id = inner.next_queued(self.config.low_priority_last)?;
+        let job = inner.jobs.get_mut(&id)?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        job.status = JobStatus::InProgress;
+        job.started_at = Some(now);
+        job.worker_id = Some(worker_id.to_owned());
+        job.external = external;
+        job.stop_tx = Some(stop_tx);
+        Some(Lease {
+            job_id: id,
+            attempt: job.attempt,
+            input: job.input.clone(),
+            webhook: job.webhook.clone(),
+            s3_config: job.s3_config.clone(),
+            stop: stop_rx,
+            plan: job.plan.clone(),
+        })
     }
 
     /// Records a worker's result. Returns `false` (and changes nothing) when the lease is stale:

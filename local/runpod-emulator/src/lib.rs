@@ -5,7 +5,8 @@
 //!   `purge-queue`, `health`) with RunPod's auth, policy limits, result retention and TTL;
 //! - webhooks in RunPod's shape with its retry policy;
 //! - the volume's S3-compatible API over a local directory (s3s + s3s-fs, SigV4);
-//! - a built-in worker that runs the restore workflow's image nodes on real files, and the
+//! - a built-in worker that runs the restore workflow's image nodes on real files, scaled like
+//!   RunPod's workers (min/max workers, idle timeout, low-priority jobs starting none), and the
 //!   worker protocol (`job-take`, `job-done`, `job-stop`, `ping`) for a real `runpod` SDK worker;
 //! - test controls: [`Emulator`] methods, mirrored under `/_emulator/…` on the API port.
 //!
@@ -35,7 +36,7 @@ use tokio::task::JoinHandle;
 
 pub use chaos::{FaultKind, InjectedFault, Removal};
 pub use config::{ChaosConfig, EmulatorConfig, Faults};
-pub use jobs::{JobSnapshot, JobStatus};
+pub use jobs::{JobSnapshot, JobStatus, WorkerCounts};
 pub use volume::StagedUpload;
 pub use webhook::WebhookAttempt;
 pub use worker_api::WorkerCall;
@@ -183,6 +184,11 @@ impl Emulator {
         self.app.worker_log.calls()
     }
 
+    /// The built-in worker's workers now: up (idle, running), the most ever up, and the bounds.
+    pub fn workers(&self) -> WorkerCounts {
+        self.app.store.workers()
+    }
+
     /// The job as the platform sees it now; `None` once it is unknown, expired or purged.
     pub fn job(&self, id: &str) -> Option<JobSnapshot> {
         self.app.store.get(id)
@@ -236,10 +242,19 @@ pub async fn spawn(
     api_addr: SocketAddr,
     s3_addr: SocketAddr,
 ) -> Result<Emulator, EmulatorError> {
-    if config.builtin_worker && config.worker_concurrency == 0 {
-        return Err(EmulatorError::Config(
-            "worker_concurrency must be at least 1 with the built-in worker".to_owned(),
-        ));
+    if config.builtin_worker {
+        let (min, max) = config.worker_bounds();
+        if max == 0 {
+            return Err(EmulatorError::Config(
+                "workers_max (or worker_concurrency) must be at least 1 with the built-in worker"
+                    .to_owned(),
+            ));
+        }
+        if min > max {
+            return Err(EmulatorError::Config(format!(
+                "workers_min ({min}) must not exceed workers_max ({max})"
+            )));
+        }
     }
     if config.api_key.is_empty() {
         return Err(EmulatorError::Config(
@@ -346,7 +361,6 @@ async fn start(
                 volume_dir: config.volume_dir.clone(),
                 mount_prefix: config.mount_prefix.clone(),
             },
-            config.worker_concurrency,
             shutdown_rx,
         ));
     }

@@ -50,7 +50,26 @@ const SETTINGS: &[(&str, &str)] = &[
         "ttl-covers-results",
         "TTL also ends finished results early: true|false [false]",
     ),
-    ("worker-concurrency", "built-in worker slots [2]"),
+    (
+        "worker-concurrency",
+        "built-in workers, always up, when --workers-min/max are unset [2]",
+    ),
+    (
+        "workers-max",
+        "RunPod max workers: most built-in workers up [worker-concurrency]",
+    ),
+    (
+        "workers-min",
+        "RunPod active workers: always up; others start for normal-priority jobs only [workers-max]",
+    ),
+    (
+        "worker-idle-timeout-ms",
+        "a worker above the minimum goes down after this long idle [5000]",
+    ),
+    (
+        "low-priority-last",
+        "UNCONFIRMED: free workers take normal-priority jobs before lowPriority ones: true|false [false]",
+    ),
     (
         "builtin-worker",
         "run the built-in worker: true|false [true]",
@@ -204,6 +223,7 @@ fn build(settings: &Settings) -> Result<(EmulatorConfig, SocketAddr, SocketAddr)
         ("min-execution-timeout-ms", &mut c.min_execution_timeout),
         ("min-ttl-ms", &mut c.min_ttl),
         ("worker-poll-hold-ms", &mut c.worker_poll_hold),
+        ("worker-idle-timeout-ms", &mut c.worker_idle_timeout),
     ] {
         if let Some(v) = settings.millis(name)? {
             *field = v;
@@ -212,6 +232,7 @@ fn build(settings: &Settings) -> Result<(EmulatorConfig, SocketAddr, SocketAddr)
     for (name, field) in [
         ("ttl-covers-results", &mut c.ttl_covers_results),
         ("builtin-worker", &mut c.builtin_worker),
+        ("low-priority-last", &mut c.low_priority_last),
         ("s3-reject-presigned", &mut c.s3_reject_presigned),
         ("s3-list-staging-folder", &mut c.s3_list_staging_folder),
         ("s3-list-empty-folders", &mut c.s3_list_empty_folders),
@@ -233,6 +254,12 @@ fn build(settings: &Settings) -> Result<(EmulatorConfig, SocketAddr, SocketAddr)
     }
     if let Some(v) = settings.get("worker-concurrency")? {
         c.worker_concurrency = v;
+    }
+    if let Some(v) = settings.get("workers-max")? {
+        c.workers_max = Some(v);
+    }
+    if let Some(v) = settings.get("workers-min")? {
+        c.workers_min = Some(v);
     }
     if let Some(v) = settings.get("job-done-max-bytes")? {
         c.job_done_max_bytes = v;
@@ -356,6 +383,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!(build(&settings).unwrap().0.s3_repeat_token_above, Some(5));
+    }
+
+    #[test]
+    fn worker_scaling_settings_are_flags() {
+        let args = [
+            "--workers-min=0",
+            "--workers-max=3",
+            "--worker-idle-timeout-ms=250",
+            "--low-priority-last=true",
+        ];
+        let settings = Settings::parse(args.iter().map(|s| s.to_string())).unwrap();
+        let (config, _, _) = build(&settings).unwrap();
+        assert_eq!(config.worker_bounds(), (0, 3));
+        assert_eq!(config.worker_idle_timeout, Duration::from_millis(250));
+        assert!(config.low_priority_last);
+    }
+
+    #[test]
+    fn unset_worker_bounds_follow_worker_concurrency() {
+        let settings =
+            Settings::parse(["--worker-concurrency", "4"].iter().map(|s| s.to_string())).unwrap();
+        let (config, _, _) = build(&settings).unwrap();
+        assert_eq!(config.worker_bounds(), (4, 4));
+        assert!(!config.low_priority_last);
     }
 
     #[test]

@@ -1,8 +1,9 @@
-//! The built-in worker: a few slots that take jobs from the queue and run them through
-//! [`crate::comfy`], honouring the worker faults and the stop signal of each lease.
+//! The built-in worker: `workers_max` slots that take jobs from the queue and run them through
+//! [`crate::comfy`], honouring the worker faults and the stop signal of each lease. Which slots
+//! are up (RunPod's min/max workers, idle timeout) is decided by the store; a slot asks it for
+//! its next step.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::chaos::{FaultKind, WorkerPlan};
 use crate::faults::FaultState;
-use crate::jobs::{Lease, Outcome, Store};
+use crate::jobs::{Lease, Outcome, Store, Turn};
 
 #[derive(Debug, Clone)]
 pub(crate) struct WorkerContext {
@@ -21,31 +22,55 @@ pub(crate) struct WorkerContext {
     pub mount_prefix: String,
 }
 
-pub(crate) fn spawn(
-    ctx: WorkerContext,
-    slots: usize,
-    shutdown: watch::Receiver<bool>,
-) -> Vec<JoinHandle<()>> {
-    ctx.store.workers.total.fetch_add(slots, Ordering::SeqCst);
-    (0..slots)
+pub(crate) fn spawn(ctx: WorkerContext, shutdown: watch::Receiver<bool>) -> Vec<JoinHandle<()>> {
+    (0..ctx.store.builtin_slots())
         .map(|slot| {
             let ctx = ctx.clone();
             let shutdown = shutdown.clone();
-            tokio::spawn(async move { slot_loop(ctx, format!("builtin-{slot}"), shutdown).await })
+            tokio::spawn(async move { slot_loop(ctx, slot, shutdown).await })
         })
         .collect()
 }
 
-async fn slot_loop(ctx: WorkerContext, worker_id: String, mut shutdown: watch::Receiver<bool>) {
-    while let Some(lease) = ctx.store.take_wait(&worker_id, &mut shutdown).await {
-        ctx.store.workers.running.fetch_add(1, Ordering::SeqCst);
-        let job_id = lease.job_id.clone();
-        tracing::info!(job_id, worker_id, attempt = lease.attempt, "job started");
-        tokio::select! {
-            () = run(&ctx, lease) => {}
-            _ = shutdown.wait_for(|stop| *stop) => {}
+async fn slot_loop(ctx: WorkerContext, slot: usize, mut shutdown: watch::Receiver<bool>) {
+    let mut changes = ctx.store.subscribe();
+    loop {
+        changes.borrow_and_update();
+        if *shutdown.borrow() {
+            return;
         }
-        ctx.store.workers.running.fetch_sub(1, Ordering::SeqCst);
+        match ctx.store.builtin_turn(slot) {
+            Turn::Run(lease) => {
+                tracing::info!(
+                    job_id = lease.job_id,
+                    worker_id = %format_args!("builtin-{slot}"),
+                    attempt = lease.attempt,
+                    "job started"
+                );
+                tokio::select! {
+                    () = run(&ctx, lease) => {}
+                    _ = shutdown.wait_for(|stop| *stop) => return,
+                }
+                ctx.store.builtin_done(slot);
+            }
+            Turn::Wait(idle_deadline) => {
+                let idle_out = async {
+                    match idle_deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                    }
+                    _ = shutdown.changed() => {}
+                    () = idle_out => {}
+                }
+            }
+        }
     }
 }
 

@@ -7,6 +7,7 @@ mod api;
 mod chaos;
 mod controls;
 mod jobs;
+mod scaling;
 mod sdk_worker;
 mod unconfirmed;
 mod volume;
