@@ -587,3 +587,68 @@ async fn an_owners_signing_secrets_are_kept_sealed_by_kms_and_rotate_keeping_the
     );
     assert_eq!(keys.secrets("alice").await.unwrap(), again);
 }
+
+mod tenants {
+    use super::store;
+    use gateway::domain::tenant::{LimitOverrides, TenantLimits};
+    use gateway::ports::TenantStore;
+
+    fn limits(per_minute: u32, burst: u32) -> TenantLimits {
+        TenantLimits {
+            max_in_flight: 0,
+            submits_per_minute: per_minute,
+            submit_burst: burst,
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_submits_of_one_owner_spend_each_token_once() {
+        let store = store().await;
+        let rate = limits(60, 5).rate().unwrap();
+        let now = 1_800_000_000_000;
+
+        let spends =
+            futures::future::join_all((0..20).map(|_| store.spend_submit("alice", &rate, now)))
+                .await;
+
+        let allowed = spends
+            .iter()
+            .filter(|spent| matches!(spent, Ok(Ok(()))))
+            .count();
+        assert_eq!(allowed, 5, "{spends:?}");
+        assert!(spends.iter().all(|spent| spent.is_ok()), "{spends:?}");
+    }
+
+    #[tokio::test]
+    async fn a_spent_bucket_refuses_with_the_wait_and_refills_at_the_rate() {
+        let store = store().await;
+        let rate = limits(60, 2).rate().unwrap();
+        let now = 1_800_000_000_000;
+        for _ in 0..2 {
+            assert_eq!(store.spend_submit("bob", &rate, now).await.unwrap(), Ok(()));
+        }
+
+        assert_eq!(
+            store.spend_submit("bob", &rate, now).await.unwrap(),
+            Err(1_000)
+        );
+        assert_eq!(
+            store.spend_submit("bob", &rate, now + 1_000).await.unwrap(),
+            Ok(())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_operators_overrides_read_back_with_absent_fields_absent() {
+        let store = store().await;
+        let overrides = LimitOverrides {
+            max_in_flight: Some(50),
+            ..LimitOverrides::default()
+        };
+
+        store.set_overrides("acme", &overrides).await.unwrap();
+
+        assert_eq!(store.overrides("acme").await.unwrap(), Some(overrides));
+        assert_eq!(store.overrides("nobody").await.unwrap(), None);
+    }
+}

@@ -38,6 +38,11 @@ async fn main() -> Result<(), lambda_http::Error> {
     let api = Api {
         batches: store.clone(),
         turns: wiring.turns()?,
+        tenants: Arc::new(gateway::app::tenants::Tenants::new(
+            store.clone(),
+            wiring.settings.tenant_limits,
+            wiring.clock.clone(),
+        )),
         store,
         queue: Arc::new(SqsJobQueue::new(sqs, queue_url)),
         uploads: Arc::new(S3ObjectStore::new(s3.clone(), uploads_bucket).signing_with(&wiring.sdk)),

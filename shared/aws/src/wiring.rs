@@ -365,6 +365,11 @@ impl Wiring {
             catalog: self.catalog.clone(),
             batches: self.job_store()?,
             turns: self.turns()?,
+            tenants: Arc::new(gateway::app::tenants::Tenants::new(
+                self.job_store()?,
+                self.settings.tenant_limits,
+                self.clock.clone(),
+            )),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         })

@@ -218,6 +218,9 @@ pub struct Settings {
     /// Most jobs of one batch dispatched at once, when the batch does not say
     /// (`BATCH_MAX_IN_FLIGHT`): a pod's queue stays this short.
     pub batch_max_in_flight: u32,
+    /// Every owner's limits unless an operator set others for it (`TENANT_MAX_IN_FLIGHT`,
+    /// `TENANT_SUBMITS_PER_MINUTE`, `TENANT_SUBMIT_BURST`; 0 turns one off).
+    pub tenant_limits: crate::domain::tenant::TenantLimits,
 }
 
 fn backends(env: &Env) -> Result<(Vec<BackendKind>, BackendKind), ConfigError> {
@@ -315,6 +318,11 @@ impl Settings {
                     .then_some(BackendKind::Pod),
             },
             batch_max_in_flight: parsed(env, "BATCH_MAX_IN_FLIGHT", 4)?,
+            tenant_limits: crate::domain::tenant::TenantLimits {
+                max_in_flight: parsed(env, "TENANT_MAX_IN_FLIGHT", 10)?,
+                submits_per_minute: parsed(env, "TENANT_SUBMITS_PER_MINUTE", 600)?,
+                submit_burst: parsed(env, "TENANT_SUBMIT_BURST", 100)?,
+            },
             backends,
             default_backend,
         };
@@ -322,6 +330,13 @@ impl Settings {
             return Err(ConfigError::Invalid {
                 name: "BATCH_MAX_IN_FLIGHT",
                 reason: "must be between 1 and 64".into(),
+            });
+        }
+        if settings.tenant_limits.submits_per_minute > 0 && settings.tenant_limits.submit_burst == 0
+        {
+            return Err(ConfigError::Invalid {
+                name: "TENANT_SUBMIT_BURST",
+                reason: "must be at least 1 while TENANT_SUBMITS_PER_MINUTE is set".into(),
             });
         }
         if !(settings.retention_min..=settings.retention_max).contains(&settings.record_retention) {

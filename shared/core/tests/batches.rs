@@ -26,24 +26,6 @@ fn request(inputs: usize, max_in_flight: u32) -> BatchRequest {
     }
 }
 
-/// Runs dispatch on every message waiting on the dispatch queue, as the queue hands them over,
-/// until none is left; returns the jobs submitted, in order.
-async fn dispatch_waiting(kit: &Kit) -> Vec<String> {
-    let mut submitted = Vec::new();
-    loop {
-        let waiting = kit.queue.take();
-        if waiting.is_empty() {
-            return submitted;
-        }
-        for job_id in waiting {
-            if let DispatchOutcome::Submitted(_) = kit.dispatcher().dispatch(&job_id).await.unwrap()
-            {
-                submitted.push(job_id);
-            }
-        }
-    }
-}
-
 /// The pod finishes the job's prompt, and the job is collected and ended.
 async fn finish(kit: &Kit, job_id: &str) {
     let job = kit.stored(job_id);
@@ -143,7 +125,7 @@ async fn no_more_than_max_in_flight_of_a_batchs_jobs_are_dispatched_at_once() {
         .await
         .unwrap();
 
-    let submitted = dispatch_waiting(&kit).await;
+    let submitted = kit.dispatch_waiting().await;
 
     assert_eq!(submitted, vec![jobs[0].id.clone(), jobs[1].id.clone()]);
     for held in &jobs[2..] {
@@ -159,7 +141,7 @@ async fn a_held_job_dispatched_out_of_turn_waits_and_holds_no_run() {
         .submit_batch("alice", request(3, 1))
         .await
         .unwrap();
-    dispatch_waiting(&kit).await;
+    kit.dispatch_waiting().await;
 
     // A duplicate message, or the sweeper's requeue, for the last job.
     let outcome = kit.dispatcher().dispatch(&jobs[2].id).await.unwrap();
@@ -179,11 +161,11 @@ async fn as_each_job_ends_the_next_in_input_order_starts() {
         .submit_batch("alice", request(4, 2))
         .await
         .unwrap();
-    let mut started = dispatch_waiting(&kit).await;
+    let mut started = kit.dispatch_waiting().await;
 
     for job in jobs.iter() {
         finish(&kit, &job.id).await;
-        started.extend(dispatch_waiting(&kit).await);
+        started.extend(kit.dispatch_waiting().await);
     }
 
     let order: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
@@ -201,7 +183,7 @@ async fn a_job_that_fails_frees_its_slot_too() {
         .submit_batch("alice", request(2, 1))
         .await
         .unwrap();
-    dispatch_waiting(&kit).await;
+    kit.dispatch_waiting().await;
     let prompt = comfy::prompt_id(&jobs[0].id, 1);
     kit.comfy.set_state(
         &prompt,
@@ -213,7 +195,7 @@ async fn a_job_that_fails_frees_its_slot_too() {
     kit.sweeper().check_polled(&jobs[0].id, due).await.unwrap();
     kit.deliver_waiting().await;
 
-    let started = dispatch_waiting(&kit).await;
+    let started = kit.dispatch_waiting().await;
 
     assert_eq!(kit.stored(&jobs[0].id).state, JobState::Failed);
     assert_eq!(started, vec![jobs[1].id.clone()]);
@@ -227,7 +209,7 @@ async fn cancelling_a_batch_cancels_every_job_running_or_waiting() {
         .submit_batch("alice", request(3, 1))
         .await
         .unwrap();
-    dispatch_waiting(&kit).await;
+    kit.dispatch_waiting().await;
 
     let (_, after) = kit.api().cancel_batch("alice", &batch.id).await.unwrap();
 
@@ -239,7 +221,7 @@ async fn cancelling_a_batch_cancels_every_job_running_or_waiting() {
     );
     // Their ends free the slot and empty the line: nothing is dispatched after.
     kit.deliver_waiting().await;
-    assert!(dispatch_waiting(&kit).await.is_empty());
+    assert!(kit.dispatch_waiting().await.is_empty());
     let slots = kit.slots.get(&format!("batch:{}", batch.id)).unwrap();
     assert!(slots.is_idle(), "{slots:?}");
     let _ = jobs;

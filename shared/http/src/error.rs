@@ -11,6 +11,8 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// Seconds until the same request may succeed, sent as `Retry-After`.
+    pub retry_after_secs: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -30,6 +32,7 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after_secs: None,
         }
     }
 
@@ -50,7 +53,13 @@ impl IntoResponse for ApiError {
                 message: &self.message,
             },
         };
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after_secs {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 
@@ -64,7 +73,12 @@ impl From<Refusal> for ApiError {
             Refusal::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Refusal::Gone { .. } => StatusCode::GONE,
             Refusal::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         };
-        Self::new(status, refusal.code(), refusal.message())
+        let mut error = Self::new(status, refusal.code(), refusal.message());
+        if let Refusal::RateLimited { retry_after_secs } = refusal {
+            error.retry_after_secs = Some(retry_after_secs);
+        }
+        error
     }
 }

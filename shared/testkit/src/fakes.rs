@@ -1436,6 +1436,50 @@ impl gateway::ports::SlotStore for MemSlots {
     }
 }
 
+/// Owners' limit overrides and submit buckets, each spend atomic as DynamoDB's
+/// compare-and-set is.
+#[derive(Default)]
+pub struct MemTenants {
+    overrides: Mutex<HashMap<String, gateway::domain::tenant::LimitOverrides>>,
+    buckets: Mutex<HashMap<String, Millis>>,
+    /// How many times an owner's overrides were read (the cache's test).
+    pub reads: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl gateway::ports::TenantStore for MemTenants {
+    async fn overrides(
+        &self,
+        owner: &str,
+    ) -> Result<Option<gateway::domain::tenant::LimitOverrides>, StoreError> {
+        yield_once().await;
+        self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(lock(&self.overrides).get(owner).copied())
+    }
+
+    async fn set_overrides(
+        &self,
+        owner: &str,
+        overrides: &gateway::domain::tenant::LimitOverrides,
+    ) -> Result<(), StoreError> {
+        lock(&self.overrides).insert(owner.to_string(), *overrides);
+        Ok(())
+    }
+
+    async fn spend_submit(
+        &self,
+        owner: &str,
+        rate: &gateway::domain::tenant::Rate,
+        now: Millis,
+    ) -> Result<Result<(), Millis>, StoreError> {
+        yield_once().await;
+        let mut buckets = lock(&self.buckets);
+        Ok(rate.admit(buckets.get(owner).copied(), now).map(|next| {
+            buckets.insert(owner.to_string(), next);
+        }))
+    }
+}
+
 #[derive(Default)]
 pub struct MemBatches {
     batches: Mutex<HashMap<String, gateway::domain::batch::Batch>>,

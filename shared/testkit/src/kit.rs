@@ -21,8 +21,8 @@ use gateway::ports::RunPodStatus;
 
 use crate::fakes::{
     MagicBytes, ManualClock, MemBatches, MemCallbackQueue, MemComfy, MemDeliveryLogs, MemFinalize,
-    MemObjects, MemPolls, MemQueue, MemSigningKeys, MemSlots, MemStops, MemStore, NoDownloads,
-    ScriptedReceiver, ScriptedRunPod, ServedUrls, TableResolver,
+    MemObjects, MemPolls, MemQueue, MemSigningKeys, MemSlots, MemStops, MemStore, MemTenants,
+    NoDownloads, ScriptedReceiver, ScriptedRunPod, ServedUrls, TableResolver,
 };
 use gateway::app::backends::{Backends, Pod, Serverless};
 use gateway::domain::job::BackendKind;
@@ -59,6 +59,8 @@ pub struct Kit {
     /// Batches, and the hold-back slots of their jobs.
     pub batches: Arc<MemBatches>,
     pub slots: Arc<MemSlots>,
+    /// Owners' limit overrides and submit buckets.
+    pub tenants: Arc<MemTenants>,
     pub images: Arc<MagicBytes>,
     /// DNS and the web, for inputs given by URL.
     pub resolver: Arc<TableResolver>,
@@ -98,6 +100,7 @@ impl Kit {
             polls: Arc::default(),
             batches: Arc::default(),
             slots: Arc::default(),
+            tenants: Arc::default(),
             images: Arc::default(),
             resolver: Arc::default(),
             urls: Arc::default(),
@@ -112,6 +115,13 @@ impl Kit {
             settings: Settings {
                 backends: vec![BackendKind::Serverless, BackendKind::Pod],
                 batch_backend: Some(BackendKind::Pod),
+                // Off, so that a test's jobs are held by nothing it did not ask for; the
+                // tests of the limits set them.
+                tenant_limits: gateway::domain::tenant::TenantLimits {
+                    max_in_flight: 0,
+                    submits_per_minute: 0,
+                    submit_burst: 0,
+                },
                 ..Settings::default()
             },
             janitor_settings: JanitorSettings::default(),
@@ -178,6 +188,11 @@ impl Kit {
             catalog: self.catalog.clone(),
             batches: self.batches.clone(),
             turns: self.turns(),
+            tenants: Arc::new(gateway::app::tenants::Tenants::new(
+                self.tenants.clone(),
+                self.settings.tenant_limits,
+                self.clock.clone(),
+            )),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
         }
@@ -316,6 +331,24 @@ impl Kit {
             turns: self.turns(),
             settings: self.settings.clone(),
             clock: self.clock.clone(),
+        }
+    }
+
+    /// Runs dispatch on every message waiting on the dispatch queue, as the queue hands them
+    /// over, until none is left; returns the jobs submitted to their backend, in order.
+    pub async fn dispatch_waiting(&self) -> Vec<String> {
+        let mut submitted = Vec::new();
+        loop {
+            let waiting = self.queue.take();
+            if waiting.is_empty() {
+                return submitted;
+            }
+            for job_id in waiting {
+                let outcome = self.dispatcher().dispatch(&job_id).await.unwrap();
+                if let gateway::app::dispatch::DispatchOutcome::Submitted(_) = outcome {
+                    submitted.push(job_id);
+                }
+            }
         }
     }
 

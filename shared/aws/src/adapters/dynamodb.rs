@@ -44,6 +44,7 @@ pub const AWS_OPERATIONS: &[&str] = &[
     "TransactWriteItems",
     "DeleteItem",
     "BatchGetItem",
+    "UpdateItem",
 ];
 /// The operations of [`create_table`], for the local stack only (in AWS the template creates
 /// the table).
@@ -840,6 +841,143 @@ impl gateway::ports::SlotStore for DynamoJobStore {
             .item("pk", s(keys::slots_item(&slots.key)))
             .item("doc", s(doc));
         put_versioned(request, expected).await
+    }
+}
+
+/// Rounds of a submit bucket's compare-and-set before a busy owner's submit gives up for now.
+const RATE_ROUNDS: usize = 8;
+/// A submit bucket's item outlives its last token by this (epoch seconds, DynamoDB's TTL): a
+/// quiet owner's bucket is full again by then, the same as no item.
+const RATE_ITEM_TTL_SECS: i64 = 86_400;
+
+/// Tenants share the table. `limits#<owner>`: numbers `max_in_flight`, `submits_per_minute`,
+/// `submit_burst`, each optional, written by operators (the README shows the command).
+/// `rate#<owner>`: the submit bucket's arrival time `tat` (epoch ms), set by compare-and-set
+/// so two submits never spend one token.
+#[async_trait]
+impl gateway::ports::TenantStore for DynamoJobStore {
+    async fn overrides(
+        &self,
+        owner: &str,
+    ) -> Result<Option<gateway::domain::tenant::LimitOverrides>, StoreError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key("pk", s(keys::limits_item(owner)))
+            .send()
+            .await
+            .map_err(unavailable)?;
+        let Some(item) = out.item() else {
+            return Ok(None);
+        };
+        let number = |name: &str| -> Result<Option<u32>, StoreError> {
+            item.get(name)
+                .map(|value| {
+                    value
+                        .as_n()
+                        .ok()
+                        .and_then(|n| n.parse().ok())
+                        .ok_or_else(|| {
+                            StoreError::Corrupt(format!("limits: {name} is not a count"))
+                        })
+                })
+                .transpose()
+        };
+        Ok(Some(gateway::domain::tenant::LimitOverrides {
+            max_in_flight: number("max_in_flight")?,
+            submits_per_minute: number("submits_per_minute")?,
+            submit_burst: number("submit_burst")?,
+        }))
+    }
+
+    async fn set_overrides(
+        &self,
+        owner: &str,
+        overrides: &gateway::domain::tenant::LimitOverrides,
+    ) -> Result<(), StoreError> {
+        let mut request = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .item("pk", s(keys::limits_item(owner)));
+        for (name, value) in [
+            ("max_in_flight", overrides.max_in_flight),
+            ("submits_per_minute", overrides.submits_per_minute),
+            ("submit_burst", overrides.submit_burst),
+        ] {
+            if let Some(value) = value {
+                request = request.item(name, n(value));
+            }
+        }
+        request.send().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn spend_submit(
+        &self,
+        owner: &str,
+        rate: &gateway::domain::tenant::Rate,
+        now: Millis,
+    ) -> Result<Result<(), Millis>, StoreError> {
+        use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+        // Two writes, chosen by where the stored time stands, and neither conditional on the
+        // exact value read: concurrent submits of one owner then never make each other retry.
+        // A full bucket (no time, or one already past) restarts from now; a partly spent one
+        // adds an interval to what is stored, as long as that stays within the tolerance.
+        // Each refusal of a condition tells the stored time, which picks the next step.
+        let mut full = true;
+        for _ in 0..RATE_ROUNDS {
+            let request = self
+                .client
+                .update_item()
+                .table_name(&self.table)
+                .key("pk", s(keys::rate_item(owner)))
+                .expression_attribute_values(":now", n(now))
+                .expression_attribute_values(":interval", n(rate.interval_ms))
+                .return_values_on_condition_check_failure(
+                    aws_sdk_dynamodb::types::ReturnValuesOnConditionCheckFailure::AllOld,
+                );
+            let request = if full {
+                request
+                    .update_expression("SET tat = :now + :interval, expires_at = :expires")
+                    .condition_expression("attribute_not_exists(tat) OR tat <= :now")
+                    .expression_attribute_values(
+                        ":expires",
+                        n((now + rate.interval_ms) / 1_000 + RATE_ITEM_TTL_SECS),
+                    )
+            } else {
+                request
+                    .update_expression("SET tat = tat + :interval, expires_at = :expires")
+                    .condition_expression("tat > :now AND tat <= :latest")
+                    .expression_attribute_values(":latest", n(now + rate.tolerance_ms))
+                    .expression_attribute_values(
+                        ":expires",
+                        n((now + rate.tolerance_ms + rate.interval_ms) / 1_000
+                            + RATE_ITEM_TTL_SECS),
+                    )
+            };
+            let err = match request.send().await {
+                Ok(_) => return Ok(Ok(())),
+                Err(err) => err,
+            };
+            let Some(UpdateItemError::ConditionalCheckFailedException(failed)) =
+                err.as_service_error()
+            else {
+                return Err(unavailable(err));
+            };
+            let stored = failed
+                .item()
+                .and_then(|item| item.get("tat"))
+                .and_then(|v| v.as_n().ok())
+                .and_then(|n| n.parse::<Millis>().ok());
+            // The same decision the domain makes, on the time now stored.
+            if let Err(wait_ms) = rate.admit(stored, now) {
+                return Ok(Err(wait_ms));
+            }
+            full = stored.is_none_or(|tat| tat <= now);
+        }
+        Err(StoreError::Conflict)
     }
 }
 

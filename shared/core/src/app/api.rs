@@ -56,6 +56,8 @@ pub struct Api {
     /// Batches, and the slots that hold their jobs back.
     pub batches: Arc<dyn crate::ports::BatchStore>,
     pub turns: Arc<crate::app::holds::Turns>,
+    /// Owners' limits: the submit rate is spent here, the in-flight limit held at dispatch.
+    pub tenants: Arc<crate::app::tenants::Tenants>,
     pub settings: Settings,
     pub clock: Arc<dyn Clock>,
 }
@@ -79,6 +81,8 @@ pub enum Refusal {
     Gone { code: &'static str, message: String },
     /// A store or RunPod could not be reached; the same request may succeed later.
     Unavailable { message: String },
+    /// Over the owner's submit rate: the same request may go through after `retry_after_secs`.
+    RateLimited { retry_after_secs: u64 },
 }
 
 impl Refusal {
@@ -105,6 +109,7 @@ impl Refusal {
             Self::TooLarge { .. } => "input_too_large",
             Self::NotFound => "not_found",
             Self::Unavailable { .. } => "unavailable",
+            Self::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -117,6 +122,19 @@ impl Refusal {
             | Self::TooLarge { message }
             | Self::Unavailable { message } => message,
             Self::NotFound => "no such job",
+            Self::RateLimited { .. } => "too many submits; try again after Retry-After seconds",
+        }
+    }
+}
+
+impl From<crate::app::tenants::Refused> for Refusal {
+    fn from(refused: crate::app::tenants::Refused) -> Self {
+        match refused {
+            crate::app::tenants::Refused::Rate { wait_ms } => Self::RateLimited {
+                // Whole seconds, rounded up: a client retrying on the dot finds a token.
+                retry_after_secs: (wait_ms.max(1) as u64).div_ceil(1_000),
+            },
+            crate::app::tenants::Refused::Store(err) => err.into(),
         }
     }
 }
@@ -331,6 +349,17 @@ impl Api {
         );
         // Priced at acceptance: a later change of price does not reprice jobs already taken.
         job.gpu_price_nano_usd = self.settings.gpu_price_nano_usd;
+        // The token is spent last, so that a request refused for what it is costs none and
+        // writes nothing (a replay, answered above, costs none either); a refused one leaves
+        // no input behind.
+        let limits = match self.tenants.admit(owner).await {
+            Ok(limits) => limits,
+            Err(refused) => {
+                self.remove_input(&job).await;
+                return Err(refused.into());
+            }
+        };
+        job.holds.extend(limits.hold(owner));
         match self.store.create(&job).await {
             Ok(CreateOutcome::Created) => {}
             // Another request with the key got there between the lookup and the create: what

@@ -130,6 +130,9 @@ impl Api {
             checked.push(input);
         }
 
+        // A batch is one request against the owner's submit rate, spent once it is checked;
+        // its jobs are kept to the owner's in-flight limit like any others.
+        let limits = self.tenants.admit(owner).await?;
         // Everything is checked: from here on, what is written is undone on a failure.
         let now = self.clock.now_ms();
         let batch_id = uuid::Uuid::now_v7().to_string();
@@ -177,7 +180,10 @@ impl Api {
             );
             job.gpu_price_nano_usd = self.settings.gpu_price_nano_usd;
             job.batch_id = Some(batch_id.clone());
-            job.hold = Some(hold.clone());
+            // The batch's slot first, then the owner's (see `domain::hold` on the order).
+            job.holds = std::iter::once(hold.clone())
+                .chain(limits.hold(owner))
+                .collect();
             jobs.push(job);
         }
         let batch = Batch {
@@ -208,7 +214,7 @@ impl Api {
         }
         // If this fails the jobs are still safe: the sweeper sends every queued job to
         // dispatch again, and each then joins the line by itself.
-        if let Err(err) = self.turns.line_up(&hold, &batch.job_ids).await {
+        if let Err(err) = self.turns.line_up(&hold, &batch.job_ids, priority).await {
             tracing::warn!(batch_id = %batch.id, error = %err, "could not line the batch up; the sweeper will");
         }
         tracing::info!(batch_id = %batch.id, owner, jobs = jobs.len(), max_in_flight, backend = backend.as_str(), "batch accepted");

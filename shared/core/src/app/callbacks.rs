@@ -396,7 +396,7 @@ pub async fn announce(queue: &dyn CallbackQueue, before: JobState, job: &Job) {
         return;
     };
     // A held job's end is announced even without a callback: its slot is freed on it.
-    let frees_a_slot = event == CallbackEvent::Ended && job.hold.is_some();
+    let frees_a_slot = event == CallbackEvent::Ended && !job.holds.is_empty();
     if job.wants_callback(event) || frees_a_slot {
         tell(queue, job, event).await;
     }

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use crate::domain::hold::{Hold, Slots};
-use crate::domain::job::Job;
+use crate::domain::job::{Job, Priority};
 use crate::ports::{JobQueue, SlotStore, StoreError};
 
 /// Read-modify-write rounds before a change of a busy key's record gives up for now.
@@ -30,6 +30,8 @@ impl Turns {
                 None => (Slots::new(hold), 0),
             };
             let before = slots.clone();
+            // The limit is the latest job's: an owner's new limit applies from its next job.
+            slots.limit = hold.limit.max(1);
             let result = change(&mut slots);
             if slots == before {
                 return Ok((result, slots));
@@ -44,35 +46,47 @@ impl Turns {
     }
 
     /// Puts `jobs` in line for `hold`'s slots, in order, and wakes as many as may start.
-    pub async fn line_up(&self, hold: &Hold, jobs: &[String]) -> Result<(), StoreError> {
+    pub async fn line_up(
+        &self,
+        hold: &Hold,
+        jobs: &[String],
+        priority: Priority,
+    ) -> Result<(), StoreError> {
+        let low = priority == Priority::Low;
         let ((), slots) = self
-            .change(hold, |slots| slots.line_up(jobs.iter().map(String::as_str)))
+            .change(hold, |slots| {
+                slots.line_up(jobs.iter().map(String::as_str), low)
+            })
             .await?;
         self.wake(&slots).await;
         Ok(())
     }
 
-    /// Whether `job` may be dispatched now: it is held by nothing, or holds one of its key's
-    /// slots (taken now if one is free and the job is first in line). A job that may not is
-    /// in line, and is woken when its turn comes.
+    /// Whether `job` may be dispatched now: it is held by nothing, or holds a slot of each of
+    /// its keys (taken now, in the job's order, where one is free and the job is first in
+    /// line). A job that may not is in line for the first key it lacks, and is woken when its
+    /// turn comes; what it took so far it keeps (see `domain::hold` on why that cannot
+    /// deadlock).
     pub async fn take(&self, job: &Job) -> Result<bool, StoreError> {
-        let Some(hold) = &job.hold else {
-            return Ok(true);
-        };
-        let (taken, slots) = self.change(hold, |slots| slots.take(&job.id)).await?;
-        // A slot may still be free for the next in line (or for the one ahead of this job,
-        // whose own wake-up was lost).
-        self.wake(&slots).await;
-        Ok(taken)
+        let low = job.priority == Priority::Low;
+        for hold in &job.holds {
+            let (taken, slots) = self.change(hold, |slots| slots.take(&job.id, low)).await?;
+            // A slot may still be free for the next in line (or for the one ahead of this
+            // job, whose own wake-up was lost).
+            self.wake(&slots).await;
+            if !taken {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
-    /// `job` ended: its slot (or place in line) goes, and the next in line is woken.
+    /// `job` ended: its slots (or places in line) go, and the next in each line is woken.
     pub async fn release(&self, job: &Job) -> Result<(), StoreError> {
-        let Some(hold) = &job.hold else {
-            return Ok(());
-        };
-        let ((), slots) = self.change(hold, |slots| slots.give_back(&job.id)).await?;
-        self.wake(&slots).await;
+        for hold in &job.holds {
+            let ((), slots) = self.change(hold, |slots| slots.give_back(&job.id)).await?;
+            self.wake(&slots).await;
+        }
         Ok(())
     }
 

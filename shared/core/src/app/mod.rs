@@ -14,6 +14,7 @@ pub mod janitor;
 pub mod observe;
 pub mod stop;
 pub mod sweeper;
+pub mod tenants;
 pub mod transfer;
 pub mod webhook;
 

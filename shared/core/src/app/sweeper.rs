@@ -592,9 +592,16 @@ impl Sweeper {
                 return Ok(Action::Error);
             }
         }
+        // Time held back counts: the deadline is the client's promise from acceptance. A job
+        // that never left the queue says so, so that its owner can tell a backlog from a slow
+        // run.
         let error = JobError::new(
             ErrorCode::DeadlineExceeded,
-            "the job did not finish before its deadline",
+            if job.runpod_job_id.is_none() && job.state == JobState::Queued {
+                "the job did not finish before its deadline: it was still queued (held back by its owner's or its batch's in-flight limit, or never dispatched)"
+            } else {
+                "the job did not finish before its deadline"
+            },
         );
         let now = self.clock.now_ms();
         let done = self

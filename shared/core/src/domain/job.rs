@@ -562,10 +562,10 @@ pub struct Job {
     /// The batch it belongs to, if any.
     #[serde(default)]
     pub batch_id: Option<String>,
-    /// What holds it back (a slot of its batch's): dispatched only with a slot, which it gives
-    /// back when it ends.
-    #[serde(default)]
-    pub hold: Option<super::hold::Hold>,
+    /// What holds it back (its batch's slots, then its owner's), in the order it takes them:
+    /// dispatched only with a slot of each, which it gives back when it ends.
+    #[serde(default, alias = "hold", deserialize_with = "super::hold::one_or_many")]
+    pub holds: Vec<super::hold::Hold>,
     /// Who is changing the job in this process; recorded in the history, never stored.
     #[serde(skip)]
     acting: Acting,
@@ -697,7 +697,7 @@ impl Job {
             rerun_pending: false,
             reruns: 0,
             batch_id: None,
-            hold: None,
+            holds: Vec::new(),
             acting: Acting::default(),
         }
     }
@@ -1060,7 +1060,7 @@ impl Job {
         self.next_check_at = Some(now + self.cleanup_delay_ms);
         self.cleanup_pending = true;
         // The end's follow-ups: the client's callback, and the slot it held for the next job.
-        self.callback_pending = self.callback_url.is_some() || self.hold.is_some();
+        self.callback_pending = self.callback_url.is_some() || !self.holds.is_empty();
         self.timestamps.finished_at = Some(now);
         Ok(())
     }
@@ -1503,6 +1503,32 @@ mod tests {
         let old: Job = serde_json::from_value(value).unwrap();
         assert!(old.history.is_empty());
         assert_eq!(old.check_failures, 0);
+    }
+
+    #[test]
+    fn a_record_with_one_hold_reads_as_a_list_of_one() {
+        let mut value = serde_json::to_value(job()).unwrap();
+        let object = value.as_object_mut().unwrap();
+        object.remove("holds");
+        object.insert(
+            "hold".into(),
+            serde_json::json!({"key": "batch:b", "limit": 3}),
+        );
+
+        let old: Job = serde_json::from_value(value).unwrap();
+
+        assert_eq!(old.holds.len(), 1);
+        assert_eq!(old.holds[0].key, "batch:b");
+    }
+
+    #[test]
+    fn a_record_without_holds_reads_with_none() {
+        let mut value = serde_json::to_value(job()).unwrap();
+        value.as_object_mut().unwrap().remove("holds");
+
+        let old: Job = serde_json::from_value(value).unwrap();
+
+        assert!(old.holds.is_empty());
     }
 
     #[test]

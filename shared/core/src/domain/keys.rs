@@ -146,6 +146,16 @@ pub fn slots_item(key: &str) -> String {
     format!("slots#{key}")
 }
 
+/// Job table: what an operator set as an owner's limits, `limits#{owner}`.
+pub fn limits_item(owner: &str) -> String {
+    format!("limits#{owner}")
+}
+
+/// Job table: an owner's submit bucket, `rate#{owner}`.
+pub fn rate_item(owner: &str) -> String {
+    format!("rate#{owner}")
+}
+
 /// Job table: a batch, `batch#{id}`.
 pub fn batch_item(id: &str) -> String {
     format!("batch#{id}")

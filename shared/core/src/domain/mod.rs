@@ -9,6 +9,7 @@ pub mod keys;
 pub mod paths;
 pub mod report;
 pub mod retry;
+pub mod tenant;
 pub mod token;
 pub mod usage;
 pub mod workflow;

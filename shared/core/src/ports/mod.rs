@@ -712,6 +712,30 @@ pub trait SlotStore: Send + Sync {
     ) -> Result<(), StoreError>;
 }
 
+/// Per-tenant limits: an operator's overrides for an owner, and the owner's submit bucket.
+#[async_trait]
+pub trait TenantStore: Send + Sync {
+    /// What an operator set for `owner`; `None` when nothing is set.
+    async fn overrides(
+        &self,
+        owner: &str,
+    ) -> Result<Option<crate::domain::tenant::LimitOverrides>, StoreError>;
+    async fn set_overrides(
+        &self,
+        owner: &str,
+        overrides: &crate::domain::tenant::LimitOverrides,
+    ) -> Result<(), StoreError>;
+    /// Spends one of `owner`'s submit tokens at `now` as [`crate::domain::tenant::Rate::admit`]
+    /// decides, atomically (two submits never spend the same token). `Err(wait_ms)` inside
+    /// `Ok`: refused, a token is back in `wait_ms`.
+    async fn spend_submit(
+        &self,
+        owner: &str,
+        rate: &crate::domain::tenant::Rate,
+        now: Millis,
+    ) -> Result<Result<(), Millis>, StoreError>;
+}
+
 #[async_trait]
 pub trait BatchStore: Send + Sync {
     /// Stores a new batch; one with the same id is `StoreError::Conflict`.

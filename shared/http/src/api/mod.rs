@@ -189,6 +189,7 @@ impl FromRequestParts<Arc<ApiState>> for JobId {
         (status = 401, description = "No valid bearer token", body = ErrorResponse),
         (status = 413, description = "The image is too large", body = ErrorResponse),
         (status = 422, description = "The idempotency key was used for another request", body = ErrorResponse),
+        (status = 429, description = "Over the owner's submit rate (`rate_limited`); nothing stored; try again after `Retry-After` seconds", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds until a token of the owner's submit bucket is back"))),
         (status = 503, description = "A store could not be reached; try again", body = ErrorResponse),
     )
 )]
@@ -218,6 +219,7 @@ async fn create_job(
         (status = 400, description = "Invalid request (an input's refusal names it, `inputs[i]`); nothing was stored", body = ErrorResponse),
         (status = 401, description = "No valid bearer token", body = ErrorResponse),
         (status = 413, description = "An image is too large", body = ErrorResponse),
+        (status = 429, description = "Over the owner's submit rate (`rate_limited`); nothing stored; try again after `Retry-After` seconds", body = ErrorResponse, headers(("Retry-After" = u64, description = "Seconds until a token of the owner's submit bucket is back"))),
         (status = 503, description = "A store could not be reached; nothing of the batch is left; try again", body = ErrorResponse),
     )
 )]
