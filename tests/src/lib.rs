@@ -210,6 +210,8 @@ impl Stack {
         ]);
         vars.extend(options.extra_env);
         let env = Env::from_pairs(vars);
+        // The metric lines the functions flush are kept for the tests to read, not printed.
+        gateway_aws::metrics::capture();
         let wiring = Wiring::new(env.clone(), gateway_sdk.clone()).expect("wire the gateway");
         let runner = local_runner::start_on(
             listener,

@@ -586,6 +586,9 @@ fn sweep_log(kit: &testkit::Kit) -> Vec<Value> {
     let log = gateway::config::LogConfig {
         json: true,
         filter: "info".into(),
+        ..gateway::config::LogConfig::from_env(&gateway::config::Env::from_pairs(
+            std::iter::empty::<(String, String)>(),
+        ))
     };
     let subscriber = gateway_aws::wiring::subscriber(&log, move || writer.clone());
     let runtime = tokio::runtime::Builder::new_current_thread()

@@ -3,6 +3,7 @@
 //! with the owner's secrets, off every other function's path.
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use gateway_aws::adapters::sqs::handle_callback_batch;
+use gateway_aws::metrics::flushed;
 use gateway_aws::wiring::Wiring;
 use lambda_runtime::{service_fn, LambdaEvent};
 
@@ -13,7 +14,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let callbacks = &callbacks;
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
         Ok::<SqsBatchResponse, lambda_runtime::Error>(
-            handle_callback_batch(callbacks, event.payload).await,
+            flushed(handle_callback_batch(callbacks, event.payload)).await,
         )
     }))
     .await

@@ -2,6 +2,7 @@
 //! be stopped, reporting partial batch failures.
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use gateway_aws::adapters::sqs::handle_batch_before;
+use gateway_aws::metrics::flushed;
 use gateway_aws::wiring::Wiring;
 use lambda_runtime::{service_fn, LambdaEvent};
 
@@ -14,7 +15,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         // The invocation's end: no /run starts too late to record RunPod's answer.
         let deadline = i64::try_from(event.context.deadline).ok();
         Ok::<SqsBatchResponse, lambda_runtime::Error>(
-            handle_batch_before(consumer, event.payload, deadline).await,
+            flushed(handle_batch_before(consumer, event.payload, deadline)).await,
         )
     }))
     .await

@@ -2,6 +2,7 @@
 //! webhook and the sweeper hand them over) into the results bucket, one job at a time.
 use aws_lambda_events::event::sqs::{SqsBatchResponse, SqsEvent};
 use gateway_aws::adapters::sqs::handle_finalize_batch;
+use gateway_aws::metrics::flushed;
 use gateway_aws::wiring::Wiring;
 use lambda_runtime::{service_fn, LambdaEvent};
 
@@ -15,7 +16,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         // could not finish before it.
         let deadline = i64::try_from(event.context.deadline).ok();
         Ok::<SqsBatchResponse, lambda_runtime::Error>(
-            handle_finalize_batch(finalizer, event.payload, deadline).await,
+            flushed(handle_finalize_batch(finalizer, event.payload, deadline)).await,
         )
     }))
     .await

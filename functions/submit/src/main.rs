@@ -12,5 +12,9 @@ async fn main() -> Result<(), lambda_http::Error> {
         wiring.callbacks()?,
         IdentitySource::JwtClaims,
     );
-    lambda_http::run(router(Arc::new(state))).await
+    lambda_http::run(gateway_http::after_each_request(
+        router(Arc::new(state)),
+        gateway_aws::metrics::flush,
+    ))
+    .await
 }

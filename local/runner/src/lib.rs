@@ -75,6 +75,7 @@ pub async fn start_on(
             .await
             .map_err(RunnerError::Setup)?;
     }
+    gateway_aws::metrics::install(&wiring.log);
     let identity = IdentitySource::dev_tokens_from_env(&wiring.env).map_err(BootError::from)?;
     let api = Arc::new(ApiState::new(wiring.api()?, wiring.callbacks()?, identity));
     let webhook = Arc::new(wiring.webhook()?);
@@ -169,6 +170,7 @@ pub async fn start_on(
             }
         },
     )));
+    let watcher_metrics = watcher.clone();
     tasks.push(tokio::spawn(tick(
         options.janitor_every,
         watcher,
@@ -179,6 +181,13 @@ pub async fn start_on(
             }
         },
     )));
+    // The functions flush their metrics after each invocation; the runner, hosting them all
+    // in one process, flushes on a short tick instead.
+    tasks.push(tokio::spawn(tick(
+        METRICS_FLUSH_EVERY,
+        watcher_metrics,
+        || async { gateway_aws::metrics::flush() },
+    )));
     tracing::info!(%addr, "local gateway listening");
     Ok(Runner {
         addr,
@@ -186,6 +195,9 @@ pub async fn start_on(
         tasks,
     })
 }
+
+/// How often the runner writes the metrics its functions counted.
+const METRICS_FLUSH_EVERY: Duration = Duration::from_millis(250);
 
 /// A function's handler of an SQS batch, as its Lambda event source calls it.
 type Handler =

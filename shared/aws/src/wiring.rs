@@ -87,6 +87,7 @@ impl Wiring {
         let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
         let wiring = Self::with_secrets(Env::process(), sdk).await?;
         init_tracing(&wiring.log);
+        crate::metrics::install(&wiring.log);
         Ok(wiring)
     }
 

@@ -504,6 +504,13 @@ pub fn secrets_to_read(env: &Env) -> Vec<(&'static SecretSource, String)> {
 pub struct LogConfig {
     pub json: bool,
     pub filter: String,
+    /// The CloudWatch namespace of the metric lines (`METRICS_NAMESPACE`, `RunPodGateway`).
+    pub metrics_namespace: String,
+    /// Their one dimension, `Service` (`METRICS_SERVICE`, `runpod-gateway`; the template sets
+    /// the stack's name, so that two stacks' metrics stay apart).
+    pub metrics_service: String,
+    /// The function, a property of each metric line: Lambda's `AWS_LAMBDA_FUNCTION_NAME`.
+    pub function: String,
 }
 
 impl LogConfig {
@@ -511,6 +518,15 @@ impl LogConfig {
         Self {
             json: env.get("GATEWAY_LOG_FORMAT").as_deref() != Some("text"),
             filter: env.get("RUST_LOG").unwrap_or_else(|| "info".into()),
+            metrics_namespace: env
+                .get("METRICS_NAMESPACE")
+                .unwrap_or_else(|| "RunPodGateway".into()),
+            metrics_service: env
+                .get("METRICS_SERVICE")
+                .unwrap_or_else(|| "runpod-gateway".into()),
+            function: env
+                .get("AWS_LAMBDA_FUNCTION_NAME")
+                .unwrap_or_else(|| "local".into()),
         }
     }
 }

@@ -13,4 +13,5 @@
 pub mod app;
 pub mod config;
 pub mod domain;
+pub mod metrics;
 pub mod ports;

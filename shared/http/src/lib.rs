@@ -5,3 +5,14 @@
 pub mod api;
 pub mod error;
 pub mod webhook;
+
+/// `router` with `hook` run after each response is made: the functions flush the metrics a
+/// request counted, before Lambda may freeze the process.
+pub fn after_each_request(router: axum::Router, hook: fn()) -> axum::Router {
+    router.layer(axum::middleware::map_response(
+        move |response: axum::response::Response| async move {
+            hook();
+            response
+        },
+    ))
+}

@@ -583,6 +583,7 @@ impl ObjectStore for MemObjects {
             folders,
             files,
             next,
+            ..FolderPage::default()
         })
     }
 }

@@ -43,13 +43,10 @@ impl S3ObjectStore {
     /// (`Delimiter=/`), as RunPod's own example lists its volume: a recursive listing of a
     /// large volume repeats continuation tokens. A token seen again ends that folder's listing
     /// rather than looping on it.
-    async fn walk(
-        &self,
-        prefix: &str,
-        max: usize,
-    ) -> Result<(Vec<String>, Vec<String>), ObjectError> {
+    async fn walk(&self, prefix: &str, max: usize) -> Result<gateway::ports::Tree, ObjectError> {
         let mut keys = Vec::new();
         let mut found = Vec::new();
+        let mut bytes = 0;
         let mut folders = std::collections::VecDeque::from([prefix.to_string()]);
         let mut seen = std::collections::HashSet::new();
         while let Some(folder) = folders.pop_front() {
@@ -63,6 +60,7 @@ impl S3ObjectStore {
                 exists |= own_entry || !page.files.is_empty() || !page.folders.is_empty();
                 keys.extend(page.files);
                 folders.extend(page.folders);
+                bytes += page.bytes;
                 if keys.len() >= max || page.next.is_none() || page.next == token {
                     break;
                 }
@@ -80,7 +78,11 @@ impl S3ObjectStore {
         keys.truncate(max);
         found.sort();
         found.dedup();
-        Ok((keys, found))
+        Ok(gateway::ports::Tree {
+            files: keys,
+            folders: found,
+            bytes,
+        })
     }
 
     /// One page of `folder`'s listing, and whether it held the folder's own entry (RunPod
@@ -103,7 +105,8 @@ impl S3ObjectStore {
             .map_err(|e| classify(folder, e))?;
         let mut page = FolderPage::default();
         let mut own_entry = false;
-        for key in out.contents().iter().filter_map(|o| o.key()) {
+        for object in out.contents() {
+            let Some(key) = object.key() else { continue };
             if key == folder {
                 own_entry = true;
             } else if key.ends_with('/') {
@@ -111,6 +114,7 @@ impl S3ObjectStore {
                 page.folders.push(key.to_string());
             } else {
                 page.files.push(key.to_string());
+                page.bytes += object.size().unwrap_or(0).max(0) as u64;
             }
         }
         for sub in out.common_prefixes().iter().filter_map(|p| p.prefix()) {
@@ -548,14 +552,14 @@ impl ObjectStore for S3ObjectStore {
     /// listings are reported to repeat continuation tokens on long recursive walks, and a
     /// level-by-level walk never reads folders outside `prefix`.
     async fn list(&self, prefix: &str, max: usize) -> Result<Vec<String>, ObjectError> {
-        Ok(self.walk(prefix, max).await?.0)
+        Ok(self.walk(prefix, max).await?.files)
     }
 
     async fn list_tree(
         &self,
         prefix: &str,
         max: usize,
-    ) -> Result<(Vec<String>, Vec<String>), ObjectError> {
+    ) -> Result<gateway::ports::Tree, ObjectError> {
         self.walk(prefix, max).await
     }
 

@@ -382,6 +382,7 @@ impl Api {
             tracing::warn!(job_id = %job.id, error = %err, "enqueue failed; the sweeper will retry");
         }
         tracing::info!(job_id = %job.id, owner = %job.owner, workflow = %job.workflow, "job accepted");
+        crate::metrics::job_accepted();
         Ok(Submitted::Accepted(job))
     }
 

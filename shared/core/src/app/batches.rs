@@ -218,6 +218,9 @@ impl Api {
             tracing::warn!(batch_id = %batch.id, error = %err, "could not line the batch up; the sweeper will");
         }
         tracing::info!(batch_id = %batch.id, owner, jobs = jobs.len(), max_in_flight, backend = backend.as_str(), "batch accepted");
+        for _ in &jobs {
+            crate::metrics::job_accepted();
+        }
         Ok((batch, jobs))
     }
 

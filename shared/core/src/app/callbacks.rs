@@ -173,6 +173,9 @@ impl Callbacks {
         if job.gone(now).is_some() {
             return Ok(Delivery::Unknown);
         }
+        if !message.attempts.is_empty() {
+            crate::metrics::retried("callback");
+        }
         // A success's download links are signed anew for each attempt: a retry hours later
         // carries links that work, valid from when it is sent.
         let body = if message.event_type == SUCCEEDED {

@@ -106,10 +106,15 @@ pub async fn remove_volume_folder(
     volume: &dyn ObjectStore,
     folder: &str,
 ) -> Result<usize, ObjectError> {
-    let (files, mut folders) = volume.list_tree(folder, MAX_KEYS_PER_FOLDER).await?;
+    let crate::ports::Tree {
+        files,
+        mut folders,
+        bytes,
+    } = volume.list_tree(folder, MAX_KEYS_PER_FOLDER).await?;
     for key in &files {
         volume.delete(key).await?;
     }
+    crate::metrics::cleanup_bytes(bytes);
     if files.len() < MAX_KEYS_PER_FOLDER {
         folders.sort_by_key(|f| std::cmp::Reverse(f.len()));
         for folder in folders {

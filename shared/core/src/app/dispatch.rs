@@ -159,6 +159,9 @@ impl Dispatcher {
             }
         };
 
+        if leased.attempts > 0 {
+            crate::metrics::retried("dispatch");
+        }
         let mut leased = leased;
         let submitted = match self.fetch_input(&leased).await {
             Ok(Some(fetched)) => {

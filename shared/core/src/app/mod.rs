@@ -80,18 +80,29 @@ where
         next.version = read_version + 1;
         // The write that ends the job carries what it adds to its owner's usage, so that the
         // store counts it in the same transaction, and only if this write wins.
-        if next.is_terminal() && !job.is_terminal() {
+        let ends = next.is_terminal() && !job.is_terminal();
+        if ends {
             next.count_usage(next.version);
         }
         next.write_id = Some(rand::random());
+        // Counted by the one write that ends the job, as its usage is.
+        let counted = |written: &Job| {
+            if ends {
+                crate::metrics::job_ended(written);
+            }
+        };
         match store.save(&next, read_version).await {
-            Ok(()) => return Ok(Committed::Written(next)),
+            Ok(()) => {
+                counted(&next);
+                return Ok(Committed::Written(next));
+            }
             Err(StoreError::Conflict) => match store.get(&job.id).await? {
                 // This very write: it committed, its answer was lost, and the store's retry
                 // of it met its own version. Re-applying the change would take it for someone
                 // else's (a job finished twice, or its outputs removed as a loser's).
                 Some(fresh) if fresh.write_id == next.write_id => {
-                    return Ok(Committed::Written(fresh))
+                    counted(&fresh);
+                    return Ok(Committed::Written(fresh));
                 }
                 Some(fresh) => job = fresh,
                 None => return Ok(Committed::Missing),

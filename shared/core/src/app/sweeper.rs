@@ -530,11 +530,21 @@ impl Sweeper {
         now: Millis,
     ) -> Result<Action, StoreError> {
         let job_id = job.id.clone();
+        // A backend that calls back should have ended the job itself: the sweeper ending it
+        // instead is a rescue. A polled backend's jobs are always ended here.
+        let rescue = self.backends.polled_every(&job).is_none();
         // Kept to reschedule without a second read when the report changed nothing.
         let read = job.clone();
         match self.observer.observe_as(job, status, Actor::Sweeper).await {
-            Ok(Outcome::Finished(_)) => Ok(Action::Polled { finished: true }),
-            Ok(Outcome::HandedOff) => Ok(Action::HandedOff),
+            Ok(outcome @ (Outcome::Finished(_) | Outcome::HandedOff)) => {
+                if rescue {
+                    crate::metrics::sweeper_rescue();
+                }
+                Ok(match outcome {
+                    Outcome::HandedOff => Action::HandedOff,
+                    _ => Action::Polled { finished: true },
+                })
+            }
             // Someone else holds the job (a webhook finalizing it): its lease already made the
             // job due when it runs out, and any write here would only get in its way.
             Ok(Outcome::Busy) => Ok(Action::Skipped),
@@ -698,6 +708,7 @@ impl Sweeper {
         }
         if job.may_rerun() {
             tracing::warn!(job_id = %job.id, run, "the backend lost the run; it is started again");
+            crate::metrics::retried("rerun");
             let next = now + self.settings.requeue_after.as_millis() as Millis;
             let committed = self
                 .writer()

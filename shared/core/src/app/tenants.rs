@@ -77,6 +77,7 @@ impl Tenants {
             let now = self.clock.now_ms();
             if let Err(wait_ms) = self.store.spend_submit(owner, &rate, now).await? {
                 tracing::info!(owner, wait_ms, "submit refused: over the owner's rate");
+                crate::metrics::rate_limited();
                 return Err(Refused::Rate { wait_ms });
             }
         }

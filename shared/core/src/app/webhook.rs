@@ -57,6 +57,7 @@ impl WebhookHandler {
             tracing::warn!(job_id, "webhook with a bad or missing token refused");
             return WebhookOutcome::Unauthorized;
         }
+        crate::metrics::webhook_received();
         match self.handle(job_id, body).await {
             Ok(outcome) => {
                 tracing::info!(job_id, ?outcome, "webhook handled");

@@ -309,12 +309,11 @@ pub trait ObjectStore: Send + Sync {
     /// listing met on the way (`prefix` itself included, if it exists), each ending in `/`.
     /// Only a store with folders of its own has any: RunPod's volume, a filesystem behind an S3
     /// API, lists empty folders, and they stay after their files are removed.
-    async fn list_tree(
-        &self,
-        prefix: &str,
-        max: usize,
-    ) -> Result<(Vec<String>, Vec<String>), ObjectError> {
-        Ok((self.list(prefix, max).await?, Vec::new()))
+    async fn list_tree(&self, prefix: &str, max: usize) -> Result<Tree, ObjectError> {
+        Ok(Tree {
+            files: self.list(prefix, max).await?,
+            ..Tree::default()
+        })
     }
     /// One page of what lies directly under `folder` (one level, as S3's `Delimiter=/` gives
     /// it), from where `token` (a previous page's `next`) left off. A store may hand out a
@@ -334,8 +333,20 @@ pub struct FolderPage {
     pub folders: Vec<String>,
     /// The files, in key order.
     pub files: Vec<String>,
+    /// The files' sizes, added up (0 where the store does not say).
+    pub bytes: u64,
     /// Where the next page starts; `None` after the last.
     pub next: Option<String>,
+}
+
+/// What [`ObjectStore::list_tree`] found under a prefix.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Tree {
+    pub files: Vec<String>,
+    /// The folders met on the way, each ending in `/`.
+    pub folders: Vec<String>,
+    /// The files' sizes, added up (0 where the store does not say).
+    pub bytes: u64,
 }
 
 /// A multipart upload begun and neither completed nor aborted. Its parts take space on the
