@@ -165,7 +165,7 @@ pub async fn measure(
                         return false;
                     }
                 }
-                store.create(&job).await.is_ok() && queue.enqueue(&job.id).await.is_ok()
+                store.create(&job).await.is_ok() && queue.enqueue(&job.id, None).await.is_ok()
             }
         }
     };

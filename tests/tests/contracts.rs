@@ -140,11 +140,12 @@ async fn restore_comfyui_on_the_builtin_worker_comes_back_as_stored_images() {
         vec!["restore-comfyui_00001_.png"]
     );
     assert_eq!(stack.keys(&stack.results_bucket, "results/").await.len(), 1);
-    // worker-comfyui's input shape, small; and nothing of the output on the volume.
+    // worker-comfyui's input shape (its graph, and the gateway's job and trace ids, a key it
+    // does not read), small; and nothing of the output on the volume.
     let runpod = stack.runpod_job(&job_id).await;
     assert_eq!(
         runpod.input.as_object().unwrap().keys().collect::<Vec<_>>(),
-        vec!["workflow"]
+        vec!["gateway", "workflow"]
     );
     assert!(runpod.input.to_string().len() < 16 * 1024);
     assert!(!stack

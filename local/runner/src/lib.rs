@@ -225,6 +225,10 @@ async fn poll_queue(poller: Poller, mut stop: watch::Receiver<bool>) {
             .queue_url(&queue_url)
             .max_number_of_messages(i32::from(batch_size))
             .wait_time_seconds(1)
+            // As Lambda's event source hands them over: the trace header with each record.
+            .message_system_attribute_names(
+                aws_sdk_sqs::types::MessageSystemAttributeName::AwsTraceHeader,
+            )
             .send();
         let received = tokio::select! {
             _ = stop.changed() => return,
@@ -248,6 +252,13 @@ async fn poll_queue(poller: Poller, mut stop: watch::Receiver<bool>) {
             record.message_id = message.message_id.clone();
             record.receipt_handle = message.receipt_handle.clone();
             record.body = message.body.clone();
+            if let Some(attributes) = &message.attributes {
+                for (name, value) in attributes {
+                    record
+                        .attributes
+                        .insert(name.as_str().to_string(), value.clone());
+                }
+            }
             receipts.push((
                 message.message_id.unwrap_or_default(),
                 message.receipt_handle,

@@ -672,7 +672,7 @@ impl MemQueue {
 
 #[async_trait]
 impl JobQueue for MemQueue {
-    async fn enqueue(&self, job_id: &str) -> Result<(), QueueError> {
+    async fn enqueue(&self, job_id: &str, _trace_id: Option<&str>) -> Result<(), QueueError> {
         self.outage.check()?;
         lock(&self.sent).push(job_id.to_string());
         Ok(())

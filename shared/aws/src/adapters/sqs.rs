@@ -309,12 +309,33 @@ mod queue {
 
     #[async_trait]
     impl JobQueue for SqsJobQueue {
-        async fn enqueue(&self, job_id: &str) -> Result<(), QueueError> {
+        async fn enqueue(&self, job_id: &str, trace_id: Option<&str>) -> Result<(), QueueError> {
             let body = serde_json::to_string(&DispatchMessage {
                 job_id: job_id.to_string(),
             })
             .map_err(|e| QueueError(e.to_string()))?;
-            send(&self.client, &self.queue_url, body).await
+            let mut request = self
+                .client
+                .send_message()
+                .queue_url(&self.queue_url)
+                .message_body(body);
+            // X-Ray's own header for SQS: Lambda's event source links the consumer's trace to
+            // it, and the consumer logs under it before it reads the job.
+            if let Some(trace) = trace_id {
+                request = request.message_system_attributes(
+                    aws_sdk_sqs::types::MessageSystemAttributeNameForSends::AwsTraceHeader,
+                    aws_sdk_sqs::types::MessageSystemAttributeValue::builder()
+                        .data_type("String")
+                        .string_value(format!("Root={trace};Sampled=1"))
+                        .build()
+                        .map_err(|e| QueueError(e.to_string()))?,
+                );
+            }
+            request
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| QueueError(format!("{e:?}")))
         }
     }
 }
@@ -377,20 +398,33 @@ mod events {
                         failed()
                     }
                     Some(Message::Dispatch(message)) => {
-                        match consumer
-                            .dispatcher
-                            .dispatch_before(&message.job_id, deadline)
-                            .await
-                        {
-                            Ok(outcome) => {
-                                tracing::info!(job_id = %message.job_id, ?outcome, "dispatched");
-                                None
-                            }
-                            Err(err) => {
-                                tracing::warn!(job_id = %message.job_id, error = %err, "dispatch deferred");
-                                failed()
+                        use tracing::Instrument as _;
+                        // The sender's trace (X-Ray's header on the message), when it knew it;
+                        // the dispatcher's own lines carry the job's from its record.
+                        let trace = record
+                            .attributes
+                            .get("AWSTraceHeader")
+                            .and_then(|header| gateway::domain::job::trace_from_header(header))
+                            .unwrap_or_default();
+                        let span = tracing::info_span!("message", job_id = %message.job_id, trace_id = %trace);
+                        async {
+                            match consumer
+                                .dispatcher
+                                .dispatch_before(&message.job_id, deadline)
+                                .await
+                            {
+                                Ok(outcome) => {
+                                    tracing::info!(?outcome, "dispatched");
+                                    None
+                                }
+                                Err(err) => {
+                                    tracing::warn!(error = %err, "dispatch deferred");
+                                    failed()
+                                }
                             }
                         }
+                        .instrument(span)
+                        .await
                     }
                     // The stopper logs both outcomes; a failure comes back to be retried.
                     Some(Message::Stop(stop)) => match consumer.stopper.stop(&stop).await {
@@ -425,31 +459,21 @@ mod events {
                     tracing::error!(message_id, "unreadable callback message; left for the DLQ");
                     return failed();
                 };
-                let (job_id, outcome) = match message {
-                    super::CallbackMessage::Notice(notice) => (
-                        notice.job_id.clone(),
-                        callbacks
-                            .on_notice(&notice.job_id, notice.event)
-                            .await
-                            .map(|told| format!("notice {:?}: {told:?}", notice.event)),
-                    ),
-                    super::CallbackMessage::Deliver(target) => (
-                        target.job_id.clone(),
-                        callbacks
-                            .deliver(&target.job_id, &target.message_id)
-                            .await
-                            .map(|outcome| format!("{}: {outcome:?}", target.message_id)),
-                    ),
+                let handled = match message {
+                    super::CallbackMessage::Notice(notice) => callbacks
+                        .on_notice(&notice.job_id, notice.event)
+                        .await
+                        .is_ok(),
+                    super::CallbackMessage::Deliver(target) => callbacks
+                        .deliver(&target.job_id, &target.message_id)
+                        .await
+                        .is_ok(),
                 };
-                match outcome {
-                    Ok(outcome) => {
-                        tracing::info!(job_id = %job_id, %outcome, "callback handled");
-                        None
-                    }
-                    Err(err) => {
-                        tracing::warn!(job_id = %job_id, error = %err, "callback not handled; SQS returns it");
-                        failed()
-                    }
+                // The use case logged the outcome, under the job's trace.
+                if handled {
+                    None
+                } else {
+                    failed()
                 }
             })
             .buffer_unordered(4)
@@ -492,16 +516,11 @@ mod events {
         deadline: Option<i64>,
     ) -> SqsBatchResponse {
         each_message(event, "finalize", |message: FinalizeMessage| async move {
-            match finalizer.finalize(&message.finalize, deadline).await {
-                Ok(outcome) => {
-                    tracing::info!(job_id = %message.finalize, ?outcome, "finalize done");
-                    true
-                }
-                Err(err) => {
-                    tracing::warn!(job_id = %message.finalize, error = %err, "finalize deferred");
-                    false
-                }
-            }
+            // The use case logs the outcome, under the job's trace.
+            finalizer
+                .finalize(&message.finalize, deadline)
+                .await
+                .is_ok()
         })
         .await
     }

@@ -275,6 +275,19 @@ impl Api {
         request: JobRequest,
         idempotency_key: Option<&[u8]>,
     ) -> Result<Submitted, Refusal> {
+        self.submit_traced(owner, request, idempotency_key, None)
+            .await
+    }
+
+    /// [`Api::submit`] under the request's trace id (from its `X-Amzn-Trace-Id`); a new one
+    /// when it has none. The job keeps it for every log line about it.
+    pub async fn submit_traced(
+        &self,
+        owner: &str,
+        request: JobRequest,
+        idempotency_key: Option<&[u8]>,
+        trace_id: Option<String>,
+    ) -> Result<Submitted, Refusal> {
         let idempotency_key = idempotency_key.map(parse_idempotency_key).transpose()?;
         let request_digest = idempotency_key.as_ref().map(|_| digest(&request));
         // A replay is answered from the first job before anything is stored for it.
@@ -360,6 +373,9 @@ impl Api {
             }
         };
         job.holds.extend(limits.hold(owner));
+        job.trace_id = Some(
+            trace_id.unwrap_or_else(|| crate::domain::job::new_trace(job.timestamps.created_at)),
+        );
         match self.store.create(&job).await {
             Ok(CreateOutcome::Created) => {}
             // Another request with the key got there between the lookup and the create: what
@@ -378,10 +394,10 @@ impl Api {
             }
         }
         // If this send fails the job is still safe: the sweeper re-enqueues queued jobs.
-        if let Err(err) = self.queue.enqueue(&job.id).await {
-            tracing::warn!(job_id = %job.id, error = %err, "enqueue failed; the sweeper will retry");
+        if let Err(err) = self.queue.enqueue(&job.id, Some(&job.trace())).await {
+            tracing::warn!(job_id = %job.id, trace_id = %job.trace(), error = %err, "enqueue failed; the sweeper will retry");
         }
-        tracing::info!(job_id = %job.id, owner = %job.owner, workflow = %job.workflow, "job accepted");
+        tracing::info!(job_id = %job.id, trace_id = %job.trace(), owner = %job.owner, workflow = %job.workflow, "job accepted");
         crate::metrics::job_accepted();
         Ok(Submitted::Accepted(job))
     }

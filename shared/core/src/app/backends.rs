@@ -151,6 +151,12 @@ impl Backend for Serverless {
         // volume (LoadImage names its key), so RunPod's echoed input stays small.
         let mut input = serde_json::Map::new();
         input.insert(workflow.output_contract().input_key().to_string(), graph);
+        // Which job and trace the run belongs to, for the worker's logs and RunPod's console;
+        // worker-comfyui reads only its own keys and leaves others alone.
+        input.insert(
+            "gateway".into(),
+            serde_json::json!({"job_id": job.id, "trace_id": job.trace()}),
+        );
         let request = RunRequest {
             input: serde_json::Value::Object(input),
             webhook: Some(webhook.to_string()),

@@ -77,6 +77,17 @@ impl Api {
         owner: &str,
         request: BatchRequest,
     ) -> Result<(Batch, Vec<Job>), Refusal> {
+        self.submit_batch_traced(owner, request, None).await
+    }
+
+    /// [`Api::submit_batch`] under the request's trace id, which its jobs share (a new one
+    /// when it has none).
+    pub async fn submit_batch_traced(
+        &self,
+        owner: &str,
+        request: BatchRequest,
+        trace_id: Option<String>,
+    ) -> Result<(Batch, Vec<Job>), Refusal> {
         let workflow = self
             .catalog
             .get(&request.workflow)
@@ -136,6 +147,7 @@ impl Api {
         // Everything is checked: from here on, what is written is undone on a failure.
         let now = self.clock.now_ms();
         let batch_id = uuid::Uuid::now_v7().to_string();
+        let trace = trace_id.unwrap_or_else(|| crate::domain::job::new_trace(now));
         let hold = Hold::batch(&batch_id, max_in_flight);
         let job_timing = timing(&self.settings, retention);
         let mut jobs: Vec<Job> = Vec::with_capacity(checked.len());
@@ -180,6 +192,7 @@ impl Api {
             );
             job.gpu_price_nano_usd = self.settings.gpu_price_nano_usd;
             job.batch_id = Some(batch_id.clone());
+            job.trace_id = Some(trace.clone());
             // The batch's slot first, then the owner's (see `domain::hold` on the order).
             job.holds = std::iter::once(hold.clone())
                 .chain(limits.hold(owner))

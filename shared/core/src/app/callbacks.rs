@@ -100,6 +100,7 @@ impl Callbacks {
         let body = self.body(job, event_type, now, now).await?;
         let added = self
             .change_log(&job.id, &job.owner, |log| {
+                log.trace_id.get_or_insert_with(|| job.trace());
                 log.add(&id, event_type, &url, body.clone(), now)
             })
             .await;
@@ -126,6 +127,25 @@ impl Callbacks {
         let Some(job) = self.store.get(job_id).await? else {
             return Ok(None);
         };
+        let span = crate::app::job_span(&job);
+        let noticed = async {
+            let told = self.notice(job, event).await;
+            match &told {
+                Ok(told) => tracing::info!(?event, ?told, "callback notice handled"),
+                Err(err) => {
+                    tracing::warn!(?event, error = %err, "callback notice not handled; SQS returns it")
+                }
+            }
+            told
+        };
+        tracing::Instrument::instrument(noticed, span).await
+    }
+
+    async fn notice(
+        &self,
+        job: Job,
+        event: CallbackEvent,
+    ) -> Result<Option<String>, CallbackError> {
         // The end of a held job frees its slot, whatever else it is told (a deleted job too);
         // a failure comes back with the notice.
         if event == CallbackEvent::Ended && job.is_terminal() {
@@ -151,6 +171,31 @@ impl Callbacks {
         let Some((log, _)) = self.logs.delivery_log(job_id).await? else {
             return Ok(Delivery::Unknown);
         };
+        let span = tracing::info_span!(
+            "job",
+            job_id,
+            trace_id = log.trace_id.as_deref().unwrap_or_default()
+        );
+        let delivered = async {
+            let delivered = self.deliver_logged(log, message_id).await;
+            match &delivered {
+                Ok(outcome) => tracing::info!(message_id, ?outcome, "callback delivery handled"),
+                Err(err) => {
+                    tracing::warn!(message_id, error = %err, "callback delivery not handled; SQS returns it")
+                }
+            }
+            delivered
+        };
+        tracing::Instrument::instrument(delivered, span).await
+    }
+
+    async fn deliver_logged(
+        &self,
+        log: DeliveryLog,
+        message_id: &str,
+    ) -> Result<Delivery, CallbackError> {
+        let job_id = log.job_id.clone();
+        let job_id = job_id.as_str();
         let Some(message) = log.message(message_id).cloned() else {
             return Ok(Delivery::Unknown);
         };

@@ -106,6 +106,15 @@ impl Dispatcher {
         let Some(job) = self.store.get(job_id).await? else {
             return Ok(DispatchOutcome::Skipped("no such job"));
         };
+        let span = crate::app::job_span(&job);
+        tracing::Instrument::instrument(self.dispatch_job(job, deadline), span).await
+    }
+
+    async fn dispatch_job(
+        &self,
+        job: Job,
+        deadline: Option<Millis>,
+    ) -> Result<DispatchOutcome, RetryLater> {
         if !job.awaits_dispatch() {
             return Ok(DispatchOutcome::Skipped("already dispatched or finished"));
         }

@@ -110,6 +110,25 @@ impl Finalizer {
         let Some(job) = self.store.get(job_id).await? else {
             return Ok(Outcome::Unchanged);
         };
+        let span = crate::app::job_span(&job);
+        let finalized = async {
+            let finalized = self.finalize_job(job, deadline).await;
+            match &finalized {
+                Ok(outcome) => tracing::info!(?outcome, "finalize done"),
+                Err(err) => tracing::warn!(error = %err, "finalize deferred"),
+            }
+            finalized
+        };
+        tracing::Instrument::instrument(finalized, span).await
+    }
+
+    async fn finalize_job(
+        &self,
+        job: Job,
+        deadline: Option<Millis>,
+    ) -> Result<Outcome, FinalizeError> {
+        let job_id = job.id.clone();
+        let job_id = job_id.as_str();
         if job.is_terminal() {
             // Ended before finalize came (a client's cancel): its report goes now.
             self.drop_report(&job).await;

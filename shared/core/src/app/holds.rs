@@ -94,7 +94,8 @@ impl Turns {
     /// which sends every queued job to dispatch again after `JOB_REQUEUE_AFTER_SECS`.
     async fn wake(&self, slots: &Slots) {
         for job_id in slots.next_up() {
-            if let Err(err) = self.queue.enqueue(&job_id).await {
+            // The woken job's trace is in its record; the wake-up does not know it.
+            if let Err(err) = self.queue.enqueue(&job_id, None).await {
                 tracing::warn!(job_id, key = %slots.key, error = %err, "could not wake the next in line");
             }
         }

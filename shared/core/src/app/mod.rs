@@ -113,6 +113,12 @@ where
     Err(StoreError::Conflict)
 }
 
+/// The span every log line about `job` is written in, whichever function writes it: the job's
+/// id and its trace id (`Job::trace`), which the JSON logs carry on each line.
+pub fn job_span(job: &Job) -> tracing::Span {
+    tracing::info_span!("job", job_id = %job.id, trace_id = %job.trace())
+}
+
 /// [`commit_as`], then asks for the callback the write calls for, if the job's client asked
 /// for one: its end, or a worker taking it ([`callbacks::announce`]). Every use case that may
 /// end a job or start it running writes through this.

@@ -239,16 +239,19 @@ impl Sweeper {
     }
 
     async fn check(&self, job: Job) -> Action {
-        let job_id = job.id.clone();
-        // Not the sweep's start: that may be a while ago by the time this job's turn comes.
-        let now = self.clock.now_ms();
-        match self.check_inner(job, now).await {
-            Ok(action) => action,
-            Err(err) => {
-                tracing::warn!(job_id, error = %err, "sweeper could not check the job");
-                Action::Error
+        let span = crate::app::job_span(&job);
+        let checked = async {
+            // Not the sweep's start: that may be a while ago by the time this job's turn comes.
+            let now = self.clock.now_ms();
+            match self.check_inner(job, now).await {
+                Ok(action) => action,
+                Err(err) => {
+                    tracing::warn!(error = %err, "sweeper could not check the job");
+                    Action::Error
+                }
             }
-        }
+        };
+        tracing::Instrument::instrument(checked, span).await
     }
 
     async fn check_inner(&self, job: Job, now: Millis) -> Result<Action, StoreError> {
@@ -454,7 +457,7 @@ impl Sweeper {
     }
 
     async fn requeue(&self, job: Job, now: Millis) -> Result<Action, StoreError> {
-        if let Err(err) = self.queue.enqueue(&job.id).await {
+        if let Err(err) = self.queue.enqueue(&job.id, Some(&job.trace())).await {
             tracing::warn!(job_id = %job.id, error = %err, "re-enqueue failed");
             return Ok(Action::Error);
         }

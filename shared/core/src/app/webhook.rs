@@ -58,25 +58,35 @@ impl WebhookHandler {
             return WebhookOutcome::Unauthorized;
         }
         crate::metrics::webhook_received();
-        match self.handle(job_id, body).await {
-            Ok(outcome) => {
-                tracing::info!(job_id, ?outcome, "webhook handled");
-                WebhookOutcome::Handled(outcome)
-            }
-            Err(reason) => {
-                tracing::warn!(job_id, reason, "webhook deferred");
-                WebhookOutcome::Deferred(reason)
-            }
-        }
-    }
-
-    async fn handle(&self, job_id: &str, body: &[u8]) -> Result<Outcome, String> {
         let job = match self.store.get(job_id).await {
             Ok(Some(job)) => job,
             // A valid token for a job we no longer keep: nothing to do, and no reason to retry.
-            Ok(None) => return Ok(Outcome::Unchanged),
-            Err(err) => return Err(err.to_string()),
+            Ok(None) => {
+                tracing::info!(job_id, "webhook for a job no longer kept");
+                return WebhookOutcome::Handled(Outcome::Unchanged);
+            }
+            Err(err) => {
+                tracing::warn!(job_id, error = %err, "webhook deferred");
+                return WebhookOutcome::Deferred(err.to_string());
+            }
         };
+        let span = crate::app::job_span(&job);
+        let handled = async {
+            match self.handle(job, body).await {
+                Ok(outcome) => {
+                    tracing::info!(?outcome, "webhook handled");
+                    WebhookOutcome::Handled(outcome)
+                }
+                Err(reason) => {
+                    tracing::warn!(reason, "webhook deferred");
+                    WebhookOutcome::Deferred(reason)
+                }
+            }
+        };
+        tracing::Instrument::instrument(handled, span).await
+    }
+
+    async fn handle(&self, job: Job, body: &[u8]) -> Result<Outcome, String> {
         if job.is_terminal() {
             return Ok(Outcome::Unchanged);
         }

@@ -283,6 +283,10 @@ pub enum DeliveryRefusal {
 pub struct DeliveryLog {
     pub job_id: String,
     pub owner: String,
+    /// The job's trace id, for the delivery's log lines (the delivery does not read the job
+    /// before it knows the message is due). Logs from before it have none.
+    #[serde(default)]
+    pub trace_id: Option<String>,
     pub messages: Vec<Message>,
     pub disabled_urls: Vec<String>,
 }

@@ -562,6 +562,12 @@ pub struct Job {
     /// The batch it belongs to, if any.
     #[serde(default)]
     pub batch_id: Option<String>,
+    /// The one trace id every log line about the job carries, from the API request through
+    /// the queues, RunPod (in the run's input) and back: X-Ray's format, taken from the
+    /// request's `X-Amzn-Trace-Id` when it has one. Records from before it have none
+    /// ([`Job::trace`] then derives one from the job's id).
+    #[serde(default)]
+    pub trace_id: Option<String>,
     /// What holds it back (its batch's slots, then its owner's), in the order it takes them:
     /// dispatched only with a slot of each, which it gives back when it ends.
     #[serde(default, alias = "hold", deserialize_with = "super::hold::one_or_many")]
@@ -618,6 +624,44 @@ pub struct NewJob {
     pub callback_events: Vec<String>,
     pub backend: BackendKind,
     pub priority: Priority,
+}
+
+/// A new trace id in X-Ray's format (`1-<epoch seconds, 8 hex>-<96 random bits, 24 hex>`),
+/// so that X-Ray and the logs name a request the same way.
+pub fn new_trace(now: Millis) -> String {
+    format!(
+        "1-{:08x}-{:024x}",
+        (now / 1000).max(0) as u32,
+        rand::random::<u128>() >> 32
+    )
+}
+
+/// The trace id in an `X-Amzn-Trace-Id` header (`Root=1-…;Parent=…;Sampled=1`), if it has a
+/// well-formed one; anything else is ignored rather than logged as a client's trace.
+pub fn trace_from_header(header: &str) -> Option<String> {
+    let root = header
+        .split(';')
+        .find_map(|part| part.trim().strip_prefix("Root="))?;
+    let mut parts = root.split('-');
+    let well_formed = parts.next() == Some("1")
+        && parts
+            .next()
+            .is_some_and(|t| t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit()))
+        && parts
+            .next()
+            .is_some_and(|r| r.len() == 24 && r.bytes().all(|b| b.is_ascii_hexdigit()))
+        && parts.next().is_none();
+    well_formed.then(|| root.to_ascii_lowercase())
+}
+
+fn derived_trace(job_id: &str, created_at: Millis) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(job_id.as_bytes());
+    format!(
+        "1-{:08x}-{}",
+        (created_at / 1000).max(0) as u32,
+        hex::encode(&digest[..12])
+    )
 }
 
 /// The timing policy a job is created with.
@@ -698,6 +742,7 @@ impl Job {
             reruns: 0,
             batch_id: None,
             holds: Vec::new(),
+            trace_id: None,
             acting: Acting::default(),
         }
     }
@@ -727,6 +772,15 @@ impl Job {
 
     pub fn is_terminal(&self) -> bool {
         self.state.is_terminal()
+    }
+
+    /// The job's trace id: the one it was given, or for older records one derived from its id
+    /// (the same every time, so that their lines still go together).
+    pub fn trace(&self) -> String {
+        match &self.trace_id {
+            Some(trace) => trace.clone(),
+            None => derived_trace(&self.id, self.timestamps.created_at),
+        }
     }
 
     pub fn past_deadline(&self, now: Millis) -> bool {
@@ -1529,6 +1583,43 @@ mod tests {
         let old: Job = serde_json::from_value(value).unwrap();
 
         assert!(old.holds.is_empty());
+    }
+
+    #[test]
+    fn a_trace_header_gives_its_root() {
+        assert_eq!(
+            trace_from_header(
+                "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1"
+            ),
+            Some("1-5759e988-bd862e3fe1be46a994272793".into())
+        );
+    }
+
+    #[test]
+    fn a_malformed_trace_header_is_ignored() {
+        for header in [
+            "",
+            "Root=",
+            "Root=1-xyz-abc",
+            "Root=2-5759e988-bd862e3fe1be46a994272793",
+            "Root=1-5759e988-bd862e3fe1be46a994272793-9",
+        ] {
+            assert_eq!(trace_from_header(header), None, "{header}");
+        }
+    }
+
+    #[test]
+    fn a_new_trace_is_well_formed() {
+        let trace = new_trace(1_700_000_000_000);
+        assert_eq!(trace_from_header(&format!("Root={trace}")), Some(trace));
+    }
+
+    #[test]
+    fn a_record_without_a_trace_derives_the_same_one_every_time() {
+        let job = job();
+        assert!(job.trace_id.is_none());
+        assert_eq!(job.trace(), job.trace());
+        assert!(trace_from_header(&format!("Root={}", job.trace())).is_some());
     }
 
     #[test]

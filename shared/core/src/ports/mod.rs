@@ -137,7 +137,9 @@ impl Classified for QueueError {
 
 #[async_trait]
 pub trait JobQueue: Send + Sync {
-    async fn enqueue(&self, job_id: &str) -> Result<(), QueueError>;
+    /// Sends `job_id` to dispatch, with its trace id when the sender knows it (the consumer's
+    /// log lines carry it before the job is read).
+    async fn enqueue(&self, job_id: &str, trace_id: Option<&str>) -> Result<(), QueueError>;
 }
 
 /// The finalize function's queue. A message names only the job: the job record (its

@@ -202,10 +202,22 @@ async fn create_job(
     let request: JobRequestBody = json_body(&body, "a valid job request")?;
     let key = headers.get("idempotency-key").map(|v| v.as_bytes());
     // A replay gets what the first request got: 202 and the job as it was accepted.
-    let job = match state.submit(&owner, request.into(), key).await? {
+    let job = match state
+        .submit_traced(&owner, request.into(), key, trace_of(&headers))
+        .await?
+    {
         Submitted::Accepted(job) | Submitted::Existing(job) => job,
     };
     Ok((StatusCode::ACCEPTED, Json(JobSummary::accepted(&job))))
+}
+
+/// The request's trace id: API Gateway (and X-Ray) put it in `X-Amzn-Trace-Id`; a client may
+/// send one too, to find its request in the gateway's logs.
+fn trace_of(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get("x-amzn-trace-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(gateway::domain::job::trace_from_header)
 }
 
 /// Submits a batch: one job per input, all checked before anything is stored.
@@ -226,10 +238,13 @@ async fn create_job(
 async fn create_batch(
     State(state): State<Arc<ApiState>>,
     Owner(owner): Owner,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<(StatusCode, Json<BatchView>), ApiError> {
     let request: BatchRequestBody = json_body(&body, "a valid batch request")?;
-    let (batch, jobs) = state.submit_batch(&owner, request.into()).await?;
+    let (batch, jobs) = state
+        .submit_batch_traced(&owner, request.into(), trace_of(&headers))
+        .await?;
     Ok((StatusCode::ACCEPTED, Json(BatchView::new(&batch, &jobs))))
 }
 
