@@ -185,7 +185,58 @@ pub struct Figure {
     pub second: Summary,
     pub max_rss_mb: Summary,
     pub binary_mb: Option<f64>,
+    /// Where the init went, phase by phase (`INIT_PHASES`), from the function's own `init`
+    /// log line; empty for binaries that write none (the baselines).
+    pub phases: Vec<(&'static str, Summary)>,
     pub errors: Vec<String>,
+}
+
+/// The phases of a function's `init` log line (`Wiring::ready`), in order.
+pub const INIT_PHASES: [&str; 6] = [
+    "sdk_config_ms",
+    "secrets_ms",
+    "config_ms",
+    "tracing_ms",
+    "clients_ms",
+    "total_ms",
+];
+
+/// Each function's `init` lines in the log, phase by phase.
+fn init_phases(log: &std::path::Path) -> HashMap<String, Vec<(&'static str, Summary)>> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let mut values: HashMap<String, HashMap<&'static str, Vec<f64>>> = HashMap::new();
+    for line in text.lines() {
+        let Ok(doc) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        if doc["message"] != "init" {
+            continue;
+        }
+        let Some(function) = doc["function"].as_str() else {
+            continue;
+        };
+        let phases = values.entry(function.to_string()).or_default();
+        for phase in INIT_PHASES {
+            if let Some(v) = doc[phase].as_f64() {
+                phases.entry(phase).or_default().push(v);
+            }
+        }
+    }
+    values
+        .into_iter()
+        .map(|(function, phases)| {
+            let summaries = INIT_PHASES
+                .iter()
+                .map(|phase| {
+                    (
+                        *phase,
+                        Summary::of(phases.get(phase).map_or(&[][..], Vec::as_slice)),
+                    )
+                })
+                .collect();
+            (function, summaries)
+        })
+        .collect()
 }
 
 async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> Result<T, BoxError> {
@@ -342,6 +393,7 @@ pub async fn measure(
         }
         crate::progress!("cold start: round {}/{} done", round + 1, runs);
     }
+    let mut phases = init_phases(&log);
     Ok(subjects
         .iter()
         .map(|subject| {
@@ -357,6 +409,7 @@ pub async fn measure(
                     .ok()
                     .filter(|_| subject.args.is_empty())
                     .map(|m| m.len() as f64 / 1_048_576.0),
+                phases: phases.remove(subject.name).unwrap_or_default(),
                 errors: errors.remove(subject.name).unwrap_or_default(),
             }
         })

@@ -155,6 +155,16 @@ async fn main() -> Result<(), BoxError> {
         );
         let submit = find("submit");
         let warmed = find("submit-warmed");
+        // The headline: init and the first event together, so that work moved from init into
+        // the first event (lazily built clients) does not flatter the figure.
+        let cold = |f: &coldstart::Figure| f.init.median + f.first.median;
+        let _ = writeln!(
+            summary,
+            "| 1 | Init + first event, submit `POST /jobs` (ms) | {:.1} | {} hello-world's {:.1} (target ≤ 1.50×) |",
+            cold(&submit),
+            ratio(cold(&submit), cold(&hello)),
+            cold(&hello),
+        );
         let _ = writeln!(
             summary,
             "| 1 | First event, submit `POST /jobs` (ms, cold connections) → second event (warm) | {} → {} | Python: {} → {} |",
@@ -171,6 +181,19 @@ async fn main() -> Result<(), BoxError> {
             ratio(warmed.init.median, submit.init.median),
             ratio(warmed.first.median, submit.first.median),
         );
+        let _ = writeln!(
+            details,
+            "\n**1a. Where init goes** (each function's own `init` log line, medians over every start, ms; `clients`: its clients and use cases, built after the shared wiring)\n\n\
+             | Function | SDK config | Secrets | Config + catalog | Tracing + metrics | Clients | Total |\n|---|---|---|---|---|---|---|"
+        );
+        for f in figures.iter().filter(|f| !f.phases.is_empty()) {
+            let cells: Vec<String> = f
+                .phases
+                .iter()
+                .map(|(_, s)| format!("{:.2}", s.median))
+                .collect();
+            let _ = writeln!(details, "| {} | {} |", f.name, cells.join(" | "));
+        }
         let _ = writeln!(
             details,
             "\n**1. Cold start** ({runs} starts each after one untimed start; Runtime API stub on loopback; moto over plain HTTP, so no TLS handshake is in these numbers)\n\n\
@@ -380,11 +403,11 @@ async fn main() -> Result<(), BoxError> {
         let f = throughput::measure(&sdk, &moto.endpoint, requests, concurrency, n).await?;
         let _ = writeln!(
             summary,
-            "| 6 | Submit throughput through the local runner (jobs/s, concurrency {}) | {} | {} of raw PutItem + SendMessage ({}/s) |",
+            "| 6 | Submit throughput through the local runner (jobs/s, concurrency {}) | {} | {} of the fair baseline, raw PutObject + PutItem + SendMessage ({}/s; target ≥ 0.80) |",
             f.concurrency,
             f.runner.show(0),
             f.ratio.show(2),
-            f.raw.show(0),
+            f.raw_with_s3.show(0),
         );
         let _ = writeln!(
             details,
@@ -393,8 +416,10 @@ async fn main() -> Result<(), BoxError> {
              | `POST /jobs` through the local runner (its SQS poller dispatching meanwhile) | {} |\n\
              | `POST /jobs` through the API router alone (no dispatch load) | {} |\n\
              | Raw: DynamoDB PutItem + SQS SendMessage (the gateway's adapters, no HTTP) | {} |\n\
-             | Raw + S3 PutObject of the image (the three calls `POST /jobs` makes) | {} |\n\
-             | Runner ÷ raw (per round) | {} |",
+             | Raw + S3 PutObject of the image (the fair baseline: the least I/O a submit can do) | {} |\n\
+             | Runner ÷ fair baseline (per round; the headline) | {} |\n\
+             | Runner ÷ raw PutItem + SendMessage (per round) | {} |\n\n\
+             Besides the three calls, a submit spends a token of its owner's submit bucket (one conditional UpdateItem) and reads the owner's limits once a minute per instance.",
             f.requests,
             f.concurrency,
             f.image_bytes,
@@ -403,6 +428,7 @@ async fn main() -> Result<(), BoxError> {
             f.raw.show(0),
             f.raw_with_s3.show(0),
             f.ratio.show(2),
+            f.ratio_two_calls.show(2),
         );
         for err in f.errors.iter().take(3) {
             notes.push(format!("throughput: {err}"));

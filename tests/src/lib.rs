@@ -201,12 +201,6 @@ impl Stack {
             ("POD_COMFYUI_URL", comfy.url.clone()),
             ("POD_POLL_SECS", "1".into()),
             ("POD_VOLUME_COMFYUI_ROOT", POD_VOLUME_COMFYUI_ROOT.into()),
-            // Every job is held by its owner's key and every submit spends a token, so each
-            // test goes through both; the limits are far above what a test reaches. The tests
-            // of the limits set lower ones per owner (`Stack::set_limits`).
-            ("TENANT_MAX_IN_FLIGHT", "1000".into()),
-            ("TENANT_SUBMITS_PER_MINUTE", "1000000".into()),
-            ("TENANT_SUBMIT_BURST", "100000".into()),
         ]);
         vars.extend(options.extra_env);
         let env = Env::from_pairs(vars);

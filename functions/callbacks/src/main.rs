@@ -12,6 +12,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let wiring = Wiring::from_env().await?;
     let callbacks = wiring.callbacks()?;
     let callbacks = &callbacks;
+    wiring.ready();
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
         Ok::<SqsBatchResponse, lambda_runtime::Error>(
             flushed(handle_callback_batch(callbacks, event.payload)).await,

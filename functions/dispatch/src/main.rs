@@ -11,6 +11,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let wiring = Wiring::from_env().await?;
     let consumer = wiring.consumer()?;
     let consumer = &consumer;
+    wiring.ready();
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
         // The invocation's end: no /run starts too late to record RunPod's answer.
         let deadline = i64::try_from(event.context.deadline).ok();

@@ -11,6 +11,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let wiring = Wiring::from_env().await?;
     let finalizer = wiring.finalizer()?;
     let finalizer = &finalizer;
+    wiring.ready();
     lambda_runtime::run(service_fn(move |event: LambdaEvent<SqsEvent>| async move {
         // The invocation's end: the finalize lease lasts no longer, and no copy starts that
         // could not finish before it.

@@ -10,6 +10,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let wiring = Wiring::from_env().await?;
     let janitor = wiring.janitor()?;
     let janitor = &janitor;
+    wiring.ready();
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<serde_json::Value>| async move {
             // What is not reached by the invocation's end waits for the next run.

@@ -12,6 +12,7 @@ async fn main() -> Result<(), lambda_http::Error> {
         wiring.callbacks()?,
         IdentitySource::JwtClaims,
     );
+    wiring.ready();
     lambda_http::run(gateway_http::after_each_request(
         router(Arc::new(state)),
         gateway_aws::metrics::flush,

@@ -10,6 +10,7 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let wiring = Wiring::from_env().await?;
     let sweeper = wiring.sweeper()?;
     let sweeper = &sweeper;
+    wiring.ready();
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<serde_json::Value>| async move {
             // The poll queue's batches carry `Records`; the schedule's event does not.

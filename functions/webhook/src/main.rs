@@ -9,6 +9,7 @@ use gateway_http::webhook::router;
 async fn main() -> Result<(), lambda_http::Error> {
     let wiring = Wiring::from_env().await?;
     let handler = wiring.webhook()?;
+    wiring.ready();
     lambda_http::run(gateway_http::after_each_request(
         router(Arc::new(handler)),
         gateway_aws::metrics::flush,

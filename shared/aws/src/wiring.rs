@@ -59,6 +59,21 @@ pub struct Wiring {
     pub clock: Arc<dyn Clock>,
     pub catalog: Arc<WorkflowCatalog>,
     clients: Clients,
+    /// How [`Wiring::from_env`] spent the init, for [`Wiring::ready`] to log.
+    init: Option<InitTimes>,
+}
+
+/// Where a function's init goes, phase by phase (the benchmark reads them from the `init` log
+/// line): the SDK's configuration chain, the secrets, the configuration and workflow catalog,
+/// logging and metrics, and the function's own clients and use cases.
+#[derive(Clone, Copy, Debug)]
+struct InitTimes {
+    started: std::time::Instant,
+    sdk_config: std::time::Duration,
+    secrets: std::time::Duration,
+    config: std::time::Duration,
+    tracing: std::time::Duration,
+    ready_from: std::time::Instant,
 }
 
 /// One client per service per process: each owns a connection pool, and a second one would
@@ -84,31 +99,77 @@ impl Wiring {
     /// From the process environment, with the SDK's own configuration chain, and the secrets
     /// named by the `*_SECRET_ARN` variables that are set; then logging as configured.
     pub async fn from_env() -> Result<Self, BootError> {
+        use std::time::Instant;
+        let started = Instant::now();
         let sdk = aws_config::defaults(BehaviorVersion::latest()).load().await;
-        let wiring = Self::with_secrets(Env::process(), sdk).await?;
+        let sdk_config = started.elapsed();
+        let env = Env::process();
+        let at = Instant::now();
+        let env = Self::read_secrets(env, &sdk).await?;
+        let secrets = at.elapsed();
+        let at = Instant::now();
+        let mut wiring = Self::new(env, sdk)?;
+        let config = at.elapsed();
+        let at = Instant::now();
         init_tracing(&wiring.log);
         crate::metrics::install(&wiring.log);
+        let tracing = at.elapsed();
+        wiring.init = Some(InitTimes {
+            started,
+            sdk_config,
+            secrets,
+            config,
+            tracing,
+            ready_from: Instant::now(),
+        });
         Ok(wiring)
+    }
+
+    /// Logs where the init went (`init`, one line): each phase of [`Wiring::from_env`], and
+    /// the function's own clients and use cases built since. A function calls it once, just
+    /// before it starts taking events.
+    pub fn ready(&self) {
+        let Some(times) = self.init else { return };
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
+        tracing::info!(
+            function = %self.log.function,
+            sdk_config_ms = ms(times.sdk_config),
+            secrets_ms = ms(times.secrets),
+            config_ms = ms(times.config),
+            tracing_ms = ms(times.tracing),
+            clients_ms = ms(times.ready_from.elapsed()),
+            total_ms = ms(times.started.elapsed()),
+            "init"
+        );
     }
 
     /// Like [`Wiring::new`], after laying each Secrets Manager secret this function is told
     /// about (`config::secrets_to_read`) over `env`.
     pub async fn with_secrets(env: Env, sdk: SdkConfig) -> Result<Self, BootError> {
+        let env = Self::read_secrets(env, &sdk).await?;
+        Self::new(env, sdk)
+    }
+
+    /// `env` with each Secrets Manager secret this function is told about laid over it.
+    async fn read_secrets(env: Env, sdk: &SdkConfig) -> Result<Env, BootError> {
         let sources = config::secrets_to_read(&env);
         if sources.is_empty() {
-            return Self::new(env, sdk);
+            return Ok(env);
         }
         #[cfg(feature = "secrets")]
         {
-            let client = secrets::client(&sdk);
+            let client = secrets::client(sdk);
             let mut values = std::collections::HashMap::new();
             for (source, arn) in sources {
                 values.extend(secrets::fetch(&client, source, &arn).await?);
             }
-            Self::new(env.with_secrets(values), sdk)
+            Ok(env.with_secrets(values))
         }
         #[cfg(not(feature = "secrets"))]
-        Err(BootError::NoSecrets(sources[0].0.arn_var))
+        {
+            let _ = sdk;
+            Err(BootError::NoSecrets(sources[0].0.arn_var))
+        }
     }
 
     pub fn new(env: Env, sdk: SdkConfig) -> Result<Self, BootError> {
@@ -121,6 +182,7 @@ impl Wiring {
             clock: Arc::new(SystemClock),
             catalog: Arc::new(catalog),
             clients: Clients::default(),
+            init: None,
         })
     }
 
