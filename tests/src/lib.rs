@@ -493,6 +493,21 @@ impl Stack {
         job
     }
 
+    /// Whether the results bucket is, or soon becomes, empty: a failed finalize records the
+    /// job's end first and removes what it wrote (and the run's stored report) just after.
+    pub async fn results_emptied(&self) -> bool {
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.keys(&self.results_bucket, "").await.is_empty() {
+                return true;
+            }
+            if Instant::now() > until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Sets `owner`'s limits in the table, as an operator would.
     pub async fn set_limits(
         &self,

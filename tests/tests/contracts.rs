@@ -209,7 +209,7 @@ async fn a_url_off_the_allow_list_is_never_fetched_and_nothing_is_stored() {
         .as_str()
         .unwrap()
         .contains("not allowed"));
-    assert!(results_emptied(&stack).await);
+    assert!(stack.results_emptied().await);
     assert_eq!(files.hits.load(Ordering::SeqCst), 0);
 
     // Redirects are not followed, even to an allowed place.
@@ -220,23 +220,8 @@ async fn a_url_off_the_allow_list_is_never_fetched_and_nothing_is_stored() {
     .await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "output_missing");
-    assert!(results_emptied(&stack).await);
+    assert!(stack.results_emptied().await);
     stack.stop().await;
-}
-
-/// Whether the results bucket is, or soon becomes, empty: a failed finalize records the job's
-/// end first and removes what it wrote (and the stored report) just after.
-async fn results_emptied(stack: &Stack) -> bool {
-    let until = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        if stack.keys(&stack.results_bucket, "").await.is_empty() {
-            return true;
-        }
-        if std::time::Instant::now() > until {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test]
@@ -273,7 +258,7 @@ async fn oversized_images_fail_the_job_and_nothing_is_stored() {
             "{what}: {job}"
         );
         assert!(
-            results_emptied(&stack).await,
+            stack.results_emptied().await,
             "{what}: something was stored"
         );
     }
@@ -311,7 +296,7 @@ async fn bad_or_missing_images_fail_the_job_and_nothing_is_stored() {
         let (_, job) = run_with_output(&stack, output.clone()).await;
         assert_eq!(job["status"], "failed", "{output}: {job}");
         assert_eq!(job["error"]["code"], code, "{job}");
-        assert!(results_emptied(&stack).await);
+        assert!(stack.results_emptied().await);
     }
     stack.stop().await;
 }

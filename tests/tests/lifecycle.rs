@@ -100,7 +100,7 @@ async fn an_output_path_outside_the_jobs_prefix_fails_and_copies_nothing() {
     let (_, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
     assert_eq!(job["status"], "failed");
     assert_eq!(job["error"]["code"], "invalid_output_path");
-    assert!(stack.keys(&stack.results_bucket, "").await.is_empty());
+    assert!(stack.results_emptied().await);
     stack.stop().await;
 }
 
@@ -114,16 +114,7 @@ async fn an_output_over_the_size_cap_fails_output_too_large_and_stores_nothing()
     let (_, job) = stack.restore_until_terminal(ALICE, TIMEOUT).await;
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "output_too_large");
-    // The run's stored report goes right after the end is recorded, not with it.
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    loop {
-        let left = stack.keys(&stack.results_bucket, "").await;
-        if left.is_empty() {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "left: {left:?}");
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    assert!(stack.results_emptied().await);
     stack.stop().await;
 }
 

@@ -148,7 +148,7 @@ async fn a_raising_handler_fails_the_job_with_its_message_and_no_traceback() {
     let runpod = stack.runpod_job(&job_id).await;
     assert_eq!(runpod.status, JobStatus::Failed);
     assert!(runpod.error.unwrap().contains("Traceback"));
-    assert!(stack.keys(&stack.results_bucket, "").await.is_empty());
+    assert!(stack.results_emptied().await);
     stack.stop().await;
 }
 
@@ -261,7 +261,7 @@ async fn cancelling_mid_run_stops_the_sdk_worker_through_job_stop() {
     let (_, job) = stack.get(ALICE, &format!("/jobs/{job_id}")).await;
     assert_eq!(job["status"], "cancelled");
     assert_eq!(job["error"]["code"], "cancelled_by_client");
-    assert!(stack.keys(&stack.results_bucket, "").await.is_empty());
+    assert!(stack.results_emptied().await);
     stack.stop().await;
 }
 
