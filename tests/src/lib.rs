@@ -854,3 +854,42 @@ impl Stack {
         body["job_id"].as_str().unwrap().to_string()
     }
 }
+
+/// Log lines in memory, written as the functions write them (JSON, fields at the top level),
+/// for tests that read what was logged.
+#[derive(Clone, Default)]
+pub struct LogLines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogLines {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogLines {
+    /// A subscriber that writes here, configured as the functions' own.
+    pub fn subscriber(&self) -> Box<dyn tracing::Subscriber + Send + Sync> {
+        let log = gateway::config::LogConfig {
+            json: true,
+            filter: "info".into(),
+            ..gateway::config::LogConfig::from_env(&Env::from_pairs(std::iter::empty::<(
+                String,
+                String,
+            )>()))
+        };
+        let writer = self.clone();
+        gateway_aws::wiring::subscriber(&log, move || writer.clone())
+    }
+
+    /// Every line written so far that is JSON.
+    pub fn parsed(&self) -> Vec<Value> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
+    }
+}

@@ -571,27 +571,8 @@ fn the_table_has_the_keys_and_indexes_the_store_uses() {
 /// The sweeper's log lines from one sweep over the test kit, formatted as the functions log
 /// them (JSON, fields at the top level).
 fn sweep_log(kit: &testkit::Kit) -> Vec<Value> {
-    #[derive(Clone, Default)]
-    struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Lines {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let log = gateway::config::LogConfig {
-        json: true,
-        filter: "info".into(),
-        ..gateway::config::LogConfig::from_env(&gateway::config::Env::from_pairs(
-            std::iter::empty::<(String, String)>(),
-        ))
-    };
-    let subscriber = gateway_aws::wiring::subscriber(&log, move || writer.clone());
+    let lines = gateway_tests::LogLines::default();
+    let subscriber = lines.subscriber();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -599,12 +580,7 @@ fn sweep_log(kit: &testkit::Kit) -> Vec<Value> {
     tracing::subscriber::with_default(subscriber, || {
         runtime.block_on(kit.sweeper().sweep()).unwrap();
     });
-    let bytes = lines.0.lock().unwrap().clone();
-    String::from_utf8(bytes)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a JSON log line"))
-        .collect()
+    lines.parsed()
 }
 
 /// A kit with one job past its deadline at RunPod; `stop_fails`: its run's stop cannot be

@@ -2,39 +2,14 @@
 //! (its `X-Amzn-Trace-Id`), over the dispatch queue (X-Ray's `AWSTraceHeader` on the message),
 //! into RunPod's run (its input), and back through the webhook and finalize. The logs are the
 //! process's, so this file holds one test.
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use gateway_tests::{jpeg, restore_request, Stack, StackOptions, StatusCode, ALICE};
+use gateway_tests::{jpeg, restore_request, LogLines, Stack, StackOptions, StatusCode, ALICE};
 use serde_json::{json, Value};
 
 /// Generous: the suite runs on slow, shared machines; each wait ends as soon as it can.
 const TIMEOUT: Duration = Duration::from_secs(120);
 const TRACE: &str = "1-6745a1b2-0123456789abcdef01234567";
-
-/// The JSON log lines the process writes, kept in memory.
-#[derive(Clone, Default)]
-struct Lines(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Lines {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Lines {
-    fn parsed(&self) -> Vec<Value> {
-        String::from_utf8_lossy(&self.0.lock().unwrap())
-            .lines()
-            .filter_map(|line| serde_json::from_str(line).ok())
-            .collect()
-    }
-}
 
 /// Where a line says which job and trace it is about: its own fields, or its spans'.
 fn field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
@@ -49,19 +24,8 @@ fn field<'a>(line: &'a Value, name: &str) -> Option<&'a str> {
 
 #[tokio::test]
 async fn one_jobs_trace_id_runs_through_every_function_that_touches_it() {
-    let lines = Lines::default();
-    let writer = lines.clone();
-    let log = gateway::config::LogConfig {
-        json: true,
-        filter: "info".into(),
-        ..gateway::config::LogConfig::from_env(&gateway::config::Env::from_pairs(
-            std::iter::empty::<(String, String)>(),
-        ))
-    };
-    tracing::subscriber::set_global_default(gateway_aws::wiring::subscriber(&log, move || {
-        writer.clone()
-    }))
-    .expect("the test's log subscriber");
+    let lines = LogLines::default();
+    tracing::subscriber::set_global_default(lines.subscriber()).expect("the test's log subscriber");
     let stack = Stack::start_with(StackOptions::default()).await;
 
     let response = reqwest::Client::new()
