@@ -125,16 +125,18 @@ fn cpu_time_of(pid: u32) -> Option<Duration> {
 /// Starts one `moto_server` from the repo's `.venv` on a free loopback port, with `env` added;
 /// it dies with its [`TiedChild`]. Returns before it listens (see [`wait_for_moto`]).
 fn start_moto(env: &[(&str, &str)]) -> std::io::Result<(TiedChild, u16)> {
-    let bin = repo_root().join(".venv/bin/moto_server");
-    if !bin.exists() {
+    let python = repo_root().join(".venv/bin/python");
+    if !python.exists() {
         return Err(std::io::Error::other(format!(
             "{} is missing: run scripts/bootstrap (scripts/test does it for you)",
-            bin.display()
+            python.display()
         )));
     }
     let port = free_port();
-    let mut command = Command::new(&bin);
+    // moto's server, with DynamoDB's atomic conditional writes (see the script).
+    let mut command = Command::new(&python);
     command
+        .arg(repo_root().join("local/python/moto_atomic.py"))
         .args(["-H", "127.0.0.1", "-p", &port.to_string()])
         .envs(env.iter().copied())
         .stdin(Stdio::null())
