@@ -159,11 +159,14 @@ impl Wiring {
         #[cfg(feature = "secrets")]
         {
             let client = secrets::client(sdk);
-            let mut values = std::collections::HashMap::new();
-            for (source, arn) in sources {
-                values.extend(secrets::fetch(&client, source, &arn).await?);
-            }
-            Ok(env.with_secrets(values))
+            // All at once: init then waits for one round trip, not one per secret.
+            let fetched = futures::future::try_join_all(
+                sources
+                    .iter()
+                    .map(|(source, arn)| secrets::fetch(&client, source, arn)),
+            )
+            .await?;
+            Ok(env.with_secrets(fetched.into_iter().flatten().collect()))
         }
         #[cfg(not(feature = "secrets"))]
         {
