@@ -18,3 +18,22 @@ wait_for_port() {
 free_port() {
   "$root/.venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
 }
+
+# build_tools WHO REQUIREMENTS...: .venv-build (the large build tools: cargo-lambda, zig, the
+# SAM CLI), with these requirement files installed; pip runs again only when they change.
+build_tools() {
+  local who=$1 venv="$root/.venv-build" want
+  shift
+  want="$(cat "$@" | sha256sum | cut -d' ' -f1)"
+  if [ ! -x "$venv/bin/python" ]; then
+    python3 -m venv "$venv"
+  fi
+  if [ ! -e "$venv/.installed-$want" ]; then
+    echo "$who: installing $(basename -a "$@" | tr '\n' ' ')into .venv-build" >&2
+    local r
+    for r in "$@"; do
+      "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$r" >&2
+    done
+    touch "$venv/.installed-$want"
+  fi
+}

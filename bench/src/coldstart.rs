@@ -4,156 +4,16 @@
 //! times it to `/response` (first event, cold connections), then a second one (warm).
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use gateway::domain::token::WebhookSigner;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, oneshot};
 
 use crate::common::{
-    bin_dir, die_with_parent, gateway_env, jpeg, ms, proc_status_kb, repo_root, restore_request,
-    BoxError, Names, Summary, OWNER, REGION, WEBHOOK_SECRET,
+    bin_dir, gateway_env, jpeg, ms, repo_root, restore_request, BoxError, Names, Summary, OWNER,
+    REGION, WEBHOOK_SECRET,
 };
-
-struct Next {
-    at: Instant,
-    reply: oneshot::Sender<(String, Value)>,
-}
-
-struct Done {
-    at: Instant,
-    request_id: String,
-    ok: bool,
-    body: String,
-}
-
-#[derive(Clone)]
-struct StubState {
-    nexts: mpsc::UnboundedSender<Next>,
-    done: mpsc::UnboundedSender<Done>,
-}
-
-/// The Runtime API stub: one per process run.
-struct Stub {
-    addr: std::net::SocketAddr,
-    nexts: mpsc::UnboundedReceiver<Next>,
-    done: mpsc::UnboundedReceiver<Done>,
-    server: tokio::task::JoinHandle<()>,
-}
-
-async fn next(State(state): State<StubState>) -> Response {
-    let at = Instant::now();
-    let (reply, event) = oneshot::channel();
-    if state.nexts.send(Next { at, reply }).is_err() {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
-    }
-    let Ok((request_id, event)) = event.await else {
-        // No more events for this process: hold the long-poll, as Lambda does between events.
-        std::future::pending::<()>().await;
-        unreachable!()
-    };
-    let mut headers = HeaderMap::new();
-    let deadline = (crate::common::now_ms() + 60_000).to_string();
-    let pairs = [
-        ("lambda-runtime-aws-request-id", request_id.clone()),
-        ("lambda-runtime-deadline-ms", deadline),
-        (
-            "lambda-runtime-invoked-function-arn",
-            "arn:aws:lambda:us-east-1:123456789012:function:bench".to_string(),
-        ),
-        (
-            "lambda-runtime-trace-id",
-            "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=0"
-                .to_string(),
-        ),
-        ("content-type", "application/json".to_string()),
-    ];
-    for (name, value) in pairs {
-        headers.insert(name, HeaderValue::from_str(&value).expect("header value"));
-    }
-    (StatusCode::OK, headers, event.to_string()).into_response()
-}
-
-async fn response(
-    State(state): State<StubState>,
-    Path(request_id): Path<String>,
-    body: String,
-) -> Response {
-    let _ = state.done.send(Done {
-        at: Instant::now(),
-        request_id,
-        ok: true,
-        body,
-    });
-    (StatusCode::ACCEPTED, r#"{"status":"OK"}"#).into_response()
-}
-
-async fn error(
-    State(state): State<StubState>,
-    Path(request_id): Path<String>,
-    body: String,
-) -> Response {
-    let _ = state.done.send(Done {
-        at: Instant::now(),
-        request_id,
-        ok: false,
-        body,
-    });
-    (StatusCode::ACCEPTED, r#"{"status":"OK"}"#).into_response()
-}
-
-async fn init_error(State(state): State<StubState>, body: String) -> Response {
-    let _ = state.done.send(Done {
-        at: Instant::now(),
-        request_id: "init".into(),
-        ok: false,
-        body,
-    });
-    (StatusCode::ACCEPTED, r#"{"status":"OK"}"#).into_response()
-}
-
-impl Stub {
-    async fn start() -> Result<Self, BoxError> {
-        let (nexts_tx, nexts) = mpsc::unbounded_channel();
-        let (done_tx, done) = mpsc::unbounded_channel();
-        let state = StubState {
-            nexts: nexts_tx,
-            done: done_tx,
-        };
-        let app = Router::new()
-            .route("/2018-06-01/runtime/invocation/next", get(next))
-            .route(
-                "/2018-06-01/runtime/invocation/{id}/response",
-                post(response),
-            )
-            .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
-            .route("/2018-06-01/runtime/init/error", post(init_error))
-            .with_state(state);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(Self {
-            addr,
-            nexts,
-            done,
-            server,
-        })
-    }
-}
-
-impl Drop for Stub {
-    fn drop(&mut self) {
-        self.server.abort();
-    }
-}
+use crate::lambda::{Instance, Launch};
+use crate::template::MemorySizes;
 
 /// What one cold start of one binary measured.
 #[derive(Clone, Debug)]
@@ -173,8 +33,8 @@ pub struct Subject {
     pub cwd: Option<PathBuf>,
     pub first_event: Value,
     pub second_event: Value,
-    /// Template memory size, for `AWS_LAMBDA_FUNCTION_MEMORY_SIZE`.
-    pub memory_mb: u32,
+    /// The function whose memory size and secrets it gets from `template.yaml`.
+    pub function: &'static str,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -239,115 +99,49 @@ fn init_phases(log: &std::path::Path) -> HashMap<String, Vec<(&'static str, Summ
         .collect()
 }
 
-async fn recv<T>(rx: &mut mpsc::UnboundedReceiver<T>, what: &str) -> Result<T, BoxError> {
-    match tokio::time::timeout(Duration::from_secs(60), rx.recv()).await {
-        Ok(Some(value)) => Ok(value),
-        Ok(None) => Err(format!("stub closed while waiting for {what}").into()),
-        Err(_) => Err(format!("no {what} within 60 s").into()),
-    }
-}
-
-/// Whether `function` is told of the secret named by `arn_var`, as in `template.yaml`: the
-/// public submit function of none, the webhook of all but the volume's, the sweeper of all but
-/// the webhook's, finalize and the janitor of the volume's alone.
-pub fn told_of(function: &str, arn_var: &str) -> bool {
-    match function {
-        "dispatch" => true,
-        "webhook" => arn_var != "VOLUME_SECRET_ARN",
-        "sweeper" => arn_var != "WEBHOOK_SECRET_ARN",
-        "finalize" | "janitor" => arn_var == "VOLUME_SECRET_ARN",
-        _ => false,
-    }
+/// The environment `subject` starts with: the gateway's, but only the secrets the template gives
+/// its function.
+pub(crate) fn subject_env(
+    subject: &Subject,
+    env: &[(String, String)],
+    template: &MemorySizes,
+) -> Vec<(String, String)> {
+    env.iter()
+        .filter(|(k, _)| !k.ends_with("_SECRET_ARN") || template.told_of(subject.function, k))
+        .cloned()
+        .collect()
 }
 
 async fn run_once(
     subject: &Subject,
     env: &[(String, String)],
+    template: &MemorySizes,
     log: &std::path::Path,
 ) -> Result<Run, BoxError> {
-    let env: Vec<&(String, String)> = env
-        .iter()
-        .filter(|(k, _)| !k.ends_with("_SECRET_ARN") || told_of(subject.name, k))
-        .collect();
-    let mut stub = Stub::start().await?;
-    let log_file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)?;
-    let mut command = std::process::Command::new(&subject.program);
-    command
-        .args(&subject.args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env(
-            "HOME",
-            std::env::var("HOME").unwrap_or_else(|_| "/tmp".into()),
-        )
-        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        .env("AWS_LAMBDA_RUNTIME_API", stub.addr.to_string())
-        .env("AWS_LAMBDA_FUNCTION_NAME", subject.name)
-        .env(
-            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
-            subject.memory_mb.to_string(),
-        )
-        .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
-        .env("AWS_LAMBDA_LOG_STREAM_NAME", "bench/stream")
-        .env("AWS_LAMBDA_LOG_GROUP_NAME", "/aws/lambda/bench")
-        .env("_HANDLER", subject.args.last().cloned().unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(log_file.try_clone()?)
-        .stderr(log_file);
-    if let Some(cwd) = &subject.cwd {
-        command.current_dir(cwd).env("LAMBDA_TASK_ROOT", cwd);
-    }
-    die_with_parent(&mut command);
-    let spawned_at = Instant::now();
-    let mut child = command.spawn()?;
-    let pid = child.id();
-    let result = async {
-        let first_next = recv(&mut stub.nexts, "first /next").await?;
-        let init_ms = ms(first_next.at - spawned_at);
-        let mut timings = Vec::new();
-        let mut pending = first_next;
-        for (i, event) in [&subject.first_event, &subject.second_event]
-            .into_iter()
-            .enumerate()
-        {
-            let request_id = format!("bench-{}-{i}", uuid::Uuid::new_v4().simple());
-            let sent = Instant::now();
-            let _ = pending.reply.send((request_id.clone(), event.clone()));
-            let done = recv(&mut stub.done, "/response").await?;
-            if !done.ok || done.request_id != request_id {
-                return Err(format!(
-                    "{} answered {} for {}: {}",
-                    subject.name,
-                    if done.ok { "a response" } else { "an error" },
-                    done.request_id,
-                    done.body.chars().take(300).collect::<String>()
-                )
-                .into());
-            }
-            check_response(subject.name, &done.body)?;
-            timings.push(ms(done.at - sent));
-            pending = recv(&mut stub.nexts, "next /next").await?;
-        }
-        let max_rss_kb = proc_status_kb(pid, "VmHWM").unwrap_or(0);
-        drop(pending);
-        Ok::<_, BoxError>(Run {
-            init_ms,
-            first_ms: timings[0],
-            second_ms: timings[1],
-            max_rss_kb,
-        })
-    }
-    .await;
-    let _ = child.kill();
-    let _ = child.wait();
-    result
+    let launch = Launch {
+        name: subject.name.to_string(),
+        program: subject.program.clone(),
+        args: subject.args.clone(),
+        cwd: subject.cwd.clone(),
+        env: subject_env(subject, env, template),
+        memory_mb: template.of(subject.function),
+        cpu_share: None,
+    };
+    let mut instance = Instance::start(&launch, log).await?;
+    let first = instance.invoke(&subject.first_event).await?;
+    check_response(subject.name, &first.body)?;
+    let second = instance.invoke(&subject.second_event).await?;
+    check_response(subject.name, &second.body)?;
+    Ok(Run {
+        init_ms: ms(instance.init),
+        first_ms: first.ms(),
+        second_ms: second.ms(),
+        max_rss_kb: instance.peak_rss_kb(),
+    })
 }
 
 /// An API Gateway response must be a success; anything else means the event did no real work.
-fn check_response(name: &str, body: &str) -> Result<(), BoxError> {
+pub(crate) fn check_response(name: &str, body: &str) -> Result<(), BoxError> {
     let value: Value = serde_json::from_str(body).unwrap_or(Value::Null);
     if let Some(status) = value.get("statusCode").and_then(Value::as_u64) {
         if !(200..300).contains(&status) {
@@ -364,6 +158,7 @@ fn check_response(name: &str, body: &str) -> Result<(), BoxError> {
 pub async fn measure(
     subjects: &[Subject],
     env: &[(String, String)],
+    template: &MemorySizes,
     runs: usize,
 ) -> Result<Vec<Figure>, BoxError> {
     let log = std::env::temp_dir().join("gateway-bench-coldstart.log");
@@ -373,14 +168,14 @@ pub async fn measure(
     // One untimed start per subject first, so every timed start finds the binary (and Python's
     // modules) in the page cache, as a Lambda host's local cache would.
     for subject in subjects {
-        if let Err(err) = run_once(subject, env, &log).await {
+        if let Err(err) = run_once(subject, env, template, &log).await {
             crate::progress!("cold start warm-up of {} failed: {err}", subject.name);
         }
     }
     // Interleaved rounds, so that load from elsewhere on the machine spreads over all subjects.
     for round in 0..runs {
         for subject in subjects {
-            match run_once(subject, env, &log).await {
+            match run_once(subject, env, template, &log).await {
                 Ok(run) => results.entry(subject.name).or_default().push(run),
                 Err(err) => {
                     crate::progress!("cold start of {} failed: {err}", subject.name);
@@ -484,6 +279,11 @@ pub fn finalize_event(job_id: &str) -> Value {
     sqs_event_with(json!({ "finalize": job_id }))
 }
 
+/// A callback-queue batch of one notice that `job_id` ended (what frees a held job's slot).
+pub fn ended_notice_event(job_id: &str) -> Value {
+    sqs_event_with(json!({ "notice": { "job_id": job_id, "event": "ended" } }))
+}
+
 fn sqs_event_with(body: Value) -> Value {
     json!({
         "Records": [{
@@ -530,8 +330,8 @@ pub fn schedule_event() -> Value {
     })
 }
 
-/// The subjects: the five functions, the warmed submit, hello world and the Python submit.
-pub fn subjects(memory: &crate::template::MemorySizes) -> Vec<Subject> {
+/// The subjects: the seven functions, the warmed submit, hello world and the Python submit.
+pub fn subjects() -> Vec<Subject> {
     let bins = bin_dir();
     let image = jpeg(96, 72);
     let missing = || uuid::Uuid::now_v7().to_string();
@@ -542,7 +342,7 @@ pub fn subjects(memory: &crate::template::MemorySizes) -> Vec<Subject> {
         cwd: None,
         first_event: first,
         second_event: second,
-        memory_mb: memory.of(name),
+        function: name,
     };
     vec![
         rust("submit", submit_event(&image), submit_event(&image)),
@@ -559,6 +359,11 @@ pub fn subjects(memory: &crate::template::MemorySizes) -> Vec<Subject> {
         ),
         rust("sweeper", schedule_event(), schedule_event()),
         rust("janitor", schedule_event(), schedule_event()),
+        rust(
+            "callbacks",
+            ended_notice_event(&missing()),
+            ended_notice_event(&missing()),
+        ),
         Subject {
             name: "submit-warmed",
             program: bins.join("bench-submit-warmed"),
@@ -592,13 +397,15 @@ pub fn subjects(memory: &crate::template::MemorySizes) -> Vec<Subject> {
 ///
 /// As in `template.yaml`, each `*_SECRET_ARN` names a secret (created in moto) holding its
 /// secret variables (`config::SECRET_SOURCES`); they stay in the plain environment too. Each
-/// function is told only of the secrets the template gives it ([`told_of`]).
+/// function is told only of the secrets the template gives it (`MemorySizes::told_of`). RunPod's
+/// webhooks go to `webhook_base`.
 pub async fn env(
     moto: &str,
     emulator: &runpod_emulator::Emulator,
     names: &Names,
+    webhook_base: &str,
 ) -> Result<Vec<(String, String)>, BoxError> {
-    let mut env = gateway_env(moto, emulator, names, "http://127.0.0.1:9");
+    let mut env = gateway_env(moto, emulator, names, webhook_base);
     for source in gateway::config::SECRET_SOURCES {
         let secret: serde_json::Map<String, Value> = env
             .iter()

@@ -192,6 +192,24 @@ pub async fn wiring(sdk: &SdkConfig, vars: &[(String, String)]) -> Result<Wiring
     Ok(wiring)
 }
 
+/// The local runner on `listener`, over resources `wiring`'s caller created, with no sweep of
+/// its own during a figure (the figures that need one run it themselves).
+pub async fn runner(
+    listener: tokio::net::TcpListener,
+    wiring: Wiring,
+) -> Result<local_runner::Runner, BoxError> {
+    Ok(local_runner::start_on(
+        listener,
+        wiring,
+        local_runner::RunnerOptions {
+            sweep_every: Duration::from_secs(3600),
+            create_resources: false,
+            ..local_runner::RunnerOptions::default()
+        },
+    )
+    .await?)
+}
+
 pub fn now_ms() -> Millis {
     gateway::ports::Clock::now_ms(&gateway::ports::SystemClock)
 }

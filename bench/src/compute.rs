@@ -270,7 +270,7 @@ pub async fn measure_compute(
 }
 
 /// One message of `queue_url` as an SQS event of one record, and its receipt handle.
-async fn receive_one(
+pub(crate) async fn receive_one(
     sqs: &aws_sdk_sqs::Client,
     queue_url: &str,
 ) -> Result<(SqsEvent, Option<String>), BoxError> {
@@ -299,7 +299,7 @@ async fn receive_one(
     Ok((event, message.receipt_handle))
 }
 
-async fn delete(
+pub(crate) async fn delete(
     sqs: &aws_sdk_sqs::Client,
     queue_url: &str,
     receipt: Option<String>,
@@ -336,16 +336,7 @@ pub async fn measure_webhook(
     let vars = gateway_env(moto, &emulator, &names, &base);
     let wiring = crate::common::wiring(sdk, &vars).await?;
     let store = wiring.job_store()?;
-    let runner = local_runner::start_on(
-        listener,
-        wiring,
-        local_runner::RunnerOptions {
-            sweep_every: Duration::from_secs(3600),
-            create_resources: false,
-            ..local_runner::RunnerOptions::default()
-        },
-    )
-    .await?;
+    let runner = crate::common::runner(listener, wiring).await?;
     let signer = WebhookSigner::new(WEBHOOK_SECRET.as_bytes(), None);
     let http = reqwest::Client::new();
     let mut figure = WebhookFigure::default();

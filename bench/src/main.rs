@@ -6,17 +6,23 @@
 //! 3. DynamoDB items one sweep reads with 100 due jobs among 100,000 finished ones;
 //! 4. handler time per job, the Lambda GB-seconds it implies, and the Celery worker-seconds;
 //! 5. webhook arrival to downloadable result for a 10 MB output;
-//! 6. submit throughput through the local runner against raw DynamoDB + SQS calls.
+//! 6. submit throughput through the local runner against raw DynamoDB + SQS calls;
+//! 7. compute per job in the function binaries under Lambda's CPU share for their memory sizes,
+//!    at the template's sizes and at each candidate size;
+//! 8. cold start again, under `cargo lambda watch` (cargo-lambda's own Lambda emulator).
 //!
 //! Run it through `scripts/bench` (release build, Python tools); `--quick` for small N,
 //! `--only 1,3` for some figures. Progress goes to stderr, the table to stdout.
 mod coldstart;
 mod common;
 mod compute;
+mod lambda;
 mod memory;
+mod share;
 mod sweeper;
 mod template;
 mod throughput;
+mod watch;
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -32,7 +38,7 @@ impl Options {
     fn parse() -> Result<Self, BoxError> {
         let mut options = Self {
             quick: false,
-            only: (1..=6).collect(),
+            only: (1..=8).collect(),
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -46,7 +52,7 @@ impl Options {
                         .collect::<Result<_, _>>()?;
                 }
                 "-h" | "--help" => {
-                    println!("usage: gateway-bench [--quick] [--only 1,2,3,4,5,6]");
+                    println!("usage: gateway-bench [--quick] [--only 1,2,3,4,5,6,7,8]");
                     std::process::exit(0);
                 }
                 other => return Err(format!("unknown argument {other}").into()),
@@ -103,6 +109,8 @@ fn ratio(ours: f64, base: f64) -> String {
 #[tokio::main]
 async fn main() -> Result<(), BoxError> {
     let options = Options::parse()?;
+    // The local runner's functions count metrics, which would be printed among the report.
+    gateway_aws::metrics::capture();
     let started = std::time::Instant::now();
     let load_start = load_average();
     let memory = template::MemorySizes::load();
@@ -122,9 +130,9 @@ async fn main() -> Result<(), BoxError> {
         progress!("figure 1: cold start ({runs} runs per binary)");
         let emulator = common::emulator(false).await?;
         let names = Names::fresh(&moto.endpoint, "cold");
-        let env = coldstart::env(&moto.endpoint, &emulator, &names).await?;
+        let env = coldstart::env(&moto.endpoint, &emulator, &names, "http://127.0.0.1:9").await?;
         common::wiring(&sdk, &env).await?;
-        let figures = coldstart::measure(&coldstart::subjects(&memory), &env, runs).await?;
+        let figures = coldstart::measure(&coldstart::subjects(), &env, &memory, runs).await?;
         emulator.shutdown().await;
         let find = |name: &str| {
             figures
@@ -136,7 +144,13 @@ async fn main() -> Result<(), BoxError> {
         let hello = find("hello-world");
         let python = find("python-submit");
         for name in [
-            "submit", "dispatch", "webhook", "finalize", "sweeper", "janitor",
+            "submit",
+            "dispatch",
+            "webhook",
+            "finalize",
+            "sweeper",
+            "janitor",
+            "callbacks",
         ] {
             let f = find(name);
             let _ = writeln!(
@@ -222,11 +236,32 @@ async fn main() -> Result<(), BoxError> {
         }
         let _ = writeln!(
             details,
-            "\nAs in `template.yaml`, dispatch and webhook are told of the RunPod, volume and webhook secrets and the sweeper of the first two (secrets in moto), so their init includes one GetSecretValue per secret; submit holds no secret."
+            "\nEach function is told of the secrets `template.yaml` gives it (secrets in moto), so its init includes one GetSecretValue per secret: {}.",
+            [
+                "submit", "dispatch", "webhook", "finalize", "sweeper", "janitor", "callbacks"
+            ]
+            .iter()
+            .map(|f| {
+                let told: Vec<&str> = gateway::config::SECRET_SOURCES
+                    .iter()
+                    .filter(|s| memory.told_of(f, s.arn_var))
+                    .map(|s| s.arn_var.trim_end_matches("_SECRET_ARN"))
+                    .collect();
+                format!(
+                    "{f} {}",
+                    if told.is_empty() {
+                        "none".to_string()
+                    } else {
+                        told.join(", ").to_lowercase()
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
         );
         let _ = writeln!(
             details,
-            "\nEvents: submit `POST /jobs` with a 96×72 JPEG inline (S3 PutObject, DynamoDB PutItem, SQS SendMessage; Python does the same three calls with boto3, without image validation); dispatch an SQS batch naming an unknown job (one GetItem); webhook a valid token for an unknown job (one GetItem); sweeper a schedule event over an empty index (4 Queries); hello-world echoes."
+            "\nEvents: submit `POST /jobs` with a 96×72 JPEG inline (S3 PutObject, DynamoDB PutItem, SQS SendMessage; Python does the same three calls with boto3, without image validation); dispatch an SQS batch naming an unknown job (one GetItem); webhook a valid token for an unknown job (one GetItem); sweeper a schedule event over an empty index (4 Queries); callbacks an end notice for an unknown job (one GetItem); hello-world echoes."
         );
         loads.push(format!("after 1: {}", load_average()));
     }
@@ -414,6 +449,7 @@ async fn main() -> Result<(), BoxError> {
             "\n**6. Submit throughput** ({n} rounds of {} requests at concurrency {}, interleaved; inline JPEG of {} bytes; one moto process serves everything)\n\n\
              | Path | Per second |\n|---|---|\n\
              | `POST /jobs` through the local runner (its SQS poller dispatching meanwhile) | {} |\n\
+             | … the same with per-tenant in-flight limits off (no job takes a slot of its owner's) | {} |\n\
              | `POST /jobs` through the API router alone (no dispatch load) | {} |\n\
              | Raw: DynamoDB PutItem + SQS SendMessage (the gateway's adapters, no HTTP) | {} |\n\
              | Raw + S3 PutObject of the image (the fair baseline: the least I/O a submit can do) | {} |\n\
@@ -424,6 +460,7 @@ async fn main() -> Result<(), BoxError> {
             f.concurrency,
             f.image_bytes,
             f.runner.show(0),
+            f.runner_unheld.show(0),
             f.api_only.show(0),
             f.raw.show(0),
             f.raw_with_s3.show(0),
@@ -434,6 +471,118 @@ async fn main() -> Result<(), BoxError> {
             notes.push(format!("throughput: {err}"));
         }
         loads.push(format!("after 6: {}", load_average()));
+    }
+
+    // 7. Compute per job in the binaries, under Lambda's CPU share.
+    if options.only.contains(&7) {
+        let n = options.runs(5, 2);
+        let candidates: &[u32] = &[128, 256, 512, 1024];
+        match lambda::CpuShare::available() {
+            Err(err) => {
+                let _ = writeln!(
+                    summary,
+                    "| 7 | Compute per job in the function binaries under Lambda's CPU share (GB-s) | n/a | {err} |"
+                );
+            }
+            Ok(()) => {
+                progress!(
+                    "figure 7: compute per job under Lambda's CPU share ({n} jobs per setting)"
+                );
+                let periods = [lambda::DEFAULT_PERIOD_US, lambda::SHORT_PERIOD_US];
+                let mut settings = vec![share::Setting::template(&memory, None)];
+                settings.extend(
+                    periods
+                        .iter()
+                        .map(|p| share::Setting::template(&memory, Some(*p))),
+                );
+                for period in periods {
+                    settings.extend(
+                        candidates
+                            .iter()
+                            .map(|mb| share::Setting::uniform(*mb, period)),
+                    );
+                }
+                // A moto of its own: the earlier figures leave items and queues that slow it.
+                let moto = Moto::start()?;
+                let sdk = common::sdk_config(&moto.endpoint).await;
+                let rows = share::measure(&sdk, &moto.endpoint, &memory, &settings, n).await?;
+                report_share(
+                    &rows,
+                    candidates,
+                    &periods,
+                    &memory,
+                    n,
+                    &mut summary,
+                    &mut details,
+                );
+                for err in rows.iter().flat_map(|r| r.errors.iter()).take(3) {
+                    notes.push(format!("compute under CPU share: {err}"));
+                }
+            }
+        }
+        loads.push(format!("after 7: {}", load_average()));
+    }
+
+    // 8. Cold start under cargo-lambda's emulator.
+    if options.only.contains(&8) {
+        let n = options.runs(5, 2);
+        progress!("figure 8: cold start under cargo lambda watch ({n} runs per binary)");
+        let emulator = common::emulator(false).await?;
+        let names = Names::fresh(&moto.endpoint, "watch");
+        let env = coldstart::env(&moto.endpoint, &emulator, &names, "http://127.0.0.1:9").await?;
+        common::wiring(&sdk, &env).await?;
+        let subjects: Vec<coldstart::Subject> = coldstart::subjects()
+            .into_iter()
+            .filter(|s| !matches!(s.name, "python-submit" | "submit-warmed"))
+            .collect();
+        match watch::measure(&subjects, &env, &memory, n).await {
+            Ok(figures) => {
+                let hello = figures
+                    .iter()
+                    .find(|f| f.name == "hello-world")
+                    .cloned()
+                    .unwrap_or_default();
+                let submit = figures
+                    .iter()
+                    .find(|f| f.name == "submit")
+                    .cloned()
+                    .unwrap_or_default();
+                let _ = writeln!(
+                    summary,
+                    "| 8 | Init + first event under `cargo lambda watch`, submit `POST /jobs` (ms, spawn → answer) | {} | {} hello-world's {} (target ≤ 1.50×) |",
+                    submit.cold.show(1),
+                    ratio(submit.cold.median, hello.cold.median),
+                    hello.cold.show(1),
+                );
+                let _ = writeln!(
+                    details,
+                    "\n**8. Cold start under `cargo lambda watch`** (cargo-lambda {}'s Runtime API and invoke API, `--only-lambda-apis`; the release binaries started by the benchmark against it; {n} starts each after one untimed start)\n\n\
+                     | Binary | Spawn → first answer (ms) | ÷ hello-world | Second event (ms) |\n|---|---|---|---|",
+                    watch::version(),
+                );
+                for f in &figures {
+                    let _ = writeln!(
+                        details,
+                        "| {} | {} | {} | {} |",
+                        f.name,
+                        f.cold.show(1),
+                        ratio(f.cold.median, hello.cold.median),
+                        f.warm.show(1),
+                    );
+                    for err in f.errors.iter().take(3) {
+                        notes.push(format!("cargo lambda watch {}: {err}", f.name));
+                    }
+                }
+            }
+            Err(err) => {
+                let _ = writeln!(
+                    summary,
+                    "| 8 | Init + first event under `cargo lambda watch` | n/a | {err} |"
+                );
+            }
+        }
+        emulator.shutdown().await;
+        loads.push(format!("after 8: {}", load_average()));
     }
 
     // 3. Sweeper cost, on a moto of its own (the 100,000 items stay out of the other figures).
@@ -503,4 +652,132 @@ async fn main() -> Result<(), BoxError> {
     }
     print!("{out}");
     Ok(())
+}
+
+/// Figure 7's rows: the headline at the template's sizes, each setting's steps, and the size
+/// each function bills least at. `settings` are: the template's sizes at full CPU, then under the
+/// share for each of `periods`, then every candidate size for each of `periods`.
+fn report_share(
+    rows: &[share::Row],
+    candidates: &[u32],
+    periods: &[u64],
+    memory: &template::MemorySizes,
+    n: usize,
+    summary: &mut String,
+    details: &mut String,
+) {
+    let Some(full) = rows.first() else {
+        return;
+    };
+    let period_ms = |p: &u64| p / 1000;
+    for (i, period) in periods.iter().enumerate() {
+        let Some(shared) = rows.get(1 + i) else {
+            continue;
+        };
+        let cpu_ms: f64 = shared.step_cpu_ms.iter().map(|s| s.median).sum();
+        let _ = writeln!(
+            summary,
+            "| 7 | Compute per job in the function binaries at the template's sizes, CPU share enforced per {} ms (GB-s) · time in the functions (ms) · of which on CPU (ms) | {} · {} · {cpu_ms:.1} | {} of the same at full CPU ({} GB-s); target ≤ 0.025 GB-s |",
+            period_ms(period),
+            shared.gb_s.show(4),
+            shared.total_ms.show(1),
+            ratio(shared.gb_s.median, full.gb_s.median),
+            full.gb_s.show(4),
+        );
+    }
+    let steps: Vec<String> = share::STEPS
+        .iter()
+        .map(|(step, function)| format!("{step} ({function})"))
+        .collect();
+    let _ = writeln!(
+        details,
+        "\n**7. Compute per job in the function binaries under Lambda's CPU share** ({n} restore jobs at 0.25 MP per setting, one at a time, after one untimed job; one warm instance per function; after init each instance is held by a cgroup to `memory ÷ 1,769 MB` of one core, enforced per 100 ms (the kernel's default) or per 20 ms (Lambda's period is not published); duration = event handed out → `/response`, as Lambda bills; CPU = the process's own, from schedstat; moto and the emulator run outside the quota; medians, ms (CPU ms))\n\n\
+         | Setting | {} | Per job (ms) | GB-s per job |\n|---|{}---|---|",
+        steps.join(" | "),
+        "---|".repeat(steps.len()),
+    );
+    for row in rows {
+        let cells: Vec<String> = row
+            .step_ms
+            .iter()
+            .zip(&row.step_cpu_ms)
+            .map(|(t, c)| format!("{:.1} ({:.1})", t.median, c.median))
+            .collect();
+        let cells = if cells.is_empty() {
+            vec!["n/a".to_string(); steps.len()]
+        } else {
+            cells
+        };
+        let _ = writeln!(
+            details,
+            "| {} | {} | {} | {} |",
+            row.setting,
+            cells.join(" | "),
+            row.total_ms.show(1),
+            row.gb_s.show(4),
+        );
+    }
+
+    // Each function's GB-s per job at each candidate size and period, and the least.
+    let _ = writeln!(
+        details,
+        "\n**7a. GB-s per job by function and memory size** (under the share, enforced per 100 ms · per 20 ms; each function's steps summed; the least is taken at the stricter 20 ms; peak RSS of its instance in the jobs above: {})\n\n\
+         | Function | {} | Least | Template |\n|---|{}---|---|",
+        share::FUNCTIONS
+            .iter()
+            .enumerate()
+            .map(|(i, f)| format!(
+                "{f} {:.0} MB",
+                rows.iter()
+                    .filter_map(|r| r.peak_rss_mb.get(i))
+                    .fold(0.0f64, |a, b| a.max(*b))
+            ))
+            .collect::<Vec<_>>()
+            .join(", "),
+        candidates
+            .iter()
+            .map(|mb| format!("{mb} MB"))
+            .collect::<Vec<_>>()
+            .join(" | "),
+        "---|".repeat(candidates.len()),
+    );
+    let first_candidate = 1 + periods.len();
+    let row_of = |p: usize, c: usize| rows.get(first_candidate + p * candidates.len() + c);
+    for function in share::FUNCTIONS {
+        let cost = |row: &share::Row| -> Option<f64> {
+            let mut gbs = 0.0;
+            for (i, (_, f)) in share::STEPS.iter().enumerate() {
+                if *f == function {
+                    let g = row.step_gb_s.get(i).filter(|g| g.n > 0)?;
+                    gbs += g.median;
+                }
+            }
+            Some(gbs)
+        };
+        let cells: Vec<String> = (0..candidates.len())
+            .map(|c| {
+                (0..periods.len())
+                    .map(|p| {
+                        row_of(p, c)
+                            .and_then(cost)
+                            .map_or("n/a".into(), |g| format!("{g:.5}"))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" · ")
+            })
+            .collect();
+        let strict = periods.len() - 1;
+        let least = candidates
+            .iter()
+            .enumerate()
+            .filter_map(|(c, mb)| row_of(strict, c).and_then(cost).map(|g| (*mb, g)))
+            .min_by(|a, b| a.1.total_cmp(&b.1))
+            .map_or("n/a".into(), |(mb, _)| format!("{mb} MB"));
+        let _ = writeln!(
+            details,
+            "| {function} | {} | {least} | {} MB |",
+            cells.join(" | "),
+            memory.of(function),
+        );
+    }
 }

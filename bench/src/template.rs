@@ -1,6 +1,7 @@
-//! The functions' memory sizes, read from `template.yaml` (Globals and each function's
-//! `MemorySize`, matched to its binary through `BuildProperties: Binary:`). A plain line scan:
-//! CloudFormation's short tags (`!Ref`, `!Sub`) need no YAML library to skip.
+//! What the benchmark takes from `template.yaml`: each function's memory size (Globals and each
+//! function's `MemorySize`) and the secrets it is told of (its `*_SECRET_ARN` variables), matched
+//! to its binary through `BuildProperties: Binary:`. A plain line scan: CloudFormation's short
+//! tags (`!Ref`, `!Sub`) need no YAML library to skip.
 use std::collections::HashMap;
 
 pub const ASSUMED_MB: u32 = 512;
@@ -9,6 +10,8 @@ pub const ASSUMED_MB: u32 = 512;
 pub struct MemorySizes {
     default_mb: u32,
     by_binary: HashMap<String, u32>,
+    /// The `*_SECRET_ARN` variables each binary's function is given.
+    secrets: HashMap<String, Vec<String>>,
     /// Where the sizes came from, for the report.
     pub source: String,
 }
@@ -21,6 +24,7 @@ impl MemorySizes {
             Err(_) => Self {
                 default_mb: ASSUMED_MB,
                 by_binary: HashMap::new(),
+                secrets: HashMap::new(),
                 source: format!("no template.yaml: {ASSUMED_MB} MB assumed"),
             },
         }
@@ -29,12 +33,22 @@ impl MemorySizes {
     pub fn parse(text: &str) -> Self {
         let mut default_mb = None;
         let mut by_binary = HashMap::new();
+        let mut secrets = HashMap::new();
         let mut section = "";
-        let mut resource: Option<(Option<String>, Option<u32>)> = None;
-        let flush = |resource: &mut Option<(Option<String>, Option<u32>)>,
-                     by_binary: &mut HashMap<String, u32>| {
-            if let Some((Some(binary), Some(mb))) = resource.take() {
-                by_binary.insert(binary, mb);
+        let mut resource: Option<Resource> = None;
+        let flush = |resource: &mut Option<Resource>,
+                     by_binary: &mut HashMap<String, u32>,
+                     secrets: &mut HashMap<String, Vec<String>>| {
+            if let Some(Resource {
+                binary: Some(binary),
+                memory,
+                secrets: told,
+            }) = resource.take()
+            {
+                if let Some(mb) = memory {
+                    by_binary.insert(binary.clone(), mb);
+                }
+                secrets.insert(binary, told);
             }
         };
         for line in text.lines() {
@@ -44,7 +58,7 @@ impl MemorySizes {
                 continue;
             }
             if indent == 0 {
-                flush(&mut resource, &mut by_binary);
+                flush(&mut resource, &mut by_binary, &mut secrets);
                 section = if trimmed.starts_with("Globals:") {
                     "globals"
                 } else if trimmed.starts_with("Resources:") {
@@ -67,27 +81,32 @@ impl MemorySizes {
                 }
                 "resources" => {
                     if indent == 2 && trimmed.ends_with(':') {
-                        flush(&mut resource, &mut by_binary);
-                        resource = Some((None, None));
+                        flush(&mut resource, &mut by_binary, &mut secrets);
+                        resource = Some(Resource::default());
                         continue;
                     }
-                    if let Some((binary, memory)) = resource.as_mut() {
+                    if let Some(resource) = resource.as_mut() {
                         if let Some(name) = value("Binary:") {
-                            *binary = Some(name);
+                            resource.binary = Some(name);
                         } else if let Some(mb) = value("MemorySize:").and_then(|v| v.parse().ok()) {
-                            *memory = Some(mb);
+                            resource.memory = Some(mb);
+                        } else if let Some((var, _)) = trimmed.split_once(':') {
+                            if var.ends_with("_SECRET_ARN") {
+                                resource.secrets.push(var.to_string());
+                            }
                         }
                     }
                 }
                 _ => {}
             }
         }
-        flush(&mut resource, &mut by_binary);
+        flush(&mut resource, &mut by_binary, &mut secrets);
         // Functions without their own MemorySize take the global one.
         let default = default_mb.unwrap_or(ASSUMED_MB);
         let mut sizes = Self {
             default_mb: default,
             by_binary,
+            secrets,
             source: match default_mb {
                 Some(mb) => format!("template.yaml (Globals {mb} MB)"),
                 None => format!("template.yaml has no Globals MemorySize: {ASSUMED_MB} MB assumed"),
@@ -107,12 +126,27 @@ impl MemorySizes {
         }
     }
 
+    /// Whether `binary`'s function is given the secret named by `arn_var`, as in the template.
+    pub fn told_of(&self, binary: &str, arn_var: &str) -> bool {
+        self.secrets
+            .get(binary)
+            .is_some_and(|told| told.iter().any(|v| v == arn_var))
+    }
+
     pub fn of(&self, binary: &str) -> u32 {
         self.by_binary
             .get(binary)
             .copied()
             .unwrap_or(self.default_mb)
     }
+}
+
+/// One resource of the template, as far as the scan has read it.
+#[derive(Default)]
+struct Resource {
+    binary: Option<String>,
+    memory: Option<u32>,
+    secrets: Vec<String>,
 }
 
 #[cfg(test)]
@@ -146,5 +180,32 @@ Resources:
         assert_eq!(sizes.of("submit"), 512);
         assert_eq!(sizes.of("sweeper"), 256);
         assert_eq!(sizes.of("unknown"), 512);
+    }
+
+    #[test]
+    fn each_function_is_told_only_of_its_own_secrets() {
+        let text = "\
+Resources:
+  SubmitFunction:
+    Metadata:
+      BuildProperties:
+        Binary: submit
+    Properties:
+      Environment:
+        Variables:
+          TABLE_NAME: !Ref Jobs
+  FinalizeFunction:
+    Metadata:
+      BuildProperties:
+        Binary: finalize
+    Properties:
+      Environment:
+        Variables:
+          VOLUME_SECRET_ARN: !Ref VolumeSecret
+";
+        let sizes = MemorySizes::parse(text);
+        assert!(sizes.told_of("finalize", "VOLUME_SECRET_ARN"));
+        assert!(!sizes.told_of("finalize", "RUNPOD_SECRET_ARN"));
+        assert!(!sizes.told_of("submit", "VOLUME_SECRET_ARN"));
     }
 }

@@ -23,6 +23,9 @@ pub struct Figure {
     pub requests: usize,
     pub image_bytes: usize,
     pub runner: Summary,
+    /// The runner with per-tenant in-flight limits off (`TENANT_MAX_IN_FLIGHT=0`): no job takes
+    /// a slot of its owner's, so the difference is what the holds cost the local stack.
+    pub runner_unheld: Summary,
     pub api_only: Summary,
     pub raw: Summary,
     pub raw_with_s3: Summary,
@@ -79,25 +82,22 @@ pub async fn measure(
     // image work competes for the CPU.
     let emulator = crate::common::emulator(false).await?;
 
-    // The local runner, whole.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let runner_url = format!("http://{}", listener.local_addr()?);
-    let runner_names = Names::fresh(moto, "tput-runner");
-    let runner_wiring = crate::common::wiring(
-        sdk,
-        &gateway_env(moto, &emulator, &runner_names, &runner_url),
-    )
-    .await?;
-    let runner = local_runner::start_on(
-        listener,
-        runner_wiring,
-        local_runner::RunnerOptions {
-            sweep_every: Duration::from_secs(3600),
-            create_resources: false,
-            ..local_runner::RunnerOptions::default()
-        },
-    )
-    .await?;
+    // The local runner, whole; and again without per-tenant in-flight limits.
+    let start_runner = async |label: &str, held: bool| {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let names = Names::fresh(moto, label);
+        let mut env = gateway_env(moto, &emulator, &names, &url);
+        if !held {
+            env.retain(|(k, _)| k != "TENANT_MAX_IN_FLIGHT");
+            env.push(("TENANT_MAX_IN_FLIGHT".into(), "0".into()));
+        }
+        let wiring = crate::common::wiring(sdk, &env).await?;
+        let runner = crate::common::runner(listener, wiring).await?;
+        Ok::<_, BoxError>((runner, url, names))
+    };
+    let (runner, runner_url, runner_names) = start_runner("tput-runner", true).await?;
+    let (unheld, unheld_url, unheld_names) = start_runner("tput-unheld", false).await?;
 
     // The API router alone, on resources of its own (nobody consumes its queue).
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -179,11 +179,16 @@ pub async fn measure(
     })
     .await;
     let _ = rate(concurrency, concurrency, |_| {
+        post(format!("{unheld_url}/jobs"))
+    })
+    .await;
+    let _ = rate(concurrency, concurrency, |_| {
         post(format!("{api_url}/jobs"))
     })
     .await;
     let _ = rate(concurrency, concurrency, raw_op(true)).await;
     queue_drained(&sqs, &runner_names.queue_url, Duration::from_secs(60)).await;
+    queue_drained(&sqs, &unheld_names.queue_url, Duration::from_secs(60)).await;
 
     let mut figure = Figure {
         concurrency,
@@ -191,6 +196,7 @@ pub async fn measure(
         image_bytes: image.len(),
         ..Figure::default()
     };
+    let mut unheld_rates = vec![];
     let (mut runner_rates, mut api_rates, mut raw_rates, mut raw_s3_rates, mut ratios) =
         (vec![], vec![], vec![], vec![], vec![]);
     let mut two_call_ratios = vec![];
@@ -206,7 +212,13 @@ pub async fn measure(
             post(format!("{runner_url}/jobs"))
         })
         .await;
+        queue_drained(&sqs, &runner_names.queue_url, Duration::from_secs(120)).await;
+        let (free, free_ok) = rate(requests, concurrency, |_| {
+            post(format!("{unheld_url}/jobs"))
+        })
+        .await;
         for (name, ok) in [
+            ("runner without tenant limits", free_ok),
             ("raw", raw_ok),
             ("raw+S3", raw_s3_ok),
             ("API", api_ok),
@@ -219,10 +231,11 @@ pub async fn measure(
             }
         }
         crate::progress!(
-            "submit throughput {}/{runs}: runner {run:.0}/s, API alone {api:.0}/s, raw {raw:.0}/s, raw+S3 {raw_s3:.0}/s",
+            "submit throughput {}/{runs}: runner {run:.0}/s, without tenant limits {free:.0}/s, API alone {api:.0}/s, raw {raw:.0}/s, raw+S3 {raw_s3:.0}/s",
             round + 1
         );
         runner_rates.push(run);
+        unheld_rates.push(free);
         api_rates.push(api);
         raw_rates.push(raw);
         raw_s3_rates.push(raw_s3);
@@ -230,12 +243,14 @@ pub async fn measure(
         ratios.push(run / raw_s3);
         two_call_ratios.push(run / raw);
         // Let the runner's dispatcher finish this round's jobs before the next round starts.
-        queue_drained(&sqs, &runner_names.queue_url, Duration::from_secs(120)).await;
+        queue_drained(&sqs, &unheld_names.queue_url, Duration::from_secs(120)).await;
     }
     runner.stop().await;
+    unheld.stop().await;
     api_server.abort();
     emulator.shutdown().await;
     figure.runner = Summary::of(&runner_rates);
+    figure.runner_unheld = Summary::of(&unheld_rates);
     figure.api_only = Summary::of(&api_rates);
     figure.raw = Summary::of(&raw_rates);
     figure.raw_with_s3 = Summary::of(&raw_s3_rates);

